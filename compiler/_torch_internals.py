@@ -1,0 +1,80 @@
+"""Every private torch API mmaccel touches lives here, so a torch upgrade changes one file.
+
+Checked against torch 2.11-2.14.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._dynamo.exc import ShortenTraceback
+from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch._aot_autograd.schemas import MutationType
+from torch._guards import TracingContext, detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .errors import InvalidOptionError
+
+__all__ = [
+    "FakeTensorMode", "unset_fake_temporarily", "detect_fake_mode", "statically_known_true", "lower_with_aot",
+    "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor",
+]
+
+
+class DynamoVisibleOptionError(InvalidOptionError, ShortenTraceback):
+    """An InvalidOptionError that Dynamo re-raises as is instead of wrapping it in BackendCompilerFailed,
+    so `torch.compile(..., options={bad})` raises a ValueError at the first call like mmaccel.compile does."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, first_useful_frame=None)
+
+
+def lower_with_aot(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                   inference_compiler: Callable, decompositions: dict) -> Callable:
+    """aot_autograd: Dynamo graph -> functionalized ATen inference graph handed to `inference_compiler`.
+    Input mutations (a KV cache written in place) stay in the graph as trailing `aten.copy_`."""
+
+    def training_compiler(*_: Any) -> Callable:
+        raise RuntimeError("mmaccel lowers inference graphs only; a training graph reached it")
+
+    return aot_module_simplified(
+        gm, list(example_inputs), fw_compiler=training_compiler, inference_compiler=inference_compiler,
+        decompositions=decompositions, keep_inference_input_mutations=True)
+
+
+def frozen_candidate_mask(num_inputs: int) -> list[bool] | None:
+    """For the ATen graph being compiled: which inputs may become constants (not mutated by the graph,
+    not the base of an aliased output). None when aot_autograd's metadata is unavailable or does not
+    line up one to one with the graph's inputs (then nothing is frozen)."""
+    ctx = TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None) if ctx is not None else None
+    if meta is None or len(meta.input_info) != num_inputs or getattr(ctx, "params_flat", None):
+        return None
+    aliased = {o.base_idx for o in meta.output_info if getattr(o, "base_idx", None) is not None}
+    return [info.mutation_type == MutationType.NOT_MUTATED and not info.mutates_metadata and i not in aliased
+            for i, info in enumerate(meta.input_info)]
+
+
+def is_static_tensor(t: Any) -> bool:
+    """Parameters and module buffers: Dynamo marks them as static inputs."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    if isinstance(t, torch.nn.Parameter):
+        return True
+    return torch._dynamo.utils.get_static_address_type(t) is not None
+
+
+def graph_break_count() -> dict[str, int]:
+    """Dynamo's global graph-break counter (reason -> count), read before and after a run."""
+    return dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def _restart_exceptions() -> tuple[type[BaseException], ...]:
+    """Exceptions Dynamo raises through a backend to restart its analysis: never swallow these."""
+    from torch._dynamo import exc
+    names = ("TensorifyScalarRestartAnalysis", "RestartAnalysis")
+    return tuple(getattr(exc, n) for n in names if hasattr(exc, n))
+
+
+RESTART_EXCEPTIONS = _restart_exceptions()

@@ -1,0 +1,32 @@
+"""Public API: mmaccel.compile and mmaccel.explain."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ._torch_internals import graph_break_count
+from .backend import Backend
+from .options import CompileOptions
+from .report import CompileReport
+
+
+def compile(model: Callable, *, dynamic: bool | None = None, fullgraph: bool = False, **options: Any) -> Callable:
+    """`torch.compile(model, backend="mmaccel", options=options)`, with options validated now (ValueError)
+    rather than at the first call. The result carries `mmaccel_report`, filled in as graphs compile."""
+    backend = Backend(CompileOptions.from_user(options))
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    compiled.mmaccel_report = backend.report
+    return compiled
+
+
+def explain(model: Callable, *example_inputs: Any, dynamic: bool | None = None, **options: Any) -> CompileReport:
+    """Compile `model` with mmaccel, run it once on `example_inputs`, and report what happened: graphs
+    captured, graph breaks, each pass with what it matched and changed, the target that ran.
+    `print(report)` shows it as a table."""
+    backend = Backend(CompileOptions.from_user(options))
+    before = graph_break_count()
+    torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
+    after = graph_break_count()
+    backend.report.graph_breaks = {r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)}
+    return backend.report

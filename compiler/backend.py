@@ -1,0 +1,114 @@
+"""The Dynamo backend: backend="mmaccel" (entry point) and the Backend object behind mmaccel.compile."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..backends import compile_for_target, resolve_target
+from ..passes.pipeline import PassContext, run_pipeline
+from ._torch_internals import RESTART_EXCEPTIONS, DynamoVisibleOptionError, detect_fake_mode, lower_with_aot, unset_fake_temporarily
+from .debug import DebugDump
+from .errors import InvalidOptionError, warn_once
+from .lowering import DECOMPOSITIONS, FrozenGraph, freeze_parameters
+from .options import CompileOptions
+from .report import CompileReport, GraphReport, active_reports
+
+
+def mmaccel_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
+                    options: dict[str, Any] | None = None, mode: str | None = None) -> Callable:
+    """`torch.compile(model, backend="mmaccel", options={...})` lands here."""
+    try:
+        opts = CompileOptions.from_user(options, mode)
+    except InvalidOptionError as e:
+        raise DynamoVisibleOptionError(str(e)) from None
+    return Backend(opts)(gm, example_inputs)
+
+
+class Backend:
+    """A torch.compile backend carrying its options and a report of every graph it compiled:
+    `torch.compile(model, backend=mmaccel.Backend(target="eager"))`."""
+
+    def __init__(self, options: CompileOptions | None = None, **user_options: Any) -> None:
+        if options is not None and user_options:
+            raise InvalidOptionError("pass either a CompileOptions or keyword options to Backend, not both")
+        self.options = options or CompileOptions.from_user(user_options)
+        self.report = CompileReport(self.options)
+        self.debug = DebugDump(self.options.debug_dir)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **torch_compile_kwargs: Any) -> Callable:
+        if torch_compile_kwargs:
+            raise DynamoVisibleOptionError(
+                f"torch.compile passed {sorted(torch_compile_kwargs)} to an mmaccel.Backend object; "
+                "give options to mmaccel.Backend(...) or use backend='mmaccel' with options={...}")
+        record = GraphReport(index=len(self.report.graphs))
+        for report in (self.report, *active_reports()):
+            report.graphs.append(record)
+        start = time.perf_counter()
+        try:
+            return self._compile(gm, example_inputs, record)
+        finally:
+            record.compile_seconds = time.perf_counter() - start
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphReport) -> Callable:
+        dump = self.debug.for_graph(record.index)
+        dump("dynamo", gm)
+        record.dynamo_nodes = len(gm.graph.nodes)
+        record.inputs = [_describe(x) for x in example_inputs]
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+            return _fallback(gm, record, "gradients are required (grad mode is on and an input or parameter "
+                             "requires grad); mmaccel optimizes inference only: call the model under "
+                             "torch.no_grad() or torch.inference_mode() to optimize it")
+
+        def inference_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
+            with unset_fake_temporarily():  # freezing and folding compute on the real weights
+                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump)
+
+        try:
+            return lower_with_aot(gm, example_inputs, inference_compiler, DECOMPOSITIONS)
+        except (InvalidOptionError, *RESTART_EXCEPTIONS):
+            raise
+        except Exception as e:  # unsupported construct: run the captured graph as is, correctly
+            return _fallback(gm, record, f"lowering failed with {type(e).__name__}: {_first_line(e)}")
+
+    def _optimize(self, aten_gm: fx.GraphModule, fake_inputs: Sequence[Any], real_inputs: Sequence[Any],
+                  record: GraphReport, dump: Callable) -> Callable:
+        dump("aten", aten_gm)
+        record.aten_nodes = len(aten_gm.graph.nodes)
+        unfrozen = compile_for_target("eager", _clone_module(aten_gm))
+        frozen = freeze_parameters(aten_gm, real_inputs)
+        record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
+        ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump)
+        record.passes = run_pipeline(aten_gm, ctx)
+        record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
+        record.target, record.target_reason = resolve_target(self.options.target, real_inputs)
+        run = compile_for_target(record.target, _clone_module(aten_gm))
+        record.status = "optimized"
+        return FrozenGraph(run, frozen, unfrozen)
+
+
+def _clone_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph, sharing gm's constants (targets may rewrite their copy)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
+
+
+def _fallback(gm: fx.GraphModule, record: GraphReport, reason: str) -> Callable:
+    record.status, record.reason, record.target = "fallback", reason, "dynamo graph (unoptimized)"
+    warn_once(f"mmaccel: running a graph unoptimized: {reason}")
+    return gm.forward
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        dims = ", ".join(str(d) for d in x.shape)
+        return f"{str(x.dtype).removeprefix('torch.')}[{dims}]"
+    return f"{type(x).__name__}({x})"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""

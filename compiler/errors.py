@@ -1,0 +1,23 @@
+"""Errors and warnings users see from mmaccel."""
+from __future__ import annotations
+
+import warnings
+
+
+class InvalidOptionError(ValueError):
+    """An unknown option or a bad option value: the message names the option and the valid choices."""
+
+
+class MmaccelFallbackWarning(UserWarning):
+    """A graph (or one pass) ran unoptimized; the message says why."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Warn with `message` the first time it is seen in this process (one clear warning per reason)."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, MmaccelFallbackWarning, stacklevel=3)

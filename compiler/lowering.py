@@ -1,0 +1,99 @@
+"""Lowering: Dynamo graph -> ATen inference graph (aot_autograd) -> frozen weights.
+
+Freezing turns parameters and module buffers that the graph does not mutate into graph constants, so
+passes can fold and fuse them (transpose once, concatenate Q/K/V once). Constants are taken by
+reference; `FrozenGraph` checks on every call that each frozen tensor is still the same object, with
+the same storage and version counter, and otherwise runs the unfrozen graph (see there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch._decomp
+import torch.fx as fx
+
+from ._torch_internals import frozen_candidate_mask, is_static_tensor
+from .errors import warn_once
+
+aten = torch.ops.aten
+
+# The decomposition table handed to aot_autograd, on top of the CompositeImplicit decompositions it
+# always applies (linear -> t + addmm, matmul -> expand/view/bmm, ...). Rule: decompose an op only when
+# it is a composite of simpler ATen ops that every target already runs, and passes gain from seeing
+# the parts. Kept small on purpose: norms, softmax, SDPA, GELU and SiLU stay whole, since targets have
+# fused kernels for them and passes match them as units.
+DECOMPOSITIONS: dict = torch._decomp.get_decompositions([
+    aten.addcmul, aten.addcdiv, aten.lerp, aten.hardswish, aten.hardsigmoid, aten.mish,
+])
+
+
+@dataclass
+class FrozenInputs:
+    """Which graph inputs became constants, and the identity of each frozen tensor at freeze time."""
+    kept: list[int]
+    frozen: list[tuple[int, torch.Tensor, int, int]] = field(default_factory=list)  # index, tensor, version, ptr
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t, _, _ in self.frozen)
+
+
+def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> FrozenInputs:
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    candidates = frozen_candidate_mask(len(placeholders))
+    if candidates is None or len(real_inputs) != len(placeholders):
+        return FrozenInputs(kept=list(range(len(placeholders))),
+                            note="freezing skipped: graph inputs do not line up with the module's tensors")
+    kept, frozen = [], []
+    for i, (node, real, ok) in enumerate(zip(placeholders, real_inputs, candidates)):
+        if not (ok and is_static_tensor(real) and type(real) in (torch.Tensor, torch.nn.Parameter)):
+            kept.append(i)
+            continue
+        name = f"_frozen_{node.name}"
+        # detach(): same storage and version counter as the parameter, no autograd history.
+        gm.register_buffer(name, real.detach(), persistent=False)
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+        frozen.append((i, real, real._version, real.data_ptr()))
+    gm.recompile()
+    return FrozenInputs(kept=kept, frozen=frozen)
+
+
+class FrozenGraph:
+    """Boxed callable for aot_autograd: drops the frozen inputs and runs the optimized graph, after checking
+    that no frozen weight changed since compile time. If one did (load_state_dict, an in-place update, a
+    replaced parameter), the optimized graph would be stale: it warns once and runs `unfrozen` instead,
+    which reads the live weights (correct, without the frozen-weight optimizations)."""
+
+    _boxed_call = True
+
+    def __init__(self, run: Callable[[list[Any]], Any], frozen: FrozenInputs,
+                 unfrozen: Callable[[list[Any]], Any]) -> None:
+        self.run, self.kept, self.unfrozen = run, frozen.kept, unfrozen
+        self.checks = [(i, t, v, p) for i, t, v, p in frozen.frozen]
+        self.stale = False
+
+    def _weights_unchanged(self, args: list[Any]) -> bool:
+        for i, t, version, ptr in self.checks:
+            a = args[i]
+            if a is not t or a._version != version or a.data_ptr() != ptr:
+                return False
+        return True
+
+    def __call__(self, args: list[Any]) -> Any:
+        if not self.stale and not self._weights_unchanged(args):
+            self.stale = True
+            warn_once("mmaccel: weights frozen at compile time have changed since (in-place update, "
+                      "load_state_dict or a replaced parameter); running the graph without frozen-weight "
+                      "optimizations. Call torch._dynamo.reset() and compile again to re-optimize.")
+        if self.stale:
+            return self.unfrozen(args)
+        kept = [args[i] for i in self.kept]
+        args.clear()
+        return self.run(kept)

@@ -1,0 +1,77 @@
+"""CompileOptions: the few named, validated knobs of mmaccel (torchao style: a small dataclass)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import InvalidOptionError
+
+# Targets that exist today. "auto" resolves per device (see backends.resolve_target).
+TARGETS = ("auto", "eager")
+# torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
+# that belong to the Triton target, so they are refused rather than silently ignored.
+MODES = (None, "default")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "auto"
+    # Pass name -> enabled. Only names that differ from the default pipeline are stored.
+    passes: Mapping[str, bool] = field(default_factory=dict)
+    debug_dir: str | None = None
+
+    @classmethod
+    def from_user(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "CompileOptions":
+        """Validate user options; raise InvalidOptionError (a ValueError) naming the problem and the fix."""
+        from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
+
+        options = dict(options or {})
+        valid = ("target", "passes", "debug_dir")
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise InvalidOptionError(
+                f"unknown mmaccel option(s) {unknown}; valid options are {list(valid)}")
+        if mode not in MODES:
+            raise InvalidOptionError(
+                f"torch.compile mode={mode!r} is not supported by backend='mmaccel'; valid modes are "
+                f"{list(MODES)} (CUDA graphs come with the Triton target's 'cuda_graphs' option)")
+        target = options.get("target", "auto")
+        if target not in TARGETS:
+            raise InvalidOptionError(f"option 'target'={target!r} is not valid; choose one of {list(TARGETS)}")
+        passes = _validate_passes(options.get("passes"), PASS_NAMES)
+        debug_dir = options.get("debug_dir")
+        if debug_dir is None and os.environ.get("MMACCEL_DEBUG", "0") not in ("", "0"):
+            debug_dir = os.environ.get("MMACCEL_DEBUG_DIR", "mmaccel_debug")
+        if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
+            raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
+        return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir))
+
+    def pass_enabled(self, name: str, default: bool = True) -> bool:
+        return self.passes.get(name, default)
+
+
+def _validate_passes(value: Any, known: tuple[str, ...]) -> dict[str, bool]:
+    """`passes` is {name: bool} to switch passes on/off, or a list of names to run only those."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        chosen = dict(value)
+        bad_values = [k for k, v in chosen.items() if not isinstance(v, bool)]
+        if bad_values:
+            raise InvalidOptionError(
+                f"option 'passes' maps pass names to True/False; got non-bool values for {bad_values}")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        chosen = {name: (name in value) for name in known}
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise InvalidOptionError(f"option 'passes' names unknown pass(es) {unknown}; valid passes are {list(known)}")
+        return chosen
+    else:
+        raise InvalidOptionError(
+            "option 'passes' must be a dict {pass_name: bool} or a list of pass names; "
+            f"got {type(value).__name__}; valid passes are {list(known)}")
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise InvalidOptionError(f"option 'passes' names unknown pass(es) {unknown}; valid passes are {list(known)}")
+    return chosen

@@ -1,0 +1,105 @@
+"""What happened during compilation, in words: returned by mmaccel.explain, kept on mmaccel.compile results."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch.fx as fx
+
+from ..passes.pipeline import PassContext, PassResult
+from .options import CompileOptions
+
+
+@dataclass
+class GraphReport:
+    index: int
+    status: str = "compiling"  # "optimized" | "fallback"
+    reason: str = ""  # why a graph fell back
+    inputs: list[str] = field(default_factory=list)
+    dynamo_nodes: int = 0
+    aten_nodes: int = 0
+    final_nodes: int = 0
+    frozen: int = 0
+    frozen_bytes: int = 0
+    freeze_note: str = ""
+    passes: list[PassResult] = field(default_factory=list)
+    target: str = ""
+    target_reason: str = ""
+    compile_seconds: float = 0.0
+    # The post-pass graph and the context it was optimized in: for tests and debugging.
+    final_graph: fx.GraphModule | None = field(default=None, repr=False)
+    context: PassContext | None = field(default=None, repr=False)
+
+    def pass_result(self, name: str) -> PassResult:
+        """The last run of pass `name` (cleanup passes run twice)."""
+        return [p for p in self.passes if p.name == name][-1]
+
+    def count(self, target: Any) -> int:
+        """How many nodes of the final graph call `target` (an op overload or packet)."""
+        if self.final_graph is None:
+            return 0
+        return sum(1 for n in self.final_graph.graph.nodes if n.op == "call_function"
+                   and (n.target is target or getattr(n.target, "overloadpacket", None) is target))
+
+
+@dataclass
+class CompileReport:
+    options: CompileOptions
+    graphs: list[GraphReport] = field(default_factory=list)
+    graph_breaks: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "options": {"target": self.options.target, "passes": dict(self.options.passes)},
+            "graph_breaks": self.graph_breaks,
+            "graphs": [{
+                "index": g.index, "status": g.status, "reason": g.reason, "inputs": g.inputs,
+                "target": g.target, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
+                "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "compile_seconds": round(g.compile_seconds, 3),
+                "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
+                            "lossy": p.lossy, "seconds": round(p.seconds, 4)} for p in g.passes],
+            } for g in self.graphs],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"mmaccel report: {len(self.graphs)} graph(s) compiled, "
+                 f"{sum(self.graph_breaks.values())} graph break(s)"]
+        for reason, n in self.graph_breaks.items():
+            lines.append(f"  graph break x{n}: {reason}")
+        for g in self.graphs:
+            lines.append("")
+            lines.append(f"graph {g.index}: {g.status}" + (f" ({g.reason})" if g.reason else "")
+                         + f", compiled in {g.compile_seconds:.2f}s")
+            if g.inputs:
+                lines.append(f"  inputs: {', '.join(g.inputs)}")
+            if g.status == "fallback":
+                continue
+            lines.append(f"  nodes: dynamo {g.dynamo_nodes} -> aten {g.aten_nodes} -> optimized {g.final_nodes}; "
+                         f"frozen weights: {g.frozen} ({g.frozen_bytes / 2**20:.1f} MiB)"
+                         + (f"; {g.freeze_note}" if g.freeze_note else ""))
+            lines.append(f"  target: {g.target} ({g.target_reason})")
+            lines.append(f"  {'pass':34} {'matched':>7} {'nodes':>11} {'ms':>7}  what changed")
+            for p in g.passes:
+                what = "; ".join(p.changes) or ("-" if not p.error else f"FAILED, skipped: {p.error}")
+                lines.append(f"  {p.name:34} {p.matched:>7} {p.nodes_before:>5}->{p.nodes_after:<5} "
+                             f"{p.seconds * 1e3:>7.1f}  {what}")
+        return "\n".join(lines)
+
+
+_active: contextvars.ContextVar[tuple[CompileReport, ...]] = contextvars.ContextVar("mmaccel_reports", default=())
+
+
+@contextlib.contextmanager
+def collecting(report: CompileReport) -> Iterator[CompileReport]:
+    """Every graph compiled by backend="mmaccel" inside this block is also recorded in `report`."""
+    token = _active.set(_active.get() + (report,))
+    try:
+        yield report
+    finally:
+        _active.reset(token)
+
+
+def active_reports() -> tuple[CompileReport, ...]:
+    return _active.get()

@@ -1,0 +1,9 @@
+"""The project's own ops. Each is defined once, in one file, with torch.library: schema, reference
+implementation, fake (meta) implementation and the per-target lowerings that exist so far.
+Passes insert these ops; backends lower them through OPS."""
+from __future__ import annotations
+
+from .registry import OPS, OpSpec
+from . import fused_linear  # noqa: F401  (registers the op)
+
+__all__ = ["OPS", "OpSpec"]

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One mmaccel op: the torch.library op that passes insert, and how each target runs it."""
+    name: str
+    op: torch._ops.OpOverload
+    # Plain-Python implementation the eager target calls directly (no dispatcher round trip).
+    eager: Callable[..., torch.Tensor]
+
+
+OPS: dict[torch._ops.OpOverload, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    OPS[spec.op] = spec
+    return spec

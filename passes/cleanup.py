@@ -1,0 +1,140 @@
+"""Lossless cleanup passes: dead-code elimination, CSE, constant folding of frozen weights."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .patterns import is_constant
+from .pipeline import PassContext, PassResult
+
+
+def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Remove nodes whose values nobody uses (in-place writes to inputs are kept), then unused constants."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    freed = drop_unused_constants(gm)
+    removed = before - len(gm.graph.nodes)
+    changes = [f"removed {removed} dead node(s)"] if removed else []
+    if freed:
+        changes.append(f"released {freed} unused constant(s)")
+    return PassResult(matched=removed, changes=changes)
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> int:
+    """Delete module attributes that no get_attr node reads any more (frees folded-away weights)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    unused = [name for name in list(gm._buffers) if name not in used]
+    for name in unused:
+        delattr(gm, name)
+    return len(unused)
+
+
+def _cse_key(node: fx.Node) -> Any:
+    def freeze(a: Any) -> Any:
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(freeze(x) for x in a))
+        if isinstance(a, dict):
+            return tuple(sorted((k, freeze(v)) for k, v in a.items()))
+        if isinstance(a, float) and a != a:
+            return ("nan",)
+        return a
+    return (node.op, node.target, freeze(node.args), freeze(node.kwargs))
+
+
+def _is_pure(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or node.is_impure():
+        return False
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags
+
+
+def eliminate_common_subexpressions(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Merge nodes that compute the same pure function of the same inputs."""
+    seen: dict[Any, fx.Node] = {}
+    merged = Counter()
+    for node in list(gm.graph.nodes):
+        if not _is_pure(node):
+            continue
+        try:
+            key = _cse_key(node)
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+            merged[_op_name(node)] += 1
+        else:
+            seen[key] = node
+    total = sum(merged.values())
+    changes = [f"merged {total} duplicate node(s): " + _summary(merged)] if total else []
+    return PassResult(matched=total, changes=changes)
+
+
+def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Evaluate, once at compile time, every pure node whose inputs are all constants (frozen weights and
+    what is computed only from them: transposes, concatenations, casts, masks) and store the results.
+    Factory calls with no constant input (e.g. `ones(n, n)`) are left alone: cheap at run time, and
+    folding them would hold memory for nothing. Values returned to the user are never folded, so an
+    output never aliases a constant the graph keeps using."""
+    values: dict[fx.Node, Any] = {n: _attr(gm, n.target) for n in gm.graph.nodes if is_constant(n)}
+    outputs = set(gm.graph.output_node().all_input_nodes)
+    folded = Counter()
+    for node in list(gm.graph.nodes):
+        if not _foldable(node, values) or node in outputs:
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+        with torch.no_grad():
+            result = node.target(*args, **kwargs)
+        if not isinstance(result, torch.Tensor):
+            continue
+        name = _fresh_name(gm, "_folded")
+        gm.register_buffer(name, result, persistent=False)
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+        values[const] = result
+        folded[_op_name(node)] += 1
+    gm.graph.eliminate_dead_code()
+    drop_unused_constants(gm)
+    total = sum(folded.values())
+    changes = [f"folded {total} node(s) on constants: " + _summary(folded)] if total else []
+    return PassResult(matched=total, changes=changes)
+
+
+def _foldable(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    if node.op != "call_function" or not _is_pure(node) or not node.all_input_nodes:
+        return False
+    return all(n in values for n in node.all_input_nodes)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _fresh_name(gm: fx.GraphModule, prefix: str) -> str:
+    i = 0
+    while hasattr(gm, f"{prefix}{i}"):
+        i += 1
+    return f"{prefix}{i}"
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def _summary(counter: Counter) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in counter.most_common())

@@ -1,0 +1,97 @@
+"""Small pattern helpers the passes share: read a pass as "match this, replace with that"."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..compiler._torch_internals import statically_known_true
+
+aten = torch.ops.aten
+
+VIEW_OPS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def is_op(node: Any, *targets: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def shape(node: fx.Node) -> tuple:
+    return tuple(val(node).shape)
+
+
+def dtype(node: fx.Node) -> torch.dtype:
+    return val(node).dtype
+
+
+def same_shape(a: tuple, b: tuple) -> bool:
+    """Provably equal shapes (symbolic sizes included), without adding guards."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def is_constant(node: Any) -> bool:
+    """A frozen weight or other constant tensor held by the graph module."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def scalar_arg(node: fx.Node, index: int) -> float | None:
+    """The Python number at args[index], or None when it is a tensor, a symbolic value or missing."""
+    if len(node.args) <= index:
+        return None
+    a = node.args[index]
+    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def cast_source(node: fx.Node) -> fx.Node:
+    """See through dtype-only casts (`.to(dtype)`, `.float()`): the node whose value is being cast."""
+    while is_op(node, aten._to_copy.default) and set(node.kwargs) <= {"dtype"} and single_user(node):
+        node = node.args[0]
+    return node
+
+
+def match_matmul(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) when `node` computes a @ b for N-D a, b with equal batch dims: the forms aten.matmul
+    decomposes into (expand -> view -> bmm -> view, or a plain bmm)."""
+    if is_op(node, aten.bmm.default):
+        return node.args[0], node.args[1]
+    if not (is_op(node, *VIEW_OPS) and is_op(node.args[0], aten.bmm.default)):
+        return None
+    bmm = node.args[0]
+    operands = []
+    for flat in bmm.args:
+        if not (is_op(flat, *VIEW_OPS) and single_user(flat)):
+            return None
+        operands.append(flat.args[0])
+    a, b = (strip_noop_views(x) for x in operands)
+    sa, sb, so, sflat_a = shape(a), shape(b), shape(node), shape(bmm.args[0])
+    if len(sa) < 3 or len(sb) != len(sa) or len(so) != len(sa):
+        return None
+    # The flattening views keep the two matrix dims and the output view restores a's batch dims:
+    # then bmm over the flattened batch is exactly a @ b.
+    if not (same_shape(sa[:-2], sb[:-2]) and same_shape(so[:-2], sa[:-2]) and same_shape(sflat_a[1:], sa[-2:])
+            and same_shape(so[-2:], (sa[-2], sb[-1])) and same_shape(shape(bmm.args[1])[1:], sb[-2:])):
+        return None
+    return a, b
+
+
+def strip_noop_views(node: fx.Node) -> fx.Node:
+    """See through expands to the same shape and contiguity clones: same values, same shape."""
+    while (is_op(node, aten.expand.default, aten.clone.default) and single_user(node)
+           and same_shape(shape(node.args[0]), shape(node))):
+        node = node.args[0]
+    return node
+
+
+def last_of(nodes: list[fx.Node]) -> fx.Node:
+    """The latest of `nodes` in graph order (new nodes that read them must come after it)."""
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    return max(nodes, key=order.__getitem__)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (once) with pinned torch (CPU wheel) and mmaccel installed editable with its test extras.
+# Sourced by scripts/demo.sh and scripts/test.sh so that each README command does all its own set-up.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MMACCEL_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.mmaccel-setup-done"
+TORCH_PIN="${MMACCEL_TORCH:-torch==2.13.0}"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  python3 -m venv "$VENV"
+  # torch first and pinned: an open range would pull a multi-GB CUDA build on a fresh machine.
+  "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
