@@ -36,6 +36,10 @@ class GraphReport:
         """The last run of pass `name` (cleanup passes run twice)."""
         return [p for p in self.passes if p.name == name][-1]
 
+    def matched(self, name: str) -> int:
+        """Pattern instances pass `name` rewrote, summed over its runs."""
+        return sum(p.matched for p in self.passes if p.name == name)
+
     def count(self, target: Any) -> int:
         """How many nodes of the final graph call `target` (an op overload or packet)."""
         if self.final_graph is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .patterns import aten, cast_source, dtype, is_op, match_matmul, same_shape, scalar_arg, shape, single_user
+from .patterns import aten, cast_source, replace_uses, dtype, is_op, match_matmul, same_shape, scalar_arg, shape, single_user
 from .pipeline import PassContext, PassResult
 
 
@@ -101,7 +101,7 @@ def _rewrite(graph: fx.Graph, att: Attention) -> None:
         sdpa = graph.call_function(
             aten.scaled_dot_product_attention.default, (att.query, key, att.value),
             {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": att.scale})
-    att.anchor.replace_all_uses_with(sdpa)
+    replace_uses(att.anchor, sdpa)
 
 
 def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from ..ops.fused_linear import ACTIVATIONS
 from .cleanup import _attr, _fresh_name
-from .patterns import VIEW_OPS, aten, dtype, is_constant, is_op, same_shape, shape, single_user
+from .patterns import VIEW_OPS, aten, replace_uses, dtype, is_constant, is_op, same_shape, shape, single_user
 from .pipeline import PassContext, PassResult
 
 # Ops whose output is a view of their input: a `view` downstream of a split output may stop being valid
@@ -77,7 +77,7 @@ def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> None:
         split = graph.call_function(aten.split_with_sizes.default, (mm, widths, 1))
         for i, member in enumerate(members):
             piece = graph.call_function(operator.getitem, (split, i))
-            member.replace_all_uses_with(piece)
+            replace_uses(member, piece)
             _views_to_reshapes(piece)
 
 
@@ -140,7 +140,7 @@ def fuse_linear_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with graph.inserting_before(out):
             weight = graph.call_function(aten.t.default, (w_t,))
             fused = graph.call_function(torch.ops.mmaccel.fused_linear.default, (x, weight, bias, activation, residual))
-        out.replace_all_uses_with(fused)
+        replace_uses(out, fused)
         counts[f"{'bias' if bias is not None else 'no bias'}, {activation}{', residual' if residual is not None else ''}"] += 1
     graph.eliminate_dead_code()
     total = sum(counts.values())

@@ -83,6 +83,13 @@ def match_matmul(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
+def replace_uses(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of `old` at `new`, which computes the same value (so it inherits old's meta, letting
+    later matches in the same pass read its shape before the pipeline re-propagates)."""
+    new.meta.setdefault("val", old.meta.get("val"))
+    old.replace_all_uses_with(new)
+
+
 def strip_noop_views(node: fx.Node) -> fx.Node:
     """See through expands to the same shape and contiguity clones: same values, same shape."""
     while (is_op(node, aten.expand.default, aten.clone.default) and single_user(node)

@@ -4,6 +4,15 @@
     mmaccel.compile(model, **options)                        # same, options validated up front
     mmaccel.explain(model, *example_inputs, **options)       # what was captured and optimized
 """
+import os as _os
+
+# A regular (non-editable) install lays compiler/, passes/, ... out inside this package. In a source
+# checkout they are this folder's siblings: look there too, so running from the checkout works either way.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "compiler")) and \
+        _os.path.isfile(_os.path.join(_checkout, "compiler", "backend.py")):
+    __path__.append(_checkout)
+
 from .compiler.api import compile, explain
 from .compiler.backend import Backend
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning

@@ -1,0 +1,74 @@
+"""Shared test helpers. The backbone: compiled output must match eager, with dtype-aware tolerances."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch._dynamo
+
+import mmaccel
+
+# (rtol, atol) by dtype: fp32 allows for reassociation in fused matmuls/attention; half types for rounding.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float64: (1e-7, 1e-9),
+    torch.float16: (2e-2, 2e-3),
+    torch.bfloat16: (5e-2, 2e-2),
+}
+
+
+def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0) -> None:
+    """Recursively compare outputs (tensors, tuples, lists, dicts, HF ModelOutputs)."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"expected a tensor, got {type(actual)}"
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+            f"{actual.shape}/{actual.dtype} vs {expected.shape}/{expected.dtype}"
+        if expected.is_floating_point():
+            rtol, atol = TOLERANCES[expected.dtype]
+            # Tolerances relative to the output's magnitude, so large logits are not held to atol alone.
+            atol = atol * scale_atol * max(1.0, float(expected.abs().max()) if expected.numel() else 1.0)
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            torch.testing.assert_close(actual, expected)
+    elif isinstance(expected, dict) or hasattr(expected, "to_tuple"):
+        expected_items = dict(expected.items())
+        actual_items = dict(actual.items())
+        assert expected_items.keys() == actual_items.keys()
+        for k in expected_items:
+            assert_matches_eager(actual_items[k], expected_items[k], scale_atol)
+    elif isinstance(expected, (tuple, list)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_matches_eager(a, e, scale_atol)
+    else:
+        assert actual == expected
+
+
+def compile_and_check(model: Callable, *inputs: Any, dynamic: bool | None = None, **options: Any):
+    """Compile with mmaccel, run once, assert it matches eager; returns (compiled, report)."""
+    with torch.no_grad():
+        expected = model(*inputs)
+        compiled = mmaccel.compile(model, dynamic=dynamic, **options)
+        actual = compiled(*inputs)
+    assert_matches_eager(actual, expected)
+    report = compiled.mmaccel_report
+    assert_optimized(report)
+    return compiled, report
+
+
+def assert_optimized(report: mmaccel.CompileReport) -> None:
+    """Every graph went through the pipeline (no fallback) and no pass failed."""
+    assert report.graphs, "nothing was compiled"
+    for g in report.graphs:
+        assert g.status == "optimized", f"graph {g.index} fell back: {g.reason}"
+        failed = [(p.name, p.error) for p in g.passes if p.error]
+        assert not failed, f"graph {g.index}: passes failed: {failed}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty Dynamo caches, so compile counts and recompiles are its own."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,254 @@
+"""Each pass alone on tiny graphs: the patterns it must match, the near-misses it must leave alone,
+and idempotence. Every case also checks the compiled result against eager."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mmaccel
+from mmaccel.passes.pipeline import PASS_NAMES, run_pass
+
+from conftest import compile_and_check
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
+
+
+def heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    b, s, c = x.shape
+    return x.view(b, s, h, c // h).transpose(1, 2)
+
+
+class Attn(nn.Module):
+    """Explicit attention in the forms people write; `form` picks one."""
+
+    def __init__(self, form: str, dim: int = 16, h: int = 2) -> None:
+        super().__init__()
+        self.form, self.h, self.d = form, h, dim // h
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.register_buffer("causal", torch.tril(torch.ones(32, 32, dtype=torch.bool)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = heads(self.q(x), self.h), heads(self.k(x), self.h), heads(self.v(x), self.h)
+        s = x.shape[1]
+        if self.form == "hf":  # HF eager: matmul / sqrt(d) + additive mask, fp32 softmax cast back
+            mask = torch.zeros(s, s).masked_fill(~self.causal[:s, :s], torch.finfo(torch.float32).min)
+            w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.d) + mask
+            p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        elif self.form == "timm":  # q scaled first, no mask
+            p = ((q * self.d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        elif self.form == "whisper":  # q and k each scaled by d^-0.25
+            sc = self.d ** -0.25
+            p = F.softmax((q * sc) @ (k * sc).transpose(-1, -2), dim=-1)
+        elif self.form == "nanogpt":  # masked_fill(-inf) with a boolean causal mask, scale by multiply
+            w = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.d))
+            p = F.softmax(w.masked_fill(~self.causal[:s, :s], float("-inf")), dim=-1)
+        elif self.form == "bmm3d":  # [B*H, S, D] with torch.bmm
+            b = x.shape[0]
+            q3, k3, v3 = (t.reshape(b * self.h, s, self.d) for t in (q, k, v))
+            p = torch.softmax(torch.bmm(q3, k3.transpose(1, 2)) * self.d ** -0.5, dim=-1)
+            return torch.bmm(p, v3).view(b, self.h, s, self.d).transpose(1, 2).reshape(b, s, -1)
+        # near-misses
+        elif self.form == "softmax_dim2":
+            p = F.softmax(q @ k.transpose(-2, -1), dim=2)
+        elif self.form == "probs_used":
+            p = F.softmax(q @ k.transpose(-2, -1), dim=-1)
+            return (p @ v).transpose(1, 2).reshape(x.shape), p
+        elif self.form == "finite_fill":
+            w = (q @ k.transpose(-2, -1)).masked_fill(~self.causal[:s, :s], -1e4)
+            p = F.softmax(w, dim=-1)
+        elif self.form == "tensor_scale":
+            p = F.softmax((q @ k.transpose(-2, -1)) * x.new_tensor(0.3), dim=-1)
+        else:
+            raise ValueError(self.form)
+        return (p @ v).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("form", ["hf", "timm", "whisper", "nanogpt", "bmm3d"])
+def test_attention_fusion_matches(form):
+    torch.manual_seed(0)
+    model = Attn(form).eval()
+    _, report = compile_and_check(model, torch.randn(2, 5, 16), passes=["attention_fusion", "constant_folding",
+                                                                        "dead_code_elimination"])
+    g = report.graphs[0]
+    assert g.pass_result("attention_fusion").matched == 1
+    assert g.count(SDPA) == 1 and g.count(aten._softmax) == 0 and g.count(aten.bmm) == 0
+
+
+@pytest.mark.parametrize("form", ["softmax_dim2", "probs_used", "finite_fill", "tensor_scale"])
+def test_attention_fusion_near_misses_left_alone(form):
+    torch.manual_seed(0)
+    model = Attn(form).eval()
+    _, report = compile_and_check(model, torch.randn(2, 5, 16))
+    assert report.graphs[0].pass_result("attention_fusion").matched == 0
+    assert report.graphs[0].count(SDPA) == 0
+
+
+def test_attention_fusion_half_precision_additive_mask():
+    torch.manual_seed(0)
+    model = Attn("hf").eval().to(torch.bfloat16)
+    _, report = compile_and_check(model, torch.randn(1, 7, 16, dtype=torch.bfloat16))
+    assert report.graphs[0].count(SDPA) == 1
+
+
+class MLP(nn.Module):
+    def __init__(self, act: str = "gelu", gated: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.act, self.gated = act, gated
+        self.up = nn.Linear(12, 24, bias=bias)
+        self.gate = nn.Linear(12, 24, bias=bias)
+        self.down = nn.Linear(24, 12, bias=bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.gated:
+            h = F.silu(self.gate(x)) * h
+        elif self.act == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = getattr(F, self.act)(h)
+        return x + self.down(h)
+
+
+@pytest.mark.parametrize("act,expected", [("gelu", "gelu"), ("relu", "relu"), ("silu", "silu"),
+                                          ("gelu_tanh", "gelu_tanh")])
+def test_linear_epilogue_fusion(act, expected):
+    torch.manual_seed(0)
+    _, report = compile_and_check(MLP(act).eval(), torch.randn(2, 3, 12))
+    g = report.graphs[0]
+    assert g.pass_result("linear_epilogue_fusion").matched == 2
+    calls = [n for n in g.final_graph.graph.nodes if n.target is FUSED_LINEAR]
+    assert sorted(n.args[3] for n in calls) == sorted(["none", expected])
+    # the down projection absorbed the residual add
+    assert sum(n.args[4] is not None for n in calls) == 1
+    assert g.count(aten.addmm) == 0 and g.count(aten.add) == 0
+
+
+def test_parallel_linear_fusion_gate_up():
+    torch.manual_seed(0)
+    _, report = compile_and_check(MLP(gated=True).eval(), torch.randn(2, 3, 12))
+    g = report.graphs[0]
+    assert g.pass_result("parallel_linear_fusion").matched == 1
+    assert g.count(aten.split_with_sizes) == 1
+    assert g.count(FUSED_LINEAR) == 2  # fused gate/up, and down
+
+
+def test_parallel_linear_fusion_qkv_mixed_bias():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 4, bias=False), nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.q(x).sum(-1) + self.k(x).sum(-1) + self.v(x).sum(-1)
+
+    _, report = compile_and_check(QKV().eval(), torch.randn(3, 5, 8))
+    assert report.graphs[0].pass_result("parallel_linear_fusion").matched == 1
+    assert "split [8, 4, 6]" in report.graphs[0].pass_result("parallel_linear_fusion").changes[0]
+
+
+def test_parallel_linear_near_misses():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, y, w):
+            # different inputs; and a matmul with a non-constant weight
+            return self.a(x) + self.b(y) + x @ w
+
+    _, report = compile_and_check(TwoInputs().eval(), torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 8))
+    assert report.graphs[0].pass_result("parallel_linear_fusion").matched == 0
+
+
+def test_linear_epilogue_near_miss_activation_used_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return F.gelu(h) + h  # the pre-activation value is needed too: only bias is fused
+
+    _, report = compile_and_check(Twice().eval(), torch.randn(4, 8))
+    calls = [n for n in report.graphs[0].final_graph.graph.nodes if n.target is FUSED_LINEAR]
+    assert len(calls) == 1 and calls[0].args[3] == "none"
+
+
+def test_cse_dce_and_constant_folding():
+    class Dup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            unused = x * 3  # dead
+            a = x @ (self.w.t() * 2.0)  # weight-only arithmetic: folded at compile time
+            return torch.relu(x) + torch.relu(x) + a
+
+    _, report = compile_and_check(Dup().eval(), torch.randn(4, 8))
+    g = report.graphs[0]
+    assert g.matched("common_subexpression_elimination") >= 1
+    assert g.matched("constant_folding") >= 2  # t and mul
+    assert g.count(aten.relu) == 1 and g.count(aten.mul) == 0
+
+
+def test_constant_folding_leaves_factories_alone():
+    def f(x):
+        return x + torch.ones(x.shape[-1], x.shape[-1]).tril().sum(0)
+
+    _, report = compile_and_check(f, torch.randn(3, 5))
+    assert report.graphs[0].count(aten.ones) == 1
+
+
+def test_passes_are_idempotent_on_attention_block():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = Attn("hf"), MLP(gated=True)
+
+        def forward(self, x):
+            return self.mlp(self.attn(x)[..., :12])
+
+    _, report = compile_and_check(Block().eval(), torch.randn(1, 6, 16))
+    g = report.graphs[0]
+    assert g.pass_result("attention_fusion").matched == 1
+    for name in PASS_NAMES:
+        assert run_pass(g.final_graph, g.context, name).matched == 0, name
+
+
+def test_disabling_a_pass_by_name():
+    torch.manual_seed(0)
+    _, report = compile_and_check(Attn("timm").eval(), torch.randn(1, 4, 16), passes={"attention_fusion": False})
+    g = report.graphs[0]
+    assert "attention_fusion" not in [p.name for p in g.passes]
+    assert g.count(SDPA) == 0
+
+
+def test_failing_pass_is_rolled_back_with_one_warning(monkeypatch):
+    from mmaccel.passes import fusion
+
+    def broken(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.target is aten.addmm.default:
+                node.args = (node.args[0], node.args[1], node.args[1])  # wrong shapes: must not survive
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(fusion, "fuse_linear_epilogues", broken)
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad(), pytest.warns(mmaccel.MmaccelFallbackWarning, match="linear_epilogue_fusion"):
+        compiled = mmaccel.compile(model)
+        out = compiled(x)
+    torch.testing.assert_close(out, model(x))
+    result = compiled.mmaccel_report.graphs[0].pass_result("linear_epilogue_fusion")
+    assert result.error and "planted failure" in result.error
