@@ -44,13 +44,13 @@ class Backend:
                 f"torch.compile passed {sorted(torch_compile_kwargs)} to an mmaccel.Backend object; "
                 "give options to mmaccel.Backend(...) or use backend='mmaccel' with options={...}")
         record = GraphReport(index=len(self.report.graphs))
-        for report in (self.report, *active_reports()):
-            report.graphs.append(record)
+        reports = (self.report, *active_reports())
         start = time.perf_counter()
-        try:
-            return self._compile(gm, example_inputs, record)
-        finally:
-            record.compile_seconds = time.perf_counter() - start
+        compiled = self._compile(gm, example_inputs, record)  # on a Dynamo restart nothing is recorded
+        record.compile_seconds = time.perf_counter() - start
+        for report in reports:
+            report.graphs.append(record)
+        return compiled
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], record: GraphReport) -> Callable:
         dump = self.debug.for_graph(record.index)

@@ -1,0 +1,210 @@
+"""The HF transformers architectures users compile first: CLIP vision, BERT, Llama, Whisper encoder.
+
+Every model is built from a tiny config with random weights (no downloads). Each one runs under the
+backend and must match eager with no fallback. With `attn_implementation="eager"` the model writes
+attention out (matmul, scale, mask, softmax, matmul): attention_fusion must turn each layer's attention
+into scaled_dot_product_attention. With the default "sdpa" the model already calls SDPA and only
+correctness (and the linear fusions) is checked.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    WhisperConfig,
+    WhisperModel,
+)
+
+import mmaccel  # noqa: E402
+from mmaccel.compiler.report import collecting  # noqa: E402
+
+from conftest import assert_matches_eager, assert_optimized, compile_and_check  # noqa: E402
+
+aten = torch.ops.aten
+LAYERS = 2
+IMPLEMENTATIONS = ["eager", "sdpa"]
+VOCAB = 100
+
+
+def inference(model: torch.nn.Module) -> torch.nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+def clip_vision(impl: str) -> CLIPVisionModel:
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                              image_size=32, patch_size=8, attn_implementation=impl)
+    return inference(CLIPVisionModel(config))
+
+
+def bert(impl: str) -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                        attn_implementation=impl)
+    return inference(BertModel(config))
+
+
+def llama(impl: str, use_cache: bool = False) -> LlamaForCausalLM:
+    """Grouped-query attention (4 query heads, 2 KV heads), as in Llama 2/3."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=use_cache,
+                         attn_implementation=impl)
+    return inference(LlamaForCausalLM(config))
+
+
+def whisper_encoder(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=20, max_target_positions=32,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
+                           attn_implementation=impl)
+    return inference(WhisperModel(config).get_encoder())
+
+
+def token_batch(batch: int, seq: int, padded_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids and an attention mask; the last row is right-padded from `padded_from` on."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded_from is not None:
+        mask[-1, padded_from:] = 0
+        ids[-1, padded_from:] = 0
+    return ids, mask
+
+
+def total_matched(report: mmaccel.CompileReport, pass_name: str) -> int:
+    return sum(g.pass_result(pass_name).matched for g in report.graphs)
+
+
+def assert_fusions(report: mmaccel.CompileReport, impl: str) -> None:
+    """Every graph: explicit attention (eager implementation) fused into SDPA, one per layer, no softmax
+    left; the separate q/k/v projections fused into one matmul per layer."""
+    for g in report.graphs:
+        assert g.pass_result("parallel_linear_fusion").matched >= LAYERS, f"graph {g.index}:\n{report}"
+        if impl == "eager":
+            assert g.pass_result("attention_fusion").matched == LAYERS, f"graph {g.index}:\n{report}"
+            assert g.count(aten.scaled_dot_product_attention) == LAYERS
+            assert g.count(aten._softmax) == 0, f"graph {g.index}: a softmax was left unfused"
+    if impl == "eager":
+        assert total_matched(report, "attention_fusion") > 0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_clip_vision(impl: str) -> None:
+    model = clip_vision(impl)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _, report = compile_and_check(model, pixels)
+    assert len(report.graphs) == 1
+    assert_fusions(report, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_bert_with_padding_mask(impl: str) -> None:
+    model = bert(impl)
+    ids, mask = token_batch(2, 10, padded_from=6)
+    _, report = compile_and_check(model, ids, mask)
+    assert len(report.graphs) == 1
+    assert_fusions(report, impl)
+    # The padding mask must reach the fused attention (a dropped mask would still be a plausible output).
+    if impl == "eager":
+        sdpa = [n for n in report.graphs[0].final_graph.graph.nodes
+                if n.target is aten.scaled_dot_product_attention.default]
+        assert all(n.kwargs.get("attn_mask") is not None for n in sdpa)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_llama_prompt_forward(impl: str) -> None:
+    model = llama(impl)
+    ids, _ = token_batch(2, 9)
+    _, report = compile_and_check(model, ids)
+    assert len(report.graphs) == 1
+    assert_fusions(report, impl)
+    # q/k/v and gate/up: two parallel groups per layer.
+    assert report.graphs[0].pass_result("parallel_linear_fusion").matched == 2 * LAYERS
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_llama_greedy_generate_with_kv_cache(impl: str) -> None:
+    """model.generate with the forward compiled: prefill, then decode steps reading and growing the
+    DynamicCache. Left padding puts a real mask on every step. Tokens and per-step logits match eager,
+    with no graph breaks and no recompile storm: prefill, the first decode step, then one decode graph
+    (automatic dynamic shapes) for every later cache length."""
+    model = llama(impl, use_cache=True)
+    ids, mask = token_batch(2, 7)
+    ids[0, :2], mask[0, :2] = 0, 0  # left padding: the first row's prompt is 5 tokens
+    generate = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                    return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **generate)
+        compiled = mmaccel.compile(model.forward)
+        model.forward = compiled
+        counters.clear()
+        actual = model.generate(ids, **generate)
+    assert torch.equal(actual.sequences, expected.sequences)
+    assert_matches_eager(actual.logits, expected.logits)
+    report = compiled.mmaccel_report
+    assert_optimized(report)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(report.graphs) <= 3, str(report)
+    assert_fusions(report, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_whisper_encoder(impl: str) -> None:
+    model = whisper_encoder(impl)
+    # Whisper's encoder takes exactly 2 * max_source_positions mel frames.
+    features = torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(1))
+    _, report = compile_and_check(model, features)
+    assert len(report.graphs) == 1
+    assert_fusions(report, impl)
+
+
+def test_string_backend_bert() -> None:
+    """torch.compile(model, backend="mmaccel"): the entry point, no mmaccel.compile."""
+    model = bert("eager")
+    ids, mask = token_batch(2, 10, padded_from=4)
+    report = mmaccel.CompileReport(mmaccel.CompileOptions.from_user({}))
+    with torch.no_grad(), collecting(report):
+        expected = model(ids, attention_mask=mask)
+        actual = torch.compile(model, backend="mmaccel")(ids, attention_mask=mask)
+    assert_matches_eager(actual, expected)
+    assert len(report.graphs) == 1
+    assert_optimized(report)
+    assert_fusions(report, "eager")
+
+
+@pytest.mark.parametrize(("name", "impl"), [("bert", "eager"), ("bert", "sdpa"), ("llama", "eager"),
+                                            ("llama", "sdpa")])
+def test_dynamic_sequence_length(name: str, impl: str) -> None:
+    """dynamic=True: one graph with a symbolic sequence length serves two prompt lengths, and the
+    fusions still apply with symbolic shapes."""
+    model = bert(impl) if name == "bert" else llama(impl)
+
+    def inputs(seq: int) -> tuple[torch.Tensor, ...]:
+        ids, mask = token_batch(2, seq, padded_from=seq - 3)
+        return (ids, mask) if name == "bert" else (ids,)
+
+    counters.clear()
+    compiled, report = compile_and_check(model, *inputs(8), dynamic=True)
+    assert len(report.graphs) == 1
+    with torch.no_grad():
+        second = inputs(13)
+        assert_matches_eager(compiled(*second), model(*second))
+    assert len(report.graphs) == 1, f"the second length recompiled:\n{report}"
+    assert counters["stats"]["unique_graphs"] == 1
+    assert_optimized(report)
+    assert_fusions(report, impl)
