@@ -27,7 +27,7 @@ class DynamoVisibleOptionError(InvalidOptionError, ShortenTraceback):
     so `torch.compile(..., options={bad})` raises a ValueError at the first call like mmaccel.compile does."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, first_useful_frame=None)
+        ShortenTraceback.__init__(self, message, first_useful_frame=None)
 
 
 def lower_with_aot(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

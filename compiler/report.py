@@ -59,12 +59,12 @@ class CompileReport:
             "options": {"target": self.options.target, "passes": dict(self.options.passes)},
             "graph_breaks": self.graph_breaks,
             "graphs": [{
-                "index": g.index, "status": g.status, "reason": g.reason, "inputs": g.inputs,
+                "index": i, "status": g.status, "reason": g.reason, "inputs": g.inputs,
                 "target": g.target, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
                 "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "compile_seconds": round(g.compile_seconds, 3),
                 "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
                             "lossy": p.lossy, "seconds": round(p.seconds, 4)} for p in g.passes],
-            } for g in self.graphs],
+            } for i, g in enumerate(self.graphs)],
         }
 
     def __str__(self) -> str:
@@ -72,9 +72,9 @@ class CompileReport:
                  f"{sum(self.graph_breaks.values())} graph break(s)"]
         for reason, n in self.graph_breaks.items():
             lines.append(f"  graph break x{n}: {reason}")
-        for g in self.graphs:
+        for i, g in enumerate(self.graphs):
             lines.append("")
-            lines.append(f"graph {g.index}: {g.status}" + (f" ({g.reason})" if g.reason else "")
+            lines.append(f"graph {i}: {g.status}" + (f" ({g.reason})" if g.reason else "")
                          + f", compiled in {g.compile_seconds:.2f}s")
             if g.inputs:
                 lines.append(f"  inputs: {', '.join(g.inputs)}")
@@ -96,8 +96,11 @@ _active: contextvars.ContextVar[tuple[CompileReport, ...]] = contextvars.Context
 
 
 @contextlib.contextmanager
-def collecting(report: CompileReport) -> Iterator[CompileReport]:
-    """Every graph compiled by backend="mmaccel" inside this block is also recorded in `report`."""
+def collect_reports(report: CompileReport | None = None) -> Iterator[CompileReport]:
+    """Every graph any mmaccel backend compiles inside this block (backend="mmaccel" included) is also
+    recorded in the yielded report: `with mmaccel.collect_reports() as report: ...; print(report)`."""
+    if report is None:
+        report = CompileReport(CompileOptions())
     token = _active.set(_active.get() + (report,))
     try:
         yield report

@@ -17,8 +17,8 @@ from .compiler.api import compile, explain
 from .compiler.backend import Backend
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
-from .compiler.report import CompileReport, GraphReport
+from .compiler.report import CompileReport, GraphReport, collect_reports
 
-__all__ = ["compile", "explain", "Backend", "CompileOptions", "CompileReport", "GraphReport",
+__all__ = ["compile", "explain", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]
 __version__ = "0.1.0"

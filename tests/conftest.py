@@ -27,7 +27,7 @@ def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0) ->
         if expected.is_floating_point():
             rtol, atol = TOLERANCES[expected.dtype]
             # Tolerances relative to the output's magnitude, so large logits are not held to atol alone.
-            atol = atol * scale_atol * max(1.0, float(expected.abs().max()) if expected.numel() else 1.0)
+            atol = atol * scale_atol * max(1.0, float(expected.detach().abs().max()) if expected.numel() else 1.0)
             torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
         else:
             torch.testing.assert_close(actual, expected)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
 from torch._dynamo.utils import counters
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     BertConfig,
     BertModel,
@@ -26,7 +25,6 @@ from transformers import (  # noqa: E402
 )
 
 import mmaccel  # noqa: E402
-from mmaccel.compiler.report import collecting  # noqa: E402
 
 from conftest import assert_matches_eager, assert_optimized, compile_and_check  # noqa: E402
 
@@ -177,8 +175,7 @@ def test_string_backend_bert() -> None:
     """torch.compile(model, backend="mmaccel"): the entry point, no mmaccel.compile."""
     model = bert("eager")
     ids, mask = token_batch(2, 10, padded_from=4)
-    report = mmaccel.CompileReport(mmaccel.CompileOptions.from_user({}))
-    with torch.no_grad(), collecting(report):
+    with torch.no_grad(), mmaccel.collect_reports() as report:
         expected = model(ids, attention_mask=mask)
         actual = torch.compile(model, backend="mmaccel")(ids, attention_mask=mask)
     assert_matches_eager(actual, expected)
@@ -187,24 +184,33 @@ def test_string_backend_bert() -> None:
     assert_fusions(report, "eager")
 
 
-@pytest.mark.parametrize(("name", "impl"), [("bert", "eager"), ("bert", "sdpa"), ("llama", "eager"),
-                                            ("llama", "sdpa")])
+def prompt(name: str, seq: int) -> tuple[torch.Tensor, ...]:
+    """BERT: ids and a padding mask (last row padded); Llama: ids."""
+    ids, mask = token_batch(2, seq, padded_from=seq - 3)
+    return (ids, mask) if name == "bert" else (ids,)
+
+
+@pytest.mark.parametrize(("name", "impl"), [("bert", "eager"), ("llama", "sdpa")])
 def test_dynamic_sequence_length(name: str, impl: str) -> None:
-    """dynamic=True: one graph with a symbolic sequence length serves two prompt lengths, and the
-    fusions still apply with symbolic shapes."""
+    """dynamic=True: one graph with a symbolic sequence length serves two prompt lengths."""
     model = bert(impl) if name == "bert" else llama(impl)
-
-    def inputs(seq: int) -> tuple[torch.Tensor, ...]:
-        ids, mask = token_batch(2, seq, padded_from=seq - 3)
-        return (ids, mask) if name == "bert" else (ids,)
-
     counters.clear()
-    compiled, report = compile_and_check(model, *inputs(8), dynamic=True)
+    compiled, report = compile_and_check(model, *prompt(name, 8), dynamic=True)
     assert len(report.graphs) == 1
     with torch.no_grad():
-        second = inputs(13)
+        second = prompt(name, 13)
         assert_matches_eager(compiled(*second), model(*second))
     assert len(report.graphs) == 1, f"the second length recompiled:\n{report}"
     assert counters["stats"]["unique_graphs"] == 1
     assert_optimized(report)
-    assert_fusions(report, impl)
+    assert report.graphs[0].pass_result("parallel_linear_fusion").matched >= LAYERS
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_attention_fusion_with_dynamic_shapes(name: str) -> None:
+    """The eager attention of HF models still fuses when the sequence length is symbolic. Under
+    dynamic=True Dynamo turns the module's float `self.scaling` into a 0-d float64 graph input instead of
+    a constant, so the scale the pass sees is a tensor."""
+    model = bert("eager") if name == "bert" else llama("eager")
+    _, report = compile_and_check(model, *prompt(name, 8), dynamic=True)
+    assert_fusions(report, "eager")

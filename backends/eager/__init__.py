@@ -15,12 +15,12 @@ def lower_custom_ops(gm: fx.GraphModule) -> int:
         if node.op == "call_function" and node.target in OPS:
             node.target = OPS[node.target].eager
             lowered += 1
-    gm.recompile()
     return lowered
 
 
 def compile_graph(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
     lower_custom_ops(gm)
+    gm.recompile()
     forward = gm.forward
 
     def run(args: list[Any]) -> Any:
