@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .patterns import is_constant
+from .patterns import add_constant, constant_value, is_constant
 from .pipeline import PassContext, PassResult
 
 
@@ -82,7 +82,7 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     Factory calls with no constant input (e.g. `ones(n, n)`) are left alone: cheap at run time, and
     folding them would hold memory for nothing. Values returned to the user are never folded, so an
     output never aliases a constant the graph keeps using."""
-    values: dict[fx.Node, Any] = {n: _attr(gm, n.target) for n in gm.graph.nodes if is_constant(n)}
+    values: dict[fx.Node, Any] = {n: constant_value(gm, n.target) for n in gm.graph.nodes if is_constant(n)}
     outputs = set(gm.graph.output_node().all_input_nodes)
     folded = Counter()
     for node in list(gm.graph.nodes):
@@ -93,10 +93,8 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             result = node.target(*args, **kwargs)
         if not isinstance(result, torch.Tensor):
             continue
-        name = _fresh_name(gm, "_folded")
-        gm.register_buffer(name, result, persistent=False)
         with gm.graph.inserting_before(node):
-            const = gm.graph.get_attr(name)
+            const = gm.graph.get_attr(add_constant(gm, "_folded", result))
         const.meta = dict(node.meta)
         node.replace_all_uses_with(const)
         gm.graph.erase_node(node)
@@ -113,20 +111,6 @@ def _foldable(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
     if node.op != "call_function" or not _is_pure(node) or not node.all_input_nodes:
         return False
     return all(n in values for n in node.all_input_nodes)
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
-
-
-def _fresh_name(gm: fx.GraphModule, prefix: str) -> str:
-    i = 0
-    while hasattr(gm, f"{prefix}{i}"):
-        i += 1
-    return f"{prefix}{i}"
 
 
 def _op_name(node: fx.Node) -> str:

@@ -14,8 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.fused_linear import ACTIVATIONS
-from .cleanup import _attr, _fresh_name
-from .patterns import VIEW_OPS, aten, replace_uses, dtype, is_constant, is_op, same_shape, shape, single_user
+from .patterns import VIEW_OPS, add_constant, aten, constant_value, replace_uses, dtype, is_constant, is_op, same_shape, shape, single_user
 from .pipeline import PassContext, PassResult
 
 # Ops whose output is a view of their input: a `view` downstream of a split output may stop being valid
@@ -59,18 +58,18 @@ def fuse_parallel_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> None:
     graph = gm.graph
-    weights_t = [_attr(gm, _linear_parts(m)[1].target) for m in members]
+    weights_t = [constant_value(gm, _linear_parts(m)[1].target) for m in members]
     biases = [_linear_parts(m)[2] for m in members]
     # Concatenate as [sum N, K] (nn.Linear layout, contiguous) and keep its transpose, as the matmul reads it.
     w_cat_t = torch.cat([w.t() for w in weights_t], dim=0).t()
     widths = [w.shape[1] for w in weights_t]
     first = min(members, key=list(graph.nodes).index)
     with graph.inserting_before(first):
-        w_node = graph.get_attr(_register(gm, "_fused_weight", w_cat_t))
+        w_node = graph.get_attr(add_constant(gm, "_fused_weight", w_cat_t))
         if any(b is not None for b in biases):
-            parts = [_attr(gm, b.target) if b is not None else w.new_zeros(w.shape[1])
+            parts = [constant_value(gm, b.target) if b is not None else w.new_zeros(w.shape[1])
                      for b, w in zip(biases, weights_t)]
-            b_node = graph.get_attr(_register(gm, "_fused_bias", torch.cat(parts)))
+            b_node = graph.get_attr(add_constant(gm, "_fused_bias", torch.cat(parts)))
             mm = graph.call_function(aten.addmm.default, (b_node, x, w_node))
         else:
             mm = graph.call_function(aten.mm.default, (x, w_node))
@@ -79,12 +78,6 @@ def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> None:
             piece = graph.call_function(operator.getitem, (split, i))
             replace_uses(member, piece)
             _views_to_reshapes(piece)
-
-
-def _register(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
-    name = _fresh_name(gm, prefix)
-    gm.register_buffer(name, tensor, persistent=False)
-    return name
 
 
 def _views_to_reshapes(node: fx.Node) -> None:

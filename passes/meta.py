@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..compiler._torch_internals import FakeTensorMode, statically_known_true
+from .patterns import constant_value
 
 
 def propagate_fake(gm: fx.GraphModule, fake_mode: FakeTensorMode) -> None:
@@ -22,7 +23,7 @@ def propagate_fake(gm: fx.GraphModule, fake_mode: FakeTensorMode) -> None:
             val = node.meta["val"]
         elif node.op == "get_attr":
             if node.target not in consts:
-                real = _getattr(gm, node.target)
+                real = constant_value(gm, node.target)
                 consts[node.target] = fake_mode.from_tensor(real, static_shapes=True) \
                     if isinstance(real, torch.Tensor) else real
             val = consts[node.target]
@@ -36,13 +37,6 @@ def propagate_fake(gm: fx.GraphModule, fake_mode: FakeTensorMode) -> None:
             raise NotImplementedError(f"meta propagation: node op {node.op!r} ({node.format_node()}) is not handled")
         env[node] = val
         node.meta["val"] = val
-
-
-def _getattr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def output_signature(gm: fx.GraphModule) -> list[Any]:

@@ -43,6 +43,23 @@ def is_constant(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
+def constant_value(gm: fx.GraphModule, target: str) -> Any:
+    """The tensor a get_attr node reads."""
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def add_constant(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
+    """Store `tensor` on the module under a fresh name starting with `prefix`; returns the name."""
+    i = 0
+    while hasattr(gm, f"{prefix}{i}"):
+        i += 1
+    gm.register_buffer(f"{prefix}{i}", tensor, persistent=False)
+    return f"{prefix}{i}"
+
+
 def scalar_arg(node: fx.Node, index: int) -> float | None:
     """The Python number at args[index], or None when it is a tensor, a symbolic value or missing."""
     if len(node.args) <= index:
