@@ -29,19 +29,32 @@ class Attention:
     mask: fx.Node | None
     mask_is_keep: bool  # masked_fill form: the mask marks positions to drop, SDPA wants positions to keep
     scale: float
+    query_factors: list  # (mul or div, 0-d tensor) applied to the query before SDPA
     anchor: fx.Node  # node computing the attention output
 
 
-def _strip_scale(node: fx.Node) -> tuple[fx.Node, float]:
-    """x * c, x / c (c a Python number) -> (x, c or 1/c); anything else -> (node, 1)."""
-    scale = 1.0
+def _strip_scale(node: fx.Node) -> tuple[fx.Node, float, list[tuple[object, fx.Node]]]:
+    """x * c, x / c -> (x, c or 1/c, []) for Python numbers c; a 0-d tensor c (a float module attribute
+    under dynamic=True becomes one) is returned as a factor (op, c) to apply to q instead."""
+    scale, factors = 1.0, []
     while single_user(node) and is_op(node, aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar):
-        c = scalar_arg(node, 1)
-        if c is None or c == 0 or not math.isfinite(c):
-            break
-        scale *= c if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / c
-        node = node.args[0]
-    return node, scale
+        x, c = node.args[0], node.args[1]
+        is_mul = node.target in (aten.mul.Tensor, aten.mul.Scalar)
+        if is_mul and _is_scalar_tensor(x) and not _is_scalar_tensor(c):
+            x, c = c, x
+        if _is_scalar_tensor(c) and not _is_scalar_tensor(x):
+            factors.append((aten.mul.Tensor if is_mul else aten.div.Tensor, c))
+        else:
+            number = scalar_arg(node, 1)
+            if number is None or number == 0 or not math.isfinite(number):
+                break
+            scale *= number if is_mul else 1.0 / number
+        node = x
+    return node, scale, factors
+
+
+def _is_scalar_tensor(a: object) -> bool:
+    return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 0
 
 
 def match_attention(node: fx.Node) -> Attention | None:
@@ -68,17 +81,18 @@ def match_attention(node: fx.Node) -> Attention | None:
         mask, mask_is_keep = logits.args[1], True
         logits = logits.args[0]
     logits = cast_source(logits)
-    scores, scale = _strip_scale(logits)
+    scores, scale, factors = _strip_scale(logits)
     qk = match_matmul(scores) if single_user(scores) else None
     if qk is None:
         return None
-    query, q_scale = _strip_scale(qk[0])
-    key_t, k_scale = _strip_scale(qk[1])
+    query, q_scale, q_factors = _strip_scale(qk[0])
+    key_t, k_scale, k_factors = _strip_scale(qk[1])
     if len({dtype(query), dtype(key_t), dtype(value), dtype(node)}) != 1:
         return None
     if shape(query)[-1] != shape(key_t)[-2] and not same_shape(shape(query)[-1:], shape(key_t)[-2:-1]):
         return None
-    return Attention(query, key_t, value, mask, mask_is_keep, scale * q_scale * k_scale, node)
+    return Attention(query, key_t, value, mask, mask_is_keep, scale * q_scale * k_scale,
+                     factors + q_factors + k_factors, node)
 
 
 def _untranspose(graph: fx.Graph, key_t: fx.Node) -> fx.Node:
@@ -98,8 +112,11 @@ def _rewrite(graph: fx.Graph, att: Attention) -> None:
                 graph.call_function(aten.logical_not.default, (mask,))
         elif mask is not None and dtype(mask) not in (torch.bool, dtype(att.query)):
             mask = graph.call_function(aten._to_copy.default, (mask,), {"dtype": dtype(att.query)})
+        query = att.query
+        for op, factor in att.query_factors:
+            query = graph.call_function(op, (query, factor))
         sdpa = graph.call_function(
-            aten.scaled_dot_product_attention.default, (att.query, key, att.value),
+            aten.scaled_dot_product_attention.default, (query, key, att.value),
             {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": att.scale})
     replace_uses(att.anchor, sdpa)
 

@@ -62,14 +62,16 @@ class Attn(nn.Module):
         elif self.form == "finite_fill":
             w = (q @ k.transpose(-2, -1)).masked_fill(~self.causal[:s, :s], -1e4)
             p = F.softmax(w, dim=-1)
-        elif self.form == "tensor_scale":
+        elif self.form == "scalar_tensor_scale":  # a 0-d tensor scale (float attributes under dynamic=True)
             p = F.softmax((q @ k.transpose(-2, -1)) * x.new_tensor(0.3), dim=-1)
+        elif self.form == "per_head_scale":  # not a scalar: SDPA cannot express it
+            p = F.softmax((q @ k.transpose(-2, -1)) * x.new_tensor([0.3, 0.5]).view(2, 1, 1), dim=-1)
         else:
             raise ValueError(self.form)
         return (p @ v).transpose(1, 2).reshape(x.shape)
 
 
-@pytest.mark.parametrize("form", ["hf", "timm", "whisper", "nanogpt", "bmm3d"])
+@pytest.mark.parametrize("form", ["hf", "timm", "whisper", "nanogpt", "bmm3d", "scalar_tensor_scale"])
 def test_attention_fusion_matches(form):
     torch.manual_seed(0)
     model = Attn(form).eval()
@@ -80,13 +82,29 @@ def test_attention_fusion_matches(form):
     assert g.count(SDPA) == 1 and g.count(aten._softmax) == 0 and g.count(aten.bmm) == 0
 
 
-@pytest.mark.parametrize("form", ["softmax_dim2", "probs_used", "finite_fill", "tensor_scale"])
+@pytest.mark.parametrize("form", ["softmax_dim2", "probs_used", "finite_fill", "per_head_scale"])
 def test_attention_fusion_near_misses_left_alone(form):
     torch.manual_seed(0)
     model = Attn(form).eval()
     _, report = compile_and_check(model, torch.randn(2, 5, 16))
     assert report.graphs[0].pass_result("attention_fusion").matched == 0
     assert report.graphs[0].count(SDPA) == 0
+
+
+class FloatScaleAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = 8 ** -0.5  # a float attribute: under dynamic=True Dynamo passes it as a 0-d tensor
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_attention_fusion_float_attribute_scale(dynamic):
+    q, k, v = (torch.randn(2, 4, 10, 8) for _ in range(3))
+    _, report = compile_and_check(FloatScaleAttention(), q, k, v, dynamic=dynamic)
+    assert report.graphs[0].matched("attention_fusion") == 1
 
 
 def test_attention_fusion_half_precision_additive_mask():
