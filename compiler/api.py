@@ -7,6 +7,7 @@ import torch
 
 from ._torch_internals import graph_break_count
 from .backend import Backend
+from .export import export_onnx  # noqa: F401  (re-exported as mmaccel.export_onnx)
 from .options import CompileOptions
 from .report import CompileReport
 

@@ -3,6 +3,7 @@
     torch.compile(model, backend="mmaccel", options={...})   # registered through an entry point
     mmaccel.compile(model, **options)                        # same, options validated up front
     mmaccel.explain(model, *example_inputs, **options)       # what was captured and optimized
+    mmaccel.export_onnx(model, example_inputs, path)          # same passes, standard ONNX file
 """
 import os as _os
 
@@ -13,12 +14,12 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "compiler")) and
         _os.path.isfile(_os.path.join(_checkout, "compiler", "backend.py")):
     __path__.append(_checkout)
 
-from .compiler.api import compile, explain
+from .compiler.api import compile, explain, export_onnx
 from .compiler.backend import Backend
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
 
-__all__ = ["compile", "explain", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
+__all__ = ["compile", "explain", "export_onnx", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]
 __version__ = "0.1.0"

@@ -43,4 +43,31 @@ def _fused_linear_fake(x, weight, bias, activation, residual):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-register(OpSpec(name="fused_linear", op=torch.ops.mmaccel.fused_linear.default, eager=fused_linear_reference))
+def fused_linear_onnx(x, weight, bias=None, activation: str = "none", residual=None):
+    """Standard ONNX (opset 18): MatMul on the transposed weight (ONNX Runtime folds the Transpose of an
+    initializer once), Add, and the activation written out; ONNX Runtime fuses Gelu/FastGelu patterns."""
+    from onnxscript import opset18 as op
+
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    if bias is not None:
+        y = op.Add(y, bias)
+    if activation == "relu":
+        y = op.Relu(y)
+    elif activation == "silu":
+        y = op.Mul(y, op.Sigmoid(y))
+    elif activation == "gelu":
+        half = op.CastLike(0.5, y)
+        y = op.Mul(op.Mul(half, y), op.Add(op.CastLike(1.0, y), op.Erf(op.Div(y, op.CastLike(2.0 ** 0.5, y)))))
+    elif activation == "gelu_tanh":
+        inner = op.Mul(op.CastLike((2.0 / 3.141592653589793) ** 0.5, y),
+                       op.Add(y, op.Mul(op.CastLike(0.044715, y), op.Mul(y, op.Mul(y, y)))))
+        y = op.Mul(op.Mul(op.CastLike(0.5, y), y), op.Add(op.CastLike(1.0, y), op.Tanh(inner)))
+    elif activation != "none":
+        raise ValueError(f"fused_linear: activation {activation!r} has no ONNX translation")
+    if residual is not None:
+        y = op.Add(y, residual)
+    return y
+
+
+register(OpSpec(name="fused_linear", op=torch.ops.mmaccel.fused_linear.default, eager=fused_linear_reference,
+                onnx=fused_linear_onnx))

@@ -13,6 +13,8 @@ class OpSpec:
     op: torch._ops.OpOverload
     # Plain-Python implementation the eager target calls directly (no dispatcher round trip).
     eager: Callable[..., torch.Tensor]
+    # ONNX Script translation for torch.onnx's custom_translation_table (standard ONNX ops only).
+    onnx: Callable[..., object] | None = None
 
 
 OPS: dict[torch._ops.OpOverload, OpSpec] = {}

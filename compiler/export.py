@@ -1,0 +1,144 @@
+"""mmaccel.export_onnx: torch.export -> the same lowering and passes as torch.compile -> ONNX file.
+
+The file holds standard ONNX (opset 18) that ONNX Runtime runs without mmaccel installed: mmaccel's own
+ops are translated by the ONNX Script functions next to their definitions (ops/), SDPA by torch.onnx.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from ..ops import OPS
+from ..passes.pipeline import PassContext, run_pipeline
+from ._torch_internals import detect_fake_mode, statically_known_true
+from .debug import DebugDump
+from .errors import InvalidOptionError
+from .lowering import DECOMPOSITIONS
+from .options import CompileOptions
+from .report import CompileReport, GraphReport
+
+OPSET = 18
+# Files with more weight bytes than this store their weights beside the model (`<name>.onnx.data`):
+# a single protobuf cannot exceed 2 GiB.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported; the message names the construct and what to do instead."""
+
+
+def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dynamic_shapes: Any,
+                     options: CompileOptions, record: GraphReport) -> tuple[fx.GraphModule, list[Any]]:
+    """torch.export, decompose to the ATen inference graph, freeze every weight, run the pass pipeline.
+    Returns the optimized graph and the flat user inputs it takes."""
+    try:
+        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    except Exception as e:
+        raise ExportError(f"torch.export could not capture the model ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); export needs one "
+                          "graph without data-dependent Python control flow. torch.compile(model, "
+                          "backend='mmaccel') still works on such models.") from e
+    # Core ATen (linear -> addmm, matmul -> bmm, softmax -> _softmax): the level the passes match on,
+    # as in the torch.compile path, plus mmaccel's own table.
+    table = torch.export.default_decompositions()
+    table.update(DECOMPOSITIONS)
+    ep = ep.run_decompositions(table)
+    sig = ep.graph_signature
+    mutated = list(sig.buffers_to_mutate.values()) + list(sig.user_inputs_to_mutate.values())
+    if mutated:
+        raise ExportError(f"the model writes to {mutated} in place (a static KV cache?). ONNX graphs are "
+                          "functional: export a step that takes and returns its state as tensors, or use "
+                          "torch.compile(model, backend='mmaccel') for in-place caches.")
+    gm = ep.graph_module
+    record.dynamo_nodes = record.aten_nodes = len(gm.graph.nodes)
+    weights = {**ep.state_dict, **ep.constants}
+    user_inputs = []
+    for spec, node in zip(sig.input_specs, list(gm.graph.find_nodes(op="placeholder"))):
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            user_inputs.append(node)
+            continue
+        name = f"_frozen_{node.name}"
+        value = weights[spec.target]
+        gm.register_buffer(name, value.detach() if isinstance(value, torch.Tensor) else value, persistent=False)
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+        record.frozen += 1
+        record.frozen_bytes += value.numel() * value.element_size()
+    gm.recompile()
+    # A fresh GraphModule: ExportedProgram's module carries export-only state we do not want to re-export.
+    gm = fx.GraphModule(gm, gm.graph)
+    fake_mode = detect_fake_mode([n.meta["val"] for n in user_inputs])
+    ctx = PassContext(options=options, fake_mode=fake_mode, dump=DebugDump(options.debug_dir).for_graph(0))
+    record.passes = run_pipeline(gm, ctx)
+    record.final_graph, record.context, record.final_nodes = gm, ctx, len(gm.graph.nodes)
+    record.inputs = [str(tuple(n.meta["val"].shape)) for n in user_inputs]
+    flat_inputs = [a for a in torch.utils._pytree.tree_leaves(tuple(example_inputs))]
+    return gm, flat_inputs
+
+
+def _dynamic_dims(gm: fx.GraphModule) -> tuple[dict[int, Any], ...]:
+    """Dims that stayed symbolic through the passes, as torch.export dynamic_shapes for the graph's inputs."""
+    specs = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = node.meta["val"].shape
+        specs.append({i: Dim.DYNAMIC for i, d in enumerate(shape) if not isinstance(d, int)
+                      and not statically_known_true(d == int(d.node.hint if d.node.has_hint() else -1))})
+    return tuple(specs)
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
+                dynamic_shapes: Any = None, **options: Any) -> CompileReport:
+    """Export `model` through mmaccel's passes to an ONNX file at `path` (opset 18, checked with
+    onnx.checker). A failed export never leaves a partial file at `path`: it is written aside, validated,
+    then moved into place. Returns the report of what the passes did."""
+    import onnx
+
+    opts = CompileOptions.from_user(options)
+    if opts.target != "auto":
+        raise InvalidOptionError("option 'target' does not apply to export_onnx: the file is the target")
+    path = os.fspath(path)
+    report = CompileReport(opts)
+    record = GraphReport(index=0, target=f"onnx file {path}", target_reason="export_onnx")
+    start = time.perf_counter()
+    gm, flat_inputs = lower_for_export(model, example_inputs, dynamic_shapes, opts, record)
+    translations = {op: spec.onnx for op, spec in OPS.items() if spec.onnx is not None}
+    try:
+        program = torch.onnx.export(gm, tuple(flat_inputs), dynamo=True, opset_version=OPSET,
+                                    dynamic_shapes=_dynamic_dims(gm), custom_translation_table=translations,
+                                    optimize=True, verbose=False)
+    except Exception as e:
+        raise ExportError(_explain_onnx_failure(gm, e)) from e
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".mmaccel-export-") as tmp:
+        staged = os.path.join(tmp, os.path.basename(path))
+        program.save(staged, external_data=record.frozen_bytes > EXTERNAL_DATA_BYTES)
+        onnx.checker.check_model(staged)  # by path: also checks models with external data
+        for name in os.listdir(tmp):
+            shutil.move(os.path.join(tmp, name), os.path.join(folder, name))
+    record.status, record.compile_seconds = "optimized", time.perf_counter() - start
+    report.graphs.append(record)
+    return report
+
+
+def _explain_onnx_failure(gm: fx.GraphModule, error: Exception) -> str:
+    """Name the op torch.onnx could not translate and the model source line it came from."""
+    text = str(error)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target) in text:
+            where = (node.meta.get("stack_trace") or "").strip().splitlines()
+            line = where[-2].strip() if len(where) >= 2 else "unknown source line"
+            return (f"ONNX export failed at op {node.target} ({line}): {text.strip().splitlines()[0]}. "
+                    "Fallback: run the model with torch.compile(model, backend='mmaccel'), or replace the op "
+                    "in the model with supported ones.")
+    return f"ONNX export failed: {type(error).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
