@@ -7,20 +7,36 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from . import eager
+from ..compiler.errors import warn_once
+from . import eager, onnxruntime
+
+aten = torch.ops.aten
 
 
-def resolve_target(target: str, example_inputs: Sequence[Any]) -> tuple[str, str]:
-    """(target to run, why). "auto" will pick triton on CUDA and onnxruntime on CPU once those targets
-    exist; until then every graph runs on the eager target."""
+def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, str]:
+    """(target to run, why). "auto": onnxruntime for CPU graphs when it is installed and the graph does
+    not write its inputs in place (copying a KV cache out of the session every step would cost more
+    than it saves); eager otherwise, until the Triton target serves CUDA."""
     if target != "auto":
         return target, "requested"
-    devices = sorted({t.device.type for t in example_inputs if isinstance(t, torch.Tensor)})
-    return "eager", f"auto on {'/'.join(devices) or 'cpu'}: eager is the only target built so far"
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if devices - {"cpu"}:
+        return "eager", f"auto on {'/'.join(sorted(devices))}: eager (the Triton target is not built yet)"
+    if not onnxruntime.available():
+        return "eager", "auto on cpu: onnxruntime/onnxscript not installed (pip install 'mmaccel[onnx]')"
+    if any(n.target is aten.copy_.default for n in gm.graph.nodes):
+        return "eager", "auto on cpu: the graph writes its inputs in place (KV cache), kept on eager"
+    return "onnxruntime", "auto on cpu"
 
 
-def compile_for_target(target: str, gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
-    """Returns a boxed callable: it takes the list of graph inputs."""
+def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Callable, str]:
+    """A boxed callable (it takes the list of graph inputs) and the target that actually runs it."""
+    if target == "onnxruntime":
+        try:
+            return onnxruntime.compile_graph(gm, example_inputs), "onnxruntime"
+        except onnxruntime.Unsupported as e:
+            warn_once(f"mmaccel: onnxruntime target cannot run this graph ({e}); running it on the eager target")
+            return eager.compile_graph(gm), "eager"
     if target == "eager":
-        return eager.compile_graph(gm)
+        return eager.compile_graph(gm), "eager"
     raise ValueError(f"unknown target {target!r}")

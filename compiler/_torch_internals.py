@@ -4,7 +4,8 @@ Checked against torch 2.11-2.14.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch._dynamo.exc import ShortenTraceback
@@ -17,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .errors import InvalidOptionError
 
 __all__ = [
-    "FakeTensorMode", "unset_fake_temporarily", "detect_fake_mode", "statically_known_true", "lower_with_aot",
+    "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor",
 ]
 
@@ -78,3 +79,13 @@ def _restart_exceptions() -> tuple[type[BaseException], ...]:
 
 
 RESTART_EXCEPTIONS = _restart_exceptions()
+
+
+@contextlib.contextmanager
+def outside_dynamo_compile() -> Iterator[None]:
+    """Run a nested torch.export (ONNX conversion) from inside a backend as if no Dynamo compile were
+    under way: otherwise it picks up Dynamo's tracing context and emits guards over Dynamo's frame locals."""
+    from torch._guards import CompileContext, compile_context, tracing
+
+    with tracing(None), compile_context(CompileContext(None)), unset_fake_temporarily():
+        yield

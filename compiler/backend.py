@@ -77,14 +77,17 @@ class Backend:
                   record: GraphReport, dump: Callable) -> Callable:
         dump("aten", aten_gm)
         record.aten_nodes = len(aten_gm.graph.nodes)
-        unfrozen = compile_for_target("eager", _clone_module(aten_gm))
+        unfrozen, _ = compile_for_target("eager", _clone_module(aten_gm), real_inputs)
         frozen = freeze_parameters(aten_gm, real_inputs)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump)
         record.passes = run_pipeline(aten_gm, ctx)
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
-        record.target, record.target_reason = resolve_target(self.options.target, real_inputs)
-        run = compile_for_target(record.target, _clone_module(aten_gm))
+        target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
+        kept_inputs = [real_inputs[i] for i in frozen.kept]
+        run, record.target = compile_for_target(target, _clone_module(aten_gm), kept_inputs)
+        if record.target != target:
+            record.target_reason += f"; {target} could not run it (see warning)"
         record.status = "optimized"
         return FrozenGraph(run, frozen, unfrozen)
 

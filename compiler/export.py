@@ -13,18 +13,16 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 
-from ..ops import OPS
+from ..backends.onnxruntime import to_onnx
 from ..passes.pipeline import PassContext, run_pipeline
-from ._torch_internals import detect_fake_mode, statically_known_true
+from ._torch_internals import detect_fake_mode
 from .debug import DebugDump
 from .errors import InvalidOptionError
 from .lowering import DECOMPOSITIONS
 from .options import CompileOptions
 from .report import CompileReport, GraphReport
 
-OPSET = 18
 # Files with more weight bytes than this store their weights beside the model (`<name>.onnx.data`):
 # a single protobuf cannot exceed 2 GiB.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -86,16 +84,6 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     return gm, flat_inputs
 
 
-def _dynamic_dims(gm: fx.GraphModule) -> tuple[dict[int, Any], ...]:
-    """Dims that stayed symbolic through the passes, as torch.export dynamic_shapes for the graph's inputs."""
-    specs = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        shape = node.meta["val"].shape
-        specs.append({i: Dim.DYNAMIC for i, d in enumerate(shape) if not isinstance(d, int)
-                      and not statically_known_true(d == int(d.node.hint if d.node.has_hint() else -1))})
-    return tuple(specs)
-
-
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
                 dynamic_shapes: Any = None, **options: Any) -> CompileReport:
     """Export `model` through mmaccel's passes to an ONNX file at `path` (opset 18, checked with
@@ -111,11 +99,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
     record = GraphReport(index=0, target=f"onnx file {path}", target_reason="export_onnx")
     start = time.perf_counter()
     gm, flat_inputs = lower_for_export(model, example_inputs, dynamic_shapes, opts, record)
-    translations = {op: spec.onnx for op, spec in OPS.items() if spec.onnx is not None}
     try:
-        program = torch.onnx.export(gm, tuple(flat_inputs), dynamo=True, opset_version=OPSET,
-                                    dynamic_shapes=_dynamic_dims(gm), custom_translation_table=translations,
-                                    optimize=True, verbose=False)
+        program = to_onnx(gm, flat_inputs)
     except Exception as e:
         raise ExportError(_explain_onnx_failure(gm, e)) from e
     folder = os.path.dirname(os.path.abspath(path))

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from .errors import InvalidOptionError
 
 # Targets that exist today. "auto" resolves per device (see backends.resolve_target).
-TARGETS = ("auto", "eager")
+TARGETS = ("auto", "eager", "onnxruntime")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")

@@ -12,6 +12,7 @@ masked_fill with a finite value.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -121,14 +122,48 @@ def _rewrite(graph: fx.Graph, att: Attention) -> None:
     replace_uses(att.anchor, sdpa)
 
 
+# Device-specific SDPA kernels that tracing a user's F.scaled_dot_product_attention produces, with the
+# name their mask argument has. The canonical op lets every target pick its own kernel.
+_BACKEND_SDPA = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: "attn_mask",
+    aten._scaled_dot_product_efficient_attention.default: "attn_bias",
+    aten._scaled_dot_product_flash_attention.default: None,
+    aten._scaled_dot_product_cudnn_attention.default: "attn_bias",
+}
+
+
+def _canonicalize_sdpa(gm: fx.GraphModule) -> int:
+    """Backend SDPA kernel calls whose only used result is the attention output -> aten SDPA."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not is_op(node, *_BACKEND_SDPA) or not all(
+                u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+            continue
+        bound = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+        kw = bound.kwargs if bound is not None else {}
+        if not kw or kw.get("dropout_p", 0.0) != 0.0:
+            continue
+        mask_name = _BACKEND_SDPA[node.target]
+        with gm.graph.inserting_before(node):
+            sdpa = gm.graph.call_function(
+                aten.scaled_dot_product_attention.default, (kw["query"], kw["key"], kw["value"]),
+                {"attn_mask": kw.get(mask_name) if mask_name else None, "dropout_p": 0.0,
+                 "is_causal": bool(kw.get("is_causal", False)), "scale": kw.get("scale")})
+        for user in list(node.users):
+            replace_uses(user, sdpa)
+        count += 1
+    return count
+
+
 def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    canonical = _canonicalize_sdpa(gm)
     found = [att for node in list(gm.graph.nodes) if (att := match_attention(node)) is not None]
     for att in found:
         _rewrite(gm.graph, att)
     gm.graph.eliminate_dead_code()
-    changes = []
+    changes = [f"{canonical} device-specific SDPA kernel call(s) -> scaled_dot_product_attention"] if canonical else []
     if found:
         masks = sum(a.mask is not None for a in found)
         changes.append(f"{len(found)} explicit attention(s) -> scaled_dot_product_attention "
                        f"({masks} with mask, scales {sorted({round(a.scale, 6) for a in found})})")
-    return PassResult(matched=len(found), changes=changes)
+    return PassResult(matched=len(found) + canonical, changes=changes)

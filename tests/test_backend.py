@@ -203,7 +203,7 @@ def test_explain_reports_graphs_breaks_passes_and_target():
     assert len(report.graphs) == 2 and sum(report.graph_breaks.values()) >= 1
     text = str(report)
     for needle in ("graph break", "attention_fusion", "parallel_linear_fusion", "linear_epilogue_fusion",
-                   "target: eager", "scaled_dot_product_attention", "frozen weights"):
+                   "target: onnxruntime (auto on cpu)", "scaled_dot_product_attention", "frozen weights"):
         assert needle in text, needle
     d = report.to_dict()
     assert d["graphs"][0]["passes"][0]["name"] == "dead_code_elimination"

@@ -1,0 +1,168 @@
+"""The onnxruntime target: the post-pass graph becomes standard ONNX (torch.onnx + mmaccel's op
+translations) and runs in an ONNX Runtime session through IO binding.
+
+The ONNX graph is functional. A graph that writes its inputs in place (a KV cache) gets those writes as
+extra outputs, copied back into the caller's tensors after each run; size arguments Dynamo passes as
+SymInts are recomputed inside the graph from the tensor shapes they came from.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from ...compiler._torch_internals import outside_dynamo_compile
+from ...ops import OPS
+
+aten = torch.ops.aten
+OPSET = 18
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                 torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8,
+                 torch.int8: np.int8}
+
+
+class Unsupported(Exception):
+    """This graph cannot run on ONNX Runtime; the message says why (the caller falls back to eager)."""
+
+
+def available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+              scale: float | None = None, enable_gqa: bool = False):
+    """aten SDPA with PyTorch's semantics, in standard ONNX. Unlike torch.onnx's own translation, a query
+    row whose keys are all masked gives 0, as every PyTorch SDPA kernel does, not NaN (left-padded
+    batches have such rows, and a NaN there reaches every later token through the KV cache)."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    if dropout_p != 0.0 or enable_gqa:
+        raise ValueError("sdpa_onnx: dropout and enable_gqa have no translation (inference graphs have neither)")
+    if scale is None:
+        scale = float(query.shape[-1]) ** -0.5
+    scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=_swap_last_two(len(key.shape)))),
+                    op.CastLike(scale, query))
+    if is_causal:
+        raise ValueError("sdpa_onnx: is_causal is not translated; mmaccel's passes emit explicit masks")
+    if attn_mask is not None:
+        if attn_mask.dtype == ir.DataType.BOOL:
+            scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))
+        else:
+            scores = op.Add(scores, attn_mask)
+    probs = op.Softmax(scores, axis=-1)
+    if attn_mask is not None:
+        probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, probs), probs)
+    return op.MatMul(probs, value)
+
+
+def _swap_last_two(rank: int) -> list[int]:
+    return [*range(rank - 2), rank - 1, rank - 2]
+
+
+ATEN_TRANSLATIONS = {aten.scaled_dot_product_attention.default: sdpa_onnx}
+
+
+def to_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
+    """torch.onnx.export of a functional, tensor-only graph; symbolic dims stay dynamic in the file."""
+    translations = {op: spec.onnx for op, spec in OPS.items() if spec.onnx is not None}
+    translations.update(ATEN_TRANSLATIONS)
+    gm.eval()
+    return torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=OPSET,
+                             dynamic_shapes=dynamic_dims(gm), custom_translation_table=translations,
+                             optimize=True, verbose=False)
+
+
+def dynamic_dims(gm: fx.GraphModule) -> tuple[dict[int, Any], ...]:
+    specs = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = node.meta["val"].shape
+        specs.append({i: Dim.DYNAMIC for i, d in enumerate(shape) if isinstance(d, torch.SymInt)})
+    return tuple(specs)
+
+
+def _functionalize(gm: fx.GraphModule) -> tuple[list[int], list[int]]:
+    """Rewrite `gm` in place into a tensor-in, tensor-out graph. Returns (indices of the inputs the new
+    graph takes, indices of the inputs written in place, in the order their new values are returned)."""
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    output = graph.output_node()
+    outputs = list(output.args[0])
+    mutated = []
+    for node in list(graph.nodes):
+        if node.target is aten.copy_.default and node.args[0] in placeholders and not node.users:
+            mutated.append(placeholders.index(node.args[0]))
+            outputs.append(node.args[1])
+            graph.erase_node(node)
+    tensors = [p for p in placeholders if isinstance(p.meta.get("val"), torch.Tensor)]
+    for p in placeholders:
+        val = p.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            continue
+        if not isinstance(val, torch.SymInt):
+            raise Unsupported(f"graph input {p.name} is a {type(val).__name__}, not a tensor or size")
+        source = next(((t, d) for t in tensors for d, size in enumerate(t.meta["val"].shape)
+                       if isinstance(size, torch.SymInt) and size.node.expr == val.node.expr), None)
+        if source is None:
+            raise Unsupported(f"size input {p.name}={val} is not the size of any tensor input "
+                              "(a Python int passed as a dynamic value)")
+        with graph.inserting_after(source[0]):
+            size = graph.call_function(aten.sym_size.int, source)
+        size.meta["val"] = val
+        p.replace_all_uses_with(size)
+        graph.erase_node(p)
+    if any(isinstance(o, fx.Node) and o.op == "placeholder" for o in outputs):
+        raise Unsupported("the graph returns one of its inputs unchanged")
+    output.args = (tuple(outputs),)
+    gm.recompile()
+    kept = [i for i, p in enumerate(placeholders) if p in tensors]
+    return kept, mutated
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[[list[Any]], Any]:
+    """Raises Unsupported when the graph cannot run on ONNX Runtime."""
+    import onnxruntime as ort
+
+    for p in gm.graph.find_nodes(op="placeholder"):
+        val = p.meta.get("val")
+        if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in _NUMPY_DTYPES):
+            raise Unsupported(f"input {p.name} is {val.dtype} on {val.device}; the ONNX Runtime target runs "
+                              f"CPU tensors of {sorted(str(d).removeprefix('torch.') for d in _NUMPY_DTYPES)}")
+    num_outputs = len(gm.graph.output_node().args[0])
+    kept, mutated = _functionalize(gm)
+    try:
+        with outside_dynamo_compile():
+            program = to_onnx(gm, [example_inputs[i] for i in kept])
+    except Exception as e:
+        raise Unsupported(f"ONNX conversion failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+
+    def run(args: list[Any]) -> Any:
+        binding = session.io_binding()
+        keep_alive = []
+        for name, i in zip(input_names, kept):
+            t = args[i].contiguous()
+            keep_alive.append(t)
+            binding.bind_input(name, "cpu", 0, _NUMPY_DTYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        for name in output_names:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        results = [torch.from_numpy(np.asarray(o)) for o in binding.copy_outputs_to_cpu()]
+        for i, new_value in zip(mutated, results[num_outputs:]):
+            args[i].copy_(new_value)
+        return tuple(results[:num_outputs])
+
+    return run
