@@ -39,10 +39,11 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     try:
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     except Exception as e:
-        raise ExportError(f"torch.export could not capture the model ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); export needs one "
-                          "graph without data-dependent Python control flow. torch.compile(model, "
-                          "backend='mmaccel') still works on such models.") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: {first}. If it names "
+                          "a dim, fix dynamic_shapes as it suggests; if it is data-dependent Python control "
+                          "flow, export needs one graph: torch.compile(model, backend='mmaccel') still works "
+                          "on such models.") from e
     # Core ATen (linear -> addmm, matmul -> bmm, softmax -> _softmax): the level the passes match on,
     # as in the torch.compile path, plus mmaccel's own table.
     table = torch.export.default_decompositions()
