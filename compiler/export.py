@@ -57,6 +57,10 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
                           "torch.compile(model, backend='mmaccel') for in-place caches.")
     gm = ep.graph_module
     record.dynamo_nodes = record.aten_nodes = len(gm.graph.nodes)
+    # torch.export asserts dtypes around casts (`.float()`, `.to(dtype)`); the FakeTensor metadata the
+    # passes check already guarantees them, and as extra users they would hide patterns from the passes.
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default)):
+        gm.graph.erase_node(node)
     weights = {**ep.state_dict, **ep.constants}
     user_inputs = []
     for spec, node in zip(sig.input_specs, list(gm.graph.find_nodes(op="placeholder"))):
