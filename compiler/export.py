@@ -6,6 +6,7 @@ ops are translated by the ONNX Script functions next to their definitions (ops/)
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -123,7 +124,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
 
 def _explain_onnx_failure(gm: fx.GraphModule, error: Exception) -> str:
     """Name the op torch.onnx could not translate and the model source line it came from."""
-    text = str(error)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).replace(" Next steps:", "")
     for node in gm.graph.nodes:
         if node.op == "call_function" and str(node.target) in text:
             where = (node.meta.get("stack_trace") or "").strip().splitlines()

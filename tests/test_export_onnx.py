@@ -466,3 +466,16 @@ def test_large_weights_are_saved_as_external_data(tmp_path, monkeypatch):
     full = onnx.load(str(path))  # resolves the external data
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in full.graph.initializer)
     assert_onnx_matches_eager(session(str(path)), model, inputs)
+
+
+def test_op_without_onnx_translation_is_named_with_its_source_line(tmp_path):
+    class Eig(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvalsh(x @ x.transpose(-1, -2)) * 2  # no ONNX translation exists
+
+    path = tmp_path / "eig.onnx"
+    with pytest.raises(ExportError) as info:
+        mmaccel.export_onnx(Eig(), (torch.randn(3, 3),), path)
+    message = str(info.value)
+    assert "_linalg_eigh" in message and "test_export_onnx.py" in message and "Fallback" in message
+    assert not path.exists() and list(tmp_path.iterdir()) == []
