@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from typing import Callable
@@ -20,18 +19,8 @@ import onnxruntime as ort
 import torch
 
 import mmaccel
+from mmaccel.timing import median_ms
 from mmaccel.models import build
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def ort_session(path: str) -> ort.InferenceSession:

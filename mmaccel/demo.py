@@ -7,24 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from typing import Callable
 
 import torch
 
 import mmaccel
+from mmaccel.timing import median_ms
 from mmaccel.models import VLM, VLMConfig
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> int:

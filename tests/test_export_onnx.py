@@ -171,63 +171,33 @@ def test_passes_option_reaches_the_export(tmp_path):
 
 # ---------------------------------------------------------------------- 2. HF transformers architectures
 
-LAYERS = 2
-VOCAB = 100
-
-
-def _inference(model: torch.nn.Module) -> torch.nn.Module:
-    return model.eval().requires_grad_(False)
-
-
-def _token_batch(batch: int, seq: int, padded_from: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ids and an attention mask; the last row is right-padded from `padded_from` on."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[-1, padded_from:] = 0
-    ids[-1, padded_from:] = 0
-    return ids, mask
-
-
 def _hf_clip_vision(impl: str):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from hf_tiny import clip_vision
 
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                              image_size=32, patch_size=8, attn_implementation=impl)
-    model = _inference(CLIPVisionModel(config))
     g = torch.Generator().manual_seed(1)
     pixels = [(torch.randn(b, 3, 32, 32, generator=g),) for b in (5, 2, 7)]
-    return model, pixels, ({0: Dim("batch", min=2, max=64)},), (0, 0)
+    return clip_vision(impl), pixels, ({0: Dim("batch", min=2, max=64)},), (0, 0)
 
 
 def _hf_bert(impl: str):
-    from transformers import BertConfig, BertModel
+    from hf_tiny import bert, token_batch
 
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0, attn_implementation=impl)
-    model = _inference(BertModel(config))
-    batches = [_token_batch(2, 10, padded_from=6), _token_batch(2, 13, padded_from=5, seed=2),
-               _token_batch(2, 7, padded_from=3, seed=3)]
+    batches = [token_batch(2, 10, padded_from=6), token_batch(2, 13, padded_from=5, seed=2),
+               token_batch(2, 7, padded_from=3, seed=3)]
     seq = Dim("seq", min=2, max=64)
-    return model, batches, ({1: seq}, {1: seq}), (0, 1)
+    return bert(impl), batches, ({1: seq}, {1: seq}), (0, 1)
 
 
 def _hf_whisper_encoder(impl: str):
-    from transformers import WhisperConfig, WhisperModel
+    from hf_tiny import whisper_encoder
 
-    torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=LAYERS, decoder_layers=LAYERS,
-                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                           decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=20, max_target_positions=32,
-                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
-                           attn_implementation=impl)
-    model = _inference(WhisperModel(config).get_encoder())
     # HF's Whisper encoder insists on exactly 2 * max_source_positions mel frames: the batch is what varies.
     g = torch.Generator().manual_seed(1)
     mels = [(torch.randn(b, 16, 40, generator=g),) for b in (3, 2, 5)]
-    return model, mels, ({0: Dim("batch", min=2, max=64)},), (0, 0)
+    return whisper_encoder(impl), mels, ({0: Dim("batch", min=2, max=64)},), (0, 0)
+
+
+from hf_tiny import LAYERS  # noqa: E402
 
 
 HF_MODELS = {"clip_vision": _hf_clip_vision, "bert": _hf_bert, "whisper_encoder": _hf_whisper_encoder}
@@ -315,7 +285,7 @@ class TinyMLP(torch.nn.Module):
 
 def _tiny_mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
-    return _inference(TinyMLP()), (torch.randn(3, 5, 12),)
+    return TinyMLP().eval().requires_grad_(False), (torch.randn(3, 5, 12),)
 
 
 def _changed_buffers(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[str]:

@@ -1,0 +1,67 @@
+"""Tiny HF transformers models (random weights, no downloads) shared by the compile and export tests."""
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    WhisperConfig,
+    WhisperModel,
+)
+
+LAYERS = 2
+VOCAB = 100
+
+
+def inference(model: torch.nn.Module) -> torch.nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+def clip_vision(impl: str) -> CLIPVisionModel:
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                              image_size=32, patch_size=8, attn_implementation=impl)
+    return inference(CLIPVisionModel(config))
+
+
+def bert(impl: str) -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                        attn_implementation=impl)
+    return inference(BertModel(config))
+
+
+def llama(impl: str, use_cache: bool = False) -> LlamaForCausalLM:
+    """Grouped-query attention (4 query heads, 2 KV heads), as in Llama 2/3."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=use_cache,
+                         attn_implementation=impl)
+    return inference(LlamaForCausalLM(config))
+
+
+def whisper_encoder(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=20, max_target_positions=32,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
+                           attn_implementation=impl)
+    return inference(WhisperModel(config).get_encoder())
+
+
+def token_batch(batch: int, seq: int, padded_from: int | None = None, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids and an attention mask; the last row is right-padded from `padded_from` on."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded_from is not None:
+        mask[-1, padded_from:] = 0
+        ids[-1, padded_from:] = 0
+    return ids, mask
