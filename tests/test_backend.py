@@ -236,3 +236,37 @@ def test_inference_mode_and_no_grad_both_optimize():
         with ctx():
             assert_matches_eager(compiled(x), model(x))
         assert_optimized(compiled.mmaccel_report)
+
+
+# ---- eager target ---------------------------------------------------------------------------------
+
+class Cache(nn.Module):
+    def __init__(self, read_old: bool = False):
+        super().__init__()
+        self.read_old = read_old
+        self.register_buffer("k", torch.zeros(1, 2, 16, 4))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, pos):
+        old = self.k.sum() if self.read_old else 0  # a read of the cache before the write: keep it functional
+        self.k.index_copy_(2, pos, self.proj(x))
+        return self.k.sum(-1) + old
+
+
+@pytest.mark.parametrize("read_old,expected", [(False, 1), (True, 0)])
+def test_eager_target_writes_kv_cache_in_place(read_old, expected):
+    import copy
+
+    from mmaccel.backends.eager import reinplace_input_updates
+    from mmaccel.compiler.backend import _clone_module
+
+    model = Cache(read_old).eval()
+    eager_model = copy.deepcopy(model)
+    compiled = mmaccel.compile(model, target="eager")
+    with torch.no_grad():
+        for p in (3, 4):
+            x, pos = torch.randn(1, 2, 1, 4), torch.tensor([p])
+            assert_matches_eager(compiled(x, pos), eager_model(x, pos))
+            torch.testing.assert_close(model.k, eager_model.k)
+    graph = compiled.mmaccel_report.graphs[0].final_graph
+    assert reinplace_input_updates(_clone_module(graph)) == expected
