@@ -270,3 +270,19 @@ def test_eager_target_writes_kv_cache_in_place(read_old, expected):
             torch.testing.assert_close(model.k, eager_model.k)
     graph = compiled.mmaccel_report.graphs[0].final_graph
     assert reinplace_input_updates(_clone_module(graph)) == expected
+
+
+def test_onnxruntime_session_failure_falls_back_to_eager_target(monkeypatch):
+    import onnxruntime as ort
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for MatMul(13)")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    model = TinyMLP().eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad(), pytest.warns(mmaccel.MmaccelFallbackWarning, match="NOT_IMPLEMENTED"):
+        compiled = mmaccel.compile(model, target="onnxruntime")
+        assert_matches_eager(compiled(x), model(x))
+    g = compiled.mmaccel_report.graphs[0]
+    assert g.status == "optimized" and g.target == "eager"

@@ -145,8 +145,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
         raise Unsupported(f"ONNX conversion failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. ORT's CPU provider has no fp16 MatMul
+        raise Unsupported(f"ONNX Runtime cannot run the converted graph: {str(e).strip().splitlines()[0]}") from e
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
 
