@@ -286,3 +286,12 @@ def test_onnxruntime_session_failure_falls_back_to_eager_target(monkeypatch):
         assert_matches_eager(compiled(x), model(x))
     g = compiled.mmaccel_report.graphs[0]
     assert g.status == "optimized" and g.target == "eager"
+
+
+def test_onnxruntime_target_leaves_bfloat16_graphs_to_eager():
+    emb = torch.nn.Embedding(11, 4).to(torch.bfloat16).eval()  # int64 in, bf16 out: numpy has no bf16
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad(), pytest.warns(mmaccel.MmaccelFallbackWarning, match="bfloat16"):
+        compiled = mmaccel.compile(emb, target="onnxruntime")
+        assert_matches_eager(compiled(ids), emb(ids))
+    assert compiled.mmaccel_report.graphs[0].target == "eager"

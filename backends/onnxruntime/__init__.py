@@ -131,11 +131,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
     """Raises Unsupported when the graph cannot run on ONNX Runtime."""
     import onnxruntime as ort
 
-    for p in gm.graph.find_nodes(op="placeholder"):
-        val = p.meta.get("val")
-        if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in _NUMPY_DTYPES):
-            raise Unsupported(f"input {p.name} is {val.dtype} on {val.device}; the ONNX Runtime target runs "
-                              f"CPU tensors of {sorted(str(d).removeprefix('torch.') for d in _NUMPY_DTYPES)}")
+    for node in gm.graph.nodes:  # inputs, intermediates and outputs alike: ORT and numpy must hold them
+        for val in torch.utils._pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in _NUMPY_DTYPES):
+                raise Unsupported(f"{node.name} is {val.dtype} on {val.device}; the ONNX Runtime target runs CPU "
+                                  f"tensors of {sorted(str(d).removeprefix('torch.') for d in _NUMPY_DTYPES)}")
     num_outputs = len(gm.graph.output_node().args[0])
     kept, mutated = _functionalize(gm)
     try:
