@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from ..backends import compile_for_target, resolve_target
-from ..passes.pipeline import PassContext, run_pipeline
+from ..passes.pipeline import PassContext, clone_module, run_pipeline
 from ._torch_internals import RESTART_EXCEPTIONS, DynamoVisibleOptionError, detect_fake_mode, lower_with_aot, unset_fake_temporarily
 from .debug import DebugDump
 from .errors import InvalidOptionError, warn_once
@@ -77,7 +77,7 @@ class Backend:
                   record: GraphReport, dump: Callable) -> Callable:
         dump("aten", aten_gm)
         record.aten_nodes = len(aten_gm.graph.nodes)
-        unfrozen, _ = compile_for_target("eager", _clone_module(aten_gm), real_inputs)
+        unfrozen, _ = compile_for_target("eager", clone_module(aten_gm), real_inputs)
         frozen = freeze_parameters(aten_gm, real_inputs)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump)
@@ -85,18 +85,11 @@ class Backend:
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
         target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
         kept_inputs = [real_inputs[i] for i in frozen.kept]
-        run, record.target = compile_for_target(target, _clone_module(aten_gm), kept_inputs)
+        run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs)
         if record.target != target:
             record.target_reason += f"; {target} could not run it (see warning)"
         record.status = "optimized"
         return FrozenGraph(run, frozen, unfrozen)
-
-
-def _clone_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph, sharing gm's constants (targets may rewrite their copy)."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
 
 
 def _fallback(gm: fx.GraphModule, record: GraphReport, reason: str) -> Callable:

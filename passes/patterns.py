@@ -69,8 +69,12 @@ def scalar_arg(node: fx.Node, index: int) -> float | None:
 
 
 def cast_source(node: fx.Node) -> fx.Node:
-    """See through dtype-only casts (`.to(dtype)`, `.float()`): the node whose value is being cast."""
-    while is_op(node, aten._to_copy.default) and set(node.kwargs) <= {"dtype"} and single_user(node):
+    """See through dtype-only casts (`.to(dtype)`, `.float()`, `.type_as(q)`): the node whose value is being
+    cast. Half-precision casts also spell out layout and device; a device change is not a cast."""
+    while (is_op(node, aten._to_copy.default) and single_user(node)
+           and set(node.kwargs) <= {"dtype", "layout", "device"}
+           and node.kwargs.get("layout", torch.strided) == torch.strided
+           and ("device" not in node.kwargs or torch.device(node.kwargs["device"]) == val(node.args[0]).device)):
         node = node.args[0]
     return node
 

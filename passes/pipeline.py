@@ -108,6 +108,11 @@ def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
     return result
 
 
+def clone_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of the graph, sharing gm's constants: a target rewrites its own copy."""
+    return fx.GraphModule(gm, _copy_graph(gm))
+
+
 def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     graph = fx.Graph(owning_module=gm)
     out = graph.graph_copy(gm.graph, {})

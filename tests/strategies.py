@@ -7,7 +7,7 @@ Blocks track the running shape [batch, seq, dim] so every generated program runs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,7 +89,6 @@ class Attention:
     d: int
     heads: int
     head_dim: int
-    seq: int
     qkv: str  # "separate" | "fused_split" | "fused_chunk"
     key: str  # "transpose" | "permute" (Whisper-style K^T straight from the view)
     scale: str
@@ -105,7 +104,6 @@ class SDPA:
     d: int
     heads: int
     head_dim: int
-    seq: int
     mask: str  # "none" | "is_causal" | "bool_causal" | "additive_input"
 
 
@@ -159,10 +157,6 @@ class Program:
     return_intermediate: bool
     seed: int
     vocab: int = 11
-    note: str = field(default="", compare=False)
-
-    def uses(self, block_type: type) -> int:
-        return sum(isinstance(b, block_type) for b in self.blocks)
 
 
 # ---------------------------------------------------------------- modules
@@ -516,11 +510,11 @@ sizes_dim = st.integers(1, MAX_DIM)
 
 
 @st.composite
-def _attention(draw, d: int, seq: int, mask_ok: bool, near_miss_ok: bool = True) -> Attention:
+def _attention(draw, d: int, mask_ok: bool, near_miss_ok: bool = True) -> Attention:
     masks = [m for m in MASK_FORMS if mask_ok or m != "additive_input"]
     near = draw(st.sampled_from((None,) * 6 + NEAR_MISSES)) if near_miss_ok else None
     return Attention(
-        d=d, heads=draw(st.integers(1, 3)), head_dim=draw(st.integers(1, 8)), seq=seq,
+        d=d, heads=draw(st.integers(1, 3)), head_dim=draw(st.integers(1, 8)),
         qkv=draw(st.sampled_from(("separate", "separate", "fused_split", "fused_chunk"))),
         key=draw(st.sampled_from(("transpose", "transpose", "permute"))),
         scale=draw(st.sampled_from(SCALE_FORMS)), mask=draw(st.sampled_from(masks)),
@@ -557,11 +551,11 @@ def _block(draw, d: int, seq: int, mask_ok: bool, low_precision: bool, static_se
     if kind == "softmax":
         return Softmax(draw(st.sampled_from((-1, 1)))), d, seq
     if kind == "attention":
-        att = draw(_attention(d, seq, mask_ok))
+        att = draw(_attention(d, mask_ok))
         return att, (d if att.out_proj else att.heads * att.head_dim), seq
     if kind == "sdpa":
         masks = ["none", "is_causal", "bool_causal"] + (["additive_input"] if mask_ok else [])
-        return SDPA(d, draw(st.integers(1, 3)), draw(st.integers(1, 8)), seq, draw(st.sampled_from(masks))), d, seq
+        return SDPA(d, draw(st.integers(1, 3)), draw(st.integers(1, 8)), draw(st.sampled_from(masks))), d, seq
     if kind == "shuffle":
         kinds_ = ["flatten", "transpose_roundtrip", "noncontig", "unsqueeze"] + (["seq_mix"] if static_seq else [])
         divisors = [g for g in range(2, d + 1) if d % g == 0]
@@ -617,7 +611,7 @@ def attention_programs(draw, dtypes=(torch.float32,) * 3 + (torch.bfloat16, torc
     dtype = draw(st.sampled_from(dtypes))
     batch, seq, dim = draw(st.integers(1, 3)), draw(st.integers(1, MAX_SEQ)), draw(st.integers(1, MAX_DIM))
     mask_input = draw(st.sampled_from(("none", "random", "causal_min")))
-    att = draw(_attention(dim, seq, mask_ok=mask_input != "none", near_miss_ok=False))
+    att = draw(_attention(dim, mask_ok=mask_input != "none", near_miss_ok=False))
     pre = (Norm(dim, "layer"),) if draw(st.booleans()) else ()
     return Program(dtype=dtype, batch=batch, seq=seq, dim=dim, input_kind="float",
                    layout=draw(st.sampled_from(("contiguous", "transposed"))), blocks=(*pre, att),

@@ -258,7 +258,7 @@ def test_eager_target_writes_kv_cache_in_place(read_old, expected):
     import copy
 
     from mmaccel.backends.eager import reinplace_input_updates
-    from mmaccel.compiler.backend import _clone_module
+    from mmaccel.passes.pipeline import clone_module
 
     model = Cache(read_old).eval()
     eager_model = copy.deepcopy(model)
@@ -269,7 +269,7 @@ def test_eager_target_writes_kv_cache_in_place(read_old, expected):
             assert_matches_eager(compiled(x, pos), eager_model(x, pos))
             torch.testing.assert_close(model.k, eager_model.k)
     graph = compiled.mmaccel_report.graphs[0].final_graph
-    assert reinplace_input_updates(_clone_module(graph)) == expected
+    assert reinplace_input_updates(clone_module(graph)) == expected
 
 
 def test_onnxruntime_session_failure_falls_back_to_eager_target(monkeypatch):

@@ -16,6 +16,7 @@ from torch.export import Dim
 
 from ...compiler._torch_internals import outside_dynamo_compile
 from ...ops import OPS
+from ...passes.pipeline import clone_module
 
 aten = torch.ops.aten
 OPSET = 18
@@ -41,7 +42,8 @@ def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
               scale: float | None = None, enable_gqa: bool = False):
     """aten SDPA with PyTorch's semantics, in standard ONNX. Unlike torch.onnx's own translation, a query
     row whose keys are all masked gives 0, as every PyTorch SDPA kernel does, not NaN (left-padded
-    batches have such rows, and a NaN there reaches every later token through the KV cache)."""
+    batches have such rows, and a NaN there reaches every later token through the KV cache). Rows with
+    at least one key keep plain softmax semantics, so NaN/Inf in q, k or v propagate as in eager."""
     from onnxscript import ir
     from onnxscript import opset18 as op
 
@@ -53,14 +55,18 @@ def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
                     op.CastLike(scale, query))
     if is_causal:
         raise ValueError("sdpa_onnx: is_causal is not translated; mmaccel's passes emit explicit masks")
+    last = op.Constant(value_ints=[-1])
     if attn_mask is not None:
         if attn_mask.dtype == ir.DataType.BOOL:
             scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))
+            any_key = op.Greater(op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.INT32), last, keepdims=1),
+                                 op.Constant(value_int=0))
         else:
             scores = op.Add(scores, attn_mask)
+            any_key = op.Greater(op.ReduceMax(attn_mask, last, keepdims=1), op.CastLike(float("-inf"), attn_mask))
     probs = op.Softmax(scores, axis=-1)
-    if attn_mask is not None:
-        probs = op.Where(op.IsNaN(probs), op.CastLike(0.0, probs), probs)
+    if attn_mask is not None:  # only rows with no key at all: a NaN from the inputs still propagates
+        probs = op.Where(any_key, probs, op.CastLike(0.0, probs))
     return op.MatMul(probs, value)
 
 
@@ -94,6 +100,11 @@ def _functionalize(gm: fx.GraphModule) -> tuple[list[int], list[int]]:
     graph takes, indices of the inputs written in place, in the order their new values are returned)."""
     graph = gm.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
+    for node in graph.nodes:
+        writes_input = (isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+                        and any(a in placeholders for a in node.args))
+        if writes_input and not (node.target is aten.copy_.default and not node.users):
+            raise Unsupported(f"{node.format_node()} writes a graph input in a way the ONNX graph cannot return")
     output = graph.output_node()
     outputs = list(output.args[0])
     mutated = []
@@ -136,6 +147,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
             if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in _NUMPY_DTYPES):
                 raise Unsupported(f"{node.name} is {val.dtype} on {val.device}; the ONNX Runtime target runs CPU "
                                   f"tensors of {sorted(str(d).removeprefix('torch.') for d in _NUMPY_DTYPES)}")
+    gm = clone_module(gm)  # on Unsupported the caller falls back with the untouched graph
     num_outputs = len(gm.graph.output_node().args[0])
     kept, mutated = _functionalize(gm)
     try:
