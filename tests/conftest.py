@@ -18,14 +18,16 @@ TOLERANCES = {
 }
 
 
-def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0) -> None:
-    """Recursively compare outputs (tensors, tuples, lists, dicts, HF ModelOutputs)."""
+def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0,
+                         compute_dtype: torch.dtype | None = None) -> None:
+    """Recursively compare outputs (tensors, tuples, lists, dicts, HF ModelOutputs). `compute_dtype`: the
+    precision the model computed in, when it returns a wider dtype (fp32 logits from a bf16 model)."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"expected a tensor, got {type(actual)}"
         assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
             f"{actual.shape}/{actual.dtype} vs {expected.shape}/{expected.dtype}"
         if expected.is_floating_point():
-            rtol, atol = TOLERANCES[expected.dtype]
+            rtol, atol = TOLERANCES[compute_dtype or expected.dtype]
             # Tolerances relative to the output's magnitude, so large logits are not held to atol alone.
             atol = atol * scale_atol * max(1.0, float(expected.detach().abs().max()) if expected.numel() else 1.0)
             torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
@@ -36,11 +38,11 @@ def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0) ->
         actual_items = dict(actual.items())
         assert expected_items.keys() == actual_items.keys()
         for k in expected_items:
-            assert_matches_eager(actual_items[k], expected_items[k], scale_atol)
+            assert_matches_eager(actual_items[k], expected_items[k], scale_atol, compute_dtype)
     elif isinstance(expected, (tuple, list)):
         assert len(actual) == len(expected)
         for a, e in zip(actual, expected):
-            assert_matches_eager(a, e, scale_atol)
+            assert_matches_eager(a, e, scale_atol, compute_dtype)
     else:
         assert actual == expected
 

@@ -78,5 +78,6 @@ def test_decoder_half_precision(dtype):
     eager_model = copy.deepcopy(model)
     compiled = mmaccel.compile(model)
     with torch.no_grad():
-        assert_matches_eager(compiled(*inputs), eager_model(*inputs), scale_atol=2.0)
+        # fp32 logits computed in half precision: fused SDPA and eager's fp32 softmax round differently
+        assert_matches_eager(compiled(*inputs), eager_model(*inputs), scale_atol=2.0, compute_dtype=dtype)
     assert_optimized(compiled.mmaccel_report)
