@@ -59,8 +59,8 @@ def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     if attn_mask is not None:
         if attn_mask.dtype == ir.DataType.BOOL:
             scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))
-            any_key = op.Greater(op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.INT32), last, keepdims=1),
-                                 op.Constant(value_int=0))
+            allowed = op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.INT32), last, keepdims=1)
+            any_key = op.Greater(allowed, op.CastLike(0, allowed))
         else:
             scores = op.Add(scores, attn_mask)
             any_key = op.Greater(op.ReduceMax(attn_mask, last, keepdims=1), op.CastLike(float("-inf"), attn_mask))
