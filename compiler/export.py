@@ -20,7 +20,7 @@ from ..passes.pipeline import PassContext, run_pipeline
 from ._torch_internals import detect_fake_mode
 from .debug import DebugDump
 from .errors import InvalidOptionError
-from .lowering import DECOMPOSITIONS
+from .lowering import DECOMPOSITIONS, freeze_input
 from .options import CompileOptions
 from .report import CompileReport, GraphReport
 
@@ -68,14 +68,8 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
         if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
             user_inputs.append(node)
             continue
-        name = f"_frozen_{node.name}"
         value = weights[spec.target]
-        gm.register_buffer(name, value.detach() if isinstance(value, torch.Tensor) else value, persistent=False)
-        with gm.graph.inserting_before(node):
-            const = gm.graph.get_attr(name)
-        const.meta = dict(node.meta)
-        node.replace_all_uses_with(const)
-        gm.graph.erase_node(node)
+        freeze_input(gm, node, value)
         record.frozen += 1
         record.frozen_bytes += value.numel() * value.element_size()
     gm.recompile()

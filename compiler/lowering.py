@@ -41,6 +41,18 @@ class FrozenInputs:
         return sum(t.numel() * t.element_size() for _, t, _, _ in self.frozen)
 
 
+def freeze_input(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
+    """Replace graph input `node` by a constant holding `value`. detach(): same storage and version counter
+    as the parameter, no autograd history."""
+    name = f"_frozen_{node.name}"
+    gm.register_buffer(name, value.detach(), persistent=False)
+    with gm.graph.inserting_before(node):
+        const = gm.graph.get_attr(name)
+    const.meta = dict(node.meta)
+    node.replace_all_uses_with(const)
+    gm.graph.erase_node(node)
+
+
 def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> FrozenInputs:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     candidates = frozen_candidate_mask(len(placeholders))
@@ -52,14 +64,7 @@ def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> FrozenI
         if not (ok and is_static_tensor(real) and type(real) in (torch.Tensor, torch.nn.Parameter)):
             kept.append(i)
             continue
-        name = f"_frozen_{node.name}"
-        # detach(): same storage and version counter as the parameter, no autograd history.
-        gm.register_buffer(name, real.detach(), persistent=False)
-        with gm.graph.inserting_before(node):
-            const = gm.graph.get_attr(name)
-        const.meta = dict(node.meta)
-        node.replace_all_uses_with(const)
-        gm.graph.erase_node(node)
+        freeze_input(gm, node, real)
         frozen.append((i, real, real._version, real.data_ptr()))
     gm.recompile()
     return FrozenInputs(kept=kept, frozen=frozen)
