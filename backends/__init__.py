@@ -8,20 +8,24 @@ import torch
 import torch.fx as fx
 
 from ..compiler.errors import warn_once
-from . import eager, onnxruntime
+from . import eager, onnxruntime, triton
 
 aten = torch.ops.aten
 
 
 def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[str, str]:
-    """(target to run, why). "auto": onnxruntime for CPU graphs when it is installed and the graph does
-    not write its inputs in place (copying a KV cache out of the session every step would cost more
-    than it saves); eager otherwise, until the Triton target serves CUDA."""
+    """(target to run, why). "auto": triton for CUDA graphs; onnxruntime for CPU graphs when it is installed
+    and the graph does not write its inputs in place (copying a KV cache out of the session every step
+    would cost more than it saves); eager otherwise."""
     if target != "auto":
         return target, "requested"
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if devices == {"cuda"}:
+        if triton.available():
+            return "triton", "auto on cuda"
+        return "eager", "auto on cuda: triton is not installed (pip install 'mmaccel[triton]')"
     if devices - {"cpu"}:
-        return "eager", f"auto on {'/'.join(sorted(devices))}: eager (the Triton target is not built yet)"
+        return "eager", f"auto on {'/'.join(sorted(devices))}: eager"
     if not onnxruntime.available():
         return "eager", "auto on cpu: onnxruntime/onnxscript not installed (pip install 'mmaccel[onnx]')"
     if any(n.target is aten.copy_.default for n in gm.graph.nodes):
@@ -29,8 +33,16 @@ def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any
     return "onnxruntime", "auto on cpu"
 
 
-def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Callable, str]:
+def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs: Any = "auto",
+                       dump: Callable | None = None) -> tuple[Callable, str]:
     """A boxed callable (it takes the list of graph inputs) and the target that actually runs it."""
+    if target == "triton":
+        work = _copy(gm)
+        try:
+            return triton.compile_graph(work, example_inputs, cuda_graphs, dump), "triton"
+        except triton.Unsupported as e:
+            warn_once(f"mmaccel: triton target cannot run this graph ({e}); running it on the eager target")
+            return eager.compile_graph(gm), "eager"
     if target == "onnxruntime":
         try:
             return onnxruntime.compile_graph(gm, example_inputs), "onnxruntime"
@@ -40,3 +52,9 @@ def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence
     if target == "eager":
         return eager.compile_graph(gm), "eager"
     raise ValueError(f"unknown target {target!r}")
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    from ..passes.pipeline import clone_module
+
+    return clone_module(gm)

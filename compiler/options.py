@@ -8,7 +8,8 @@ from typing import Any, Mapping
 from .errors import InvalidOptionError
 
 # Targets that exist today. "auto" resolves per device (see backends.resolve_target).
-TARGETS = ("auto", "eager", "onnxruntime")
+TARGETS = ("auto", "eager", "triton", "onnxruntime")
+CUDA_GRAPHS = (True, False, "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -20,6 +21,8 @@ class CompileOptions:
     # Pass name -> enabled. Only names that differ from the default pipeline are stored.
     passes: Mapping[str, bool] = field(default_factory=dict)
     debug_dir: str | None = None
+    # Triton target: record and replay CUDA graphs. "auto": for launch-bound graphs (decode steps).
+    cuda_graphs: bool | str = "auto"
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "CompileOptions":
@@ -27,7 +30,7 @@ class CompileOptions:
         from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
 
         options = dict(options or {})
-        valid = ("target", "passes", "debug_dir")
+        valid = ("target", "passes", "debug_dir", "cuda_graphs")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -35,17 +38,21 @@ class CompileOptions:
         if mode not in MODES:
             raise InvalidOptionError(
                 f"torch.compile mode={mode!r} is not supported by backend='mmaccel'; valid modes are "
-                f"{list(MODES)} (CUDA graphs come with the Triton target's 'cuda_graphs' option)")
+                f"{list(MODES)} (for CUDA graphs use options={{'cuda_graphs': True}} with the Triton target)")
         target = options.get("target", "auto")
         if target not in TARGETS:
             raise InvalidOptionError(f"option 'target'={target!r} is not valid; choose one of {list(TARGETS)}")
+        cuda_graphs = options.get("cuda_graphs", "auto")
+        if not any(cuda_graphs is c or (isinstance(c, str) and cuda_graphs == c) for c in CUDA_GRAPHS):
+            raise InvalidOptionError(f"option 'cuda_graphs'={cuda_graphs!r} is not valid; choose True, False or 'auto'")
         passes = _validate_passes(options.get("passes"), PASS_NAMES)
         debug_dir = options.get("debug_dir")
         if debug_dir is None and os.environ.get("MMACCEL_DEBUG", "0") not in ("", "0"):
             debug_dir = os.environ.get("MMACCEL_DEBUG_DIR", "mmaccel_debug")
         if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
-        return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir))
+        return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
+                   cuda_graphs=cuda_graphs)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)

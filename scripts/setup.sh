@@ -6,10 +6,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MMACCEL_VENV:-$ROOT/.venv}"
 STAMP="$VENV/.mmaccel-setup-done"
 TORCH_PIN="${MMACCEL_TORCH:-torch==2.13.0}"
+# Triton for the CPU interpreter (TRITON_INTERPRET=1) the tests run generated kernels under; 3.9 is the
+# first release whose interpreter works with numpy 2.4.
+TRITON_PIN="${MMACCEL_TRITON:-triton==3.9.0}"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   python3 -m venv "$VENV"
   # torch first and pinned: an open range would pull a multi-GB CUDA build on a fresh machine.
-  "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
+  "$VENV/bin/python" -m pip install -q "$TORCH_PIN" "$TRITON_PIN"
   "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
   touch "$STAMP"
 fi

@@ -1,10 +1,16 @@
 """Shared test helpers. The backbone: compiled output must match eager, with dtype-aware tolerances."""
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import pytest
 import torch
+
+# Without a GPU, the Triton target's generated kernels run on CPU tensors under Triton's interpreter. The
+# switch is read when kernels are defined, so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch._dynamo
 
 import mmaccel

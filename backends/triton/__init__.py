@@ -1,0 +1,130 @@
+"""The Triton target: generated fused kernels for pointwise/reduction chains, library matmuls (cuBLAS),
+attention through ATen's fused SDPA or a split-KV decode kernel, and optional CUDA graphs.
+
+The optimized ATen graph stays the program: each group of fused nodes becomes one call of a generated
+launcher, and everything else (matmuls, attention, embedding, cache writes, views) stays an ATen call.
+Generated source is readable (dumped under MMACCEL_DEBUG) and cached on disk by its hash, so a second
+process reuses the file and Triton's own cache of compiled binaries.
+
+On CPU tensors the kernels run under Triton's interpreter (TRITON_INTERPRET=1): that is how the tests
+check generated code without a GPU; it is slow and meant for testing only.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from ...ops import OPS
+from ..eager import lower_custom_ops, reinplace_input_updates
+from . import attention, prepare
+from .cudagraphs import CudaGraphRunner, wants_cuda_graphs
+from .schedule import plan, rewrite, symbol_nodes
+
+aten = torch.ops.aten
+HEADER = "import torch\nimport triton\nimport triton.language as tl\n\n\n"
+
+
+class Unsupported(Exception):
+    """This graph cannot run on the Triton target; the caller falls back to the eager target."""
+
+
+def available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def graph_device(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> torch.device:
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}
+    devices |= {n.meta["val"].device for n in gm.graph.nodes
+                if isinstance(n.meta.get("val"), torch.Tensor) and n.op == "get_attr"}
+    cuda = {d for d in devices if d.type == "cuda"}
+    if len(cuda) > 1:
+        raise Unsupported(f"the graph spans several GPUs ({sorted(map(str, cuda))})")
+    if cuda:
+        return cuda.pop()
+    if interpreting():
+        return torch.device("cpu")
+    raise Unsupported("the graph's tensors are on the CPU; the Triton target needs CUDA tensors "
+                      "(or TRITON_INTERPRET=1 to run its kernels under Triton's CPU interpreter, for testing)")
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs: Any = "auto",
+                  dump: Callable[[str, Any], None] | None = None) -> Callable[[list[Any]], Any]:
+    if not available():
+        raise Unsupported("triton is not installed (pip install 'mmaccel[triton]')")
+    device = graph_device(gm, example_inputs)
+    try:
+        stats = generate(gm, device, dump)
+    except NotImplementedError as e:
+        raise Unsupported(str(e)) from None
+    forward = gm.forward
+
+    def run(args: list[Any]) -> Any:
+        return forward(*args)
+
+    run.kernels = stats  # type: ignore[attr-defined]
+    if device.type == "cuda" and wants_cuda_graphs(cuda_graphs, gm, example_inputs):
+        return CudaGraphRunner(run, gm, example_inputs)
+    return run
+
+
+def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any], None] | None = None) -> dict:
+    """Rewrite `gm` in place to call generated kernels; returns counts for the report."""
+    prepare.expand_composites(gm)
+    reinplace_input_updates(gm)
+    prepare.views_as_reshapes(gm)
+    if prepare.stride_dependent_nodes(gm):
+        raise NotImplementedError("the graph reads eager's strides (as_strided), which generated kernels do not keep")
+    attention.route_attention(gm)
+    lower_custom_ops(gm)
+    unknown = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in OPS]
+    if unknown:
+        raise NotImplementedError(f"no Triton lowering for {unknown[0].target}")
+    kernels, fusible = plan(gm, device)
+    symbols = {s for k in kernels for s in k.symbols}
+    sym_nodes = symbol_nodes(gm, symbols)
+    source = HEADER + "\n\n".join(k.source + "\n\n" + k.launcher for k in kernels)
+    module = load_source(source, device)
+    rewrite(gm, kernels, fusible, {k.name: getattr(module, f"launch_{k.name}") for k in kernels}, sym_nodes)
+    gm.graph.lint()
+    gm.recompile()
+    if dump is not None:
+        dump("triton_kernels", source)
+        dump("triton_graph", gm)
+    return {"kernels": len(kernels), "fused_nodes": len(fusible), "source_path": module.__file__}
+
+
+def cache_dir() -> str:
+    root = os.environ.get("MMACCEL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmaccel")
+    return os.path.join(root, "triton")
+
+
+def load_source(source: str, device: torch.device) -> Any:
+    """Import generated source from the on-disk cache, writing it there first if it is new. The key covers
+    the source (graph and shapes are in it), the device and the versions that compile it."""
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+    key = "\n".join([source, name, torch.__version__, triton.__version__, platform.python_version()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    folder = cache_dir()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"k_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"mmaccel_kernels_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

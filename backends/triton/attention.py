@@ -1,0 +1,32 @@
+"""Attention on the Triton target: decode shapes (a few queries over a long KV cache) go to the split-KV
+kernel, which spreads the cache over all SMs; everything else to ATen's fused SDPA (FlashAttention or
+memory-efficient kernels on CUDA)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    from . import decode_attention
+
+    if decode_attention.supports(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        return decode_attention.decode_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
+    return aten.scaled_dot_product_attention.default(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                                     enable_gqa=enable_gqa)
+
+
+_SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal")
+
+
+def route_attention(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        q, k, v, *rest = node.args
+        kwargs = dict(zip(_SDPA_ARGS, rest))
+        kwargs.update(node.kwargs)
+        node.target, node.args, node.kwargs = sdpa, (q, k, v), kwargs
+        count += 1
+    return count

@@ -1,0 +1,175 @@
+"""Split-KV ("flash-decoding") attention for autoregressive decode.
+
+In decode a few query tokens attend to a long KV cache, so the cost is reading K and V once. ATen's SDPA
+kernels give each (batch, head) one program: B*H = 32 programs for a 32-head model at batch 1, on an H100
+with 132 SMs, leaves most of the memory bandwidth idle. Here the KV length is split over programs too:
+  phase 1, grid (B*H, num_splits): each program runs an online softmax over its chunk of keys and writes
+           the partial (row max, row sum, unnormalized output) to fp32 scratch;
+  phase 2, grid (B*H, Lq): merges the splits of one query row with a log-sum-exp rescale.
+The scratch holds Lq*D floats per split, small next to the chunk of cache each split reads.
+
+Semantics are those of torch.nn.functional.scaled_dot_product_attention (bool mask: True attends; float
+mask: added to the scaled scores, in fp32). A row whose every key is masked (all False, or all -inf) gives
+0, as PyTorch's SDPA does, rather than 0/0 = NaN: left-padded batches have such rows, and a NaN there would
+reach every later token through the cache. A row masked with finite values (finfo.min) follows the plain
+arithmetic, as in eager. NaN in q, k or v still propagates.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_QUERY_ROWS = 16  # one padded tl.dot tile of query rows; longer queries are prefill, not decode
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
+                     H, group, Lq, Lk, D, split_len, scale,
+                     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    # int64 batch/head offsets: a KV cache can hold more than 2**31 elements
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    kvh = h // group
+    offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    row_ok, d_ok = offs_m < Lq, offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, Lk)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        # K is read transposed ([D, N]) so the dot needs no shuffle; D is the contiguous dim either way
+        kt = tl.load(K + b * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        if HAS_MASK:
+            mv = tl.load(Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                         mask=row_ok[:, None] & n_ok[None, :], other=0)
+            if MASK_IS_BOOL:
+                s = tl.where(mv, s, float("-inf"))
+            else:
+                s = s + mv.to(tl.float32)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen no key its max is -inf; shifting by 0 keeps exp() at 0 instead of NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    part = (bh * tl.num_programs(1) + split) * Lq + offs_m  # scratch row of (bh, split, query row)
+    tl.store(M_part + part, m_i, mask=row_ok)
+    tl.store(L_part + part, l_i, mask=row_ok)
+    tl.store(Acc_part + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(M_part, L_part, Acc_part, Out, num_splits, Lq, D,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh, row = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    s_ok, d_ok = offs_s < num_splits, offs_d < D
+    part = (bh * num_splits + offs_s) * Lq + row
+    m = tl.load(M_part + part, mask=s_ok, other=float("-inf"))
+    l = tl.load(L_part + part, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # each split's rescale to the global max
+    acc = tl.load(Acc_part + part[:, None] * D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(l * w, 0)
+    # Every key masked: acc and total are 0, and the output 0 as SDPA gives (a NaN total still propagates)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(Out + (bh * Lq + row) * D + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+             enable_gqa: bool = False) -> bool:
+    """Whether decode_attention computes this SDPA call: decode shapes (Lq <= 16), no dropout or causal flag."""
+    if not (q.dim() == k.dim() == v.dim() == 4) or k.shape != v.shape or dropout_p != 0.0 or is_causal:
+        return False
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    heads_ok = Hkv == H or (enable_gqa and Hkv > 0 and H % Hkv == 0)
+    if not (heads_ok and k.shape[0] == B and k.shape[3] == D and 0 < Lq <= MAX_QUERY_ROWS
+            and 0 < D <= MAX_HEAD_DIM and Lk > 0 and B * H > 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not q.dtype == k.dtype == v.dtype:
+        return False
+    if not (q.device == k.device == v.device) or not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    if attn_mask is None:
+        return True
+    if attn_mask.device != q.device or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        return False
+    try:
+        return attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
+    except RuntimeError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_plan(q: torch.Tensor, Lk: int, block_n: int) -> tuple[int, int]:
+    """(keys per split, number of splits): about 3 programs per SM on CUDA, so every SM has loads in flight,
+    at most 64 splits so the merge's [splits, D] tile stays in registers; 4 splits on the interpreter, enough
+    to exercise the merge. Each split is a whole number of blocks."""
+    B, H = q.shape[:2]
+    if q.is_cuda:
+        target = min(64, triton.cdiv(3 * _sm_count(q.device), B * H))
+    else:
+        target = 4
+    split_len = triton.cdiv(triton.cdiv(Lk, target), block_n) * block_n
+    return split_len, triton.cdiv(Lk, split_len)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa) for the shapes
+    `supports` accepts, as a new contiguous [B, H, Lq, D] tensor. k, v and the mask are read through their
+    strides (a broadcast mask is never expanded in memory)."""
+    assert supports(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa), "decode_attention: unsupported inputs"
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    # Small blocks on the interpreter, so small test shapes still span several blocks and splits
+    block_n = (64 if D <= 128 else 32) if q.is_cuda else 16
+    split_len, num_splits = _split_plan(q, Lk, block_n)
+    m_part = torch.empty(B * H * num_splits * Lq, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B * H * num_splits * Lq * D, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    mask = q if attn_mask is None else attn_mask  # any pointer does when there is no mask
+    mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.broadcast_to(B, H, Lq, Lk).stride()
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        _split_kv_kernel[(B * H, num_splits)](
+            q, k, v, mask, m_part, l_part, acc_part, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            H, H // k.shape[1], Lq, Lk, D, split_len, 1.0 / math.sqrt(D) if scale is None else scale,
+            HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask.dtype == torch.bool,
+            # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_M=max(16, triton.next_power_of_2(Lq)), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        _combine_kernel[(B * H, Lq)](m_part, l_part, acc_part, out, num_splits, Lq, D,
+                                     BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+    return out

@@ -1,0 +1,135 @@
+"""Graph preparation for code generation: composite ops written out as the primitive ATen ops that the
+kernel generator fuses, and the graph made independent of the strides eager would have produced.
+
+Each rewrite keeps meta["val"] exact (computed with the graph's fake mode), since code generation reads
+shapes and dtypes from it."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+def emit(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
+    """A new call_function node with its meta["val"] computed from the arguments' fake values."""
+    node = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = fx.node.map_aggregate((args, kwargs), lambda a: a.meta["val"] if isinstance(a, fx.Node) else a)
+    with _fake_mode(fake_args, fake_kwargs):
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _fake_mode(*trees: Any):
+    found = []
+    fx.node.map_aggregate(trees, lambda a: found.append(a.fake_mode) if hasattr(a, "fake_mode") else a)
+    if not found:
+        raise ValueError("no fake tensor among the arguments")
+    return found[0]
+
+
+def _upcast(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    dtype = x.meta["val"].dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return emit(graph, aten._to_copy.default, x, dtype=torch.float32)
+    return x
+
+
+def _cast(graph: fx.Graph, x: fx.Node, dtype: torch.dtype) -> fx.Node:
+    return x if x.meta["val"].dtype == dtype else emit(graph, aten._to_copy.default, x, dtype=dtype)
+
+
+def _layer_norm(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
+    x, normalized_shape, weight, bias, eps = node.args
+    if len(normalized_shape) != 1:
+        return None
+    xf = _upcast(graph, x)
+    mean = emit(graph, aten.mean.dim, xf, [-1], True)
+    centered = emit(graph, aten.sub.Tensor, xf, mean)
+    var = emit(graph, aten.mean.dim, emit(graph, aten.mul.Tensor, centered, centered), [-1], True)
+    rstd = emit(graph, aten.rsqrt.default, emit(graph, aten.add.Tensor, var, eps))
+    y = emit(graph, aten.mul.Tensor, centered, rstd)
+    if weight is not None:
+        y = emit(graph, aten.mul.Tensor, y, weight)
+    if bias is not None:
+        y = emit(graph, aten.add.Tensor, y, bias)
+    return {0: _cast(graph, y, x.meta["val"].dtype), 1: mean, 2: rstd}
+
+
+def _softmax(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
+    x, dim, half_to_float = node.args
+    if dim not in (-1, x.meta["val"].dim() - 1):
+        return None
+    xf = _upcast(graph, x)
+    shifted = emit(graph, aten.sub.Tensor, xf, emit(graph, aten.amax.default, xf, [-1], True))
+    e = emit(graph, aten.exp.default, shifted)
+    y = emit(graph, aten.div.Tensor, e, emit(graph, aten.sum.dim_IntList, e, [-1], True))
+    return {0: _cast(graph, y, node.meta["val"].dtype)}
+
+
+def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
+    """mmaccel::fused_linear -> one library matmul (cuBLAS picks the GEMV/GEMM kernel) and an epilogue of
+    pointwise ops that the generator fuses into one kernel with whatever follows."""
+    x, weight, bias, activation, residual = node.args
+    xs = x.meta["val"].shape
+    x2 = emit(graph, aten.reshape.default, x, [-1, xs[-1]])
+    wt = emit(graph, aten.t.default, weight)
+    plain = activation == "none" and residual is None
+    y = emit(graph, aten.addmm.default, bias, x2, wt) if plain and bias is not None else emit(graph, aten.mm.default, x2, wt)
+    y = emit(graph, aten.reshape.default, y, [*xs[:-1], weight.meta["val"].shape[0]])
+    if not plain and bias is not None:
+        y = emit(graph, aten.add.Tensor, y, bias)
+    y = {"none": lambda v: v, "relu": lambda v: emit(graph, aten.relu.default, v),
+         "silu": lambda v: emit(graph, aten.silu.default, v),
+         "gelu": lambda v: emit(graph, aten.gelu.default, v),
+         "gelu_tanh": lambda v: emit(graph, aten.gelu.default, v, approximate="tanh")}[activation](y)
+    if residual is not None:
+        y = emit(graph, aten.add.Tensor, y, residual)
+    return {0: y}
+
+
+COMPOSITES = {
+    aten.native_layer_norm.default: _layer_norm,
+    aten._softmax.default: _softmax,
+    torch.ops.mmaccel.fused_linear.default: _fused_linear,
+}
+
+
+def expand_composites(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        rewrite = COMPOSITES.get(node.target) if node.op == "call_function" else None
+        if rewrite is None:
+            continue
+        with gm.graph.inserting_before(node):
+            parts = rewrite(gm.graph, node)
+        if parts is None:
+            continue
+        if isinstance(node.meta["val"], (tuple, list)):
+            for user in list(node.users):
+                if user.target is not operator.getitem:
+                    raise NotImplementedError(f"{node.name} is used whole by {user.format_node()}")
+                user.replace_all_uses_with(parts[user.args[1]])
+                gm.graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(parts[0])
+        gm.graph.erase_node(node)
+        count += 1
+    gm.graph.eliminate_dead_code()
+    return count
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> None:
+    """Generated kernels write contiguous buffers where eager may have kept an input's layout, so a `view`
+    that was valid on eager's strides may not be on ours: reshape gives the same values either way."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+
+
+def stride_dependent_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (aten.as_strided.default, aten.as_strided_.default, aten.set_.source_Tensor)]
