@@ -86,6 +86,7 @@ class Backend:
         target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
         kept_inputs = [real_inputs[i] for i in frozen.kept]
         run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs, self.options.cuda_graphs, dump)
+        record.kernels = getattr(run, "kernels", None)
         if record.target != target:
             record.target_reason += f"; {target} could not run it (see warning)"
         record.status = "optimized"

@@ -27,6 +27,7 @@ class GraphReport:
     passes: list[PassResult] = field(default_factory=list)
     target: str = ""
     target_reason: str = ""
+    kernels: dict | None = None  # Triton target: generated kernels, fused nodes, source file
     compile_seconds: float = 0.0
     # The post-pass graph and the context it was optimized in: for tests and debugging.
     final_graph: fx.GraphModule | None = field(default=None, repr=False)

@@ -114,8 +114,13 @@ def _attr(gm, target: str):
 @PROFILE
 @given(programs())
 def test_default_pipeline_matches_eager_idempotent_and_valid(program: Program) -> None:
-    for target in ("auto", "eager"):  # auto: onnxruntime on CPU, eager where ORT cannot run the graph
+    # auto: onnxruntime on CPU, eager where ORT cannot run the graph; triton under its CPU interpreter
+    for target in ("auto", "eager", "triton"):
+        if target == "triton" and program.dtype == torch.bfloat16 and not torch.cuda.is_available():
+            continue  # Triton's CPU interpreter loads bf16 wrongly; bf16 kernels are checked on the GPU
         _, report = _check_program(program, **({} if target == "auto" else {"target": target}))
+        if target == "triton":
+            assert all(g.target == "triton" for g in report.graphs), [g.target_reason for g in report.graphs]
         _assert_graph_invariants(report)
         _assert_idempotent(report)
 
@@ -290,7 +295,7 @@ def test_nan_and_inf_in_q_k_v_propagate_like_eager(target: str, mask: str) -> No
 
 @pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8), (1, 1, 8)])
 @pytest.mark.parametrize("mask", ["none", "bool"])
-@pytest.mark.parametrize("target", ["auto", "eager"])
+@pytest.mark.parametrize("target", ["auto", "eager", "triton"])
 def test_empty_and_unit_dims_like_eager(shape, mask: str, target: str) -> None:
     """Zero-size batch or sequence (and 1s), compiled at that shape: same result as eager. (A fallback is
     allowed here; see test_regression_zero_size_batch_after_dynamic_compile_is_optimized.)"""
@@ -303,7 +308,7 @@ def test_empty_and_unit_dims_like_eager(shape, mask: str, target: str) -> None:
         compiled = mmaccel.compile(model, target=target)
         with torch.no_grad():
             assert_matches_eager(compiled(x), expected)
-    if target == "eager":
+    if target in ("eager", "triton"):
         assert all(g.status == "optimized" for g in compiled.mmaccel_report.graphs)
 
 
@@ -353,7 +358,7 @@ def _kv_cache_slice_write(x, cache):
     return cache.sum(-1)
 
 
-@pytest.mark.parametrize("target", ["auto", "eager", "onnxruntime"])
+@pytest.mark.parametrize("target", ["auto", "eager", "onnxruntime", "triton"])
 @pytest.mark.parametrize("fn", [_write_and_return_cache, _write_cache_return_copy_of_input, _kv_cache_slice_write],
                          ids=["write_and_return_cache", "write_cache_return_input_copy", "kv_cache_slice_write"])
 def test_input_writes_match_eager(fn, target: str) -> None:

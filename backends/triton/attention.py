@@ -12,10 +12,18 @@ aten = torch.ops.aten
 def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     from . import decode_attention
 
-    if decode_attention.supports(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if _few_heads(q) and decode_attention.supports(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         return decode_attention.decode_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
     return aten.scaled_dot_product_attention.default(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
                                                      enable_gqa=enable_gqa)
+
+
+def _few_heads(q) -> bool:
+    """Split-KV pays when batch x heads leaves SMs idle (measured on an H200: 12.2 vs 16.2 us at batch 1 with
+    a mask; 72.5 vs 64.2 us at batch 8, where ATen's kernel already fills the GPU)."""
+    if not q.is_cuda:
+        return True
+    return q.shape[0] * q.shape[1] <= torch.cuda.get_device_properties(q.device).multi_processor_count
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal")

@@ -1,0 +1,102 @@
+"""The split-KV decode attention kernel against torch's SDPA. Without a GPU it runs under Triton's
+interpreter (conftest sets TRITON_INTERPRET), so shapes are small; lengths are not multiples of the block
+size, so the last block of a split and the last split are partial."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from mmaccel.backends.triton.decode_attention import decode_attention, supports  # noqa: E402
+
+from conftest import assert_matches_eager  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]  # bf16 loads are wrong in the interpreter
+
+
+def qkv(B=2, H=4, Hkv=4, Lq=1, Lk=17, D=16, dtype=torch.float32, layout="contiguous"):
+    """layout "cache": k/v are the first Lk positions of a longer cache; "bshd": [B, L, H, D] memory,
+    transposed to [B, H, L, D] views (q too)."""
+    def make(heads, length):
+        if layout == "cache":
+            return torch.randn(B, heads, length + 7, D, dtype=dtype, device=DEVICE)[:, :, :length]
+        if layout == "bshd":
+            return torch.randn(B, length, heads, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+        return torch.randn(B, heads, length, D, dtype=dtype, device=DEVICE)
+    return make(H, Lq), make(Hkv, Lk), make(Hkv, Lk)
+
+
+def check(q, k, v, attn_mask=None, scale=None, enable_gqa=False):
+    assert supports(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
+    out = decode_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)
+    assert out.is_contiguous()
+    assert_matches_eager(out, F.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk,D", [(1, 1, 16), (3, 17, 64), (1, 100, 64), (3, 100, 16), (16, 33, 40)])
+def test_shapes(dtype, Lq, Lk, D):
+    torch.manual_seed(0)
+    check(*qkv(Lq=Lq, Lk=Lk, D=D, dtype=dtype))
+
+
+def padding_mask(B, Lq, Lk):
+    """bool [B, 1, Lq, Lk]: batch 1 left-padded by 5 keys, a few random holes, every row keeps a key."""
+    mask = torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.2
+    mask[1:, :, :, :5] = False
+    mask[..., -1] = True
+    return mask
+
+
+def causal_float_mask(Lq, Lk, dtype):
+    """float [1, 1, Lq, Lk] as a decoder builds it: 0 where allowed, finfo.min where masked."""
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=DEVICE).tril(Lk - Lq)
+    return torch.zeros(1, 1, Lq, Lk, dtype=dtype, device=DEVICE).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_masks_and_gqa(dtype, mask_kind, Hkv):
+    torch.manual_seed(0)
+    B, Lq, Lk = 2, 3, 100
+    mask = padding_mask(B, Lq, Lk) if mask_kind == "bool" else causal_float_mask(Lq, Lk, dtype)
+    check(*qkv(B=B, Hkv=Hkv, Lq=Lq, Lk=Lk, D=64, dtype=dtype), mask, enable_gqa=Hkv != 4)
+
+
+@pytest.mark.parametrize("layout", ["cache", "bshd"])
+def test_strided_inputs_and_scale(layout):
+    torch.manual_seed(0)
+    q, k, v = qkv(B=1, Hkv=2, Lq=3, Lk=100, D=16, layout=layout)
+    assert not k.is_contiguous()
+    mask = torch.rand(1, 4, 1, 100, device=DEVICE) > 0.2  # one per head, stride 0 along query rows
+    mask[..., -1] = True
+    mask = mask.expand(1, 4, 3, 100)
+    check(q, k, v, mask, scale=0.3, enable_gqa=True)
+
+
+def test_fully_masked_rows():
+    """Rows with no key give 0 as SDPA does; a row masked with finfo.min follows the arithmetic."""
+    torch.manual_seed(0)
+    q, k, v = qkv(B=1, Lq=3, Lk=40)
+    mask = torch.ones(1, 1, 3, 40, dtype=torch.bool, device=DEVICE)
+    mask[..., 0, :] = False
+    out = decode_attention(q, k, v, mask)
+    assert (out[:, :, 0] == 0).all()
+    check(q, k, v, mask)
+    check(q, k, v, torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf")))
+    check(q, k, v, torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, torch.finfo(torch.float32).min))
+
+
+def test_supports_rejects():
+    q, k, v = qkv(Lq=3)
+    assert supports(q, k, v)
+    assert not supports(q, k, v, is_causal=True)
+    assert not supports(q, k, v, dropout_p=0.1)
+    assert not supports(*qkv(Lq=64))
+    assert not supports(q.half(), k, v)
+    assert not supports(q, *qkv(Hkv=2)[1:])  # fewer kv heads without enable_gqa
+    assert not supports(q, k, v, torch.ones(2, 4, 3, 5, dtype=torch.bool, device=DEVICE))  # not broadcastable

@@ -1,0 +1,186 @@
+"""The Triton target: generated kernels against eager on the reference models and on small graphs that
+exercise each kind of fusion; CUDA graph rules on a GPU. Without a GPU the kernels run under Triton's
+CPU interpreter (TRITON_INTERPRET=1, set by conftest), in fp32/fp16."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmaccel
+from mmaccel.models.registry import build, example_inputs
+
+from conftest import assert_matches_eager, compile_and_check
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _kernels(report) -> list[dict]:
+    return [g.kernels for g in report.graphs if getattr(g, "kernels", None)]
+
+
+def _check(fn, *inputs, **options):
+    compiled, report = compile_and_check(fn, *inputs, target="triton", **options)
+    assert all(g.target == "triton" for g in report.graphs), [g.target_reason for g in report.graphs]
+    return compiled, report
+
+
+@pytest.mark.parametrize("name", ["vit", "vlm_prefill", "vlm_decode", "whisper_encoder", "whisper_decoder", "chameleon"])
+def test_reference_models_match_eager(name):
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model, inputs = build(name, size="tiny", batch=2, seq=8)
+    _, report = _check(model, *inputs)
+    stats = _kernels(report)
+    assert stats and all(s["kernels"] < s["fused_nodes"] for s in stats), stats  # nodes were fused
+
+
+def test_rms_norm_is_one_kernel_that_reads_its_input_once():
+    w = torch.randn(64, device=DEVICE)
+
+    def rms_norm(x):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    _, report = _check(rms_norm, torch.randn(3, 5, 64, device=DEVICE))
+    assert _kernels(report)[0]["kernels"] == 1
+
+
+@pytest.mark.parametrize("dim", [16, 100, 768])
+def test_layer_norm_softmax_gelu_chain(dim):
+    ln = torch.nn.LayerNorm(dim).to(DEVICE)
+
+    def fn(x):
+        y = F.gelu(ln(x), approximate="tanh")
+        return torch.softmax(y * 0.5, dim=-1) + F.silu(x)
+
+    _, report = _check(fn, torch.randn(2, 7, dim, device=DEVICE))
+    assert _kernels(report)[0]["kernels"] == 1
+
+
+def test_rotary_embedding_with_cat_and_slices_across_views():
+    cos, sin = torch.randn(9, 16, device=DEVICE), torch.randn(9, 16, device=DEVICE)
+
+    def rotary(q):  # q: [B, S, H, D] -> transposed, rotated
+        q = q.transpose(1, 2)
+        half = q.shape[-1] // 2
+        rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+        return q * cos + rotated * sin
+
+    _check(rotary, torch.randn(2, 9, 4, 16, device=DEVICE))
+
+
+def test_masks_casts_and_integer_inputs():
+    def fn(x, positions):
+        mask = positions[None, :] <= positions[:, None]
+        scores = x.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, -1).to(torch.float16).float() * (positions.float() + 1)
+
+    _check(fn, torch.randn(6, 6, device=DEVICE), torch.arange(6, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_half_precision_decoder(dtype):
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model, inputs = build("vlm_prefill", size="tiny", batch=1, seq=5)
+    model = model.to(dtype)
+    inputs = tuple(i.to(dtype) if i.is_floating_point() else i for i in inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+        compiled = mmaccel.compile(model, target="triton")
+        assert_matches_eager(compiled(*inputs), expected, compute_dtype=dtype)
+    assert compiled.mmaccel_report.graphs[0].target == "triton"
+
+
+def test_dynamic_sequence_length_one_graph_symbolic_kernels():
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model, inputs = build("vit", size="tiny", batch=1)
+    ln = torch.nn.LayerNorm(32).to(DEVICE)
+
+    def fn(x):
+        return ln(x * 2).softmax(-1)
+
+    compiled = mmaccel.compile(fn, target="triton", dynamic=True)
+    with torch.no_grad():
+        for n in (3, 11, 5):
+            x = torch.randn(2, n, 32, device=DEVICE)
+            assert_matches_eager(compiled(x), fn(x))
+    assert len(compiled.mmaccel_report.graphs) == 1
+
+
+def test_kernel_source_is_dumped_and_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMACCEL_CACHE_DIR", str(tmp_path / "cache"))
+
+    def fn(x):
+        return torch.relu(x) * 3 + 1
+
+    x = torch.randn(10, device=DEVICE)
+    _, first = _check(fn, x, debug_dir=str(tmp_path / "debug"))
+    path = _kernels(first)[0]["source_path"]
+    assert path.startswith(str(tmp_path / "cache")) and "@triton.jit" in open(path).read()
+    torch._dynamo.reset()
+    _, second = _check(fn, x)
+    assert _kernels(second)[0]["source_path"] == path  # same graph, same file: Triton's cache then hits
+    dumped = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "debug") for f in fs if "triton_kernels" in f]
+    assert dumped and "def launch_k0" in open(dumped[0]).read()
+
+
+def test_cpu_tensors_without_interpreter_fall_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fn = torch.compile(lambda x: x.sin() + 1, backend=mmaccel.Backend(target="triton"))
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        x = torch.randn(4)
+        assert_matches_eager(fn(x), x.sin() + 1)
+    messages = [str(w.message) for w in caught if "triton target cannot run" in str(w.message)]
+    assert len(messages) == 1 and "CUDA tensors" in messages[0]
+
+
+def test_cuda_graphs_option_is_validated():
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        mmaccel.compile(lambda x: x, cuda_graphs="yes")
+
+
+# ---------------------------------------------------------------- CUDA graphs (GPU only)
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+
+
+@needs_cuda
+def test_cuda_graph_outputs_are_not_overwritten_and_inputs_may_move():
+    def fn(x):
+        return torch.tanh(x) * 2
+
+    compiled = mmaccel.compile(fn, target="triton", cuda_graphs=True)
+    with torch.no_grad():
+        a, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+        out_a = compiled(a)  # records
+        out_a2 = compiled(a.clone())  # replays, from another address
+        out_b = compiled(b)
+        torch.testing.assert_close(out_a, fn(a))
+        torch.testing.assert_close(out_a2, fn(a))
+        torch.testing.assert_close(out_b, fn(b))
+        out_c = compiled(torch.randn(32, device="cuda"))  # new shape: new recording
+        assert out_c.shape == (32,)
+
+
+@needs_cuda
+def test_cuda_graph_decode_steps_write_the_kv_cache_like_eager():
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model, inputs = build("vlm_decode", size="tiny", batch=1, seq=4)
+        reference, _ = build("vlm_decode", size="tiny", batch=1, seq=4)
+    reference.load_state_dict(model.state_dict())
+    compiled = mmaccel.compile(model, target="triton", cuda_graphs=True)
+    with torch.no_grad():
+        for step in range(4):
+            token, pos = example_inputs("vlm_decode", model, batch=1, seq=4 + step)
+            assert_matches_eager(compiled(token, pos), reference(token, pos))
+    for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(a, b, msg=name)
