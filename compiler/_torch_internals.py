@@ -89,3 +89,14 @@ def outside_dynamo_compile() -> Iterator[None]:
 
     with tracing(None), compile_context(CompileContext(None)), unset_fake_temporarily():
         yield
+
+
+def register_backend_name(name: str, compiler_fn: Any) -> None:
+    """Make backend=`name` work in a source checkout too, where no entry point is installed. Where one is,
+    torch registers it when it loads it (registering here first would make that a duplicate)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if name not in _COMPILER_FNS and not entry_points(group="torch_dynamo_backends", name=name):
+        register_backend(compiler_fn, name=name)

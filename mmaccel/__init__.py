@@ -19,6 +19,10 @@ from .compiler.backend import Backend
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
+from .compiler._torch_internals import register_backend_name as _register
+from .compiler.backend import mmaccel_backend as _mmaccel_backend
+
+_register("mmaccel", _mmaccel_backend)
 
 __all__ = ["compile", "explain", "export_onnx", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]

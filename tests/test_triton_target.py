@@ -33,8 +33,7 @@ def _check(fn, *inputs, **options):
 @pytest.mark.parametrize("name", ["vit", "vlm_prefill", "vlm_decode", "whisper_encoder", "whisper_decoder", "chameleon"])
 def test_reference_models_match_eager(name):
     torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model, inputs = build(name, size="tiny", batch=2, seq=8)
+    model, inputs = build(name, size="tiny", batch=2, seq=8, device=DEVICE)
     _, report = _check(model, *inputs)
     stats = _kernels(report)
     assert stats and all(s["kernels"] < s["fused_nodes"] for s in stats), stats  # nodes were fused
@@ -86,8 +85,7 @@ def test_masks_casts_and_integer_inputs():
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []))
 def test_half_precision_decoder(dtype):
     torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model, inputs = build("vlm_prefill", size="tiny", batch=1, seq=5)
+    model, inputs = build("vlm_prefill", size="tiny", batch=1, seq=5, device=DEVICE)
     model = model.to(dtype)
     inputs = tuple(i.to(dtype) if i.is_floating_point() else i for i in inputs)
     with torch.no_grad():
@@ -98,9 +96,6 @@ def test_half_precision_decoder(dtype):
 
 
 def test_dynamic_sequence_length_one_graph_symbolic_kernels():
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model, inputs = build("vit", size="tiny", batch=1)
     ln = torch.nn.LayerNorm(32).to(DEVICE)
 
     def fn(x):
@@ -173,9 +168,8 @@ def test_cuda_graph_outputs_are_not_overwritten_and_inputs_may_move():
 @needs_cuda
 def test_cuda_graph_decode_steps_write_the_kv_cache_like_eager():
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model, inputs = build("vlm_decode", size="tiny", batch=1, seq=4)
-        reference, _ = build("vlm_decode", size="tiny", batch=1, seq=4)
+    model, _ = build("vlm_decode", size="tiny", batch=1, seq=4, device="cuda")
+    reference, _ = build("vlm_decode", size="tiny", batch=1, seq=4, device="cuda")
     reference.load_state_dict(model.state_dict())
     compiled = mmaccel.compile(model, target="triton", cuda_graphs=True)
     with torch.no_grad():
