@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from ...ops import OPS
 from ..eager import lower_custom_ops, reinplace_input_updates
-from . import attention, prepare
+from . import attention, matmul, prepare
 from .cudagraphs import CudaGraphRunner, wants_cuda_graphs
 from .schedule import plan, rewrite, symbol_nodes
 
@@ -85,6 +85,7 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     if prepare.stride_dependent_nodes(gm):
         raise NotImplementedError("the graph reads eager's strides (as_strided), which generated kernels do not keep")
     attention.route_attention(gm)
+    matmul.route_linears(gm)
     lower_custom_ops(gm)
     unknown = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in OPS]
     if unknown:
@@ -94,7 +95,10 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     sym_nodes = symbol_nodes(gm, symbols)
     source = HEADER + "\n\n".join(k.source + "\n\n" + k.launcher for k in kernels)
     module = load_source(source, device)
-    rewrite(gm, kernels, fusible, {k.name: getattr(module, f"launch_{k.name}") for k in kernels}, sym_nodes)
+    launchers = {k.name: getattr(module, f"launch_{k.name}") for k in kernels}
+    for k in kernels:  # which arguments a launcher writes in place (KV caches), for the CUDA graph runner
+        launchers[k.name].writes_inputs = [k.inputs.index(r.args[0]) for r in k.roots if fusible[r] == "scatter"]
+    rewrite(gm, kernels, fusible, launchers, sym_nodes)
     gm.graph.lint()
     gm.recompile()
     if dump is not None:

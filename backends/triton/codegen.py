@@ -114,6 +114,8 @@ def op_kind(node: fx.Node) -> str | None:
         return "view"
     if t is ops.CAT:
         return "cat"
+    if t is aten.index_copy_.default and _plain_scatter(node):
+        return "scatter"
     if t in ops.REDUCTIONS:
         x = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else None
@@ -123,6 +125,20 @@ def op_kind(node: fx.Node) -> str | None:
                 and (len(node.args) < 4 or node.args[3] is None)):
             return "reduction"
     return None
+
+
+def _plain_scatter(node: fx.Node) -> bool:
+    """index_copy_(cache, dim, index, src) into a graph input (a KV cache write): the kernel that computes
+    `src` stores it straight into the cache rows that `index` names."""
+    cache, dim, index, src = node.args
+    return (cache.op == "placeholder" and isinstance(dim, int) and isinstance(_val(index), torch.Tensor)
+            and _val(index).dim() == 1 and not _val(index).is_floating_point() and isinstance(_val(src), torch.Tensor)
+            and _val(src).dtype == _val(cache).dtype)
+
+
+def space_shape(node: fx.Node) -> tuple:
+    """The shape a root is computed over: a scatter's source, any other node's own."""
+    return tuple(_val(node.args[3] if node.target is aten.index_copy_.default else node).shape)
 
 
 def _plain_copy(node: fx.Node) -> bool:
@@ -149,7 +165,7 @@ def fusible_kinds(gm: fx.GraphModule, device: torch.device) -> dict[fx.Node, str
         if any(_val(a).device != device or _val(a).dtype not in ops.TL_DTYPES or not _supported_sizes(_val(a).shape)
                for a in tensor_args):
             continue
-        if kind == "view" and node.args[0] not in fusible:
+        if kind == "view" and fusible.get(node.args[0], "scatter") == "scatter":
             continue
         fusible[node] = kind
     return fusible
@@ -158,7 +174,7 @@ def fusible_kinds(gm: fx.GraphModule, device: torch.device) -> dict[fx.Node, str
 def materialize(gm: fx.GraphModule, fusible: dict[fx.Node, str], forced: set[fx.Node]) -> set[fx.Node]:
     """Decide what is stored. Mutates `fusible`: views that feed library ops leave it (they become ATen
     views of their stored source)."""
-    stored = {n for n in forced if n in fusible}
+    stored = {n for n in forced if n in fusible} | {n for n, kind in fusible.items() if kind == "scatter"}
     changed = True
     while changed:
         changed = False
@@ -190,6 +206,7 @@ class Writer:
         self.symbols: set[str] = set()
         self.count = 0
         self.home: dict[fx.Node, tuple[str, ...]] = {}
+        self.reads: dict[fx.Node, bool] = {}
 
     # ---- iteration space
     def coords(self) -> tuple[str, ...]:
@@ -248,6 +265,10 @@ class Writer:
         return self.cache[key]
 
     def _compute(self, node: fx.Node, index: tuple[str, ...], guard: str | None) -> tuple[str, torch.dtype]:
+        if self.fusible.get(node) == "scatter":
+            if self.owner.get(node) is self.k:
+                raise CannotMerge(self.k.roots)  # reading the cache it writes, in the same kernel: a race
+            return self.load(node, index, guard)
         if node in self.stored and self.owner.get(node) is not self.k or node not in self.fusible:
             return self.load(node, index, guard)
         if node in self.stored and index != self.home_index(node):
@@ -266,13 +287,21 @@ class Writer:
             self.home[node] = root_index(self.k, node, self.base)
         return self.home[node]
 
-    def load(self, node: fx.Node, index: tuple[str, ...], guard: str | None) -> tuple[str, torch.dtype]:
-        v = _val(node)
+    def register(self, node: fx.Node) -> str:
         if node not in self.inputs:
             self.inputs[node] = f"in{len(self.inputs)}"
-            self.strides[node] = [d for d, s in enumerate(v.shape) if not is_one(s)]
-        name = self.inputs[node]
+            self.strides[node] = [d for d, s in enumerate(_val(node).shape) if not is_one(s)]
+        return self.inputs[node]
+
+    def load(self, node: fx.Node, index: tuple[str, ...], guard: str | None) -> tuple[str, torch.dtype]:
+        v = _val(node)
+        if self.fusible.get(node) == "scatter":
+            node = node.args[0]
+        self.reads[node] = True
+        name = self.register(node)
         offset = " + ".join(f"{index[d]} * {name}_st{d}" for d in self.strides[node] if index[d] != "0") or "0"
+        if self.strides[node] == [] and index and VECTOR.search(index[0]):
+            offset = index[0]  # a one-element input read on every lane
         mask = self.mask(index, guard)
         out = self.tmp()
         load = f"tl.load({name} + ({offset})" + (f", mask={mask}, other=0)" if mask else ")")
@@ -373,12 +402,33 @@ class Writer:
             self.lines.append(f"{name} = {ops.cast(name, torch.float32, _val(node).dtype)}")
         return name, torch.float32
 
+    def scatter(self, root: fx.Node, index: tuple[str, ...]) -> str:
+        """Store the source at its coordinates, with coordinate `dim` replaced by index[coordinate]: the
+        rows of index_copy_. Rows outside the cache are not written (eager would raise)."""
+        cache, dim, rows, src = root.args
+        dim %= _val(cache).dim()
+        value, _ = self.value(src, index)
+        # A vector even for one row: the interpreter mishandles masks built from scalar comparisons.
+        lane_zero = "rindex * 0" if self.k.rows else "xindex * 0"
+        row, _ = self.value(rows, (index[dim],) if not is_one(_val(rows).shape[0]) else (lane_zero,))
+        name = self.register(cache)
+        target = list(index)
+        target[dim] = row
+        offset = " + ".join(f"{c} * {name}_st{d}" for d, c in enumerate(target) if d in self.strides[cache] and c != "0") or "0"
+        inside = f"({row} >= 0) & ({row} < {self.size(_val(cache).shape[dim])})"
+        mask = self.mask(index, inside) or inside
+        dtype = ops.TL_DTYPES[_val(cache).dtype]
+        return f"tl.store({name} + ({offset}), {value}.to({dtype}), mask={mask})"
+
     # ---- the kernel
     def write(self) -> None:
         self.base = self.coords()
         stores = []
         for i, root in enumerate(self.k.roots):
             index = self.home_index(root)
+            if self.fusible[root] == "scatter":
+                stores.append(self.scatter(root, index))
+                continue
             name, _ = self.value(root, index)
             out = f"out{i}"
             shape = _val(root).shape
@@ -391,6 +441,10 @@ class Writer:
             value = f"{name}.to({dtype})" if _val(root).dtype != torch.bool else f"({name} != 0).to(tl.int1)"
             stores.append(f"tl.store({out} + ({offset}), {value}" + (f", mask={mask})" if mask else ")"))
         self.lines.extend(stores)
+        written = [self.inputs[r.args[0]] for r in self.k.roots if self.fusible[r] == "scatter"]
+        if len(set(written)) != len(written) or any(self.reads.get(r.args[0]) for r in self.k.roots
+                                                    if self.fusible[r] == "scatter"):
+            raise CannotMerge(self.k.roots)  # two writes to one cache, or a read of a cache being written
         self.k.inputs = list(self.inputs)
         self.k.symbols = sorted(self.symbols)
         params = []
@@ -410,6 +464,9 @@ class Writer:
         lines = [f"def launch_{k.name}({', '.join(args)}):"]
         for i, root in enumerate(k.roots):
             v = _val(root)
+            if self.fusible[root] == "scatter":
+                lines.append(f"    out{i} = {self.inputs[root.args[0]]}  # written in place")
+                continue
             shape = ", ".join(self.size(s) for s in v.shape)
             lines.append(f"    out{i} = torch.empty(({shape}{',' if v.dim() == 1 else ''}), dtype={v.dtype}, device={device})")
         call = []
@@ -458,7 +515,7 @@ def broadcast_index(index: Sequence[str], out_shape: Sequence[Any], in_shape: Se
 
 def root_index(k: Kernel, node: fx.Node, base: tuple[str, ...]) -> tuple[str, ...]:
     """Where a root's element sits in the kernel's iteration space."""
-    shape = _val(node).shape
+    shape = space_shape(node)
     if same_shape(shape, k.shape):
         return tuple(base)
     if k.rows and len(shape) == len(k.shape) and same_shape(shape[:-1], k.shape[:-1]) and is_one(shape[-1]):

@@ -20,37 +20,32 @@ import torch.fx as fx
 from ...compiler.errors import warn_once
 
 MAX_RECORDINGS = 8
-# "auto" records graphs whose ops produce less than this on average: launch-bound work such as decode.
-AUTO_BYTES_PER_OP = 1 << 20
-_NO_WORK = {"getitem", "sym_size", "reshape", "view", "t", "transpose", "permute", "unsqueeze", "squeeze", "expand",
-            "slice", "select", "alias", "_unsafe_view", "split_with_sizes", "split"}
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    return getattr(target, "__name__", str(target)).split(".")[0]
-
-
 def wants_cuda_graphs(option: Any, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """"auto": record when every size is static. Measured on an H200 (bench/results/gpu_triton_*), replay beat
+    plain launches on every benchmarked model, from a decode step to ViT-L batch 8, because the generated
+    launchers cost tens of microseconds of Python each. The price is memory: each recorded shape keeps its
+    activations in a private pool. Dynamic sizes would record a graph per length: plain launches there."""
     if option in (True, False):
         return option
-    work = [n for n in gm.graph.nodes if n.op == "call_function" and _op_name(n) not in _NO_WORK]
-    total = 0
-    for node in work:
-        for v in (node.meta.get("val"),) if not isinstance(node.meta.get("val"), tuple) else node.meta["val"]:
-            if isinstance(v, torch.Tensor):
-                if not all(isinstance(s, int) for s in v.shape):
-                    return False  # a new recording per length: leave dynamic shapes to plain launches
-                total += v.numel() * v.element_size()
-    return bool(work) and total / len(work) < AUTO_BYTES_PER_OP
+    for node in gm.graph.nodes:
+        vals = node.meta.get("val")
+        for v in vals if isinstance(vals, (tuple, list)) else (vals,):
+            if isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape):
+                return False
+    return True
 
 
 def mutated_inputs(gm: fx.GraphModule) -> set[int]:
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     written = set()
     for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        for i in getattr(node.target, "writes_inputs", ()):  # generated kernels that store into an input
+            if node.args[i] in placeholders:
+                written.add(placeholders.index(node.args[i]))
         schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
+        if schema is None or not schema.is_mutable:
             continue
         for arg, spec in zip(node.args, schema.arguments):
             if spec.alias_info is not None and spec.alias_info.is_write and arg in placeholders:

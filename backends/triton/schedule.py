@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .codegen import CannotMerge, Kernel, NeedMaterialize, Writer, _val, fusible_kinds, materialize, root_index, same_shape
+from .codegen import CannotMerge, space_shape, Kernel, NeedMaterialize, Writer, _val, fusible_kinds, materialize, root_index, same_shape
 
 aten = torch.ops.aten
 MERGE_WINDOW = 4  # recent kernels a new root may join
@@ -55,7 +55,7 @@ def _space(root: fx.Node, inline: set[fx.Node], fusible: dict[fx.Node, str]) -> 
     """Iteration space of a root's kernel: the input of the reductions it inlines, else its own shape."""
     reductions = [n for n in inline if fusible[n] == "reduction"]
     if not reductions:
-        return tuple(_val(root).shape), False
+        return space_shape(root), False
     shape = tuple(_val(reductions[0].args[0]).shape)
     for r in reductions[1:]:
         if not same_shape(_val(r.args[0]).shape, shape):
@@ -100,7 +100,6 @@ def _group(gm: fx.GraphModule, fusible: dict[fx.Node, str], stored: set[fx.Node]
         inline = _inline_set(root, fusible, stored)
         shape, rows = _space(root, inline, fusible)
         external = {a for n in inline for a in n.all_input_nodes if a not in inline}
-        ready = max((placed.get(a, position[a]) for a in external), default=-1)
         joined = None
         for k in reversed(kernels[-MERGE_WINDOW:]):
             if not _fits(k, root, shape, rows) or any(set(k.roots + [root]) >= set(pair) for pair in unmergeable):
@@ -108,6 +107,8 @@ def _group(gm: fx.GraphModule, fusible: dict[fx.Node, str], stored: set[fx.Node]
             everything = members[id(k)] | inline
             users_after = all(position[u] > position[root] for r in k.roots + [root] for u in r.users
                               if u not in everything)
+            # Inputs must exist before the kernel's first node; its own roots are computed in it.
+            ready = max((placed.get(a, position[a]) for a in external if a not in k.roots), default=-1)
             if ready < first[id(k)] and users_after:
                 joined = k
                 break

@@ -1,0 +1,172 @@
+"""Matmul for decode: out[M, N] = x[M, K] @ weight[N, K].T with a few activation rows (M <= 16).
+
+In decode a linear layer reads its whole weight to produce one token's outputs, so its cost is streaming
+the weight from HBM once; the arithmetic is free. Each program owns BLOCK_N rows of the weight (BLOCK_N
+output columns) and walks along K in BLOCK_K chunks, the weight's contiguous axis, so every load is a
+run of whole rows.
+
+The product is a tl.dot with the activation padded to 16 rows, the smallest tile the tensor cores take.
+For M = 1 fifteen of those rows are zeros, but tensor-core FLOPs cost nothing next to the weight traffic,
+and one code path then serves every M up to 16 (a broadcast-multiply + tl.sum form would need an
+[M, BLOCK_N, BLOCK_K] product in registers, or M separate reductions, as M grows). It also buys latency
+hiding: Triton software-pipelines the loads that feed a dot (num_stages tiles in flight per program),
+which is what keeps HBM busy. The padded rows are masked loads, so they cost no memory traffic either.
+fp32 inputs take the exact (ieee) dot, CUDA-core FMAs rather than tf32 tensor cores: 16x the useful
+FMAs at M = 1, still less time than the weight's traffic on an H100.
+
+When N leaves fewer programs than SMs, idle SMs are idle bandwidth, so K is split across programs too
+(split-K). Splits write fp32 partial sums and a second kernel adds them in a fixed order, adds the bias
+and casts: deterministic, and one extra launch, where fp32 atomics would need two (zeroing the buffer
+before, casting after). The 7B decoder's shapes (N >= 4096) never split on an H100.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from functools import lru_cache
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
+BLOCK_M = 16
+
+
+@triton.jit
+def _gemv_kernel(X, W, Bias, Out, M, N, K, stride_xm, k_per_split,
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
+    # Weight rows past N wrap to valid rows instead of being masked: only the K mask is left on the hot
+    # load, and the wrapped results are dropped at the store
+    w_rows = offs_n % N
+    # int64 row offsets: an embedding-sized weight can hold more than 2**31 elements
+    w_ptrs = W + w_rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    m_ok = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        # K - k rather than a moving offs_k: Triton sees K's divisibility and keeps the loads vectorized
+        k_ok = offs_k < K - k
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(Bias + w_rows).to(tl.float32)[None, :]
+    # Out is [splits, M, N]: the final output when there is one split, fp32 partial sums otherwise
+    out_ptrs = Out + (split * M + offs_m[:, None]) * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(Part, Bias, Out, MN, N, num_splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(num_splits):  # a fixed order, so the result does not depend on scheduling
+        acc += tl.load(Part + s * MN + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=ok)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv computes x @ weight.T: x [M, K] with 1 <= M <= 16 and unit stride along K (rows may be
+    strided), weight a contiguous [N, K], both of one float dtype on one device."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        return False
+    (M, K), N = x.shape, weight.shape[0]
+    if not (1 <= M <= MAX_ROWS and K >= 1 and N >= 1 and x.stride(1) == 1 and weight.is_contiguous()):
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dtype != weight.dtype:
+        return False
+    return x.device == weight.device and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    k_per_split: int  # a whole number of block_k
+    splits: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) -> GemvConfig:
+    """Block sizes and the K split. On CUDA: BLOCK_K spans 512 bytes of a weight row (256 bf16/fp16, 128
+    fp32), so a pipeline stage holds the same bytes whatever the dtype: with 4 stages a program buffers
+    48 KiB of weight + padded activation in shared memory, and 4 programs fit an SM. BLOCK_N is 16, or 32
+    when M > 4 and N still gives 2 programs per SM: each program rereads its M activation rows (from L2)
+    per weight tile, M/BLOCK_N of the weight's traffic, so wider tiles pay off only with more rows. K is
+    split when the column blocks alone leave SMs idle, aiming at 2 programs per SM. On the interpreter:
+    small blocks and a pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and
+    split-K."""
+    if device.type == "cuda":
+        sms = _sm_count(device)
+        block_k = 512 // dtype.itemsize
+        block_n = 32 if M > 4 and triton.cdiv(N, 32) >= 2 * sms else 16
+        num_warps, num_stages = 4, 4
+    else:
+        sms, block_k, block_n, num_warps, num_stages = 8, 32, 16, 1, 1
+    n_blocks = triton.cdiv(N, block_n)
+    splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for the shapes `supports` accepts, as a new contiguous [M, N] tensor in
+    x.dtype; fp32 accumulation, the bias added in fp32 before the one rounding."""
+    assert supports(x, weight), "gemv: unsupported inputs"
+    (M, K), N = x.shape, weight.shape[0]
+    assert bias is None or (bias.shape == (N,) and bias.device == x.device), "gemv: bias must be [N]"
+    bias = None if bias is None else bias.contiguous()
+    cfg = _config(M, N, K, x.device, x.dtype)
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    # Split partials go to an fp32 scratch; the bias waits for the pass that sums them
+    part = out if cfg.splits == 1 else torch.empty(cfg.splits, M, N, device=x.device, dtype=torch.float32)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _gemv_kernel[(triton.cdiv(N, cfg.block_n), cfg.splits)](
+            x, weight, x if bias is None else bias, part, M, N, K, x.stride(0), cfg.k_per_split,
+            HAS_BIAS=bias is not None and cfg.splits == 1,
+            # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.splits > 1:
+            block = 1024 if x.is_cuda else 64
+            _sum_splits_kernel[(triton.cdiv(M * N, block),)](
+                part, x if bias is None else bias, out, M * N, N, cfg.splits,
+                HAS_BIAS=bias is not None, BLOCK=block)
+    return out
+
+
+def benchmark(M: int = 1, N: int = 4096, K: int = 4096, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Median microseconds of gemv and of torch's x @ weight.T (cuBLAS) and the GB/s each achieves, next to
+    a copy of the weight (read + write) as the bandwidth to compare with. CUDA only."""
+    assert torch.cuda.is_available(), "benchmark needs a GPU"
+    from triton.testing import do_bench  # clears L2 before each run, so the weight comes from HBM
+
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    weight = torch.randn(N, K, device="cuda", dtype=dtype) / K ** 0.5
+    torch.testing.assert_close(gemv(x, weight), x @ weight.T, rtol=2e-2, atol=2e-2)
+    copy = torch.empty_like(weight)
+    runs = {"gemv": lambda: gemv(x, weight), "torch": lambda: x @ weight.T, "copy": lambda: copy.copy_(weight)}
+    us = {name: do_bench(fn, return_mode="median") * 1e3 for name, fn in runs.items()}
+    moved = {"gemv": (N * K + M * K + M * N) * dtype.itemsize, "copy": 2 * N * K * dtype.itemsize}
+    moved["torch"] = moved["gemv"]
+    gbps = {name: moved[name] / us[name] / 1e3 for name in runs}
+    return {"M": M, "N": N, "K": K, "dtype": str(dtype), **{f"{name}_us": us[name] for name in runs},
+            **{f"{name}_gbps": gbps[name] for name in runs}, "gemv_vs_copy": gbps["gemv"] / gbps["copy"]}

@@ -1,0 +1,47 @@
+"""Where a decode step's GPU time goes: kernel-level profile of one 7B-dims decode step (bf16), for mmaccel's
+Triton target (without CUDA graphs, so kernels are visible) and Inductor.
+
+    python bench/profile_decode.py --layers 16 --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mmaccel  # noqa: F401  (registers backend="mmaccel" in a source checkout)
+from gpu_triton import build_case  # same model, cache position and inputs as the benchmark
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1, choices=(1, 8))
+    p.add_argument("--rows", type=int, default=14)
+    args = p.parse_args()
+    case = build_case("decode_b1" if args.batch == 1 else "decode_b8", layers=args.layers)
+    model, inputs = case.model, case.inputs
+    variants = {"mmaccel": dict(backend="mmaccel", options={"target": "triton", "cuda_graphs": False}),
+                "inductor": dict()}
+    for label, kwargs in variants.items():
+        torch._dynamo.reset()
+        fn = torch.compile(model, **kwargs)
+        with torch.no_grad():
+            for _ in range(3):
+                fn(*inputs)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn(*inputs)
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events) / 3
+        kernels = sum(e.count for e in events) / 3
+        print(f"\n== {label}: {total / 1000:.3f} ms of kernel time per step, {kernels:.0f} kernels per step")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
+            print(f"{e.self_device_time_total / 3 / 1000:8.3f} ms {e.count // 3:5d}x  {e.key[:90]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The decode matmul kernel against an fp32 matmul. Without a GPU it runs under Triton's interpreter
+(conftest sets TRITON_INTERPRET), where its config uses small blocks: the sizes below are not multiples
+of them, and the narrow ones ((17, 33), (64, 300)) take the split-K path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mmaccel.backends.triton.gemv import _config, gemv, supports  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 loads are wrong in the interpreter
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+SHAPES = [(1, 1), (17, 33), (64, 300), (130, 1000)]  # (N, K)
+
+
+def check(x, weight, bias=None):
+    assert supports(x, weight)
+    out = gemv(x, weight, bias)
+    expected = x.float() @ weight.float().T + (0 if bias is None else bias.float())
+    assert out.is_contiguous() and out.dtype == x.dtype and out.shape == expected.shape
+    rtol = RTOL[x.dtype]
+    # atol scaled by the output's magnitude: cancellation leaves some entries near 0
+    torch.testing.assert_close(out, expected.to(x.dtype), rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_shapes(dtype, M, N, K, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    weight = torch.randn(N, K, device=DEVICE, dtype=dtype)
+    check(x, weight, torch.randn(N, device=DEVICE, dtype=dtype) if with_bias else None)
+
+
+def test_split_k_is_covered():
+    cpu = torch.device("cpu")
+    assert _config(3, 17, 33, cpu, torch.float32).splits > 1
+    assert _config(3, 64, 300, cpu, torch.float32).splits > 1
+    assert _config(3, 130, 1000, cpu, torch.float32).splits == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["column_slice", "every_other_row"])
+def test_strided_rows(dtype, layout):
+    torch.manual_seed(0)
+    N, K = 64, 300
+    wide = torch.randn(6, K + 40, device=DEVICE, dtype=dtype)
+    x = wide[:, :K] if layout == "column_slice" else wide[::2, 7:K + 7]
+    assert not x.is_contiguous()
+    check(x, torch.randn(N, K, device=DEVICE, dtype=dtype), torch.randn(N, device=DEVICE, dtype=dtype))
+
+
+def test_supports_rejects():
+    x = torch.randn(3, 40, device=DEVICE)
+    weight = torch.randn(20, 40, device=DEVICE)
+    assert supports(x, weight)
+    assert not supports(torch.randn(17, 40, device=DEVICE), weight)
+    assert not supports(x[:0], weight)
+    assert not supports(x, torch.randn(40, 20, device=DEVICE).T)  # transposed: not contiguous
+    assert not supports(x.T.contiguous().T, weight)  # unit stride along M, not K
+    assert not supports(x.half(), weight)
+    assert not supports(x.double(), weight.double())
+    assert not supports(x, torch.randn(20, 41, device=DEVICE))
+    assert not supports(x[None], weight)
