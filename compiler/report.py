@@ -57,11 +57,12 @@ class CompileReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "options": {"target": self.options.target, "passes": dict(self.options.passes)},
+            "options": {"target": self.options.target, "passes": dict(self.options.passes),
+                        "cuda_graphs": self.options.cuda_graphs},
             "graph_breaks": self.graph_breaks,
             "graphs": [{
                 "index": i, "status": g.status, "reason": g.reason, "inputs": g.inputs,
-                "target": g.target, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
+                "target": g.target, "kernels": g.kernels, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
                 "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "compile_seconds": round(g.compile_seconds, 3),
                 "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
                             "lossy": p.lossy, "seconds": round(p.seconds, 4)} for p in g.passes],
@@ -85,6 +86,10 @@ class CompileReport:
                          f"frozen weights: {g.frozen} ({g.frozen_bytes / 2**20:.1f} MiB)"
                          + (f"; {g.freeze_note}" if g.freeze_note else ""))
             lines.append(f"  target: {g.target} ({g.target_reason})")
+            if g.kernels:
+                k = g.kernels
+                lines.append(f"  generated: {k['kernels']} Triton kernel(s) for {k['fused_nodes']} fused node(s), "
+                             f"CUDA graphs {'on' if k.get('cuda_graphs') else 'off'}; source {k['source_path']}")
             lines.append(f"  {'pass':34} {'matched':>7} {'nodes':>11} {'ms':>7}  what changed")
             for p in g.passes:
                 what = "; ".join(p.changes) or ("-" if not p.error else f"FAILED, skipped: {p.error}")

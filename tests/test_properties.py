@@ -415,6 +415,41 @@ def test_mutation_check_is_found_by_the_hypothesis_property(monkeypatch) -> None
         prop()
 
 
+@pytest.mark.parametrize("bug", ["row_mask_off_by_one", "cat_offset_off_by_one"])
+def test_mutation_check_generated_kernel_bugs_are_caught(monkeypatch, bug: str) -> None:
+    """Planted bugs in the Triton target's generated code (not in a pass), found by the random-program
+    property on the triton target: a row mask that drops the last element of every norm/softmax row, and a
+    cat that reads its second input one element off."""
+    from mmaccel.backends.triton import codegen
+
+    if bug == "row_mask_off_by_one":
+        original = codegen.Writer.coords
+
+        def coords(self):
+            index = original(self)
+            self.lines = [line.replace("rmask = rindex < ", "rmask = rindex + 1 < ") for line in self.lines]
+            return index
+        monkeypatch.setattr(codegen.Writer, "coords", coords)
+    else:
+        original_cat = codegen.Writer.cat
+
+        def cat(self, node, index, guard):
+            dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
+            shifted = list(index)
+            shifted[dim] = f"({index[dim]} + 1)"
+            return original_cat(self, node, tuple(shifted), guard)
+        monkeypatch.setattr(codegen.Writer, "cat", cat)
+
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True, phases=["generate"],
+              suppress_health_check=list(HealthCheck))
+    @given(programs(max_blocks=3, dtypes=(torch.float32,)))
+    def prop(program):
+        _check_program(program, target="triton")
+
+    with pytest.raises(AssertionError):
+        prop()
+
+
 # ---------------------------------------------------------------- regression tests for bugs found here
 
 

@@ -72,9 +72,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs
         return forward(*args)
 
     run.kernels = stats  # type: ignore[attr-defined]
-    if device.type == "cuda" and wants_cuda_graphs(cuda_graphs, gm, example_inputs):
-        return CudaGraphRunner(run, gm, example_inputs)
-    return run
+    stats["cuda_graphs"] = device.type == "cuda" and wants_cuda_graphs(cuda_graphs, gm, example_inputs)
+    return CudaGraphRunner(run, gm, example_inputs) if stats["cuda_graphs"] else run
 
 
 def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any], None] | None = None) -> dict:

@@ -238,6 +238,10 @@ class Writer:
             out.append(name)
         return tuple(out)
 
+    @property
+    def lane_zero(self) -> str:
+        return "rindex * 0" if self.k.rows else "xindex * 0"
+
     def size(self, s: Any) -> str:
         return size_code(s, self.symbols)
 
@@ -300,9 +304,9 @@ class Writer:
         self.reads[node] = True
         name = self.register(node)
         offset = " + ".join(f"{index[d]} * {name}_st{d}" for d in self.strides[node] if index[d] != "0") or "0"
-        if self.strides[node] == [] and index and VECTOR.search(index[0]):
-            offset = index[0]  # a one-element input read on every lane
         mask = self.mask(index, guard)
+        if mask is not None and not VECTOR.search(offset):
+            offset = f"{offset} + {self.lane_zero}"  # a masked load needs a pointer per lane
         out = self.tmp()
         load = f"tl.load({name} + ({offset})" + (f", mask={mask}, other=0)" if mask else ")")
         self.lines.append(f"{out} = {load}")
@@ -360,7 +364,7 @@ class Writer:
         offsets, total = [], "0"
         for p in parts:
             offsets.append(total)
-            total = f"{total} + {self.size(_val(p).shape[dim])}" if total != "0" else self.size(_val(p).shape[dim])
+            total = f"({total} + {self.size(_val(p).shape[dim])})" if total != "0" else self.size(_val(p).shape[dim])
         result, compute = None, torch.float32 if _val(node).dtype.is_floating_point else _val(node).dtype
         for i in reversed(range(len(parts))):
             start = offsets[i]
@@ -409,8 +413,7 @@ class Writer:
         dim %= _val(cache).dim()
         value, _ = self.value(src, index)
         # A vector even for one row: the interpreter mishandles masks built from scalar comparisons.
-        lane_zero = "rindex * 0" if self.k.rows else "xindex * 0"
-        row, _ = self.value(rows, (index[dim],) if not is_one(_val(rows).shape[0]) else (lane_zero,))
+        row, _ = self.value(rows, (index[dim],) if not is_one(_val(rows).shape[0]) else (self.lane_zero,))
         name = self.register(cache)
         target = list(index)
         target[dim] = row
