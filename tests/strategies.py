@@ -144,6 +144,25 @@ class ConstScale:
 
 
 @dataclass(frozen=True)
+class Conv:
+    """conv2d over the activation seen as an image [b, d, seq, 1]: "patch" (kernel = stride = k, ViT/Whisper
+    patch embedding, seq -> seq // k) or "same" (kernel 3, padding 1)."""
+    d: int
+    out: int
+    kind: str  # "patch" | "same"
+    k: int = 1
+
+
+@dataclass(frozen=True)
+class Index:
+    """Index ops with fixed indices: "select_seq" (x[:, idx], idx a buffer), "gather_features"
+    (torch.gather along features), "bmm_expand" (x @ w.expand(b, d, d), an explicit bmm)."""
+    d: int
+    kind: str
+    seq: int = 1
+
+
+@dataclass(frozen=True)
 class Program:
     dtype: torch.dtype
     batch: int
@@ -426,6 +445,39 @@ class CastM(nn.Module):
         return (x.double() * 1.5).to(x.dtype)
 
 
+class ConvM(nn.Module):
+    def __init__(self, spec: Conv) -> None:
+        super().__init__()
+        self.spec = spec
+        k = spec.k if spec.kind == "patch" else 3
+        self.conv = nn.Conv2d(spec.d, spec.out, kernel_size=(k, 1), stride=(k if spec.kind == "patch" else 1, 1),
+                              padding=(0 if spec.kind == "patch" else 1, 0))
+
+    def forward(self, x, mask):
+        image = x.transpose(1, 2).unsqueeze(-1)  # [b, d, seq, 1]
+        return self.conv(image).squeeze(-1).transpose(1, 2)
+
+
+class IndexM(nn.Module):
+    def __init__(self, spec: Index) -> None:
+        super().__init__()
+        self.spec = spec
+        g = torch.Generator().manual_seed(spec.d * 31 + spec.seq)
+        if spec.kind == "select_seq":
+            self.register_buffer("idx", torch.randint(0, spec.seq, (spec.seq,), generator=g))
+        elif spec.kind == "gather_features":
+            self.register_buffer("idx", torch.randint(0, spec.d, (spec.d,), generator=g))
+        else:
+            self.w = nn.Parameter(torch.randn(1, spec.d, spec.d, generator=g) / max(spec.d, 1) ** 0.5)
+
+    def forward(self, x, mask):
+        if self.spec.kind == "select_seq":
+            return x[:, self.idx] + x
+        if self.spec.kind == "gather_features":
+            return torch.gather(x, -1, self.idx.expand(*x.shape[:-1], -1))
+        return torch.bmm(x, self.w.expand(x.shape[0], -1, -1))
+
+
 class ConstScaleM(nn.Module):
     def __init__(self, spec: ConstScale) -> None:
         super().__init__()
@@ -437,7 +489,7 @@ class ConstScaleM(nn.Module):
 
 MODULES = {Linear: LinearM, Parallel: ParallelM, Residual: ResidualM, Norm: NormM, Act: ActM, Softmax: SoftmaxM,
            Attention: AttentionM, SDPA: SDPAM, Shuffle: ShuffleM, Cat: CatM, Slice: SliceM, Cast: CastM,
-           ConstScale: ConstScaleM}
+           ConstScale: ConstScaleM, Conv: ConvM, Index: IndexM}
 
 
 class ProgramModel(nn.Module):
@@ -526,7 +578,7 @@ def _attention(draw, d: int, mask_ok: bool, near_miss_ok: bool = True) -> Attent
 def _block(draw, d: int, seq: int, mask_ok: bool, low_precision: bool, static_seq: bool = True):
     """One block for a running activation [batch, seq, d]; returns (block, new d, new seq)."""
     kinds = ["linear", "linear", "parallel", "residual", "residual", "norm", "act", "softmax", "attention",
-             "attention", "attention", "sdpa", "shuffle", "cat", "slice", "cast", "const"]
+             "attention", "attention", "sdpa", "shuffle", "cat", "slice", "cast", "const", "conv", "index"]
     kind = draw(st.sampled_from(kinds))
     if kind == "linear":
         out = draw(sizes_dim)
@@ -582,7 +634,19 @@ def _block(draw, d: int, seq: int, mask_ok: bool, low_precision: bool, static_se
     if kind == "cast":
         return Cast(draw(st.sampled_from(("f64_roundtrip", "f32_island") if low_precision else ("f64_roundtrip",))),
                     d), d, seq
-    return ConstScale(d), d, seq
+    if kind == "conv":
+        out = draw(sizes_dim)
+        divisors = [k for k in range(2, seq + 1) if seq % k == 0]
+        if static_seq and divisors and draw(st.booleans()):
+            k = draw(st.sampled_from(divisors))
+            return Conv(d, out, "patch", k), out, seq // k
+        return Conv(d, out, "same"), out, seq
+    if kind == "index":
+        kinds_ = ["gather_features", "bmm_expand"] + (["select_seq"] if static_seq else [])
+        return Index(d, draw(st.sampled_from(kinds_)), seq), d, seq
+    if kind == "const":
+        return ConstScale(d), d, seq
+    raise AssertionError(kind)
 
 
 @st.composite
