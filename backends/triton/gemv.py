@@ -3,21 +3,28 @@
 In decode a linear layer reads its whole weight to produce one token's outputs, so its cost is streaming
 the weight from HBM once; the arithmetic is free. Each program owns BLOCK_N rows of the weight (BLOCK_N
 output columns) and walks along K in BLOCK_K chunks, the weight's contiguous axis, so every load is a
-run of whole rows.
+run of whole rows. Two kernels, chosen by M (block sizes from a sweep on an H200, bench/gemv_sweep.py;
+results in bench/results/gemv_sweep_h200.json):
 
-The product is a tl.dot with the activation padded to 16 rows, the smallest tile the tensor cores take.
-For M = 1 fifteen of those rows are zeros, but tensor-core FLOPs cost nothing next to the weight traffic,
-and one code path then serves every M up to 16 (a broadcast-multiply + tl.sum form would need an
-[M, BLOCK_N, BLOCK_K] product in registers, or M separate reductions, as M grows). It also buys latency
-hiding: Triton software-pipelines the loads that feed a dot (num_stages tiles in flight per program),
-which is what keeps HBM busy. The padded rows are masked loads, so they cost no memory traffic either.
-fp32 inputs take the exact (ieee) dot, CUDA-core FMAs rather than tf32 tensor cores: 16x the useful
-FMAs at M = 1, still less time than the weight's traffic on an H100.
+M = 1, no tensor cores: each program multiplies its [BLOCK_N, BLOCK_K] weight tile by the activation row
+and accumulates the products elementwise in an fp32 tile, reduced across K once after the loop. One
+weight row per program and 2 KiB of it per step give many small programs, each thread with a 16-byte load
+in flight; the weight loads are marked evict-first (nothing rereads them; 6-7% faster). The x row is loaded
+in the weight tile's shape, so both share one register layout and no per-step shuffle through shared memory
+is needed. On the 7B decoder's shapes this streams the weight at 82-87% of a copy's bandwidth (70% on
+4096x4096, where launch and ramp-up weigh more) where the padded tl.dot below reached 58-69%: 1.1-1.3x
+faster than cuBLAS.
+
+M > 1: a tl.dot with the activation padded to 16 rows, the smallest tile the tensor cores take (the
+elementwise form needs M accumulators, and measured 1.3-2.6x slower at M = 4 and 8). Triton
+software-pipelines the loads that feed a dot (num_stages tiles in flight per program), which is what
+keeps HBM busy; the padded rows are masked loads, so they cost no memory traffic. fp32 inputs take the
+exact (ieee) dot, CUDA-core FMAs rather than tf32 tensor cores.
 
 When N leaves fewer programs than SMs, idle SMs are idle bandwidth, so K is split across programs too
 (split-K). Splits write fp32 partial sums and a second kernel adds them in a fixed order, adds the bias
 and casts: deterministic, and one extra launch, where fp32 atomics would need two (zeroing the buffer
-before, casting after). The 7B decoder's shapes (N >= 4096) never split on an H100.
+before, casting after). The 7B decoder's shapes never split (splitting them was slower in the sweep).
 """
 from __future__ import annotations
 
@@ -32,6 +39,32 @@ import triton.language as tl
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
+
+
+@triton.jit
+def _gemv_row_kernel(X, W, Bias, Out, N, K, k_per_split,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
+    w_rows = offs_n % N  # rows past N wrap to valid rows (see _gemv_kernel)
+    w_ptrs = W + w_rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    # x's one row, repeated to the weight tile's shape so that both loads get the same register layout
+    x_ptrs = X + (offs_n * 0)[:, None] + offs_k[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        k_ok = (offs_k < K - k)[None, :]
+        w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
+        x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(Bias + w_rows).to(tl.float32)
+    # Out is [splits, 1, N]: the final output when there is one split, fp32 partial sums otherwise
+    tl.store(Out + split * N + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
@@ -105,21 +138,22 @@ class GemvConfig(NamedTuple):
 
 
 def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) -> GemvConfig:
-    """Block sizes and the K split. On CUDA: BLOCK_K spans 512 bytes of a weight row (256 bf16/fp16, 128
-    fp32), so a pipeline stage holds the same bytes whatever the dtype: with 4 stages a program buffers
-    48 KiB of weight + padded activation in shared memory, and 4 programs fit an SM. BLOCK_N is 16, or 32
-    when M > 4 and N still gives 2 programs per SM: each program rereads its M activation rows (from L2)
-    per weight tile, M/BLOCK_N of the weight's traffic, so wider tiles pay off only with more rows. K is
-    split when the column blocks alone leave SMs idle, aiming at 2 programs per SM. On the interpreter:
-    small blocks and a pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and
-    split-K."""
+    """Block sizes and the K split. On CUDA, from the sweep, in bytes of a weight row so that fp32 gets the
+    same tile bytes as bf16: M = 1 takes one row and 2 KiB of it per step, 4 warps (one 16-byte load per
+    thread). M > 1 takes 64 rows x 256 bytes with 3 stages when N gives at least one such program per SM,
+    else 16 rows x 1 KiB with 2 warps and 4 stages (more programs, still deep pipelines). K is split when the
+    column blocks alone leave SMs idle, aiming at 2 programs per SM. On the interpreter: small blocks and a
+    pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and split-K."""
     if device.type == "cuda":
         sms = _sm_count(device)
-        block_k = 512 // dtype.itemsize
-        block_n = 32 if M > 4 and triton.cdiv(N, 32) >= 2 * sms else 16
-        num_warps, num_stages = 4, 4
+        if M == 1:
+            block_n, block_k, num_warps, num_stages = 1, 2048 // dtype.itemsize, 4, 1
+        elif triton.cdiv(N, 64) >= sms:
+            block_n, block_k, num_warps, num_stages = 64, 256 // dtype.itemsize, 4, 3
+        else:
+            block_n, block_k, num_warps, num_stages = 16, 1024 // dtype.itemsize, 2, 4
     else:
-        sms, block_k, block_n, num_warps, num_stages = 8, 32, 16, 1, 1
+        sms, block_k, block_n, num_warps, num_stages = 8, 32, 4 if M == 1 else 16, 1, 1
     n_blocks = triton.cdiv(N, block_n)
     splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
@@ -137,14 +171,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     # Split partials go to an fp32 scratch; the bias waits for the pass that sums them
     part = out if cfg.splits == 1 else torch.empty(cfg.splits, M, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.splits)
+    has_bias = bias is not None and cfg.splits == 1
+    bias_arg = x if bias is None else bias
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        _gemv_kernel[(triton.cdiv(N, cfg.block_n), cfg.splits)](
-            x, weight, x if bias is None else bias, part, M, N, K, x.stride(0), cfg.k_per_split,
-            HAS_BIAS=bias is not None and cfg.splits == 1,
-            # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if M == 1:
+            _gemv_row_kernel[grid](x, weight, bias_arg, part, N, K, cfg.k_per_split, HAS_BIAS=has_bias,
+                                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            _gemv_kernel[grid](
+                x, weight, bias_arg, part, M, N, K, x.stride(0), cfg.k_per_split, HAS_BIAS=has_bias,
+                # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if cfg.splits > 1:
             block = 1024 if x.is_cuda else 64
             _sum_splits_kernel[(triton.cdiv(M * N, block),)](
