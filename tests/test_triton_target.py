@@ -178,3 +178,25 @@ def test_cuda_graph_decode_steps_write_the_kv_cache_like_eager():
             assert_matches_eager(compiled(token, pos), reference(token, pos))
     for (name, a), (_, b) in zip(model.named_buffers(), reference.named_buffers()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+# ---------------------------------------------------------------- regressions found by the property tests
+
+
+def test_regression_cat_of_three_inputs_reads_each_at_its_offset():
+    """Generated cat offsets were not parenthesized: `x - 1 + 1` read the third input one element off."""
+    w = torch.randn(8, 1, device=DEVICE)
+
+    def fn(x):
+        a, b, c = (x @ w.t()).split([1, 1, 6], dim=-1)
+        return torch.cat([a, b, c], dim=-1) * 1.5
+
+    _check(fn, torch.randn(3, 1, 1, device=DEVICE))
+
+
+def test_regression_masked_load_of_a_one_element_input():
+    """A one-element input read under a vector mask (a cat guard) needs a pointer per lane."""
+    def fn(x, y):
+        return torch.cat([x, y], dim=-1) + 1
+
+    _check(fn, torch.randn(1, 1, 1, device=DEVICE), torch.randn(1, 1, 5, device=DEVICE))
