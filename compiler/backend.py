@@ -80,11 +80,12 @@ class Backend:
         unfrozen, _ = compile_for_target("eager", clone_module(aten_gm), real_inputs)
         frozen = freeze_parameters(aten_gm, real_inputs)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
-        ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump)
+        kept_inputs = [real_inputs[i] for i in frozen.kept]
+        ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump,
+                          example_inputs=kept_inputs)
         record.passes = run_pipeline(aten_gm, ctx)
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
         target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
-        kept_inputs = [real_inputs[i] for i in frozen.kept]
         run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs, self.options.cuda_graphs, dump)
         record.kernels = getattr(run, "kernels", None)
         if record.target != target:

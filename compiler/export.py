@@ -76,11 +76,12 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     # A fresh GraphModule: ExportedProgram's module carries export-only state we do not want to re-export.
     gm = fx.GraphModule(gm, gm.graph)
     fake_mode = detect_fake_mode([n.meta["val"] for n in user_inputs])
-    ctx = PassContext(options=options, fake_mode=fake_mode, dump=DebugDump(options.debug_dir).for_graph(0))
+    flat_inputs = [a for a in torch.utils._pytree.tree_leaves(tuple(example_inputs))]
+    ctx = PassContext(options=options, fake_mode=fake_mode, dump=DebugDump(options.debug_dir).for_graph(0),
+                      example_inputs=flat_inputs)
     record.passes = run_pipeline(gm, ctx)
     record.final_graph, record.context, record.final_nodes = gm, ctx, len(gm.graph.nodes)
     record.inputs = [str(tuple(n.meta["val"].shape)) for n in user_inputs]
-    flat_inputs = [a for a in torch.utils._pytree.tree_leaves(tuple(example_inputs))]
     return gm, flat_inputs
 
 

@@ -10,6 +10,9 @@ from .errors import InvalidOptionError
 # Targets that exist today. "auto" resolves per device (see backends.resolve_target).
 TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
+# Lossy, opt-in. The other schemes (int4_weight_only, w8a8_dynamic, fp8, auto) are not built yet.
+QUANTIZE = (None, "int8_weight_only")
+PLANNED_QUANTIZE = ("int4_weight_only", "w8a8_dynamic", "fp8", "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -23,6 +26,9 @@ class CompileOptions:
     debug_dir: str | None = None
     # Triton target: record and replay CUDA graphs. "auto": for launch-bound graphs (decode steps).
     cuda_graphs: bool | str = "auto"
+    # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
+    quantize: str | None = None
+    accuracy_budget: float = 0.01
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "CompileOptions":
@@ -30,7 +36,7 @@ class CompileOptions:
         from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
 
         options = dict(options or {})
-        valid = ("target", "passes", "debug_dir", "cuda_graphs")
+        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "accuracy_budget")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -45,6 +51,15 @@ class CompileOptions:
         cuda_graphs = options.get("cuda_graphs", "auto")
         if not any(cuda_graphs is c or (isinstance(c, str) and cuda_graphs == c) for c in CUDA_GRAPHS):
             raise InvalidOptionError(f"option 'cuda_graphs'={cuda_graphs!r} is not valid; choose True, False or 'auto'")
+        quantize = options.get("quantize")
+        if quantize in PLANNED_QUANTIZE:
+            raise InvalidOptionError(f"option 'quantize'={quantize!r} is not available yet; available: {list(QUANTIZE)}")
+        if quantize not in QUANTIZE:
+            raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
+        budget = options.get("accuracy_budget", 0.01)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+            raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
+                                     "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
         passes = _validate_passes(options.get("passes"), PASS_NAMES)
         debug_dir = options.get("debug_dir")
         if debug_dir is None and os.environ.get("MMACCEL_DEBUG", "0") not in ("", "0"):
@@ -52,7 +67,7 @@ class CompileOptions:
         if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, quantize=quantize, accuracy_budget=float(budget))
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)

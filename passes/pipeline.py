@@ -1,6 +1,6 @@
 """The pass pipeline: orders the passes, runs each under validation, records what each one did.
 
-cleanup -> fusion -> [opt-in, lossy passes: later issues] -> cleanup
+cleanup -> fusion -> cleanup [-> opt-in, lossy: quantize -> cleanup]
 A pass that raises, or leaves a graph that fails lint / FakeTensor propagation / the output contract,
 is rolled back: the graph runs without it and the user gets one warning naming the pass.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
@@ -29,6 +29,7 @@ class PassResult:
     seconds: float = 0.0
     nodes_before: int = 0
     nodes_after: int = 0
+    measured_error: float | None = None  # lossy passes: relative output error on the example inputs
 
 
 @dataclass
@@ -37,6 +38,8 @@ class PassContext:
     options: CompileOptions
     fake_mode: FakeTensorMode
     dump: Callable[[str, fx.GraphModule], None] = lambda stage, gm: None
+    # Real inputs of the graph (after freezing), on which lossy passes measure the error they introduce.
+    example_inputs: Sequence[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,13 +72,22 @@ def default_pipeline() -> list[Pass]:
     return [*cleanup, *fusion, *cleanup]
 
 
+def pipeline_for(options: CompileOptions) -> list[Pass]:
+    """The lossless pipeline, then the lossy passes the options ask for (on folded weights) and cleanup again."""
+    from .quantize import quantize_linears
+
+    lossy = [Pass("quantize", quantize_linears, lossy=True)] if options.quantize else []
+    cleanup, _ = _registry()
+    return [*default_pipeline(), *lossy, *(cleanup if lossy else [])]
+
+
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in default_pipeline()))
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
     results = []
-    for p in default_pipeline():
-        if ctx.options.pass_enabled(p.name):
+    for p in pipeline_for(ctx.options):
+        if p.lossy or ctx.options.pass_enabled(p.name):
             results.append(run_pass(gm, ctx, p))
     return results
 

@@ -82,16 +82,37 @@ def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
     y = emit(graph, aten.reshape.default, y, [*xs[:-1], weight.meta["val"].shape[0]])
     if not plain and bias is not None:
         y = emit(graph, aten.add.Tensor, y, bias)
-    y = {"none": lambda v: v, "relu": lambda v: emit(graph, aten.relu.default, v),
-         "silu": lambda v: emit(graph, aten.silu.default, v),
-         "gelu": lambda v: emit(graph, aten.gelu.default, v),
-         "gelu_tanh": lambda v: emit(graph, aten.gelu.default, v, approximate="tanh")}[activation](y)
+    y = _ACTIVATIONS[activation](graph, y)
     if residual is not None:
         y = emit(graph, aten.add.Tensor, y, residual)
     return {0: y}
 
 
+def _int8_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
+    """mmaccel::int8_linear -> the int8 matmul (dequantization fused into the GEMV for one activation row)
+    and the same pointwise epilogue as fused_linear."""
+    from .matmul import linear_int8
+
+    x, qweight, scale, bias, activation, residual = node.args
+    xs = x.meta["val"].shape
+    x2 = emit(graph, aten.reshape.default, x, [-1, xs[-1]])
+    y = graph.call_function(linear_int8, (x2, qweight, scale, bias))
+    y.meta["val"] = x2.meta["val"].new_empty((x2.meta["val"].shape[0], qweight.meta["val"].shape[0]))
+    y = emit(graph, aten.reshape.default, y, [*xs[:-1], qweight.meta["val"].shape[0]])
+    y = _ACTIVATIONS[activation](graph, y)
+    if residual is not None:
+        y = emit(graph, aten.add.Tensor, y, residual)
+    return {0: y}
+
+
+_ACTIVATIONS = {
+    "none": lambda g, v: v, "relu": lambda g, v: emit(g, aten.relu.default, v),
+    "silu": lambda g, v: emit(g, aten.silu.default, v), "gelu": lambda g, v: emit(g, aten.gelu.default, v),
+    "gelu_tanh": lambda g, v: emit(g, aten.gelu.default, v, approximate="tanh")}
+
+
 COMPOSITES = {
+    torch.ops.mmaccel.int8_linear.default: _int8_linear,
     aten.native_layer_norm.default: _layer_norm,
     aten._softmax.default: _softmax,
     torch.ops.mmaccel.fused_linear.default: _fused_linear,
