@@ -213,6 +213,9 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
     "inductor_cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead"),
     "mmaccel": _mmaccel("auto"),
     "mmaccel_cudagraphs": _mmaccel(True),
+    # Lossy, opt-in (issue 5's first step): int8 weight-only linears within a 2% output-error budget.
+    "mmaccel_int8": lambda m: torch.compile(m, backend="mmaccel", options={
+        "target": "triton", "quantize": "int8_weight_only", "accuracy_budget": 0.02}),
 }
 BASELINES = ("eager", "inductor", "inductor_cudagraphs")
 
