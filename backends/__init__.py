@@ -37,9 +37,8 @@ def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence
                        dump: Callable | None = None) -> tuple[Callable, str]:
     """A boxed callable (it takes the list of graph inputs) and the target that actually runs it."""
     if target == "triton":
-        work = _copy(gm)
         try:
-            return triton.compile_graph(work, example_inputs, cuda_graphs, dump), "triton"
+            return triton.compile_graph(gm, example_inputs, cuda_graphs, dump), "triton"
         except triton.Unsupported as e:
             warn_once(f"mmaccel: triton target cannot run this graph ({e}); running it on the eager target")
             return eager.compile_graph(gm), "eager"
@@ -52,9 +51,3 @@ def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence
     if target == "eager":
         return eager.compile_graph(gm), "eager"
     raise ValueError(f"unknown target {target!r}")
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from ..passes.pipeline import clone_module
-
-    return clone_module(gm)

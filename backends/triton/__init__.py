@@ -21,8 +21,10 @@ import torch
 import torch.fx as fx
 
 from ...ops import OPS
+from ...passes.pipeline import clone_module
 from ..eager import lower_custom_ops, reinplace_input_updates
 from . import attention, matmul, prepare
+from .device import device_name
 from .cudagraphs import CudaGraphRunner, wants_cuda_graphs
 from .schedule import plan, rewrite, symbol_nodes
 
@@ -62,6 +64,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs
     if not available():
         raise Unsupported("triton is not installed (pip install 'mmaccel[triton]')")
     device = graph_device(gm, example_inputs)
+    gm = clone_module(gm)  # on Unsupported the caller falls back with the untouched graph
     try:
         stats = generate(gm, device, dump)
     except NotImplementedError as e:
@@ -72,8 +75,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs
         return forward(*args)
 
     run.kernels = stats  # type: ignore[attr-defined]
-    stats["cuda_graphs"] = device.type == "cuda" and wants_cuda_graphs(cuda_graphs, gm, example_inputs)
-    return CudaGraphRunner(run, gm, example_inputs) if stats["cuda_graphs"] else run
+    stats["cuda_graphs"] = device.type == "cuda" and wants_cuda_graphs(cuda_graphs, gm)
+    return CudaGraphRunner(run, gm) if stats["cuda_graphs"] else run
 
 
 def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any], None] | None = None) -> dict:
@@ -116,7 +119,7 @@ def load_source(source: str, device: torch.device) -> Any:
     the source (graph and shapes are in it), the device and the versions that compile it."""
     import triton
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+    name = device_name(device) if device.type == "cuda" else "interpreter"
     key = "\n".join([source, name, torch.__version__, triton.__version__, platform.python_version()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     folder = cache_dir()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .device import sm_count
+
 aten = torch.ops.aten
 
 
@@ -23,7 +25,7 @@ def _few_heads(q) -> bool:
     a mask; 72.5 vs 64.2 us at batch 8, where ATen's kernel already fills the GPU)."""
     if not q.is_cuda:
         return True
-    return q.shape[0] * q.shape[1] <= torch.cuda.get_device_properties(q.device).multi_processor_count
+    return q.shape[0] * q.shape[1] <= sm_count(q.device)
 
 
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal")

@@ -20,7 +20,9 @@ import torch.fx as fx
 from ...compiler.errors import warn_once
 
 MAX_RECORDINGS = 8
-def wants_cuda_graphs(option: Any, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+
+
+def wants_cuda_graphs(option: Any, gm: fx.GraphModule) -> bool:
     """"auto": record when every size is static. Measured on an H200 (bench/results/gpu_triton_*), replay beat
     plain launches on every benchmarked model, from a decode step to ViT-L batch 8, because the generated
     launchers cost tens of microseconds of Python each. The price is memory: each recorded shape keeps its
@@ -54,13 +56,12 @@ def mutated_inputs(gm: fx.GraphModule) -> set[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, run: Callable[[list[Any]], Any], gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    def __init__(self, run: Callable[[list[Any]], Any], gm: fx.GraphModule) -> None:
         self.run = run
         self.kernels = getattr(run, "kernels", None)
         self.mutated = mutated_inputs(gm)
         self.recordings: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
         self.pool = None
-        self.replays = 0
 
     def key(self, args: Sequence[Any]) -> tuple | None:
         parts = []
@@ -91,7 +92,6 @@ class CudaGraphRunner:
             if isinstance(a, torch.Tensor) and i not in self.mutated and s.data_ptr() != a.data_ptr():
                 s.copy_(a)
         graph.replay()
-        self.replays += 1
         return _copy_out(outputs)
 
     def record(self, key: tuple, args: list[Any]) -> Any:

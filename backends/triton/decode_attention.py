@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .device import sm_count
 
 MAX_QUERY_ROWS = 16  # one padded tl.dot tile of query rows; longer queries are prefill, not decode
 MAX_HEAD_DIM = 256
@@ -126,18 +127,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
         return False
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_plan(q: torch.Tensor, Lk: int, block_n: int) -> tuple[int, int]:
     """(keys per split, number of splits): about 3 programs per SM on CUDA, so every SM has loads in flight,
     at most 64 splits so the merge's [splits, D] tile stays in registers; 4 splits on the interpreter, enough
     to exercise the merge. Each split is a whole number of blocks."""
     B, H = q.shape[:2]
     if q.is_cuda:
-        target = min(64, triton.cdiv(3 * _sm_count(q.device), B * H))
+        target = min(64, triton.cdiv(3 * sm_count(q.device), B * H))
     else:
         target = 4
     split_len = triton.cdiv(triton.cdiv(Lk, target), block_n) * block_n

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .device import sm_count
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
@@ -129,11 +130,6 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device == weight.device and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-@lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
@@ -151,7 +147,7 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) ->
     column blocks alone leave SMs idle, aiming at 2 programs per SM. On the interpreter: small blocks and a
     pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and split-K."""
     if device.type == "cuda":
-        sms = _sm_count(device)
+        sms = sm_count(device)
         if M == 1:  # 2 KiB of a weight row per step (an int8 weight: dtype is the weight's)
             block_n, block_k, num_warps, num_stages = 1, 2048 // dtype.itemsize, 4, 1
         elif triton.cdiv(N, 64) >= sms:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import gemv as gemv_kernel
+from .device import device_name
 
 aten = torch.ops.aten
 _choices: dict[str, str] | None = None
@@ -87,7 +88,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
         return "library"
     if not x.is_cuda:
         return "triton_gemv"
-    key = f"{torch.cuda.get_device_name(x.device)}|{x.dtype}|{x.shape[0]}x{weight.shape[0]}x{weight.shape[1]}|{bias is not None}"
+    key = f"{device_name(x.device)}|{x.dtype}|{x.shape[0]}x{weight.shape[0]}x{weight.shape[1]}|{bias is not None}"
     choices = _load()
     if key not in choices:
         if torch.cuda.is_current_stream_capturing():

@@ -127,11 +127,14 @@ def _group(gm: fx.GraphModule, fusible: dict[fx.Node, str], stored: set[fx.Node]
 
 
 def _fits(k: Kernel, root: fx.Node, shape: tuple, rows: bool) -> bool:
-    if rows and k.rows:
-        return same_shape(shape, k.shape)
-    probe = Kernel(name="probe", roots=[], shape=shape if rows else k.shape, rows=rows or k.rows)
-    if rows != k.rows and not same_shape(shape if not rows else k.shape, probe.shape):
-        return False
+    """Whether `root`, whose own kernel would iterate over `shape` (`rows`: one program per reduced row), can
+    join `k`: a rows kernel iterates over its own space only; pointwise roots need a place in the space."""
+    if rows or k.rows:
+        if not same_shape(shape, k.shape):
+            return False
+        if rows and k.rows:
+            return True
+    probe = Kernel(name="probe", roots=[], shape=k.shape, rows=rows or k.rows)
     base = tuple(f"c{d}" for d in range(len(probe.shape)))
     try:
         for r in k.roots + [root]:
