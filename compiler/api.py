@@ -7,6 +7,7 @@ import torch
 
 from ._torch_internals import graph_break_count
 from .backend import Backend
+from .calibration import record_graph_inputs
 from .export import export_onnx  # noqa: F401  (re-exported as mmaccel.export_onnx)
 from .options import CompileOptions
 from .report import CompileReport
@@ -14,8 +15,12 @@ from .report import CompileReport
 
 def compile(model: Callable, *, dynamic: bool | None = None, fullgraph: bool = False, **options: Any) -> Callable:
     """`torch.compile(model, backend="mmaccel", options=options)`, with options validated now (ValueError)
-    rather than at the first call. The result carries `mmaccel_report`, filled in as graphs compile."""
-    backend = Backend(CompileOptions.from_user(options))
+    rather than at the first call. The result carries `mmaccel_report`, filled in as graphs compile.
+    With `calibration=samples` (and quantize=...), the model runs once per sample now, so that lossy passes
+    measure their error on those inputs (compiler/calibration.py)."""
+    opts = CompileOptions.from_user(options)
+    calibration = record_graph_inputs(model, opts.calibration) if opts.calibration is not None else None
+    backend = Backend(opts, calibration=calibration)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     compiled.mmaccel_report = backend.report
     return compiled

@@ -10,6 +10,7 @@ import torch.fx as fx
 from ..backends import compile_for_target, resolve_target
 from ..passes.pipeline import PassContext, clone_module, run_pipeline
 from ._torch_internals import RESTART_EXCEPTIONS, DynamoVisibleOptionError, detect_fake_mode, lower_with_aot, unset_fake_temporarily
+from .calibration import GraphSamples, graph_key
 from .debug import DebugDump
 from .errors import InvalidOptionError, warn_once
 from .lowering import DECOMPOSITIONS, FrozenGraph, freeze_parameters
@@ -22,6 +23,10 @@ def mmaccel_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     """`torch.compile(model, backend="mmaccel", options={...})` lands here."""
     try:
         opts = CompileOptions.from_user(options, mode)
+        if opts.calibration is not None:
+            raise InvalidOptionError("option 'calibration' needs the model to run the samples through: use "
+                                     "mmaccel.compile(model, quantize=..., calibration=samples) or "
+                                     "mmaccel.export_onnx(..., calibration=samples)")
     except InvalidOptionError as e:
         raise DynamoVisibleOptionError(str(e)) from None
     return Backend(opts)(gm, example_inputs)
@@ -31,10 +36,13 @@ class Backend:
     """A torch.compile backend carrying its options and a report of every graph it compiled:
     `torch.compile(model, backend=mmaccel.Backend(target="eager"))`."""
 
-    def __init__(self, options: CompileOptions | None = None, **user_options: Any) -> None:
+    def __init__(self, options: CompileOptions | None = None, calibration: GraphSamples | None = None,
+                 **user_options: Any) -> None:
         if options is not None and user_options:
             raise InvalidOptionError("pass either a CompileOptions or keyword options to Backend, not both")
         self.options = options or CompileOptions.from_user(user_options)
+        # Each graph's recorded inputs under the calibration samples (compiler/calibration.py), by graph key
+        self.calibration = calibration
         self.report = CompileReport(self.options)
         self.debug = DebugDump(self.options.debug_dir)
 
@@ -62,9 +70,16 @@ class Backend:
                              "requires grad); mmaccel optimizes inference only: call the model under "
                              "torch.no_grad() or torch.inference_mode() to optimize it")
 
+        calibration = None
+        if self.calibration is not None:
+            calibration = self.calibration.get(graph_key(gm, example_inputs))
+            if calibration is None:
+                record.calibration_note = ("no calibration sample reached this graph (samples of another shape, "
+                                           "or a graph after a graph break): measured on its example inputs")
+
         def inference_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
             with unset_fake_temporarily():  # freezing and folding compute on the real weights
-                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump)
+                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump, calibration)
 
         try:
             return lower_with_aot(gm, example_inputs, inference_compiler, DECOMPOSITIONS)
@@ -74,7 +89,7 @@ class Backend:
             return _fallback(gm, record, f"lowering failed with {type(e).__name__}: {_first_line(e)}")
 
     def _optimize(self, aten_gm: fx.GraphModule, fake_inputs: Sequence[Any], real_inputs: Sequence[Any],
-                  record: GraphReport, dump: Callable) -> Callable:
+                  record: GraphReport, dump: Callable, calibration: list[list[Any]] | None = None) -> Callable:
         dump("aten", aten_gm)
         record.aten_nodes = len(aten_gm.graph.nodes)
         unfrozen, _ = compile_for_target("eager", clone_module(aten_gm), real_inputs)
@@ -82,7 +97,8 @@ class Backend:
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         kept_inputs = [real_inputs[i] for i in frozen.kept]
         ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump,
-                          example_inputs=kept_inputs)
+                          example_inputs=kept_inputs,
+                          calibration=None if not calibration else [[s[i] for i in frozen.kept] for s in calibration])
         record.passes = run_pipeline(aten_gm, ctx)
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
         target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)

@@ -77,8 +77,10 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     gm = fx.GraphModule(gm, gm.graph)
     fake_mode = detect_fake_mode([n.meta["val"] for n in user_inputs])
     flat_inputs = [a for a in torch.utils._pytree.tree_leaves(tuple(example_inputs))]
+    calibration = None if options.calibration is None else [
+        list(torch.utils._pytree.tree_leaves(tuple(sample))) for sample in options.calibration]
     ctx = PassContext(options=options, fake_mode=fake_mode, dump=DebugDump(options.debug_dir).for_graph(0),
-                      example_inputs=flat_inputs)
+                      example_inputs=flat_inputs, calibration=calibration)
     record.passes = run_pipeline(gm, ctx)
     record.final_graph, record.context, record.final_nodes = gm, ctx, len(gm.graph.nodes)
     record.inputs = [str(tuple(n.meta["val"].shape)) for n in user_inputs]

@@ -10,9 +10,9 @@ from .errors import InvalidOptionError
 # Targets that exist today. "auto" resolves per device (see backends.resolve_target).
 TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
-# Lossy, opt-in. The issue's other schemes (int4_weight_only, w8a8_dynamic, fp8, auto) are not built yet.
-QUANTIZE = (None, "int8_weight_only")
-PLANNED_QUANTIZE = ("int4_weight_only", "w8a8_dynamic", "fp8", "auto")
+# Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
+QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "auto")
+PLANNED_QUANTIZE = ("w8a8_dynamic", "fp8")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -29,6 +29,9 @@ class CompileOptions:
     # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
     quantize: str | None = None
     accuracy_budget: float = 0.01
+    # Inputs to measure the error of lossy passes on: a tuple of samples, each a tuple of the model's
+    # positional arguments (validated here; mapped to each graph's inputs by mmaccel.compile / export_onnx).
+    calibration: tuple[tuple[Any, ...], ...] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "CompileOptions":
@@ -36,7 +39,7 @@ class CompileOptions:
         from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
 
         options = dict(options or {})
-        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "accuracy_budget")
+        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "accuracy_budget", "calibration")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -60,6 +63,7 @@ class CompileOptions:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
             raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
                                      "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
+        calibration = _validate_calibration(options.get("calibration"), quantize)
         passes = _validate_passes(options.get("passes"), PASS_NAMES)
         debug_dir = options.get("debug_dir")
         if debug_dir is None and os.environ.get("MMACCEL_DEBUG", "0") not in ("", "0"):
@@ -67,10 +71,33 @@ class CompileOptions:
         if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
-                   cuda_graphs=cuda_graphs, quantize=quantize, accuracy_budget=float(budget))
+                   cuda_graphs=cuda_graphs, quantize=quantize, accuracy_budget=float(budget),
+                   calibration=calibration)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)
+
+
+def _validate_calibration(value: Any, quantize: str | None) -> tuple[tuple[Any, ...], ...] | None:
+    """An iterable of samples, each a tensor or a tuple of tensors (the model's positional arguments)."""
+    import torch
+
+    if value is None:
+        return None
+    if quantize is None:
+        raise InvalidOptionError("option 'calibration' only matters to lossy passes; set quantize=... as well, "
+                                 "or drop calibration")
+    if isinstance(value, torch.Tensor) or not hasattr(value, "__iter__"):
+        raise InvalidOptionError("option 'calibration' must be an iterable of samples (a list of tensors, or of "
+                                 f"tuples of tensors: the model's arguments), got {type(value).__name__}")
+    samples = tuple(tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in value)
+    if not samples:
+        raise InvalidOptionError("option 'calibration' is empty; give at least one sample of the model's inputs")
+    for i, sample in enumerate(samples):
+        if not any(isinstance(a, torch.Tensor) for a in sample):
+            raise InvalidOptionError(f"option 'calibration': sample {i} holds no tensor; each sample is a tensor "
+                                     "or a tuple of tensors (the model's positional arguments)")
+    return samples
 
 
 def _validate_passes(value: Any, known: tuple[str, ...]) -> dict[str, bool]:

@@ -24,6 +24,7 @@ class GraphReport:
     frozen: int = 0
     frozen_bytes: int = 0
     freeze_note: str = ""
+    calibration_note: str = ""
     passes: list[PassResult] = field(default_factory=list)
     target: str = ""
     target_reason: str = ""
@@ -65,7 +66,8 @@ class CompileReport:
                 "target": g.target, "kernels": g.kernels, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
                 "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "compile_seconds": round(g.compile_seconds, 3),
                 "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
-                            "lossy": p.lossy, "seconds": round(p.seconds, 4)} for p in g.passes],
+                            "lossy": p.lossy, "seconds": round(p.seconds, 4), "measured_error": p.measured_error,
+                            "details": p.details} for p in g.passes],
             } for i, g in enumerate(self.graphs)],
         }
 
@@ -95,7 +97,24 @@ class CompileReport:
                 what = "; ".join(p.changes) or ("-" if not p.error else f"FAILED, skipped: {p.error}")
                 lines.append(f"  {p.name:34} {p.matched:>7} {p.nodes_before:>5}->{p.nodes_after:<5} "
                              f"{p.seconds * 1e3:>7.1f}  {what}")
+            if g.calibration_note:
+                lines.append(f"  calibration: {g.calibration_note}")
+            for p in g.passes:
+                if p.details and p.details.get("layers"):
+                    lines.extend(_layer_table(p.details))
         return "\n".join(lines)
+
+
+def _layer_table(details: dict[str, Any]) -> list[str]:
+    """Each quantized layer's precision, bytes and sensitivity (model error with only it quantized)."""
+    lines = [f"  {'layer':52} {'precision':>10} {'MiB':>7}  sensitivity (model error, this layer alone)"]
+    for row in details["layers"]:
+        sens = ", ".join(f"{p} {e:.1e}" for p, e in row["sensitivity"].items()) or "-"
+        lines.append(f"  {row['layer'][:52]:52} {row['precision']:>10} {row['bytes'] / 2**20:>7.2f}  {sens}")
+    for level, groups in details.get("sensitivity_by", {}).items():
+        worst = sorted(groups.items(), key=lambda kv: -kv[1])[:4]
+        lines.append(f"  most sensitive {level}: " + ", ".join(f"{name} {e:.1e}" for name, e in worst))
+    return lines
 
 
 _active: contextvars.ContextVar[tuple[CompileReport, ...]] = contextvars.ContextVar("mmaccel_reports", default=())

@@ -48,7 +48,13 @@ def fused_linear_onnx(x, weight, bias=None, activation: str = "none", residual=N
     initializer once), Add, and the activation written out; ONNX Runtime fuses Gelu/FastGelu patterns."""
     from onnxscript import opset18 as op
 
-    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return linear_epilogue_onnx(op.MatMul(x, op.Transpose(weight, perm=[1, 0])), bias, activation, residual)
+
+
+def linear_epilogue_onnx(y, bias=None, activation: str = "none", residual=None):
+    """The epilogue every linear op shares, in standard ONNX: + bias, activation, + residual."""
+    from onnxscript import opset18 as op
+
     if bias is not None:
         y = op.Add(y, bias)
     if activation == "relu":

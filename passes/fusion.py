@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 
 from ..ops.fused_linear import ACTIVATIONS
-from .patterns import VIEW_OPS, add_constant, aten, constant_value, replace_uses, dtype, is_constant, is_op, same_shape, shape, single_user
+from .patterns import (VIEW_OPS, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
+                       merged_layer_name, replace_uses, same_shape, shape, single_user)
 from .pipeline import PassContext, PassResult
 
 # Ops whose output is a view of their input: a `view` downstream of a split output may stop being valid
@@ -73,6 +74,7 @@ def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> None:
             mm = graph.call_function(aten.addmm.default, (b_node, x, w_node))
         else:
             mm = graph.call_function(aten.mm.default, (x, w_node))
+        mm.meta["mmaccel_layer"] = merged_layer_name([layer_name(m) for m in members])
         split = graph.call_function(aten.split_with_sizes.default, (mm, widths, 1))
         for i, member in enumerate(members):
             piece = graph.call_function(operator.getitem, (split, i))
@@ -133,6 +135,7 @@ def fuse_linear_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with graph.inserting_before(out):
             weight = graph.call_function(aten.t.default, (w_t,))
             fused = graph.call_function(torch.ops.mmaccel.fused_linear.default, (x, weight, bias, activation, residual))
+        fused.meta["mmaccel_layer"] = layer_name(node)
         replace_uses(out, fused)
         counts[f"{'bias' if bias is not None else 'no bias'}, {activation}{', residual' if residual is not None else ''}"] += 1
     graph.eliminate_dead_code()

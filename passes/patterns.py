@@ -123,3 +123,28 @@ def last_of(nodes: list[fx.Node]) -> fx.Node:
     """The latest of `nodes` in graph order (new nodes that read them must come after it)."""
     order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
     return max(nodes, key=order.__getitem__)
+
+
+def layer_name(node: fx.Node) -> str:
+    """The model's name for the module a node came from ("vision.layers.0.attn.q_proj"), from Dynamo's
+    nn_module_stack, or the name a pass recorded when it merged nodes ("...attn.{q,k,v}_proj"); else the node's."""
+    if "mmaccel_layer" in node.meta:
+        return node.meta["mmaccel_layer"]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            return path[len(prefix):] or node.name
+    return path
+
+
+def merged_layer_name(names: list[str]) -> str:
+    """["a.q_proj", "a.k_proj", "a.v_proj"] -> "a.{q_proj,k_proj,v_proj}"."""
+    if len(set(names)) == 1:
+        return names[0]
+    heads = {n.rsplit(".", 1)[0] for n in names}
+    if len(heads) == 1 and all("." in n for n in names):
+        return f"{heads.pop()}.{{{','.join(n.rsplit('.', 1)[1] for n in names)}}}"
+    return "{" + ",".join(names) + "}"

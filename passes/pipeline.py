@@ -29,7 +29,8 @@ class PassResult:
     seconds: float = 0.0
     nodes_before: int = 0
     nodes_after: int = 0
-    measured_error: float | None = None  # lossy passes: relative output error on the example inputs
+    measured_error: float | None = None  # lossy passes: relative output error on the calibration inputs
+    details: dict[str, Any] | None = None  # a pass's own table (quantize: each layer's precision and error)
 
 
 @dataclass
@@ -40,6 +41,9 @@ class PassContext:
     dump: Callable[[str, fx.GraphModule], None] = lambda stage, gm: None
     # Real inputs of the graph (after freezing), on which lossy passes measure the error they introduce.
     example_inputs: Sequence[Any] | None = None
+    # Calibration: several sets of the graph's inputs (same layout as example_inputs); lossy passes measure
+    # on these instead when given.
+    calibration: Sequence[Sequence[Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,9 @@ BLOCK_M = 16
 
 
 @triton.jit
-def _gemv_row_kernel(X, W, Bias, Scale, Out, N, K, k_per_split,
-                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end.
-    HAS_SCALE: int8 weights with one scale per output row, applied once to the row's sum."""
+def _gemv_row_kernel(X, W, Bias, Out, N, K, k_per_split,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
@@ -63,8 +62,6 @@ def _gemv_row_kernel(X, W, Bias, Scale, Out, N, K, k_per_split,
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
-    if HAS_SCALE:
-        out *= tl.load(Scale + w_rows).to(tl.float32)
     if HAS_BIAS:
         out += tl.load(Bias + w_rows).to(tl.float32)
     # Out is [splits, 1, N]: the final output when there is one split, fp32 partial sums otherwise
@@ -116,8 +113,8 @@ def _sum_splits_kernel(Part, Bias, Out, MN, N, num_splits, HAS_BIAS: tl.constexp
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether gemv computes x @ weight.T: x [M, K] with 1 <= M <= 16 and unit stride along K (rows may be
-    strided), weight a contiguous [N, K], both of one float dtype on one device; or an int8 weight (with
-    per-row scales) for one activation row."""
+    strided), weight a contiguous [N, K], both of one float dtype on one device (quantized weights:
+    quant_matmul.py)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         return False
     (M, K), N = x.shape, weight.shape[0]
@@ -125,7 +122,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if x.dtype != weight.dtype and not (weight.dtype == torch.int8 and M == 1):
+    if x.dtype != weight.dtype:
         return False
     return x.device == weight.device and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -148,7 +145,7 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) ->
     pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and split-K."""
     if device.type == "cuda":
         sms = sm_count(device)
-        if M == 1:  # 2 KiB of a weight row per step (an int8 weight: dtype is the weight's)
+        if M == 1:  # 2 KiB of a weight row per step
             block_n, block_k, num_warps, num_stages = 1, 2048 // dtype.itemsize, 4, 1
         elif triton.cdiv(N, 64) >= sms:
             block_n, block_k, num_warps, num_stages = 64, 256 // dtype.itemsize, 4, 3
@@ -162,15 +159,12 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) ->
     return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for the shapes `supports` accepts, as a new contiguous [M, N] tensor in
-    x.dtype; fp32 accumulation, the bias added in fp32 before the one rounding. An int8 weight needs
-    `scale` [N]: (x @ weight.T) * scale, the dequantization fused into the kernel."""
+    x.dtype; fp32 accumulation, the bias added in fp32 before the one rounding."""
     assert supports(x, weight), "gemv: unsupported inputs"
     (M, K), N = x.shape, weight.shape[0]
     assert bias is None or (bias.shape == (N,) and bias.device == x.device), "gemv: bias must be [N]"
-    assert (weight.dtype == torch.int8) == (scale is not None), "gemv: an int8 weight needs its scale [N]"
     bias = None if bias is None else bias.contiguous()
     cfg = _config(M, N, K, x.device, weight.dtype)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -181,8 +175,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     bias_arg = x if bias is None else bias
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
         if M == 1:
-            _gemv_row_kernel[grid](x, weight, bias_arg, x if scale is None else scale.contiguous(), part, N, K,
-                                   cfg.k_per_split, HAS_BIAS=has_bias, HAS_SCALE=scale is not None,
+            _gemv_row_kernel[grid](x, weight, bias_arg, part, N, K, cfg.k_per_split, HAS_BIAS=has_bias,
                                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         else:

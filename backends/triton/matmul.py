@@ -110,16 +110,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _library(x, weight, bias)
 
 
-def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(x @ qweight.T) * scale (+ bias): one activation row reads the int8 weight once in the GEMV, with the
-    scale applied to each row's sum; more rows dequantize to x's dtype and use the library matmul."""
-    if x.shape[0] == 1 and gemv_kernel.supports(x, qweight):
-        return gemv_kernel.gemv(x, qweight, bias, scale=scale)
-    y = torch.mm(x, qweight.t().to(x.dtype)) * scale
-    return y if bias is None else y + bias
-
-
 def route_linears(gm: fx.GraphModule) -> int:
     """mm(x, t(w)) and addmm(b, x, t(w)) with w a frozen weight -> linear(x, w, b)."""
     count = 0

@@ -88,17 +88,26 @@ def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
     return {0: y}
 
 
-def _int8_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
-    """mmaccel::int8_linear -> the int8 matmul (dequantization fused into the GEMV for one activation row)
-    and the same pointwise epilogue as fused_linear."""
-    from .matmul import linear_int8
+def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
+    """mmaccel::int8_linear / int4_linear -> the weight-only quantized matmul (dequantization fused into the
+    kernel, backends/triton/quant_matmul.py) and the same pointwise epilogue as fused_linear."""
+    from . import quant_matmul
 
-    x, qweight, scale, bias, activation, residual = node.args
+    if node.target is torch.ops.mmaccel.int8_linear.default:
+        x, qweight, scale, bias, activation, residual = node.args
+        zero, bits, group = None, 8, 0
+    else:
+        x, qweight, scale, zero, group, bias, activation, residual = node.args
+        bits = 4
     xs = x.meta["val"].shape
+    n = qweight.meta["val"].shape[0]
     x2 = emit(graph, aten.reshape.default, x, [-1, xs[-1]])
-    y = graph.call_function(linear_int8, (x2, qweight, scale, bias))
-    y.meta["val"] = x2.meta["val"].new_empty((x2.meta["val"].shape[0], qweight.meta["val"].shape[0]))
-    y = emit(graph, aten.reshape.default, y, [*xs[:-1], qweight.meta["val"].shape[0]])
+    if not quant_matmul.supports(x2.meta["val"], qweight.meta["val"], bits, group):
+        graph.erase_node(x2)  # the op then runs its reference implementation
+        return None
+    y = graph.call_function(quant_matmul.linear, (x2, qweight, scale, zero, bias, bits, group))
+    y.meta["val"] = x2.meta["val"].new_empty((x2.meta["val"].shape[0], n))
+    y = emit(graph, aten.reshape.default, y, [*xs[:-1], n])
     y = _ACTIVATIONS[activation](graph, y)
     if residual is not None:
         y = emit(graph, aten.add.Tensor, y, residual)
@@ -112,7 +121,8 @@ _ACTIVATIONS = {
 
 
 COMPOSITES = {
-    torch.ops.mmaccel.int8_linear.default: _int8_linear,
+    torch.ops.mmaccel.int8_linear.default: _quantized_linear,
+    torch.ops.mmaccel.int4_linear.default: _quantized_linear,
     aten.native_layer_norm.default: _layer_norm,
     aten._softmax.default: _softmax,
     torch.ops.mmaccel.fused_linear.default: _fused_linear,

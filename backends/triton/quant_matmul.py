@@ -1,0 +1,229 @@
+"""Matmuls against weight-only quantized weights, the dequantization fused into the kernel: the weight is read
+from memory in its quantized form once, never written back dequantized.
+
+    int8: weight int8 [N, K], one scale per output row (applied to the row's sum).
+    int4: weight uint8 [N, K/2] (two 4-bit values per byte, packing in ops/int4_linear.py), a scale and a
+          zero point per group of G input channels: w = (q - zero) * scale.
+
+One activation row (decode): `_wq_gemv_kernel`, the dot-free row kernel of gemv.py generalized to BLOCK_N
+weight rows per program. With a bf16 weight one row per program was best (gemv.py), but an int8 or int4 weight
+gives 2-4x fewer bytes per step than the activation chunk it multiplies, so a program shares each activation
+load across BLOCK_N rows (block sizes from bench/quant_gemv_sweep.py). More rows (prefill, wider decode
+batches): `_wq_matmul_kernel`, a tiled tl.dot GEMM that dequantizes each weight tile in registers.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row, BLOCK_N weight rows per program.
+
+    int8: BLOCK_K weight bytes (= channels) per row and step; the row scale is applied once to the row's sum.
+    int4: BLOCK_K // (GROUP // 2) whole groups per row and step, as a [BLOCK_N, groups, GROUP // 2] byte tile.
+    The scale and zero point factor out of each group's sum, s * (sum(q * x) - z * sum(x)), so the
+    per-element work is two nibble extractions and two FMAs, and scales are loaded once per group."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N  # rows past N wrap to valid rows; their results are dropped at the store
+    if BITS == 8:
+        offs_j = tl.arange(0, BLOCK_K)
+        w_ptrs = W + rows[:, None].to(tl.int64) * KW + offs_j[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for j0 in range(0, KW, BLOCK_K):
+            j_ok = offs_j < KW - j0
+            b = tl.load(w_ptrs, mask=j_ok[None, :], other=0, eviction_policy="evict_first")  # read once
+            x = tl.load(X + j0 + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+            acc += b.to(tl.float32) * x[None, :]
+            w_ptrs += BLOCK_K
+        out = tl.sum(acc, axis=1) * tl.load(Scale + rows).to(tl.float32)
+    else:
+        half: tl.constexpr = GROUP // 2
+        steps: tl.constexpr = BLOCK_K // half  # groups per step
+        offs_g = tl.arange(0, steps)
+        offs_i = tl.arange(0, half)
+        in_step = offs_g[:, None] * half + offs_i[None, :]  # byte offsets [steps, half]
+        w_ptrs = W + rows[:, None, None].to(tl.int64) * KW + in_step[None, :, :]
+        acc = tl.zeros([BLOCK_N, steps], tl.float32)
+        for g0 in range(0, n_groups, steps):
+            g_ok = offs_g < n_groups - g0
+            b = tl.load(w_ptrs, mask=g_ok[None, :, None], other=0, eviction_policy="evict_first")
+            k_low = (g0 + offs_g)[:, None] * GROUP + offs_i[None, :]  # byte i: channels i and half + i
+            x_low = tl.load(X + k_low, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            x_high = tl.load(X + k_low + half, mask=g_ok[:, None], other=0.0).to(tl.float32)
+            qx = (b & 15).to(tl.float32) * x_low[None, :, :] + (b >> 4).to(tl.float32) * x_high[None, :, :]
+            sz = rows[:, None] * n_groups + (g0 + offs_g)[None, :]
+            s = tl.load(Scale + sz, mask=g_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(Zero + sz, mask=g_ok[None, :], other=0).to(tl.float32)
+            x_sum = tl.sum(x_low + x_high, axis=1)
+            acc += s * (tl.sum(qx, axis=2) - z * x_sum[None, :])
+            w_ptrs += steps * half
+        out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(Bias + rows).to(tl.float32)
+    tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _wq_matmul_kernel(X, W, Scale, Zero, Bias, Out, M, N, K, KW, n_groups, stride_xm,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """out = x @ dequant(W).T on tiles. Computed transposed, acc[BLOCK_N, BLOCK_M] = dot(w, x.T): the
+    weight tile is dequantized in registers, and Hopper's wgmma takes a register operand only on the left.
+    int4 steps one group at a time (BLOCK_K is ignored): two dots, over its low-nibble and its high-nibble
+    channels, each with the group's scale and zero point applied while dequantizing."""
+    pid = tl.program_id(0)
+    # Grouped launch order: GROUP_M row blocks share each weight column block while it is in L2
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    m_ok = offs_m < M
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    if BITS == 8:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + rows[:, None].to(tl.int64) * KW + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0)
+            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=DOT_PRECISION)  # exact conversion: |q| <= 127
+        acc *= tl.load(Scale + rows).to(tl.float32)[:, None]
+    else:
+        half: tl.constexpr = GROUP // 2
+        offs_i = tl.arange(0, half)
+        for g in range(0, n_groups):
+            x_ptrs = X + offs_m[:, None] * stride_xm + g * GROUP + offs_i[None, :]
+            x_low = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            x_high = tl.load(x_ptrs + half, mask=m_ok[:, None], other=0.0)
+            b = tl.load(W + rows[:, None].to(tl.int64) * KW + g * half + offs_i[None, :])
+            s = tl.load(Scale + rows * n_groups + g).to(tl.float32)[:, None]
+            z = tl.load(Zero + rows * n_groups + g).to(tl.float32)[:, None]
+            w_low = (((b & 15).to(tl.float32) - z) * s).to(x_low.dtype)
+            w_high = (((b >> 4).to(tl.float32) - z) * s).to(x_low.dtype)
+            acc = tl.dot(w_low, tl.trans(x_low), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(w_high, tl.trans(x_high), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + rows).to(tl.float32)[:, None]
+    out_ptrs = Out + offs_m[None, :] * N + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
+def _dequantize_kernel(W, Scale, Zero, Out, N, KW, n_groups, BITS: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """The weight in Out's dtype, [N, K]: for matmuls with many rows, which cuBLAS runs faster than a
+    dequantizing Triton GEMM (bench/results/quant_gemv_sweep_h100.json: 1.8-4x at 640 rows)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte index in W
+    ok = offs < N * KW
+    b = tl.load(W + offs, mask=ok, other=0)
+    row = offs // KW
+    if BITS == 8:
+        tl.store(Out + offs, (b.to(tl.float32) * tl.load(Scale + row, mask=ok, other=0.0).to(tl.float32))
+                 .to(Out.dtype.element_ty), mask=ok)
+    else:
+        half: tl.constexpr = GROUP // 2
+        j = offs % KW
+        g = j // half
+        s = tl.load(Scale + row * n_groups + g, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(Zero + row * n_groups + g, mask=ok, other=0).to(tl.float32)
+        k_low = row * (2 * KW) + g * GROUP + j % half
+        tl.store(Out + k_low, (((b & 15).to(tl.float32) - z) * s).to(Out.dtype.element_ty), mask=ok)
+        tl.store(Out + k_low + half, (((b >> 4).to(tl.float32) - z) * s).to(Out.dtype.element_ty), mask=ok)
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int, group: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    N, KW = weight.shape
+    out = torch.empty(N, KW * (2 if bits == 4 else 1), device=weight.device, dtype=dtype)
+    block = 1024 if weight.is_cuda else 64
+    with torch.cuda.device(weight.device) if weight.is_cuda else nullcontext():
+        _dequantize_kernel[(triton.cdiv(N * KW, block),)](
+            weight, scale.contiguous(), scale if zero is None else zero.contiguous(), out, N, KW,
+            max(out.shape[1] // max(group, 1), 1), BITS=bits, GROUP=max(group, 2), BLOCK=block)
+    return out
+
+
+class QuantConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# From bench/quant_gemv_sweep.py on an H100 (bench/results/quant_gemv_sweep_h100.json): the best summed time
+# over a 7B decoder's shapes. One row: 4 weight rows x 512 bytes per step, 2 warps (int8 2.2-2.5 TB/s; int4
+# 1.4 TB/s of packed weight, where the nibble arithmetic, not memory, is the limit). Up to 16 rows: a 16-row
+# tile, 64 weight rows, 256 channels per step, 1.1-1.3x faster than cuBLAS on the bf16 weight at 8 rows.
+GEMV_CONFIGS = {8: QuantConfig(1, 4, 512, 2, 1), 4: QuantConfig(1, 4, 512, 2, 1)}
+MATMUL_CONFIG = QuantConfig(16, 64, 256, 4, 4)
+MAX_KERNEL_ROWS = 16  # more rows: dequantize once and use the library matmul
+INTERPRETER_CONFIG = QuantConfig(16, 4, 32, 1, 1)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, bits: int, group: int = 0) -> bool:
+    """x [M, K] float with unit stride along K; weight contiguous, int8 [N, K] or uint8 [N, K/2] with K a
+    multiple of `group`; on a GPU or under the interpreter."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[0] < 1 or x.stride(1) != 1 or not weight.is_contiguous():
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.device != weight.device:
+        return False
+    K = x.shape[1]
+    if bits == 8:
+        ok = weight.dtype == torch.int8 and weight.shape[1] == K
+    else:
+        ok = bits == 4 and weight.dtype == torch.uint8 and group > 0 and K % group == 0 and weight.shape[1] * 2 == K
+    return ok and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor] = None,
+           bias: Optional[torch.Tensor] = None, bits: int = 8, group: int = 0,
+           config: Optional[QuantConfig] = None) -> torch.Tensor:
+    """x @ dequant(weight).T (+ bias) as a new contiguous [M, N] tensor in x.dtype, fp32 accumulation.
+    Up to 16 rows the kernels above; more rows (prefill) on a GPU: the weight dequantized to x's dtype by one
+    kernel, then the library matmul (a compute-bound shape, where cuBLAS is 1.8-4x faster than the GEMM here)."""
+    assert supports(x, weight, bits, group), "quant_matmul: unsupported inputs"
+    (M, K), N = x.shape, weight.shape[0]
+    if M > MAX_KERNEL_ROWS and x.is_cuda and config is None:
+        w = dequantize(weight, scale, zero, bits, group, x.dtype)
+        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    interpreter = not x.is_cuda
+    n_groups = K // group if bits == 4 else 1
+    zero_arg = scale if zero is None else zero.contiguous()
+    common = dict(BITS=bits, GROUP=max(group, 2), HAS_BIAS=bias is not None)
+    bias_arg = x if bias is None else bias.contiguous()
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        if M == 1:
+            cfg = config or (INTERPRETER_CONFIG if interpreter else GEMV_CONFIGS[bits])
+            grid = (triton.cdiv(N, cfg.block_n),)
+            block_k = cfg.block_k if bits == 8 else max(cfg.block_k, group // 2)  # int4: whole groups per step
+            _wq_gemv_kernel[grid](x, weight, scale.contiguous(), zero_arg, bias_arg, out, N, K, weight.shape[1],
+                                  n_groups, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+        else:
+            cfg = config or (INTERPRETER_CONFIG if interpreter else MATMUL_CONFIG)
+            block_m = max(16, min(cfg.block_m, triton.next_power_of_2(M)))
+            grid = (triton.cdiv(M, block_m) * triton.cdiv(N, cfg.block_n),)
+            _wq_matmul_kernel[grid](x, weight, scale.contiguous(), zero_arg, bias_arg, out, M, N, K, weight.shape[1],
+                                    n_groups, x.stride(0), BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+                                    BLOCK_K=cfg.block_k, GROUP_M=8,
+                                    # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
+                                    DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages, **common)
+    return out

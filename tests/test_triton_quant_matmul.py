@@ -1,0 +1,90 @@
+"""Weight-only quantized matmul kernels (int8 per channel, int4 per group) against the op references in
+ops/, on the CPU interpreter (fp32/fp16) and, with a GPU, also bf16 and the GPU block sizes. Shapes are not
+multiples of the blocks; one activation row takes the GEMV, more rows the tiled GEMM."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
+from mmaccel.ops.int4_linear import dequantize_int4, int4_linear_reference, quantize_int4_groupwise  # noqa: E402
+from mmaccel.ops.int8_linear import int8_linear_reference, quantize_per_channel  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _close(actual, expected, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("N,K", [(1, 64), (37, 128), (130, 512)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_matches_reference(dtype, M, N, K, with_bias):
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device=DEVICE, dtype=dtype)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype) if with_bias else None
+    q, s = quantize_per_channel(w)
+    out = qm.linear(x, q, s, None, bias, bits=8)
+    assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
+    _close(out, int8_linear_reference(x.float(), q, s.float(), None if bias is None else bias.float(), "none", None), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("N,K", [(1, 64), (37, 128), (130, 512)])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_matches_reference(dtype, M, N, K, group):
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device=DEVICE, dtype=dtype)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype)
+    p, s, z = quantize_int4_groupwise(w, group)
+    out = qm.linear(x, p, s, z, bias, bits=4, group=group)
+    expected = int4_linear_reference(x.float(), p, s.float(), z, group, bias.float(), "none", None)
+    _close(out, expected, dtype)
+
+
+def test_int4_quantization_round_trip():
+    """Packing is lossless (dequantize(quantize(w)) is w on the grid) and the error is what 4 bits allow."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    p, s, z = quantize_int4_groupwise(w, 32)
+    assert p.dtype == torch.uint8 and p.shape == (16, 128) and s.shape == z.shape == (16, 8)
+    deq = dequantize_int4(p, s, z, 32)
+    # each value within half a step of its group's grid
+    step = s.repeat_interleave(32, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    p2, s2, z2 = quantize_int4_groupwise(deq, 32)
+    torch.testing.assert_close(dequantize_int4(p2, s2, z2, 32), deq, rtol=1e-5, atol=1e-6)
+
+
+def test_supports_refuses_what_the_kernels_cannot_run():
+    x = torch.randn(2, 64, device=DEVICE)
+    q = torch.zeros(8, 64, dtype=torch.int8, device=DEVICE)
+    assert qm.supports(x, q, 8)
+    assert not qm.supports(x.t().contiguous().t(), q, 8)  # K not unit stride
+    assert not qm.supports(x, q.to(torch.uint8), 8)
+    packed = torch.zeros(8, 32, dtype=torch.uint8, device=DEVICE)
+    assert qm.supports(x, packed, 4, group=32)
+    assert not qm.supports(x, packed, 4, group=128)  # K not a multiple of the group
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
+def test_dequantize_kernel_matches_reference(bits, group):
+    torch.manual_seed(0)
+    w = torch.randn(5, 256, device=DEVICE)
+    if bits == 8:
+        q, s = quantize_per_channel(w)
+        z, expected = None, q.float() * s[:, None]
+    else:
+        q, s, z = quantize_int4_groupwise(w, group)
+        expected = dequantize_int4(q, s, z, group)
+    torch.testing.assert_close(qm.dequantize(q, s, z, bits, group, torch.float32), expected, rtol=1e-6, atol=1e-6)
