@@ -6,8 +6,8 @@ Properties, for every drawn program:
   (b) each pass alone (`passes=[name]`) matches eager (eager target, so a mismatch points at the pass);
   (c) every pass is idempotent: rerun on the final graph, it matches nothing and changes nothing;
   (d) the final graph lints and every node carries meta["val"] (constants: with their real shape/dtype);
-  plus: the documented explicit-attention forms become exactly one SDPA, and dynamic=True graphs match
-  eager at a second size.
+  plus: the documented explicit-attention forms become exactly one SDPA, dynamic=True graphs match
+  eager at a second size, and lossy quantization stays within the error it reports (or rolls back).
 Then plain tests for bad inputs at call time (NaN/Inf, empty tensors, wrong dtype/rank, in-place writes),
 mutation checks proving the comparison catches a planted bug, and regression tests for the compiler bugs
 these tests found (fixed since; the xfail markers left name the open ones).
@@ -167,6 +167,41 @@ def test_dynamic_shapes_match_eager_at_a_second_size(program: Program, seq2: int
         warnings.simplefilter("ignore", UserWarning)
         assert_matches_eager(compiled(*inputs), compiled._orig_mod(*inputs))
     assert all(g.status == "optimized" for g in report.graphs)
+
+
+@PROFILE_EXPENSIVE
+@given(programs(max_blocks=3, dtypes=(torch.float32, torch.float16)),
+       st.sampled_from(["int8_weight_only", "int4_weight_only", "auto"]), st.sampled_from([0.002, 0.02, 0.2]),
+       st.sampled_from(["eager", "auto", "triton"]))
+def test_lossy_passes_stay_within_the_error_they_report(program: Program, scheme: str, budget: float,
+                                                          target: str) -> None:
+    """quantize on random programs: applied, the user's error equals the measured one and is within budget;
+    rolled back, the output matches eager as the lossless pipeline does."""
+    torch._dynamo.reset()
+    note(program_source(program))
+    model, inputs = build(program), make_inputs(program)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = model(*inputs)
+        compiled = mmaccel.compile(model, target=target, quantize=scheme, accuracy_budget=budget)
+        actual = compiled(*inputs)
+    assert_optimized(compiled.mmaccel_report)
+    results = [g.pass_result("quantize") for g in compiled.mmaccel_report.graphs]
+    if all(r.matched == 0 for r in results):
+        assert_matches_eager(actual, expected)
+        return
+    (result,) = results  # programs compile to one graph
+    event(f"quantized {scheme}")
+    outs = [(a, e) for a, e in zip(_flat(actual), _flat(expected)) if e.is_floating_point() and e.numel()]
+    error = max(float((a.double() - e.double()).norm() / e.double().norm()) for a, e in outs)
+    assert result.measured_error <= budget
+    # the measurement ran on the eager target; another target adds its own float rounding
+    slack = 1e-6 if target == "eager" else (2e-3 if program.dtype == torch.float16 else 1e-4)
+    assert abs(error - result.measured_error) <= 0.05 * result.measured_error + slack, (error, result.measured_error)
+
+
+def _flat(out):
+    return [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
 
 
 def _without_input_masks(program: Program) -> Program:
