@@ -1,0 +1,186 @@
+"""CPU quantization benchmark on ViT-B/16 (224, fp32 weights) with ONNX Runtime: the plain fp32 export, ONNX
+Runtime's own dynamic int8 quantization of that file (default settings, QInt8 weights), and mmaccel's quantized
+exports (accuracy_budget 0.05, so that no variant rolls back). Latency is the median of `--repeats` runs after
+warm-up (ORT CPU provider, graph optimizations on, `--threads` intra-op threads); the variants are timed in
+interleaved rounds so that load on a shared machine falls on all of them alike (the minimum is printed too).
+Error is ||out - ref|| / ||ref|| against the fp32 PyTorch model; "pass err" is what mmaccel's pass promised.
+
+    python bench/cpu_quantize.py [--batch 1] [--repeats 30] [--threads 2] [--out bench/results/cpu_quantize.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+import mmaccel
+from mmaccel.models import build
+
+
+def ort_session(path: str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def file_mb(path: str) -> float:
+    folder, name = os.path.split(path)
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.startswith(name)) / 2**20
+
+
+def op_counts(path: str) -> dict[str, int]:
+    """Node types of the file as written (before ONNX Runtime's own fusions), the int8 ones only."""
+    counts = collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+    return {k: v for k, v in sorted(counts.items())
+            if k in ("DynamicQuantizeLinear", "MatMulInteger", "DequantizeLinear", "QuantizeLinear", "MatMul")}
+
+
+def export_variants(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], tmp: str) -> dict[str, dict]:
+    """name -> {path, setup_s} or {pending: reason}, for every variant that could be written."""
+    variants: dict[str, dict] = {}
+
+    def timed(name: str, make: Callable[[str], object]) -> None:
+        path = os.path.join(tmp, name.replace(" ", "_").replace("/", "_") + ".onnx")
+        start = time.perf_counter()
+        try:
+            result = make(path)
+        except mmaccel.InvalidOptionError as e:  # the option exists in the plan but not in this checkout yet
+            variants[name] = {"pending": str(e)}
+            return
+        variants[name] = {"path": path, "setup_s": time.perf_counter() - start}
+        graph = getattr(result, "graphs", None)
+        if graph:
+            quantize = [p for p in graph[0].passes if p.name == "quantize"]
+            if quantize:
+                variants[name]["pass_measured_error"] = quantize[0].measured_error
+
+    timed("fp32 torch.onnx.export", lambda p: torch.onnx.export(model, inputs, p, dynamo=True, opset_version=18,
+                                                                  verbose=False))
+    plain = variants["fp32 torch.onnx.export"]["path"]
+    timed("ORT quantize_dynamic QInt8", lambda p: quantize_dynamic(plain, p, weight_type=QuantType.QInt8))
+    timed("mmaccel fp32", lambda p: mmaccel.export_onnx(model, inputs, p))
+    timed("mmaccel int8_weight_only", lambda p: mmaccel.export_onnx(model, inputs, p, quantize="int8_weight_only",
+                                                                    accuracy_budget=0.05))
+    timed("mmaccel w8a8_dynamic", lambda p: mmaccel.export_onnx(model, inputs, p, quantize="w8a8_dynamic",
+                                                                accuracy_budget=0.05))
+    if "pending" in variants["mmaccel w8a8_dynamic"]:
+        for granularity in ("token", "tensor"):
+            timed(f"w8a8 op preview, per {granularity}",
+                  lambda p, g=granularity: export_w8a8_preview(model, inputs, p, g))
+    return variants
+
+
+def export_w8a8_preview(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path: str, granularity: str) -> None:
+    """Until the quantize pass offers w8a8_dynamic: the int8_weight_only export with each int8_linear written as
+    mmaccel::w8a8_linear's ONNX translation (same arguments: int8 weight [N, K] and per-channel scale), which is
+    the file the pass will write."""
+    from mmaccel.ops import OPS, OpSpec
+    from mmaccel.ops.w8a8_linear import w8a8_linear_onnx
+
+    def as_w8a8(x, qweight, scale, bias=None, activation: str = "none", residual=None):
+        return w8a8_linear_onnx(x, qweight, scale, bias, activation, residual, granularity)
+
+    int8 = torch.ops.mmaccel.int8_linear.default
+    saved = OPS[int8]
+    OPS[int8] = OpSpec(name=saved.name, op=saved.op, eager=saved.eager, onnx=as_w8a8)
+    try:
+        mmaccel.export_onnx(model, inputs, path, quantize="int8_weight_only", accuracy_budget=0.05)
+    finally:
+        OPS[int8] = saved
+
+
+def bench(batch: int, repeats: int, threads: int) -> list[dict]:
+    torch.manual_seed(0)
+    model, inputs = build("vit", size="real", batch=batch)  # ViTConfig.vit_b16: 224 px, patch 16, 12 layers
+    case = f"ViT-B/16 224 b{batch}"
+    with torch.no_grad():
+        ref = model(*inputs)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = export_variants(model, inputs, tmp)
+        runs: dict[str, Callable[[], np.ndarray]] = {}
+        for name, v in variants.items():
+            if "pending" in v:
+                rows.append({"case": case, "variant": name, "pending": v["pending"]})
+                continue
+            session = ort_session(v["path"], threads)
+            feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+            runs[name] = lambda session=session, feed=feed: session.run(None, feed)[0]
+            out = torch.from_numpy(runs[name]())
+            rows.append({"case": case, "variant": name, "rel_err_vs_fp32_torch": rel_err(out, ref),
+                         "file_mb": file_mb(v["path"]), "setup_s": v["setup_s"], "int8_ops": op_counts(v["path"]),
+                         **({"pass_measured_error": v["pass_measured_error"]} if "pass_measured_error" in v else {})})
+        times = interleaved_ms(runs, repeats)
+    for row in rows:
+        if row["variant"] in times:
+            row["median_ms"] = statistics.median(times[row["variant"]])
+            row["min_ms"] = min(times[row["variant"]])
+    return rows
+
+
+def interleaved_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'case':18} {'variant':28} {'median ms':>10} {'min ms':>8} {'rel err':>9} {'pass err':>9} {'file MB':>8}")
+    for r in rows:
+        if "pending" in r:
+            print(f"{r['case']:18} {r['variant']:28} pending: {r['pending']}")
+            continue
+        measured = f"{r['pass_measured_error']:9.2e}" if "pass_measured_error" in r else f"{'':9}"
+        print(f"{r['case']:18} {r['variant']:28} {r['median_ms']:10.1f} {r['min_ms']:8.1f} "
+              f"{r['rel_err_vs_fp32_torch']:9.2e} {measured} {r['file_mb']:8.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/cpu_quantize.json")
+    args = parser.parse_args()
+    rows: list[dict] = []
+    load_before = os.getloadavg()
+    for batch in args.batch:
+        rows += bench(batch, args.repeats, args.threads)
+    print_table(rows)
+    env = {"load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": os.getloadavg(),
+           "intra_op_threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
+           "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
+           "onnx": onnx.__version__, "python": platform.python_version(), "mmaccel": mmaccel.__version__,
+           "vnni": "avx512_vnni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
