@@ -31,6 +31,7 @@ import torch
 
 import mmaccel
 from mmaccel.models import digits
+from mmaccel.timing import times_ms
 
 # The fixed schemes ask for "every layer the scheme can take": a budget loose enough that the pass never upgrades.
 FIXED_SCHEME_BUDGET = 0.5
@@ -171,13 +172,7 @@ def quantize_summary(report: mmaccel.CompileReport) -> dict[str, Any]:
 def latency_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median (the number reported) and min of `repeats` calls after warm-up; on a shared machine the min shows
     how much of a median is other load."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = times_ms(fn, repeats, warmup)
     return {"latency_ms": statistics.median(times), "latency_min_ms": min(times)}
 
 

@@ -7,6 +7,11 @@ from typing import Callable
 
 
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    return statistics.median(times_ms(fn, repeats, warmup))
+
+
+def times_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    """Wall-clock ms of each of `repeats` calls, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -14,4 +19,4 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times

@@ -26,6 +26,15 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"fused_linear: activation {activation!r} is not one of {ACTIVATIONS}")
 
 
+def linear_epilogue(y: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+                    residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The epilogue every linear op shares: + bias, activation, + residual (eager twin of linear_epilogue_onnx)."""
+    if bias is not None:
+        y = y + bias
+    y = _activate(y, activation)
+    return y if residual is None else y + residual
+
+
 def fused_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                            activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
     y = _activate(F.linear(x, weight, bias), activation)

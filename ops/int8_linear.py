@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .fused_linear import _activate
+from .fused_linear import linear_epilogue
 from .registry import OpSpec, register
 
 
@@ -24,11 +24,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                           activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    y = F.linear(x, qweight.to(x.dtype)) * scale
-    if bias is not None:
-        y = y + bias
-    y = _activate(y, activation)
-    return y if residual is None else y + residual
+    return linear_epilogue(F.linear(x, qweight.to(x.dtype)) * scale, bias, activation, residual)
 
 
 @torch.library.custom_op("mmaccel::int8_linear", mutates_args=())

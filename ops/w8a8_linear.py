@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .fused_linear import _activate
+from .fused_linear import linear_epilogue
 from .registry import OpSpec, register
 
 TINY = torch.finfo(torch.float32).tiny
@@ -78,16 +78,13 @@ def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.
                           activation: str, residual: Optional[torch.Tensor],
                           granularity: str = "token") -> torch.Tensor:
     if x.numel() == 0:  # no row to take a range from: the empty (or bias-only, K = 0) result of a plain linear
-        y = torch.nn.functional.linear(x, qweight.to(x.dtype), bias)
+        y = torch.nn.functional.linear(x, qweight.to(x.dtype))
     else:
         q, zero, scale, r = quantize_activation(x, granularity)
         acc = integer_matmul(q.reshape(-1, x.shape[-1]), zero, qweight).reshape(*x.shape[:-1], qweight.shape[0])
         y = acc.float() * (scale * wscale.float())
         y = (y if r is None else y * r).to(x.dtype)
-        if bias is not None:
-            y = y + bias
-    y = _activate(y, activation)
-    return y if residual is None else y + residual
+    return linear_epilogue(y, bias, activation, residual)
 
 
 @torch.library.custom_op("mmaccel::w8a8_linear", mutates_args=())
