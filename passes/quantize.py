@@ -36,7 +36,7 @@ from ..compiler.errors import warn_once
 from ..ops.int4_linear import quantize_int4_groupwise
 from ..ops.int8_linear import quantize_per_channel
 from .patterns import add_constant, constant_value, is_constant, layer_name
-from .pipeline import PassContext, PassResult, _copy_graph, clone_module
+from .pipeline import PassContext, PassResult, clone_module
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 ORIGINAL = "original"
