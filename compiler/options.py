@@ -11,8 +11,8 @@ from .errors import InvalidOptionError
 TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
 # Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
-QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "auto")
-PLANNED_QUANTIZE = ("w8a8_dynamic", "fp8")
+QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "auto")
+PLANNED_QUANTIZE = ("fp8",)
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")

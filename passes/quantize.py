@@ -5,8 +5,15 @@ model within options.accuracy_budget.
 Precisions (cheapest first) and the schemes that may use them:
     int4_g128, int4_g64, int4_g32   int4 weight-only, asymmetric, per group of 128/64/32 input channels
     int8                            int8 weight-only, symmetric, per output channel
+    w8a8_tensor, w8a8_token         the int8 weight of int8, and the activation quantized to 8 bits at run time
+                                    (one range per tensor, or per token: ops/w8a8_linear.py); integer matmul
     original                        the layer as it was (always allowed: it is how a budget is met)
-    quantize="int8_weight_only": int8 | original;  "int4_weight_only": int4_* | original;  "auto": all.
+    quantize="int8_weight_only": int8 | original;  "int4_weight_only": int4_* | original;
+    "w8a8_dynamic": w8a8_tensor | w8a8_token | original;  "auto": the weight-only precisions (int4_*, int8).
+"auto" leaves W8A8 out: its weight bytes are those of int8, so a solver that prices bytes would never prefer
+it; it is chosen by name where integer matmuls are the fast path (ONNX Runtime on CPU, int8 tensor cores for
+prefill). Per tensor and per token cost the same bytes; per tensor is measured first (ONNX Runtime fuses it
+into one kernel), per token is the upgrade when a layer's tokens have very different ranges.
 
 The solver (hierarchy-aware mixed precision):
 1. Every layer at its cheapest precision; the model's error is measured on the calibration inputs (the
@@ -43,6 +50,7 @@ ORIGINAL = "original"
 LADDERS = {
     "int8_weight_only": ("int8", ORIGINAL),
     "int4_weight_only": ("int4_g128", "int4_g64", "int4_g32", ORIGINAL),
+    "w8a8_dynamic": ("w8a8_tensor", "w8a8_token", ORIGINAL),
     "auto": ("int4_g128", "int4_g64", "int4_g32", "int8", ORIGINAL),
 }
 MAX_ROUNDS = 4
@@ -78,6 +86,8 @@ def _quantized_args(precision: str, weight: torch.Tensor) -> tuple[Any, list[tor
     """(op, constant tensors in argument order) for `precision`, or None when the weight does not fit it."""
     if precision == "int8":
         return torch.ops.mmaccel.int8_linear.default, list(quantize_per_channel(weight))
+    if precision.startswith("w8a8_"):
+        return torch.ops.mmaccel.w8a8_linear.default, list(quantize_per_channel(weight))
     group = int(precision.removeprefix("int4_g"))
     if weight.shape[1] % group:
         return None
@@ -102,13 +112,16 @@ class _Candidates:
         return self.made[key]
 
 
-def _replace(graph: fx.Graph, node: fx.Node, op: Any, tensors: list[torch.Tensor],
+def _replace(graph: fx.Graph, node: fx.Node, precision: str, op: Any, tensors: list[torch.Tensor],
              add: Callable[[str, torch.Tensor], str]) -> None:
     x, weight, bias, activation, residual = node.args
     with graph.inserting_before(node):
         if op is torch.ops.mmaccel.int8_linear.default:
             q, scale = (graph.get_attr(add(f"_int8_{part}", t)) for part, t in zip(("weight", "scale"), tensors))
             args = (x, q, scale, bias, activation, residual)
+        elif op is torch.ops.mmaccel.w8a8_linear.default:
+            q, scale = (graph.get_attr(add(f"_int8_{part}", t)) for part, t in zip(("weight", "scale"), tensors))
+            args = (x, q, scale, bias, activation, residual, precision.removeprefix("w8a8_"))
         else:  # int4: packed [N, K/2], scale and zero [N, K/group]
             packed, scale, zero = (graph.get_attr(add(f"_int4_{part}", t))
                                    for part, t in zip(("weight", "scale", "zero"), tensors))
@@ -134,7 +147,7 @@ def _assemble(gm: fx.GraphModule, candidates: _Candidates, choice: dict[str, str
     nodes = {n.name: n for n in graph.nodes}
     for node_name, precision in choice.items():
         if precision != ORIGINAL:
-            _replace(graph, nodes[node_name], *candidates.get(nodes[node_name], precision), add)
+            _replace(graph, nodes[node_name], precision, *candidates.get(nodes[node_name], precision), add)
     return fx.GraphModule(root, graph)
 
 
@@ -197,7 +210,8 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                           details=_details(layers, cost, measured_layers))
     for layer in quantized:  # the chosen mix, now for real
         node = by_node[layer.node]
-        _replace(gm.graph, node, *candidates.get(node, layer.chosen), lambda p, t: add_constant(gm, p, t))
+        _replace(gm.graph, node, layer.chosen, *candidates.get(node, layer.chosen),
+                 lambda p, t: add_constant(gm, p, t))
     gm.recompile()
     mix = ", ".join(f"{p} x{n}" for p, n in _count(layer.chosen for layer in layers).items())
     summary = (f"{scheme}: {len(quantized)} of {len(layers)} linear(s) quantized ({mix}); weights "

@@ -100,9 +100,9 @@ def test_onnx_export_writes_int8_weights_that_plain_onnxruntime_runs(tmp_path):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("scheme,budget", [("int4_weight_only", 0.05), ("auto", 0.01)])
+@pytest.mark.parametrize("scheme,budget", [("int4_weight_only", 0.05), ("auto", 0.01), ("w8a8_dynamic", 0.004)])
 def test_mixed_precision_keeps_the_promised_error_on_every_target(scheme, budget, target):
-    """int4 and the auto mix: the solver's measured error is within the budget and is the user's error."""
+    """int4, W8A8 and the auto mix: the solver's measured error is within the budget and is the user's error."""
     torch.manual_seed(0)
     model, inputs = build("vlm_decode", size="tiny", batch=1, seq=8)
     with torch.no_grad():
@@ -113,11 +113,12 @@ def test_mixed_precision_keeps_the_promised_error_on_every_target(scheme, budget
     assert result.matched >= 1 and result.measured_error <= budget
     assert _relative_error(actual, expected) == pytest.approx(result.measured_error, rel=0.05)
     layers = result.details["layers"]
-    assert len(layers) == 9 and {row["precision"] for row in layers} <= {
-        "int4_g128", "int4_g64", "int4_g32", "int8", "original"}
-    if scheme == "int4_weight_only":
-        assert "int8" not in {row["precision"] for row in layers}
-    assert "int4" in str(compiled.mmaccel_report)  # the per-layer table is in the printed report
+    precisions = {row["precision"] for row in layers}
+    allowed = {"w8a8_dynamic": {"w8a8_tensor", "w8a8_token", "original"},
+               "int4_weight_only": {"int4_g128", "int4_g64", "int4_g32", "original"}}.get(
+                   scheme, {"int4_g128", "int4_g64", "int4_g32", "int8", "original"})
+    assert len(layers) == 9 and precisions <= allowed
+    assert sorted(precisions - {"original"})[0].split("_")[0] in str(compiled.mmaccel_report)  # per-layer table
 
 
 def test_auto_spends_precision_where_the_model_is_sensitive():
@@ -178,3 +179,27 @@ def test_calibration_through_torch_compile_directly_names_the_fix():
     compiled = torch.compile(model, backend="mmaccel", options={"quantize": "auto", "calibration": [torch.randn(1, 4)]})
     with pytest.raises(Exception, match="mmaccel.compile"):
         compiled(torch.randn(1, 4))
+
+
+def test_w8a8_onnx_export_runs_integer_matmuls_in_plain_onnxruntime(tmp_path):
+    """W8A8 dynamic: the file holds int8 weights, quantizes activations with DynamicQuantizeLinear and multiplies
+    with MatMulInteger (standard ops, which ONNX Runtime fuses); ONNX Runtime without mmaccel gives the error
+    the pass measured."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model, inputs = build("vit", size="tiny", batch=2)
+    path = tmp_path / "w8a8.onnx"
+    report = mmaccel.export_onnx(model, inputs, path, quantize="w8a8_dynamic", accuracy_budget=0.02)
+    result = report.graphs[0].pass_result("quantize")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert result.matched >= 8 and len(weights) == result.matched
+    assert ops.count("MatMulInteger") == result.matched and "DynamicQuantizeLinear" in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert 0 < result.measured_error <= 0.02
+    assert _relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)

@@ -88,3 +88,22 @@ def test_dequantize_kernel_matches_reference(bits, group):
         q, s, z = quantize_int4_groupwise(w, group)
         expected = dequantize_int4(q, s, z, group)
     torch.testing.assert_close(qm.dequantize(q, s, z, bits, group, torch.float32), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 5, 17])
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_w8a8_matches_reference(dtype, M, granularity):
+    """W8A8 dynamic: up to 16 rows the int8 kernels on the dequantized activation, beyond them the integer
+    matmul; both give the reference's values up to float32 summation order."""
+    from mmaccel.ops.w8a8_linear import w8a8_linear_reference
+
+    torch.manual_seed(1)
+    N, K = 37, 256
+    w = torch.randn(N, K, device=DEVICE)
+    x = (torch.randn(M, K, device=DEVICE) * torch.linspace(0.1, 3, M, device=DEVICE)[:, None]).to(dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype)
+    q, s = quantize_per_channel(w)
+    out = qm.w8a8_linear(x, q, s, bias, granularity)
+    assert out.shape == (M, N) and out.dtype == dtype
+    _close(out, w8a8_linear_reference(x, q, s, bias, "none", None, granularity), dtype)

@@ -89,25 +89,32 @@ def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
 
 
 def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
-    """mmaccel::int8_linear / int4_linear -> the weight-only quantized matmul (dequantization fused into the
-    kernel, backends/triton/quant_matmul.py) and the same pointwise epilogue as fused_linear."""
+    """mmaccel's quantized linears -> backends/triton/quant_matmul.py and the same pointwise epilogue as
+    fused_linear. int8_linear / int4_linear: the weight-only matmul with the dequantization fused into the
+    kernel; w8a8_linear: those kernels on the dequantized activation for decode, the integer matmul beyond."""
     from . import quant_matmul
 
-    if node.target is torch.ops.mmaccel.int8_linear.default:
-        x, qweight, scale, bias, activation, residual = node.args
-        zero, bits, group = None, 8, 0
+    x, qweight = node.args[:2]
+    x2 = emit(graph, aten.reshape.default, x, [-1, x.meta["val"].shape[-1]])
+    if node.target is torch.ops.mmaccel.w8a8_linear.default:
+        _, _, wscale, bias, activation, residual, *rest = node.args
+        granularity = rest[0] if rest else node.kwargs.get("granularity", "token")
+        matmul, args = quant_matmul.w8a8_linear, (x2, qweight, wscale, bias, granularity)
     else:
-        x, qweight, scale, zero, group, bias, activation, residual = node.args
-        bits = 4
-    xs = x.meta["val"].shape
+        if node.target is torch.ops.mmaccel.int8_linear.default:
+            _, _, scale, bias, activation, residual = node.args
+            zero, bits, group = None, 8, 0
+        else:
+            _, _, scale, zero, group, bias, activation, residual = node.args
+            bits = 4
+        if not quant_matmul.supports(x2.meta["val"], qweight.meta["val"], bits, group):
+            graph.erase_node(x2)  # the op then runs its reference implementation
+            return None
+        matmul, args = quant_matmul.linear, (x2, qweight, scale, zero, bias, bits, group)
     n = qweight.meta["val"].shape[0]
-    x2 = emit(graph, aten.reshape.default, x, [-1, xs[-1]])
-    if not quant_matmul.supports(x2.meta["val"], qweight.meta["val"], bits, group):
-        graph.erase_node(x2)  # the op then runs its reference implementation
-        return None
-    y = graph.call_function(quant_matmul.linear, (x2, qweight, scale, zero, bias, bits, group))
+    y = graph.call_function(matmul, args)
     y.meta["val"] = x2.meta["val"].new_empty((x2.meta["val"].shape[0], n))
-    y = emit(graph, aten.reshape.default, y, [*xs[:-1], n])
+    y = emit(graph, aten.reshape.default, y, [*x.meta["val"].shape[:-1], n])
     y = _ACTIVATIONS[activation](graph, y)
     if residual is not None:
         y = emit(graph, aten.add.Tensor, y, residual)
@@ -123,6 +130,7 @@ _ACTIVATIONS = {
 COMPOSITES = {
     torch.ops.mmaccel.int8_linear.default: _quantized_linear,
     torch.ops.mmaccel.int4_linear.default: _quantized_linear,
+    torch.ops.mmaccel.w8a8_linear.default: _quantized_linear,
     aten.native_layer_norm.default: _layer_norm,
     aten._softmax.default: _softmax,
     torch.ops.mmaccel.fused_linear.default: _fused_linear,

@@ -227,3 +227,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Opt
                                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages, **common)
     return out
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor],
+                granularity: str) -> torch.Tensor:
+    """mmaccel::w8a8_linear (activation quantized at run time, ops/w8a8_linear.py) on x [M, K], without the
+    epilogue, as a new [M, N] tensor in x.dtype. Up to 16 rows (decode) the int8 weight-only kernels above on
+    the dequantized activation (q - zero) * scale * r: the same weight bytes, one pass, and the same values as
+    the integer matmul up to float32 summation order. More rows on a GPU: the integer matmul of the reference
+    (int8 tensor cores through torch._int_mm: twice the bf16 rate)."""
+    from ...ops.w8a8_linear import quantize_activation, w8a8_linear_reference
+
+    if x.shape[0] > MAX_KERNEL_ROWS or not supports(x, qweight, 8):
+        return w8a8_linear_reference(x, qweight, wscale, bias, "none", None, granularity)
+    q, zero, scale, r = quantize_activation(x, granularity)
+    x_hat = (q - zero) * scale
+    x_hat = (x_hat if r is None else x_hat * r).contiguous()
+    return linear(x_hat, qweight, wscale, None, None if bias is None else bias.float(), bits=8).to(x.dtype)
