@@ -213,13 +213,18 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
     "inductor_cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead"),
     "mmaccel": _mmaccel("auto"),
     "mmaccel_cudagraphs": _mmaccel(True),
-    # Lossy, opt-in (issue 5): weight-only quantized linears. The models here have random weights, so the
-    # budgets only decide that every layer takes the scheme's cheapest precision (int8; int4 in groups of
-    # 128); accuracy on trained weights is measured elsewhere (bench/quantize_accuracy.py, tests).
+    # Lossy, opt-in (issue 5): quantized linears. The models here have random weights, so the budgets only
+    # decide that every layer takes the scheme's cheapest precision (int8; int4 in groups of 128; W8A8 and
+    # fp8 with per-tensor scales); accuracy on trained weights is measured elsewhere
+    # (bench/quantize_accuracy.py, tests).
     "mmaccel_int8": lambda m: torch.compile(m, backend="mmaccel", options={
         "target": "triton", "quantize": "int8_weight_only", "accuracy_budget": 0.05}),
     "mmaccel_int4": lambda m: torch.compile(m, backend="mmaccel", options={
         "target": "triton", "quantize": "int4_weight_only", "accuracy_budget": 0.5}),
+    "mmaccel_w8a8": lambda m: torch.compile(m, backend="mmaccel", options={
+        "target": "triton", "quantize": "w8a8_dynamic", "accuracy_budget": 0.2}),
+    "mmaccel_fp8": lambda m: torch.compile(m, backend="mmaccel", options={
+        "target": "triton", "quantize": "fp8", "accuracy_budget": 0.2}),
 }
 BASELINES = ("eager", "inductor", "inductor_cudagraphs")
 

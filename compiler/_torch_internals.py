@@ -15,11 +15,16 @@ from torch._guards import TracingContext, detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _hint_without_guard
+except ImportError:  # torch before optimization_hint: its predecessor
+    from torch.fx.experimental.symbolic_shapes import hint_int as _hint_without_guard
+
 from .errors import InvalidOptionError
 
 __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
-    "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor",
+    "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
 ]
 
 
@@ -64,6 +69,14 @@ def is_static_tensor(t: Any) -> bool:
     if isinstance(t, torch.nn.Parameter):
         return True
     return torch._dynamo.utils.get_static_address_type(t) is not None
+
+
+def concrete_inputs(example_inputs: Sequence[Any]) -> list[Any]:
+    """Dynamo's example inputs with each SymInt (a dynamic size, e.g. the text length of a decoder graph)
+    replaced by the int it had in the call being compiled, read without adding a guard. Running a graph
+    on the SymInt itself (a real-tensor op evaluates it) would guard it to that int: the compiled graph
+    becomes static, and the next length recompiles."""
+    return [_hint_without_guard(a) if isinstance(a, torch.SymInt) else a for a in example_inputs]
 
 
 def graph_break_count() -> dict[str, int]:

@@ -9,7 +9,8 @@ import torch.fx as fx
 
 from ..backends import compile_for_target, resolve_target
 from ..passes.pipeline import PassContext, clone_module, run_pipeline
-from ._torch_internals import RESTART_EXCEPTIONS, DynamoVisibleOptionError, detect_fake_mode, lower_with_aot, unset_fake_temporarily
+from ._torch_internals import (RESTART_EXCEPTIONS, DynamoVisibleOptionError, concrete_inputs, detect_fake_mode,
+                               lower_with_aot, unset_fake_temporarily)
 from .calibration import GraphSamples, graph_key
 from .debug import DebugDump
 from .errors import InvalidOptionError, warn_once
@@ -96,8 +97,9 @@ class Backend:
         frozen = freeze_parameters(aten_gm, real_inputs)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         kept_inputs = [real_inputs[i] for i in frozen.kept]
+        # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them
         ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump,
-                          example_inputs=kept_inputs,
+                          example_inputs=concrete_inputs(kept_inputs),
                           calibration=None if not calibration else [[s[i] for i in frozen.kept] for s in calibration])
         record.passes = run_pipeline(aten_gm, ctx)
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)

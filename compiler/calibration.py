@@ -5,7 +5,11 @@ keeps every graph's real inputs, keyed by the graph's code and input signature; 
 finds the samples of the graph it compiles under the same key.
 
 Running the samples executes the model eagerly (in place updates such as KV-cache writes happen, as in any
-call). Parameters are kept by reference; other tensor inputs are copied, before the graph runs."""
+call). Parameters are kept by reference; other tensor inputs are copied, before the graph runs.
+
+A sample's tensors run contiguous: a slice such as `ids[:, :t]` keeps its parent's strides, and once Dynamo
+makes the sliced size dynamic it makes that stride an input of the graph too, so the recorded graph would not
+be the one the model's calls (on fresh, contiguous tensors) compile, and its samples would reach no graph."""
 from __future__ import annotations
 
 import hashlib
@@ -41,5 +45,5 @@ def record_graph_inputs(model: Callable, samples: Sequence[Sequence[Any]]) -> Gr
     compiled = torch.compile(model, backend=recorder)
     with torch.no_grad():
         for sample in progress(samples, desc="mmaccel: calibration (recording graph inputs)"):
-            compiled(*sample)
+            compiled(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in sample))
     return dict(recorded)

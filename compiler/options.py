@@ -11,8 +11,7 @@ from .errors import InvalidOptionError
 TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
 # Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
-QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "auto")
-PLANNED_QUANTIZE = ("fp8",)
+QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8", "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -55,8 +54,6 @@ class CompileOptions:
         if not any(cuda_graphs is c or (isinstance(c, str) and cuda_graphs == c) for c in CUDA_GRAPHS):
             raise InvalidOptionError(f"option 'cuda_graphs'={cuda_graphs!r} is not valid; choose True, False or 'auto'")
         quantize = options.get("quantize")
-        if quantize in PLANNED_QUANTIZE:
-            raise InvalidOptionError(f"option 'quantize'={quantize!r} is not available yet; available: {list(QUANTIZE)}")
         if quantize not in QUANTIZE:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
         budget = options.get("accuracy_budget", 0.01)

@@ -4,6 +4,6 @@ Passes insert these ops; backends lower them through OPS."""
 from __future__ import annotations
 
 from .registry import OPS, OpSpec
-from . import fused_linear, int4_linear, int8_linear, w8a8_linear  # noqa: F401  (registers the ops)
+from . import fp8_linear, fused_linear, int4_linear, int8_linear, w8a8_linear  # noqa: F401  (registers the ops)
 
 __all__ = ["OPS", "OpSpec"]

@@ -15,6 +15,8 @@ class OpSpec:
     eager: Callable[..., torch.Tensor]
     # ONNX Script translation for torch.onnx's custom_translation_table (standard ONNX ops only).
     onnx: Callable[..., object] | None = None
+    # The lowest ONNX opset the translation is valid at (a graph holding the op is exported at it or later).
+    onnx_opset: int = 18
 
 
 OPS: dict[torch._ops.OpOverload, OpSpec] = {}

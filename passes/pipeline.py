@@ -39,7 +39,8 @@ class PassContext:
     options: CompileOptions
     fake_mode: FakeTensorMode
     dump: Callable[[str, fx.GraphModule], None] = lambda stage, gm: None
-    # Real inputs of the graph (after freezing), on which lossy passes measure the error they introduce.
+    # Real inputs of the graph (after freezing; a dynamic size as the int it has in the call being compiled),
+    # on which lossy passes measure the error they introduce.
     example_inputs: Sequence[Any] | None = None
     # Calibration: several sets of the graph's inputs (same layout as example_inputs); lossy passes measure
     # on these instead when given.

@@ -7,13 +7,18 @@ Precisions (cheapest first) and the schemes that may use them:
     int8                            int8 weight-only, symmetric, per output channel
     w8a8_tensor, w8a8_token         the int8 weight of int8, and the activation quantized to 8 bits at run time
                                     (one range per tensor, or per token: ops/w8a8_linear.py); integer matmul
+    fp8_row                         float8 e4m3 weight and activation (quantized at run time), one scale per
+                                    output row and per token (ops/fp8_linear.py); fp8 matmul
     original                        the layer as it was (always allowed: it is how a budget is met)
     quantize="int8_weight_only": int8 | original;  "int4_weight_only": int4_* | original;
-    "w8a8_dynamic": w8a8_tensor | w8a8_token | original;  "auto": the weight-only precisions (int4_*, int8).
-"auto" leaves W8A8 out: its weight bytes are those of int8, so a solver that prices bytes would never prefer
+    "w8a8_dynamic": w8a8_tensor | w8a8_token | original;  "fp8": fp8_row | original;
+    "auto": the weight-only precisions (int4_*, int8).
+"auto" leaves W8A8 and fp8 out: their weight bytes are those of int8, so a solver that prices bytes would never prefer
 it; it is chosen by name where integer matmuls are the fast path (ONNX Runtime on CPU, int8 tensor cores for
 prefill). Per tensor and per token cost the same bytes; per tensor is measured first (ONNX Runtime fuses it
-into one kernel), per token is the upgrade when a layer's tokens have very different ranges.
+into one kernel), per token is the upgrade when a layer's tokens have very different ranges. fp8 takes per-row
+scales only: on the GPU a token's scale and its fp8 values come from one pass over the token, while one scale
+for the tensor needs a pass over all tokens first, and e4m3's relative step makes per-row never the coarser.
 
 The solver (hierarchy-aware mixed precision):
 1. Every layer at its cheapest precision; the model's error is measured on the calibration inputs (the
@@ -40,6 +45,7 @@ import torch
 import torch.fx as fx
 
 from ..compiler.errors import warn_once
+from ..ops.fp8_linear import fp8_matmul_available, quantize_fp8_weight
 from ..ops.int4_linear import quantize_int4_groupwise
 from ..ops.int8_linear import quantize_per_channel
 from .patterns import add_constant, constant_value, is_constant, layer_name
@@ -51,6 +57,7 @@ LADDERS = {
     "int8_weight_only": ("int8", ORIGINAL),
     "int4_weight_only": ("int4_g128", "int4_g64", "int4_g32", ORIGINAL),
     "w8a8_dynamic": ("w8a8_tensor", "w8a8_token", ORIGINAL),
+    "fp8": ("fp8_row", ORIGINAL),
     "auto": ("int4_g128", "int4_g64", "int4_g32", "int8", ORIGINAL),
 }
 MAX_ROUNDS = 4
@@ -88,6 +95,8 @@ def _quantized_args(precision: str, weight: torch.Tensor) -> tuple[Any, list[tor
         return torch.ops.mmaccel.int8_linear.default, list(quantize_per_channel(weight))
     if precision.startswith("w8a8_"):
         return torch.ops.mmaccel.w8a8_linear.default, list(quantize_per_channel(weight))
+    if precision.startswith("fp8_"):
+        return torch.ops.mmaccel.fp8_linear.default, list(quantize_fp8_weight(weight, precision.removeprefix("fp8_")))
     group = int(precision.removeprefix("int4_g"))
     if weight.shape[1] % group:
         return None
@@ -119,9 +128,10 @@ def _replace(graph: fx.Graph, node: fx.Node, precision: str, op: Any, tensors: l
         if op is torch.ops.mmaccel.int8_linear.default:
             q, scale = (graph.get_attr(add(f"_int8_{part}", t)) for part, t in zip(("weight", "scale"), tensors))
             args = (x, q, scale, bias, activation, residual)
-        elif op is torch.ops.mmaccel.w8a8_linear.default:
-            q, scale = (graph.get_attr(add(f"_int8_{part}", t)) for part, t in zip(("weight", "scale"), tensors))
-            args = (x, q, scale, bias, activation, residual, precision.removeprefix("w8a8_"))
+        elif op in (torch.ops.mmaccel.w8a8_linear.default, torch.ops.mmaccel.fp8_linear.default):
+            kind, granularity = precision.split("_")
+            q, scale = (graph.get_attr(add(f"_{kind}_{part}", t)) for part, t in zip(("weight", "scale"), tensors))
+            args = (x, q, scale, bias, activation, residual, granularity)
         else:  # int4: packed [N, K/2], scale and zero [N, K/group]
             packed, scale, zero = (graph.get_attr(add(f"_int4_{part}", t))
                                    for part, t in zip(("weight", "scale", "zero"), tensors))
@@ -171,6 +181,10 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers.append(Layer(node.name, layer_name(node), tuple(w.shape), _bytes([w]), precisions, {ORIGINAL: 0.0}))
     if not layers:
         return PassResult(changes=["no linear layer with a frozen weight"])
+    if scheme == "fp8" and not fp8_matmul_available(w.device):
+        warn_once(f"mmaccel: quantize='fp8' on {w.device}, which has no fp8 matmul (CUDA GPUs of compute capability "
+                  "8.9 or newer have one): the fp8 layers run an exact float32 emulation, slower than the original "
+                  "model. On this device use quantize='w8a8_dynamic' or 'int8_weight_only'.")
     by_node = {n.name: n for n in gm.graph.nodes}
 
     def cost(layer: Layer, precision: str) -> int:

@@ -53,6 +53,18 @@ def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0,
         assert actual == expected
 
 
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def linear_epilogue_of(y: torch.Tensor, bias: torch.Tensor, activation: str, residual: torch.Tensor) -> torch.Tensor:
+    """activation(y + bias) + residual, written out independently of ops.fused_linear (for op tests)."""
+    import torch.nn.functional as F
+
+    act = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+           "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
+    return act(y + bias) + residual
+
+
 def compile_and_check(model: Callable, *inputs: Any, dynamic: bool | None = None, **options: Any):
     """Compile with mmaccel, run once, assert it matches eager; returns (compiled, report)."""
     with torch.no_grad():

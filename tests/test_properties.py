@@ -171,7 +171,7 @@ def test_dynamic_shapes_match_eager_at_a_second_size(program: Program, seq2: int
 
 @PROFILE_EXPENSIVE
 @given(programs(max_blocks=3, dtypes=(torch.float32, torch.float16)),
-       st.sampled_from(["int8_weight_only", "int4_weight_only", "w8a8_dynamic", "auto"]),
+       st.sampled_from(["int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8", "auto"]),
        st.sampled_from([0.002, 0.02, 0.2]),
        st.sampled_from(["eager", "auto", "triton"]))
 def test_lossy_passes_stay_within_the_error_they_report(program: Program, scheme: str, budget: float,

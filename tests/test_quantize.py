@@ -64,7 +64,6 @@ def test_default_never_quantizes():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"quantize": "fp8"}, "not available yet"),
     ({"calibration": [torch.randn(2)]}, "only matters to lossy passes"),
     ({"quantize": "auto", "calibration": torch.randn(2, 2)}, "iterable of samples"),
     ({"quantize": "auto", "calibration": []}, "is empty"),
@@ -100,9 +99,11 @@ def test_onnx_export_writes_int8_weights_that_plain_onnxruntime_runs(tmp_path):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("scheme,budget", [("int4_weight_only", 0.05), ("auto", 0.01), ("w8a8_dynamic", 0.004)])
+@pytest.mark.parametrize("scheme,budget", [("int4_weight_only", 0.05), ("auto", 0.01), ("w8a8_dynamic", 0.004),
+                                           ("fp8", 0.02)])
 def test_mixed_precision_keeps_the_promised_error_on_every_target(scheme, budget, target):
-    """int4, W8A8 and the auto mix: the solver's measured error is within the budget and is the user's error."""
+    """int4, W8A8, fp8 and the auto mix: the solver's measured error is within the budget and is the user's
+    error."""
     torch.manual_seed(0)
     model, inputs = build("vlm_decode", size="tiny", batch=1, seq=8)
     with torch.no_grad():
@@ -115,6 +116,7 @@ def test_mixed_precision_keeps_the_promised_error_on_every_target(scheme, budget
     layers = result.details["layers"]
     precisions = {row["precision"] for row in layers}
     allowed = {"w8a8_dynamic": {"w8a8_tensor", "w8a8_token", "original"},
+               "fp8": {"fp8_row", "original"},
                "int4_weight_only": {"int4_g128", "int4_g64", "int4_g32", "original"}}.get(
                    scheme, {"int4_g128", "int4_g64", "int4_g32", "int8", "original"})
     assert len(layers) == 9 and precisions <= allowed
@@ -202,4 +204,33 @@ def test_w8a8_onnx_export_runs_integer_matmuls_in_plain_onnxruntime(tmp_path):
     with torch.no_grad():
         expected = model(*inputs)
     assert 0 < result.measured_error <= 0.02
+    assert _relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)
+
+
+def test_fp8_warns_once_off_gpu_and_exports_float8_weights_that_plain_onnxruntime_runs(tmp_path):
+    """fp8 where there is no fp8 matmul (this CPU): one warning naming the device and the alternatives, and
+    still the promised error. The ONNX file (opset 21) holds 1-byte float8 weights and runs in ONNX Runtime."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model, inputs = build("vit", size="tiny", batch=2)
+    path = tmp_path / "fp8.onnx"
+    from mmaccel.compiler import errors
+
+    errors._warned.clear()  # earlier tests of this process may have had the warning already
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = mmaccel.export_onnx(model, inputs, path, quantize="fp8", accuracy_budget=0.05)
+    fp8_warnings = [w for w in caught if "quantize='fp8' on cpu" in str(w.message)]
+    assert len(fp8_warnings) == 1 and "w8a8_dynamic" in str(fp8_warnings[0].message)
+    result = report.graphs[0].pass_result("quantize")
+    model_proto = onnx.load(str(path))
+    weights = [i for i in model_proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert result.matched >= 8 and len(weights) == result.matched
+    assert max(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert 0 < result.measured_error <= 0.05
     assert _relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)

@@ -15,8 +15,9 @@ from mmaccel.ops import OPS
 from mmaccel.ops.int8_linear import quantize_per_channel
 from mmaccel.ops.w8a8_linear import integer_matmul, quantize_activation, w8a8_linear_reference
 
+from conftest import ACTIVATIONS, linear_epilogue_of
+
 W8A8 = torch.ops.mmaccel.w8a8_linear.default
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -103,8 +104,7 @@ def test_epilogue_is_the_linear_epilogue(activation):
     _, q, s, b = _linear(12, 20)
     x, residual = torch.randn(3, 5, 20), torch.randn(3, 5, 12)
     plain = w8a8_linear_reference(x, q, s, None, "none", None)
-    expected = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-                "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](plain + b) + residual
+    expected = linear_epilogue_of(plain, b, activation, residual)
     assert torch.equal(w8a8_linear_reference(x, q, s, b, activation, residual), expected)
 
 

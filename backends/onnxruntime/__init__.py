@@ -82,7 +82,10 @@ def to_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     translations = {op: spec.onnx for op, spec in OPS.items() if spec.onnx is not None}
     translations.update(ATEN_TRANSLATIONS)
     gm.eval()
-    return torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=OPSET,
+    # opset 18 unless an op's translation needs a later one (fp8: float8 QuantizeLinear with block_size, 21)
+    opset = max([OPSET] + [OPS[n.target].onnx_opset for n in gm.graph.nodes
+                           if n.op == "call_function" and n.target in OPS])
+    return torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=opset,
                              dynamic_shapes=dynamic_dims(gm), custom_translation_table=translations,
                              optimize=True, verbose=False)
 
@@ -143,8 +146,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
     import onnxruntime as ort
 
     for node in gm.graph.nodes:  # inputs, intermediates and outputs alike: ORT and numpy must hold them
+        allowed = _NUMPY_DTYPES if node.op != "get_attr" else (*_NUMPY_DTYPES, torch.float8_e4m3fn)  # initializers
         for val in torch.utils._pytree.tree_leaves(node.meta.get("val")):
-            if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in _NUMPY_DTYPES):
+            if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in allowed):
                 raise Unsupported(f"{node.name} is {val.dtype} on {val.device}; the ONNX Runtime target runs CPU "
                                   f"tensors of {sorted(str(d).removeprefix('torch.') for d in _NUMPY_DTYPES)}")
     gm = clone_module(gm)  # on Unsupported the caller falls back with the untouched graph

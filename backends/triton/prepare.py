@@ -91,15 +91,18 @@ def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
 def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
     """mmaccel's quantized linears -> backends/triton/quant_matmul.py and the same pointwise epilogue as
     fused_linear. int8_linear / int4_linear: the weight-only matmul with the dequantization fused into the
-    kernel; w8a8_linear: those kernels on the dequantized activation for decode, the integer matmul beyond."""
+    kernel; w8a8_linear: those kernels on the dequantized activation for decode, the integer matmul beyond;
+    fp8_linear: the scaled fp8 matmul."""
     from . import quant_matmul
 
     x, qweight = node.args[:2]
     x2 = emit(graph, aten.reshape.default, x, [-1, x.meta["val"].shape[-1]])
-    if node.target is torch.ops.mmaccel.w8a8_linear.default:
+    if node.target in (torch.ops.mmaccel.w8a8_linear.default, torch.ops.mmaccel.fp8_linear.default):
         _, _, wscale, bias, activation, residual, *rest = node.args
-        granularity = rest[0] if rest else node.kwargs.get("granularity", "token")
-        matmul, args = quant_matmul.w8a8_linear, (x2, qweight, wscale, bias, granularity)
+        w8a8 = node.target is torch.ops.mmaccel.w8a8_linear.default
+        granularity = rest[0] if rest else node.kwargs.get("granularity", "token" if w8a8 else "row")
+        matmul = quant_matmul.w8a8_linear if w8a8 else quant_matmul.fp8_linear
+        args = (x2, qweight, wscale, bias, granularity)
     else:
         if node.target is torch.ops.mmaccel.int8_linear.default:
             _, _, scale, bias, activation, residual = node.args
@@ -131,6 +134,7 @@ COMPOSITES = {
     torch.ops.mmaccel.int8_linear.default: _quantized_linear,
     torch.ops.mmaccel.int4_linear.default: _quantized_linear,
     torch.ops.mmaccel.w8a8_linear.default: _quantized_linear,
+    torch.ops.mmaccel.fp8_linear.default: _quantized_linear,
     aten.native_layer_norm.default: _layer_norm,
     aten._softmax.default: _softmax,
     torch.ops.mmaccel.fused_linear.default: _fused_linear,
