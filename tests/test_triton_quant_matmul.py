@@ -107,3 +107,37 @@ def test_w8a8_matches_reference(dtype, M, granularity):
     out = qm.w8a8_linear(x, q, s, bias, granularity)
     assert out.shape == (M, N) and out.dtype == dtype
     _close(out, w8a8_linear_reference(x, q, s, bias, "none", None, granularity), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K", [(1, 4096), (5, 11008), (640, 4096)])
+def test_fp8_rows_and_scaled_mm_match_reference(dtype, M, K):
+    """The one-kernel token quantization gives the reference's fp8 bits and scales; the op through it and
+    torch._scaled_mm gives the reference's values (Hopper's fp8 sums: 2.5e-4 of the largest output)."""
+    from mmaccel.ops.fp8_linear import fp8_linear_reference, quantize_fp8_activation, quantize_fp8_weight
+
+    torch.manual_seed(2)
+    x = (torch.randn(M, K, device=DEVICE) * torch.linspace(0.01, 10, M, device=DEVICE)[:, None]).to(dtype)
+    xq, sx = qm.quantize_fp8_rows(x)
+    ref_q, ref_s = quantize_fp8_activation(x, "row")
+    assert torch.equal(sx, ref_s) and torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+    qweight, wscale = quantize_fp8_weight(torch.randn(96, K, device=DEVICE), "row")
+    bias = torch.randn(96, device=DEVICE, dtype=dtype)
+    expected = fp8_linear_reference(x, qweight, wscale, bias, "none", None, "row").float()
+    out = qm.fp8_linear(x, qweight, wscale, bias, "row").float()
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9), reason="needs fp8 tensor cores")
+@pytest.mark.parametrize("N,K", [(37, 4096), (4096, 11008)])
+def test_fp8_gemv_matches_reference(N, K):
+    from mmaccel.ops.fp8_linear import fp8_linear_reference, quantize_fp8_weight
+
+    torch.manual_seed(4)
+    x = torch.randn(1, K, device=DEVICE, dtype=torch.bfloat16)
+    qweight, wscale = quantize_fp8_weight(torch.randn(N, K, device=DEVICE), "row")
+    bias = torch.randn(N, device=DEVICE, dtype=torch.bfloat16)
+    expected = fp8_linear_reference(x, qweight, wscale, bias, "none", None, "row")
+    _close(qm.fp8_gemv(x, qweight, wscale, bias), expected, torch.bfloat16)
+    _close(qm.fp8_linear(x, qweight, wscale, bias, "tensor"), expected, torch.bfloat16)
