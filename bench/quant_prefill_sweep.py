@@ -164,6 +164,7 @@ def main() -> None:
         row = {"N": N, "K": K, "int8_gemv_us": timed(lambda: qm.linear(x, q, s, bits=8)),
                "fp8_gemv_us": timed(lambda: qm.fp8_gemv(x, qf, sf, None)), "fp8_gemv_err": rel(out, ref),
                "fp8_rows_scaled_mm_us": timed(lambda: scaled_mm(*qm.quantize_fp8_rows(x), qf, sf, x.dtype)),
+               "w8a8_gemv_us": timed(lambda: qm.w8a8_gemv(x, q, s, None, "token")),
                "bytes": qf.numel()}
         row["fp8_gemv_gbps"] = row["bytes"] / row["fp8_gemv_us"] / 1e3
         print(f"decode {N}x{K}: int8 GEMV {row['int8_gemv_us']:.1f} us, fp8 GEMV {row['fp8_gemv_us']:.1f} us "

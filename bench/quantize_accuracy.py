@@ -2,8 +2,9 @@
 ViT classifier (test accuracy), the digits captioner (exact-match greedy captions) and all-MiniLM-L6-v2 (sentence
 embeddings: the lowest cosine similarity to fp32's over a fixed set of texts).
 
-Mixes: fp32 (no quantize), quantize="int8_weight_only" and "int4_weight_only" (at a loose budget, so the scheme
-quantizes every layer it can), and quantize="auto" at several accuracy budgets. Each mix is compiled for the eager
+Mixes: fp32 (no quantize), quantize="int8_weight_only", "int4_weight_only", "w8a8_dynamic" and "fp8" (at a loose
+budget, so the scheme quantizes every layer it can; fp8 has no fast CPU kernel: its latency here is an
+emulation's, its accuracy is fp8's), and quantize="auto" at several accuracy budgets. Each mix is compiled for the eager
 and the onnxruntime targets, after torch._dynamo.reset(), with calibration samples of the shapes the measured calls
 have (so the quantize pass measures its error on them). Where the pass rolls back (no mix within the budget), the
 row says "not applied". Latency: median of `--repeats` calls on a fixed batch after warm-up, torch.set_num_threads.
@@ -40,6 +41,8 @@ MIXES: list[tuple[str, dict[str, Any]]] = [
     ("fp32", {}),
     ("int8", {"quantize": "int8_weight_only", "accuracy_budget": FIXED_SCHEME_BUDGET}),
     ("int4", {"quantize": "int4_weight_only", "accuracy_budget": FIXED_SCHEME_BUDGET}),
+    ("w8a8", {"quantize": "w8a8_dynamic", "accuracy_budget": FIXED_SCHEME_BUDGET}),
+    ("fp8", {"quantize": "fp8", "accuracy_budget": FIXED_SCHEME_BUDGET}),
     *[(f"auto@{b:g}", {"quantize": "auto", "accuracy_budget": b}) for b in AUTO_BUDGETS],
 ]
 TARGETS = ("eager", "onnxruntime")

@@ -60,7 +60,10 @@ def integer_matmul(q: torch.Tensor, zero: torch.Tensor, qweight: torch.Tensor) -
     to int8 (q - 128) for torch._int_mm, and the shift is added back through the weight's row sums."""
     a = (q - 128).to(torch.int8)
     if _int_mm_supported(a, qweight):
-        acc = torch._int_mm(a, qweight.t())
+        m = a.shape[0]
+        if a.is_cuda and m <= 16:  # cuBLAS's int8 GEMM takes more than 16 rows: zero rows are added, then dropped
+            a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+        acc = torch._int_mm(a, qweight.t())[:m]
     else:  # float64 holds every partial sum exactly (|sum| <= K * 128 * 127 << 2**53)
         acc = (a.double() @ qweight.double().t()).to(torch.int32)
     shift = (128 - zero).to(torch.int32)
@@ -71,7 +74,7 @@ def _int_mm_supported(a: torch.Tensor, qweight: torch.Tensor) -> bool:
     (m, k), n = a.shape, qweight.shape[0]
     if a.device.type == "cpu":  # torch 2.13's CPU _int_mm is wrong for K = 1 (and N > 1)
         return m > 0 and n > 0 and k > 1
-    return a.device.type == "cuda" and m > 16 and k >= 16 and k % 8 == 0 and n % 8 == 0
+    return a.device.type == "cuda" and m > 0 and k >= 16 and k % 8 == 0 and n % 8 == 0
 
 
 def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor],

@@ -186,10 +186,10 @@ def quantize_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                   "8.9 or newer have one): the fp8 layers run an exact float32 emulation, slower than the original "
                   "model. On this device use quantize='w8a8_dynamic' or 'int8_weight_only'.")
     if scheme == "w8a8_dynamic" and w.device.type == "cuda":
-        warn_once("mmaccel: quantize='w8a8_dynamic' on a CUDA GPU quantizes activations with unfused torch ops; "
-                  "measured slower than the unquantized model on an H100 (bench/results/gpu_triton_quant2_h100.json). "
-                  "On GPUs use 'int8_weight_only' (decode) or 'fp8' (prefill); W8A8 is the fast path on CPU "
-                  "(ONNX Runtime).")
+        warn_once("mmaccel: quantize='w8a8_dynamic' on a CUDA GPU: one-token decode has a fused kernel, but more "
+                  "tokens quantize activations with unfused torch ops; measured slower than the unquantized model "
+                  "on an H100 (bench/results/gpu_triton_w8a8_h100.json). On GPUs use 'int8_weight_only' (decode) "
+                  "or 'fp8' (decode and prefill); W8A8 is the fast path on CPU (ONNX Runtime).")
     by_node = {n.name: n for n in gm.graph.nodes}
 
     def cost(layer: Layer, precision: str) -> int:

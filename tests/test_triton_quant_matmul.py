@@ -141,3 +141,22 @@ def test_fp8_gemv_matches_reference(N, K):
     expected = fp8_linear_reference(x, qweight, wscale, bias, "none", None, "row")
     _close(qm.fp8_gemv(x, qweight, wscale, bias), expected, torch.bfloat16)
     _close(qm.fp8_linear(x, qweight, wscale, bias, "tensor"), expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+@pytest.mark.parametrize("kind", ["normal", "positive", "negative", "zeros", "outlier"])
+def test_w8a8_gemv_quantizes_the_token_as_the_reference(granularity, kind):
+    """One row: the kernel quantizes x itself; in float32 it gives the reference's integer sums up to the
+    float32 rounding of the final sum (here 1e-6 relative), whatever the token's range."""
+    from mmaccel.ops.w8a8_linear import w8a8_linear_reference
+
+    torch.manual_seed(5)
+    N, K = 45, 1000  # K not a multiple of the block
+    x = {"normal": torch.randn(1, K), "positive": torch.rand(1, K), "negative": -torch.rand(1, K),
+         "zeros": torch.zeros(1, K), "outlier": torch.randn(1, K) * torch.where(torch.arange(K) == 7, 300.0, 1.0)}[kind]
+    q, s = quantize_per_channel(torch.randn(N, K))
+    bias = torch.randn(N)
+    x, q, s, bias = (t.to(DEVICE) for t in (x, q, s, bias))
+    out = qm.w8a8_gemv(x, q, s, bias, granularity)
+    expected = w8a8_linear_reference(x, q, s, bias, "none", None, granularity)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
