@@ -1,7 +1,8 @@
 """Where a decode step's GPU time goes: kernel-level profile of one 7B-dims decode step (bf16), for mmaccel's
-Triton target (without CUDA graphs, so kernels are visible) and Inductor.
+Triton target (without CUDA graphs, so kernels are visible) and Inductor; with --quantize, mmaccel with that
+quantization scheme (every layer at the scheme's cheapest precision) beside bf16 mmaccel.
 
-    python bench/profile_decode.py --layers 16 --batch 1
+    python bench/profile_decode.py --layers 16 --batch 1 [--quantize int8_weight_only,fp8]
 """
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, choices=(1, 8))
     p.add_argument("--rows", type=int, default=14)
+    p.add_argument("--quantize", default="", help="comma list of quantize schemes to profile instead of Inductor")
     args = p.parse_args()
     case = build_case("decode_b1" if args.batch == 1 else "decode_b8", layers=args.layers)
     model, inputs = case.model, case.inputs
-    variants = {"mmaccel": dict(backend="mmaccel", options={"target": "triton", "cuda_graphs": False}),
-                "inductor": dict()}
+    plain = {"target": "triton", "cuda_graphs": False}
+    variants = {"mmaccel": dict(backend="mmaccel", options=plain)}
+    if args.quantize:  # random weights: a loose budget puts every layer at the scheme's cheapest precision
+        variants.update({f"mmaccel {scheme}": dict(backend="mmaccel", options={
+            **plain, "quantize": scheme, "accuracy_budget": 0.5}) for scheme in args.quantize.split(",")})
+    else:
+        variants["inductor"] = dict()
     for label, kwargs in variants.items():
         torch._dynamo.reset()
         fn = torch.compile(model, **kwargs)
