@@ -24,12 +24,13 @@ import triton.language as tl
 
 # int8 -> float32 without a conversion instruction: b + 128 (0..255) added to the bits of 2**23 (0x4B000000) is
 # the float 2**23 + b + 128, and subtracting 2**23 + 128 is exact. Conversion instructions (I2F) issue at 16 per
-# clock per SM on Hopper, an eighth of the FMA rate; this is an integer add plus a float add. Measured on an
-# H100 (bench/results/quant_gemv_abtest_h100.json): the int8 GEMV 3% faster over a 7B decoder's shapes (up to
-# 8% on 4096x4096). The same trick for int4 nibbles measured no faster (up to 10% slower), so the int4 GEMV is
-# not limited by its conversions, and keeps them.
+# clock per SM on Hopper, an eighth of the FMA rate; this is an integer add plus a float add. Measured once on
+# an H100 against the same kernels with I2F (commit 46cde07; bench/results/quant_gemv_abtest_h100.json): the
+# int8 GEMV 3% faster over a 7B decoder's shapes (up to 8% on 4096x4096). The same trick for int4 nibbles
+# measured no faster (up to 10% slower), so the int4 GEMV is not limited by its conversions, and keeps them.
 MAGIC = tl.constexpr(0x4B000000)
 TWO_23 = tl.constexpr(8388608.0)
+TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the floor of a range (all-zero rows)
 
 
 @triton.jit
@@ -280,7 +281,7 @@ def _w8a8_gemv_kernel(X, W, WScale, Bias, Out, N, K, PER_TOKEN: tl.constexpr, HA
     hi = tl.max(hi, axis=0)
     r = 1.0
     if PER_TOKEN:
-        r = tl.maximum(tl.maximum(-lo, hi), 1.1754943508222875e-38)
+        r = tl.maximum(tl.maximum(-lo, hi), TINY)
         lo = tl.math.div_rn(lo, r)  # rounding is monotone: min(x / r) is min(x) / r
         hi = tl.math.div_rn(hi, r)
     scale = tl.where(hi > lo, tl.math.div_rn(hi - lo, 255.0), 1.0)
@@ -339,7 +340,7 @@ def _fp8_rows_kernel(X, Q, S, K, stride_x, BLOCK_K: tl.constexpr):
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     x = tl.load(X + row.to(tl.int64) * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1.1754943508222875e-38) / 448.0
+    s = tl.maximum(tl.max(tl.abs(x), axis=0), TINY) / 448.0
     tl.store(Q + row.to(tl.int64) * K + offs, tl.math.div_rn(x, s).to(Q.dtype.element_ty), mask=ok)
     tl.store(S + row, s)
 
@@ -357,7 +358,7 @@ def _fp8_gemv_kernel(X, W, WScale, Bias, Out, N, K, HAS_BIAS: tl.constexpr, BLOC
     amax = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         amax = tl.maximum(amax, tl.abs(tl.load(X + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)))
-    sx = tl.maximum(tl.max(amax, axis=0), 1.1754943508222875e-38) / 448.0
+    sx = tl.maximum(tl.max(amax, axis=0), TINY) / 448.0
     w_ptrs = W + rows[:, None].to(tl.int64) * K + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
