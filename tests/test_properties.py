@@ -39,7 +39,7 @@ import mmaccel.passes.attention as attention_pass
 from mmaccel.passes.pipeline import PASS_NAMES, run_pass
 
 from conftest import assert_matches_eager, assert_optimized, compile_and_check
-from strategies import Attention, Program, attention_programs, build, make_inputs, program_source, programs
+from strategies import Attention, Norm, Program, attention_programs, build, make_inputs, program_source, programs
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=15, deadline=None, print_blob=True, suppress_health_check=_SUPPRESS)
@@ -547,3 +547,13 @@ def test_regression_zero_size_batch_after_dynamic_compile_is_optimized() -> None
         warnings.simplefilter("ignore", UserWarning)
         assert_matches_eager(compiled(x), model(x))
     assert_optimized(compiled.mmaccel_report)
+
+
+def test_regression_single_value_layer_norm_stores_through_a_pointer_per_lane() -> None:
+    """Found by Hypothesis: a LayerNorm over one channel of one token made the Triton generator store a row
+    value at a constant offset under a row mask (a scalar pointer with a vector mask, which Triton refuses)."""
+    program = Program(dtype=torch.float32, batch=1, seq=1, dim=1, input_kind="float", layout="contiguous",
+                      blocks=(Norm(d=1, kind="layer"),), mask_input="none", mask_shape="b1ss",
+                      return_intermediate=False, seed=0, vocab=11)
+    _, report = _check_program(program, target="triton")
+    assert all(g.target == "triton" for g in report.graphs)

@@ -440,6 +440,8 @@ class Writer:
             mask = self.mask(index, None)
             if self.k.rows and not any("rindex" in c for c in index):
                 mask = "rmask & (rindex == 0)"  # one value per row: one lane stores it
+            if mask is not None and not VECTOR.search(offset):
+                offset = f"{offset} + {self.lane_zero}"  # a masked store needs a pointer per lane
             dtype = ops.TL_DTYPES[_val(root).dtype]
             value = f"{name}.to({dtype})" if _val(root).dtype != torch.bool else f"({name} != 0).to(tl.int1)"
             stores.append(f"tl.store({out} + ({offset}), {value}" + (f", mask={mask})" if mask else ")"))
