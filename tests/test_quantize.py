@@ -18,6 +18,15 @@ from conftest import assert_matches_eager
 TARGETS = ["eager", "onnxruntime", "triton"]
 
 
+def _build_for(target: str, name: str, **kwargs):
+    """The tiny reference model and inputs, on the GPU for the Triton target when there is one (on CPU tensors
+    the Triton target needs the interpreter, which the test session turns on only without a GPU)."""
+    model, inputs = build(name, size="tiny", **kwargs)
+    if target == "triton" and torch.cuda.is_available():
+        model, inputs = model.cuda(), tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs)
+    return model, inputs
+
+
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
@@ -26,7 +35,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", ["vlm_decode", "vit"])
 def test_reported_error_is_the_error_the_user_gets(name, target):
     torch.manual_seed(0)
-    model, inputs = build(name, size="tiny", batch=1, seq=8)
+    model, inputs = _build_for(target, name, batch=1, seq=8)
     with torch.no_grad():
         expected = model(*inputs)
         compiled = mmaccel.compile(model, target=target, quantize="int8_weight_only", accuracy_budget=0.02)
@@ -105,7 +114,7 @@ def test_mixed_precision_keeps_the_promised_error_on_every_target(scheme, budget
     """int4, W8A8, fp8 and the auto mix: the solver's measured error is within the budget and is the user's
     error."""
     torch.manual_seed(0)
-    model, inputs = build("vlm_decode", size="tiny", batch=1, seq=8)
+    model, inputs = _build_for(target, "vlm_decode", batch=1, seq=8)
     with torch.no_grad():
         expected = model(*inputs)
         compiled = mmaccel.compile(model, target=target, quantize=scheme, accuracy_budget=budget)
