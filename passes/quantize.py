@@ -15,10 +15,11 @@ Precisions (cheapest first) and the schemes that may use them:
     "auto": the weight-only precisions (int4_*, int8).
 "auto" leaves W8A8 and fp8 out: their weight bytes are those of int8, so a solver that prices bytes would never
 prefer them; they are chosen by name where their matmuls are the fast path (W8A8: ONNX Runtime on CPU; fp8: GPUs
-with fp8 tensor cores, decode and prefill). W8A8 per tensor and per token cost the same bytes; per tensor is measured first (ONNX Runtime fuses it
-into one kernel), per token is the upgrade when a layer's tokens have very different ranges. fp8 takes per-row
-scales only: on the GPU a token's scale and its fp8 values come from one pass over the token, while one scale
-for the tensor needs a pass over all tokens first, and e4m3's relative step makes per-row never the coarser.
+with fp8 tensor cores, decode and prefill). W8A8 per tensor and per token cost the same bytes; per tensor is
+measured first (ONNX Runtime fuses it into one kernel), per token is the upgrade when a layer's tokens have very
+different ranges. fp8 takes per-row scales only: on the GPU a token's scale and its fp8 values come from one pass
+over the token, while one scale for the tensor needs a pass over all tokens first, and e4m3's relative step makes
+per-row never the coarser.
 
 The solver (hierarchy-aware mixed precision):
 1. Every layer at its cheapest precision; the model's error is measured on the calibration inputs (the
