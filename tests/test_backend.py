@@ -74,8 +74,10 @@ def test_entry_point_registers_backend_without_import(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend="mmaccel")
+        torch.manual_seed(0)
         x = torch.randn(4)
-        assert torch.allclose(f(x), torch.nn.functional.gelu(x) * 2)
+        # ONNX Runtime's erf differs from PyTorch's by up to ~1e-6 (beyond allclose's default atol of 1e-8)
+        assert torch.allclose(f(x), torch.nn.functional.gelu(x) * 2, atol=1e-5)
         assert "mmaccel" in torch._dynamo.list_backends()
         print("ok", "mmaccel" in sys.modules)
     """)

@@ -39,7 +39,7 @@ import mmaccel.passes.attention as attention_pass
 from mmaccel.passes.pipeline import PASS_NAMES, run_pass
 
 from conftest import assert_matches_eager, assert_optimized, compile_and_check
-from strategies import Attention, Norm, Program, attention_programs, build, make_inputs, program_source, programs
+from strategies import Attention, Linear, Norm, Program, attention_programs, build, make_inputs, program_source, programs
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=15, deadline=None, print_blob=True, suppress_health_check=_SUPPRESS)
@@ -194,7 +194,8 @@ def test_lossy_passes_stay_within_the_error_they_report(program: Program, scheme
     (result,) = results  # programs compile to one graph
     event(f"quantized {scheme}")
     outs = [(a, e) for a, e in zip(_flat(actual), _flat(expected)) if e.is_floating_point() and e.numel()]
-    error = max(float((a.double() - e.double()).norm() / e.double().norm()) for a, e in outs)
+    # as the pass measures it: relative to the reference's norm, absolute where the reference is all zeros
+    error = max(float((a.double() - e.double()).norm() / (e.double().norm() or 1.0)) for a, e in outs)
     assert result.measured_error <= budget
     # the measurement ran on the eager target; another target adds its own float rounding
     slack = 1e-6 if target == "eager" else (2e-3 if program.dtype == torch.float16 else 1e-4)
@@ -557,3 +558,22 @@ def test_regression_single_value_layer_norm_stores_through_a_pointer_per_lane() 
                       return_intermediate=False, seed=0, vocab=11)
     _, report = _check_program(program, target="triton")
     assert all(g.target == "triton" for g in report.graphs)
+
+
+def test_regression_quantized_all_zero_output_has_a_finite_error() -> None:
+    """Found by Hypothesis: a 1x1 linear + ReLU whose output is all zeros. The pass measures the error of an
+    all-zero reference in absolute terms (a relative one is 0/0); the user's output must agree with it."""
+    program = Program(dtype=torch.float32, batch=1, seq=1, dim=1, input_kind="float", layout="contiguous",
+                      blocks=(Linear(d_in=1, d_out=1, bias=False, act="relu"),), mask_input="none",
+                      mask_shape="b1ss", return_intermediate=False, seed=0, vocab=11)
+    model, inputs = build(program), make_inputs(program)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = model(*inputs)
+        compiled = mmaccel.compile(model, target="eager", quantize="int8_weight_only", accuracy_budget=0.002)
+        actual = compiled(*inputs)
+    (result,) = [g.pass_result("quantize") for g in compiled.mmaccel_report.graphs]
+    assert math.isfinite(result.measured_error) and result.measured_error <= 0.002
+    (a,), (e,) = [t for t in _flat(actual) if t.is_floating_point()], [t for t in _flat(expected) if t.is_floating_point()]
+    absolute = float((a.double() - e.double()).norm())
+    assert float(e.norm()) > 0 or absolute == pytest.approx(result.measured_error, abs=1e-9)
