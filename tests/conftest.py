@@ -56,6 +56,11 @@ def assert_matches_eager(actual: Any, expected: Any, scale_atol: float = 1.0,
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
 def linear_epilogue_of(y: torch.Tensor, bias: torch.Tensor, activation: str, residual: torch.Tensor) -> torch.Tensor:
     """activation(y + bias) + residual, written out independently of ops.fused_linear (for op tests)."""
     import torch.nn.functional as F

@@ -15,13 +15,9 @@ from mmaccel.ops import OPS
 from mmaccel.ops.fp8_linear import (FP8, ONNX_OPSET, fp8_linear_reference, fp8_linear_scaled_mm,
                                     quantize_fp8_activation, quantize_fp8_weight, scaled_mm_supported)
 
-from conftest import ACTIVATIONS, linear_epilogue_of
+from conftest import ACTIVATIONS, linear_epilogue_of, relative_error
 
 FP8_LINEAR = torch.ops.mmaccel.fp8_linear.default
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
 def _round_e4m3(v: np.ndarray) -> np.ndarray:
@@ -101,14 +97,14 @@ def test_close_to_the_fp32_linear_and_per_token():
     x = torch.randn(2, 50, 768)
     for granularity in ("row", "tensor"):
         w, qweight, wscale, b = _linear(256, 768, granularity)
-        assert _relative_error(fp8_linear_reference(x, qweight, wscale, b, "none", None, granularity),
+        assert relative_error(fp8_linear_reference(x, qweight, wscale, b, "none", None, granularity),
                                F.linear(x, w, b)) < 0.05
     x[0, 0] *= 1e4  # one token with massive activations (a class token, an attention sink)
     errors = {}
     for granularity in ("row", "tensor"):
         w, qweight, wscale, b = _linear(256, 768, granularity)
         y = fp8_linear_reference(x, qweight, wscale, b, "none", None, granularity)
-        errors[granularity] = _relative_error(y[:, 1:], F.linear(x, w, b)[:, 1:])
+        errors[granularity] = relative_error(y[:, 1:], F.linear(x, w, b)[:, 1:])
     assert errors["row"] < 0.05 and errors["row"] < 0.85 * errors["tensor"], errors
 
 

@@ -13,7 +13,7 @@ import mmaccel
 from mmaccel.models import build
 from mmaccel.ops.int8_linear import int8_linear_reference, quantize_per_channel
 
-from conftest import assert_matches_eager
+from conftest import assert_matches_eager, relative_error
 
 TARGETS = ["eager", "onnxruntime", "triton"]
 
@@ -25,10 +25,6 @@ def _build_for(target: str, name: str, **kwargs):
     if target == "triton" and torch.cuda.is_available():
         model, inputs = model.cuda(), tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in inputs)
     return model, inputs
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -44,7 +40,7 @@ def test_reported_error_is_the_error_the_user_gets(name, target):
     assert graph.target == target
     result = graph.pass_result("quantize")
     assert result.lossy and result.matched >= 8 and "int8_weight_only: " in result.changes[0]
-    error = _relative_error(actual, expected)
+    error = relative_error(actual, expected)
     assert 0 < error <= 0.02
     assert result.measured_error == pytest.approx(error, rel=0.05)
 
@@ -104,7 +100,7 @@ def test_onnx_export_writes_int8_weights_that_plain_onnxruntime_runs(tmp_path):
     (out,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
     with torch.no_grad():
         expected = model(*inputs)
-    assert _relative_error(torch.from_numpy(out), expected) == pytest.approx(measured, rel=0.05)
+    assert relative_error(torch.from_numpy(out), expected) == pytest.approx(measured, rel=0.05)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -121,7 +117,7 @@ def test_mixed_precision_keeps_the_promised_error_on_every_target(scheme, budget
         actual = compiled(*inputs)
     result = compiled.mmaccel_report.graphs[-1].pass_result("quantize")
     assert result.matched >= 1 and result.measured_error <= budget
-    assert _relative_error(actual, expected) == pytest.approx(result.measured_error, rel=0.05)
+    assert relative_error(actual, expected) == pytest.approx(result.measured_error, rel=0.05)
     layers = result.details["layers"]
     precisions = {row["precision"] for row in layers}
     allowed = {"w8a8_dynamic": {"w8a8_tensor", "w8a8_token", "original"},
@@ -213,7 +209,7 @@ def test_w8a8_onnx_export_runs_integer_matmuls_in_plain_onnxruntime(tmp_path):
     with torch.no_grad():
         expected = model(*inputs)
     assert 0 < result.measured_error <= 0.02
-    assert _relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)
+    assert relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)
 
 
 def test_fp8_warns_once_off_gpu_and_exports_float8_weights_that_plain_onnxruntime_runs(tmp_path):
@@ -242,4 +238,4 @@ def test_fp8_warns_once_off_gpu_and_exports_float8_weights_that_plain_onnxruntim
     with torch.no_grad():
         expected = model(*inputs)
     assert 0 < result.measured_error <= 0.05
-    assert _relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)
+    assert relative_error(torch.from_numpy(out), expected) == pytest.approx(result.measured_error, rel=0.05)

@@ -15,13 +15,9 @@ from mmaccel.ops import OPS
 from mmaccel.ops.int8_linear import quantize_per_channel
 from mmaccel.ops.w8a8_linear import integer_matmul, quantize_activation, w8a8_linear_reference
 
-from conftest import ACTIVATIONS, linear_epilogue_of
+from conftest import ACTIVATIONS, linear_epilogue_of, relative_error
 
 W8A8 = torch.ops.mmaccel.w8a8_linear.default
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
 def _naive(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
@@ -87,12 +83,12 @@ def test_close_to_the_fp32_linear_and_per_token():
     x = torch.randn(2, 50, 768)
     x[0, 0] *= 1000  # one token with massive activations (a class token, an attention sink)
     y, ref = w8a8_linear_reference(x, q, s, b, "none", None), F.linear(x, w, b)
-    assert _relative_error(y, ref) < 0.02
+    assert relative_error(y, ref) < 0.02
     # Per token: the other tokens keep their own step; with one step for the tensor theirs is ~1000x coarser.
-    assert _relative_error(y[:, 1:], ref[:, 1:]) < 0.02
+    assert relative_error(y[:, 1:], ref[:, 1:]) < 0.02
     per_tensor = w8a8_linear_reference(x, q, s, b, "none", None, "tensor")
-    assert _relative_error(per_tensor[:, 1:], ref[:, 1:]) > 0.5
-    assert _relative_error(w8a8_linear_reference(x[1:], q, s, b, "none", None, "tensor"), ref[1:]) < 0.02
+    assert relative_error(per_tensor[:, 1:], ref[:, 1:]) > 0.5
+    assert relative_error(w8a8_linear_reference(x[1:], q, s, b, "none", None, "tensor"), ref[1:]) < 0.02
     # The quantized activation itself: every token within half a step of its own range / 255.
     qx, zero, scale, r = quantize_activation(x)
     assert ((qx - zero) * scale * r - x).abs().le(0.5 * scale * r * (1 + 1e-5)).all()
