@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import platform
 import statistics
@@ -29,13 +28,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import mmaccel
 from mmaccel.models import build
-
-
-def ort_session(path: str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+from cpu_onnxruntime import ort_session, write_results  # bench/ is on sys.path when a script here runs
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -147,10 +140,7 @@ def main() -> None:
            "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
            "onnx": onnx.__version__, "python": platform.python_version(), "mmaccel": mmaccel.__version__,
            "vnni": "avx512_vnni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, env, rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ linear for several activation distributions, at M=197.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mmaccel.ops import OPS
 from mmaccel.ops.int8_linear import quantize_per_channel
+from cpu_onnxruntime import ort_session, write_results  # bench/ is on sys.path when a script here runs
 
 SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}  # (K, N)
 FORMS = ("fp32", "qdyn_tensor_w", "ours_tensor", "ours_token", "token_s8s8", "token_u8_zp128", "token_asym_u8",
@@ -141,13 +141,6 @@ def ours_model(w: np.ndarray, b: np.ndarray, granularity: str) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def session(model: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
 def activations(m: int, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     g = rng.standard_normal((m, k)).astype(np.float32)
     tokens, channels = g.copy(), g.copy()
@@ -176,7 +169,7 @@ def main() -> None:
         sessions = {}
         for form in args.forms:
             model = ours_model(w, b, form.removeprefix("ours_")) if form.startswith("ours_") else build_form(form, w, b)
-            sessions[form] = session(model, args.threads)
+            sessions[form] = ort_session(model, args.threads)
         for name, x in activations(197, k, rng).items():
             y64 = x.astype(np.float64) @ w.T.astype(np.float64) + b
             for form, sess in sessions.items():
@@ -205,10 +198,7 @@ def main() -> None:
             print(f"{layer:5} {name:17} " + "  ".join(f"{f}={e:.1e}" for f, e in errs.items()))
     env = {"intra_op_threads": args.threads, "repeats": args.repeats, "onnxruntime": ort.__version__,
            "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"environment": env, "results": rows}, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_results(args.out, env, rows)
 
 
 if __name__ == "__main__":
