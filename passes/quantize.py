@@ -90,12 +90,15 @@ def split_hierarchy(name: str) -> tuple[str, str, str]:
     return ".".join(parts[:max(index - 1, 1)]), ".".join(parts[:index + 1]), ".".join(parts[index + 1:]) or "-"
 
 
+def _weight_format(precision: str) -> str:
+    """The quantized weight a precision uses: W8A8 multiplies int8's weight (per tensor and per token alike)."""
+    return "int8" if precision.startswith("w8a8_") else precision
+
+
 def _quantized_args(precision: str, weight: torch.Tensor) -> tuple[Any, list[torch.Tensor]] | None:
     """(op, constant tensors in argument order) for `precision`, or None when the weight does not fit it."""
     if precision == "int8":
         return torch.ops.mmaccel.int8_linear.default, list(quantize_per_channel(weight))
-    if precision.startswith("w8a8_"):
-        return torch.ops.mmaccel.w8a8_linear.default, list(quantize_per_channel(weight))
     if precision.startswith("fp8_"):
         return torch.ops.mmaccel.fp8_linear.default, list(quantize_fp8_weight(weight, precision.removeprefix("fp8_")))
     group = int(precision.removeprefix("int4_g"))
@@ -109,17 +112,21 @@ def _bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 
 class _Candidates:
-    """Quantized weights per (layer, precision), made once and shared by every graph the solver measures."""
+    """Quantized weights per (layer, weight format), made once and shared by every graph the solver measures
+    and by the precisions that use the same weight."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.made: dict[tuple[str, str], tuple[Any, list[torch.Tensor]] | None] = {}
 
     def get(self, node: fx.Node, precision: str) -> tuple[Any, list[torch.Tensor]] | None:
-        key = (node.name, precision)
+        key = (node.name, _weight_format(precision))
         if key not in self.made:
-            self.made[key] = _quantized_args(precision, constant_value(self.gm, node.args[1].target))
-        return self.made[key]
+            self.made[key] = _quantized_args(key[1], constant_value(self.gm, node.args[1].target))
+        made = self.made[key]
+        if made is None or not precision.startswith("w8a8_"):
+            return made
+        return torch.ops.mmaccel.w8a8_linear.default, made[1]
 
 
 def _replace(graph: fx.Graph, node: fx.Node, precision: str, op: Any, tensors: list[torch.Tensor],
