@@ -8,7 +8,9 @@ import torch
 import torch.fx as fx
 
 from ..backends import compile_for_target, resolve_target
-from ..passes.pipeline import PassContext, clone_module, run_pipeline
+from ..passes.contract import PassContext
+from ..passes.graph import clone_module
+from ..passes.pipeline import run_pipeline
 from ._torch_internals import (RESTART_EXCEPTIONS, DynamoVisibleOptionError, concrete_inputs, detect_fake_mode,
                                lower_with_aot, unset_fake_temporarily)
 from .calibration import GraphSamples, graph_key

@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from ..backends.onnxruntime import to_onnx
-from ..passes.pipeline import PassContext, run_pipeline
+from ..passes.contract import PassContext
+from ..passes.pipeline import run_pipeline
 from ._torch_internals import detect_fake_mode
 from .debug import DebugDump
 from .errors import InvalidOptionError

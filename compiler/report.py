@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch.fx as fx
 
-from ..passes.pipeline import PassContext, PassResult
+from ..passes.contract import PassContext, PassResult
 from .options import CompileOptions
 
 

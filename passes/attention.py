@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .patterns import aten, cast_source, replace_uses, dtype, is_op, match_matmul, same_shape, scalar_arg, shape, single_user
-from .pipeline import PassContext, PassResult
+from .contract import PassContext, PassResult
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .patterns import add_constant, constant_value, is_constant
-from .pipeline import PassContext, PassResult
+from .contract import PassContext, PassResult
 
 
 def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from ..ops.fused_linear import ACTIVATIONS
 from .patterns import (VIEW_OPS, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
                        merged_layer_name, replace_uses, same_shape, shape, single_user)
-from .pipeline import PassContext, PassResult
+from .contract import PassContext, PassResult
 
 # Ops whose output is a view of their input: a `view` downstream of a split output may stop being valid
 # (the split changes row strides), so those views become `reshape`, which copies only when it must.

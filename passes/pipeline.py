@@ -1,92 +1,61 @@
-"""The pass pipeline: orders the passes, runs each under validation, records what each one did.
+"""The pass pipeline: the ordered list of passes, each run under validation, each result recorded.
 
-cleanup -> fusion -> cleanup [-> opt-in, lossy: quantize -> cleanup]
-A pass that raises, or leaves a graph that fails lint / FakeTensor propagation / the output contract,
-is rolled back: the graph runs without it and the user gets one warning naming the pass.
+A pass that raises, or leaves a graph that fails lint / FakeTensor propagation / the output contract, is rolled
+back: the graph runs without it and the user gets one warning naming the pass.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
 from ..compiler.errors import warn_once
-from ..compiler.options import CompileOptions
-from ..compiler._torch_internals import FakeTensorMode
+from .attention import fuse_attention
+from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
+from .contract import Pass, PassContext, PassResult, PassValidationError
+from .fusion import fuse_linear_epilogues, fuse_parallel_linears
+from .graph import copy_graph
 from .meta import output_signature, propagate_fake, signatures_match
+from .quantize import quantize_linears
+
+CLEANUP = (Pass("dead_code_elimination", eliminate_dead_code),
+           Pass("common_subexpression_elimination", eliminate_common_subexpressions),
+           # after CSE: two identical nodes on a weight (`t(w)` twice) are one by then, so it is folded into one
+           # constant, not two copies of it
+           Pass("constant_folding", fold_constants))
+
+# The order, and why each step stands where it does.
+LOSSLESS = (
+    # 1. cleanup first: the linear fusions recognise a linear as mm/addmm on a *constant* transposed weight,
+    #    which exists only once constant_folding has folded `t(weight)` of the frozen weights.
+    *CLEANUP,
+    # 2. attention matches bmm/softmax chains; it neither needs the linear fusions nor is seen by them
+    #    (they rewrite mm/addmm only), so its place among them is free.
+    Pass("attention_fusion", fuse_attention),
+    # 3. parallel linears before epilogues: merging needs plain mm/addmm nodes; an epilogue-fused linear is an
+    #    mmaccel::fused_linear op that the merge does not look into.
+    Pass("parallel_linear_fusion", fuse_parallel_linears),
+    Pass("linear_epilogue_fusion", fuse_linear_epilogues),
+    # 4. cleanup again: the fusions leave dead nodes and constants (the unconcatenated weights) behind.
+    *CLEANUP,
+)
+
+# Lossy levers, opt-in through options. They run after the lossless pipeline: they measure the graph that
+# will run (fused, folded), and quantize finds its linears as the mmaccel::fused_linear ops of step 3.
+LOSSY = (Pass("quantize", quantize_linears, lossy=True),)
+
+PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))
 
 
-@dataclass
-class PassResult:
-    """What one pass did to one graph. `matched`: pattern instances found and rewritten."""
-    name: str = ""
-    matched: int = 0
-    changes: list[str] = field(default_factory=list)
-    lossy: bool = False
-    error: str | None = None
-    seconds: float = 0.0
-    nodes_before: int = 0
-    nodes_after: int = 0
-    measured_error: float | None = None  # lossy passes: relative output error on the calibration inputs
-    details: dict[str, Any] | None = None  # a pass's own table (quantize: each layer's precision and error)
+def pipeline_for(options) -> list[Pass]:
+    """The lossless pipeline, then the lossy levers the options ask for and cleanup after them (they leave the
+    replaced full-precision weights unused)."""
+    lossy = [p for p in LOSSY if _asked_for(p, options)]
+    return [*LOSSLESS, *lossy, *(CLEANUP if lossy else ())]
 
 
-@dataclass
-class PassContext:
-    """Everything a pass may read. Options travel here explicitly, never through global config."""
-    options: CompileOptions
-    fake_mode: FakeTensorMode
-    dump: Callable[[str, fx.GraphModule], None] = lambda stage, gm: None
-    # Real inputs of the graph (after freezing; a dynamic size as the int it has in the call being compiled),
-    # on which lossy passes measure the error they introduce.
-    example_inputs: Sequence[Any] | None = None
-    # Calibration: several sets of the graph's inputs (same layout as example_inputs); lossy passes measure
-    # on these instead when given.
-    calibration: Sequence[Sequence[Any]] | None = None
-
-
-@dataclass(frozen=True)
-class Pass:
-    name: str
-    run: Callable[[fx.GraphModule, PassContext], PassResult]
-    lossy: bool = False
-
-
-class PassValidationError(RuntimeError):
-    pass
-
-
-def _registry() -> tuple[list[Pass], list[Pass]]:
-    from .attention import fuse_attention
-    from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
-    from .fusion import fuse_linear_epilogues, fuse_parallel_linears
-
-    cleanup = [Pass("dead_code_elimination", eliminate_dead_code),
-               Pass("common_subexpression_elimination", eliminate_common_subexpressions),
-               Pass("constant_folding", fold_constants)]
-    fusion = [Pass("attention_fusion", fuse_attention),
-              Pass("parallel_linear_fusion", fuse_parallel_linears),
-              Pass("linear_epilogue_fusion", fuse_linear_epilogues)]
-    return cleanup, fusion
-
-
-def default_pipeline() -> list[Pass]:
-    cleanup, fusion = _registry()
-    return [*cleanup, *fusion, *cleanup]
-
-
-def pipeline_for(options: CompileOptions) -> list[Pass]:
-    """The lossless pipeline, then the lossy passes the options ask for (on folded weights) and cleanup again."""
-    from .quantize import quantize_linears
-
-    lossy = [Pass("quantize", quantize_linears, lossy=True)] if options.quantize else []
-    cleanup, _ = _registry()
-    return [*default_pipeline(), *lossy, *(cleanup if lossy else [])]
-
-
-PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in default_pipeline()))
+def _asked_for(p: Pass, options) -> bool:
+    return {"quantize": options.quantize is not None}[p.name]
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
@@ -100,9 +69,9 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
 def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
     """Run one pass with validation and rollback; used by the pipeline and by tests."""
     if isinstance(p, str):
-        p = next(q for q in default_pipeline() if q.name == p)
+        p = next(q for q in (*LOSSLESS, *LOSSY) if q.name == p)
     contract = output_signature(gm)
-    saved = _copy_graph(gm)
+    saved = copy_graph(gm)
     before = len(gm.graph.nodes)
     start = time.perf_counter()
     try:
@@ -123,15 +92,3 @@ def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
     result.nodes_before, result.nodes_after = before, len(gm.graph.nodes)
     ctx.dump(f"after_{p.name}", gm)
     return result
-
-
-def clone_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copy of the graph, sharing gm's constants: a target rewrites its own copy."""
-    return fx.GraphModule(gm, _copy_graph(gm))
-
-
-def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
-    graph = fx.Graph(owning_module=gm)
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return graph

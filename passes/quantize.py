@@ -50,7 +50,8 @@ from ..ops.fp8_linear import fp8_matmul_available, quantize_fp8_weight
 from ..ops.int4_linear import quantize_int4_groupwise
 from ..ops.int8_linear import quantize_per_channel
 from .patterns import add_constant, constant_value, is_constant, layer_name
-from .pipeline import PassContext, PassResult, clone_module
+from .contract import PassContext, PassResult
+from .graph import clone_module
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 ORIGINAL = "original"

@@ -259,8 +259,8 @@ class Cache(nn.Module):
 def test_eager_target_writes_kv_cache_in_place(read_old, expected):
     import copy
 
-    from mmaccel.backends.eager import reinplace_input_updates
-    from mmaccel.passes.pipeline import clone_module
+    from mmaccel.backends.common import reinplace_input_updates
+    from mmaccel.passes.graph import clone_module
 
     model = Cache(read_old).eval()
     eager_model = copy.deepcopy(model)

@@ -252,7 +252,7 @@ def test_disabling_a_pass_by_name():
 
 
 def test_failing_pass_is_rolled_back_with_one_warning(monkeypatch):
-    from mmaccel.passes import fusion
+    from mmaccel.passes import pipeline
 
     def broken(gm, ctx):
         for node in gm.graph.nodes:
@@ -260,7 +260,8 @@ def test_failing_pass_is_rolled_back_with_one_warning(monkeypatch):
                 node.args = (node.args[0], node.args[1], node.args[1])  # wrong shapes: must not survive
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr(fusion, "fuse_linear_epilogues", broken)
+    monkeypatch.setattr(pipeline, "LOSSLESS", tuple(
+        pipeline.Pass(p.name, broken) if p.name == "linear_epilogue_fusion" else p for p in pipeline.LOSSLESS))
     torch.manual_seed(0)
     model = MLP().eval()
     x = torch.randn(2, 3, 12)

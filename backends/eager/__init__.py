@@ -4,42 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 
-from ...ops import OPS
-
-aten = torch.ops.aten
-
-
-def lower_custom_ops(gm: fx.GraphModule) -> int:
-    lowered = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in OPS:
-            node.target = OPS[node.target].eager
-            lowered += 1
-    return lowered
-
-
-# Functional updates that aot_autograd makes of in-place writes to graph inputs, and their in-place forms.
-_INPLACE = {aten.index_copy.default: aten.index_copy_.default, aten.index_put.default: aten.index_put_.default}
-
-
-def reinplace_input_updates(gm: fx.GraphModule) -> int:
-    """`new = index_copy(cache, ...); ...; copy_(cache, new)` -> `index_copy_(cache, ...)`.
-
-    Functionalization turns a KV-cache write of one token into a copy of the whole cache plus a copy
-    back: for a 7B-dims decoder that is ~4 GB of traffic per decode step instead of a few KB. The
-    rewrite is safe when the input has no reader other than the update and the final copy back."""
-    count = 0
-    for copy in list(gm.graph.find_nodes(op="call_function", target=aten.copy_.default)):
-        dest, new = copy.args[0], copy.args[1]
-        if (dest.op == "placeholder" and not copy.users and isinstance(new, fx.Node) and new.target in _INPLACE
-                and new.args[0] is dest and set(dest.users) == {new, copy}):
-            new.target = _INPLACE[new.target]
-            gm.graph.erase_node(copy)
-            count += 1
-    return count
+from ..common import lower_custom_ops, reinplace_input_updates
 
 
 def compile_graph(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:

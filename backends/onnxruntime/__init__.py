@@ -16,7 +16,7 @@ from torch.export import Dim
 
 from ...compiler._torch_internals import outside_dynamo_compile
 from ...ops import OPS
-from ...passes.pipeline import clone_module
+from ...passes.graph import clone_module
 
 aten = torch.ops.aten
 OPSET = 18

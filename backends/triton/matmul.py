@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import gemv as gemv_kernel
+from .cache import cache_dir
 from .device import device_name
 
 aten = torch.ops.aten
@@ -23,8 +24,6 @@ _choices: dict[str, str] | None = None
 
 
 def _cache_path() -> str:
-    from . import cache_dir
-
     return os.path.join(cache_dir(), "matmul_choices.json")
 
 

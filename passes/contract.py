@@ -1,0 +1,64 @@
+"""The pass contract: what a pass is given (PassContext), what it returns (PassResult), how it is declared (Pass).
+
+Every pass module imports this and nothing of the pipeline, so the pipeline can import every pass without a
+cycle. Options reach passes through PassOptions, the part of compiler.options.CompileOptions that passes read:
+the compiler depends on the passes (it validates pass names against the pipeline), never the reverse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch.fx as fx
+
+from ..compiler._torch_internals import FakeTensorMode
+
+
+class PassOptions(Protocol):
+    """What passes read of the user's options (compiler.options.CompileOptions has these and more)."""
+    quantize: str | None
+    accuracy_budget: float
+
+    def pass_enabled(self, name: str, default: bool = True) -> bool: ...
+
+
+@dataclass
+class PassResult:
+    """What one pass did to one graph. `matched`: pattern instances found and rewritten."""
+    name: str = ""
+    matched: int = 0
+    changes: list[str] = field(default_factory=list)
+    lossy: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    measured_error: float | None = None  # lossy passes: relative output error on the calibration inputs
+    details: dict[str, Any] | None = None  # a pass's own table (quantize: each layer's precision and error)
+    # Places a pattern almost matched, each with the reason it was left alone (mmaccel.explain lists them).
+    near_misses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read. Options travel here explicitly, never through global config."""
+    options: PassOptions
+    fake_mode: FakeTensorMode
+    dump: Callable[[str, fx.GraphModule], None] = lambda stage, gm: None
+    # Real inputs of the graph (after freezing; a dynamic size as the int it has in the call being compiled),
+    # on which lossy passes measure the error they introduce.
+    example_inputs: Sequence[Any] | None = None
+    # Calibration: several sets of the graph's inputs (same layout as example_inputs); lossy passes measure
+    # on these instead when given.
+    calibration: Sequence[Sequence[Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[fx.GraphModule, PassContext], PassResult]
+    lossy: bool = False
+
+
+class PassValidationError(RuntimeError):
+    """A pass left a graph that breaks the contract (lint, FakeTensor propagation, output signature)."""
