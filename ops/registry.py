@@ -8,7 +8,9 @@ import torch
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One mmaccel op: the torch.library op that passes insert, and how each target runs it."""
+    """One mmaccel op: the torch.library op that passes insert, its reference (the eager target) and its ONNX
+    translation (export and the onnxruntime target). The Triton target's lowering is a row of its own table
+    (backends/triton/prepare.py COMPOSITES): see ops/__init__.py for why."""
     name: str
     op: torch._ops.OpOverload
     # Plain-Python implementation the eager target calls directly (no dispatcher round trip).

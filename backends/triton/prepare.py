@@ -130,6 +130,9 @@ _ACTIVATIONS = {
     "gelu_tanh": lambda g, v: emit(g, aten.gelu.default, v, approximate="tanh")}
 
 
+# The Triton target's lowering table: ATen composites written out for the code generator, and every mmaccel op
+# (ops/), each lowered to ATen ops + this target's matmul kernels. Every op in ops.OPS has a row here
+# (tests/test_ops_layout.py): an op without one would make the target refuse the graph.
 COMPOSITES = {
     torch.ops.mmaccel.int8_linear.default: _quantized_linear,
     torch.ops.mmaccel.int4_linear.default: _quantized_linear,
