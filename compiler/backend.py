@@ -102,8 +102,10 @@ class Backend:
         # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them
         ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump,
                           example_inputs=concrete_inputs(kept_inputs),
-                          calibration=None if not calibration else [[s[i] for i in frozen.kept] for s in calibration])
+                          calibration=None if not calibration else [[s[i] for i in frozen.kept] for s in calibration],
+                          weight_owners=[t for _, t, _, _ in frozen.frozen])
         record.passes = run_pipeline(aten_gm, ctx)
+        frozen.refresh()
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
         target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
         run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs, self.options.cuda_graphs, dump)

@@ -36,6 +36,11 @@ class FrozenInputs:
     frozen: list[tuple[int, torch.Tensor, int, int]] = field(default_factory=list)  # index, tensor, version, ptr
     note: str = ""
 
+    def refresh(self) -> None:
+        """Re-record each frozen tensor's storage and version: passes may rebind a parameter as a view of a
+        fused weight holding the same values (passes/fusion.py _concatenate_rows)."""
+        self.frozen = [(i, t, t._version, t.data_ptr()) for i, t, _, _ in self.frozen]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t, _, _ in self.frozen)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from typing import Sequence
 
 import torch
 import torch.fx as fx
@@ -49,7 +50,7 @@ def fuse_parallel_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for (x, _, _), members in groups.items():
         if len(members) < 2:
             continue
-        _fuse_group(gm, x, members)
+        _fuse_group(gm, x, members, ctx.weight_owners)
         fused += 1
         widths = [int(shape(m)[-1]) for m in members]
         changes.append(f"{len(members)} linears on '{x.name}' -> one matmul of width {sum(widths)} (split {widths})")
@@ -57,12 +58,12 @@ def fuse_parallel_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(matched=fused, changes=changes)
 
 
-def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> None:
+def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], owners: Sequence[torch.Tensor]) -> None:
     graph = gm.graph
     weights_t = [constant_value(gm, _linear_parts(m)[1].target) for m in members]
     biases = [_linear_parts(m)[2] for m in members]
-    # Concatenate as [sum N, K] (nn.Linear layout, contiguous) and keep its transpose, as the matmul reads it.
-    w_cat_t = torch.cat([w.t() for w in weights_t], dim=0).t()
+    # [sum N, K] (nn.Linear layout, contiguous); the matmul reads its transpose.
+    w_cat_t = _concatenate_rows([w.t() for w in weights_t], owners).t()
     widths = [w.shape[1] for w in weights_t]
     first = min(members, key=list(graph.nodes).index)
     with graph.inserting_before(first):
@@ -80,6 +81,44 @@ def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> None:
             piece = graph.call_function(operator.getitem, (split, i))
             replace_uses(member, piece)
             _views_to_reshapes(piece)
+
+
+def _concatenate_rows(rows: list[torch.Tensor], owners: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(rows), holding each weight once. Rows that already lie back to back in one storage (a graph
+    compiled earlier rebound them so) are viewed in place. Otherwise the rows are copied into one buffer and
+    the user's parameters they came from are rebound as views of it (`param.data = ...`), so the originals are
+    freed and the module and the graph share one copy; values are unchanged, and FrozenGraph re-records the
+    parameters' new storage after the passes. A row whose parameter is not among `owners`, or does not own its
+    whole storage (tied, sliced, already a view of another fusion), keeps its own copy."""
+    adjacent = _back_to_back(rows)
+    if adjacent is not None:
+        return adjacent
+    cat = torch.cat(rows, dim=0)
+    by_address = {(o.data_ptr(), tuple(o.shape), o.stride()): o for o in owners}
+    offset = 0
+    for row in rows:
+        owner = by_address.get((row.data_ptr(), tuple(row.shape), row.stride()))
+        n = row.shape[0]
+        if owner is not None and owner.untyped_storage().nbytes() == owner.numel() * owner.element_size():
+            with torch.no_grad():
+                owner.data = cat[offset:offset + n]
+        offset += n
+    return cat
+
+
+def _back_to_back(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The [sum N, K] view over one storage when the rows are contiguous and consecutive in it, else None."""
+    first = rows[0]
+    if not all(r.is_contiguous() and r.dtype == first.dtype and r.shape[1:] == first.shape[1:]
+               and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for r in rows):
+        return None
+    expected = first.data_ptr()
+    for r in rows:
+        if r.data_ptr() != expected:
+            return None
+        expected += r.numel() * r.element_size()
+    total = sum(r.shape[0] for r in rows)
+    return first.as_strided((total, *first.shape[1:]), first.stride())
 
 
 def _views_to_reshapes(node: fx.Node) -> None:
