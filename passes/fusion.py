@@ -17,6 +17,7 @@ import torch.fx as fx
 from ..ops.fused_linear import ACTIVATIONS
 from .patterns import (VIEW_OPS, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
                        merged_layer_name, replace_uses, same_shape, shape, single_user)
+from .cleanup import drop_unused_constants
 from .contract import PassContext, PassResult
 
 # Ops whose output is a view of their input: a `view` downstream of a split output may stop being valid
@@ -50,11 +51,15 @@ def fuse_parallel_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for (x, _, _), members in groups.items():
         if len(members) < 2:
             continue
-        _fuse_group(gm, x, members, ctx.weight_owners)
-        fused += 1
         widths = [int(shape(m)[-1]) for m in members]
+        _fuse_group(gm, x, members, ctx.weight_owners)
+        # Drop the replaced weights now, not at the next cleanup: their storage is freed group by group, so
+        # compiling adds one group's weights at a time (H200, 7B dims, 8 layers: peak above the model 2.09 GiB
+        # when all groups were dropped at the end)
+        gm.graph.eliminate_dead_code()
+        drop_unused_constants(gm)
+        fused += 1
         changes.append(f"{len(members)} linears on '{x.name}' -> one matmul of width {sum(widths)} (split {widths})")
-    gm.graph.eliminate_dead_code()
     return PassResult(matched=fused, changes=changes)
 
 
