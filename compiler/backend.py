@@ -106,6 +106,7 @@ class Backend:
                           weight_owners=[t for _, t, _, _ in frozen.frozen])
         record.passes = run_pipeline(aten_gm, ctx)
         frozen.refresh()
+        record.graph_weight_bytes, record.own_weight_bytes = _weight_bytes(aten_gm, [t for _, t, _, _ in frozen.frozen])
         record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
         target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
         run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs, self.options.cuda_graphs, dump)
@@ -120,6 +121,13 @@ def _fallback(gm: fx.GraphModule, record: GraphReport, reason: str) -> Callable:
     record.status, record.reason, record.target = "fallback", reason, "dynamo graph (unoptimized)"
     warn_once(f"mmaccel: running a graph unoptimized: {reason}")
     return gm.forward
+
+
+def _weight_bytes(gm: fx.GraphModule, model_tensors: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(bytes of the distinct storages behind gm's constants, those of them no model tensor shares)."""
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in gm.buffers()}
+    shared = {t.untyped_storage().data_ptr() for t in model_tensors}
+    return sum(held.values()), sum(n for ptr, n in held.items() if ptr not in shared)
 
 
 def _describe(x: Any) -> str:

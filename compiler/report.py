@@ -23,6 +23,10 @@ class GraphReport:
     final_nodes: int = 0
     frozen: int = 0
     frozen_bytes: int = 0
+    # Storage bytes behind the final graph's constants, and the part of them the model does not share (its own
+    # copies: quantized weights, folded constants; issue 21)
+    graph_weight_bytes: int = 0
+    own_weight_bytes: int = 0
     freeze_note: str = ""
     calibration_note: str = ""
     passes: list[PassResult] = field(default_factory=list)
@@ -64,7 +68,8 @@ class CompileReport:
             "graphs": [{
                 "index": i, "status": g.status, "reason": g.reason, "inputs": g.inputs,
                 "target": g.target, "kernels": g.kernels, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
-                "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "compile_seconds": round(g.compile_seconds, 3),
+                "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "graph_weight_bytes": g.graph_weight_bytes,
+                "own_weight_bytes": g.own_weight_bytes, "compile_seconds": round(g.compile_seconds, 3),
                 "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
                             "lossy": p.lossy, "seconds": round(p.seconds, 4), "measured_error": p.measured_error,
                             "details": p.details} for p in g.passes],
@@ -87,6 +92,8 @@ class CompileReport:
             lines.append(f"  nodes: dynamo {g.dynamo_nodes} -> aten {g.aten_nodes} -> optimized {g.final_nodes}; "
                          f"frozen weights: {g.frozen} ({g.frozen_bytes / 2**20:.1f} MiB)"
                          + (f"; {g.freeze_note}" if g.freeze_note else ""))
+            lines.append(f"  weights held by the optimized graph: {g.graph_weight_bytes / 2**20:.1f} MiB, of which "
+                         f"{g.own_weight_bytes / 2**20:.1f} MiB not shared with the model")
             lines.append(f"  target: {g.target} ({g.target_reason})")
             if g.kernels:
                 k = g.kernels

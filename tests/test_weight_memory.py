@@ -45,6 +45,9 @@ def test_lossless_compile_holds_one_copy_of_the_weights(impl) -> None:
     assert _fired(compiled, "parallel_linear_fusion") >= 2  # it fired: Q/K/V and gate/up per layer
     extra = storage_bytes(model, *_compiled_graphs(compiled)) - weights
     assert extra < 0.05 * weights, f"compiled model holds {extra / weights:.1%} more than its weights"
+    for graph in compiled.mmaccel_report.graphs:  # the report says the same
+        assert graph.own_weight_bytes < 0.05 * weights < graph.graph_weight_bytes
+    assert "not shared with the model" in str(compiled.mmaccel_report)
     with torch.no_grad():  # the module itself still computes the same (its parameters are views now)
         torch.testing.assert_close(model(ids).logits, expected)
 
