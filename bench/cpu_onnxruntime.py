@@ -2,25 +2,24 @@
 ONNX Runtime, on a ViT-B/16 encoder (224, batch 1, fp32) and the VLM decode step.
 
     python bench/cpu_onnxruntime.py [--out bench/results/cpu_onnxruntime.json] [--repeats 30]
+    python bench/cpu_onnxruntime.py --quick --out /tmp/cpu_onnxruntime.json    # tiny ViT, 3 repeats: a smoke test
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import tempfile
 import time
 from typing import Callable
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 import mmaccel
-from mmaccel.timing import median_ms
+from common import default_out, environment, rel_err, write_json
 from mmaccel.models import build
+from mmaccel.timing import median_ms
 
 
 def ort_session(model: str | bytes, threads: int | None = None) -> ort.InferenceSession:
@@ -33,22 +32,10 @@ def ort_session(model: str | bytes, threads: int | None = None) -> ort.Inference
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def write_results(path: str, environment: dict, rows: list[dict]) -> None:
-    """{"environment": ..., "results": ...} as JSON at `path`, folders made as needed."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"environment": environment, "results": rows}, f, indent=2)
-    print(f"\nwrote {path}")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def bench_vit(repeats: int, rows: list[dict], tmp: str) -> None:
+def bench_vit(repeats: int, rows: list[dict], tmp: str, size: str) -> None:
     torch.manual_seed(0)
-    model, (pixels,) = build("vit", size="real", batch=1)  # ViT-B/16, 224
-    name = "ViT-B/16 224 b1 fp32"
+    model, (pixels,) = build("vit", size=size, batch=1)  # real: ViT-B/16, 224
+    name = "ViT-B/16 224 b1 fp32" if size == "real" else "ViT tiny b1 fp32"
     with torch.no_grad():
         ref = model(pixels)
 
@@ -109,18 +96,19 @@ def bench_decode(repeats: int, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="bench/results/cpu_onnxruntime.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out("cpu_onnxruntime.json"))
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="the tiny ViT and 3 repeats (checks the script)")
     args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        bench_vit(args.repeats, rows, tmp)
-    bench_decode(args.repeats, rows)
-    env = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-           "python": platform.python_version(), "machine": platform.machine(), "mmaccel": mmaccel.__version__,
-           "numpy": np.__version__}
-    write_results(args.out, env, rows)
+        bench_vit(repeats, rows, tmp, "tiny" if args.quick else "real")
+    bench_decode(repeats, rows)
+    write_json(args.out, {"environment": environment("cpu", cpu_threads=torch.get_num_threads(), repeats=repeats),
+                          "results": rows})
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ interleaved rounds so that load on a shared machine falls on all of them alike (
 Error is ||out - ref|| / ||ref|| against the fp32 PyTorch model; "pass err" is what mmaccel's pass promised.
 
     python bench/cpu_quantize.py [--batch 1] [--repeats 30] [--threads 2] [--out bench/results/cpu_quantize.json]
+    python bench/cpu_quantize.py --quick --out /tmp/cpu_quantize.json    # tiny ViT, 3 repeats: a smoke test
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,18 +22,14 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import mmaccel
+from common import default_out, environment, rel_err, write_json  # bench/ is on sys.path when a script here runs
+from cpu_onnxruntime import ort_session
 from mmaccel.models import build
-from cpu_onnxruntime import ort_session, write_results  # bench/ is on sys.path when a script here runs
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
+from mmaccel.timing import interleaved_times_ms
 
 def file_mb(path: str) -> float:
     folder, name = os.path.split(path)
@@ -76,10 +72,10 @@ def export_variants(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], tm
     return variants
 
 
-def bench(batch: int, repeats: int, threads: int) -> list[dict]:
+def bench(batch: int, repeats: int, threads: int, size: str = "real") -> list[dict]:
     torch.manual_seed(0)
-    model, inputs = build("vit", size="real", batch=batch)  # ViTConfig.vit_b16: 224 px, patch 16, 12 layers
-    case = f"ViT-B/16 224 b{batch}"
+    model, inputs = build("vit", size=size, batch=batch)  # real: ViTConfig.vit_b16, 224 px, patch 16, 12 layers
+    case = f"ViT-B/16 224 b{batch}" if size == "real" else f"ViT tiny b{batch}"
     with torch.no_grad():
         ref = model(*inputs)
     rows = []
@@ -94,25 +90,12 @@ def bench(batch: int, repeats: int, threads: int) -> list[dict]:
             rows.append({"case": case, "variant": name, "rel_err_vs_fp32_torch": rel_err(out, ref),
                          "file_mb": file_mb(v["path"]), "setup_s": v["setup_s"], "int8_ops": op_counts(v["path"]),
                          **({"pass_measured_error": v["pass_measured_error"]} if "pass_measured_error" in v else {})})
-        times = interleaved_ms(runs, repeats)
+        times = interleaved_times_ms(runs, repeats)
     for row in rows:
         if row["variant"] in times:
             row["median_ms"] = statistics.median(times[row["variant"]])
             row["min_ms"] = min(times[row["variant"]])
     return rows
-
-
-def interleaved_ms(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, list[float]]:
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def print_table(rows: list[dict]) -> None:
@@ -124,23 +107,24 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="bench/results/cpu_quantize.json")
+    parser.add_argument("--out", default=default_out("cpu_quantize.json"))
+    parser.add_argument("--quick", action="store_true", help="the tiny ViT and 3 repeats (checks the script)")
     args = parser.parse_args()
+    repeats = 3 if args.quick else args.repeats
     rows: list[dict] = []
     load_before = os.getloadavg()
     for batch in args.batch:
-        rows += bench(batch, args.repeats, args.threads)
+        rows += bench(batch, repeats, args.threads, "tiny" if args.quick else "real")
     print_table(rows)
-    env = {"load_avg_1_5_15_before": load_before, "load_avg_1_5_15_after": os.getloadavg(),
-           "intra_op_threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-           "onnx": onnx.__version__, "python": platform.python_version(), "mmaccel": mmaccel.__version__,
-           "vnni": "avx512_vnni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None}
-    write_results(args.out, env, rows)
+    env = environment("cpu", load_avg_1_5_15_before=load_before, load_avg_1_5_15_after=os.getloadavg(),
+                      intra_op_threads=args.threads, repeats=repeats,
+                      vnni="avx512_vnni" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None)
+    write_json(args.out, {"environment": env, "results": rows})
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Sweep of Triton decode-matmul (GEMV) kernels, out[M, N] = x[M, K] @ w[N, K].T in bf16, against cuBLAS and a
 weight copy. One GPU run of a few minutes:
 
-    python bench/gemv_sweep.py --out $OUT/gemv_sweep.json [--budget-s 420]
+    python bench/gemv_sweep.py [--out $OUT/gemv_sweep.json] [--budget-s 420]
     TRITON_INTERPRET=1 python bench/gemv_sweep.py --smoke      # CPU: correctness of every kernel family only
+    TRITON_INTERPRET=1 python bench/gemv_sweep.py --dry --out /tmp/gemv_sweep.json   # CPU: the whole flow, tiny
 
 Kernel families (all with fp32 accumulation and optional split-K, whose fp32 partials a second kernel sums):
     dot   the current backend kernel: tl.dot with x padded to 16 rows, acc [16, BLOCK_N]
@@ -14,7 +15,9 @@ Kernel families (all with fp32 accumulation and optional split-K, whose fp32 par
 Split-K ("split" = target programs per SM) puts more programs on the chip when the column blocks leave SMs idle.
 
 Phase 1 times every config on 22016x4096 and 4096x4096 at M=1 (configs built for one row) and M=8 (configs
-for several rows), with triton.testing.do_bench (median, L2 cleared by a memset before each call). Phase 2
+for several rows): the median of --reps calls timed by CUDA events (mmaccel/timing.py), L2 cleared by a
+256 MiB memset before each call (the H200 results in bench/results/ were taken with triton.testing.do_bench,
+which clears L2 the same way and takes the median of as many calls as fit in 20-50 ms). Phase 2
 times the best few of each class on all four 7B-decoder shapes and M in {1, 4, 8}, plus a "clean" time where
 the L2 is emptied by reading a 256 MiB buffer instead (the memset leaves up to an L2's worth of dirty lines
 that the timed kernel then pays to write back). Kernels are compiled up front in a process pool.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -37,6 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from common import default_out, environment, gb_per_s, rel_err, write_json
+from mmaccel.timing import median_ms
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # older Triton: no TMA family
@@ -47,6 +52,8 @@ PHASE1_SHAPES = [(22016, 4096), (4096, 4096)]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+# _dot_kernel mirrors backends/triton/gemv.py `_gemv_kernel` at commit 0c1a114 (the backend's kernel before this
+# sweep; its M > 1 kernel is still this form at 80d7613), without bias and DOT_PRECISION, plus SWAP.
 @triton.jit
 def _dot_kernel(X, W, Out, M, N, K, stride_xm, k_per_split, SWAP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -100,6 +107,8 @@ def _red_store(acc, out_ptrs, r: tl.constexpr, ROWS: tl.constexpr, row0, M, N, o
         tl.store(out_ptrs + r * N, tl.sum(acc, axis=1).to(out_ptrs.dtype.element_ty), mask=n_ok)
 
 
+# The candidate family of this sweep: its ROWS=1, X2D, evict_first case became backends/triton/gemv.py
+# `_gemv_row_kernel` in commit 84acd2f.
 @triton.jit
 def _red_kernel(X, W, Out, M, N, K, stride_xm, k_per_split, row_groups, ROWS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVICT: tl.constexpr, X2D: tl.constexpr):
@@ -162,6 +171,7 @@ def _tma_kernel(x_desc, w_desc, Out, M, N, K, k_per_split,
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
 
 
+# Mirrors backends/triton/gemv.py `_sum_splits_kernel` at commit 0c1a114, without the bias.
 @triton.jit
 def _sum_splits_kernel(Part, Out, MN, num_splits, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -375,14 +385,16 @@ DEV = "cuda"  # --dry: "cpu" under the interpreter, to exercise this script's fl
 DTYPE = torch.bfloat16
 
 
-def bench(fn, rep: int) -> float:
-    """Median us by triton.testing.do_bench (L2 cleared by a 256 MiB memset before each call)."""
+_FLUSH = []
+
+
+def bench(fn, reps: int) -> float:
+    """Median us of `reps` calls, L2 cleared by a 256 MiB memset before each; off CUDA, one wall-clock call."""
     if DEV != "cuda":
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=5, rep=rep, return_mode="median") * 1e3
+        return median_ms(fn, 1, 0) * 1e3
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda"))
+    return median_ms(fn, reps, 5, DEV, before=_FLUSH[0].zero_) * 1e3
 
 
 _SCRUB = []
@@ -395,22 +407,7 @@ def bench_clean(fn, reps: int = 100) -> float:
         return bench(fn, 1)
     if not _SCRUB:
         _SCRUB.append(torch.randn(64 * 1024 * 1024, device="cuda"))
-    fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        _SCRUB[0].sum()
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2] * 1e3
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref).norm() / ref.norm())
+    return median_ms(fn, reps, 1, DEV, before=_SCRUB[0].sum) * 1e3
 
 
 class Problem:
@@ -422,28 +419,28 @@ class Problem:
         self.ref = (self.x.double() @ self.w.double().T).float()
         self.bytes = N * K * self.w.element_size()
 
-    def time_torch(self, rep: int, clean: bool = False) -> dict:
+    def time_torch(self, reps: int, clean: bool = False) -> dict:
         err = rel_err(self.x @ self.w.T, self.ref)
         fn = lambda: torch.mm(self.x, self.w.t())  # noqa: E731
-        us = bench(fn, rep)
-        row = {"us": us, "gbps": self.bytes / us / 1e3, "err": err}
+        us = bench(fn, reps)
+        row = {"us": us, "gbps": gb_per_s(self.bytes, us), "err": err}
         if clean:
             row["clean_us"] = bench_clean(fn)
-            row["clean_gbps"] = self.bytes / row["clean_us"] / 1e3
+            row["clean_gbps"] = gb_per_s(self.bytes, row["clean_us"])
         return row
 
     def time_copy(self, clean: bool) -> dict:
         dst = torch.empty_like(self.w)
         fn = lambda: dst.copy_(self.w)  # noqa: E731
-        us = bench(fn, 50)
-        row = {"us": us, "gbps": 2 * self.bytes / us / 1e3}
+        us = bench(fn, 100)
+        row = {"us": us, "gbps": gb_per_s(2 * self.bytes, us)}
         if clean:
             row["clean_us"] = bench_clean(fn)
-            row["clean_gbps"] = 2 * self.bytes / row["clean_us"] / 1e3
+            row["clean_gbps"] = gb_per_s(2 * self.bytes, row["clean_us"])
         return row
 
 
-def time_cfg(cfg: Cfg, prob: Problem, sms: int, rep: int, clean: bool = False) -> dict:
+def time_cfg(cfg: Cfg, prob: Problem, sms: int, reps: int, clean: bool = False) -> dict:
     row = {"cfg": cfg.name, **dataclasses.asdict(cfg), "M": prob.M, "N": prob.N, "K": prob.K}
     try:
         run = Runner(cfg, prob.x, prob.w, sms)
@@ -456,11 +453,11 @@ def time_cfg(cfg: Cfg, prob: Problem, sms: int, rep: int, clean: bool = False) -
             return row
         run.out.fill_(float("nan"))
         row["err2"] = rel_err(run(), prob.ref)  # a second call: a moving error is a race
-        us = bench(run, rep)
-        row.update(us=us, gbps=prob.bytes / us / 1e3)
+        us = bench(run, reps)
+        row.update(us=us, gbps=gb_per_s(prob.bytes, us))
         if clean:
             row["clean_us"] = bench_clean(run)
-            row["clean_gbps"] = prob.bytes / row["clean_us"] / 1e3
+            row["clean_gbps"] = gb_per_s(prob.bytes, row["clean_us"])
     except Exception as e:  # noqa: BLE001 - recorded; the sweep goes on
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if "illegal" in str(e).lower() or "unspecified launch" in str(e).lower():
@@ -496,10 +493,11 @@ def pick(rows: list, top: int) -> list:
 def main() -> None:
     global DEV, DTYPE
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="gemv_sweep.json")
+    ap.add_argument("--out", default=default_out("gemv_sweep.json"))
     ap.add_argument("--budget-s", type=float, default=420.0, help="no new timing after this many seconds")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=100, help="timed calls per config and shape (phase 2: twice)")
     ap.add_argument("--smoke", action="store_true", help="correctness only, small shapes (CPU interpreter)")
     ap.add_argument("--dry", action="store_true", help="the whole flow on tiny shapes and few configs (CPU)")
     args = ap.parse_args()
@@ -516,14 +514,12 @@ def main() -> None:
         props = torch.cuda.get_device_properties(0)
         name, sms = props.name, props.multi_processor_count
     torch.manual_seed(0)
-    result = {"env": {"device": name, "sms": sms, "torch": torch.__version__, "triton": triton.__version__},
+    result = {"env": {**environment(DEV, sms=sms, reps=args.reps), "device": name},
               "phase1": [], "phase2": [], "baselines": {}, "notes": []}
 
     def save():
         result["seconds"] = time.time() - t_start
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result, indent=1)
 
     try:
         run_sweep(args, result, save, t_start, budget, shapes, phase1_shapes, sms)
@@ -559,7 +555,8 @@ def run_sweep(args, result, save, t_start, budget, shapes, phase1_shapes, sms) -
     for M, cfgs in classes.items():
         probs = [Problem(M, N, K) for N, K in phase1_shapes]
         for prob in probs:
-            result["baselines"][f"{M}x{prob.N}x{prob.K}"] = {"torch": prob.time_torch(20), "copy": prob.time_copy(False)}
+            result["baselines"][f"{M}x{prob.N}x{prob.K}"] = {"torch": prob.time_torch(args.reps),
+                                                             "copy": prob.time_copy(False)}
         seen = set()
         for i, c in enumerate(cfgs):
             if time.time() > p1_end[M]:
@@ -571,7 +568,7 @@ def run_sweep(args, result, save, t_start, budget, shapes, phase1_shapes, sms) -
                 if key in seen:  # the split target changes nothing on this shape
                     continue
                 seen.add(key)
-                result["phase1"].append(time_cfg(c, prob, sms, rep=20))
+                result["phase1"].append(time_cfg(c, prob, sms, reps=args.reps))
             if i % 100 == 99:
                 print(f"  M={M}: {i + 1}/{len(cfgs)} configs at {time.time() - t_start:.0f}s", flush=True)
         del probs
@@ -595,12 +592,12 @@ def run_sweep(args, result, save, t_start, budget, shapes, phase1_shapes, sms) -
                 break
             prob = Problem(M, N, K, seed=1)
             base = result["baselines"].setdefault(f"{M}x{N}x{K}", {})
-            base["torch"] = prob.time_torch(50, clean=True)
+            base["torch"] = prob.time_torch(2 * args.reps, clean=True)
             if M == 1:
                 result[f"copy_{N}x{K}"] = prob.time_copy(True)
             current = Cfg("dot", 32 if M > 4 and triton.cdiv(N, 32) >= 2 * sms else 16, 256, 4, 4)  # gemv.py before the sweep
             for j, c in enumerate([current] + picks[1 if M == 1 else 8]):
-                row = time_cfg(c, prob, sms, rep=50, clean=True)
+                row = time_cfg(c, prob, sms, reps=2 * args.reps, clean=True)
                 row["current"] = j == 0
                 result["phase2"].append(row)
             del prob
@@ -610,8 +607,8 @@ def run_sweep(args, result, save, t_start, budget, shapes, phase1_shapes, sms) -
 
 def report(result: dict) -> None:
     env = result["env"]
-    print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}   (us: do_bench median; clean: L2 "
-          f"emptied by a read; GB/s: weight bytes; %copy: of the copy's read+write GB/s)")
+    print(f"\n{env['device']}  torch {env['torch']}  triton {env['triton']}   (us: median, L2 cleared by a memset; "
+          f"clean: L2 emptied by a read; GB/s: weight bytes; %copy: of the copy's read+write GB/s)")
     print(f"{'MxNxK':>14} {'copyGB/s':>8} {'cuBLAS':>7} {'GB/s':>5} {'clean':>6} | {'now':>6} | {'best config':38} "
           f"{'us':>6} {'GB/s':>5} {'%copy':>5} {'clean':>6} {'GB/s':>5}")
     for key, base in sorted(result["baselines"].items(), key=lambda kv: [int(v) for v in kv[0].split("x")][::-1]):

@@ -47,7 +47,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,16 +54,17 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 import mmaccel
-from gpu_baseline import rel_err, time_ms
+from common import (default_out, environment, floors, measure_hardware, png_beside, rel_err, write_json,
+                    write_png)
 from mmaccel.models import VLM, DecoderConfig, ViT, ViTConfig, VLMConfig, VLMDecode, VLMPrefill, build, example_inputs
-from mmaccel.timing import median_ms as cpu_median_ms
+from mmaccel.timing import median_ms
+from plot import plot_results
 
 DTYPE = torch.bfloat16
 WARMUP = 5
@@ -229,12 +229,6 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
 BASELINES = ("eager", "inductor", "inductor_cudagraphs")
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
-    if device.type == "cuda":
-        return time_ms(fn, WARMUP, iters)
-    return cpu_median_ms(fn, iters, WARMUP)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -269,7 +263,7 @@ def measure_variant(variant: str, case: Case, ref: torch.Tensor, iters: int) -> 
         fn(*case.inputs)
         _sync(device)
         row["first_call_s"] = time.perf_counter() - start
-    row["median_ms"] = median_ms(lambda: fn(*case.inputs), device, iters)
+    row["median_ms"] = median_ms(lambda: fn(*case.inputs), iters, WARMUP, device)
     row["rel_err_vs_eager"] = rel_err(fn(*case.inputs), ref)
     if report.graphs:
         row["mmaccel_report"] = _report_summary(report)
@@ -305,29 +299,9 @@ def run_case(name: str, variants: list[str], size: str, layers: int, iters: int,
     return rows
 
 
-def measure_hardware(device: torch.device) -> dict[str, float]:
-    """Copy bandwidth (read + write bytes) and bf16 matmul throughput: the two roofs of the floors."""
-    on_gpu = device.type == "cuda"
-    nbytes, n = (1 << 30, 8192) if on_gpu else (1 << 26, 1024)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src), device, 20)
-    a, b = (torch.randn(n, n, dtype=DTYPE, device=device) for _ in range(2))
-    c = torch.empty_like(a)
-    matmul_ms = median_ms(lambda: torch.mm(a, b, out=c), device, 20)
-    del src, dst, a, b, c
-    if on_gpu:
-        torch.cuda.empty_cache()
-    return {"copy_bytes": nbytes, "copy_gb_s": 2 * nbytes / copy_ms / 1e6,
-            "matmul_n": n, "matmul_tflop_s": 2 * n**3 / matmul_ms / 1e9}
-
-
 def add_floors(info: dict[str, Any], hardware: dict[str, float]) -> None:
     moved = info["weight_bytes"] + info["kv_bytes"] + info["io_bytes"]
-    info["memory_floor_ms"] = moved / hardware["copy_gb_s"] / 1e6
-    info["compute_floor_ms"] = info["flops"] / hardware["matmul_tflop_s"] / 1e9
-    info["floor_ms"] = max(info["memory_floor_ms"], info["compute_floor_ms"])
-    info["bound"] = "memory" if info["memory_floor_ms"] >= info["compute_floor_ms"] else "compute"
+    info.update(floors(moved, info["flops"], hardware))
 
 
 def add_ratios(rows: list[dict[str, Any]], cases: dict[str, dict[str, Any]]) -> None:
@@ -372,45 +346,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _command_output(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    on_gpu = device.type == "cuda"
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or platform.machine(),
-        "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if on_gpu else None,
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "mmaccel": mmaccel.__version__,
-        "git_commit": _command_output(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"]),
-        "dtype": str(DTYPE),
-    }
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def _worker(args: argparse.Namespace) -> None:
     """One case in this process; its rows land in --worker-out after each variant."""
     run_case(args.worker, args.variants, args.size, args.layers, args.iters, args.device,
-             emit=lambda info, rows: _write_json(args.worker_out, {"case": info, "rows": rows}))
+             emit=lambda info, rows: write_json(args.worker_out, {"case": info, "rows": rows}))
 
 
 def _run_worker(case: str, args: argparse.Namespace, timeout_s: float, tmp: str) -> tuple[dict[str, Any], list[dict]]:
@@ -435,12 +374,6 @@ def _run_worker(case: str, args: argparse.Namespace, timeout_s: float, tmp: str)
     return done["case"], done["rows"] + missing
 
 
-def _default_out() -> str:
-    if os.environ.get("OUT"):
-        return os.path.join(os.environ["OUT"], "gpu_triton.json")
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_triton.json")
-
-
 def _names(valid: dict[str, Any]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [n for n in text.split(",") if n]
@@ -460,7 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma list (default: {','.join(VARIANTS)})")
     p.add_argument("--layers", type=int, default=16, help="decoder layers at real size (default 16; 32 is all of 7B)")
     p.add_argument("--iters", type=int, default=50, help="timed calls per variant, after 5 warmups (default 50)")
-    p.add_argument("--out", default=_default_out(), help="JSON path (default: $OUT/gpu_triton.json if OUT is set, "
+    p.add_argument("--out", default=default_out("gpu_triton.json"),
+                   help="JSON path (default: $OUT/gpu_triton.json if OUT is set, "
                    "else bench/results/gpu_triton.json); the PNG goes beside it")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="wall-clock seconds for all cases; what is still running then is stopped (default 480)")
@@ -478,9 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     device = torch.device(args.device)
     data: dict[str, Any] = {
-        "environment": environment(device),
+        "environment": environment(device, dtype=str(DTYPE)),
         "settings": {k: getattr(args, k) for k in ("cases", "variants", "layers", "iters", "size", "budget_s")},
-        "hardware": measure_hardware(device),
+        "hardware": measure_hardware(device, DTYPE),
         "cases": {},
         "results": [],
     }
@@ -498,16 +432,10 @@ def main(argv: list[str] | None = None) -> None:
                 data["cases"][case] = info
             data["results"] += rows
             add_ratios(data["results"], data["cases"])
-            _write_json(args.out, data)
+            write_json(args.out, data)
     print("\n" + format_table(data["results"]))
     print(f"\nwrote {args.out} ({time.perf_counter() - start:.0f} s)")
-    try:
-        from plot import plot_results
-        png = os.path.splitext(args.out)[0] + ".png"
-        plot_results(data, png)
-        print(f"wrote {png}")
-    except Exception as e:  # the JSON is written; a missing matplotlib (or a plotting bug) costs only the PNG
-        print(f"no plot ({type(e).__name__}: {e}); on a machine with matplotlib: python bench/plot.py {args.out}")
+    write_png(plot_results, data, png_beside(args.out), f"python bench/plot.py {args.out}")
 
 
 if __name__ == "__main__":

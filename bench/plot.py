@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
+
+from common import png_beside, write_png
 
 
 def plot_results(data: dict[str, Any], png_path: str) -> None:
@@ -72,12 +73,8 @@ def main() -> None:
     args = p.parse_args()
     with open(args.json_path) as f:
         data = json.load(f)
-    out = args.out or os.path.splitext(args.json_path)[0] + ".png"
-    try:
-        plot_results(data, out)
-    except ImportError as e:
-        raise SystemExit(f"{e}: pip install matplotlib") from None
-    print(f"wrote {out}")
+    if write_png(plot_results, data, args.out or png_beside(args.json_path), "pip install matplotlib") is None:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from gpu_triton import build_case  # same model, cache position and inputs as th
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--batch", type=int, default=1, choices=(1, 8))
     p.add_argument("--rows", type=int, default=14)

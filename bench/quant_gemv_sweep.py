@@ -1,7 +1,7 @@
 """Sweep of the weight-only quantized matmul kernels (backends/triton/quant_matmul.py) on a 7B decoder's shapes,
 against the bf16 GEMV and cuBLAS bf16 and a copy of the quantized weight. One GPU run of a few minutes:
 
-    python bench/quant_gemv_sweep.py --out $OUT/quant_gemv_sweep.json [--budget-s 400]
+    python bench/quant_gemv_sweep.py [--out $OUT/quant_gemv_sweep.json] [--budget-s 400]
 
 Decode (M = 1): every GEMV config (BLOCK_N weight rows x BLOCK_K weight bytes per step, warps) for int8 and
 int4 (group 128) on two shapes, then the best few on all five shapes and the other group sizes.
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import statistics
 import sys
 import time
 
@@ -24,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmaccel  # noqa: E402,F401
+from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 from mmaccel.backends.triton import gemv as gemv_kernel  # noqa: E402
 from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
@@ -63,13 +62,12 @@ def matmul_configs():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="quant_gemv_sweep.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out("quant_gemv_sweep.json"))
     parser.add_argument("--budget-s", type=float, default=400)
     args = parser.parse_args()
     start = time.time()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": __import__("triton").__version__, "gemv": [], "best": [], "matmul": [], "reference": []}
+    results = {**environment("cuda"), "gemv": [], "best": [], "matmul": [], "reference": []}
 
     def over():
         return time.time() - start > args.budget_s
@@ -81,7 +79,7 @@ def main() -> None:
         copy = torch.empty_like(w)
         row = {"N": N, "K": K, "bf16_gemv_us": timed(lambda: gemv_kernel.gemv(x, w)),
                "cublas_us": timed(lambda: x @ w.T), "copy_bf16_us": timed(lambda: copy.copy_(w))}
-        row["copy_gbps"] = 2 * N * K * 2 / row["copy_bf16_us"] / 1e3
+        row["copy_gbps"] = gb_per_s(2 * N * K * 2, row["copy_bf16_us"])
         results["reference"].append(row)
         print(row, flush=True)
 
@@ -96,13 +94,13 @@ def main() -> None:
                     break
                 try:
                     out = qm.linear(x, q, s, z, bits=bits, group=128, config=cfg)
-                    err = float((out.float() - ref).norm() / ref.norm())
+                    err = rel_err(out, ref)
                     us = timed(lambda: qm.linear(x, q, s, z, bits=bits, group=128, config=cfg))
                 except Exception as e:  # a config that does not compile is a data point, not a crash
                     results["gemv"].append({"bits": bits, "N": N, "K": K, "cfg": cfg._asdict(), "error": str(e)[:200]})
                     continue
                 results["gemv"].append({"bits": bits, "N": N, "K": K, "cfg": cfg._asdict(), "us": us,
-                                        "gbps": (nbytes + K * 2) / us / 1e3, "rel_err": err})
+                                        "gbps": gb_per_s(nbytes + K * 2, us), "rel_err": err})
     # phase 2: best 4 configs (by summed time over phase-1 shapes) on all shapes and group sizes
     for bits in (8, 4):
         by_cfg = {}
@@ -122,7 +120,7 @@ def main() -> None:
                 src = torch.empty_like(copy)
                 copy_us = timed(lambda: copy.copy_(src))
                 results["best"].append({"bits": bits, "group": group, "N": N, "K": K, "cfg": cfg._asdict(), "us": us,
-                                        "gbps": (nbytes + K * 2) / us / 1e3, "copy_us": copy_us,
+                                        "gbps": gb_per_s(nbytes + K * 2, us), "copy_us": copy_us,
                                         "vs_copy": (nbytes + K * 2) / us / (2 * nbytes / copy_us)})
                 print(results["best"][-1], flush=True)
     # tiled GEMM: prefill (640 rows) and decode batch 8, against cuBLAS bf16
@@ -144,8 +142,7 @@ def main() -> None:
         best = min((r for r in results["matmul"] if r.get("M") == M and r["bits"] == bits and r["N"] == N and "us" in r),
                    key=lambda r: r["us"], default=None)
         print("matmul", M, bits, N, K, "cublas", round(cublas, 1), "best", best and (round(best["us"], 1), best["cfg"]), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(args.out, results, indent=1)
     # short table: best phase-1 config per bits
     for bits in (8, 4):
         rows = sorted((r for r in results["gemv"] if r["bits"] == bits and "us" in r and r["N"] == 22016),

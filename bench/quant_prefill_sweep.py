@@ -1,6 +1,6 @@
 """Quantized matmuls beyond decode, on a 7B decoder's shapes (one GPU run of about two minutes):
 
-    python bench/quant_prefill_sweep.py --out $OUT/quant_prefill_sweep.json
+    python bench/quant_prefill_sweep.py [--out $OUT/quant_prefill_sweep.json]
 
 Prefill (M = 640 rows): cuBLAS on the bf16 weight, the library's path for weight-only int8/int4 (dequantize
 the weight, then cuBLAS), a candidate tiled Triton GEMM defined here (`_wq_gemm_kernel`: the usual
@@ -14,7 +14,6 @@ L2 flushed before each call (backends/triton/matmul.py _time_us), best of two me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,12 +26,17 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmaccel  # noqa: E402,F401
+from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
 from mmaccel.ops.fp8_linear import quantize_fp8_weight, scaled_mm  # noqa: E402
 from mmaccel.ops.int4_linear import quantize_int4_groupwise  # noqa: E402
 from mmaccel.ops.int8_linear import quantize_per_channel  # noqa: E402
 
+
+# A candidate, not a copy of a library kernel: the library's tiled weight-only kernel is
+# backends/triton/quant_matmul.py `_wq_matmul_kernel` (commit 3fc01d4; the weight tile on the left), whose
+# grouped_tile this one imports.
 @triton.jit
 def _wq_gemm_kernel(X, W, Scale, Zero, Bias, Out, M, N, K, KW, n_groups, stride_xm,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -113,17 +117,12 @@ def timed(fn) -> float:
     return min(_time_us(fn) for _ in range(2))
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="quant_prefill_sweep.json")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out("quant_prefill_sweep.json"))
     parser.add_argument("--rows", type=int, default=640)
     args = parser.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": __import__("triton").__version__, "prefill": [], "decode": []}
+    results = {**environment("cuda"), "prefill": [], "decode": []}
     for N, K in SHAPES[:4]:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
         x = torch.randn(args.rows, K, device="cuda", dtype=torch.bfloat16)
@@ -145,7 +144,7 @@ def main() -> None:
                 try:
                     out = gemm(x, q, s, z, None, bits, group, cfg)
                     row[key] = timed(lambda: gemm(x, q, s, z, None, bits, group, cfg))
-                    row[key + "_err"] = rel(out, ref)
+                    row[key + "_err"] = rel_err(out, ref)
                 except Exception as e:  # a config that does not compile (shared memory) is a data point
                     row[key] = str(e)[:120]
         best = {b: min((v, k) for k, v in row.items() if k.startswith(f"int{b}_gemm") and isinstance(v, float)
@@ -162,17 +161,16 @@ def main() -> None:
         ref = x.float() @ w.float().T
         out = qm.fp8_gemv(x, qf, sf, None)
         row = {"N": N, "K": K, "int8_gemv_us": timed(lambda: qm.linear(x, q, s, bits=8)),
-               "fp8_gemv_us": timed(lambda: qm.fp8_gemv(x, qf, sf, None)), "fp8_gemv_err": rel(out, ref),
+               "fp8_gemv_us": timed(lambda: qm.fp8_gemv(x, qf, sf, None)), "fp8_gemv_err": rel_err(out, ref),
                "fp8_rows_scaled_mm_us": timed(lambda: scaled_mm(*qm.quantize_fp8_rows(x), qf, sf, x.dtype)),
                "w8a8_gemv_us": timed(lambda: qm.w8a8_gemv(x, q, s, None, "token")),
                "bytes": qf.numel()}
-        row["fp8_gemv_gbps"] = row["bytes"] / row["fp8_gemv_us"] / 1e3
+        row["fp8_gemv_gbps"] = gb_per_s(row["bytes"], row["fp8_gemv_us"])
         print(f"decode {N}x{K}: int8 GEMV {row['int8_gemv_us']:.1f} us, fp8 GEMV {row['fp8_gemv_us']:.1f} us "
               f"({row['fp8_gemv_gbps']:.0f} GB/s, err {row['fp8_gemv_err']:.3f}), fp8 rows+_scaled_mm "
               f"{row['fp8_rows_scaled_mm_us']:.1f} us", flush=True)
         results["decode"].append(row)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(args.out, results, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ row says "not applied". Latency: median of `--repeats` calls on a fixed batch af
     python bench/quantize_accuracy.py [--models classifier,captioner,minilm] [--repeats 10] [--threads 2]
                                       [--out bench/results/quantize_accuracy_cpu.json]
     python bench/quantize_accuracy.py --plot-only bench/results/quantize_accuracy_cpu.json
+    python bench/quantize_accuracy.py --quick --out /tmp/quantize_accuracy.json    # a smoke test
 
 The JSON is written after each model; the PNG (needs matplotlib) beside it at the end.
 """
@@ -20,8 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -31,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 import mmaccel
+from common import default_out, environment, png_beside, write_json, write_png
 from mmaccel.models import digits, minilm
 from mmaccel.timing import times_ms
 
@@ -45,6 +45,7 @@ MIXES: list[tuple[str, dict[str, Any]]] = [
     ("fp8", {"quantize": "fp8", "accuracy_budget": FIXED_SCHEME_BUDGET}),
     *[(f"auto@{b:g}", {"quantize": "auto", "accuracy_budget": b}) for b in AUTO_BUDGETS],
 ]
+QUICK_MIXES = ("fp32", "int8", "auto@0.02")  # --quick: the classifier, a fixed scheme and the solver
 TARGETS = ("eager", "onnxruntime")
 CLASSIFIER_BATCH = 90  # the 360 test images in 4 calls; calibration: training batches of the same shape
 CLASSIFIER_CALIBRATION_BATCHES = 2
@@ -167,7 +168,7 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def run_case(case: Case, repeats: int) -> list[dict[str, Any]]:
+def run_case(case: Case, repeats: int, mixes: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     fp32_bytes = linear_weight_bytes(case.model)
     rows = []
     torch._dynamo.reset()
@@ -178,7 +179,7 @@ def run_case(case: Case, repeats: int) -> list[dict[str, Any]]:
                **latency_ms(case.timed_call(case.model), repeats)}
     rows.append(row)
     print_row(row)
-    for mix, options in MIXES:
+    for mix, options in mixes:
         for target in TARGETS:
             row = {"model": case.name, "mix": mix, "target": target, "options": options, "metric_name": case.metric_name,
                    "batch": case.batch}
@@ -232,16 +233,6 @@ def print_row(row: dict[str, Any]) -> None:
 def print_header() -> None:
     print(f"{'model':<22} {'mix':<10} {'target':<20} {'quantize':<11} {'metric':>7} {'meas.err':>9} "
           f"{'W MiB':>7} {'ms':>8}  precisions (last graph)")
-
-
-def environment(threads: int, repeats: int) -> dict[str, Any]:
-    import onnxruntime
-
-    return {"device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(), "repeats": repeats,
-            "fixed_scheme_budget": FIXED_SCHEME_BUDGET, "auto_budgets": list(AUTO_BUDGETS),
-            "weight_bytes": "linear layers the quantize pass may take (last graph), after / before"}
 
 
 def plot_results(data: dict[str, Any], png_path: str) -> None:
@@ -318,40 +309,38 @@ def _label_points(ax: Any, points: list[tuple[float, float, str, str]], log_x: b
         ax.annotate(text, (x, y), xytext=(6, 3 - 8 * stack), textcoords="offset points", fontsize=6.5, color=color)
 
 
-def write_png(data: dict[str, Any], json_path: str) -> None:
-    png = os.path.splitext(json_path)[0] + ".png"
-    try:
-        plot_results(data, png)
-        print(f"wrote {png}")
-    except ImportError as e:
-        print(f"no PNG ({e}): pip install matplotlib, then: python {__file__} --plot-only {json_path}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quantize_accuracy_cpu.json"))
+    p.add_argument("--out", default=default_out("quantize_accuracy_cpu.json"))
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing JSON")
+    p.add_argument("--quick", action="store_true", help=f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats "
+                   "(checks the script)")
     args = p.parse_args()
     if args.plot_only:
         with open(args.plot_only) as f:
-            write_png(json.load(f), args.plot_only)
+            write_png(plot_results, json.load(f), png_beside(args.plot_only),
+                      f"python {__file__} --plot-only {args.plot_only}")
         return
+    models, repeats, mixes = args.models.split(","), args.repeats, MIXES
+    if args.quick:
+        models, repeats, mixes = ["classifier"], 2, [m for m in MIXES if m[0] in QUICK_MIXES]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    data: dict[str, Any] = {"environment": environment(args.threads, args.repeats), "results": []}
+    env = environment("cpu", torch_threads=args.threads, repeats=repeats, fixed_scheme_budget=FIXED_SCHEME_BUDGET,
+                      auto_budgets=list(AUTO_BUDGETS),
+                      weight_bytes="linear layers the quantize pass may take (last graph), after / before")
+    data: dict[str, Any] = {"environment": env, "results": []}
     start = time.perf_counter()
     print_header()
-    for name in args.models.split(","):
-        data["results"] += run_case(CASES[name](), args.repeats)
+    for name in models:
+        data["results"] += run_case(CASES[name](), repeats, mixes)
         data["environment"]["total_s"] = time.perf_counter() - start
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(data, f, indent=1)
+        write_json(args.out, data, indent=1)
     print(f"wrote {args.out} ({data['environment']['total_s']:.0f} s)")
-    write_png(data, args.out)
+    write_png(plot_results, data, png_beside(args.out), f"python {__file__} --plot-only {args.out}")
 
 
 if __name__ == "__main__":

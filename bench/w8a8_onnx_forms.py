@@ -18,23 +18,23 @@ two threads measure the neighbours more than the kernels). Error: ||y - y64|| / 
 linear for several activation distributions, at M=197.
 
     python bench/w8a8_onnx_forms.py [--batch 1 4 8] [--threads 1] [--repeats 15]
+    python bench/w8a8_onnx_forms.py --batch 1 --repeats 2 --out /tmp/w8a8_onnx_forms.json    # a smoke test
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import time
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
+from cpu_onnxruntime import ort_session
 from mmaccel.ops import OPS
 from mmaccel.ops.int8_linear import quantize_per_channel
-from cpu_onnxruntime import ort_session, write_results  # bench/ is on sys.path when a script here runs
+from mmaccel.timing import interleaved_times_ms
 
 SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}  # (K, N)
 FORMS = ("fp32", "qdyn_tensor_w", "ours_tensor", "ours_token", "token_s8s8", "token_u8_zp128", "token_asym_u8",
@@ -152,12 +152,12 @@ def activations(m: int, k: int, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--forms", nargs="+", default=list(FORMS))
-    parser.add_argument("--out", default="bench/results/w8a8_onnx_forms.json")
+    parser.add_argument("--out", default=default_out("w8a8_onnx_forms.json"))
     args = parser.parse_args()
     ort.set_default_logger_severity(3)
     rng = np.random.default_rng(0)
@@ -178,14 +178,8 @@ def main() -> None:
                              "rel_err": float(np.linalg.norm(y - y64) / np.linalg.norm(y64))})
         for batch in args.batch:
             x = rng.standard_normal((batch * 197, k)).astype(np.float32)
-            times = {form: [] for form in sessions}
-            for sess in sessions.values():
-                sess.run(None, {"x": x})
-            for _ in range(args.repeats):
-                for form, sess in sessions.items():
-                    start = time.perf_counter()
-                    sess.run(None, {"x": x})
-                    times[form].append((time.perf_counter() - start) * 1e3)
+            runs = {form: lambda sess=sess: sess.run(None, {"x": x}) for form, sess in sessions.items()}
+            times = interleaved_times_ms(runs, args.repeats, warmup=1)
             for form, t in times.items():
                 rows.append({"layer": layer, "K": k, "N": n, "M": batch * 197, "form": form,
                              "median_ms": statistics.median(t)})
@@ -196,9 +190,9 @@ def main() -> None:
         for name in ("gaussian", "gelu", "outlier_tokens", "outlier_channels", "token_scales"):
             errs = {r["form"]: r["rel_err"] for r in rows if r.get("activations") == name and r["layer"] == layer}
             print(f"{layer:5} {name:17} " + "  ".join(f"{f}={e:.1e}" for f, e in errs.items()))
-    env = {"intra_op_threads": args.threads, "repeats": args.repeats, "onnxruntime": ort.__version__,
-           "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
-    write_results(args.out, env, rows)
+    env = environment("cpu", intra_op_threads=args.threads, repeats=args.repeats)
+    write_json(args.out, {"environment": env, "results": rows})
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

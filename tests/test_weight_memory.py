@@ -1,7 +1,7 @@
-"""Issue 21, lossless part: a compiled model holds one copy of its weights. parallel_linear_fusion
-concatenates Q/K/V and gate/up weights; the user's parameters are rebound as views of the concatenation, so
-the bytes reachable from the module and the compiled graphs together stay the module's own (accounted by
-tensor storage, deduplicated: no torch.cuda needed)."""
+"""Issue 21: a compiled model should not hold a second copy of its weights. Measured as tensor storage bytes
+reachable from the module and from the graphs the backend returned, each storage counted once (tests/storage.py).
+parallel_linear_fusion concatenates Q/K/V and gate/up weights and rebinds the module's parameters as views of
+the concatenation (before that: tiny HF Llama +49% of the weight bytes, tiny VLM decode step +38%, eager target)."""
 from __future__ import annotations
 
 import warnings
@@ -12,20 +12,62 @@ import torch.nn as nn
 
 import mmaccel
 
+import hf_tiny
+from mmaccel.compiler.backend import Backend
+from mmaccel.compiler.options import CompileOptions
+from mmaccel.models import build
 from hf_tiny import llama
+from storage import capturing_backend, reachable_storage_bytes, reachable_storages
+
+LOSSLESS_EXTRA_TARGET = 0.05  # issue 21: extra storage under 5% of the weight bytes for the lossless pipeline
 
 
-def storage_bytes(*objects: nn.Module) -> int:
-    """Bytes of the distinct storages behind the parameters and buffers of `objects`."""
-    seen: dict[int, int] = {}
-    for obj in objects:
-        for t in (*obj.parameters(), *obj.buffers()):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+def test_storage_counts_each_storage_once_through_views_and_closures() -> None:
+    w = torch.randn(64, 32)
+    views = [w.t(), w[:8], w.view(-1)]
+    closure = (lambda: views)
+    assert reachable_storage_bytes(w, views, closure) == w.nbytes
+    linear = torch.nn.Linear(32, 16)
+    assert reachable_storage_bytes(linear) == sum(p.nbytes for p in linear.parameters())
+    scale = torch.zeros(4)
+    assert reachable_storage_bytes(lambda: (linear, scale)) == reachable_storage_bytes(linear) + scale.nbytes
 
 
-def _compiled_graphs(compiled) -> list[nn.Module]:
-    return [g.final_graph for g in compiled.mmaccel_report.graphs if g.final_graph is not None]
+def extra_weight_fraction(model: torch.nn.Module, inputs: tuple, **options) -> float:
+    """Storage bytes the compiled graphs hold beyond the module's own, as a fraction of the module's weights."""
+    torch._dynamo.reset()
+    backend, graphs = capturing_backend(Backend(CompileOptions.from_user(options)))
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(*inputs)
+    assert graphs, "nothing compiled"
+    module = reachable_storages(model)
+    extra = sum(n for key, n in reachable_storages(model, graphs).items() if key not in module)
+    return extra / sum(p.nbytes for p in model.parameters())
+
+
+def _llama() -> tuple[torch.nn.Module, tuple]:
+    return hf_tiny.llama("sdpa"), (torch.randint(3, hf_tiny.VOCAB, (1, 8)),)
+
+
+def _vlm_decode() -> tuple[torch.nn.Module, tuple]:
+    torch.manual_seed(0)
+    return build("vlm_decode", size="tiny", batch=1, seq=20)
+
+
+MODELS = {"hf_llama": _llama, "vlm_decode": _vlm_decode}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_frozen_weights_share_the_module_storage(name: str) -> None:
+    """The near-miss that already holds: without parallel-linear fusion, freezing adds no copy."""
+    model, inputs = MODELS[name]()
+    assert extra_weight_fraction(model, inputs, target="eager", passes={"parallel_linear_fusion": False}) == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lossless_compile_holds_no_second_copy_of_weights(name: str) -> None:
+    model, inputs = MODELS[name]()
+    assert extra_weight_fraction(model, inputs, target="eager") < LOSSLESS_EXTRA_TARGET
 
 
 def _fired(compiled, name: str) -> int:
@@ -38,15 +80,15 @@ def test_lossless_compile_holds_one_copy_of_the_weights(impl) -> None:
     ids = torch.randint(0, 100, (1, 7))
     with torch.no_grad():
         expected = model(ids).logits
-        weights = storage_bytes(model)
+        weights = reachable_storage_bytes(model)
         compiled = mmaccel.compile(model, target="eager")
         torch.testing.assert_close(compiled(ids).logits, expected)
         compiled(torch.randint(0, 100, (1, 9)))  # a second graph over the same (now fused) weights
     assert _fired(compiled, "parallel_linear_fusion") >= 2  # it fired: Q/K/V and gate/up per layer
-    extra = storage_bytes(model, *_compiled_graphs(compiled)) - weights
-    assert extra < 0.05 * weights, f"compiled model holds {extra / weights:.1%} more than its weights"
+    extra = reachable_storage_bytes(model, compiled) - weights
+    assert extra < LOSSLESS_EXTRA_TARGET * weights, f"compiled model holds {extra / weights:.1%} more than its weights"
     for graph in compiled.mmaccel_report.graphs:  # the report says the same
-        assert graph.own_weight_bytes < 0.05 * weights < graph.graph_weight_bytes
+        assert graph.own_weight_bytes < LOSSLESS_EXTRA_TARGET * weights < graph.graph_weight_bytes
     assert "not shared with the model" in str(compiled.mmaccel_report)
     with torch.no_grad():  # the module itself still computes the same (its parameters are views now)
         torch.testing.assert_close(model(ids).logits, expected)
