@@ -10,15 +10,13 @@ CUDA graphs); CUDA-event medians after warm-up. Also prints whether attention_fu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import mmaccel
+from common import default_out, environment, rel_err, write_json
+from mmaccel.timing import median_ms
 
 # (KV heads, MLP width): equal weight bytes per layer. GQA saves 2 * 4096 * (4096 - 1024) = 25.2M attention
 # weights per layer, which 3 * 4096 * 2048 of MLP width gives back.
@@ -39,28 +37,6 @@ def build(kind: str, layers: int, tiny: bool, device: str, dtype: torch.dtype) -
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval().requires_grad_(False)
-
-
-def time_ms(fn, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    if device != "cuda":
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def case(kind: str, args, device: str, dtype: torch.dtype) -> list[dict]:
@@ -88,8 +64,8 @@ def case(kind: str, args, device: str, dtype: torch.dtype) -> list[dict]:
         with torch.no_grad(), mmaccel.collect_reports() as report:
             out = step().float()
             reference = out if reference is None else reference
-            ms = time_ms(step, device, args.warmup, args.iters)
-        err = float((out - reference).norm() / reference.norm())
+            ms = median_ms(step, args.iters, args.warmup, device=device)
+        err = rel_err(out, reference)
         fused = [g.matched("attention_fusion") for g in report.graphs]
         targets = sorted({g.target for g in report.graphs})
         rows.append({"model": kind, "variant": name, "median_ms": ms, "rel_err_vs_eager": err,
@@ -113,12 +89,9 @@ def main() -> None:
     if args.tiny:
         args.kv, args.warmup, args.iters = 24, 1, 3
     rows = [r for kind in SHAPES for r in case(kind, args, device, dtype)]
-    if args.out:
-        env = {"torch": torch.__version__, "python": platform.python_version(),
-               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-        with open(args.out, "w") as f:
-            json.dump({"environment": env, "layers": args.layers, "kv": args.kv, "rows": rows}, f, indent=1)
-
+    out = args.out or default_out("gqa_decode_tiny.json" if args.tiny else "gqa_decode.json")
+    write_json(out, {"environment": environment(device, layers=args.layers, kv=args.kv), "rows": rows})
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()

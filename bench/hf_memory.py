@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmaccel
+from common import default_out, environment, write_json
 
 VARIANTS = ("eager", "inductor", "mmaccel", "mmaccel_int8")
 
@@ -100,12 +99,9 @@ def main() -> None:
         peak = f"{r['peak_bytes'] / gib:9.3f}" if "peak_bytes" in r else f"{'-':>9}"
         print(f"{r['variant']:14} {r['weight_bytes'] / gib:11.3f} {r['held_bytes'] / gib:9.3f} "
               f"{r['held_bytes'] / r['weight_bytes']:12.1%} {peak}")
-    if args.out:
-        env = {"torch": torch.__version__, "python": platform.python_version(),
-               "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
-        with open(args.out, "w") as f:
-            json.dump({"environment": env, "layers": args.layers, "seq": args.seq, "rows": rows}, f, indent=1)
-
+    out = args.out or default_out("hf_memory_tiny.json" if args.tiny else "hf_memory.json")
+    write_json(out, {"environment": environment(device, layers=args.layers, seq=args.seq), "rows": rows})
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()
