@@ -113,3 +113,14 @@ def register_backend_name(name: str, compiler_fn: Any) -> None:
 
     if name not in _COMPILER_FNS and not entry_points(group="torch_dynamo_backends", name=name):
         register_backend(compiler_fn, name=name)
+
+
+@contextlib.contextmanager
+def recompile_limit_at_least(limit: int) -> Iterator[None]:
+    """Let each compiled function hold up to `limit` graphs while inside (Dynamo's default, 8, would run a
+    ninth shape uncompiled). For callers whose shapes come from a bounded set, such as generation buckets."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with dynamo_config.patch({name: max(limit, getattr(dynamo_config, name))}):
+        yield

@@ -9,6 +9,8 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     WhisperConfig,
     WhisperModel,
 )
@@ -36,14 +38,24 @@ def bert(impl: str) -> BertModel:
     return inference(BertModel(config))
 
 
-def llama(impl: str, use_cache: bool = False) -> LlamaForCausalLM:
+def llama(impl: str, use_cache: bool = False, max_positions: int = 64) -> LlamaForCausalLM:
     """Grouped-query attention (4 query heads, 2 KV heads), as in Llama 2/3."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=use_cache,
                          attn_implementation=impl)
     return inference(LlamaForCausalLM(config))
+
+
+def qwen2(impl: str = "sdpa") -> Qwen2ForCausalLM:
+    """Qwen2: Q/K/V projections with biases, grouped-query attention, tied embeddings."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+                         attn_implementation=impl)
+    return inference(Qwen2ForCausalLM(config))
 
 
 def whisper_encoder(impl: str) -> torch.nn.Module:
