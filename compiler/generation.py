@@ -14,7 +14,9 @@ positions are tensors that the step advances itself, and sizes never become symb
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,8 +176,9 @@ class _Session:
                            "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args)
         self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
                                    sampler=config.sampler, inputs=sorted(model_inputs)))
-        state.token, state.done = self.prefill(state, ids, position_ids, torch.arange(prompt, device=device),
-                                               model_inputs)
+        with _image_tokens_checked(self.model, input_ids, model_inputs):
+            state.token, state.done = self.prefill(state, ids, position_ids, torch.arange(prompt, device=device),
+                                                   model_inputs)
         state.position_ids = position_ids[:, -1:] + 1
         state.cache_position = torch.tensor([prompt], device=device)
         return state
@@ -279,6 +282,43 @@ def _trim_after_all_stopped(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> 
         return tokens
     last = int(stopped.int().argmax(-1).max())
     return tokens[:, :last + 1]
+
+
+@contextlib.contextmanager
+def _image_tokens_checked(model: torch.nn.Module, input_ids: torch.Tensor, model_inputs: dict[str, Any]):
+    """transformers checks that the prompt holds one placeholder per image feature with
+    torch._check_tensor_all, which Dynamo cannot trace: the prefill would break into pieces around it. For
+    LLaVA-style configs (placeholder id, square images in patches) the same check runs here, on the host, once
+    per call, and transformers' own is switched off (its documented TRANSFORMERS_DISABLE_TORCH_CHECK) while
+    the prefill traces and runs."""
+    expected = _image_tokens_per_image(model.config)
+    pixels = model_inputs.get("pixel_values")
+    if pixels is None or expected is None:
+        yield
+        return
+    found = int((input_ids == model.config.image_token_id).sum())
+    if found != expected * pixels.shape[0]:
+        raise ValueError(f"mmaccel.generate: the prompt holds {found} image placeholder tokens (id "
+                         f"{model.config.image_token_id}) for {pixels.shape[0]} image(s) of {expected} features each")
+    previous = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"]
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = previous
+
+
+def _image_tokens_per_image(config: Any) -> int | None:
+    """LLaVA-1.5: one feature per patch, plus the class token with vision_feature_select_strategy "full"."""
+    vision = getattr(config, "vision_config", None)
+    if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size") or \
+            type(config).__name__ != "LlavaConfig":
+        return None
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
 
 
 def _dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -9,6 +9,8 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
     WhisperConfig,
@@ -56,6 +58,33 @@ def qwen2(impl: str = "sdpa") -> Qwen2ForCausalLM:
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
                          attn_implementation=impl)
     return inference(Qwen2ForCausalLM(config))
+
+
+IMAGE_TOKEN = VOCAB - 1  # LLaVA's <image> placeholder id
+
+
+def llava() -> LlavaForConditionalGeneration:
+    """LLaVA-1.5's structure (CLIP vision tower, 2-layer MLP projector, Llama decoder), tiny: a 32x32 image in
+    8x8 patches gives 16 image tokens, which the prompt must hold as IMAGE_TOKEN placeholders."""
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         attn_implementation="sdpa")
+    return inference(LlavaForConditionalGeneration(config))
+
+
+def llava_prompt(text_before: int, text_after: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt: text, the 16 image placeholders, text; and one random image."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(3, IMAGE_TOKEN, (1, text_before), generator=generator),
+                     torch.full((1, 16), IMAGE_TOKEN),
+                     torch.randint(3, IMAGE_TOKEN, (1, text_after), generator=generator)], dim=1)
+    return ids, torch.randn(1, 3, 32, 32, generator=generator)
 
 
 def whisper_encoder(impl: str) -> torch.nn.Module:

@@ -107,3 +107,20 @@ def test_buckets() -> None:
     assert [cache_bucket(n, 4096) for n in (1, 64, 65, 900, 5000)] == [64, 64, 128, 1024, 4096]
     assert generation_buckets(640, 256, 4096) == (768, 1024)
     assert generation_buckets(50, 14, 64) == (50, 64)  # near the limit the prompt pads less
+
+
+def test_llava_image_prompt_matches_hf_eager_in_one_prefill_graph() -> None:
+    """The image features are merged into the prompt inside the prefill graph (no graph break at
+    transformers' placeholder check, which mmaccel.generate runs on the host instead)."""
+    model = hf_tiny.llava()
+    for before, after, new in ((3, 5, 6), (1, 2, 5)):
+        ids, pixels = hf_tiny.llava_prompt(before, after)
+        mask = torch.ones_like(ids)
+        expected = hf_generate(model, ids, mask, pixel_values=pixels, max_new_tokens=new, do_sample=False)
+        actual = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=new, options=EAGER)
+        assert torch.equal(actual, expected)
+    report = mmaccel.generation_report(model, **EAGER)
+    assert [kind for kind, _, _ in report.graphs] == ["prefill", "decode"]  # both prompts in the 24 bucket
+    assert len(report.compile.graphs) == 2
+    with pytest.raises(ValueError, match="15 image placeholder tokens"):
+        mmaccel.generate(model, ids[:, 2:], mask[:, 2:], pixel_values=pixels, max_new_tokens=2, options=EAGER)
