@@ -143,9 +143,12 @@ class _Session:
         self.caches: dict[tuple, Any] = {}
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: _Config) -> torch.Tensor:
+        if self.encoder_decoder:
+            input_ids, attention_mask = _decoder_prompt(self.model, model_inputs, input_ids, attention_mask)
         if input_ids is None:
             raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
         if self.model.training:
@@ -173,19 +176,21 @@ class _Session:
         state = _StepState(self.model, cache, mask, _sampling_tensors(config, device),
                            torch.tensor(config.stop_ids or [-1], device=device),
                            torch.tensor(config.pad_id, device=device), config.sampler,
-                           "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args)
+                           "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args,
+                           self.encoder_decoder)
         self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
                                    sampler=config.sampler, inputs=sorted(model_inputs)))
         with _image_tokens_checked(self.model, input_ids, model_inputs):
-            state.token, state.done = self.prefill(state, ids, position_ids, torch.arange(prompt, device=device),
-                                                   model_inputs)
+            state.token, state.done, state.encoder_outputs = self.prefill(
+                state, ids, position_ids, torch.arange(prompt, device=device), model_inputs)
         state.position_ids = position_ids[:, -1:] + 1
         state.cache_position = torch.tensor([prompt], device=device)
         return state
 
     def _decode(self, state: "_StepState", config: _Config, prompt: int, cache_len: int) -> torch.Tensor:
-        self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=state.cache_dtype,
-                                  device=state.mask.device, sampler=config.sampler))
+        dtype, device = _dtype_device(self.model)
+        self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
+                                  sampler=config.sampler))
         tokens = [state.token]
         for step in range(1, config.max_new_tokens):
             if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
@@ -225,27 +230,30 @@ class _StepState:
     sampler: Sampler
     pass_cache_position: bool  # transformers < 5.2x takes cache_position; later versions count in the cache
     pass_logits_to_keep: bool
+    encoder_decoder: bool  # Whisper: the prompt is the decoder's, the cache an EncoderDecoderCache
+    encoder_outputs: tuple[torch.Tensor] | None = None  # computed by the prefill, read by decode steps
     token: torch.Tensor | None = None  # [B, 1]
     done: torch.Tensor | None = None  # [B, 1] bool
     position_ids: torch.Tensor | None = None  # [B, 1]
     cache_position: torch.Tensor | None = None  # [1]
 
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        return self.cache.layers[0].keys.dtype if hasattr(self.cache, "layers") else self.mask.dtype
-
 
 def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    cache_position: torch.Tensor, extra: dict[str, Any]) -> torch.Tensor:
-    """The model over `input_ids` ([B, S]) at `position_ids`, writing the cache; last position's logits [B, V]."""
-    kwargs = dict(extra)
+                    cache_position: torch.Tensor, extra: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """The model over `input_ids` ([B, S]) at `position_ids`, writing the cache: the last position's logits
+    [B, V], and the encoder's outputs (encoder-decoder models; None otherwise)."""
+    prefix = "decoder_" if state.encoder_decoder else ""
+    kwargs = {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": state.mask,
+              f"{prefix}position_ids": position_ids, **extra}
+    if state.encoder_outputs is not None:
+        kwargs["encoder_outputs"] = state.encoder_outputs
     if state.pass_cache_position:
         kwargs["cache_position"] = cache_position
     if state.pass_logits_to_keep:
         kwargs["logits_to_keep"] = 1
-    out = state.model(input_ids=input_ids, attention_mask=state.mask, position_ids=position_ids,
-                      past_key_values=state.cache, use_cache=True, **kwargs)
-    return out.logits[:, -1, :].to(torch.float32)
+    out = state.model(past_key_values=state.cache, use_cache=True, **kwargs)
+    encoder_outputs = (out.encoder_last_hidden_state,) if state.encoder_decoder else None
+    return out.logits[:, -1, :].to(torch.float32), encoder_outputs
 
 
 def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None):
@@ -258,12 +266,12 @@ def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: t
 
 
 def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
-    logits = _forward_logits(state, input_ids, position_ids, cache_position, extra)
-    return _choose(state, logits, cache_position[-1:], None)
+    logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
+    return *_choose(state, logits, cache_position[-1:], None), encoder_outputs
 
 
 def _decode_step(state: _StepState, token, done, position_ids, cache_position):
-    logits = _forward_logits(state, token, position_ids, cache_position, {})
+    logits, _ = _forward_logits(state, token, position_ids, cache_position, {})
     token, done = _choose(state, logits, cache_position, done)
     return token, done, position_ids + 1, cache_position + 1
 
@@ -271,6 +279,23 @@ def _decode_step(state: _StepState, token, done, position_ids, cache_position):
 def _sampling_tensors(config: _Config, device: torch.device) -> tuple[torch.Tensor, ...]:
     return (torch.tensor(config.temperature, device=device), torch.tensor(config.top_p, device=device),
             torch.tensor(config.seed, device=device))
+
+
+def _decoder_prompt(model: torch.nn.Module, model_inputs: dict[str, Any], input_ids: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoder-decoder models (Whisper): the first positional input is the encoder's (input_features), the
+    decoder's prompt is decoder_input_ids, by default one decoder_start_token_id per row, as HF's generate."""
+    if input_ids is not None and input_ids.is_floating_point():
+        model_inputs.setdefault("input_features", input_ids)
+        input_ids = None
+    if "input_features" not in model_inputs:
+        raise ValueError(f"mmaccel.generate: {type(model).__name__} needs input_features")
+    decoder_ids = model_inputs.pop("decoder_input_ids", None)
+    if decoder_ids is None:
+        start = model.generation_config.decoder_start_token_id
+        decoder_ids = torch.full((model_inputs["input_features"].shape[0], 1), start,
+                                 device=model_inputs["input_features"].device)
+    return decoder_ids, model_inputs.pop("decoder_attention_mask", None)
 
 
 def _trim_after_all_stopped(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:
@@ -339,13 +364,21 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
     """A transformers StaticCache of `length` positions, allocated now (not lazily inside the compiled prefill).
     transformers 5 takes (config, max_cache_len) and allocates on first use unless early-initialized; 4.x
     took the batch size, device and dtype in the constructor."""
-    from transformers import StaticCache
+    from transformers import EncoderDecoderCache, StaticCache
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    try:
-        cache = StaticCache(config=model.config, max_cache_len=length)
-    except TypeError:
-        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cache.early_initialization(batch, heads, head_dim, dtype, device)
-    return cache
+
+    def allocate(positions: int) -> Any:
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=positions)
+        except TypeError:
+            return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=positions, device=device,
+                               dtype=dtype)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache.early_initialization(batch, heads, head_dim, dtype, device)
+        return cache
+
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return allocate(length)
+    # Cross-attention keys/values: one per encoder output position (Whisper: max_source_positions).
+    return EncoderDecoderCache(allocate(length), allocate(model.config.max_source_positions))

@@ -14,6 +14,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     WhisperConfig,
+    WhisperForConditionalGeneration,
     WhisperModel,
 )
 
@@ -106,3 +107,16 @@ def token_batch(batch: int, seq: int, padded_from: int | None = None, seed: int 
         mask[-1, padded_from:] = 0
         ids[-1, padded_from:] = 0
     return ids, mask
+
+
+def whisper() -> WhisperForConditionalGeneration:
+    """Whisper for generation: 16 mel bins x 40 frames in, 20 encoder positions. init_std=0.5 so that random
+    weights give varied tokens (at Whisper's 0.02 every step picks the same id); no suppressed tokens (the
+    default lists name ids past this vocabulary)."""
+    torch.manual_seed(0)
+    config = WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=20, max_target_positions=64,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3, init_std=0.5,
+                           begin_suppress_tokens=None, suppress_tokens=None, attn_implementation="sdpa")
+    return inference(WhisperForConditionalGeneration(config))

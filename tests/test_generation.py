@@ -124,3 +124,18 @@ def test_llava_image_prompt_matches_hf_eager_in_one_prefill_graph() -> None:
     assert len(report.compile.graphs) == 2
     with pytest.raises(ValueError, match="15 image placeholder tokens"):
         mmaccel.generate(model, ids[:, 2:], mask[:, 2:], pixel_values=pixels, max_new_tokens=2, options=EAGER)
+
+
+def test_whisper_matches_hf_generic_generate() -> None:
+    """The encoder runs in the prefill graph; decode steps read the cross-attention cache it filled. Compared
+    with transformers' GenerationMixin.generate (decoder prompt + new tokens): Whisper's own generate adds
+    language detection, timestamps and token suppression, which mmaccel.generate does not implement."""
+    from transformers import GenerationMixin
+    model = hf_tiny.whisper()
+    for batch, new in ((2, 6), (1, 9)):
+        features = torch.randn(batch, 16, 40, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = GenerationMixin.generate(model, features, max_new_tokens=new, do_sample=False)
+        assert torch.equal(mmaccel.generate(model, features, max_new_tokens=new, options=EAGER), expected)
+    report = mmaccel.generation_report(model, **EAGER)
+    assert len(report.compile.graphs) == len(report.graphs) == 4  # prefill + decode per batch size
