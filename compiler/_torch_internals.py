@@ -25,6 +25,7 @@ from .errors import InvalidOptionError
 __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
+    "module_owned_inputs", "recompile_limit_at_least",
 ]
 
 
@@ -69,6 +70,20 @@ def is_static_tensor(t: Any) -> bool:
     if isinstance(t, torch.nn.Parameter):
         return True
     return torch._dynamo.utils.get_static_address_type(t) is not None
+
+
+def module_owned_inputs(gm: torch.fx.GraphModule) -> list[bool] | None:
+    """For each input of Dynamo's graph `gm`: is it a module's parameter or registered buffer (by the source
+    Dynamo read it from)? A tensor marked static by its owner but not a module's, such as the KV cache
+    transformers' StaticCache marks with mark_static_address, is state that changes between calls: never a
+    weight to freeze. None when Dynamo recorded no sources."""
+    owned = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None:
+            return None
+        owned.append("._parameters[" in source.name or "._buffers[" in source.name)
+    return owned
 
 
 def concrete_inputs(example_inputs: Sequence[Any]) -> list[Any]:

@@ -139,3 +139,33 @@ def test_whisper_matches_hf_generic_generate() -> None:
         assert torch.equal(mmaccel.generate(model, features, max_new_tokens=new, options=EAGER), expected)
     report = mmaccel.generation_report(model, **EAGER)
     assert len(report.compile.graphs) == len(report.graphs) == 4  # prefill + decode per batch size
+    # The cross-attention cache is read, not written, by decode steps, and transformers marks it static: it
+    # must not be frozen as a weight (the next call's prefill rewrites it).
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert all(g.frozen_bytes <= weight_bytes for g in report.compile.graphs)
+
+
+def test_dtype_change_between_calls_recompiles() -> None:
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([5, 3])
+    mmaccel.generate(model, ids, mask, max_new_tokens=3, options=EAGER)
+    model.to(torch.float64)
+    expected = hf_generate(model, ids, mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=3, options=EAGER), expected)
+    whys = [why for _, _, why in mmaccel.generation_report(model, **EAGER).graphs]
+    assert whys == ["first call", "first call", "new dtype=torch.float64", "new dtype=torch.float64"]
+
+
+def test_hf_static_cache_recipe_through_the_backend() -> None:
+    """HF's documented recipe, model.forward compiled with backend="mmaccel" and generate() on a static
+    cache, matches eager across two lengths (the cache marked static by transformers is not frozen)."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([6, 4])
+    expected = [hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False) for n in (4, 7)]
+    model.forward = torch.compile(model.forward, backend=mmaccel.Backend(target="eager"))
+    try:
+        for n, want in zip((4, 7), expected):
+            got = hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False, cache_implementation="static")
+            assert torch.equal(got, want)
+    finally:
+        del model.forward
