@@ -25,6 +25,7 @@ from .errors import InvalidOptionError
 __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
+    "module_owned_inputs", "recompile_limit_at_least",
 ]
 
 
@@ -71,6 +72,20 @@ def is_static_tensor(t: Any) -> bool:
     return torch._dynamo.utils.get_static_address_type(t) is not None
 
 
+def module_owned_inputs(gm: torch.fx.GraphModule) -> list[bool] | None:
+    """For each input of Dynamo's graph `gm`: is it a module's parameter or registered buffer (by the source
+    Dynamo read it from)? A tensor marked static by its owner but not a module's, such as the KV cache
+    transformers' StaticCache marks with mark_static_address, is state that changes between calls: never a
+    weight to freeze. None when Dynamo recorded no sources."""
+    owned = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None:
+            return None
+        owned.append("._parameters[" in source.name or "._buffers[" in source.name)
+    return owned
+
+
 def concrete_inputs(example_inputs: Sequence[Any]) -> list[Any]:
     """Dynamo's example inputs with each SymInt (a dynamic size, e.g. the text length of a decoder graph)
     replaced by the int it had in the call being compiled, read without adding a guard. Running a graph
@@ -113,3 +128,14 @@ def register_backend_name(name: str, compiler_fn: Any) -> None:
 
     if name not in _COMPILER_FNS and not entry_points(group="torch_dynamo_backends", name=name):
         register_backend(compiler_fn, name=name)
+
+
+@contextlib.contextmanager
+def recompile_limit_at_least(limit: int) -> Iterator[None]:
+    """Let each compiled function hold up to `limit` graphs while inside (Dynamo's default, 8, would run a
+    ninth shape uncompiled). For callers whose shapes come from a bounded set, such as generation buckets."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with dynamo_config.patch({name: max(limit, getattr(dynamo_config, name))}):
+        yield

@@ -12,7 +12,7 @@ from ..passes.contract import PassContext
 from ..passes.graph import clone_module
 from ..passes.pipeline import run_pipeline
 from ._torch_internals import (RESTART_EXCEPTIONS, DynamoVisibleOptionError, concrete_inputs, detect_fake_mode,
-                               lower_with_aot, unset_fake_temporarily)
+                               lower_with_aot, module_owned_inputs, unset_fake_temporarily)
 from .calibration import GraphSamples, graph_key
 from .debug import DebugDump
 from .errors import InvalidOptionError, warn_once
@@ -82,7 +82,8 @@ class Backend:
 
         def inference_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
             with unset_fake_temporarily():  # freezing and folding compute on the real weights
-                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump, calibration)
+                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump, calibration,
+                                      module_owned_inputs(gm))
 
         try:
             return lower_with_aot(gm, example_inputs, inference_compiler, DECOMPOSITIONS)
@@ -92,11 +93,12 @@ class Backend:
             return _fallback(gm, record, f"lowering failed with {type(e).__name__}: {_first_line(e)}")
 
     def _optimize(self, aten_gm: fx.GraphModule, fake_inputs: Sequence[Any], real_inputs: Sequence[Any],
-                  record: GraphReport, dump: Callable, calibration: list[list[Any]] | None = None) -> Callable:
+                  record: GraphReport, dump: Callable, calibration: list[list[Any]] | None = None,
+                  module_owned: list[bool] | None = None) -> Callable:
         dump("aten", aten_gm)
         record.aten_nodes = len(aten_gm.graph.nodes)
         unfrozen, _ = compile_for_target("eager", clone_module(aten_gm), real_inputs)
-        frozen = freeze_parameters(aten_gm, real_inputs)
+        frozen = freeze_parameters(aten_gm, real_inputs, module_owned)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         kept_inputs = [real_inputs[i] for i in frozen.kept]
         # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them

@@ -58,15 +58,21 @@ def freeze_input(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None
     gm.graph.erase_node(node)
 
 
-def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any]) -> FrozenInputs:
+def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any],
+                      module_owned: Sequence[bool] | None = None) -> FrozenInputs:
+    """Freeze the inputs that are unmutated static tensors and, where Dynamo says where each input came from
+    (`module_owned`), a module's parameters or buffers only."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     candidates = frozen_candidate_mask(len(placeholders))
+    if module_owned is not None and len(module_owned) != len(placeholders):
+        module_owned = None
     if candidates is None or len(real_inputs) != len(placeholders):
         return FrozenInputs(kept=list(range(len(placeholders))),
                             note="freezing skipped: graph inputs do not line up with the module's tensors")
     kept, frozen = [], []
     for i, (node, real, ok) in enumerate(zip(placeholders, real_inputs, candidates)):
-        if not (ok and is_static_tensor(real) and type(real) in (torch.Tensor, torch.nn.Parameter)):
+        owned = module_owned is None or module_owned[i] or isinstance(real, torch.nn.Parameter)
+        if not (ok and owned and is_static_tensor(real) and type(real) in (torch.Tensor, torch.nn.Parameter)):
             kept.append(i)
             continue
         freeze_input(gm, node, real)

@@ -4,6 +4,7 @@
     mmaccel.compile(model, **options)                        # same, options validated up front
     mmaccel.explain(model, *example_inputs, **options)       # what was captured and optimized
     mmaccel.export_onnx(model, example_inputs, path)          # same passes, standard ONNX file
+    mmaccel.generate(model, **inputs, max_new_tokens=64)      # HF generation, steps compiled, lengths bucketed
 """
 import os as _os
 
@@ -16,6 +17,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "compiler")) and
 
 from .compiler.api import compile, explain, export_onnx
 from .compiler.backend import Backend
+from .compiler.generation import GenerationReport, generate, generation_report
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
@@ -24,6 +26,6 @@ from .compiler.backend import mmaccel_backend as _mmaccel_backend
 
 _register("mmaccel", _mmaccel_backend)
 
-__all__ = ["compile", "explain", "export_onnx", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
+__all__ = ["compile", "explain", "export_onnx", "generate", "generation_report", "GenerationReport", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]
 __version__ = "0.1.0"

@@ -1,0 +1,281 @@
+"""Hugging Face generation, eager vs Inductor vs mmaccel (issue 13): first-token ms, ms per new token,
+end-to-end ms, graphs compiled and the fraction of the memory floor reached, on LLaVA-1.5-7B dims (one 336px
+image + 64 text tokens), Llama-3-8B dims (64 tokens) and Whisper large-v3 dims (30 s of features), each
+generating 256 new tokens. Weights are RANDOM (no downloads): token values mean nothing, timings do.
+Stop tokens are off (eos_token_id=[]) so that every variant generates exactly the same number of tokens.
+
+Variants: HF eager `generate()`; the HF docs' compiled recipe, `model.forward = torch.compile(model.forward,
+...)` + `generate(cache_implementation="static")`, with Inductor (default mode, and reduce-overhead as the
+docs require for CUDA graphs) and with backend="mmaccel"; and `mmaccel.generate`.
+
+    python bench/hf_generate.py                 # GPU: the three models in bf16 (about 8 minutes on an H200)
+    python bench/hf_generate.py --tiny          # CPU check: tiny configs, a few tokens
+    python bench/hf_generate.py --models llama --variants eager mmaccel.generate
+
+Timing: after one warm-up call (which compiles), the median of --repeats calls, with CUDA events on a GPU
+(mmaccel/timing.py's wall clock on CPU). first-token = generate(max_new_tokens=1); ms/token = (end-to-end -
+first-token) / (new tokens - 1). Memory floor per new token = (decoder weight bytes + K/V bytes read at the
+mean cache length) / measured device-to-device copy bandwidth; fraction = floor / measured ms per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import transformers
+from transformers import (CLIPVisionConfig, GenerationMixin, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration)
+
+import mmaccel
+from mmaccel.timing import times_ms
+
+VARIANTS = ["eager", "inductor", "inductor-reduce-overhead", "mmaccel (HF recipe)", "mmaccel.generate"]
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def llava_config(tiny: bool) -> tuple[LlavaConfig, int]:
+    """LLaVA-1.5-7B: CLIP ViT-L/14 at 336px (576 image tokens) + Llama-2-7B. Returns (config, image tokens)."""
+    if tiny:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+        text = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return LlavaConfig(vision_config=vision, text_config=text, image_token_id=99), 16
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000), 576
+
+
+def llama_config(tiny: bool) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0)
+
+
+def whisper_config(tiny: bool) -> WhisperConfig:
+    if tiny:
+        return WhisperConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                             max_source_positions=20, max_target_positions=64, decoder_start_token_id=3, pad_token_id=0,
+                             bos_token_id=1, eos_token_id=2,
+                             begin_suppress_tokens=None, suppress_tokens=None)
+    return WhisperConfig(vocab_size=51866, d_model=1280, encoder_layers=32, decoder_layers=32,
+                         encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120,
+                         decoder_ffn_dim=5120, num_mel_bins=128, max_source_positions=1500, max_target_positions=448,
+                         decoder_start_token_id=50258, begin_suppress_tokens=None, suppress_tokens=None)
+
+
+def build(name: str, tiny: bool, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """(model with random weights, generate() inputs, what the prompt is)."""
+    torch.manual_seed(0)
+    text_tokens = 8 if tiny else 64
+    with torch.device(device):
+        if name == "llava":
+            config, image_tokens = llava_config(tiny)
+            config.text_config._attn_implementation = "sdpa"
+            model = LlavaForConditionalGeneration(config)
+            ids = torch.cat([torch.full((1, image_tokens), config.image_token_id),
+                             torch.randint(3, 1000 if not tiny else 90, (1, text_tokens))], dim=1)
+            vision = config.vision_config
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                      "pixel_values": torch.randn(1, 3, vision.image_size, vision.image_size, dtype=dtype)}
+            what = f"1 image ({image_tokens} tokens) + {text_tokens} text tokens"
+        elif name == "llama":
+            model = LlamaForCausalLM(llama_config(tiny))
+            ids = torch.randint(3, 90 if tiny else 1000, (1, text_tokens))
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            what = f"{text_tokens} text tokens"
+        else:
+            config = whisper_config(tiny)
+            model = WhisperForConditionalGeneration(config)
+            frames = 2 * config.max_source_positions
+            inputs = {"input_features": torch.randn(1, config.num_mel_bins, frames, dtype=dtype)}
+            what = f"{frames} feature frames"
+    return model.to(dtype).eval().requires_grad_(False), inputs, what
+
+
+def hf_generate(model: torch.nn.Module, inputs: dict[str, Any], new: int, static: bool) -> torch.Tensor:
+    """HF's generate; Whisper through the generic GenerationMixin (its own adds language detection)."""
+    extra = {"cache_implementation": "static"} if static else {}
+    return GenerationMixin.generate(model, **inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                    eos_token_id=[], pad_token_id=0, **extra)
+
+
+def variant_runner(variant: str, model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[int], torch.Tensor]:
+    """generate(new tokens) for `variant`, set up on `model` (undone by reset_model)."""
+    if variant == "eager":
+        return lambda new: hf_generate(model, inputs, new, static=False)
+    if variant == "mmaccel.generate":
+        return lambda new: mmaccel.generate(model, **inputs, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+    compile_kwargs = {"inductor": {}, "inductor-reduce-overhead": {"mode": "reduce-overhead"},
+                      "mmaccel (HF recipe)": {"backend": "mmaccel"}}[variant]
+    model.forward = torch.compile(model.forward, **compile_kwargs)
+    return lambda new: hf_generate(model, inputs, new, static=True)
+
+
+def reset_model(model: torch.nn.Module) -> None:
+    model.__dict__.pop("forward", None)
+    torch._dynamo.reset()
+
+
+def time_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median ms of `repeats` calls after one warm-up: CUDA events on a GPU, mmaccel.timing on CPU."""
+    if not torch.cuda.is_available():
+        return statistics.median(times_ms(fn, repeats, warmup=1))
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy (read + write) of 1 GiB (64 MiB on CPU)."""
+    n = (1 << 30 if device == "cuda" else 1 << 26) // 4
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms = time_ms(lambda: dst.copy_(src), 5)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def floor_ms_per_token(model: torch.nn.Module, prompt: int, new: int, bandwidth: float) -> float:
+    """Decoder weights + K/V at the mean cache length, read once per token, at `bandwidth`."""
+    text = model.config.get_text_config(decoder=True)
+    skip = ("vision_tower", "encoder.", "multi_modal_projector")
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not any(s in n for s in skip))
+    layers = getattr(text, "decoder_layers", None) or text.num_hidden_layers
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv = 2 * layers * heads * head_dim * next(model.parameters()).element_size() * (prompt + new / 2)
+    return (weights + kv) / bandwidth * 1e3
+
+
+def graphs_compiled() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def bench_variant(name: str, variant: str, model, inputs, new: int, repeats: int, reference: torch.Tensor) -> dict:
+    torch._dynamo.utils.counters.clear()
+    start = time.perf_counter()
+    with torch.no_grad(), mmaccel.collect_reports() as report:
+        run = variant_runner(variant, model, inputs)
+        tokens = run(new)  # compiles
+        setup_s = time.perf_counter() - start
+        e2e = time_ms(lambda: run(new), repeats)
+        first = time_ms(lambda: run(1), repeats)
+    reset_model(model)
+    graphs = len(report.graphs) if "mmaccel" in variant else graphs_compiled()
+    return {"model": name, "variant": variant, "first_token_ms": first, "ms_per_token": (e2e - first) / (new - 1),
+            "end_to_end_ms": e2e, "graphs": graphs, "setup_s": setup_s,
+            "tokens_match_eager": bool(torch.equal(tokens.cpu(), reference.cpu()))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs and a few tokens (CPU check)")
+    parser.add_argument("--models", nargs="+", default=["llava", "llama", "whisper"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (8 with --tiny)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (2 with --tiny)")
+    parser.add_argument("--budget-s", type=float, default=450, help="skip what is left past this many seconds")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    new = args.new_tokens or (8 if args.tiny else 256)
+    repeats = args.repeats or (2 if args.tiny else 3)
+    bandwidth = copy_bandwidth(device)
+    started, rows = time.perf_counter(), []
+    print(f"{'model':8} {'variant':26} {'first ms':>9} {'ms/token':>9} {'e2e ms':>9} {'graphs':>6} {'floor':>6} "
+          f"{'setup s':>8} match")
+    for name in args.models:
+        model, inputs, what = build(name, args.tiny, device, dtype)
+        prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
+        floor = floor_ms_per_token(model, prompt, new, bandwidth)
+        with torch.no_grad():
+            reference = hf_generate(model, inputs, new, static=False)
+        for variant in args.variants:
+            if time.perf_counter() - started > args.budget_s:
+                rows.append({"model": name, "variant": variant, "skipped": f"past --budget-s {args.budget_s}"})
+                print(f"{name:8} {variant:26} skipped (past the time budget)")
+                continue
+            try:
+                row = bench_variant(name, variant, model, inputs, new, repeats, reference)
+            except Exception as e:  # a failing variant is a result, not the end of the run
+                reset_model(model)
+                rows.append({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
+                print(f"{name:8} {variant:26} FAILED {rows[-1]['error'][:120]}")
+                continue
+            row.update(prompt=what, new_tokens=new, floor_ms_per_token=floor, floor_fraction=floor / row["ms_per_token"])
+            rows.append(row)
+            print(f"{name:8} {variant:26} {row['first_token_ms']:9.2f} {row['ms_per_token']:9.3f} "
+                  f"{row['end_to_end_ms']:9.1f} {row['graphs']:6d} {row['floor_fraction']:6.2f} {row['setup_s']:8.1f} "
+                  f"{'yes' if row['tokens_match_eager'] else 'NO'}", flush=True)
+        del model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    write(args.out or os.path.join(RESULTS, f"hf_generate_{'tiny_' if args.tiny else ''}{device}"), rows,
+          environment(device, dtype, bandwidth, args.tiny))
+    return 0
+
+
+def environment(device: str, dtype: torch.dtype, bandwidth: float, tiny: bool) -> dict[str, Any]:
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
+            "copy_bandwidth_GBps": bandwidth / 1e9, "tiny": tiny, "weights": "random (no downloads)",
+            "threads": torch.get_num_threads()}
+
+
+def write(stem: str, rows: list[dict], env: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"environment": env, "results": rows}, f, indent=2)
+    print(f"wrote {stem}.json")
+    try:
+        plot(rows, stem + ".png")
+        print(f"wrote {stem}.png")
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """ms per new token, a group of bars per model, a bar per variant; the memory floor as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if "ms_per_token" in r]
+    models = list(dict.fromkeys(r["model"] for r in done))
+    variants = list(dict.fromkeys(r["variant"] for r in done))
+    fig, ax = plt.subplots(figsize=(3 + 2.5 * len(models), 4.5))
+    width = 0.8 / max(1, len(variants))
+    for j, variant in enumerate(variants):
+        xs = [i - 0.4 + (j + 0.5) * width for i, m in enumerate(models)]
+        ys = [next((r["ms_per_token"] for r in done if r["model"] == m and r["variant"] == variant), 0) for m in models]
+        ax.bar(xs, ys, width, label=variant)
+    for i, m in enumerate(models):
+        floor = next(r["floor_ms_per_token"] for r in done if r["model"] == m)
+        ax.hlines(floor, i - 0.45, i + 0.45, colors="k", linestyles="dashed")
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("ms per new token (lower is better; dashed: memory floor)")
+    ax.set_title("HF generation, random weights")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

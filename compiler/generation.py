@@ -1,0 +1,384 @@
+"""mmaccel.generate: Hugging Face generation with the whole decode step compiled.
+
+    tokens = mmaccel.generate(model, **inputs, max_new_tokens=64)          # what model.generate returns
+
+Per call: lengths are padded to buckets (compiler/buckets.py) and the prompt runs through a compiled prefill
+graph; then every new token is one call of a compiled decode step: forward over one token, token choice
+(compiler/sampling.py), stop check and KV-cache write, all in one static-shape graph (on a GPU the Triton
+target replays it from a CUDA graph). The host only launches steps and looks at the stop flags every
+STOP_CHECK_EVERY tokens. The static KV cache of each (batch, cache bucket, dtype, device) is allocated once
+per model and reused, so its address (and a CUDA-graph recording of the step) stays valid across calls.
+
+As gpt-fast's generate.py, with HF's model and cache classes: prefill and decode are separate graphs,
+positions are tensors that the step advances itself, and sizes never become symbolic.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._torch_internals import recompile_limit_at_least
+from .backend import Backend
+from .buckets import generation_buckets
+from .errors import warn_once
+from .options import CompileOptions
+from .report import CompileReport
+from .sampling import Sampler, choose_tokens
+
+# A host sync per STOP_CHECK_EVERY tokens to stop once every row has finished: each check waits for the
+# device, so checking every token would put back the per-token host round trip this loop removes; 8 tokens
+# bound the wasted steps after the last stop token at 7.
+STOP_CHECK_EVERY = 8
+# Dynamo's per-function recompile limit (8) would send a ninth bucket to uncompiled eager; the bucket set is
+# bounded, so allow that many graphs for each of the two step functions.
+MAX_GRAPHS_PER_STEP = 64
+
+_GENERATE_ARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
+                  "pad_token_id", "generation_config", "options"}
+
+
+@dataclass
+class GenerationReport:
+    """What mmaccel.generate compiled for one model: each graph's key and why it was new."""
+    compile: CompileReport
+    graphs: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (kind, key, why new)
+
+    @property
+    def buckets(self) -> dict[str, list[int]]:
+        keys = [k for _, k, _ in self.graphs]
+        return {"prompt": sorted({k["prompt"] for k in keys if "prompt" in k}),
+                "cache": sorted({k["cache"] for k in keys})}
+
+    def __str__(self) -> str:
+        lines = [f"mmaccel.generate: {len(self.graphs)} step graphs ({len(self.compile.graphs)} compiled by "
+                 f"mmaccel), buckets {self.buckets}"]
+        lines += [f"  {kind:8} {key}: {why}" for kind, key, why in self.graphs]
+        return "\n".join(lines)
+
+
+def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             **kwargs: Any) -> torch.Tensor:
+    """`model.generate(input_ids, attention_mask=..., max_new_tokens=..., ...)` with compiled steps: returns the
+    prompt followed by the new tokens, rows that stopped padded with pad_token_id, as HF's generate does.
+    Takes HF's greedy/sampling arguments (do_sample, temperature, top_k, top_p; defaults from
+    model.generation_config), eos_token_id (an id or a list: generation stops at any of them), pad_token_id,
+    seed (sampling), model inputs for the prompt (pixel_values, ...), and options={...} for the mmaccel
+    backend (target, ...)."""
+    user = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_ARGS}
+    config = _resolve_config(model, user)
+    session = _session(model, user.get("options") or {})
+    return session.generate(input_ids, attention_mask, kwargs, config)
+
+
+def generation_report(model: torch.nn.Module, **options: Any) -> GenerationReport:
+    """The graphs mmaccel.generate compiled for `model` (with these backend options) so far."""
+    return _session(model, options).report
+
+
+@dataclass(frozen=True)
+class _Config:
+    max_new_tokens: int
+    sampler: Sampler
+    temperature: float
+    top_p: float
+    seed: int
+    stop_ids: tuple[int, ...]
+    pad_id: int
+
+
+def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
+    """User arguments over model.generation_config, as HF's generate merges them."""
+    defaults = getattr(model, "generation_config", None)
+    if user.get("generation_config") is not None:
+        defaults = user["generation_config"]
+
+    def get(name: str, fallback: Any = None) -> Any:
+        value = user.get(name)
+        return value if value is not None else getattr(defaults, name, None) if defaults is not None and \
+            getattr(defaults, name, None) is not None else fallback
+
+    max_new = get("max_new_tokens")
+    if max_new is None or int(max_new) < 1:
+        raise ValueError(f"mmaccel.generate: max_new_tokens must be a positive int, got {max_new!r}")
+    eos = get("eos_token_id", ())
+    stop_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    pad = get("pad_token_id")
+    if pad is None:
+        pad = stop_ids[0] if stop_ids else 0
+    do_sample = bool(get("do_sample", False))
+    top_k, top_p = get("top_k"), float(get("top_p", 1.0))
+    temperature = float(get("temperature", 1.0))
+    if do_sample and temperature <= 0:
+        raise ValueError(f"mmaccel.generate: temperature must be > 0 when sampling, got {temperature}")
+    sampler = Sampler(do_sample, int(top_k) if do_sample and top_k else None, do_sample and top_p < 1.0)
+    return _Config(int(max_new), sampler, temperature, top_p, int(get("seed", 0)), stop_ids, int(pad))
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _session(model: torch.nn.Module, options: dict[str, Any]) -> "_Session":
+    key = repr(sorted(options.items()))
+    per_model = _SESSIONS.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _Session(model, CompileOptions.from_user(options))
+    return per_model[key]
+
+
+class _Session:
+    """One model's compiled steps, static caches and report, for one set of backend options."""
+
+    def __init__(self, model: torch.nn.Module, options: CompileOptions) -> None:
+        self.model = model
+        self.backend = Backend(options)
+        self.report = GenerationReport(self.backend.report)
+        self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
+        self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
+        self.caches: dict[tuple, Any] = {}
+        self.limit = _position_limit(model)
+        self.forward_args = set(inspect.signature(model.forward).parameters)
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                 model_inputs: dict[str, Any], config: _Config) -> torch.Tensor:
+        if self.encoder_decoder:
+            input_ids, attention_mask = _decoder_prompt(self.model, model_inputs, input_ids, attention_mask)
+        if input_ids is None:
+            raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
+        if self.model.training:
+            warn_once("mmaccel.generate: the model is in training mode (dropout active); call model.eval()")
+        batch, prompt_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt, cache_len = generation_buckets(prompt_len, config.max_new_tokens, self.limit)
+        with torch.no_grad(), recompile_limit_at_least(MAX_GRAPHS_PER_STEP):
+            state = self._prefill(input_ids, attention_mask, model_inputs, config, prompt, cache_len)
+            tokens = self._decode(state, config, prompt, cache_len)
+        return torch.cat([input_ids, _trim_after_all_stopped(tokens, config.stop_ids)], dim=1)
+
+    def _prefill(self, input_ids, attention_mask, model_inputs, config, prompt, cache_len) -> "_StepState":
+        batch, prompt_len = input_ids.shape
+        dtype, device = _dtype_device(self.model)
+        pad = prompt - prompt_len
+        # Left padding to the bucket, masked; the mask covers the whole cache (future positions are excluded by
+        # causality, so they can read as 1 from the start and the mask never changes during decode).
+        ids = torch.nn.functional.pad(input_ids, (pad, 0), value=config.pad_id)
+        mask = torch.nn.functional.pad(attention_mask.to(torch.long), (pad, cache_len - prompt), value=0)
+        mask[:, prompt:] = 1
+        position_ids = (mask[:, :prompt].cumsum(-1) - 1).masked_fill(mask[:, :prompt] == 0, 1)
+        cache = self._cache(batch, cache_len, dtype, device)
+        state = _StepState(self.model, cache, mask, _sampling_tensors(config, device),
+                           torch.tensor(config.stop_ids or [-1], device=device),
+                           torch.tensor(config.pad_id, device=device), config.sampler,
+                           "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args,
+                           self.encoder_decoder)
+        self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
+                                   sampler=config.sampler, inputs=sorted(model_inputs)))
+        with _image_tokens_checked(self.model, input_ids, model_inputs):
+            state.token, state.done, state.encoder_outputs = self.prefill(
+                state, ids, position_ids, torch.arange(prompt, device=device), model_inputs)
+        state.position_ids = position_ids[:, -1:] + 1
+        state.cache_position = torch.tensor([prompt], device=device)
+        return state
+
+    def _decode(self, state: "_StepState", config: _Config, prompt: int, cache_len: int) -> torch.Tensor:
+        dtype, device = _dtype_device(self.model)
+        self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
+                                  sampler=config.sampler))
+        tokens = [state.token]
+        for step in range(1, config.max_new_tokens):
+            if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
+                break
+            state.token, state.done, state.position_ids, state.cache_position = self.decode(
+                state, state.token, state.done, state.position_ids, state.cache_position)
+            tokens.append(state.token)
+        return torch.cat(tokens, dim=1)
+
+    def _cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
+        key = (batch, length, dtype, device)
+        if key not in self.caches:
+            self.caches[key] = _static_cache(self.model, batch, length, dtype, device)
+        cache = self.caches[key]
+        cache.reset()
+        return cache
+
+    def _note(self, kind: str, key: dict[str, Any]) -> None:
+        """Record a step graph the first time its key is seen, with the fields that made it new."""
+        seen = [k for kd, k, _ in self.report.graphs if kd == kind]
+        if key in seen:
+            return
+        new = [f"{name}={value}" for name, value in key.items() if all(k.get(name) != value for k in seen)]
+        why = "first call" if not seen else "new " + ", ".join(new) if new else "new combination of seen values"
+        self.report.graphs.append((kind, key, why))
+
+
+@dataclass(eq=False)
+class _StepState:
+    """What the compiled steps read besides the token: the model, its cache and the per-call constants."""
+    model: torch.nn.Module
+    cache: Any
+    mask: torch.Tensor  # [B, cache_len]
+    sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # temperature, top_p, seed
+    stop_ids: torch.Tensor  # [n_stop]
+    pad_id: torch.Tensor  # []
+    sampler: Sampler
+    pass_cache_position: bool  # transformers < 5.2x takes cache_position; later versions count in the cache
+    pass_logits_to_keep: bool
+    encoder_decoder: bool  # Whisper: the prompt is the decoder's, the cache an EncoderDecoderCache
+    encoder_outputs: tuple[torch.Tensor] | None = None  # computed by the prefill, read by decode steps
+    token: torch.Tensor | None = None  # [B, 1]
+    done: torch.Tensor | None = None  # [B, 1] bool
+    position_ids: torch.Tensor | None = None  # [B, 1]
+    cache_position: torch.Tensor | None = None  # [1]
+
+
+def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    cache_position: torch.Tensor, extra: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """The model over `input_ids` ([B, S]) at `position_ids`, writing the cache: the last position's logits
+    [B, V], and the encoder's outputs (encoder-decoder models; None otherwise)."""
+    prefix = "decoder_" if state.encoder_decoder else ""
+    kwargs = {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": state.mask,
+              f"{prefix}position_ids": position_ids, **extra}
+    if state.encoder_outputs is not None:
+        kwargs["encoder_outputs"] = state.encoder_outputs
+    if state.pass_cache_position:
+        kwargs["cache_position"] = cache_position
+    if state.pass_logits_to_keep:
+        kwargs["logits_to_keep"] = 1
+    out = state.model(past_key_values=state.cache, use_cache=True, **kwargs)
+    encoder_outputs = (out.encoder_last_hidden_state,) if state.encoder_decoder else None
+    return out.logits[:, -1, :].to(torch.float32), encoder_outputs
+
+
+def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None):
+    """Next token [B, 1] (pad once a row is done) and the updated done flags [B, 1]."""
+    token = choose_tokens(logits, state.sampler, *state.sampling, step)[:, None]
+    if done is not None:
+        token = torch.where(done, state.pad_id, token)
+    stopped = torch.isin(token, state.stop_ids)
+    return token, stopped if done is None else done | stopped
+
+
+def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
+    logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
+    return *_choose(state, logits, cache_position[-1:], None), encoder_outputs
+
+
+def _decode_step(state: _StepState, token, done, position_ids, cache_position):
+    logits, _ = _forward_logits(state, token, position_ids, cache_position, {})
+    token, done = _choose(state, logits, cache_position, done)
+    return token, done, position_ids + 1, cache_position + 1
+
+
+def _sampling_tensors(config: _Config, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return (torch.tensor(config.temperature, device=device), torch.tensor(config.top_p, device=device),
+            torch.tensor(config.seed, device=device))
+
+
+def _decoder_prompt(model: torch.nn.Module, model_inputs: dict[str, Any], input_ids: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoder-decoder models (Whisper): the first positional input is the encoder's (input_features), the
+    decoder's prompt is decoder_input_ids, by default one decoder_start_token_id per row, as HF's generate."""
+    if input_ids is not None and input_ids.is_floating_point():
+        model_inputs.setdefault("input_features", input_ids)
+        input_ids = None
+    if "input_features" not in model_inputs:
+        raise ValueError(f"mmaccel.generate: {type(model).__name__} needs input_features")
+    decoder_ids = model_inputs.pop("decoder_input_ids", None)
+    if decoder_ids is None:
+        start = model.generation_config.decoder_start_token_id
+        decoder_ids = torch.full((model_inputs["input_features"].shape[0], 1), start,
+                                 device=model_inputs["input_features"].device)
+    return decoder_ids, model_inputs.pop("decoder_attention_mask", None)
+
+
+def _trim_after_all_stopped(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:
+    """HF's generate stops once every row has produced a stop token: drop the columns after that step."""
+    if not stop_ids:
+        return tokens
+    stopped = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    if not bool(stopped.any(-1).all()):
+        return tokens
+    last = int(stopped.int().argmax(-1).max())
+    return tokens[:, :last + 1]
+
+
+@contextlib.contextmanager
+def _image_tokens_checked(model: torch.nn.Module, input_ids: torch.Tensor, model_inputs: dict[str, Any]):
+    """transformers checks that the prompt holds one placeholder per image feature with
+    torch._check_tensor_all, which Dynamo cannot trace: the prefill would break into pieces around it. For
+    LLaVA-style configs (placeholder id, square images in patches) the same check runs here, on the host, once
+    per call, and transformers' own is switched off (its documented TRANSFORMERS_DISABLE_TORCH_CHECK) while
+    the prefill traces and runs."""
+    expected = _image_tokens_per_image(model.config)
+    pixels = model_inputs.get("pixel_values")
+    if pixels is None or expected is None:
+        yield
+        return
+    found = int((input_ids == model.config.image_token_id).sum())
+    if found != expected * pixels.shape[0]:
+        raise ValueError(f"mmaccel.generate: the prompt holds {found} image placeholder tokens (id "
+                         f"{model.config.image_token_id}) for {pixels.shape[0]} image(s) of {expected} features each")
+    previous = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"]
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = previous
+
+
+def _image_tokens_per_image(config: Any) -> int | None:
+    """LLaVA-1.5: one feature per patch, plus the class token with vision_feature_select_strategy "full"."""
+    vision = getattr(config, "vision_config", None)
+    if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size") or \
+            type(config).__name__ != "LlavaConfig":
+        return None
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
+
+
+def _dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    param = next(model.parameters())
+    return param.dtype, param.device
+
+
+def _position_limit(model: torch.nn.Module) -> int:
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "max_target_positions", "n_positions"):
+        if getattr(text, name, None):
+            return int(getattr(text, name))
+    raise ValueError(f"mmaccel.generate: cannot find the longest sequence {type(model).__name__} supports "
+                     "(no max_position_embeddings in its config)")
+
+
+def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
+    """A transformers StaticCache of `length` positions, allocated now (not lazily inside the compiled prefill).
+    transformers 5 takes (config, max_cache_len) and allocates on first use unless early-initialized; 4.x
+    took the batch size, device and dtype in the constructor."""
+    from transformers import EncoderDecoderCache, StaticCache
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+
+    def allocate(positions: int) -> Any:
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=positions)
+        except TypeError:
+            return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=positions, device=device,
+                               dtype=dtype)
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache.early_initialization(batch, heads, head_dim, dtype, device)
+        return cache
+
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return allocate(length)
+    # Cross-attention keys/values: one per encoder output position (Whisper: max_source_positions).
+    return EncoderDecoderCache(allocate(length), allocate(model.config.max_source_positions))

@@ -1,0 +1,171 @@
+"""mmaccel.generate against HF's eager generate on tiny HF models (random weights), and the bucket policy."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import mmaccel
+from mmaccel.compiler.buckets import cache_bucket, generation_buckets, prompt_bucket
+from tests import hf_tiny
+
+EAGER = {"target": "eager"}  # the cache writes are in place: ONNX Runtime would copy the cache every step
+MODELS = {"llama": lambda: hf_tiny.llama("sdpa", use_cache=True), "qwen2": hf_tiny.qwen2}
+
+
+def left_padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of `lengths` as one batch, left-padded with pad id 0 as HF tokenizers do for generation."""
+    ids, mask = hf_tiny.token_batch(len(lengths), max(lengths), seed=seed)
+    for row, length in enumerate(lengths):
+        ids[row, :max(lengths) - length] = 0
+        mask[row, :max(lengths) - length] = 0
+    return ids, mask
+
+
+def hf_generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, pad_token_id=0, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids OpenMP spinning against the other processes on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request) -> torch.nn.Module:
+    return MODELS[request.param]()
+
+
+def test_greedy_matches_hf_eager_with_left_padding(model) -> None:
+    ids, mask = left_padded_batch([7, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=9, do_sample=False)
+    actual = mmaccel.generate(model, ids, mask, max_new_tokens=9, do_sample=False, pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)
+    report = mmaccel.generation_report(model, **EAGER)
+    assert [kind for kind, _, _ in report.graphs] == ["prefill", "decode"]
+    assert report.buckets == {"prompt": [16], "cache": [64]}
+    assert all(g.status == "optimized" for g in report.compile.graphs)
+
+
+def test_stop_token_pads_finished_rows_as_hf_does(model) -> None:
+    """A stop token ends its row (pad after it); the call returns once every row has stopped."""
+    ids, mask = left_padded_batch([6, 6], seed=3)
+    free = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    stop = int(free[0, 6 + 2])  # the third new token of the first row
+    expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[stop, 99])
+    actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[stop, 99],
+                              pad_token_id=0, options=EAGER)
+    assert (expected[0, 6 + 3:] == 0).all()
+    assert torch.equal(actual, expected)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model) -> None:
+    ids, mask = left_padded_batch([5, 5], seed=4)
+    sample = dict(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, pad_token_id=0,
+                  eos_token_id=[], options=EAGER)
+    first = mmaccel.generate(model, ids, mask, seed=7, **sample)
+    assert torch.equal(first, mmaccel.generate(model, ids, mask, seed=7, **sample))
+    assert not torch.equal(first, mmaccel.generate(model, ids, mask, seed=8, **sample))
+    greedy = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=[])
+    top1 = mmaccel.generate(model, ids, mask, seed=7, **{**sample, "top_k": 1})
+    assert torch.equal(top1, greedy)
+
+
+def test_graphs_bounded_over_20_random_calls() -> None:
+    """Prompts of 1..40 tokens, 1..30 new tokens: every call equals HF eager, and the graphs are the buckets'."""
+    model = hf_tiny.llama("sdpa", use_cache=True, max_positions=256)
+    rng = random.Random(0)
+    for call in range(20):
+        lengths = [rng.randint(1, 40), rng.randint(1, 40)]
+        new = rng.randint(1, 30)
+        ids, mask = left_padded_batch(lengths, seed=call)
+        expected = hf_generate(model, ids, mask, max_new_tokens=new, do_sample=False)
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=new, do_sample=False, options=EAGER)
+        assert torch.equal(actual, expected), f"call {call}: prompts {lengths}, {new} new tokens"
+    report = mmaccel.generation_report(model, **EAGER)
+    prompts, caches = report.buckets["prompt"], report.buckets["cache"]
+    assert set(prompts) <= {16, 24, 32, 48} and set(caches) <= {64, 128}
+    assert len(report.compile.graphs) == len(report.graphs) <= len(prompts) * len(caches) + len(caches)
+    print(report)
+
+
+def test_too_long_names_the_limit() -> None:
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([50])
+    with pytest.raises(ValueError, match="limit of 64"):
+        mmaccel.generate(model, ids, mask, max_new_tokens=20, options=EAGER)
+
+
+def test_buckets() -> None:
+    assert [prompt_bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 600)] == [16, 16, 24, 32, 48, 64, 96, 768]
+    assert [cache_bucket(n, 4096) for n in (1, 64, 65, 900, 5000)] == [64, 64, 128, 1024, 4096]
+    assert generation_buckets(640, 256, 4096) == (768, 1024)
+    assert generation_buckets(50, 14, 64) == (50, 64)  # near the limit the prompt pads less
+
+
+def test_llava_image_prompt_matches_hf_eager_in_one_prefill_graph() -> None:
+    """The image features are merged into the prompt inside the prefill graph (no graph break at
+    transformers' placeholder check, which mmaccel.generate runs on the host instead)."""
+    model = hf_tiny.llava()
+    for before, after, new in ((3, 5, 6), (1, 2, 5)):
+        ids, pixels = hf_tiny.llava_prompt(before, after)
+        mask = torch.ones_like(ids)
+        expected = hf_generate(model, ids, mask, pixel_values=pixels, max_new_tokens=new, do_sample=False)
+        actual = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=new, options=EAGER)
+        assert torch.equal(actual, expected)
+    report = mmaccel.generation_report(model, **EAGER)
+    assert [kind for kind, _, _ in report.graphs] == ["prefill", "decode"]  # both prompts in the 24 bucket
+    assert len(report.compile.graphs) == 2
+    with pytest.raises(ValueError, match="15 image placeholder tokens"):
+        mmaccel.generate(model, ids[:, 2:], mask[:, 2:], pixel_values=pixels, max_new_tokens=2, options=EAGER)
+
+
+def test_whisper_matches_hf_generic_generate() -> None:
+    """The encoder runs in the prefill graph; decode steps read the cross-attention cache it filled. Compared
+    with transformers' GenerationMixin.generate (decoder prompt + new tokens): Whisper's own generate adds
+    language detection, timestamps and token suppression, which mmaccel.generate does not implement."""
+    from transformers import GenerationMixin
+    model = hf_tiny.whisper()
+    for batch, new in ((2, 6), (1, 9)):
+        features = torch.randn(batch, 16, 40, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = GenerationMixin.generate(model, features, max_new_tokens=new, do_sample=False)
+        assert torch.equal(mmaccel.generate(model, features, max_new_tokens=new, options=EAGER), expected)
+    report = mmaccel.generation_report(model, **EAGER)
+    assert len(report.compile.graphs) == len(report.graphs) == 4  # prefill + decode per batch size
+    # The cross-attention cache is read, not written, by decode steps, and transformers marks it static: it
+    # must not be frozen as a weight (the next call's prefill rewrites it).
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert all(g.frozen_bytes <= weight_bytes for g in report.compile.graphs)
+
+
+def test_dtype_change_between_calls_recompiles() -> None:
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([5, 3])
+    mmaccel.generate(model, ids, mask, max_new_tokens=3, options=EAGER)
+    model.to(torch.float64)
+    expected = hf_generate(model, ids, mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=3, options=EAGER), expected)
+    whys = [why for _, _, why in mmaccel.generation_report(model, **EAGER).graphs]
+    assert whys == ["first call", "first call", "new dtype=torch.float64", "new dtype=torch.float64"]
+
+
+def test_hf_static_cache_recipe_through_the_backend() -> None:
+    """HF's documented recipe, model.forward compiled with backend="mmaccel" and generate() on a static
+    cache, matches eager across two lengths (the cache marked static by transformers is not frozen)."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([6, 4])
+    expected = [hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False) for n in (4, 7)]
+    model.forward = torch.compile(model.forward, backend=mmaccel.Backend(target="eager"))
+    try:
+        for n, want in zip((4, 7), expected):
+            got = hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False, cache_implementation="static")
+            assert torch.equal(got, want)
+    finally:
+        del model.forward
