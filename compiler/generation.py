@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._torch_internals import recompile_limit_at_least
+from ._torch_internals import guards_checked_once, recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
 from .errors import warn_once
@@ -195,8 +195,10 @@ class _Session:
         for step in range(1, config.max_new_tokens):
             if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
                 break
-            state.token, state.done, state.position_ids, state.cache_position = self.decode(
-                state, state.token, state.done, state.position_ids, state.cache_position)
+            # The first step checks every guard; later steps repeat it with the same objects and shapes.
+            with guards_checked_once() if step > 1 else contextlib.nullcontext():
+                state.token, state.done, state.position_ids, state.cache_position = self.decode(
+                    state, state.token, state.done, state.position_ids, state.cache_position)
             tokens.append(state.token)
         return torch.cat(tokens, dim=1)
 
