@@ -135,7 +135,9 @@ class _Session:
     """One model's compiled steps, static caches and report, for one set of backend options."""
 
     def __init__(self, model: torch.nn.Module, options: CompileOptions) -> None:
-        self.model = model
+        # Weakly: the session is the value of a WeakKeyDictionary keyed by the model, so a strong reference
+        # here would keep the model (and its caches) alive forever.
+        self._model = weakref.ref(model)
         self.backend = Backend(options)
         self.report = GenerationReport(self.backend.report)
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
@@ -144,6 +146,10 @@ class _Session:
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: _Config) -> torch.Tensor:
