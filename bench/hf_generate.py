@@ -118,8 +118,9 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
-def floor_ms_per_token(model: torch.nn.Module, prompt: int, new: int, bandwidth: float) -> float:
+def floor_ms_per_token(model: torch.nn.Module, inputs: dict[str, Any], new: int, bandwidth: float) -> float:
     """Decoder weights + K/V at the mean cache length, read once per token, at `bandwidth`."""
+    prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
     text = model.config.get_text_config(decoder=True)
     skip = ("vision_tower", "encoder.", "multi_modal_projector")
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not any(s in n for s in skip))
@@ -165,42 +166,51 @@ def main() -> int:
     new = args.new_tokens or (8 if args.tiny else 256)
     repeats = args.repeats or (2 if args.tiny else 3)
     bandwidth = copy_bandwidth(device)
-    started, rows = time.perf_counter(), []
+    stem = args.out or os.path.join(RESULTS, f"hf_generate_{'tiny_' if args.tiny else ''}{device}")
+    env, started, rows = environment(device, dtype, bandwidth, args.tiny), time.perf_counter(), []
     print(f"{'model':8} {'variant':26} {'first ms':>9} {'ms/token':>9} {'e2e ms':>9} {'graphs':>6} {'floor':>6} "
           f"{'setup s':>8} match")
     for index, name in enumerate(args.models):
         # Each model gets an equal share of what is left of the budget, so one slow compile cannot skip the rest.
-        left_s = args.budget_s - (time.perf_counter() - started)
-        model_deadline = time.perf_counter() + left_s / (len(args.models) - index)
+        deadline = time.perf_counter() + (args.budget_s - (time.perf_counter() - started)) / (len(args.models) - index)
         model, inputs, what = build(name, args.tiny, device, dtype)
-        prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
-        floor = floor_ms_per_token(model, prompt, new, bandwidth)
-        with torch.no_grad():
-            reference = hf_generate(model, inputs, new, static=False)
-        for variant in args.variants:
-            if time.perf_counter() > model_deadline:
-                rows.append({"model": name, "variant": variant,
-                             "skipped": f"past its share of --budget-s {args.budget_s}"})
-                print(f"{name:8} {variant:26} skipped (past the time budget)")
-                continue
-            try:
-                row = bench_variant(name, variant, model, inputs, new, repeats, reference)
-            except Exception as e:  # a failing variant is a result, not the end of the run
-                reset_model(model)
-                rows.append({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
-                print(f"{name:8} {variant:26} FAILED {rows[-1]['error'][:120]}")
-                continue
-            row.update(prompt=what, new_tokens=new, floor_ms_per_token=floor,
-                       floor_fraction=floor / row["ms_per_token"])
+        for row in bench_model(name, model, inputs, args.variants, new, repeats, deadline):
+            if "ms_per_token" in row:
+                floor = floor_ms_per_token(model, inputs, new, bandwidth)
+                row.update(prompt=what, new_tokens=new, floor_ms_per_token=floor,
+                           floor_fraction=floor / row["ms_per_token"])
             rows.append(row)
-            print(f"{name:8} {variant:26} {row['first_token_ms']:9.2f} {row['ms_per_token']:9.3f} "
-                  f"{row['end_to_end_ms']:9.1f} {row['graphs']:6d} {row['floor_fraction']:6.2f} {row['setup_s']:8.1f} "
-                  f"{'yes' if row['tokens_match_eager'] else 'NO'}", flush=True)
+            print_row(row)
+            write_json(stem, rows, env)  # after every row: a run cut short keeps what it measured
         del model
         torch.cuda.empty_cache() if device == "cuda" else None
-    write(args.out or os.path.join(RESULTS, f"hf_generate_{'tiny_' if args.tiny else ''}{device}"), rows,
-          environment(device, dtype, bandwidth, args.tiny))
+    write_png(stem, rows)
     return 0
+
+
+def bench_model(name: str, model, inputs, variants: list[str], new: int, repeats: int, deadline: float):
+    """One row per variant: measured, failed (with the error) or skipped past `deadline`."""
+    with torch.no_grad():
+        reference = hf_generate(model, inputs, new, static=False)
+    for variant in variants:
+        if time.perf_counter() > deadline:
+            yield {"model": name, "variant": variant, "skipped": "past its share of --budget-s"}
+            continue
+        try:
+            yield bench_variant(name, variant, model, inputs, new, repeats, reference)
+        except Exception as e:  # a failing variant is a result, not the end of the run
+            reset_model(model)
+            yield {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def print_row(row: dict) -> None:
+    head = f"{row['model']:8} {row['variant']:26}"
+    if "skipped" in row or "error" in row:
+        print(f"{head} {row.get('skipped') or 'FAILED ' + row['error'][:120]}", flush=True)
+        return
+    print(f"{head} {row['first_token_ms']:9.2f} {row['ms_per_token']:9.3f} {row['end_to_end_ms']:9.1f} "
+          f"{row['graphs']:6d} {row['floor_fraction']:6.2f} {row['setup_s']:8.1f} "
+          f"{'yes' if row['tokens_match_eager'] else 'NO'}", flush=True)
 
 
 def environment(device: str, dtype: torch.dtype, bandwidth: float, tiny: bool) -> dict[str, Any]:
@@ -210,10 +220,13 @@ def environment(device: str, dtype: torch.dtype, bandwidth: float, tiny: bool) -
             "threads": torch.get_num_threads()}
 
 
-def write(stem: str, rows: list[dict], env: dict[str, Any]) -> None:
+def write_json(stem: str, rows: list[dict], env: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=2)
+
+
+def write_png(stem: str, rows: list[dict]) -> None:
     print(f"wrote {stem}.json")
     try:
         plot(rows, stem + ".png")
