@@ -195,8 +195,9 @@ class _Session:
 
     def _decode(self, state: "_StepState", config: _Config, prompt: int, cache_len: int) -> torch.Tensor:
         dtype, device = _dtype_device(self.model)
-        self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
-                                  sampler=config.sampler))
+        if config.max_new_tokens > 1:  # one new token comes from the prefill alone
+            self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
+                                      sampler=config.sampler))
         tokens = [state.token]
         for step in range(1, config.max_new_tokens):
             if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):

@@ -51,6 +51,9 @@ def test_greedy_matches_hf_eager_with_left_padding(model) -> None:
     assert [kind for kind, _, _ in report.graphs] == ["prefill", "decode"]
     assert report.buckets == {"prompt": [16], "cache": [64]}
     assert all(g.status == "optimized" for g in report.compile.graphs)
+    one = mmaccel.generate(model, ids, mask, max_new_tokens=1, pad_token_id=0, options=EAGER)  # prefill only
+    assert torch.equal(one, hf_generate(model, ids, mask, max_new_tokens=1, do_sample=False))
+    assert len(report.graphs) == len(report.compile.graphs) == 2
 
 
 def test_stop_token_pads_finished_rows_as_hf_does(model) -> None:
