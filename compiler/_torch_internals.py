@@ -139,3 +139,14 @@ def recompile_limit_at_least(limit: int) -> Iterator[None]:
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     with dynamo_config.patch({name: max(limit, getattr(dynamo_config, name))}):
         yield
+
+
+def guards_checked_once() -> contextlib.AbstractContextManager:
+    """Inside, Dynamo runs only the guards that tell its cached graphs apart (shapes, dtypes), not the full
+    set: for calls repeating one already checked with the same objects, such as the decode steps of one
+    generate call. (Full guards on a transformers model read ~15 config attributes through its Python
+    __getattribute__ per call: half a tiny model's step on CPU.) A no-op on torch without the option."""
+    try:
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+    except TypeError:
+        return contextlib.nullcontext()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._torch_internals import recompile_limit_at_least
+from ._torch_internals import guards_checked_once, recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
 from .errors import warn_once
@@ -135,7 +135,9 @@ class _Session:
     """One model's compiled steps, static caches and report, for one set of backend options."""
 
     def __init__(self, model: torch.nn.Module, options: CompileOptions) -> None:
-        self.model = model
+        # Weakly: the session is the value of a WeakKeyDictionary keyed by the model, so a strong reference
+        # here would keep the model (and its caches) alive forever.
+        self._model = weakref.ref(model)
         self.backend = Backend(options)
         self.report = GenerationReport(self.backend.report)
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
@@ -144,6 +146,10 @@ class _Session:
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: _Config) -> torch.Tensor:
@@ -189,14 +195,17 @@ class _Session:
 
     def _decode(self, state: "_StepState", config: _Config, prompt: int, cache_len: int) -> torch.Tensor:
         dtype, device = _dtype_device(self.model)
-        self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
-                                  sampler=config.sampler))
+        if config.max_new_tokens > 1:  # one new token comes from the prefill alone
+            self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
+                                      sampler=config.sampler))
         tokens = [state.token]
         for step in range(1, config.max_new_tokens):
             if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
                 break
-            state.token, state.done, state.position_ids, state.cache_position = self.decode(
-                state, state.token, state.done, state.position_ids, state.cache_position)
+            # The first step checks every guard; later steps repeat it with the same objects and shapes.
+            with guards_checked_once() if step > 1 else contextlib.nullcontext():
+                state.token, state.done, state.position_ids, state.cache_position = self.decode(
+                    state, state.token, state.done, state.position_ids, state.cache_position)
             tokens.append(state.token)
         return torch.cat(tokens, dim=1)
 

@@ -51,6 +51,9 @@ def test_greedy_matches_hf_eager_with_left_padding(model) -> None:
     assert [kind for kind, _, _ in report.graphs] == ["prefill", "decode"]
     assert report.buckets == {"prompt": [16], "cache": [64]}
     assert all(g.status == "optimized" for g in report.compile.graphs)
+    one = mmaccel.generate(model, ids, mask, max_new_tokens=1, pad_token_id=0, options=EAGER)  # prefill only
+    assert torch.equal(one, hf_generate(model, ids, mask, max_new_tokens=1, do_sample=False))
+    assert len(report.graphs) == len(report.compile.graphs) == 2
 
 
 def test_stop_token_pads_finished_rows_as_hf_does(model) -> None:
@@ -158,14 +161,31 @@ def test_dtype_change_between_calls_recompiles() -> None:
 
 def test_hf_static_cache_recipe_through_the_backend() -> None:
     """HF's documented recipe, model.forward compiled with backend="mmaccel" and generate() on a static
-    cache, matches eager across two lengths (the cache marked static by transformers is not frozen)."""
+    cache, matches eager across two lengths (the cache marked static by transformers is not frozen); the
+    second cache length makes Dynamo's sizes symbolic, and on the Triton target (no CUDA graphs then) one
+    warning points at mmaccel.generate."""
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([6, 4])
     expected = [hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False) for n in (4, 7)]
-    model.forward = torch.compile(model.forward, backend=mmaccel.Backend(target="eager"))
+    model.forward = torch.compile(model.forward, backend=mmaccel.Backend(target="triton"))
     try:
-        for n, want in zip((4, 7), expected):
-            got = hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False, cache_implementation="static")
-            assert torch.equal(got, want)
+        with pytest.warns(mmaccel.MmaccelFallbackWarning, match="mmaccel.generate"):  # the second length
+            for n, want in zip((4, 7), expected):
+                got = hf_generate(model, ids, mask, max_new_tokens=n, do_sample=False, cache_implementation="static")
+                assert torch.equal(got, want)
     finally:
         del model.forward
+
+
+def test_triton_target_runs_the_steps() -> None:
+    """The step graphs on the Triton target (interpreted on CPU; CUDA graphs on a GPU): greedy equals HF
+    eager, and the hash-seeded sampling draws the same tokens as on the eager target."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 5])
+    expected = hf_generate(model, ids, mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=4, options={"target": "triton"}), expected)
+    sample = dict(max_new_tokens=4, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=3, eos_token_id=[])
+    assert torch.equal(mmaccel.generate(model, ids, mask, **sample, options={"target": "triton"}),
+                       mmaccel.generate(model, ids, mask, **sample, options=EAGER))
+    report = mmaccel.generation_report(model, target="triton")
+    assert {(g.status, g.target) for g in report.compile.graphs} == {("optimized", "triton")}
