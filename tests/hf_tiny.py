@@ -9,6 +9,11 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralModel,
+    Qwen2Config,
+    Qwen2Model,
     WhisperConfig,
     WhisperModel,
 )
@@ -44,6 +49,21 @@ def llama(impl: str, use_cache: bool = False) -> LlamaForCausalLM:
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=use_cache,
                          attn_implementation=impl)
     return inference(LlamaForCausalLM(config))
+
+
+DECODERS = {"llama": (LlamaConfig, LlamaModel), "mistral": (MistralConfig, MistralModel),
+            "qwen2": (Qwen2Config, Qwen2Model)}
+
+
+def decoder(arch: str, impl: str, kv_heads: int) -> torch.nn.Module:
+    """A Llama-family decoder (no LM head) with 4 query heads sharing `kv_heads` K/V heads: grouped-query
+    attention (2), multi-query (1)."""
+    torch.manual_seed(0)
+    config_class, model_class = DECODERS[arch]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False, attn_implementation=impl)
+    return inference(model_class(config))
 
 
 def whisper_encoder(impl: str) -> torch.nn.Module:
