@@ -74,7 +74,7 @@ def match_attention(node: fx.Node) -> Attention | Miss | None:
     if mm is None:
         return None
     probs, value = mm
-    softmax = _through_casts(probs)
+    softmax = _through_copies(probs)
     if not is_op(softmax, aten._softmax.default):
         return None
     if not (cast_source(probs) is softmax and single_user(softmax)):
@@ -101,9 +101,10 @@ def match_attention(node: fx.Node) -> Attention | Miss | None:
                      factors + q_factors + k_factors, node)
 
 
-def _through_casts(node: fx.Node) -> fx.Node:
-    """The node `node` casts, however many users the casts have (cast_source stops at a shared cast)."""
-    while is_op(node, aten._to_copy.default):
+def _through_copies(node: fx.Node) -> fx.Node:
+    """The node `node` casts or copies, however many users each has (cast_source stops at a shared cast; HF's
+    eval-mode dropout is a clone, which output_attentions shares)."""
+    while is_op(node, aten._to_copy.default, aten.clone.default):
         node = node.args[0]
     return node
 

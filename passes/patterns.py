@@ -1,6 +1,7 @@
 """Small pattern helpers the passes share: read a pass as "match this, replace with that"."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,10 +139,9 @@ def layer_name(node: fx.Node) -> str:
     if not stack:
         return node.name
     path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            return path[len(prefix):] or node.name
-    return path
+    # Dynamo names the module by how the compiled function reached it: L['self'] (the module compiled),
+    # L['args'][0] (passed to a compiled function), L['model'] (a closure variable). The rest is the model's.
+    return re.sub(r"^L(\[[^\]]*\])+\.?", "", path) or node.name
 
 
 def merged_layer_name(names: list[str]) -> str:
