@@ -74,12 +74,14 @@ def match_attention(node: fx.Node) -> Attention | Miss | None:
     if mm is None:
         return None
     probs, value = mm
-    softmax = _through_copies(probs)
+    softmax, shared = _through_copies(probs)
     if not is_op(softmax, aten._softmax.default):
         return None
-    if not (cast_source(probs) is softmax and single_user(softmax)):
+    if shared:
         return Miss(node, "the attention probabilities are used elsewhere too (output_attentions?); SDPA does not "
                           "return them")
+    if cast_source(probs) is not softmax:
+        return Miss(node, "the probabilities reach the matmul through a copy that is not a plain dtype cast")
     if softmax.args[1] not in (-1, len(shape(softmax)) - 1) or (len(softmax.args) > 2 and softmax.args[2]):
         return Miss(node, f"softmax over dim {softmax.args[1]}, not the last (the keys)")
     masked = _split_mask(cast_source(softmax.args[0]))
@@ -101,12 +103,14 @@ def match_attention(node: fx.Node) -> Attention | Miss | None:
                      factors + q_factors + k_factors, node)
 
 
-def _through_copies(node: fx.Node) -> fx.Node:
-    """The node `node` casts or copies, however many users each has (cast_source stops at a shared cast; HF's
-    eval-mode dropout is a clone, which output_attentions shares)."""
+def _through_copies(node: fx.Node) -> tuple[fx.Node, bool]:
+    """(the node `node` casts or copies, whether any node on the way is read by others too): cast_source stops
+    at a shared cast; HF's eval-mode dropout is a clone, which output_attentions shares."""
+    shared = not single_user(node)
     while is_op(node, aten._to_copy.default, aten.clone.default):
         node = node.args[0]
-    return node
+        shared = shared or not single_user(node)
+    return node, shared
 
 
 def _split_mask(logits: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | str:

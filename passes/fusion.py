@@ -4,6 +4,9 @@ parallel_linear_fusion: linears that read the same input with frozen weights (Q/
     matmul on the concatenated weights, split afterwards. One weight read, one launch instead of several.
 linear_epilogue_fusion: matmul + bias + activation (+ residual add) become one mmaccel::fused_linear op
     that a target lowers to one kernel.
+Near-misses, with the reason mmaccel.explain shows: a matmul reading the same input as others that cannot join
+them (weight or bias not a frozen constant, addmm with beta/alpha); an activation or add after a linear that
+stays separate (the pre-activation value is read elsewhere, the add broadcasts or converts).
 """
 from __future__ import annotations
 
