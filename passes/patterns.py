@@ -165,12 +165,3 @@ class Miss:
         layer = layer_name(self.node)
         return f"{layer}: {self.reason}" if layer == self.node.name else f"{layer} ({self.node.name}): {self.reason}"
 
-
-def describe(node: Any) -> str:
-    """A node as a near-miss reason names it: "'bmm_1' [2, 4, 9, 9] float32"."""
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    v = val(node)
-    if isinstance(v, torch.Tensor):
-        return f"'{node.name}' {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-    return f"'{node.name}'"
