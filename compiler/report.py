@@ -72,7 +72,7 @@ class CompileReport:
                 "own_weight_bytes": g.own_weight_bytes, "compile_seconds": round(g.compile_seconds, 3),
                 "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
                             "lossy": p.lossy, "seconds": round(p.seconds, 4), "measured_error": p.measured_error,
-                            "details": p.details} for p in g.passes],
+                            "details": p.details, "near_misses": p.near_misses} for p in g.passes],
             } for i, g in enumerate(self.graphs)],
         }
 
@@ -104,12 +104,25 @@ class CompileReport:
                 what = "; ".join(p.changes) or ("-" if not p.error else f"FAILED, skipped: {p.error}")
                 lines.append(f"  {p.name:34} {p.matched:>7} {p.nodes_before:>5}->{p.nodes_after:<5} "
                              f"{p.seconds * 1e3:>7.1f}  {what}")
+            lines.extend(_near_misses(g.passes))
             if g.calibration_note:
                 lines.append(f"  calibration: {g.calibration_note}")
             for p in g.passes:
                 if p.details and p.details.get("layers"):
                     lines.extend(_layer_table(p.details))
         return "\n".join(lines)
+
+
+def _near_misses(passes: list[PassResult]) -> list[str]:
+    """Each place a pass's pattern almost matched (layer, node) and the check that failed, per pass."""
+    misses = [p for p in passes if p.near_misses]
+    if not misses:
+        return []
+    lines = ["  near-misses (pattern almost matched, left alone):"]
+    for p in misses:
+        lines.append(f"    {p.name}:")
+        lines.extend(f"      {m}" for m in p.near_misses)
+    return lines
 
 
 def _layer_table(details: dict[str, Any]) -> list[str]:

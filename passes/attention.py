@@ -5,9 +5,15 @@ Matches the forms HF transformers, timm, OpenAI Whisper and nanoGPT write, as th
 - an additive float mask (`scores + mask`), a boolean mask through `masked_fill(m, -inf)`, or none;
 - softmax in a higher precision and cast back (`softmax(x, dtype=float32).to(q.dtype)`);
 - dropout at p=0 / eval: already gone in the inference graph.
-Near-misses left alone: softmax over another dim, attention probabilities used elsewhere
-(output_attentions), a mask that broadcasts the scores to a larger shape, a non-constant scale,
-masked_fill with a finite value.
+Near-misses left alone, each reported with its reason (mmaccel.explain): softmax over another dim, attention
+probabilities used elsewhere (output_attentions), a mask that broadcasts the scores to a larger shape, a
+non-constant scale, masked_fill with a finite value, operands of different dtypes.
+
+Grouped-query / multi-query attention (Llama, Mistral, Qwen2: fewer K/V heads than query heads): an SDPA whose
+K and V are each head repeated n times (repeat_kv, repeat_interleave; explicit or fused here) reads the shared
+heads instead, `scaled_dot_product_attention(q [..., Hq, L, E], k [..., Hkv, S, E], v [..., Hkv, S, Ev],
+attn_mask=..., scale=..., enable_gqa=True)` with Hq = n * Hkv, so the repeat is never written to memory. A
+repeat that is not that one (tiled heads, another dim) stays, reported as a near-miss.
 """
 from __future__ import annotations
 
@@ -18,8 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .patterns import aten, cast_source, replace_uses, dtype, is_op, match_matmul, same_shape, scalar_arg, shape, single_user
+from .patterns import (VIEW_OPS, Miss, aten, cast_source, dtype, is_op, match_matmul, replace_uses, same_shape,
+                       scalar_arg, shape, single_user, strip_noop_views)
 from .contract import PassContext, PassResult
+
+_SDPA = aten.scaled_dot_product_attention.default
 
 
 @dataclass
@@ -58,42 +67,81 @@ def _is_scalar_tensor(a: object) -> bool:
     return isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 0
 
 
-def match_attention(node: fx.Node) -> Attention | None:
+def match_attention(node: fx.Node) -> Attention | Miss | None:
+    """The attention computed at `node`, probs @ V. The anchor is a softmax whose result is multiplied by V:
+    without one, None; with one that SDPA cannot express, a Miss saying why."""
     mm = match_matmul(node)
     if mm is None:
         return None
     probs, value = mm
-    softmax = cast_source(probs)
-    if not (is_op(softmax, aten._softmax.default) and single_user(softmax)):
+    softmax, shared = _through_copies(probs)
+    if not is_op(softmax, aten._softmax.default):
         return None
+    if shared:
+        return Miss(node, "the attention probabilities are used elsewhere too (output_attentions?); SDPA does not "
+                          "return them")
+    if cast_source(probs) is not softmax:
+        return Miss(node, "the probabilities reach the matmul through a copy that is not a plain dtype cast")
     if softmax.args[1] not in (-1, len(shape(softmax)) - 1) or (len(softmax.args) > 2 and softmax.args[2]):
-        return None
-    logits = cast_source(softmax.args[0])
-    mask, mask_is_keep = None, False
-    if is_op(logits, aten.add.Tensor) and single_user(logits) and len(logits.args) == 2 and not logits.kwargs:
-        lhs, rhs = logits.args
-        scores_side, mask = (lhs, rhs) if match_matmul(_strip_scale(cast_source(lhs))[0]) else (rhs, lhs)
-        if not isinstance(mask, fx.Node) or not same_shape(shape(logits), shape(scores_side)):
-            return None
-        logits = scores_side
-    elif is_op(logits, aten.masked_fill.Scalar) and single_user(logits):
-        if logits.args[2] != float("-inf"):
-            return None
-        mask, mask_is_keep = logits.args[1], True
-        logits = logits.args[0]
-    logits = cast_source(logits)
-    scores, scale, factors = _strip_scale(logits)
+        return Miss(node, f"softmax over dim {softmax.args[1]}, not the last (the keys)")
+    masked = _split_mask(cast_source(softmax.args[0]))
+    if isinstance(masked, str):
+        return Miss(node, masked)
+    logits, mask, mask_is_keep = masked
+    scores, scale, factors = _strip_scale(cast_source(logits))
     qk = match_matmul(scores) if single_user(scores) else None
     if qk is None:
-        return None
+        return Miss(node, _not_scores(scores))
     query, q_scale, q_factors = _strip_scale(qk[0])
     key_t, k_scale, k_factors = _strip_scale(qk[1])
     if len({dtype(query), dtype(key_t), dtype(value), dtype(node)}) != 1:
-        return None
+        return Miss(node, f"dtypes differ: q {dtype(query)}, K^T {dtype(key_t)}, V {dtype(value)}, "
+                          f"output {dtype(node)}; SDPA takes one")
     if shape(query)[-1] != shape(key_t)[-2] and not same_shape(shape(query)[-1:], shape(key_t)[-2:-1]):
-        return None
+        return Miss(node, f"q's last dim {shape(query)[-1]} is not provably K's {shape(key_t)[-2]}")
     return Attention(query, key_t, value, mask, mask_is_keep, scale * q_scale * k_scale,
                      factors + q_factors + k_factors, node)
+
+
+def _through_copies(node: fx.Node) -> tuple[fx.Node, bool]:
+    """(the node `node` casts or copies, whether any node on the way is read by others too): cast_source stops
+    at a shared cast; HF's eval-mode dropout is a clone, which output_attentions shares."""
+    shared = not single_user(node)
+    while is_op(node, aten._to_copy.default, aten.clone.default):
+        node = node.args[0]
+        shared = shared or not single_user(node)
+    return node, shared
+
+
+def _split_mask(logits: fx.Node) -> tuple[fx.Node, fx.Node | None, bool] | str:
+    """softmax's input -> (scores, mask or None, whether the mask marks positions to drop), or the reason
+    the mask is not one SDPA takes."""
+    if is_op(logits, aten.add.Tensor) and single_user(logits) and len(logits.args) == 2 and not logits.kwargs:
+        lhs, rhs = logits.args
+        scores, mask = (lhs, rhs) if match_matmul(_strip_scale(cast_source(lhs))[0]) else (rhs, lhs)
+        if not isinstance(mask, fx.Node):
+            return f"the scores plus the number {mask}, not a mask tensor"
+        if not same_shape(shape(logits), shape(scores)):
+            return (f"the mask {list(shape(mask))} broadcasts the scores {list(shape(scores))} to a larger shape "
+                    f"{list(shape(logits))}")
+        return scores, mask, False
+    if is_op(logits, aten.masked_fill.Scalar) and single_user(logits):
+        if logits.args[2] != float("-inf"):
+            return f"masked_fill with {logits.args[2]}, not -inf: those keys keep a weight, SDPA's mask drops them"
+        return logits.args[0], logits.args[1], True
+    return logits, None, False
+
+
+def _not_scores(node: fx.Node) -> str:
+    """Why the softmax input, once mask and scalar scales are off, is not Q @ K^T."""
+    if match_matmul(node) is not None:
+        return f"the scores '{node.name}' (Q @ K^T) are used elsewhere too"
+    if is_op(node, aten.mul.Tensor, aten.div.Tensor):
+        x, factor = node.args[:2]
+        factor = x if match_matmul(factor) is not None else factor
+        if isinstance(factor, fx.Node) and shape(factor):
+            return f"the scores are scaled by a tensor of shape {list(shape(factor))}, not one number"
+    return f"the softmax input '{node.name}' ({node.target}) is not Q @ K^T times a scale plus a mask"
 
 
 def _untranspose(graph: fx.Graph, key_t: fx.Node) -> fx.Node:
@@ -104,7 +152,7 @@ def _untranspose(graph: fx.Graph, key_t: fx.Node) -> fx.Node:
     return graph.call_function(aten.transpose.int, (key_t, -2, -1))
 
 
-def _rewrite(graph: fx.Graph, att: Attention) -> None:
+def _rewrite(graph: fx.Graph, att: Attention) -> fx.Node:
     with graph.inserting_before(att.anchor):
         key = _untranspose(graph, att.key_t)
         mask = att.mask
@@ -117,9 +165,10 @@ def _rewrite(graph: fx.Graph, att: Attention) -> None:
         for op, factor in att.query_factors:
             query = graph.call_function(op, (query, factor))
         sdpa = graph.call_function(
-            aten.scaled_dot_product_attention.default, (query, key, att.value),
+            _SDPA, (query, key, att.value),
             {"attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": att.scale})
     replace_uses(att.anchor, sdpa)
+    return sdpa
 
 
 # Device-specific SDPA kernels that tracing a user's F.scaled_dot_product_attention produces, with the
@@ -132,9 +181,11 @@ _BACKEND_SDPA = {
 }
 
 
-def _canonicalize_sdpa(gm: fx.GraphModule) -> int:
-    """Backend SDPA kernel calls whose only used result is the attention output -> aten SDPA."""
-    count = 0
+def _canonicalize_sdpa(gm: fx.GraphModule) -> list[fx.Node]:
+    """Backend SDPA kernel calls whose only used result is the attention output -> aten SDPA. The kernels
+    take K/V with fewer heads than Q as they are (grouped-query attention, HF's `enable_gqa=True`); the
+    aten op needs enable_gqa said, or it broadcasts the heads and fails."""
+    canonical = []
     for node in list(gm.graph.nodes):
         if not is_op(node, *_BACKEND_SDPA) or not all(
                 u.target is operator.getitem and u.args[1] == 0 for u in node.users):
@@ -144,26 +195,97 @@ def _canonicalize_sdpa(gm: fx.GraphModule) -> int:
         if not kw or kw.get("dropout_p", 0.0) != 0.0:
             continue
         mask_name = _BACKEND_SDPA[node.target]
+        query, key, value = kw["query"], kw["key"], kw["value"]
         with gm.graph.inserting_before(node):
             sdpa = gm.graph.call_function(
-                aten.scaled_dot_product_attention.default, (kw["query"], kw["key"], kw["value"]),
+                _SDPA, (query, key, value),
                 {"attn_mask": kw.get(mask_name) if mask_name else None, "dropout_p": 0.0,
-                 "is_causal": bool(kw.get("is_causal", False)), "scale": kw.get("scale")})
+                 "is_causal": bool(kw.get("is_causal", False)), "scale": kw.get("scale"),
+                 **({} if same_shape(shape(query)[-3:-2], shape(key)[-3:-2]) else {"enable_gqa": True})})
         for user in list(node.users):
             replace_uses(user, sdpa)
-        count += 1
-    return count
+        canonical.append(sdpa)
+    return canonical
+
+
+def _head_repeat(node: fx.Node) -> tuple[fx.Node, object] | str | None:
+    """(x, n) when `node` is x [..., Hkv, S, D] with each head repeated n times in place, [..., Hkv * n, S, D]
+    where head h is x's head h // n, as enable_gqa reads K/V: HF's repeat_kv and repeat_interleave(n, dim=-3),
+    in ATen unsqueeze(x, -3) -> expand -> (contiguous clone) -> reshape. Another repeat: why it is not this
+    one. None: no repeat."""
+    if is_op(node, aten.repeat.default):
+        return f"K/V are tiled with repeat({list(node.args[1])}); enable_gqa shares heads in groups (h // n)"
+    if not is_op(node, *VIEW_OPS):
+        return None
+    expand = strip_noop_views(node.args[0])
+    unsqueeze = strip_noop_views(expand.args[0]) if is_op(expand, aten.expand.default) else None
+    if not is_op(unsqueeze, aten.unsqueeze.default):
+        return None
+    x = unsqueeze.args[0]
+    rank, big, out = len(shape(x)), shape(expand), shape(node)
+    dim = unsqueeze.args[1] % (rank + 1)
+    if not same_shape((*big[:dim], *big[dim + 1:]), shape(x)) or len(out) != rank:
+        return None
+    grouped = dim > 0 and same_shape(out, (*big[:dim - 1], big[dim - 1] * big[dim], *big[dim + 1:]))
+    tiled = dim < rank and same_shape(out, (*big[:dim], big[dim] * big[dim + 1], *big[dim + 2:]))
+    if not (grouped or tiled):
+        return None
+    repeated = dim - 1 if grouped else dim
+    if repeated != rank - 3:
+        return f"K/V are repeated along dim {repeated - rank} of {list(shape(x))}, not the heads (dim -3)"
+    if not grouped:
+        return "K/V heads are tiled (head h reads h % Hkv); enable_gqa shares them in groups (h // n)"
+    return x, big[dim]
+
+
+def _match_grouped_kv(sdpa: fx.Node) -> tuple[fx.Node, fx.Node] | Miss | None:
+    """(K, V) with their shared heads when an SDPA reads them with each head repeated for grouped-query
+    attention; a Miss when K or V is repeated otherwise."""
+    key, value = sdpa.args[1:3]
+    if sdpa.kwargs.get("enable_gqa"):
+        return None
+    k, v = _head_repeat(key), _head_repeat(value)
+    if k is None and v is None:
+        return None
+    reason = next((r for r in (k, v) if isinstance(r, str)), None)
+    if reason is None and (k is None or v is None or not same_shape((k[1],), (v[1],))):
+        reason = "K and V are not repeated alike"
+    out = shape(sdpa)  # [..., Hq, L, Ev]: Q's batch dims and heads (a Q just scaled by the pass has no shape yet)
+    if reason is None and not (same_shape(shape(key)[:-2], out[:-2]) and all(
+            len(shape(t)) == len(out) and same_shape(shape(t)[:-3], out[:-3]) for t in (k[0], v[0]))):
+        reason = "K/V and Q differ in batch dims or heads"
+    if reason is not None:
+        return Miss(sdpa, f"K/V stay repeated: {reason}")
+    return k[0], v[0]
 
 
 def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     canonical = _canonicalize_sdpa(gm)
-    found = [att for node in list(gm.graph.nodes) if (att := match_attention(node)) is not None]
-    for att in found:
-        _rewrite(gm.graph, att)
+    matches = [m for node in list(gm.graph.nodes) if (m := match_attention(node)) is not None]
+    found = [m for m in matches if isinstance(m, Attention)]
+    fused = [_rewrite(gm.graph, att) for att in found]
+    grouped = [(node, m) for node in gm.graph.find_nodes(op="call_function", target=_SDPA)
+               if (m := _match_grouped_kv(node)) is not None]
+    shared = {sdpa: m for sdpa, m in grouped if not isinstance(m, Miss)}
+    for sdpa, (key, value) in shared.items():
+        sdpa.args = (sdpa.args[0], key, value, *sdpa.args[3:])
+        sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": True}
     gm.graph.eliminate_dead_code()
-    changes = [f"{canonical} device-specific SDPA kernel call(s) -> scaled_dot_product_attention"] if canonical else []
+    misses = [m for m in matches if isinstance(m, Miss)] + [m for _, m in grouped if isinstance(m, Miss)]
+    return PassResult(matched=len({*canonical, *fused, *shared}), changes=_changes(canonical, found, shared),
+                      near_misses=[str(m) for m in misses])
+
+
+def _changes(canonical: list[fx.Node], found: list[Attention], shared: dict) -> list[str]:
+    changes = []
+    if canonical:
+        grouped = sum(bool(n.kwargs.get("enable_gqa")) for n in canonical)
+        changes.append(f"{len(canonical)} device-specific SDPA kernel call(s) -> scaled_dot_product_attention"
+                       + (f" ({grouped} grouped-query, enable_gqa)" if grouped else ""))
     if found:
         masks = sum(a.mask is not None for a in found)
         changes.append(f"{len(found)} explicit attention(s) -> scaled_dot_product_attention "
                        f"({masks} with mask, scales {sorted({round(a.scale, 6) for a in found})})")
-    return PassResult(matched=len(found) + canonical, changes=changes)
+    if shared:
+        changes.append(f"{len(shared)} attention(s) read the shared K/V heads (enable_gqa) instead of repeating them")
+    return changes

@@ -4,6 +4,9 @@ parallel_linear_fusion: linears that read the same input with frozen weights (Q/
     matmul on the concatenated weights, split afterwards. One weight read, one launch instead of several.
 linear_epilogue_fusion: matmul + bias + activation (+ residual add) become one mmaccel::fused_linear op
     that a target lowers to one kernel.
+Near-misses, with the reason mmaccel.explain shows: a matmul reading the same input as others that cannot join
+them (weight or bias not a frozen constant, addmm with beta/alpha); an activation or add after a linear that
+stays separate (the pre-activation value is read elsewhere, the add broadcasts or converts).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.fused_linear import ACTIVATIONS
-from .patterns import (VIEW_OPS, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
+from .patterns import (VIEW_OPS, Miss, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
                        merged_layer_name, replace_uses, same_shape, shape, single_user)
 from .cleanup import drop_unused_constants
 from .contract import PassContext, PassResult
@@ -38,17 +41,31 @@ def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | No
     return None
 
 
+def _not_a_linear(node: fx.Node) -> str:
+    """Why an mm/addmm node is not a linear layer with a frozen weight (_linear_parts gave None)."""
+    if node.kwargs or len(node.args) > 3:
+        return f"addmm with beta/alpha {dict(node.kwargs) or node.args[3:]}"
+    weight = node.args[-1]
+    if not is_constant(weight):
+        return f"its weight '{weight.name}' is not a frozen constant"
+    return f"its bias {list(shape(node.args[0]))} is not one value per output column"
+
+
 def fuse_parallel_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    groups: dict[tuple, list[fx.Node]] = defaultdict(list)
+    # The anchor: one input that several matmuls read. The rest is checked member by member.
+    by_input: dict[fx.Node, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
-        parts = _linear_parts(node)
-        if parts is None or (parts[2] is not None and not is_constant(parts[2])):
-            continue
-        x, w, _ = parts
-        groups[(x, shape(w)[0], dtype(w))].append(node)
-    changes = []
-    fused = 0
-    for (x, _, _), members in groups.items():
+        if is_op(node, aten.mm.default, aten.addmm.default):
+            by_input[node.args[0] if node.target is aten.mm.default else node.args[1]].append(node)
+    changes, misses, fused = [], [], 0
+    for x, matmuls in by_input.items():
+        members = []
+        for node in matmuls if len(matmuls) > 1 else ():
+            reason = _why_not_parallel(node)
+            if reason is None:
+                members.append(node)
+            else:
+                misses.append(Miss(node, f"not merged with the other matmuls reading '{x.name}': {reason}"))
         if len(members) < 2:
             continue
         widths = [int(shape(m)[-1]) for m in members]
@@ -60,7 +77,18 @@ def fuse_parallel_linears(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         drop_unused_constants(gm)
         fused += 1
         changes.append(f"{len(members)} linears on '{x.name}' -> one matmul of width {sum(widths)} (split {widths})")
-    return PassResult(matched=fused, changes=changes)
+    return PassResult(matched=fused, changes=changes, near_misses=[str(m) for m in misses])
+
+
+def _why_not_parallel(node: fx.Node) -> str | None:
+    """None when the matmul can join the others on its input: a linear whose weight (and bias, if any) are
+    frozen constants. Sharing the input, the members share K and dtype (mm checks both)."""
+    parts = _linear_parts(node)
+    if parts is None:
+        return _not_a_linear(node)
+    if parts[2] is not None and not is_constant(parts[2]):
+        return f"its bias '{parts[2].name}' is not a frozen constant"
+    return None
 
 
 def _fuse_group(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node], owners: Sequence[torch.Tensor]) -> None:
@@ -153,29 +181,16 @@ def _activation(node: fx.Node) -> str | None:
 def fuse_linear_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     counts: dict[str, int] = defaultdict(int)
+    misses: list[Miss] = []
     for node in list(graph.nodes):
         parts = _linear_parts(node)
         if parts is None:
             continue
         x2d, w_t, bias = parts
-        x, out = x2d, node
-        # Absorb the flatten/unflatten views around the 2-D matmul so the op sees [..., K] -> [..., N].
-        view_back = next(iter(node.users)) if single_user(node) else None
-        if (is_op(x2d, *VIEW_OPS) and single_user(x2d) and view_back is not None and is_op(view_back, *VIEW_OPS)
-                and len(shape(x2d.args[0])) >= 2 and same_shape(shape(x2d.args[0])[-1:], shape(x2d)[-1:])
-                and same_shape(shape(view_back), (*shape(x2d.args[0])[:-1], shape(node)[-1]))):
-            x, out = x2d.args[0], view_back
-        activation = "none"
-        user = next(iter(out.users)) if single_user(out) else None
-        if user is not None and (act := _activation(user)) is not None:
-            activation, out = act, user
-        residual = None
-        user = next(iter(out.users)) if single_user(out) else None
-        if (is_op(user, aten.add.Tensor) and not user.kwargs and len(user.args) == 2
-                and all(isinstance(a, fx.Node) for a in user.args)):
-            other = user.args[1] if user.args[0] is out else user.args[0]
-            if dtype(other) == dtype(out) and same_shape(shape(other), shape(out)) and same_shape(shape(user), shape(out)):
-                residual, out = other, user
+        x, out = _absorb_views(node, x2d)
+        activation, out, act_miss = _absorb_activation(node, out)
+        residual, out, residual_miss = _absorb_residual(node, out)
+        misses += [m for m in (act_miss, residual_miss) if m is not None]
         with graph.inserting_before(out):
             weight = graph.call_function(aten.t.default, (w_t,))
             fused = graph.call_function(torch.ops.mmaccel.fused_linear.default, (x, weight, bias, activation, residual))
@@ -185,4 +200,44 @@ def fuse_linear_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     graph.eliminate_dead_code()
     total = sum(counts.values())
     changes = [f"{total} linear(s) -> mmaccel.fused_linear: " + ", ".join(f"[{k}] x{v}" for k, v in counts.items())] if total else []
-    return PassResult(matched=total, changes=changes)
+    return PassResult(matched=total, changes=changes, near_misses=[str(m) for m in misses])
+
+
+def _absorb_views(node: fx.Node, x2d: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(input, output) of the linear with the flatten/unflatten views around the 2-D matmul absorbed, so the
+    op sees [..., K] -> [..., N]; else the matmul's own."""
+    view_back = next(iter(node.users)) if single_user(node) else None
+    if (is_op(x2d, *VIEW_OPS) and single_user(x2d) and view_back is not None and is_op(view_back, *VIEW_OPS)
+            and len(shape(x2d.args[0])) >= 2 and same_shape(shape(x2d.args[0])[-1:], shape(x2d)[-1:])
+            and same_shape(shape(view_back), (*shape(x2d.args[0])[:-1], shape(node)[-1]))):
+        return x2d.args[0], view_back
+    return x2d, node
+
+
+def _absorb_activation(node: fx.Node, out: fx.Node) -> tuple[str, fx.Node, Miss | None]:
+    """(activation, new output, near-miss): the activation applied to the linear's output, when it is the only
+    user; a Miss when an activation reads it but so does something else."""
+    activations = [u for u in out.users if _activation(u) is not None]
+    if activations and single_user(out):
+        return _activation(activations[0]), activations[0], None
+    if activations:
+        return "none", out, Miss(node, f"its output is read by {activations[0].name} and {len(out.users) - 1} "
+                                       f"other node(s): the activation stays separate")
+    return "none", out, None
+
+
+def _absorb_residual(node: fx.Node, out: fx.Node) -> tuple[fx.Node | None, fx.Node, Miss | None]:
+    """(residual, new output, near-miss): the tensor added to the output when the add is its only user and
+    neither broadcasts nor converts; a Miss when the add does."""
+    user = next(iter(out.users)) if single_user(out) else None
+    if not (is_op(user, aten.add.Tensor) and not user.kwargs and len(user.args) == 2
+            and all(isinstance(a, fx.Node) for a in user.args)):
+        return None, out, None
+    other = user.args[1] if user.args[0] is out else user.args[0]
+    if dtype(other) != dtype(out):
+        return None, out, Miss(node, f"the add after it reads a {dtype(other)} tensor, the output is {dtype(out)}: "
+                                     f"not fused as a residual")
+    if not (same_shape(shape(other), shape(out)) and same_shape(shape(user), shape(out))):
+        return None, out, Miss(node, f"the add after it broadcasts {list(shape(other))} against the output "
+                                     f"{list(shape(out))}: not fused as a residual")
+    return other, user, None

@@ -1,6 +1,8 @@
 """Small pattern helpers the passes share: read a pass as "match this, replace with that"."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,15 +107,18 @@ def match_matmul(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def replace_uses(old: fx.Node, new: fx.Node) -> None:
-    """Point every user of `old` at `new`, which computes the same value (so it inherits old's meta, letting
-    later matches in the same pass read its shape before the pipeline re-propagates)."""
+    """Point every user of `old` at `new`, which computes the same value (so it inherits old's meta: later
+    matches in the same pass read its shape before the pipeline re-propagates, and reports its layer name)."""
     new.meta.setdefault("val", old.meta.get("val"))
+    if "nn_module_stack" in old.meta:
+        new.meta.setdefault("nn_module_stack", old.meta["nn_module_stack"])
     old.replace_all_uses_with(new)
 
 
 def strip_noop_views(node: fx.Node) -> fx.Node:
-    """See through expands to the same shape and contiguity clones: same values, same shape."""
-    while (is_op(node, aten.expand.default, aten.clone.default) and single_user(node)
+    """See through expands to the same shape, contiguity clones and whole-dim slices (`x[:, :, None]` under
+    dynamic shapes): same values, same shape."""
+    while (is_op(node, aten.expand.default, aten.clone.default, aten.slice.Tensor) and single_user(node)
            and same_shape(shape(node.args[0]), shape(node))):
         node = node.args[0]
     return node
@@ -134,10 +139,9 @@ def layer_name(node: fx.Node) -> str:
     if not stack:
         return node.name
     path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            return path[len(prefix):] or node.name
-    return path
+    # Dynamo names the module by how the compiled function reached it: L['self'] (the module compiled),
+    # L['args'][0] (passed to a compiled function), L['model'] (a closure variable). The rest is the model's.
+    return re.sub(r"^L(\[[^\]]*\])+\.?", "", path) or node.name
 
 
 def merged_layer_name(names: list[str]) -> str:
@@ -148,3 +152,16 @@ def merged_layer_name(names: list[str]) -> str:
     if len(heads) == 1 and all("." in n for n in names):
         return f"{heads.pop()}.{{{','.join(n.rsplit('.', 1)[1] for n in names)}}}"
     return "{" + ",".join(names) + "}"
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A pattern whose anchor was there but a check failed, and why (onnxscript's `check_result.fail`): the pass
+    leaves that place alone and `mmaccel.explain` lists it. A matcher returns None where the anchor is absent."""
+    node: fx.Node
+    reason: str
+
+    def __str__(self) -> str:
+        layer = layer_name(self.node)
+        return f"{layer}: {self.reason}" if layer == self.node.name else f"{layer} ({self.node.name}): {self.reason}"
+

@@ -9,10 +9,14 @@ from transformers import (
     CLIPVisionModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2Model,
     WhisperConfig,
     WhisperForConditionalGeneration,
     WhisperModel,
@@ -86,6 +90,21 @@ def llava_prompt(text_before: int, text_after: int, seed: int = 1) -> tuple[torc
                      torch.full((1, 16), IMAGE_TOKEN),
                      torch.randint(3, IMAGE_TOKEN, (1, text_after), generator=generator)], dim=1)
     return ids, torch.randn(1, 3, 32, 32, generator=generator)
+
+
+DECODERS = {"llama": (LlamaConfig, LlamaModel), "mistral": (MistralConfig, MistralModel),
+            "qwen2": (Qwen2Config, Qwen2Model)}
+
+
+def decoder(arch: str, impl: str, kv_heads: int) -> torch.nn.Module:
+    """A Llama-family decoder (no LM head) with 4 query heads sharing `kv_heads` K/V heads: grouped-query
+    attention (2), multi-query (1)."""
+    torch.manual_seed(0)
+    config_class, model_class = DECODERS[arch]
+    config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False, attn_implementation=impl)
+    return inference(model_class(config))
 
 
 def whisper_encoder(impl: str) -> torch.nn.Module:

@@ -153,3 +153,20 @@ def test_attention_fusion_with_dynamic_shapes(name: str) -> None:
     model = bert("eager") if name == "bert" else llama("eager")
     _, report = compile_and_check(model, *prompt(name, 8), dynamic=True)
     assert_fusions(report, "eager")
+
+
+def test_output_attentions_is_a_near_miss_named_by_layer() -> None:
+    """output_attentions=True returns the probabilities SDPA never forms: each layer's attention stays
+    explicit, and explain says so per layer."""
+    model = llama("eager")
+    ids, _ = token_batch(2, 9)
+    with torch.no_grad():
+        expected = model(ids, output_attentions=True)
+        compiled = mmaccel.compile(model, target="eager")
+        assert_matches_eager(compiled(ids, output_attentions=True), expected)
+    report = compiled.mmaccel_report
+    assert_optimized(report)
+    misses = report.graphs[0].pass_result("attention_fusion").near_misses
+    assert [m.split(" (")[0] for m in misses] == [f"model.layers.{i}.self_attn" for i in range(LAYERS)], misses
+    assert all("the attention probabilities are used elsewhere too" in m for m in misses)
+    assert "model.layers.1.self_attn" in str(report)

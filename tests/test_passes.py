@@ -82,13 +82,40 @@ def test_attention_fusion_matches(form):
     assert g.count(SDPA) == 1 and g.count(aten._softmax) == 0 and g.count(aten.bmm) == 0
 
 
-@pytest.mark.parametrize("form", ["softmax_dim2", "probs_used", "finite_fill", "per_head_scale"])
+NEAR_MISS_REASONS = {
+    "softmax_dim2": "softmax over dim 2, not the last (the keys)",
+    "probs_used": "the attention probabilities are used elsewhere too",
+    "finite_fill": "masked_fill with -10000.0, not -inf",
+    "per_head_scale": "the scores are scaled by a tensor of shape [2, 1, 1], not one number",
+}
+
+
+@pytest.mark.parametrize("form", list(NEAR_MISS_REASONS))
 def test_attention_fusion_near_misses_left_alone(form):
     torch.manual_seed(0)
     model = Attn(form).eval()
     _, report = compile_and_check(model, torch.randn(2, 5, 16))
-    assert report.graphs[0].pass_result("attention_fusion").matched == 0
+    result = report.graphs[0].pass_result("attention_fusion")
+    assert result.matched == 0
     assert report.graphs[0].count(SDPA) == 0
+    # one near-miss, the attention's, with its reason; in the printed report too
+    assert len(result.near_misses) == 1 and NEAR_MISS_REASONS[form] in result.near_misses[0], result.near_misses
+    assert NEAR_MISS_REASONS[form] in str(report)
+
+
+def test_attention_fusion_near_misses_dtype_and_broadcasting_mask():
+    class Odd(nn.Module):
+        def forward(self, q, k, v, mask):
+            wide = torch.softmax(q @ k.transpose(-1, -2) + mask, dim=-1) @ v  # mask [2, 3, 5, 5], scores [3, 5, 5]
+            mixed = torch.softmax(k @ q.transpose(-1, -2), dim=-1).bfloat16() @ v.bfloat16()  # fp32 QK^T, bf16 PV
+            return wide, mixed.float()
+
+    q, k, v = (torch.randn(3, 5, 4) for _ in range(3))
+    _, report = compile_and_check(Odd(), q, k, v, torch.randn(2, 3, 5, 5), target="eager")
+    result = report.graphs[0].pass_result("attention_fusion")
+    assert result.matched == 0 and len(result.near_misses) == 2, result.near_misses
+    assert "the mask [2, 3, 5, 5] broadcasts the scores [3, 5, 5] to a larger shape [2, 3, 5, 5]" in result.near_misses[0]
+    assert "dtypes differ: q torch.float32, K^T torch.float32, V torch.bfloat16" in result.near_misses[1]
 
 
 class FloatScaleAttention(nn.Module):
@@ -181,7 +208,12 @@ def test_parallel_linear_near_misses():
             return self.a(x) + self.b(y) + x @ w
 
     _, report = compile_and_check(TwoInputs().eval(), torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 8))
-    assert report.graphs[0].pass_result("parallel_linear_fusion").matched == 0
+    result = report.graphs[0].pass_result("parallel_linear_fusion")
+    assert result.matched == 0
+    # x is read by a and by x @ w: a near-miss; y only by b: not one
+    assert len(result.near_misses) == 1, result.near_misses
+    assert "not merged with the other matmuls reading" in result.near_misses[0]
+    assert "its weight 'arg" in result.near_misses[0] and "is not a frozen constant" in result.near_misses[0]
 
 
 def test_linear_epilogue_near_miss_activation_used_twice():
@@ -197,6 +229,46 @@ def test_linear_epilogue_near_miss_activation_used_twice():
     _, report = compile_and_check(Twice().eval(), torch.randn(4, 8))
     calls = [n for n in report.graphs[0].final_graph.graph.nodes if n.target is FUSED_LINEAR]
     assert len(calls) == 1 and calls[0].args[3] == "none"
+    (miss,) = report.graphs[0].pass_result("linear_epilogue_fusion").near_misses
+    assert miss.startswith("fc (") and "other node(s): the activation stays separate" in miss, miss
+
+
+def test_linear_epilogue_near_miss_broadcasting_add():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, shift):
+            return self.fc(x) + shift  # shift [1, 8] broadcasts over the rows: not a residual
+
+    _, report = compile_and_check(Shifted().eval(), torch.randn(4, 8), torch.randn(1, 8))
+    (miss,) = report.graphs[0].pass_result("linear_epilogue_fusion").near_misses
+    assert "the add after it broadcasts [1, 8] against the output [4, 8]" in miss, miss
+
+
+def test_explain_lists_near_misses_per_pass_with_layer_names():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = Attn("softmax_dim2"), MLP()
+
+        def forward(self, x):
+            return self.mlp(self.attn(x)[..., :12])
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        report = mmaccel.explain(Block().eval(), torch.randn(2, 5, 16))
+    text = str(report)
+    assert "near-misses (pattern almost matched, left alone):" in text
+    lines = text.splitlines()
+    at = lines.index("    attention_fusion:")
+    assert lines[at + 1].startswith("      attn (") and "softmax over dim 2, not the last (the keys)" in lines[at + 1]
+    passes = {p["name"]: p for p in report.to_dict()["graphs"][0]["passes"]}
+    assert passes["attention_fusion"]["near_misses"] == report.graphs[0].pass_result("attention_fusion").near_misses
+    # a graph where everything matched lists none
+    with torch.no_grad():
+        assert "near-misses" not in str(mmaccel.explain(Attn("hf").eval(), torch.randn(2, 5, 16)))
 
 
 def test_cse_dce_and_constant_folding():
