@@ -51,6 +51,9 @@ class PassContext:
     # Calibration: several sets of the graph's inputs (same layout as example_inputs); lossy passes measure
     # on these instead when given.
     calibration: Sequence[Sequence[Any]] | None = None
+    # Lossy passes: the graph as it entered the pipeline (the user's model, frozen), whose outputs their error
+    # is measured against; set by the pipeline when a lossy pass runs.
+    reference: fx.GraphModule | None = None
 
 
 @dataclass(frozen=True)
