@@ -18,6 +18,7 @@ class PassOptions(Protocol):
     """What passes read of the user's options (compiler.options.CompileOptions has these and more)."""
     quantize: str | None
     accuracy_budget: float
+    lossy_fallback: bool
 
     def pass_enabled(self, name: str, default: bool = True) -> bool: ...
 

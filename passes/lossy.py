@@ -106,7 +106,7 @@ class _Measurement:
                  cleanup: Sequence[Cleanup]) -> None:
         self.gm, self.ctx, self.levers, self.metric, self.cleanup = gm, ctx, levers, metric, cleanup
         self.samples = calibration_samples(ctx)
-        self.references = [run_graph(ctx.reference or gm, s) for s in self.samples]
+        self.references = [_reference(ctx.reference or gm, s, i) for i, s in enumerate(self.samples)]
 
     def __call__(self, choice: dict[tuple[str, str], str]) -> float:
         module = self.assemble(choice)
@@ -261,6 +261,17 @@ def _count(items) -> dict[str, int]:
     for item in items:
         counts[item] = counts.get(item, 0) + 1
     return counts
+
+
+def _reference(gm: fx.GraphModule, sample: Sequence[Any], index: int) -> list[torch.Tensor]:
+    """The reference outputs of one sample; a sample the graph cannot take is named, with the reason."""
+    try:
+        return run_graph(gm, sample)
+    except Exception as e:
+        shapes = [list(a.shape) if isinstance(a, torch.Tensor) else a for a in sample]
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"calibration sample {index} (graph inputs {shapes}) does not fit the graph being "
+                         f"optimized: {type(e).__name__}: {first}") from e
 
 
 def run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[torch.Tensor]:

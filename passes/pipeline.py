@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..compiler.errors import warn_once
+from ..compiler.errors import LossyPassError, warn_once
 from .attention import fuse_attention
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .contract import Pass, PassContext, PassOptions, PassResult, PassValidationError
@@ -106,6 +106,10 @@ def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
     except Exception as e:  # a broken pass must never break (or silently change) the user's model
         gm.graph = saved
         gm.recompile()
+        if p.lossy and not ctx.options.lossy_fallback:  # the user asked for it: no quiet lossless result
+            raise LossyPassError(f"mmaccel: lossy pass '{p.name}' could not run: {type(e).__name__}: {e}. "
+                                 "Fix the cause, or pass lossy_fallback=True to continue without it (with a "
+                                 "warning).") from e
         result = PassResult(error=f"{type(e).__name__}: {e}")
         warn_once(f"mmaccel: pass '{p.name}' failed and was skipped; the graph runs without it. "
                   f"Reason: {result.error}")
