@@ -106,26 +106,34 @@ def _bind(model: torch.nn.Module, sample: Sample, where: str) -> dict[str, Any]:
 def fit_samples(model: torch.nn.Module, example: Sample, samples: Sequence[Sample] | None
                 ) -> tuple[Sample, list[Sample] | None]:
     """The example and each calibration sample in one layout (the example's positional arguments, then its
-    keyword arguments in signature order), so each flattens to the exported graph's inputs. A sample passing
-    other arguments than the example (the graph takes the example's only) is an error naming it."""
-    bound = _bind(model, example, "example_inputs")
-    names, positional = list(bound), len(example.args)
+    keyword arguments in signature order), so each flattens to the exported graph's inputs. A sample laid out
+    otherwise (a keyword for a positional argument) is bound to forward's signature; one passing other
+    arguments than the example (the graph takes the example's only) is an error naming it."""
+    parameters = inspect.signature(model.forward).parameters
+    order = list(parameters)
 
-    def layout(values: dict[str, Any]) -> Sample:
-        return Sample(tuple(values[n] for n in names[:positional]), {n: values[n] for n in names[positional:]})
+    def ordered(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
+    example = Sample(example.args, ordered(example.kwargs))
     if samples is None:
-        return layout(bound), None
+        return example, None
+    # *args, or keywords gathered by **kwargs, have no one place in the example's layout
+    variadic = {n for n, p in parameters.items() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     fitted = []
     for i, sample in enumerate(samples):
-        values = _bind(model, sample, f"calibration sample {i}")
-        if set(values) != set(names):
-            raise ExportError(f"calibration sample {i} {sample.describe()} passes {sorted(values)} but the example "
-                              f"inputs pass {sorted(names)}; the exported graph takes the example's arguments only: "
-                              "give samples with the same arguments, or add the others to example_inputs (a dict "
-                              "of keyword arguments)")
-        fitted.append(layout(values))
-    return layout(bound), fitted
+        if len(sample.args) == len(example.args) and set(sample.kwargs) == set(example.kwargs):
+            fitted.append(Sample(sample.args, ordered(sample.kwargs)))
+            continue
+        want, have = _bind(model, example, "example_inputs"), _bind(model, sample, f"calibration sample {i}")
+        if set(have) != set(want) or variadic & (set(have) | set(want)):
+            raise ExportError(f"calibration sample {i} {sample.describe()} passes {sorted(have)} but the example "
+                              f"inputs pass {sorted(want)}; the exported graph takes the example's arguments only: "
+                              "give samples with the arguments of the example, laid out as in the example (or add "
+                              "the others to example_inputs, a dict of keyword arguments)")
+        names, positional = list(want), len(example.args)
+        fitted.append(Sample(tuple(have[n] for n in names[:positional]), {n: have[n] for n in names[positional:]}))
+    return example, fitted
 
 
 def calibration_dynamic_shapes(model: torch.nn.Module, example: Sample, samples: Sequence[Sample]

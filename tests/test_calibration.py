@@ -14,18 +14,15 @@ from mmaccel.compiler.errors import InvalidOptionError, LossyPassError
 from mmaccel.compiler.export import ExportError
 from mmaccel.compiler.options import CompileOptions, Sample
 
+from conftest import pooled_relative_error
+
 pytest.importorskip("transformers")
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from hf_tiny import bert, clip_vision, token_batch  # noqa: E402
 
 INT8 = {"quantize": "int8_weight_only", "accuracy_budget": 0.2}
-
-
-def pooled_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
-    diff = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outputs, references))
-    return (diff / sum(float(r.double().pow(2).sum()) for r in references)) ** 0.5
 
 
 def bert_samples():
@@ -75,7 +72,7 @@ def test_compile_pools_the_error_over_samples_of_several_lengths_and_batch_sizes
     result = graph.pass_result("quantize")
     assert result.matched > 0 and "on 4 calibration input(s)" in result.changes[0]
     # the worst of the model's outputs, each pooled over the samples
-    error = max(pooled_error([o[field] for o in outputs], [r[field] for r in references])
+    error = max(pooled_relative_error([o[field] for o in outputs], [r[field] for r in references])
                 for field in ("last_hidden_state", "pooler_output"))
     assert result.measured_error == pytest.approx(error, rel=1e-3)
     assert result.measured_error <= INT8["accuracy_budget"]
@@ -117,7 +114,10 @@ def test_export_measures_every_sample_and_the_file_takes_them(tmp_path):
     model, samples = bert("eager"), list(bert_samples())
     example = samples[0]
     path = str(tmp_path / "bert.onnx")
-    report = mmaccel.export_onnx(model, example, path, calibration=(s for s in samples), **INT8)
+    # the same samples as a user may hold them: a dict, (args, kwargs), positional, a dict
+    held = [samples[0], ((samples[1]["input_ids"],), {"attention_mask": samples[1]["attention_mask"]}),
+            (samples[2]["input_ids"], samples[2]["attention_mask"]), samples[3]]
+    report = mmaccel.export_onnx(model, example, path, calibration=(s for s in held), **INT8)
     graph = report.graphs[0]
     result = graph.pass_result("quantize")
     assert result.matched > 0 and "on 4 calibration input(s)" in result.changes[0]
@@ -128,7 +128,7 @@ def test_export_measures_every_sample_and_the_file_takes_them(tmp_path):
                for s in samples]
     with torch.no_grad():
         references = [model(**s) for s in samples]
-    error = max(pooled_error([torch.from_numpy(o[i]) for o in outputs], [r[field] for r in references])
+    error = max(pooled_relative_error([torch.from_numpy(o[i]) for o in outputs], [r[field] for r in references])
                 for i, field in enumerate(("last_hidden_state", "pooler_output")))
     assert error == pytest.approx(result.measured_error, rel=0.05)
 

