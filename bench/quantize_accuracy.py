@@ -97,7 +97,7 @@ def captioner_case() -> Case:
     calib_pixels, calib_labels = train_pixels[:CAPTION_IMAGES], train_labels[:CAPTION_IMAGES]
     ids = digits.caption_ids(calib_labels)
     # The prefixes greedy decoding calls the model on, in its order: BOS alone (a graph of its own), then 2..6
-    # tokens (one graph dynamic in the text length): each graph finds samples recorded under its own key.
+    # tokens (one graph dynamic in the text length): each graph is measured on the samples that reach it.
     longest = 1 + max(len(n) for n in digits.DIGIT_NAMES)
     calibration = [(calib_pixels, ids[:, :t]) for t in range(1, longest + 1)]
     return Case("digits captioner", digits.load_captioner(), "caption exact match",

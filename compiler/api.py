@@ -7,7 +7,7 @@ import torch
 
 from ._torch_internals import graph_break_count
 from .backend import Backend
-from .calibration import record_graph_inputs
+from .calibration import varying_dims
 from .export import export_onnx  # noqa: F401  (re-exported as mmaccel.export_onnx)
 from .options import CompileOptions
 from .report import CompileReport
@@ -17,12 +17,15 @@ def compile(model: Callable, *, dynamic: bool | None = None, fullgraph: bool = F
     """`torch.compile(model, backend="mmaccel", options=options)`, with options validated now (ValueError)
     rather than at the first call. The result carries `mmaccel_report`, filled in as graphs compile.
     With `calibration=samples` (and quantize=...), the model runs once per sample now, so that lossy passes
-    measure their error on those inputs (compiler/calibration.py)."""
+    measure their error on those inputs (compiler/calibration.py); the dims in which samples differ compile
+    dynamic."""
     opts = CompileOptions.from_user(options)
-    calibration = record_graph_inputs(model, opts.calibration) if opts.calibration is not None else None
-    backend = Backend(opts, calibration=calibration)
+    dims = varying_dims(opts.calibration, dynamic) if opts.calibration is not None else []
+    backend = Backend(opts)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     compiled.mmaccel_report = backend.report
+    if opts.calibration is not None:
+        backend.calibrate(compiled, opts.calibration, dims)
     return compiled
 
 

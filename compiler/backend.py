@@ -13,11 +13,11 @@ from ..passes.graph import clone_module
 from ..passes.pipeline import run_pipeline
 from ._torch_internals import (RESTART_EXCEPTIONS, DynamoVisibleOptionError, concrete_inputs, detect_fake_mode,
                                lower_with_aot, module_owned_inputs, unset_fake_temporarily)
-from .calibration import GraphSamples, graph_key
+from .calibration import CalibratingGraph, run_samples
 from .debug import DebugDump
-from .errors import InvalidOptionError, warn_once
+from .errors import InvalidOptionError, LossyPassError, warn_once
 from .lowering import DECOMPOSITIONS, FrozenGraph, freeze_parameters
-from .options import CompileOptions
+from .options import CompileOptions, Sample
 from .report import CompileReport, GraphReport, active_reports
 
 
@@ -39,15 +39,26 @@ class Backend:
     """A torch.compile backend carrying its options and a report of every graph it compiled:
     `torch.compile(model, backend=mmaccel.Backend(target="eager"))`."""
 
-    def __init__(self, options: CompileOptions | None = None, calibration: GraphSamples | None = None,
-                 **user_options: Any) -> None:
+    def __init__(self, options: CompileOptions | None = None, **user_options: Any) -> None:
         if options is not None and user_options:
             raise InvalidOptionError("pass either a CompileOptions or keyword options to Backend, not both")
         self.options = options or CompileOptions.from_user(user_options)
-        # Each graph's recorded inputs under the calibration samples (compiler/calibration.py), by graph key
-        self.calibration = calibration
+        # While calibration samples run (calibrate), graphs are captured as CalibratingGraphs
+        self.calibrating: list[CalibratingGraph] | None = None
+        self.calibrated = False
         self.report = CompileReport(self.options)
         self.debug = DebugDump(self.options.debug_dir)
+
+    def calibrate(self, compiled: Callable, samples: Sequence[Sample], dims: list[set[int]]) -> None:
+        """Run the samples through `compiled` (this backend's torch.compile of the model), then optimize each
+        graph they reached with the inputs it received (compiler/calibration.py)."""
+        self.calibrating = []
+        try:
+            run_samples(compiled, samples, dims)
+        finally:
+            graphs, self.calibrating, self.calibrated = self.calibrating, None, True
+        for graph in graphs:
+            graph.finish()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **torch_compile_kwargs: Any) -> Callable:
         if torch_compile_kwargs:
@@ -73,52 +84,57 @@ class Backend:
                              "requires grad); mmaccel optimizes inference only: call the model under "
                              "torch.no_grad() or torch.inference_mode() to optimize it")
 
-        calibration = None
-        if self.calibration is not None:
-            calibration = self.calibration.get(graph_key(gm, example_inputs))
-            if calibration is None:
-                record.calibration_note = ("no calibration sample reached this graph (samples of another shape, "
-                                           "or a graph after a graph break): measured on its example inputs")
+        if self.calibrated:
+            record.calibration_note = ("no calibration sample reached this graph (compiled after calibration, for "
+                                       "inputs the calibrated graphs do not take): measured on its example inputs")
 
         def inference_compiler(aten_gm: fx.GraphModule, fake_inputs: Sequence[Any]) -> Callable:
             with unset_fake_temporarily():  # freezing and folding compute on the real weights
-                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump, calibration,
-                                      module_owned_inputs(gm))
+                return self._optimize(aten_gm, fake_inputs, example_inputs, record, dump, module_owned_inputs(gm))
 
         try:
             return lower_with_aot(gm, example_inputs, inference_compiler, DECOMPOSITIONS)
-        except (InvalidOptionError, *RESTART_EXCEPTIONS):
+        except (InvalidOptionError, LossyPassError, *RESTART_EXCEPTIONS):
             raise
         except Exception as e:  # unsupported construct: run the captured graph as is, correctly
             return _fallback(gm, record, f"lowering failed with {type(e).__name__}: {_first_line(e)}")
 
     def _optimize(self, aten_gm: fx.GraphModule, fake_inputs: Sequence[Any], real_inputs: Sequence[Any],
-                  record: GraphReport, dump: Callable, calibration: list[list[Any]] | None = None,
-                  module_owned: list[bool] | None = None) -> Callable:
+                  record: GraphReport, dump: Callable, module_owned: list[bool] | None = None) -> Callable:
         dump("aten", aten_gm)
         record.aten_nodes = len(aten_gm.graph.nodes)
         unfrozen, _ = compile_for_target("eager", clone_module(aten_gm), real_inputs)
         frozen = freeze_parameters(aten_gm, real_inputs, module_owned)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         kept_inputs = [real_inputs[i] for i in frozen.kept]
-        # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them
-        ctx = PassContext(options=self.options, fake_mode=detect_fake_mode(fake_inputs), dump=dump,
-                          example_inputs=concrete_inputs(kept_inputs),
-                          calibration=None if not calibration else [[s[i] for i in frozen.kept] for s in calibration],
-                          weight_owners=[t for _, t, _, _ in frozen.frozen])
-        record.passes = run_pipeline(aten_gm, ctx)
-        frozen.refresh()
-        record.graph_weight_bytes, record.own_weight_bytes = _weight_bytes(aten_gm, [t for _, t, _, _ in frozen.frozen])
-        record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
-        target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
-        if target == "triton" and self.options.cuda_graphs is not False:
-            _warn_if_symbolic_cache_writes(aten_gm, real_inputs)
-        run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs, self.options.cuda_graphs, dump)
-        record.kernels = getattr(run, "kernels", None)
-        if record.target != target:
-            record.target_reason += f"; {target} could not run it (see warning)"
-        record.status = "optimized"
-        return FrozenGraph(run, frozen, unfrozen)
+        fake_mode = detect_fake_mode(fake_inputs)
+
+        def optimize(calibration: list[list[Any]] | None = None) -> FrozenGraph:
+            # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them
+            ctx = PassContext(options=self.options, fake_mode=fake_mode, dump=dump,
+                              example_inputs=concrete_inputs(kept_inputs), calibration=calibration or None,
+                              weight_owners=[t for _, t, _, _ in frozen.frozen])
+            record.passes = run_pipeline(aten_gm, ctx)
+            frozen.refresh()  # parallel_linear_fusion may have rebound parameters as views of fused weights
+            record.graph_weight_bytes, record.own_weight_bytes = _weight_bytes(
+                aten_gm, [t for _, t, _, _ in frozen.frozen])
+            record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
+            target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
+            if target == "triton" and self.options.cuda_graphs is not False:
+                _warn_if_symbolic_cache_writes(aten_gm, real_inputs)
+            run, record.target = compile_for_target(target, clone_module(aten_gm), kept_inputs,
+                                                    self.options.cuda_graphs, dump)
+            record.kernels = getattr(run, "kernels", None)
+            if record.target != target:
+                record.target_reason += f"; {target} could not run it (see warning)"
+            record.status = "optimized"
+            return FrozenGraph(run, frozen, unfrozen)
+
+        if self.calibrating is None:
+            return optimize()
+        graph = CalibratingGraph(optimize, unfrozen, frozen.kept)
+        self.calibrating.append(graph)
+        return graph
 
 
 def _fallback(gm: fx.GraphModule, record: GraphReport, reason: str) -> Callable:

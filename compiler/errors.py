@@ -8,6 +8,12 @@ class InvalidOptionError(ValueError):
     """An unknown option or a bad option value: the message names the option and the valid choices."""
 
 
+class LossyPassError(RuntimeError):
+    """A lossy pass the user asked for could not run (e.g. a calibration sample does not fit the graph): the
+    compile or export stops rather than quietly giving an unoptimized model; option lossy_fallback=True
+    turns this into a warning."""
+
+
 class MmaccelFallbackWarning(UserWarning):
     """A graph (or one pass) ran unoptimized; the message says why."""
 

@@ -5,6 +5,7 @@ ops are translated by the ONNX Script functions next to their definitions (ops/)
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from ._torch_internals import detect_fake_mode
 from .debug import DebugDump
 from .errors import InvalidOptionError
 from .lowering import DECOMPOSITIONS, freeze_input
-from .options import CompileOptions
+from .options import CompileOptions, Sample, as_sample
 from .report import CompileReport, GraphReport
 
 # Files with more weight bytes than this store their weights beside the model (`<name>.onnx.data`):
@@ -38,8 +39,11 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
                      options: CompileOptions, record: GraphReport) -> tuple[fx.GraphModule, list[Any]]:
     """torch.export, decompose to the ATen inference graph, freeze every weight, run the pass pipeline.
     Returns the optimized graph and the flat user inputs it takes."""
+    example, samples = fit_samples(model, as_sample(example_inputs, "example_inputs"), options.calibration)
+    if samples and dynamic_shapes is None:
+        dynamic_shapes, record.calibration_note = calibration_dynamic_shapes(model, example, samples)
     try:
-        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        ep = torch.export.export(model, example.args, example.kwargs or None, dynamic_shapes=dynamic_shapes)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: {first}. If it names "
@@ -77,15 +81,89 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     # A fresh GraphModule: ExportedProgram's module carries export-only state we do not want to re-export.
     gm = fx.GraphModule(gm, gm.graph)
     fake_mode = detect_fake_mode([n.meta["val"] for n in user_inputs])
-    flat_inputs = [a for a in torch.utils._pytree.tree_leaves(tuple(example_inputs))]
-    calibration = None if options.calibration is None else [
-        list(torch.utils._pytree.tree_leaves(tuple(sample))) for sample in options.calibration]
+    flat_inputs = _flat(example)
+    calibration = None if samples is None else [_flat(sample) for sample in samples]
     ctx = PassContext(options=options, fake_mode=fake_mode, dump=DebugDump(options.debug_dir).for_graph(0),
                       example_inputs=flat_inputs, calibration=calibration)
     record.passes = run_pipeline(gm, ctx)
     record.final_graph, record.context, record.final_nodes = gm, ctx, len(gm.graph.nodes)
     record.inputs = [str(tuple(n.meta["val"].shape)) for n in user_inputs]
     return gm, flat_inputs
+
+
+def _flat(sample: Sample) -> list[Any]:
+    return list(torch.utils._pytree.tree_leaves((sample.args, sample.kwargs)))
+
+
+def _bind(model: torch.nn.Module, sample: Sample, where: str) -> dict[str, Any]:
+    """The sample's arguments by parameter name, in the order of the model's forward signature."""
+    try:
+        return dict(inspect.signature(model.forward).bind(*sample.args, **sample.kwargs).arguments)
+    except TypeError as e:
+        raise ExportError(f"{where} {sample.describe()} does not fit {type(model).__name__}.forward: {e}") from e
+
+
+def fit_samples(model: torch.nn.Module, example: Sample, samples: Sequence[Sample] | None
+                ) -> tuple[Sample, list[Sample] | None]:
+    """The example and each calibration sample in one layout (the example's positional arguments, then its
+    keyword arguments in signature order), so each flattens to the exported graph's inputs. A sample laid out
+    otherwise (a keyword for a positional argument) is bound to forward's signature; one passing other
+    arguments than the example (the graph takes the example's only) is an error naming it."""
+    parameters = inspect.signature(model.forward).parameters
+    order = list(parameters)
+
+    def ordered(kwargs: dict[str, Any]) -> dict[str, Any]:
+        return dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+    example = Sample(example.args, ordered(example.kwargs))
+    if samples is None:
+        return example, None
+    # *args, or keywords gathered by **kwargs, have no one place in the example's layout
+    variadic = {n for n, p in parameters.items() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    fitted = []
+    for i, sample in enumerate(samples):
+        if len(sample.args) == len(example.args) and set(sample.kwargs) == set(example.kwargs):
+            fitted.append(Sample(sample.args, ordered(sample.kwargs)))
+            continue
+        want, have = _bind(model, example, "example_inputs"), _bind(model, sample, f"calibration sample {i}")
+        if set(have) != set(want) or variadic & (set(have) | set(want)):
+            raise ExportError(f"calibration sample {i} {sample.describe()} passes {sorted(have)} but the example "
+                              f"inputs pass {sorted(want)}; the exported graph takes the example's arguments only: "
+                              "give samples with the arguments of the example, laid out as in the example (or add "
+                              "the others to example_inputs, a dict of keyword arguments)")
+        names, positional = list(want), len(example.args)
+        fitted.append(Sample(tuple(have[n] for n in names[:positional]), {n: have[n] for n in names[positional:]}))
+    return example, fitted
+
+
+def calibration_dynamic_shapes(model: torch.nn.Module, example: Sample, samples: Sequence[Sample]
+                               ) -> tuple[dict[str, Any] | None, str]:
+    """Without dynamic_shapes from the user, the dims in which calibration samples differ from the example are
+    exported dynamic (Dim.AUTO), so that the graph the passes measure takes every sample; and the note saying
+    so. Sizes 0 and 1 are specialized by torch.export: a sample differing from one is an error naming it."""
+    bound = _bind(model, example, "example_inputs")
+    spec: dict[str, Any] = {}
+    varying = []
+    for name, value in bound.items():
+        dims = set()
+        for i, sample in enumerate(samples):
+            other = _bind(model, sample, f"calibration sample {i}")[name]
+            if not isinstance(value, torch.Tensor) or not isinstance(other, torch.Tensor) or other.dim() != value.dim():
+                continue
+            for d, (a, b) in enumerate(zip(value.shape, other.shape)):
+                if a != b and a <= 1:
+                    raise ExportError(f"calibration sample {i} {sample.describe()} has size {b} in dim {d} of "
+                                      f"'{name}' where the example inputs have {a}; torch.export specializes sizes 0 "
+                                      "and 1, so the graph could not take the sample: give example inputs of size "
+                                      ">= 2 in that dim")
+                if a != b:
+                    dims.add(d)
+        spec[name] = {d: torch.export.Dim.AUTO for d in sorted(dims)} if dims else None
+        varying += [f"{name}[{d}]" for d in sorted(dims)]
+    if not varying:
+        return None, ""
+    return spec, (f"calibration samples differ in {', '.join(varying)}: exported with those dims dynamic, so the "
+                  "error is measured on every sample")
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,

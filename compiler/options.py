@@ -18,6 +18,19 @@ MODES = (None, "default")
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One calibration sample: the model's positional and keyword arguments."""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        def one(a: Any) -> str:
+            return f"{str(a.dtype).removeprefix('torch.')}{list(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+        parts = [one(a) for a in self.args] + [f"{k}={one(v)}" for k, v in self.kwargs.items()]
+        return "(" + ", ".join(parts) + ")"
+
+
+@dataclass(frozen=True)
 class CompileOptions:
     target: str = "auto"
     # Pass name -> enabled. Only names that differ from the default pipeline are stored.
@@ -28,9 +41,12 @@ class CompileOptions:
     # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
     quantize: str | None = None
     accuracy_budget: float = 0.01
-    # Inputs to measure the error of lossy passes on: a tuple of samples, each a tuple of the model's
-    # positional arguments (validated here; mapped to each graph's inputs by mmaccel.compile / export_onnx).
-    calibration: tuple[tuple[Any, ...], ...] | None = field(default=None, compare=False, repr=False)
+    # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
+    # to each graph's inputs by mmaccel.compile / export_onnx).
+    calibration: tuple[Sample, ...] | None = field(default=None, compare=False, repr=False)
+    # A lossy pass that cannot run (a calibration sample that does not fit the graph) stops the compile or
+    # export with LossyPassError; True: it is skipped with a warning instead.
+    lossy_fallback: bool = False
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "CompileOptions":
@@ -38,7 +54,8 @@ class CompileOptions:
         from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
 
         options = dict(options or {})
-        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "accuracy_budget", "calibration")
+        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "accuracy_budget", "calibration",
+                 "lossy_fallback")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -61,6 +78,9 @@ class CompileOptions:
             raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
                                      "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
         calibration = _validate_calibration(options.get("calibration"), quantize)
+        lossy_fallback = options.get("lossy_fallback", False)
+        if not isinstance(lossy_fallback, bool):
+            raise InvalidOptionError(f"option 'lossy_fallback' must be True or False, got {lossy_fallback!r}")
         passes = _validate_passes(options.get("passes"), PASS_NAMES)
         debug_dir = options.get("debug_dir")
         if debug_dir is None and os.environ.get("MMACCEL_DEBUG", "0") not in ("", "0"):
@@ -69,14 +89,16 @@ class CompileOptions:
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, accuracy_budget=float(budget),
-                   calibration=calibration)
+                   calibration=calibration, lossy_fallback=lossy_fallback)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)
 
 
-def _validate_calibration(value: Any, quantize: str | None) -> tuple[tuple[Any, ...], ...] | None:
-    """An iterable of samples, each a tensor or a tuple of tensors (the model's positional arguments)."""
+def _validate_calibration(value: Any, quantize: str | None) -> tuple[Sample, ...] | None:
+    """Any iterable of samples (a list, a generator, a DataLoader), read once. A sample is a tensor, a tuple
+    of positional arguments, a dict of keyword arguments (as Hugging Face tokenizers and processors return
+    them), or a pair (tuple of positional arguments, dict of keyword arguments)."""
     import torch
 
     if value is None:
@@ -84,17 +106,33 @@ def _validate_calibration(value: Any, quantize: str | None) -> tuple[tuple[Any, 
     if quantize is None:
         raise InvalidOptionError("option 'calibration' only matters to lossy passes; set quantize=... as well, "
                                  "or drop calibration")
-    if isinstance(value, torch.Tensor) or not hasattr(value, "__iter__"):
-        raise InvalidOptionError("option 'calibration' must be an iterable of samples (a list of tensors, or of "
-                                 f"tuples of tensors: the model's arguments), got {type(value).__name__}")
-    samples = tuple(tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in value)
+    if isinstance(value, (torch.Tensor, Mapping)) or not hasattr(value, "__iter__"):
+        raise InvalidOptionError("option 'calibration' must be an iterable of samples (a list of tensors, tuples "
+                                 "of tensors or dicts of keyword arguments; a generator or DataLoader of them), got "
+                                 f"{type(value).__name__}" + ("; one dict is one sample: pass [batch]"
+                                                              if isinstance(value, Mapping) else ""))
+    samples = tuple(as_sample(s, f"option 'calibration': sample {i}") for i, s in enumerate(value))
     if not samples:
         raise InvalidOptionError("option 'calibration' is empty; give at least one sample of the model's inputs")
     for i, sample in enumerate(samples):
-        if not any(isinstance(a, torch.Tensor) for a in sample):
-            raise InvalidOptionError(f"option 'calibration': sample {i} holds no tensor; each sample is a tensor "
-                                     "or a tuple of tensors (the model's positional arguments)")
+        if not any(isinstance(a, torch.Tensor) for a in (*sample.args, *sample.kwargs.values())):
+            raise InvalidOptionError(f"option 'calibration': sample {i} holds no tensor; each sample is a tensor, "
+                                     "a tuple of tensors or a dict of them (the model's arguments)")
     return samples
+
+
+def as_sample(value: Any, where: str) -> Sample:
+    """A tensor, a tuple of positional arguments, a dict of keyword arguments, or (args tuple, kwargs dict)."""
+    if isinstance(value, Mapping):
+        return Sample((), dict(value))
+    if isinstance(value, (tuple, list)):
+        if len(value) == 2 and isinstance(value[0], (tuple, list)) and isinstance(value[1], Mapping):
+            return Sample(tuple(value[0]), dict(value[1]))
+        return Sample(tuple(value))
+    if hasattr(value, "shape"):
+        return Sample((value,))
+    raise InvalidOptionError(f"{where} is a {type(value).__name__}; give a tensor, a tuple of the model's "
+                             "positional arguments, a dict of its keyword arguments, or (args, kwargs)")
 
 
 def _validate_passes(value: Any, known: tuple[str, ...]) -> dict[str, bool]:

@@ -19,6 +19,7 @@ class PassOptions(Protocol):
     """What passes read of the user's options (compiler.options.CompileOptions has these and more)."""
     quantize: str | None
     accuracy_budget: float
+    lossy_fallback: bool
 
     def pass_enabled(self, name: str, default: bool = True) -> bool: ...
 
@@ -56,6 +57,10 @@ class PassContext:
     # (parallel_linear_fusion) rebinds them as views of the concatenation, so each weight is held once
     # (issue 21: the separate copy cost 65% of a 7B decoder's weight bytes). Empty: never rebind (export).
     weight_owners: Sequence[torch.Tensor] = ()
+    # Lossy passes: the graph as it entered the pipeline (the user's model, frozen), whose outputs their error
+    # is measured against; set by the pipeline when a lossy pass runs, dropped when the pipeline ends (it holds
+    # the weights as they were before parallel_linear_fusion rebound them).
+    reference: fx.GraphModule | None = None
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,20 @@ back: the graph runs without it and the user gets one warning naming the pass.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch.fx as fx
 
-from ..compiler.errors import warn_once
+from ..compiler.errors import LossyPassError, warn_once
 from .attention import fuse_attention
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
-from .contract import Pass, PassContext, PassResult, PassValidationError
+from .contract import Pass, PassContext, PassOptions, PassResult, PassValidationError
 from .fusion import fuse_linear_epilogues, fuse_parallel_linears
-from .graph import copy_graph
+from .graph import clone_module, copy_graph
+from .lossy import Lever, apply_levers
 from .meta import output_signature, propagate_fake, signatures_match
-from .quantize import quantize_linears
+from .quantize import QuantizeLever
 
 CLEANUP = (Pass("dead_code_elimination", eliminate_dead_code),
            Pass("common_subexpression_elimination", eliminate_common_subexpressions),
@@ -40,36 +43,56 @@ LOSSLESS = (
     *CLEANUP,
 )
 
-# Lossy levers, opt-in through options. They run after the lossless pipeline: they measure the graph that
-# will run (fused, folded), and quantize finds its linears as the mmaccel::fused_linear ops of step 3.
-LOSSY = (Pass("quantize", quantize_linears, lossy=True),)
+
+@dataclass(frozen=True)
+class LeverEntry:
+    name: str
+    asked_for: Callable[[PassOptions], bool]
+    make: Callable[[PassOptions], Lever]
+
+
+# Lossy levers, opt-in through options; a new lever is one entry. Those the options ask for run as ONE pass
+# (passes/lossy.py: one accuracy_budget, one solver across them, one report), after the lossless pipeline:
+# they measure the graph that will run (fused, folded), and quantize finds its linears as the
+# mmaccel::fused_linear ops of step 3.
+LOSSY = (LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: QuantizeLever(o.quantize)),)
 
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))
 
 
-def pipeline_for(options) -> list[Pass]:
-    """The lossless pipeline, then the lossy levers the options ask for and cleanup after them (they leave the
-    replaced full-precision weights unused)."""
-    lossy = [p for p in LOSSY if _asked_for(p, options)]
-    return [*LOSSLESS, *lossy, *(CLEANUP if lossy else ())]
+def pipeline_for(options: PassOptions) -> list[Pass]:
+    """The lossless pipeline, then the lossy levers the options ask for as one pass, and cleanup after it (the
+    levers leave replaced weights unused)."""
+    levers = [entry for entry in LOSSY if entry.asked_for(options)]
+    if not levers:
+        return list(LOSSLESS)
 
+    def run_levers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return apply_levers(gm, ctx, [entry.make(ctx.options) for entry in levers],
+                            cleanup=[p.run for p in CLEANUP])
 
-def _asked_for(p: Pass, options) -> bool:
-    return {"quantize": options.quantize is not None}[p.name]
+    return [*LOSSLESS, Pass("+".join(entry.name for entry in levers), run_levers, lossy=True), *CLEANUP]
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
+    passes = pipeline_for(ctx.options)
+    if any(p.lossy for p in passes):
+        # the lossless passes change float16 rounding (attention fusion, folded scales: up to 5e-4 relative on
+        # random float16 programs); lossy error is what the user gets against their model, so it is measured
+        # against the graph before any pass
+        ctx.reference = clone_module(gm)
     results = []
-    for p in pipeline_for(ctx.options):
+    for p in passes:
         if p.lossy or ctx.options.pass_enabled(p.name):
             results.append(run_pass(gm, ctx, p))
+    ctx.reference = None  # it holds the weights as they were before fusion: free them with the compile
     return results
 
 
 def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
     """Run one pass with validation and rollback; used by the pipeline and by tests."""
     if isinstance(p, str):
-        p = next(q for q in (*LOSSLESS, *LOSSY) if q.name == p)
+        p = next(q for q in pipeline_for(ctx.options) if q.name == p)
     contract = output_signature(gm)
     saved = copy_graph(gm)
     before = len(gm.graph.nodes)
@@ -84,6 +107,10 @@ def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
     except Exception as e:  # a broken pass must never break (or silently change) the user's model
         gm.graph = saved
         gm.recompile()
+        if p.lossy and not ctx.options.lossy_fallback:  # the user asked for it: no quiet lossless result
+            raise LossyPassError(f"mmaccel: lossy pass '{p.name}' could not run: {type(e).__name__}: {e}. "
+                                 "Fix the cause, or pass lossy_fallback=True to continue without it (with a "
+                                 "warning).") from e
         result = PassResult(error=f"{type(e).__name__}: {e}")
         warn_once(f"mmaccel: pass '{p.name}' failed and was skipped; the graph runs without it. "
                   f"Reason: {result.error}")

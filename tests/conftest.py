@@ -61,6 +61,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
+def pooled_relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """||actual - expected|| / ||expected|| with the norms pooled over samples (as lossy passes measure)."""
+    diff = sum(float((a.double() - e.double()).pow(2).sum()) for a, e in zip(actual, expected))
+    return (diff / sum(float(e.double().pow(2).sum()) for e in expected)) ** 0.5
+
+
 def linear_epilogue_of(y: torch.Tensor, bias: torch.Tensor, activation: str, residual: torch.Tensor) -> torch.Tensor:
     """activation(y + bias) + residual, written out independently of ops.fused_linear (for op tests)."""
     import torch.nn.functional as F

@@ -151,14 +151,16 @@ def test_auto_spends_precision_where_the_model_is_sensitive():
 
 def test_solver_skips_a_non_monotone_step():
     """A precision step that measures worse (int4 g32 after g64) must not hide the better step after it."""
-    from mmaccel.passes.quantize import Layer, _solve
+    from mmaccel.passes.lossy import Site, solve
 
     ladder = ("int4_g64", "int4_g32", "int8", "original")
     table = {"a": ({"int4_g64": 0.056, "int4_g32": 0.058, "int8": 0.0036}, (4736, 5376, 8704, 32768)),
              "b": ({"int4_g64": 0.001, "int4_g32": 0.001, "int8": 5e-5}, (4736, 5376, 8704, 32768))}
-    layers = [Layer(n, n, (64, 64), c[-1], ladder, {**e, "original": 0.0}) for n, (e, c) in table.items()]
+    sites = [Site(n, n, (64, 64), c[-1], ladder, {**e, "original": 0.0}, lever="quantize")
+             for n, (e, c) in table.items()]
     costs = {n: dict(zip(ladder, c)) for n, (_, c) in table.items()}
-    assert _solve(layers, lambda layer, p: costs[layer.node][p], 0.02) == {"a": "int8", "b": "int4_g64"}
+    assert solve(sites, lambda site, p: costs[site.node][p], 0.02) == {("quantize", "a"): "int8",
+                                                                       ("quantize", "b"): "int4_g64"}
 
 
 def test_calibration_samples_are_what_the_error_is_measured_on():

