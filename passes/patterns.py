@@ -106,8 +106,11 @@ def match_matmul(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 def replace_uses(old: fx.Node, new: fx.Node) -> None:
     """Point every user of `old` at `new`, which computes the same value (so it inherits old's meta, letting
-    later matches in the same pass read its shape before the pipeline re-propagates)."""
+    later matches in the same pass read its shape before the pipeline re-propagates, and its source line,
+    which a target's fallback warning names)."""
     new.meta.setdefault("val", old.meta.get("val"))
+    if "stack_trace" in old.meta:
+        new.meta.setdefault("stack_trace", old.meta["stack_trace"])
     old.replace_all_uses_with(new)
 
 
