@@ -86,6 +86,9 @@ class Arch:
     attention: int
     qkv_linears: bool = True
     gqa: bool = False
+    # Why the output is compared with Dynamo's own (torch.compile(backend="eager")) instead of plain eager:
+    # for a model whose output already changes under torch.compile without mmaccel. None: plain eager.
+    dynamo_reference: str | None = None
 
 
 def _tiny(config_cls: Any, model_cls: Any, **config: Any) -> Callable[[], torch.nn.Module]:
@@ -150,7 +153,7 @@ def _llava() -> torch.nn.Module:
     torch.manual_seed(0)
     vision = T.CLIPVisionConfig(**_VIT, projection_dim=32)
     config = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**_VLM_TEXT), image_token_index=IMAGE_TOKEN,
-                           vision_feature_layer=-1, vision_feature_select_strategy="full")
+                           vision_feature_layer=-1, vision_feature_select_strategy="default")
     return inference(T.LlavaForConditionalGeneration(config))
 
 
@@ -210,15 +213,18 @@ ARCHITECTURES = [
     Arch("swin", "vision", _tiny(T.SwinConfig, T.SwinModel, image_size=32, patch_size=4, embed_dim=16,
                                  depths=[1, 1], num_heads=[2, 4], window_size=4), _pixels(), 2),
     Arch("convnext", "vision (convolutional)", _tiny(T.ConvNextConfig, T.ConvNextModel, num_channels=3,
-                                                     hidden_sizes=[16, 32], depths=[1, 1], image_size=32),
+                                                     num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32),
          _pixels(), 0, qkv_linears=False),
     Arch("clip_vision", "vision", _tiny(T.CLIPVisionConfig, T.CLIPVisionModel, **_VIT), _pixels(), LAYERS),
-    Arch("siglip_vision", "vision", _tiny(T.SiglipVisionConfig, T.SiglipVisionModel, **_VIT), _pixels(), LAYERS),
+    Arch("siglip_vision", "vision", _tiny(T.SiglipVisionConfig, T.SiglipVisionModel, **_VIT), _pixels(),
+         LAYERS + 1),  # and the attention-pooling head's
     # speech
     Arch("whisper_encoder", "speech encoder", lambda: whisper_encoder("sdpa"), _whisper_inputs, LAYERS),
     Arch("wav2vec2", "speech encoder", _wav2vec2,
          lambda: (torch.randn(2, 400, generator=torch.Generator().manual_seed(1)),), LAYERS),
     # vision-language
     Arch("llava", "vision-language", _llava, _vlm_inputs, 2 * LAYERS, gqa=True),
-    Arch("paligemma", "vision-language", _paligemma, _vlm_inputs, 2 * LAYERS, gqa=True),
+    Arch("paligemma", "vision-language", _paligemma, _vlm_inputs, 2 * LAYERS, gqa=True,
+         dynamo_reference="transformers 5.24's PaliGemma differs from eager under plain torch.compile(backend="
+                          "'eager') too (max logit error 0.079 of 0.73, 4 graphs): not mmaccel's, not yet traced"),
 ]
