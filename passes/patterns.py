@@ -108,10 +108,12 @@ def match_matmul(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 def replace_uses(old: fx.Node, new: fx.Node) -> None:
     """Point every user of `old` at `new`, which computes the same value (so it inherits old's meta: later
-    matches in the same pass read its shape before the pipeline re-propagates, and reports its layer name)."""
+    matches in the same pass read its shape before the pipeline re-propagates, reports name its layer, and a
+    target's fallback warning names its source line)."""
     new.meta.setdefault("val", old.meta.get("val"))
-    if "nn_module_stack" in old.meta:
-        new.meta.setdefault("nn_module_stack", old.meta["nn_module_stack"])
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in old.meta:
+            new.meta.setdefault(key, old.meta[key])
     old.replace_all_uses_with(new)
 
 

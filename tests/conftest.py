@@ -103,3 +103,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `coverage` (every architecture on every target, tests/test_hf_coverage.py) run only when
+    asked for with `-m coverage`; the default run keeps to the suite's time budget."""
+    if "coverage" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="part of the full coverage set: run it with -m coverage")
+    for item in items:
+        if item.get_closest_marker("coverage") is not None:
+            item.add_marker(skip)

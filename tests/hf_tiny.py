@@ -1,7 +1,11 @@
 """Tiny HF transformers models (random weights, no downloads) shared by the compile and export tests."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
+import transformers as T
 from transformers import (
     BertConfig,
     BertModel,
@@ -139,3 +143,162 @@ def whisper() -> WhisperForConditionalGeneration:
                            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3, init_std=0.5,
                            begin_suppress_tokens=None, suppress_tokens=None, attn_implementation="sdpa")
     return inference(WhisperForConditionalGeneration(config))
+
+
+# ---- the coverage registry: one tiny model per architecture family transformers ships -----------------
+# Each entry builds the model with its default attention implementation (what a new user gets: "sdpa"
+# where the architecture has it) and example inputs; `attention` is how many attention calls the final
+# graph holds as scaled_dot_product_attention, `qkv_linears` whether the layers project q/k/v (or
+# gate/up) with separate linears that parallel_linear_fusion merges.
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    family: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], tuple]
+    attention: int
+    qkv_linears: bool = True
+    gqa: bool = False
+    # Why the output is compared with Dynamo's own (torch.compile(backend="eager")) instead of plain eager:
+    # for a model whose output already changes under torch.compile without mmaccel. None: plain eager.
+    dynamo_reference: str | None = None
+
+
+def _tiny(config_cls: Any, model_cls: Any, **config: Any) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return inference(model_cls(config_cls(**config)))
+    return build
+
+
+def _ids() -> tuple[torch.Tensor]:
+    return (token_batch(2, 9)[0],)
+
+
+def _ids_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    return token_batch(2, 9, padded_from=6)
+
+
+def _pixels(size: int = 32) -> Callable[[], tuple[torch.Tensor]]:
+    return lambda: (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)),)
+
+
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_GQA = dict(_DECODER, num_key_value_heads=2)
+_MHA = dict(_DECODER, num_key_value_heads=4)
+_BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+_VIT = dict(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64, image_size=32,
+            patch_size=8)
+
+
+def _t5() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=LAYERS, num_heads=4,
+                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return inference(T.T5Model(config))
+
+
+def _t5_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, mask = _ids_and_mask()
+    return ids, mask, ids[:, :5]  # input_ids, attention_mask, decoder_input_ids
+
+
+def _whisper_inputs() -> tuple[torch.Tensor]:
+    return (torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(1)),)
+
+
+def _wav2vec2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=64,
+                              conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                              num_conv_pos_embedding_groups=4, vocab_size=VOCAB)
+    return inference(T.Wav2Vec2Model(config))
+
+
+_VLM_TEXT = dict(_GQA, vocab_size=VOCAB + 1)
+IMAGE_TOKEN = VOCAB  # the last id of the text vocabulary
+IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches
+
+
+def _llava() -> torch.nn.Module:
+    torch.manual_seed(0)
+    vision = T.CLIPVisionConfig(**_VIT, projection_dim=32)
+    config = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**_VLM_TEXT), image_token_index=IMAGE_TOKEN,
+                           vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return inference(T.LlavaForConditionalGeneration(config))
+
+
+def _paligemma() -> torch.nn.Module:
+    torch.manual_seed(0)
+    vision = T.SiglipVisionConfig(**_VIT)
+    text = T.GemmaConfig(**dict(_VLM_TEXT, head_dim=8))
+    config = T.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                               projection_dim=32, hidden_size=32)
+    return inference(T.PaliGemmaForConditionalGeneration(config))
+
+
+def _vlm_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Image tokens first, then 5 text tokens; the image's pixels."""
+    ids = torch.cat([torch.full((2, IMAGE_TOKENS), IMAGE_TOKEN), token_batch(2, 5)[0]], dim=1)
+    return ids, _pixels()()[0]
+
+
+ARCHITECTURES = [
+    # text decoders, one attention per layer
+    Arch("gpt2", "decoder", _tiny(T.GPT2Config, T.GPT2Model, vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4,
+                                  n_positions=64), _ids, LAYERS, qkv_linears=False),
+    Arch("opt", "decoder", _tiny(T.OPTConfig, T.OPTModel, vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
+                                 num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=64,
+                                 word_embed_proj_dim=32, pad_token_id=0), _ids, LAYERS),
+    Arch("llama", "decoder", _tiny(T.LlamaConfig, T.LlamaModel, **_MHA), _ids, LAYERS),
+    Arch("phi", "decoder", _tiny(T.PhiConfig, T.PhiModel, **_MHA), _ids, LAYERS),
+    Arch("gemma", "decoder", _tiny(T.GemmaConfig, T.GemmaModel, **_MHA, head_dim=8), _ids, LAYERS),
+    Arch("gpt_neox", "decoder", _tiny(T.GPTNeoXConfig, T.GPTNeoXModel, **{k: v for k, v in _DECODER.items()}),
+         _ids, LAYERS, qkv_linears=False),
+    Arch("falcon", "decoder (multi-query)", _tiny(T.FalconConfig, T.FalconModel, vocab_size=VOCAB, hidden_size=32,
+                                                  num_hidden_layers=LAYERS, num_attention_heads=4, multi_query=True),
+         _ids, LAYERS, qkv_linears=False, gqa=True),
+    # text decoders with grouped-query attention
+    Arch("llama_gqa", "decoder (grouped-query)", _tiny(T.LlamaConfig, T.LlamaModel, **_GQA), _ids, LAYERS, gqa=True),
+    Arch("mistral", "decoder (grouped-query)", _tiny(T.MistralConfig, T.MistralModel, **_GQA), _ids, LAYERS, gqa=True),
+    Arch("qwen2", "decoder (grouped-query)", _tiny(T.Qwen2Config, T.Qwen2Model, **_GQA), _ids, LAYERS, gqa=True),
+    Arch("qwen3", "decoder (grouped-query)", _tiny(T.Qwen3Config, T.Qwen3Model, **_GQA, head_dim=8), _ids, LAYERS,
+         gqa=True),
+    Arch("phi3", "decoder (grouped-query)", _tiny(T.Phi3Config, T.Phi3Model, **_GQA), _ids, LAYERS, qkv_linears=False,
+         gqa=True),
+    Arch("gemma_gqa", "decoder (grouped-query)", _tiny(T.GemmaConfig, T.GemmaModel, **_GQA, head_dim=8), _ids,
+         LAYERS, gqa=True),
+    # text encoders
+    Arch("bert", "encoder", _tiny(T.BertConfig, T.BertModel, **_BERT), _ids_and_mask, LAYERS),
+    Arch("roberta", "encoder", _tiny(T.RobertaConfig, T.RobertaModel, **dict(_BERT, pad_token_id=1)), _ids_and_mask,
+         LAYERS),
+    Arch("distilbert", "encoder", _tiny(T.DistilBertConfig, T.DistilBertModel, vocab_size=VOCAB, dim=32,
+                                        n_layers=LAYERS, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                                        pad_token_id=0), _ids_and_mask, LAYERS),
+    Arch("electra", "encoder", _tiny(T.ElectraConfig, T.ElectraModel, **dict(_BERT, embedding_size=32)),
+         _ids_and_mask, LAYERS),
+    Arch("t5", "encoder-decoder", _t5, _t5_inputs, 3 * LAYERS),
+    # vision
+    Arch("vit", "vision", _tiny(T.ViTConfig, T.ViTModel, **_VIT), _pixels(), LAYERS),
+    Arch("dinov2", "vision", _tiny(T.Dinov2Config, T.Dinov2Model, **_VIT), _pixels(), LAYERS),
+    Arch("swin", "vision", _tiny(T.SwinConfig, T.SwinModel, image_size=32, patch_size=4, embed_dim=16,
+                                 depths=[1, 1], num_heads=[2, 4], window_size=4), _pixels(), 2),
+    Arch("convnext", "vision (convolutional)", _tiny(T.ConvNextConfig, T.ConvNextModel, num_channels=3,
+                                                     num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32),
+         _pixels(), 0, qkv_linears=False),
+    Arch("clip_vision", "vision", _tiny(T.CLIPVisionConfig, T.CLIPVisionModel, **_VIT), _pixels(), LAYERS),
+    Arch("siglip_vision", "vision", _tiny(T.SiglipVisionConfig, T.SiglipVisionModel, **_VIT), _pixels(),
+         LAYERS + 1),  # and the attention-pooling head's
+    # speech
+    Arch("whisper_encoder", "speech encoder", lambda: whisper_encoder("sdpa"), _whisper_inputs, LAYERS),
+    Arch("wav2vec2", "speech encoder", _wav2vec2,
+         lambda: (torch.randn(2, 400, generator=torch.Generator().manual_seed(1)),), LAYERS),
+    # vision-language
+    Arch("llava", "vision-language", _llava, _vlm_inputs, 2 * LAYERS, gqa=True),
+    Arch("paligemma", "vision-language", _paligemma, _vlm_inputs, 2 * LAYERS, gqa=True,
+         dynamo_reference="transformers 5.24's PaliGemma differs from eager under plain torch.compile(backend="
+                          "'eager') too (max logit error 0.079 of 0.73, 4 graphs): not mmaccel's, not yet traced"),
+]

@@ -105,3 +105,40 @@ def test_supports_rejects():
     assert not supports(q.half(), k, v)
     assert not supports(q, *qkv(Hkv=2)[1:])  # fewer kv heads without enable_gqa
     assert not supports(q, k, v, torch.ones(2, 4, 3, 5, dtype=torch.bool, device=DEVICE))  # not broadcastable
+
+
+def test_grouped_query_sdpa_reaches_the_kernel_with_shared_kv_heads(monkeypatch):
+    """The aten SDPA node attention_fusion emits for grouped-query attention (enable_gqa=True), on the Triton
+    target: the decode kernel gets K/V with their own 2 heads (no repeat in memory) and matches eager."""
+    from mmaccel.backends.triton import attention, decode_attention as module
+
+    seen = []
+    kernel = module.decode_attention
+    monkeypatch.setattr(module, "decode_attention", lambda q, k, v, *a, **kw: seen.append(k.shape) or kernel(q, k, v, *a, **kw))
+    q, k, v = qkv(Hkv=2, Lq=3)
+    mask = torch.rand(2, 1, 3, 17, device=DEVICE) > 0.3
+    out = attention.sdpa(q, k, v, mask, scale=0.2, enable_gqa=True)
+    assert seen == [k.shape]
+    assert_matches_eager(out, F.scaled_dot_product_attention(q, k, v, mask, scale=0.2, enable_gqa=True))
+
+
+def test_grouped_query_prefill_without_a_fused_aten_kernel_repeats_kv(monkeypatch):
+    """Prefill (too many query rows for the decode kernel) with a mask, where ATen has no fused kernel for
+    grouped K/V heads (CUDA: _no_fused_gqa_kernel): ATen gets K/V repeated per query head, same result."""
+    from types import SimpleNamespace
+
+    from mmaccel.backends.triton import attention
+
+    heads = []
+
+    def aten_sdpa(q, k, v, *args, **kwargs):
+        heads.append((k.shape[1], kwargs["enable_gqa"]))
+        return torch.ops.aten.scaled_dot_product_attention.default(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_no_fused_gqa_kernel", lambda q, mask: True)
+    monkeypatch.setattr(attention, "aten", SimpleNamespace(scaled_dot_product_attention=SimpleNamespace(default=aten_sdpa)))
+    q, k, v = qkv(Hkv=2, Lq=20, Lk=20)
+    mask = torch.rand(2, 1, 20, 20, device=DEVICE) > 0.3
+    out = attention.sdpa(q, k, v, mask, enable_gqa=True)
+    assert heads == [(4, False)]
+    assert_matches_eager(out, F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True))

@@ -73,6 +73,18 @@ def test_rotary_embedding_with_cat_and_slices_across_views():
     _check(rotary, torch.randn(2, 9, 4, 16, device=DEVICE))
 
 
+def test_adaptive_pooling_as_strided_reshape_runs_on_triton():
+    """Swin's pooler: AdaptiveAvgPool1d over a transposed sequence lowers to mean + an as_strided that only
+    adds unit dims to the contiguous mean; the target runs it as a reshape instead of refusing the graph."""
+    pool = torch.nn.AdaptiveAvgPool1d(1)
+
+    def pooler(x):  # x: [B, S, C] -> [B, C]
+        return torch.flatten(pool(x.transpose(1, 2)), 1) * 2
+
+    _, report = _check(pooler, torch.randn(2, 9, 32, device=DEVICE))
+    assert report.graphs[0].count(torch.ops.aten.as_strided) == 1  # in the graph the target was given
+
+
 def test_masks_casts_and_integer_inputs():
     def fn(x, positions):
         mask = positions[None, :] <= positions[:, None]

@@ -7,6 +7,8 @@ SymInts are recomputed inside the graph from the tensor shapes they came from.
 """
 from __future__ import annotations
 
+import ast
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -43,21 +45,47 @@ def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     """aten SDPA with PyTorch's semantics, in standard ONNX. Unlike torch.onnx's own translation, a query
     row whose keys are all masked gives 0, as every PyTorch SDPA kernel does, not NaN (left-padded
     batches have such rows, and a NaN there reaches every later token through the KV cache). Rows with
-    at least one key keep plain softmax semantics, so NaN/Inf in q, k or v propagate as in eager."""
+    at least one key keep plain softmax semantics, so NaN/Inf in q, k or v propagate as in eager.
+    is_causal is PyTorch's top-left causal mask; enable_gqa (fewer K/V heads than query heads) repeats
+    each K/V head for its group of query heads, as PyTorch does."""
+    if dropout_p != 0.0:
+        raise ValueError("sdpa_onnx: dropout has no translation (inference graphs have none)")
+    return _attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)[0]
+
+
+def flash_attention_for_cpu_onnx(query, key, value, dropout_p: float = 0.0, is_causal: bool = False,
+                                 attn_mask=None, scale: float | None = None):
+    """aten._scaled_dot_product_flash_attention_for_cpu (what tracing F.scaled_dot_product_attention gives on
+    CPU when attention_fusion is off or rolled back): (output, logsumexp). Its K/V may have fewer heads than
+    Q (HF's grouped-query attention with enable_gqa=True); torch.onnx's own translation assumes equal heads."""
+    from onnxscript import opset18 as op
+
+    if dropout_p != 0.0:
+        raise ValueError("flash_attention_for_cpu_onnx: dropout has no translation (inference graphs have none)")
+    out, scores = _attention(query, key, value, attn_mask, is_causal, scale, enable_gqa=True)
+    return out, op.ReduceLogSumExp(scores, op.Constant(value_ints=[-1]), keepdims=0)
+
+
+def _attention(query, key, value, attn_mask, is_causal: bool, scale: float | None, enable_gqa: bool):
+    """(output, masked scaled scores) of SDPA; shared by the aten SDPA and CPU flash translations."""
     from onnxscript import ir
     from onnxscript import opset18 as op
 
-    if dropout_p != 0.0 or enable_gqa:
-        raise ValueError("sdpa_onnx: dropout and enable_gqa have no translation (inference graphs have neither)")
+    if is_causal and attn_mask is not None:
+        raise ValueError("sdpa_onnx: is_causal with an explicit attn_mask (PyTorch rejects it too)")
+    key_perm = _swap_last_two(len(key.shape))  # before the repeat: a new value has no shape yet
+    if enable_gqa:
+        key, value = _repeat_kv_heads(key, query), _repeat_kv_heads(value, query)
     if scale is None:
         scale = float(query.shape[-1]) ** -0.5
-    scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=_swap_last_two(len(key.shape)))),
+    scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=key_perm)),
                     op.CastLike(scale, query))
+    bool_mask = is_causal or (attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL)
     if is_causal:
-        raise ValueError("sdpa_onnx: is_causal is not translated; mmaccel's passes emit explicit masks")
+        attn_mask = _causal_mask(query, key)
     last = op.Constant(value_ints=[-1])
     if attn_mask is not None:
-        if attn_mask.dtype == ir.DataType.BOOL:
+        if bool_mask:
             scores = op.Where(attn_mask, scores, op.CastLike(float("-inf"), scores))
             allowed = op.ReduceMax(op.Cast(attn_mask, to=ir.DataType.INT32), last, keepdims=1)
             any_key = op.Greater(allowed, op.CastLike(0, allowed))
@@ -67,14 +95,43 @@ def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     probs = op.Softmax(scores, axis=-1)
     if attn_mask is not None:  # only rows with no key at all: a NaN from the inputs still propagates
         probs = op.Where(any_key, probs, op.CastLike(0.0, probs))
-    return op.MatMul(probs, value)
+    return op.MatMul(probs, value), scores
+
+
+def _repeat_kv_heads(kv, query):
+    """[B, Hkv, S, D] -> [B, H, S, D], K/V head j serving query heads j*g .. j*g+g-1 (g = H / Hkv), as
+    PyTorch's enable_gqa (repeat_interleave over heads). Head counts are static in every HF model."""
+    from onnxscript import opset18 as op
+
+    heads, kv_heads = query.shape[1], kv.shape[1]
+    if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads == 0):
+        raise ValueError(f"sdpa_onnx: enable_gqa needs static head counts, H a multiple of Hkv ({heads}, {kv_heads})")
+    if heads == kv_heads:
+        return kv
+    b, s_d = op.Shape(kv, start=0, end=1), op.Shape(kv, start=2, end=4)
+    group = op.Constant(value_ints=[heads // kv_heads])
+    expanded = op.Expand(op.Unsqueeze(kv, op.Constant(value_ints=[2])),
+                         op.Concat(op.Shape(kv, start=0, end=2), group, s_d, axis=0))  # [B, Hkv, g, S, D]
+    return op.Reshape(expanded, op.Concat(b, op.Constant(value_ints=[heads]), s_d, axis=0))
+
+
+def _causal_mask(query, key):
+    """[Lq, Lk] bool, True where key j <= query i: torch's is_causal (top-left aligned, tril(ones))."""
+    from onnxscript import opset18 as op
+
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    rows = op.Range(zero, op.Squeeze(op.Shape(query, start=-2, end=-1)), one)
+    cols = op.Range(zero, op.Squeeze(op.Shape(key, start=-2, end=-1)), one)
+    return op.LessOrEqual(op.Unsqueeze(cols, op.Constant(value_ints=[0])),
+                          op.Unsqueeze(rows, op.Constant(value_ints=[1])))
 
 
 def _swap_last_two(rank: int) -> list[int]:
     return [*range(rank - 2), rank - 1, rank - 2]
 
 
-ATEN_TRANSLATIONS = {aten.scaled_dot_product_attention.default: sdpa_onnx}
+ATEN_TRANSLATIONS = {aten.scaled_dot_product_attention.default: sdpa_onnx,
+                     aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention_for_cpu_onnx}
 
 
 def to_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
@@ -141,6 +198,65 @@ def _functionalize(gm: fx.GraphModule) -> tuple[list[int], list[int]]:
     return kept, mutated
 
 
+def _root_cause(e: BaseException) -> str:
+    """torch.onnx wraps the translation's own error in two layers of generic advice: report the innermost."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def conversion_failure_site(gm: fx.GraphModule, e: BaseException) -> str:
+    """' at <op> (node <name>), from <file>, line <n>: <code>' for the graph node torch.onnx could not
+    translate, else ''. torch.export keeps the node names of the graph it re-traces."""
+    messages = []
+    while e is not None:
+        messages.append(str(e))
+        e = e.__cause__
+    found = re.search(r"Error when translating node %(\w+)", "\n".join(messages))
+    return _describe(gm, found.group(1)) if found else ""
+
+
+def session_failure_site(gm: fx.GraphModule, program: Any, e: BaseException) -> str:
+    """The same for an ONNX node ONNX Runtime rejects: torch.onnx records on each ONNX node the name scopes
+    of the exported-program node it came from (the last scope is its name), and torch.export records on
+    that node the graph node it re-traced (`from_node`, outermost first; the innermost is ours)."""
+    found = re.search(r"Node \((\S+)\)", str(e))
+    proto = program.model_proto
+    onnx_node = next((n for n in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]
+                      if found and n.name == found.group(1)), None)
+    if onnx_node is None:
+        return ""
+    scopes = ast.literal_eval({p.key: p.value for p in onnx_node.metadata_props}.get("pkg.torch.onnx.name_scopes", "[]"))
+    exported = next((n for n in program.exported_program.graph.nodes if scopes and n.name == scopes[-1]), None)
+    if exported is None:
+        return ""
+    sources = exported.meta.get("from_node") or []
+    while sources and sources[-1].from_node:
+        sources = sources[-1].from_node
+    return _describe(gm, sources[-1].name if sources else exported.name)
+
+
+def _describe(gm: fx.GraphModule, name: str) -> str:
+    node = next((n for n in gm.graph.nodes if n.name == name), None)
+    if node is None:
+        return f" at node {name}"
+    return f" at {node.target} (node {name}){source_line(node)}"
+
+
+def source_line(node: fx.Node) -> str:
+    """', from <file>, line <n>: <code>', the user's source line Dynamo recorded for the node (the last frame
+    of its stack trace), or ''."""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line, code = frames[-1]
+    return f", from {path}, line {line}: {code.strip()}"
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[[list[Any]], Any]:
     """Raises Unsupported when the graph cannot run on ONNX Runtime."""
     import onnxruntime as ort
@@ -158,14 +274,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
         with outside_dynamo_compile():
             program = to_onnx(gm, [example_inputs[i] for i in kept])
     except Exception as e:
-        raise Unsupported(f"ONNX conversion failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
+        raise Unsupported(f"ONNX conversion failed{conversion_failure_site(gm, e)}: {_root_cause(e)}") from e
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
     except Exception as e:  # e.g. ORT's CPU provider has no fp16 MatMul
-        raise Unsupported(f"ONNX Runtime cannot run the converted graph: {str(e).strip().splitlines()[0]}") from e
+        raise Unsupported(f"ONNX Runtime cannot run the converted graph{session_failure_site(gm, program, e)}: "
+                          f"{_first_line(e)}") from e
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
 

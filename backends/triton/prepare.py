@@ -5,6 +5,7 @@ Each rewrite keeps meta["val"] exact (computed with the graph's fake mode), sinc
 shapes and dtypes from it."""
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -170,10 +171,37 @@ def expand_composites(gm: fx.GraphModule) -> int:
 
 def views_as_reshapes(gm: fx.GraphModule) -> None:
     """Generated kernels write contiguous buffers where eager may have kept an input's layout, so a `view`
-    that was valid on eager's strides may not be on ours: reshape gives the same values either way."""
+    that was valid on eager's strides may not be on ours: reshape gives the same values either way. An
+    as_strided that only reshapes a contiguous tensor (adaptive pooling's unsqueeze, e.g. Swin's pooler)
+    is a reshape too."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
+        elif node.op == "call_function" and node.target is aten.as_strided.default and _reshapes_contiguous(node):
+            node.target, node.args, node.kwargs = aten.reshape.default, node.args[:2], {}
+
+
+def _reshapes_contiguous(node: fx.Node) -> bool:
+    """as_strided(x, size, stride) reads a contiguous x in order: no offset, same numel, and stride the
+    contiguous strides of `size` wherever a dim has more than one element."""
+    x, size, stride = node.args[:3]
+    offset = node.args[3] if len(node.args) > 3 else node.kwargs.get("storage_offset")
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or offset not in (None, 0) or not val.is_contiguous():
+        return False
+    if not all(isinstance(v, int) for v in (*size, *stride, val.numel())):  # static sizes only
+        return False
+    if val.storage_offset() != 0 or val.numel() != math.prod(size):
+        return False
+    return all(s == e for d, s, e in zip(size, stride, _contiguous_strides(size)) if d != 1)
+
+
+def _contiguous_strides(size) -> list[int]:
+    strides, running = [], 1
+    for d in reversed(size):
+        strides.append(running)
+        running *= d
+    return strides[::-1]
 
 
 def stride_dependent_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -1,0 +1,151 @@
+"""The onnxruntime target: attention as HF decoders call it (causal flag, grouped-query K/V heads, the CPU
+flash kernel a traced F.scaled_dot_product_attention leaves when attention_fusion is off), and a fallback
+warning that names the op and the user's source line it came from."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+import mmaccel  # noqa: E402
+from mmaccel.compiler import errors  # noqa: E402
+
+from conftest import assert_matches_eager, compile_and_check  # noqa: E402
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def _every_warning_visible():
+    errors._warned.clear()
+    yield
+
+
+class Attention(nn.Module):
+    """F.scaled_dot_product_attention over projected q/k/v with `kv_heads` K/V heads (grouped-query when
+    fewer than the 4 query heads), as HF's sdpa attention calls it."""
+
+    def __init__(self, kv_heads: int, is_causal: bool, masked: bool):
+        super().__init__()
+        self.kv_heads, self.is_causal, self.masked = kv_heads, is_causal, masked
+        self.q, self.kv = nn.Linear(32, 32), nn.Linear(32, 2 * 8 * kv_heads)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q = self.q(x).view(B, S, 4, 8).transpose(1, 2)
+        k, v = self.kv(x).view(B, S, 2, self.kv_heads, 8).permute(2, 0, 3, 1, 4)
+        mask = None
+        if self.masked:  # the last key of every row masked: a padding mask, broadcast over heads
+            mask = torch.ones(S, S, dtype=torch.bool, device=x.device)
+            mask[:, -1] = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.is_causal,
+                                             enable_gqa=self.kv_heads != 4)
+        return out.transpose(1, 2).reshape(B, S, 32)
+
+
+ATTENTION_CASES = [(4, True, False), (2, True, False), (1, False, False), (2, False, True)]
+
+
+def attention_cases():
+    for kv_heads, is_causal, masked in ATTENTION_CASES:
+        for fusion in (True, False):
+            yield pytest.param(kv_heads, is_causal, masked, fusion,
+                               id=f"kv{kv_heads}-{'causal' if is_causal else 'mask' if masked else 'full'}-"
+                                  f"{'canonical_sdpa' if fusion else 'cpu_flash_kernel'}")
+
+
+@pytest.mark.parametrize(("kv_heads", "is_causal", "masked", "fusion"), attention_cases())
+def test_attention_runs_on_onnxruntime(kv_heads, is_causal, masked, fusion):
+    """Causal and grouped-/multi-query attention run in the ONNX Runtime session and match eager: through
+    the aten SDPA translation (attention_fusion on) and through the CPU flash kernel's (off)."""
+    torch.manual_seed(0)
+    model = Attention(kv_heads, is_causal, masked).eval()
+    _, report = compile_and_check(model, torch.randn(2, 7, 32), target="onnxruntime",
+                                  passes={"attention_fusion": fusion})
+    g = report.graphs[0]
+    assert g.target == "onnxruntime", g.target_reason
+    sdpa = aten.scaled_dot_product_attention if fusion else aten._scaled_dot_product_flash_attention_for_cpu
+    assert g.count(sdpa) == 1
+
+
+@pytest.mark.parametrize(("kv_heads", "is_causal", "masked"), ATTENTION_CASES)
+def test_sdpa_translation_with_enable_gqa(kv_heads, is_causal, masked):
+    """The aten SDPA node attention_fusion emits for grouped-query attention (enable_gqa=True, K/V with
+    fewer heads), translated on its own: a graph holding just that node."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from mmaccel.backends import onnxruntime as target
+
+    def attention(q, k, v, mask):
+        return (aten.scaled_dot_product_attention.default(q, k, v, mask if masked else None, 0.0, is_causal,
+                                                          scale=0.3, enable_gqa=True),)
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=generator)
+    k, v = (torch.randn(2, kv_heads, 7 if not is_causal else 5, 8, generator=generator) for _ in range(2))
+    mask = torch.rand(2, 1, 5, k.shape[2], generator=generator) > 0.3
+    gm = torch.fx.symbolic_trace(attention)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(q, k, v, mask)
+    run = target.compile_graph(gm, [q, k, v, mask])
+    expected = F.scaled_dot_product_attention(q, k, v, mask if masked else None, is_causal=is_causal, scale=0.3,
+                                              enable_gqa=True)
+    assert_matches_eager(run([q, k, v, mask])[0], expected)
+
+
+def fallback_message(record) -> str:
+    return next(str(w.message) for w in record if issubclass(w.category, mmaccel.MmaccelFallbackWarning))
+
+
+class Cummax(nn.Module):
+    def forward(self, x):
+        running = torch.cummax(x, dim=1).values  # no ONNX translation
+        return running + 1
+
+
+def test_untranslatable_op_warning_names_op_and_source_line():
+    """The fallback warning says which op could not be converted and where the model wrote it."""
+    line = next(i for i, text in enumerate(open(__file__), 1) if "torch.cummax(x, dim=1)" in text)
+    x = torch.randn(2, 5)
+    with torch.no_grad(), pytest.warns(mmaccel.MmaccelFallbackWarning) as record:
+        compiled = mmaccel.compile(Cummax(), target="onnxruntime")
+        assert_matches_eager(compiled(x), Cummax()(x))
+    message = fallback_message(record)
+    assert "aten.cummax.default" in message and f"test_onnxruntime_target.py, line {line}" in message, message
+    assert "No ONNX function found" in message  # the translation's own reason, not torch.onnx's advice
+    assert compiled.mmaccel_report.graphs[0].target == "eager"
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        hidden = F.gelu(self.fc1(x))
+        return self.fc2(hidden)
+
+
+def test_session_failure_warning_names_the_graph_node(monkeypatch):
+    """ONNX Runtime names the ONNX node it rejects; the warning maps it back to the graph node and its source."""
+    import onnx
+    import onnxruntime as ort
+
+    def refuse(model_bytes, *args, **kwargs):
+        proto = onnx.load_from_string(model_bytes)
+        erf = next(n for n in proto.graph.node if n.op_type == "Erf")  # gelu's, inside fused_linear's translation
+        raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : Node ({erf.name}) Op (Erf) [ShapeInferenceError] test")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    x = torch.randn(2, 8)
+    with torch.no_grad(), pytest.warns(mmaccel.MmaccelFallbackWarning) as record:
+        model = MLP().eval()
+        assert_matches_eager(mmaccel.compile(model, target="onnxruntime")(x), model(x))
+    message = fallback_message(record)
+    assert re.search(r"at mmaccel\.fused_linear\.default \(node fused_linear_default\), from "
+                     r".*test_onnxruntime_target\.py, line \d+: hidden = F\.gelu\(self\.fc1\(x\)\)", message), message
