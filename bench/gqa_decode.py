@@ -47,10 +47,10 @@ def case(kind: str, args, device: str, dtype: torch.dtype) -> list[dict]:
     steps = 1 + args.warmup + args.iters
 
     rows, reference = [], None
-    variants = {"eager": model.forward, "inductor": torch.compile(model.forward),
+    variants = {"eager": model.forward, "inductor": torch.compile(model.forward),  # compiled lazily, when called
                 "mmaccel": torch.compile(model.forward, backend="mmaccel")}
     for name, forward in variants.items():
-        if args.tiny and name == "inductor":
+        if name not in args.variants:
             continue
         # A fresh static cache per variant, filled with the prompt; each timed step appends one position, as
         # generate() does (HF computes the position from the cache, whatever its version).
@@ -82,12 +82,14 @@ def main() -> None:
     p.add_argument("--kv", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--variants", nargs="+", default=["eager", "inductor", "mmaccel"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.tiny:
         args.kv, args.warmup, args.iters = 24, 1, 3
+        args.variants = [v for v in args.variants if v != "inductor"]  # minutes of C++ compiles on a CPU
     rows = [r for kind in SHAPES for r in case(kind, args, device, dtype)]
     out = args.out or default_out("gqa_decode_tiny.json" if args.tiny else "gqa_decode.json")
     write_json(out, {"environment": environment(device, layers=args.layers, kv=args.kv), "rows": rows})
