@@ -194,6 +194,10 @@ def refit_down(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     w = weight.detach().double().cpu()
     score = gram.diagonal()[:width].clamp_min(0).sqrt() * w.norm(dim=0)
     kept = score.topk(keep).indices.sort().values
+    if gram[-1, -1] < width:
+        # fewer calibration tokens than channels: a refit would fit those tokens exactly and the error measured
+        # on them would promise what other inputs do not get; the kept columns stay as they are
+        return kept, weight.index_select(1, kept.to(weight.device)), bias
     full = torch.cat([w.T, (bias.detach().double().cpu() if bias is not None else w.new_zeros(w.shape[0]))[None]])
     columns = torch.cat([kept, torch.tensor([width])]) if bias is not None else kept
     lhs = gram[columns][:, columns]
