@@ -13,13 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmaccel
-from mmaccel.passes.prune import KEEP, RIDGE
+from mmaccel.passes.prune import KEEP, RIDGE, find_mlps
 
 import hf_tiny
 from conftest import assert_matches_eager, relative_error
 
 torch.manual_seed(0)
-SAMPLES = [torch.randn(2, 16, 32) for _ in range(4)]  # 128 calibration tokens for 64 channels
+SAMPLES = [torch.randn(2, 128, 32) for _ in range(4)]  # 1024 calibration tokens: 16 per channel, the refit runs
 
 
 class SwiGLU(nn.Module):
@@ -51,11 +51,11 @@ def _model(cls: type) -> nn.Module:
     return cls().eval().requires_grad_(False)
 
 
-def _hand_pruned(model: nn.Module, keep: int) -> Callable:
+def _hand_pruned(model: nn.Module, keep: int, samples: list[torch.Tensor] = SAMPLES, refit: bool = True) -> Callable:
     """The smaller MLP, built by hand: the top `keep` channels by ||h_j|| * ||W_down[:, j]|| on the calibration
     samples, the down projection refit by ridge least squares (torch.linalg.lstsq on the stacked system, not
-    the pass's normal equations)."""
-    h = torch.cat([model.hidden(s).reshape(-1, 64) for s in SAMPLES]).double()
+    the pass's normal equations), or its kept columns as they are."""
+    h = torch.cat([model.hidden(s).reshape(-1, 64) for s in samples]).double()
     w = model.down.weight.double()
     kept = (h.norm(dim=0) * w.norm(dim=0)).topk(keep).indices.sort().values
     target = h @ w.T
@@ -67,6 +67,8 @@ def _hand_pruned(model: nn.Module, keep: int) -> Callable:
     stacked = torch.cat([hk, ridge ** 0.5 * torch.eye(hk.shape[1], dtype=hk.dtype)])
     solution = torch.linalg.lstsq(stacked, torch.cat([target, target.new_zeros(hk.shape[1], 32)])).solution
     small_w, small_b = solution[:keep].T.float(), (solution[keep].float() if model.down.bias is not None else None)
+    if not refit:
+        small_w, small_b = model.down.weight[:, kept], model.down.bias
     rows = kept
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -97,17 +99,32 @@ def test_pruned_graph_is_the_smaller_mlp_built_by_hand(cls, target):
     assert row["bytes"] < row["original_bytes"]
     hand = _hand_pruned(model, keep)
     with torch.no_grad():
-        for x in (*SAMPLES, torch.randn(2, 16, 32)):  # a held-out input too
+        for x in (*SAMPLES, torch.randn(2, 128, 32)):  # a held-out input too
             torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
     linears = [n for n in compiled.mmaccel_report.graphs[-1].final_graph.graph.nodes
                if n.op == "call_function" and "fused_linear" in str(n.target)]
     ups = 2 * keep if cls is SwiGLU else keep  # gate and up: one matmul of both (parallel_linear_fusion)
     assert sorted(tuple(n.args[1].meta["val"].shape) for n in linears) == sorted([(ups, 32), (32, keep)])
+    assert find_mlps(compiled.mmaccel_report.graphs[-1].final_graph) == ([], [])  # idempotent: pruned once
+
+
+def test_too_few_calibration_tokens_keep_the_columns_unrefit_with_one_warning():
+    """32 tokens for 64 channels: a refit would fit the very tokens the error is measured on."""
+    model, samples = _model(GeluMlp), [torch.randn(2, 16, 32)]
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", accuracy_budget=0.9,
+                                   calibration=samples)
+        actual = compiled(samples[0])
+    (row,) = compiled.mmaccel_report.graphs[-1].pass_result("prune").details["layers"]
+    hand = _hand_pruned(model, round(64 * KEEP[row["precision"]]), samples, refit=False)
+    torch.testing.assert_close(actual, hand(samples[0]), rtol=1e-5, atol=1e-5)
+    assert sum("32 calibration tokens" in str(w.message) for w in caught) == 1
 
 
 def test_fires_on_tiny_llama_within_budget_and_leaves_the_module_alone():
     model = hf_tiny.llama("eager")
-    samples = [hf_tiny.token_batch(2, 16, seed=s)[0] for s in range(4)]
+    samples = [hf_tiny.token_batch(2, 16, seed=s)[0] for s in range(32)]  # 1024 tokens: the refit runs
     state = {k: v.clone() for k, v in model.state_dict().items()}
     params = {k: (p, p.data_ptr()) for k, p in model.named_parameters()}
     with torch.no_grad():
@@ -117,7 +134,7 @@ def test_fires_on_tiny_llama_within_budget_and_leaves_the_module_alone():
         expected = [model(s).logits for s in samples]
     graph = compiled.mmaccel_report.graphs[-1]
     result = graph.pass_result("prune")
-    assert result.matched == 2 and "constants 0.10 -> 0.06 MiB" in result.changes[0]
+    assert result.matched == 2 and "keep_25 x2" in result.changes[0] and "constants 0.10 -> 0.06 MiB" in result.changes[0]
     assert {row["layer"].split(".", 1)[1] for row in result.details["layers"]} == {"model.layers.0.mlp",
                                                                                    "model.layers.1.mlp"}
     diff = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
