@@ -12,12 +12,14 @@ follow is left whole; where it reached an activation (it looked like an MLP) the
 
 Which channels: each MLP's h is collected on the calibration samples (its Gram matrix H^T H, float64), and
 channel j scored ||h_j|| * ||W_down[:, j]|| (what dropping it removes from the down projection's input to
-output, activation-aware: weight magnitude alone keeps channels that never fire). The top channels are kept;
+output, activation-aware: weight magnitude alone keeps channels that never fire; tiny Llama, keep 50%, no refit:
+relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). The top channels are kept;
 then W_down (and its bias) is refit by least squares so that the down projection's output over the kept
 channels best matches the original output on the calibration tokens (ridge normal equations), which is what
 lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL calibration tokens per channel
 (with fewer it fits the tokens the error is measured on, and promises more than other inputs get): below
-that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or all of them.
+that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or
+all of them.
 
 The weights physically shrink: new constants (rows of the up weights, refit columns of the down weight); the
 frozen constants, which may be the user's parameters or views of fused buffers, are never written.
@@ -93,7 +95,8 @@ def _piece(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
 def _keeps_channels(view: fx.Node, width: int) -> bool:
     """A view that regroups the token dims only: the last dim, `width` before and after, written as such."""
     sizes = view.args[1]
-    return shape(view.args[0])[-1] == width and shape(view)[-1] == width and sizes[-1] in (width, -1)
+    return (same_shape(shape(view.args[0])[-1:], (width,)) and same_shape(shape(view)[-1:], (width,))
+            and sizes[-1] in (width, -1))
 
 
 def _trace(down: fx.Node) -> _Mlp | str | None:
@@ -113,7 +116,7 @@ def _trace(down: fx.Node) -> _Mlp | str | None:
         if is_op(node, FUSED_LINEAR) or piece:
             up, split, index = piece or (node, None, 0)
             size = _split_sizes(split)[index] if split is not None else shape(node)[-1]
-            if size != width:
+            if not same_shape((size,), (width,)):
                 return None
             activated |= up.args[3] != "none"
             pieces.append((up, split, index))
@@ -277,11 +280,10 @@ class PruneLever:
     def _bytes_at(self, mlp: _Mlp, width: int) -> int:
         """Bytes of the MLP's weights with `width` channels: its up rows (and biases), the down weight."""
         # per channel: one row of each up weight (and one bias entry), one column of the down weight
-        row = sum(_bytes(self._const(up.args[1])[0]) + (0 if up.args[2] is None else self._const(up.args[2]).element_size())
+        row = sum(_bytes(self._const(up.args[1])[0], self._const(up.args[2])[:1] if up.args[2] is not None else None)
                   for up, _, _ in mlp.pieces)
         down_w, down_b = self._const(mlp.down.args[1]), self._const(mlp.down.args[2])
-        return width * (row + down_w.shape[0] * down_w.element_size()) + _bytes(down_b)
-
+        return width * (row + _bytes(down_w[:, 0])) + _bytes(down_b)
 
     def cost(self, site: Site, option: str) -> int:
         return self.costs[site.node][option]
@@ -298,8 +300,8 @@ class PruneLever:
             made = {"down.weight": weight, "down.bias": bias}
             for up in mlp.ups:
                 rows = self._kept_rows(mlp, up, kept)
-                made[f"{up.name}.weight"] = self._const(up.args[1]).index_select(0, rows.to(self._const(up.args[1]).device))
-                b = self._const(up.args[2])
+                w, b = self._const(up.args[1]), self._const(up.args[2])
+                made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
                 made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
             self.made[key] = made
         return self.made[key]
