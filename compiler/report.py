@@ -97,6 +97,7 @@ class CompileReport:
                 what = "; ".join(p.changes) or ("-" if not p.error else f"FAILED, skipped: {p.error}")
                 lines.append(f"  {p.name:34} {p.matched:>7} {p.nodes_before:>5}->{p.nodes_after:<5} "
                              f"{p.seconds * 1e3:>7.1f}  {what}")
+            lines.extend(f"  near-miss ({p.name}): {miss}" for p in g.passes for miss in p.near_misses)
             if g.calibration_note:
                 lines.append(f"  calibration: {g.calibration_note}")
             for p in g.passes:

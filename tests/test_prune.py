@@ -142,7 +142,7 @@ def test_fires_on_tiny_llama_within_budget_and_leaves_the_module_alone():
     diff = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
     error = (diff / sum(float(e.pow(2).sum()) for e in expected)) ** 0.5
     assert 0 < result.measured_error <= 0.05 and error == pytest.approx(result.measured_error, rel=1e-3)
-    assert "keep_" in str(compiled.mmaccel_report)
+    assert "keep_" in str(compiled.mmaccel_report) and not result.near_misses  # attention is no MLP
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p is dict(model.named_parameters())[k] and p.data_ptr() == ptr for k, (p, ptr) in params.items())
 
@@ -200,6 +200,7 @@ def test_near_misses_are_left_whole_with_the_reason(cls, inputs, reason):
     result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
     assert result.matched == 0 and result.changes == ["mlp_channels: nothing to change"]
     assert len(result.near_misses) == 1 and reason in result.near_misses[0]
+    assert f"near-miss (prune): {result.near_misses[0]}" in str(compiled.mmaccel_report)
     assert_matches_eager(actual, expected)
 
 
