@@ -12,6 +12,9 @@ TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
 # Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
 QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8", "auto")
+# Lossy, opt-in (passes/prune.py). "heads", "blocks" and "auto" are named by issue 14 but not built yet: refused.
+PRUNE = (None, "mlp_channels")
+PRUNE_NOT_YET = ("heads", "blocks", "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -40,6 +43,8 @@ class CompileOptions:
     cuda_graphs: bool | str = "auto"
     # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
     quantize: str | None = None
+    # Lossy: remove MLP channels (structural pruning); chosen with quantize under the same budget.
+    prune: str | None = None
     accuracy_budget: float = 0.01
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
     # to each graph's inputs by mmaccel.compile / export_onnx).
@@ -54,8 +59,8 @@ class CompileOptions:
         from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
 
         options = dict(options or {})
-        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "accuracy_budget", "calibration",
-                 "lossy_fallback")
+        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "prune", "accuracy_budget",
+                 "calibration", "lossy_fallback")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -73,11 +78,12 @@ class CompileOptions:
         quantize = options.get("quantize")
         if quantize not in QUANTIZE:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
+        prune = _validate_prune(options.get("prune"))
         budget = options.get("accuracy_budget", 0.01)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
             raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
                                      "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
-        calibration = _validate_calibration(options.get("calibration"), quantize)
+        calibration = _validate_calibration(options.get("calibration"), quantize or prune)
         lossy_fallback = options.get("lossy_fallback", False)
         if not isinstance(lossy_fallback, bool):
             raise InvalidOptionError(f"option 'lossy_fallback' must be True or False, got {lossy_fallback!r}")
@@ -88,14 +94,23 @@ class CompileOptions:
         if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
-                   cuda_graphs=cuda_graphs, quantize=quantize, accuracy_budget=float(budget),
+                   cuda_graphs=cuda_graphs, quantize=quantize, prune=prune, accuracy_budget=float(budget),
                    calibration=calibration, lossy_fallback=lossy_fallback)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)
 
 
-def _validate_calibration(value: Any, quantize: str | None) -> tuple[Sample, ...] | None:
+def _validate_prune(value: Any) -> str | None:
+    if value in PRUNE_NOT_YET:
+        raise InvalidOptionError(f"option 'prune'={value!r} is not built yet; prune='mlp_channels' (MLP intermediate "
+                                 "channels) works today")
+    if value not in PRUNE:
+        raise InvalidOptionError(f"option 'prune'={value!r} is not valid; choose one of {list(PRUNE)}")
+    return value
+
+
+def _validate_calibration(value: Any, lossy: str | None) -> tuple[Sample, ...] | None:
     """Any iterable of samples (a list, a generator, a DataLoader), read once. A sample is a tensor, a tuple
     of positional arguments, a dict of keyword arguments (as Hugging Face tokenizers and processors return
     them), or a pair (tuple of positional arguments, dict of keyword arguments)."""
@@ -103,9 +118,9 @@ def _validate_calibration(value: Any, quantize: str | None) -> tuple[Sample, ...
 
     if value is None:
         return None
-    if quantize is None:
-        raise InvalidOptionError("option 'calibration' only matters to lossy passes; set quantize=... as well, "
-                                 "or drop calibration")
+    if lossy is None:
+        raise InvalidOptionError("option 'calibration' only matters to lossy passes; set quantize=... or "
+                                 "prune=... as well, or drop calibration")
     if isinstance(value, (torch.Tensor, Mapping)) or not hasattr(value, "__iter__"):
         raise InvalidOptionError("option 'calibration' must be an iterable of samples (a list of tensors, tuples "
                                  "of tensors or dicts of keyword arguments; a generator or DataLoader of them), got "

@@ -126,8 +126,9 @@ def _near_misses(passes: list[PassResult]) -> list[str]:
 
 
 def _layer_table(details: dict[str, Any]) -> list[str]:
-    """Each quantized layer's precision, bytes and sensitivity (model error with only it quantized)."""
-    lines = [f"  {'layer':52} {'precision':>10} {'MiB':>7}  sensitivity (model error, this layer alone)"]
+    """Each lossy site's option (a precision, the channels an MLP keeps), bytes and sensitivity (the model's
+    error with only that site changed)."""
+    lines = [f"  {'layer':52} {'option':>10} {'MiB':>7}  sensitivity (model error, this site alone)"]
     for row in details["layers"]:
         sens = ", ".join(f"{p} {e:.1e}" for p, e in row["sensitivity"].items()) or "-"
         lines.append(f"  {row['layer'][:52]:52} {row['precision']:>10} {row['bytes'] / 2**20:>7.2f}  {sens}")

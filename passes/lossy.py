@@ -70,6 +70,7 @@ class Lever(Protocol):
     label: str  # the user's choice, first in the summary ("int8_weight_only")
     noun: str  # what the warning says was not applied ("quantization")
     unit: str  # what its sites are and what happened to them ("linear(s) quantized")
+    near_misses: list[str]  # after sites(): places it almost took, each with the reason it did not
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         """The sites of gm this lever may change; each with its options and original_bytes."""
@@ -77,9 +78,12 @@ class Lever(Protocol):
     def cost(self, site: Site, option: str) -> int:
         """Bytes the site holds at `option`."""
 
-    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> None:
+    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         """Rewrite `node` of `graph` (the graph given to sites(), or a measurement copy of it) to `option`; new
-        constants are stored with add(prefix, tensor), which returns the attribute name to read them with."""
+        constants are stored with add(prefix, tensor), which returns the attribute name to read them with; the
+        constants a node reads now (perhaps made by an earlier lever) are those of graph.owning_module. Returns
+        the option applied: `option`, or ORIGINAL where an earlier lever's change left it no room (int4 groups
+        that no longer divide a pruned width); the report shows what was applied."""
 
 
 def split_hierarchy(name: str) -> tuple[str, str, str]:
@@ -115,21 +119,20 @@ class _Measurement:
         return self.metric([run_graph(module, s) for s in self.samples], self.references)
 
     def assemble(self, choice: dict[tuple[str, str], str]) -> fx.GraphModule:
-        """A separate GraphModule with the sites in `choice` changed (gm is left as it is)."""
-        graph = fx.Graph()  # not owned by gm: its new constants live in `root`
+        """A separate GraphModule with the sites in `choice` changed (gm is left as it is), rewritten in the
+        order of `choice` (the levers' order: a later lever reads what an earlier one made, through the
+        graph's owning module)."""
+        graph = fx.Graph()
         graph.output(graph.graph_copy(self.gm.graph, {}))
         root: dict[str, Any] = {n.target: constant_value(self.gm, n.target) for n in graph.find_nodes(op="get_attr")}
-
-        def add(prefix: str, tensor: torch.Tensor) -> str:
-            name = f"{prefix}_{len(root)}"
-            root[name] = tensor
-            return name
-
-        nodes = {n.name: n for n in graph.nodes}
+        module = fx.GraphModule(root, graph)  # shares gm's constants; the new ones are added to it
+        nodes = {n.name: n for n in module.graph.nodes}
         for (lever, node), option in choice.items():
             if option != ORIGINAL:
-                self.levers[lever].rewrite(graph, nodes[node], option, add)
-        return fx.GraphModule(root, graph)
+                self.levers[lever].rewrite(module.graph, nodes[node], option,
+                                           lambda p, t: add_constant(module, p, t))
+        module.recompile()
+        return module
 
 
 def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], cleanup: Sequence[Cleanup] = (),
@@ -142,8 +145,9 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
         for site in lever.sites(gm, ctx):
             site.lever = lever.name
             sites.append(site)
+    near_misses = [miss for lever in levers for miss in lever.near_misses]
     if not sites:
-        return PassResult(changes=[f"{lever.label}: nothing to change" for lever in levers])
+        return PassResult(changes=[f"{lever.label}: nothing to change" for lever in levers], near_misses=near_misses)
     by_name = {lever.name: lever for lever in levers}
     measure = _Measurement(gm, ctx, by_name, metric or pooled_relative_error, cleanup)
 
@@ -176,19 +180,30 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
         warn_once(f"mmaccel: {' and '.join(lever.noun for lever in levers)} not applied: {summary}. Raise "
                   "accuracy_budget to accept some loss.")
         return PassResult(matched=0, changes=[f"rolled back, over budget: {summary}"], measured_error=cheapest_error,
-                          details=report_table(sites, cost, measured_sites))
+                          details=report_table(sites, cost, measured_sites), near_misses=near_misses)
+    before = live_constant_bytes(gm)
     by_node = {node.name: node for node in gm.graph.nodes}
-    for site in changed:  # the chosen mix, now for real
-        by_name[site.lever].rewrite(gm.graph, by_node[site.node], site.chosen, lambda p, t: add_constant(gm, p, t))
+    for site in changed:  # the chosen mix, now for real, in the levers' order (the order measured)
+        site.chosen = by_name[site.lever].rewrite(gm.graph, by_node[site.node], site.chosen,
+                                                  lambda p, t: add_constant(gm, p, t))
+    changed = [site for site in sites if site.chosen != ORIGINAL]
     gm.recompile()
     details = report_table(sites, cost, measured_sites)
-    before = sum(site.original_bytes for site in sites)
-    after = sum(row["bytes"] for row in details["layers"])
+    after = live_constant_bytes(gm)
     mixes = "; ".join(_lever_summary(lever, [s for s in sites if s.lever == lever.name]) for lever in levers)
-    summary = (f"{mixes}; weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB; measured relative output "
+    summary = (f"{mixes}; constants {before / 2**20:.2f} -> {after / 2**20:.2f} MiB; measured relative output "
                f"error {error:.2e} on {n} calibration input(s) (budget {budget:g})"
                + (f"; per-layer sensitivities measured, {rounds} solver round(s)" if measured_sites else ""))
-    return PassResult(matched=len(changed), changes=[summary], measured_error=error, details=details)
+    return PassResult(matched=len(changed), changes=[summary], measured_error=error, details=details,
+                      near_misses=near_misses)
+
+
+def live_constant_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the constants the graph reads: what the model holds, measured rather than summed per site (the
+    sites of two levers may share a weight: a pruned MLP's down projection quantized too)."""
+    targets = {n.target for n in gm.graph.find_nodes(op="get_attr") if n.users}
+    return sum(t.numel() * t.element_size() for t in (constant_value(gm, name) for name in targets)
+               if isinstance(t, torch.Tensor))
 
 
 def _lever_summary(lever: Lever, sites: list[Site]) -> str:

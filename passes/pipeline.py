@@ -19,6 +19,7 @@ from .fusion import fuse_linear_epilogues, fuse_parallel_linears
 from .graph import clone_module, copy_graph
 from .lossy import Lever, apply_levers
 from .meta import output_signature, propagate_fake, signatures_match
+from .prune import PruneLever
 from .quantize import QuantizeLever
 
 CLEANUP = (Pass("dead_code_elimination", eliminate_dead_code),
@@ -54,8 +55,11 @@ class LeverEntry:
 # Lossy levers, opt-in through options; a new lever is one entry. Those the options ask for run as ONE pass
 # (passes/lossy.py: one accuracy_budget, one solver across them, one report), after the lossless pipeline:
 # they measure the graph that will run (fused, folded), and quantize finds its linears as the
-# mmaccel::fused_linear ops of step 3.
-LOSSY = (LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: QuantizeLever(o.quantize)),)
+# mmaccel::fused_linear ops of step 3 (prune its MLPs in the fused form: gate/up one matmul + split).
+# Prune before quantize: the mechanism rewrites in this order, so quantize reads (and quantizes) the smaller
+# weights prune made, and the structure is decided before the precision of what remains.
+LOSSY = (LeverEntry("prune", lambda o: o.prune is not None, lambda o: PruneLever(o.prune)),
+         LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: QuantizeLever(o.quantize)))
 
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))
 

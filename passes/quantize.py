@@ -72,17 +72,20 @@ def _bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 
 class _Candidates:
-    """Quantized weights per (layer, weight format), made once and shared by every graph the solver measures
-    and by the precisions that use the same weight."""
+    """Quantized weights per (layer, weight format, weight), made once and shared by every graph the solver
+    measures and by the precisions that use the same weight. The weight is the one the node reads in the graph
+    being rewritten: an earlier lever may have replaced it (prune's smaller down projection)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.made: dict[tuple[str, str], tuple[Any, list[torch.Tensor]] | None] = {}
+        self.made: dict[tuple, tuple[Any, list[torch.Tensor]] | None] = {}
 
-    def get(self, node: fx.Node, precision: str) -> tuple[Any, list[torch.Tensor]] | None:
-        key = (node.name, _weight_format(precision))
+    def get(self, node: fx.Node, precision: str, module: fx.GraphModule | None = None
+            ) -> tuple[Any, list[torch.Tensor]] | None:
+        weight = constant_value(module or self.gm, node.args[1].target)
+        key = (node.name, _weight_format(precision), weight.data_ptr(), tuple(weight.shape))
         if key not in self.made:
-            self.made[key] = _quantized_args(key[1], constant_value(self.gm, node.args[1].target))
+            self.made[key] = _quantized_args(key[1], weight)
         made = self.made[key]
         if made is None or not precision.startswith("w8a8_"):
             return made
@@ -121,7 +124,9 @@ class QuantizeLever:
         if scheme not in LADDERS:
             raise NotImplementedError(f"quantize={scheme!r}")
         self.label = scheme
+        self.near_misses: list[str] = []
         self.candidates: _Candidates | None = None
+        self.costs: dict[tuple[str, str], int] = {}  # (node, precision) -> bytes of its unpruned weight
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         self.candidates = _Candidates(gm)
@@ -133,16 +138,22 @@ class QuantizeLever:
             w = constant_value(gm, weight.target)
             precisions = tuple(p for p in LADDERS[self.label]
                                if p == ORIGINAL or self.candidates.get(node, p) is not None)
+            self.costs.update({(node.name, p): _bytes(self.candidates.get(node, p)[1])
+                               for p in precisions if p != ORIGINAL})
             sites.append(Site(node.name, layer_name(node), tuple(w.shape), _bytes([w]), precisions, {ORIGINAL: 0.0}))
         if sites:
             self._warn_slow_scheme(w.device)
         return sites
 
     def cost(self, site: Site, option: str) -> int:
-        return _bytes(self.candidates.made[(site.node, _weight_format(option))][1])
+        return self.costs[(site.node, option)]
 
-    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> None:
-        _replace(graph, node, option, *self.candidates.get(node, option), add)
+    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
+        made = self.candidates.get(node, option, graph.owning_module)
+        if made is None:  # an earlier lever (prune) left a width this precision's groups do not divide
+            return ORIGINAL
+        _replace(graph, node, option, *made, add)
+        return option
 
     def _warn_slow_scheme(self, device: torch.device) -> None:
         if self.label == "fp8" and not fp8_matmul_available(device):

@@ -1,0 +1,348 @@
+"""Structural pruning of MLP channels (lossy, opt-in: prune="mlp_channels"), a lever of passes/lossy.py.
+
+An MLP, on the post-fusion graph (lossy levers run after the lossless passes), is up projection(s) ->
+channel-wise ops -> a down projection, where channel j of the intermediate h [tokens, I] comes from row j of
+each up weight only and reaches column j of the down weight only:
+- SwiGLU: fused_linear(x, [W_gate; W_up]) -> split -> silu(gate) * up -> fused_linear(h, W_down) (the form
+  parallel_linear_fusion leaves, also when Q/K/V and gate/up share one matmul; or two separate up linears);
+- GELU / ReLU MLP: fused_linear(x, W_up, b, "gelu") -> fused_linear(h, W_down, b), the activation in the
+  epilogue or written out in pointwise ops.
+Views between them may regroup the token dims, never the channel (last) dim. A structure the trace cannot
+follow is left whole; where it reached an activation (it looked like an MLP) the reason is a near-miss.
+
+Which channels: each MLP's h is collected on the calibration samples (its Gram matrix H^T H, float64), and
+channel j scored ||h_j|| * ||W_down[:, j]|| (what dropping it removes from the down projection's input to
+output, activation-aware: weight magnitude alone keeps channels that never fire; tiny Llama, keep 50%, no refit:
+relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). The top channels are kept;
+then W_down (and its bias) is refit by least squares so that the down projection's output over the kept
+channels best matches the original output on the calibration tokens (ridge normal equations), which is what
+lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL calibration tokens per channel
+(with fewer it fits the tokens the error is measured on, and promises more than other inputs get): below
+that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or
+all of them.
+
+The weights physically shrink: new constants (rows of the up weights, refit columns of the down weight); the
+frozen constants, which may be the user's parameters or views of fused buffers, are never written.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..compiler.errors import warn_once
+from .contract import PassContext
+from .lossy import ORIGINAL, Site, calibration_samples, run_graph
+from .patterns import VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
+
+FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
+KEEP = {"keep_25": 0.25, "keep_50": 0.5, "keep_75": 0.75}  # cheapest first, as the mechanism needs
+# Ridge of the refit, relative to the mean diagonal of the kept channels' Gram matrix: keeps the normal
+# equations well-posed for channels that are near-collinear on the calibration tokens. Not a tuning knob: on the
+# tiny Llama (tests/hf_tiny.py) the error is the same to 3 digits for ridges from 1e-6 to 1e-2.
+RIDGE = 1e-4
+# The refit needs this many calibration tokens per channel of h, else it fits the calibration tokens rather than
+# the MLP: tiny Llama (64 channels), error reported / on 8 held-out inputs, keep 50%: 128 tokens 0.025 / 0.038
+# (no refit: 0.035 / 0.038), 1024 tokens 0.030 / 0.033 (no refit: 0.037 / 0.038).
+REFIT_TOKENS_PER_CHANNEL = 16
+_ACTIVATIONS = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
+                aten.erf.default)
+# Ops that act on each channel alone when their tensor operands all have the output's shape.
+_CHANNELWISE = (*_ACTIVATIONS, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor,
+                aten.neg.default, aten.pow.Tensor_Scalar, aten._to_copy.default, aten.clone.default)
+PRUNED = "mmaccel_pruned"  # a down projection's meta once its MLP is pruned: a second run leaves it alone
+_SPLITS = (aten.split_with_sizes.default, aten.split.Tensor)
+_MATMULS = {FUSED_LINEAR: 0, aten.mm.default: 0, aten.addmm.default: 1}  # op -> index of its input argument
+
+
+@dataclass
+class _Mlp:
+    down: fx.Node  # the linear reading h
+    width: int  # I: channels of h
+    region: list[fx.Node]  # channel-wise ops and views between the up projections and h
+    pieces: list[tuple[fx.Node, fx.Node | None, int]]  # (up fused_linear, its split or None, piece index)
+
+    @property
+    def ups(self) -> list[fx.Node]:
+        return list(dict.fromkeys(up for up, _, _ in self.pieces))
+
+
+def _is_last_dim(node: fx.Node, dim: int) -> bool:
+    return dim in (-1, len(shape(node)) - 1)
+
+
+def _split_sizes(split: fx.Node) -> list[int]:
+    if split.target is aten.split_with_sizes.default:
+        return list(split.args[1])
+    total, size = shape(split.args[0])[-1], split.args[1]
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def _piece(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+    """(up, split, index) when `node` is one piece of a last-dim split of a fused_linear's output."""
+    if not (is_op(node, operator.getitem) and is_op(node.args[0], *_SPLITS)):
+        return None
+    split = node.args[0]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not (is_op(split.args[0], FUSED_LINEAR) and _is_last_dim(split.args[0], dim)):
+        return None
+    return split.args[0], split, node.args[1]
+
+
+def _keeps_channels(view: fx.Node, width: int) -> bool:
+    """A view that regroups the token dims only: the last dim, `width` before and after, written as such."""
+    sizes = view.args[1]
+    return (same_shape(shape(view.args[0])[-1:], (width,)) and same_shape(shape(view)[-1:], (width,))
+            and sizes[-1] in (width, -1))
+
+
+def _trace(down: fx.Node) -> _Mlp | str | None:
+    """The MLP whose h `down` reads; a reason when it looked like one (an activation was reached) but cannot be
+    pruned; None when it is not an MLP."""
+    h = down.args[_MATMULS[down.target]]
+    width = shape(h)[-1]
+    if not isinstance(width, int):
+        return None
+    region, pieces, seen, activated, stack = [], [], set(), False, [h]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        piece = _piece(node)
+        if is_op(node, FUSED_LINEAR) or piece:
+            up, split, index = piece or (node, None, 0)
+            size = _split_sizes(split)[index] if split is not None else shape(node)[-1]
+            if not same_shape((size,), (width,)):
+                return None
+            activated |= up.args[3] != "none"
+            pieces.append((up, split, index))
+        elif is_op(node, *_CHANNELWISE) and all(same_shape(shape(a), shape(node)) for a in node.all_input_nodes):
+            activated |= node.target in _ACTIVATIONS
+            region.append(node)
+            stack.extend(node.all_input_nodes)
+        elif is_op(node, *VIEW_OPS) and _keeps_channels(node, width):
+            region.append(node)
+            stack.append(node.args[0])
+        else:
+            return f"'{node.name}' ({node.target}) is not channel-wise" if activated else None
+    if not activated:
+        return None  # h is linear in the input: a low-rank product, not an MLP
+    mlp = _Mlp(down, width, region, pieces)
+    return _why_not(mlp) or mlp
+
+
+def _why_not(mlp: _Mlp) -> str | None:
+    """Why a traced MLP cannot be pruned (its channels used outside it, a weight that is not a constant)."""
+    channel_nodes = [*mlp.region, *(node for up, split, index in mlp.pieces
+                                    for node in ([up] if split is None else [n for n in split.users
+                                                                             if n.args[1] == index]))]
+    inside = set(mlp.region) | {mlp.down}
+    for node in channel_nodes:
+        outside = [u.name for u in node.users if u not in inside]
+        if outside:
+            return f"intermediate '{node.name}' is also used by {outside}"
+    for up, split, _ in mlp.pieces:
+        if split is not None and len(up.users) > 1:
+            return f"up projection '{up.name}' is also used outside its split"
+        if not is_constant(up.args[1]) or not (up.args[2] is None or is_constant(up.args[2])):
+            return f"up projection '{up.name}': weight or bias is not a constant"
+        if up.args[4] is not None:
+            return f"up projection '{up.name}' adds a residual"
+    down = mlp.down
+    if down.target is not FUSED_LINEAR or not is_constant(down.args[1]) \
+            or not (down.args[2] is None or is_constant(down.args[2])):
+        return f"down projection '{down.name}': weight or bias is not a constant"
+    if any(a in channel_nodes for a in down.args[1:]):
+        return f"down projection '{down.name}' reads h twice"
+    return None
+
+
+def find_mlps(gm: fx.GraphModule) -> tuple[list[_Mlp], list[str]]:
+    """The prunable MLPs of gm, and the near-misses with their reasons."""
+    mlps, near_misses, claimed = [], [], set()
+    for node in gm.graph.nodes:
+        if not is_op(node, *_MATMULS) or PRUNED in node.meta:
+            continue
+        found = _trace(node)
+        where = f"MLP before '{layer_name(node)}'"
+        if isinstance(found, str):
+            near_misses.append(f"{where} left whole: {found}")
+        elif found is not None and claimed & set(found.ups):
+            near_misses.append(f"{where} left whole: its up projection is shared with another MLP")
+        elif found is not None:
+            claimed |= set(found.ups)
+            mlps.append(found)
+    return mlps, near_misses
+
+
+def _grams(gm: fx.GraphModule, ctx: PassContext, mlps: list[_Mlp]) -> list[torch.Tensor]:
+    """Per MLP, [h, 1]^T [h, 1] over every calibration token (float64, [I + 1, I + 1]): the channel norms, the
+    refit's normal equations and (last entry) the token count, without keeping the activations."""
+    graph = fx.Graph()
+    copies: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, copies)
+    graph.output(tuple(copies[mlp.down.args[_MATMULS[mlp.down.target]]] for mlp in mlps))
+    probe = fx.GraphModule(gm, graph)
+    grams = [torch.zeros(m.width + 1, m.width + 1, dtype=torch.float64) for m in mlps]
+    for sample in calibration_samples(ctx):
+        for gram, h in zip(grams, run_graph(probe, sample)):
+            h = h.detach().reshape(-1, h.shape[-1]).double().cpu()
+            h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+            gram += h.T @ h
+    return grams
+
+
+def refit_down(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kept channel indices, ascending; refit weight [N, keep]; refit bias) for a down projection y = h W^T + b
+    with Gram matrix `gram` of [h, 1]: channels scored ||h_j|| * ||W[:, j]||, then [W'; b'] minimizing
+    ||h_kept W'^T + b' - (h W^T + b)||^2 + ridge ||W'||^2 over the calibration tokens."""
+    width = weight.shape[1]
+    w = weight.detach().double().cpu()
+    score = gram.diagonal()[:width].clamp_min(0).sqrt() * w.norm(dim=0)
+    kept = score.topk(keep).indices.sort().values
+    if gram[-1, -1] < REFIT_TOKENS_PER_CHANNEL * width:  # too few tokens: the kept columns stay as they are
+        return kept, weight.index_select(1, kept.to(weight.device)), bias
+    full = torch.cat([w.T, (bias.detach().double().cpu() if bias is not None else w.new_zeros(w.shape[0]))[None]])
+    columns = torch.cat([kept, torch.tensor([width])]) if bias is not None else kept
+    lhs = gram[columns][:, columns]
+    ridge = RIDGE * float(lhs.diagonal()[:keep].mean().clamp_min(1e-30))
+    solution = torch.linalg.solve(lhs + ridge * torch.eye(len(columns), dtype=lhs.dtype), gram[columns] @ full)
+    new_weight = solution[:keep].T.contiguous().to(weight.dtype).to(weight.device)
+    new_bias = None if bias is None else solution[keep].to(bias.dtype).to(bias.device)
+    return kept, new_weight, new_bias
+
+
+def _bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class PruneLever:
+    """The prune lever of the lossy mechanism: each MLP found on the graph is a site, its options the fractions
+    of its channels to keep (cheapest first), then ORIGINAL."""
+    name, noun, unit = "prune", "pruning", "MLP(s) pruned"
+
+    def __init__(self, scheme: str) -> None:
+        if scheme != "mlp_channels":
+            raise NotImplementedError(f"prune={scheme!r}")
+        self.label = scheme
+        self.near_misses: list[str] = []
+        self.gm: fx.GraphModule | None = None
+        self.mlps: dict[str, _Mlp] = {}  # by the name of the down projection's node (the site's node)
+        self.grams: dict[str, torch.Tensor] = {}
+        # bytes per site and option, counted on the graph as found (the final rewrite changes its nodes)
+        self.costs: dict[str, dict[str, int]] = {}
+        self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
+
+    def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
+        mlps, self.near_misses = find_mlps(gm)
+        if not mlps:
+            return []
+        self.gm = gm
+        self.mlps = {mlp.down.name: mlp for mlp in mlps}
+        self.grams = {mlp.down.name: gram for mlp, gram in zip(mlps, _grams(gm, ctx, mlps))}
+        tokens, widest = int(next(iter(self.grams.values()))[-1, -1]), max(mlp.width for mlp in mlps)
+        if tokens < REFIT_TOKENS_PER_CHANNEL * widest:
+            warn_once(f"mmaccel: prune: {tokens} calibration tokens for MLPs of up to {widest} channels; a down "
+                      f"projection is refit from {REFIT_TOKENS_PER_CHANNEL} tokens per channel "
+                      f"({REFIT_TOKENS_PER_CHANNEL * widest} here), below that its kept columns stay as they are "
+                      "(more error): pass more calibration samples")
+        sites = []
+        for mlp in mlps:
+            options = self._options(mlp.width)
+            self.costs[mlp.down.name] = {option: self._bytes_at(mlp, keep) for option, keep in options.items()}
+            down_name = layer_name(mlp.down)
+            name = down_name.rsplit(".", 1)[0] if "." in down_name else down_name
+            sites.append(Site(mlp.down.name, name, (mlp.width, shape(mlp.down)[-1]), self._bytes_at(mlp, mlp.width),
+                              (*options, ORIGINAL), {ORIGINAL: 0.0}))
+        return sites
+
+    @staticmethod
+    def _options(width: int) -> dict[str, int]:
+        """Option -> channels kept, for the fractions that keep a distinct number, fewer than all."""
+        # widths of 128 and more keep multiples of 32 (64, 128 from 256, 512): a pruned down projection can still
+        # take int4 groups of that size, and matmul tiles stay whole
+        granule = next((g for g in (128, 64, 32) if width >= 4 * g), 1)
+        options: dict[str, int] = {}
+        for option, fraction in KEEP.items():
+            keep = max(granule, round(width * fraction / granule) * granule)
+            if keep < width and keep not in options.values():
+                options[option] = keep
+        return options
+
+    def _const(self, node: fx.Node | None) -> torch.Tensor | None:
+        return None if node is None else constant_value(self.gm, node.target)
+
+    def _bytes_at(self, mlp: _Mlp, width: int) -> int:
+        """Bytes of the MLP's weights with `width` channels: its up rows (and biases), the down weight."""
+        # per channel: one row of each up weight (and one bias entry), one column of the down weight
+        row = sum(_bytes(self._const(up.args[1])[0], self._const(up.args[2])[:1] if up.args[2] is not None else None)
+                  for up, _, _ in mlp.pieces)
+        down_w, down_b = self._const(mlp.down.args[1]), self._const(mlp.down.args[2])
+        return width * (row + _bytes(down_w[:, 0])) + _bytes(down_b)
+
+    def cost(self, site: Site, option: str) -> int:
+        return self.costs[site.node][option]
+
+    def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
+        """The MLP's new constants at `option`, by the node that reads them: made once, shared by every graph
+        the solver measures; slices and solutions, never writes into the frozen constants."""
+        key = (site_node, option)
+        if key not in self.made:
+            mlp = self.mlps[site_node]
+            keep = self._options(mlp.width)[option]
+            kept, weight, bias = refit_down(self.grams[site_node], self._const(mlp.down.args[1]),
+                                            self._const(mlp.down.args[2]), keep)
+            made = {"down.weight": weight, "down.bias": bias}
+            for up in mlp.ups:
+                rows = self._kept_rows(mlp, up, kept)
+                w, b = self._const(up.args[1]), self._const(up.args[2])
+                made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
+                made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
+            self.made[key] = made
+        return self.made[key]
+
+    @staticmethod
+    def _kept_rows(mlp: _Mlp, up: fx.Node, kept: torch.Tensor) -> torch.Tensor:
+        """Rows of `up`'s weight that stay: the kept channels of the MLP's pieces, every row of other pieces
+        (Q/K/V sharing the matmul)."""
+        splits = [split for u, split, _ in mlp.pieces if u is up]
+        if splits[0] is None:
+            return kept
+        ours = {index for u, _, index in mlp.pieces if u is up}
+        rows, start = [], 0
+        for index, size in enumerate(_split_sizes(splits[0])):
+            rows.append(start + kept if index in ours else torch.arange(start, start + size))
+            start += size
+        return torch.cat(rows)
+
+    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
+        mlp = _trace(node)
+        assert isinstance(mlp, _Mlp), f"prune: the MLP before '{node.name}' no longer traces"
+        made = self._made(node.name, option)
+        keep = self._options(mlp.width)[option]
+
+        def constant(user: fx.Node, key: str) -> fx.Node | None:
+            if made[key] is None:
+                return None
+            with graph.inserting_before(user):
+                return graph.get_attr(add("_pruned", made[key]))
+
+        for up in mlp.ups:
+            x, _, _, activation, residual = up.args
+            up.args = (x, constant(up, f"{up.name}.weight"), constant(up, f"{up.name}.bias"), activation, residual)
+        for split in dict.fromkeys(split for _, split, _ in mlp.pieces if split is not None):
+            ours = {index for _, s, index in mlp.pieces if s is split}
+            sizes = [keep if i in ours else size for i, size in enumerate(_split_sizes(split))]
+            split.target, split.args, split.kwargs = aten.split_with_sizes.default, (split.args[0], sizes, -1), {}
+        for view in mlp.region:
+            if is_op(view, *VIEW_OPS) and view.args[1][-1] == mlp.width:
+                view.args = (view.args[0], [*view.args[1][:-1], keep])
+        down = mlp.down
+        down.args = (down.args[0], constant(down, "down.weight"), constant(down, "down.bias"), *down.args[3:])
+        down.meta[PRUNED] = option
+        return option

@@ -1,0 +1,238 @@
+"""Structural pruning of MLP channels (lossy, opt-in: prune="mlp_channels"): the pruned graph is the smaller MLP
+built by hand with the kept channels and the refit down projection; it fires on a tiny HF Llama within the
+budget; over budget nothing is pruned; prune and quantize share one budget and one report; MLPs it cannot
+follow are left whole with the reason; the user's module is never changed."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mmaccel
+from mmaccel.passes.prune import KEEP, RIDGE, find_mlps
+
+import hf_tiny
+from conftest import assert_matches_eager, relative_error
+
+torch.manual_seed(0)
+SAMPLES = [torch.randn(2, 128, 32) for _ in range(4)]  # 1024 calibration tokens: 16 per channel, the refit runs
+
+
+class SwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up = nn.Linear(32, 64, bias=False), nn.Linear(32, 64, bias=False)
+        self.down = nn.Linear(64, 32, bias=False)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.gate(x)) * self.up(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.hidden(x))
+
+
+class GeluMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.up(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.hidden(x))
+
+
+def _model(cls: type) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval().requires_grad_(False)
+
+
+def _hand_pruned(model: nn.Module, keep: int, samples: list[torch.Tensor] = SAMPLES, refit: bool = True) -> Callable:
+    """The smaller MLP, built by hand: the top `keep` channels by ||h_j|| * ||W_down[:, j]|| on the calibration
+    samples, the down projection refit by ridge least squares (torch.linalg.lstsq on the stacked system, not
+    the pass's normal equations), or its kept columns as they are."""
+    h = torch.cat([model.hidden(s).reshape(-1, 64) for s in samples]).double()
+    w = model.down.weight.double()
+    kept = (h.norm(dim=0) * w.norm(dim=0)).topk(keep).indices.sort().values
+    target = h @ w.T
+    hk = h[:, kept]
+    if model.down.bias is not None:
+        hk = torch.cat([hk, hk.new_ones(len(hk), 1)], dim=1)
+        target = target + model.down.bias.double()
+    ridge = RIDGE * float(hk[:, :keep].pow(2).sum(0).mean())
+    stacked = torch.cat([hk, ridge ** 0.5 * torch.eye(hk.shape[1], dtype=hk.dtype)])
+    solution = torch.linalg.lstsq(stacked, torch.cat([target, target.new_zeros(hk.shape[1], 32)])).solution
+    small_w, small_b = solution[:keep].T.float(), (solution[keep].float() if model.down.bias is not None else None)
+    if not refit:
+        small_w, small_b = model.down.weight[:, kept], model.down.bias
+    rows = kept
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if isinstance(model, SwiGLU):
+            hidden = F.silu(F.linear(x, model.gate.weight[rows])) * F.linear(x, model.up.weight[rows])
+            return F.linear(hidden, small_w)
+        return x + F.linear(F.gelu(F.linear(x, model.up.weight[rows], model.up.bias[rows])), small_w, small_b)
+    return forward
+
+
+def _compile(model, target="eager", budget=0.9, **options):
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target=target, prune="mlp_channels", accuracy_budget=budget,
+                                   calibration=SAMPLES, **options)
+        compiled(SAMPLES[0])
+    return compiled, [p for p in compiled.mmaccel_report.graphs[-1].passes if p.lossy][-1]
+
+
+@pytest.mark.parametrize("target", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("cls", [SwiGLU, GeluMlp])
+def test_pruned_graph_is_the_smaller_mlp_built_by_hand(cls, target):
+    model = _model(cls)
+    compiled, result = _compile(model, target=target)
+    assert compiled.mmaccel_report.graphs[-1].target == target
+    (row,) = result.details["layers"]
+    assert result.matched == 1 and row["lever"] == "prune" and row["precision"] in KEEP
+    keep = round(64 * KEEP[row["precision"]])
+    assert row["bytes"] < row["original_bytes"]
+    hand = _hand_pruned(model, keep)
+    with torch.no_grad():
+        for x in (*SAMPLES, torch.randn(2, 128, 32)):  # a held-out input too
+            torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
+    linears = [n for n in compiled.mmaccel_report.graphs[-1].final_graph.graph.nodes
+               if n.op == "call_function" and "fused_linear" in str(n.target)]
+    ups = 2 * keep if cls is SwiGLU else keep  # gate and up: one matmul of both (parallel_linear_fusion)
+    assert sorted(tuple(n.args[1].meta["val"].shape) for n in linears) == sorted([(ups, 32), (32, keep)])
+    assert find_mlps(compiled.mmaccel_report.graphs[-1].final_graph) == ([], [])  # idempotent: pruned once
+
+
+def test_too_few_calibration_tokens_keep_the_columns_unrefit_with_one_warning():
+    """32 tokens for 64 channels: a refit would fit the very tokens the error is measured on."""
+    model, samples = _model(GeluMlp), [torch.randn(2, 16, 32)]
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", accuracy_budget=0.9,
+                                   calibration=samples)
+        actual = compiled(samples[0])
+    (row,) = compiled.mmaccel_report.graphs[-1].pass_result("prune").details["layers"]
+    hand = _hand_pruned(model, round(64 * KEEP[row["precision"]]), samples, refit=False)
+    torch.testing.assert_close(actual, hand(samples[0]), rtol=1e-5, atol=1e-5)
+    assert sum("32 calibration tokens" in str(w.message) for w in caught) == 1
+
+
+def test_fires_on_tiny_llama_within_budget_and_leaves_the_module_alone():
+    model = hf_tiny.llama("eager")
+    samples = [hf_tiny.token_batch(2, 16, seed=s)[0] for s in range(32)]  # 1024 tokens: the refit runs
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: (p, p.data_ptr()) for k, p in model.named_parameters()}
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", accuracy_budget=0.05,
+                                   calibration=samples)
+        actual = [compiled(s).logits for s in samples]
+        expected = [model(s).logits for s in samples]
+    graph = compiled.mmaccel_report.graphs[-1]
+    result = graph.pass_result("prune")
+    assert result.matched == 2 and "keep_25 x2" in result.changes[0]
+    assert "constants 0.10 -> 0.06 MiB" in result.changes[0]
+    assert {row["layer"].split(".", 1)[1] for row in result.details["layers"]} == {"model.layers.0.mlp",
+                                                                                   "model.layers.1.mlp"}
+    diff = sum(float((a - e).pow(2).sum()) for a, e in zip(actual, expected))
+    error = (diff / sum(float(e.pow(2).sum()) for e in expected)) ** 0.5
+    assert 0 < result.measured_error <= 0.05 and error == pytest.approx(result.measured_error, rel=1e-3)
+    assert "keep_" in str(compiled.mmaccel_report) and not result.near_misses  # attention is no MLP
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p is dict(model.named_parameters())[k] and p.data_ptr() == ptr for k, (p, ptr) in params.items())
+
+
+def test_over_budget_prunes_nothing_with_one_warning():
+    model = _model(SwiGLU)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled, result = _compile(model, budget=1e-6)
+        with torch.no_grad():
+            assert_matches_eager(compiled(SAMPLES[1]), model(SAMPLES[1]))
+    assert result.matched == 0 and result.changes[0].startswith("rolled back, over budget")
+    assert sum("pruning not applied" in str(w.message) for w in caught) == 1
+
+
+def test_prune_and_quantize_share_one_budget_and_one_report():
+    model = _model(GeluMlp)
+    compiled, result = _compile(model, budget=0.05, quantize="int8_weight_only")
+    assert result.name == "prune+quantize"
+    assert {row["lever"] for row in result.details["layers"]} == {"prune", "quantize"}
+    assert "mlp_channels: " in result.changes[0] and "int8_weight_only: " in result.changes[0]
+    with torch.no_grad():
+        outputs, references = [compiled(s) for s in SAMPLES], [model(s) for s in SAMPLES]
+    diff = sum(float((o - r).pow(2).sum()) for o, r in zip(outputs, references))
+    error = (diff / sum(float(r.pow(2).sum()) for r in references)) ** 0.5
+    assert result.measured_error <= 0.05 and error == pytest.approx(result.measured_error, rel=1e-3)
+
+
+class SharedHidden(GeluMlp):
+    def forward(self, x):
+        h = self.hidden(x)
+        return self.down(h), h
+
+
+class InputDown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+
+    def forward(self, x, w_down):
+        return F.linear(F.gelu(self.up(x)), w_down)
+
+
+@pytest.mark.parametrize("cls,inputs,reason", [
+    (SharedHidden, (SAMPLES[0],), "is also used by"),
+    (InputDown, (SAMPLES[0], torch.randn(32, 64)), "weight or bias is not a constant"),
+])
+def test_near_misses_are_left_whole_with_the_reason(cls, inputs, reason):
+    model = _model(cls)
+    with torch.no_grad():
+        expected = model(*inputs)
+        compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", accuracy_budget=0.5,
+                                   calibration=[inputs])
+        actual = compiled(*inputs)
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert result.matched == 0 and result.changes == ["mlp_channels: nothing to change"]
+    assert len(result.near_misses) == 1 and reason in result.near_misses[0]
+    assert f"near-miss (prune): {result.near_misses[0]}" in str(compiled.mmaccel_report)
+    assert_matches_eager(actual, expected)
+
+
+def test_export_onnx_file_is_smaller_and_plain_onnxruntime_gives_the_measured_error(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _model(SwiGLU)
+    full, pruned = tmp_path / "full.onnx", tmp_path / "pruned.onnx"
+    mmaccel.export_onnx(model, (SAMPLES[0],), full)
+    report = mmaccel.export_onnx(model, (SAMPLES[0],), pruned, prune="mlp_channels", accuracy_budget=0.9,
+                                 calibration=SAMPLES)
+    result = report.graphs[0].pass_result("prune")
+    assert result.matched == 1 and pruned.stat().st_size < full.stat().st_size * 0.8
+    session = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
+    outputs = [torch.from_numpy(session.run(None, {session.get_inputs()[0].name: s.numpy()})[0]) for s in SAMPLES]
+    with torch.no_grad():
+        references = [model(s) for s in SAMPLES]
+    assert relative_error(torch.cat(outputs), torch.cat(references)) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+def test_default_never_prunes():
+    with torch.no_grad():
+        compiled = mmaccel.compile(_model(SwiGLU), target="eager")
+        compiled(SAMPLES[0])
+    assert not any(p.lossy for p in compiled.mmaccel_report.graphs[-1].passes)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"prune": "heads"}, "not built yet; prune='mlp_channels'"),
+    ({"prune": "auto"}, "not built yet"),
+    ({"prune": "channels"}, "not valid"),
+    ({"prune": "mlp_channels", "calibration": []}, "is empty"),
+])
+def test_bad_prune_options_name_the_problem(options, match):
+    with pytest.raises(ValueError, match=match):
+        mmaccel.compile(nn.Linear(2, 2), **options)
