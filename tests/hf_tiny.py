@@ -219,15 +219,15 @@ def _wav2vec2() -> torch.nn.Module:
 
 
 _VLM_TEXT = dict(_GQA, vocab_size=VOCAB + 1)
-IMAGE_TOKEN = VOCAB  # the last id of the text vocabulary
+COVERAGE_IMAGE_TOKEN = VOCAB  # the last id of the coverage VLMs' text vocabulary (VOCAB + 1 ids)
 IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches
 
 
 def _llava() -> torch.nn.Module:
     torch.manual_seed(0)
     vision = T.CLIPVisionConfig(**_VIT, projection_dim=32)
-    config = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**_VLM_TEXT), image_token_index=IMAGE_TOKEN,
-                           vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config = T.LlavaConfig(vision_config=vision, text_config=T.LlamaConfig(**_VLM_TEXT),
+                           image_token_index=COVERAGE_IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="default")
     return inference(T.LlavaForConditionalGeneration(config))
 
 
@@ -235,14 +235,14 @@ def _paligemma() -> torch.nn.Module:
     torch.manual_seed(0)
     vision = T.SiglipVisionConfig(**_VIT)
     text = T.GemmaConfig(**dict(_VLM_TEXT, head_dim=8))
-    config = T.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+    config = T.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=COVERAGE_IMAGE_TOKEN,
                                projection_dim=32, hidden_size=32)
     return inference(T.PaliGemmaForConditionalGeneration(config))
 
 
 def _vlm_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """Image tokens first, then 5 text tokens; the image's pixels."""
-    ids = torch.cat([torch.full((2, IMAGE_TOKENS), IMAGE_TOKEN), token_batch(2, 5)[0]], dim=1)
+    ids = torch.cat([torch.full((2, IMAGE_TOKENS), COVERAGE_IMAGE_TOKEN), token_batch(2, 5)[0]], dim=1)
     return ids, _pixels()()[0]
 
 
