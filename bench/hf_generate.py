@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from typing import Any, Callable
 
@@ -34,7 +33,7 @@ from transformers import (GenerationMixin, LlamaForCausalLM, LlavaForConditional
 
 import mmaccel
 from mmaccel.models.hf_configs import llama_config, llava_config, whisper_config
-from mmaccel.timing import times_ms
+from mmaccel.timing import median_ms
 
 # The comparisons the issue is about first: a variant past the time budget is skipped.
 VARIANTS = ["eager", "mmaccel.generate", "inductor-reduce-overhead", "mmaccel (HF recipe)", "inductor"]
@@ -95,19 +94,8 @@ def reset_model(model: torch.nn.Module) -> None:
 
 
 def time_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Median ms of `repeats` calls after one warm-up: CUDA events on a GPU, mmaccel.timing on CPU."""
-    if not torch.cuda.is_available():
-        return statistics.median(times_ms(fn, repeats, warmup=1))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of `repeats` calls after one warm-up: CUDA events on a GPU, wall clock on CPU."""
+    return median_ms(fn, repeats, warmup=1, device="cuda" if torch.cuda.is_available() else None)
 
 
 def copy_bandwidth(device: str) -> float:
