@@ -65,6 +65,8 @@ def case(kind: str, args, device: str, dtype: torch.dtype) -> list[dict]:
             out = step().float()
             reference = out if reference is None else reference
             ms = median_ms(step, args.iters, args.warmup, device=device)
+        if args.profile and name == "mmaccel":
+            print_kernels(f"{kind} {name}", step)
         err = rel_err(out, reference)
         fused = [g.matched("attention_fusion") for g in report.graphs]
         targets = sorted({g.target for g in report.graphs})
@@ -75,6 +77,21 @@ def case(kind: str, args, device: str, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def print_kernels(label: str, step, steps: int = 3, rows: int = 12) -> None:
+    """Where one step's GPU time goes (as bench/profile_decode.py does for the reference decoder)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / steps / 1000
+    print(f"== {label}: {total:.3f} ms of kernel time per step, {sum(e.count for e in events) / steps:.0f} kernels")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        print(f"{e.self_device_time_total / steps / 1000:8.3f} ms {e.count // steps:5d}x  {e.key[:90]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
@@ -83,6 +100,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--variants", nargs="+", default=["eager", "inductor", "mmaccel"])
+    p.add_argument("--profile", action="store_true", help="CUDA: print the mmaccel step's top kernels")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
