@@ -228,7 +228,8 @@ class PruneLever:
 
     def __init__(self, scheme: str) -> None:
         if scheme != "mlp_channels":
-            raise NotImplementedError(f"prune={scheme!r}")
+            raise NotImplementedError(f"prune={scheme!r} has no lever (options validation should have refused it); "
+                                      "prune='mlp_channels' is the one built")
         self.label = scheme
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None

@@ -122,7 +122,7 @@ class QuantizeLever:
 
     def __init__(self, scheme: str) -> None:
         if scheme not in LADDERS:
-            raise NotImplementedError(f"quantize={scheme!r}")
+            raise NotImplementedError(f"quantize={scheme!r} has no precision ladder; choose one of {sorted(LADDERS)}")
         self.label = scheme
         self.near_misses: list[str] = []
         self.candidates: _Candidates | None = None

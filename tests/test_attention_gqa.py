@@ -38,14 +38,15 @@ def assert_shared_heads(report, q_heads: int, kv_heads: int) -> None:
         assert n.kwargs.get("enable_gqa", False) == (kv_heads < q_heads), n.format_node()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+# grouped-query on each Llama-family architecture, multi-query (1 K/V head) on one of them
+HF_CASES = [("llama", 2), ("mistral", 2), ("qwen2", 2), ("llama", 1)]
+
+
+@pytest.mark.parametrize("arch,kv_heads", HF_CASES, ids=[f"{a}-{'mqa' if k == 1 else 'gqa'}" for a, k in HF_CASES])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 def test_hf_grouped_query_attention(arch: str, impl: str, kv_heads: int) -> None:
     """Without a padding mask HF "sdpa" passes the shared heads with enable_gqa=True; "eager" writes
     repeat_kv then softmax(QK^T)V."""
-    if arch != "llama" and kv_heads == 1:
-        pytest.skip("multi-query: one architecture is enough")
     ids, _ = token_batch(2, 9)
     _, report = compile_and_check(decoder(arch, impl, kv_heads), ids, **EAGER)
     assert report.graphs[0].pass_result("attention_fusion").matched == LAYERS

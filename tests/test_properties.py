@@ -560,19 +560,25 @@ def test_regression_single_value_layer_norm_stores_through_a_pointer_per_lane() 
     assert all(g.target == "triton" for g in report.graphs)
 
 
+def _quantized_int8(program: Program, budget: float):
+    """(the quantize pass's result, the compiled output, eager's output) for `program` under int8_weight_only."""
+    model, inputs = build(program), make_inputs(program)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = model(*inputs)
+        compiled = mmaccel.compile(model, target="eager", quantize="int8_weight_only", accuracy_budget=budget)
+        actual = compiled(*inputs)
+    (result,) = [g.pass_result("quantize") for g in compiled.mmaccel_report.graphs]
+    return result, actual, expected
+
+
 def test_regression_quantized_all_zero_output_has_a_finite_error() -> None:
     """Found by Hypothesis: a 1x1 linear + ReLU whose output is all zeros. The pass measures the error of an
     all-zero reference in absolute terms (a relative one is 0/0); the user's output must agree with it."""
     program = Program(dtype=torch.float32, batch=1, seq=1, dim=1, input_kind="float", layout="contiguous",
                       blocks=(Linear(d_in=1, d_out=1, bias=False, act="relu"),), mask_input="none",
                       mask_shape="b1ss", return_intermediate=False, seed=0, vocab=11)
-    model, inputs = build(program), make_inputs(program)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        expected = model(*inputs)
-        compiled = mmaccel.compile(model, target="eager", quantize="int8_weight_only", accuracy_budget=0.002)
-        actual = compiled(*inputs)
-    (result,) = [g.pass_result("quantize") for g in compiled.mmaccel_report.graphs]
+    result, actual, expected = _quantized_int8(program, 0.002)
     assert math.isfinite(result.measured_error) and result.measured_error <= 0.002
     (a,), (e,) = [t for t in _flat(actual) if t.is_floating_point()], [t for t in _flat(expected) if t.is_floating_point()]
     absolute = float((a.double() - e.double()).norm())
@@ -589,13 +595,7 @@ def test_regression_float16_lossy_error_is_measured_against_the_users_model() ->
                                         mask="additive_buffer", softmax="float_cast", out_proj=True,
                                         near_miss=None, mask_first=True),),
                       mask_input="causal_min", mask_shape="11ss", return_intermediate=False, seed=360, vocab=11)
-    model, inputs = build(program), make_inputs(program)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        expected = model(*inputs)
-        compiled = mmaccel.compile(model, target="eager", quantize="int8_weight_only", accuracy_budget=0.02)
-        actual = compiled(*inputs)
-    (result,) = [g.pass_result("quantize") for g in compiled.mmaccel_report.graphs]
+    result, actual, expected = _quantized_int8(program, 0.02)
     (a,), (e,) = _flat(actual), _flat(expected)
     error = float((a.double() - e.double()).norm() / e.double().norm())
     assert result.matched == 1 and error > 6e-4
