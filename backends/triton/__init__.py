@@ -23,7 +23,7 @@ from ...passes.graph import clone_module
 from ..common import lower_custom_ops, reinplace_input_updates
 from . import attention, matmul, prepare
 from .cache import load_source
-from .cudagraphs import CudaGraphRunner, wants_cuda_graphs
+from .cudagraphs import CudaGraphRunner, calls_before_recording
 from .schedule import plan, rewrite, symbol_nodes
 
 aten = torch.ops.aten
@@ -73,8 +73,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs
         return forward(*args)
 
     run.kernels = stats  # type: ignore[attr-defined]
-    stats["cuda_graphs"] = device.type == "cuda" and wants_cuda_graphs(cuda_graphs, gm)
-    return CudaGraphRunner(run, gm) if stats["cuda_graphs"] else run
+    record_after = calls_before_recording(cuda_graphs, gm) if device.type == "cuda" else None
+    stats["cuda_graphs"] = record_after is not None
+    return CudaGraphRunner(run, gm, record_after) if record_after else run
 
 
 def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any], None] | None = None) -> dict:

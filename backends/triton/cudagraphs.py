@@ -8,10 +8,16 @@ Correctness rules:
 - the call that records runs the graph for real (on a side stream, which also warms up kernels and
   libraries) and returns those results; capturing executes nothing, so in-place writes happen once;
 - outputs are copied out of the recording's buffers, so the next replay never overwrites what a caller holds;
-- at most MAX_RECORDINGS shapes are recorded; beyond that calls run without graphs (one warning).
+- at most MAX_RECORDINGS shapes are kept; a new one past that replaces the least recently used (one warning).
+
+Graphs with symbolic sizes (Dynamo made a length dynamic: Hugging Face's compiled-generate recipe after the
+second prompt or max_new_tokens) record a shape on its second call, not its first: a decode step at one cache
+length runs once per token, hundreds of times, while a prefill at a new prompt length runs once; recording that
+one would cost a capture and pool memory for nothing.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,19 +28,25 @@ from ...compiler.errors import warn_once
 MAX_RECORDINGS = 8
 
 
-def wants_cuda_graphs(option: Any, gm: fx.GraphModule) -> bool:
-    """"auto": record when every size is static. Measured on an H200 (bench/results/gpu_triton_*), replay beat
-    plain launches on every benchmarked model, from a decode step to ViT-L batch 8, because the generated
-    launchers cost tens of microseconds of Python each. The price is memory: each recorded shape keeps its
-    activations in a private pool. Dynamic sizes would record a graph per length: plain launches there."""
-    if option in (True, False):
-        return option
+def calls_before_recording(option: Any, gm: fx.GraphModule) -> int | None:
+    """On which call of a shape it is recorded; None: no CUDA graphs. "auto": on the first call when every
+    size is static, on the second when some are symbolic (module docstring); True: always on the first.
+    Measured on an H200 (bench/results/gpu_triton_*), replay beat plain launches on every benchmarked model,
+    from a decode step to ViT-L batch 8, because the generated launchers cost tens of microseconds of Python
+    each; with symbolic sizes, plain launches took the HF-recipe decode step from about 3 to 8-13 ms per token
+    (issue 13). The price is memory: recorded shapes keep their activations in one private pool."""
+    if option is False:
+        return None
+    return 2 if option == "auto" and has_symbolic_sizes(gm) else 1
+
+
+def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         vals = node.meta.get("val")
         for v in vals if isinstance(vals, (tuple, list)) else (vals,):
             if isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape):
-                return False
-    return True
+                return True
+    return False
 
 
 def mutated_inputs(gm: fx.GraphModule) -> set[int]:
@@ -56,12 +68,14 @@ def mutated_inputs(gm: fx.GraphModule) -> set[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, run: Callable[[list[Any]], Any], gm: fx.GraphModule) -> None:
+    def __init__(self, run: Callable[[list[Any]], Any], gm: fx.GraphModule, record_after: int = 1) -> None:
         self.run = run
         self.kernels = getattr(run, "kernels", None)
         self.mutated = mutated_inputs(gm)
-        self.recordings: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
+        self.recordings: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = OrderedDict()
         self.pool = None
+        self.record_after = record_after
+        self.sightings: OrderedDict[tuple, int] = OrderedDict()
 
     def key(self, args: Sequence[Any]) -> tuple | None:
         parts = []
@@ -82,17 +96,30 @@ class CudaGraphRunner:
             return self.run(args)
         entry = self.recordings.get(key)
         if entry is None:
+            if not self.due(key):
+                return self.run(args)
             if len(self.recordings) >= MAX_RECORDINGS:
                 warn_once(f"mmaccel: {MAX_RECORDINGS} CUDA graphs recorded for one compiled graph (input shapes or "
-                          "cache addresses keep changing); further shapes run without CUDA graphs")
-                return self.run(args)
+                          "cache addresses keep changing); the least recently used ones are re-recorded as needed")
+                self.recordings.popitem(last=False)
             return self.record(key, args)
+        self.recordings.move_to_end(key)
         graph, static, outputs = entry
         for i, (s, a) in enumerate(zip(static, args)):
             if isinstance(a, torch.Tensor) and i not in self.mutated and s.data_ptr() != a.data_ptr():
                 s.copy_(a)
         graph.replay()
         return _copy_out(outputs)
+
+    def due(self, key: tuple) -> bool:
+        """Whether this call of an unrecorded shape records it (counts sightings, bounded like recordings)."""
+        seen = self.sightings.pop(key, 0) + 1
+        if seen >= self.record_after:
+            return True
+        self.sightings[key] = seen
+        if len(self.sightings) > 4 * MAX_RECORDINGS:
+            self.sightings.popitem(last=False)
+        return False
 
     def record(self, key: tuple, args: list[Any]) -> Any:
         stream = torch.cuda.Stream()

@@ -1,0 +1,76 @@
+"""The Triton target's CUDA-graph recording policy (backends/triton/cudagraphs.py), on CPU: which call of a
+shape records it, and which recordings are kept. Recording itself needs a GPU; here it is replaced by a stub
+that notes the key, so the test checks the decisions, not the capture."""
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from mmaccel.backends.triton.cudagraphs import MAX_RECORDINGS, CudaGraphRunner, calls_before_recording
+
+
+def _graph(symbolic: bool) -> fx.GraphModule:
+    fn = lambda x: (x * 2).sum(-1)  # noqa: E731
+    if not symbolic:
+        return make_fx(fn)(torch.randn(2, 3))
+    return make_fx(fn, tracing_mode="symbolic")(torch.randn(2, 3))
+
+
+class _StubRunner(CudaGraphRunner):
+    """Records by noting the key; a 'replay' is counted; every input counts as a CUDA tensor."""
+
+    def __init__(self, gm: fx.GraphModule, record_after: int) -> None:
+        super().__init__(lambda args: args[0] * 2, gm, record_after)
+        self.recorded: list[tuple] = []
+        self.replays = 0
+
+    def key(self, args):
+        return (tuple(args[0].shape),)
+
+    def record(self, key, args):
+        self.recorded.append(key)
+        self.recordings[key] = (None, [], None)
+        return self.run(args)
+
+    def __call__(self, args):
+        key = self.key(args)
+        if key in self.recordings:
+            self.recordings.move_to_end(key)
+            self.replays += 1
+            return self.run(args)
+        return super().__call__(args)
+
+
+def test_auto_records_static_graphs_at_once_and_symbolic_ones_on_the_second_call():
+    assert calls_before_recording("auto", _graph(symbolic=False)) == 1
+    assert calls_before_recording("auto", _graph(symbolic=True)) == 2
+    assert calls_before_recording(True, _graph(symbolic=True)) == 1
+    assert calls_before_recording(False, _graph(symbolic=False)) is None
+
+
+def test_a_symbolic_graph_records_a_length_seen_twice_never_one_seen_once():
+    runner = _StubRunner(_graph(symbolic=True), record_after=2)
+    for length in (5, 6, 7):  # prefills: each prompt length once
+        runner([torch.randn(1, length)])
+    assert runner.recorded == []
+    for _ in range(10):  # decode steps at one cache length
+        runner([torch.randn(1, 40)])
+    assert runner.recorded == [((1, 40),)]
+    assert runner.replays == 8
+
+
+def test_past_the_limit_the_least_recently_used_recording_is_replaced(recwarn):
+    runner = _StubRunner(_graph(symbolic=False), record_after=1)
+    for length in range(MAX_RECORDINGS):
+        runner([torch.randn(1, length + 1)])
+    runner([torch.randn(1, 1)])  # used again: now the most recent
+    runner([torch.randn(1, 100)])  # one more shape: evicts length 2, the least recently used
+    assert ((1, 2),) not in runner.recordings and ((1, 1),) in runner.recordings
+    assert len(runner.recordings) == MAX_RECORDINGS
+    assert any("least recently used" in str(w.message) for w in recwarn)
+
+
+def test_sightings_stay_bounded():
+    runner = _StubRunner(_graph(symbolic=True), record_after=2)
+    for length in range(10 * MAX_RECORDINGS):
+        runner([torch.randn(1, length + 1)])
+    assert len(runner.sightings) <= 4 * MAX_RECORDINGS and runner.recorded == []
