@@ -178,6 +178,11 @@ class _Session:
         mask = torch.nn.functional.pad(attention_mask.to(torch.long), (pad, cache_len - prompt), value=0)
         mask[:, prompt:] = 1
         position_ids = (mask[:, :prompt].cumsum(-1) - 1).masked_fill(mask[:, :prompt] == 0, 1)
+        position_ids = position_ids + _POSITION_OFFSET.get(getattr(self.model.config, "model_type", None), 0)
+        if getattr(self.model.config, "model_type", None) in _PREFIX_LM:
+            model_inputs.setdefault("token_type_ids", torch.zeros_like(input_ids))
+        model_inputs = {name: torch.nn.functional.pad(value, (pad, 0), value=_PER_POSITION_INPUTS[name])
+                        if name in _PER_POSITION_INPUTS else value for name, value in model_inputs.items()}
         cache = self._cache(batch, cache_len, dtype, device)
         state = _StepState(self.model, cache, mask, _sampling_tensors(config, device),
                            torch.tensor(config.stop_ids or [-1], device=device),
@@ -346,13 +351,29 @@ def _image_tokens_checked(model: torch.nn.Module, input_ids: torch.Tensor, model
 
 
 def _image_tokens_per_image(config: Any) -> int | None:
-    """LLaVA-1.5: one feature per patch, plus the class token with vision_feature_select_strategy "full"."""
+    """LLaVA-1.5: one feature per patch, plus the class token with vision_feature_select_strategy "full";
+    PaliGemma: one per patch (SigLIP has no class token)."""
     vision = getattr(config, "vision_config", None)
     if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size") or \
-            type(config).__name__ != "LlavaConfig":
+            type(config).__name__ not in ("LlavaConfig", "PaliGemmaConfig"):
         return None
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
+
+
+# Where a model's prepare_inputs_for_generation shifts the positions HF's generate derives from the attention
+# mask: PaliGemma's are 1-indexed (modeling_paligemma.py adds 1). Without the shift every rotary angle is off by
+# one position and greedy tokens differ from HF eager after a few steps (tiny PaliGemma, 8 tokens).
+_POSITION_OFFSET = {"paligemma": 1}
+# Per-position inputs a model takes beside input_ids, padded on the left like the prompt: PaliGemma's
+# token_type_ids (0: prefix, attended bidirectionally; 1: suffix); padded positions are masked out anyway.
+_PER_POSITION_INPUTS = {"token_type_ids": 1}
+# PaliGemma is a prefix LM: image and prompt attend to each other both ways. Its processor returns
+# token_type_ids (all 0 for a prompt) saying so; without them transformers 5.24 attends bidirectionally when
+# the attention mask has no padding and causally when it has (tiny PaliGemma: earlier logits move by 1.4 when
+# the last prompt token changes, by 0 with padding). mmaccel.generate always passes a padded mask, so it
+# supplies the processor's token_type_ids when they are missing: the model's prefix-LM attention.
+_PREFIX_LM = ("paligemma",)
 
 
 def _dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -129,6 +129,24 @@ def test_llava_image_prompt_matches_hf_eager_in_one_prefill_graph() -> None:
         mmaccel.generate(model, ids[:, 2:], mask[:, 2:], pixel_values=pixels, max_new_tokens=2, options=EAGER)
 
 
+def test_paligemma_prefix_lm_matches_hf_eager_with_left_padding() -> None:
+    """A fifth family (issue 13): PaliGemma, whose image and prompt attend to each other both ways
+    (token_type_ids 0), with 1-indexed positions; one row left-padded. Weights rescaled and the head untied so
+    that greedy tokens vary (at init the tied head echoes the input token)."""
+    model = hf_tiny.paligemma()
+    ids, pixels = hf_tiny.vlm_inputs()
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kinds = {"token_type_ids": torch.zeros_like(ids)}
+    expected = hf_generate(model, ids, mask, pixel_values=pixels, max_new_tokens=6, do_sample=False, **kinds)
+    assert len(set(expected[0, ids.shape[1]:].tolist())) > 2
+    actual = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=6, options=EAGER, **kinds)
+    assert torch.equal(actual, expected)
+    unpadded = hf_generate(model, ids[:1], mask[:1], pixel_values=pixels[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(mmaccel.generate(model, ids[:1], pixel_values=pixels[:1], max_new_tokens=6, options=EAGER),
+                       unpadded)  # no token_type_ids: the prefix LM, as HF attends without padding
+
+
 def test_whisper_matches_hf_generic_generate() -> None:
     """The encoder runs in the prefill graph; decode steps read the cross-attention cache it filled. Compared
     with transformers' GenerationMixin.generate (decoder prompt + new tokens): Whisper's own generate adds
