@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import torch
 import transformers
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import (GenerationMixin, LlamaForCausalLM, LlavaForConditionalGeneration,
                           WhisperForConditionalGeneration)
 
@@ -37,8 +36,7 @@ from mmaccel.models.hf_configs import llama_config, llava_config, whisper_config
 from mmaccel.timing import median_ms
 
 # The comparisons the issue is about first: a variant past the time budget is skipped.
-VARIANTS = ["eager", "eager (no cuDNN SDPA)", "mmaccel.generate", "inductor-reduce-overhead", "mmaccel (HF recipe)",
-            "inductor"]
+VARIANTS = ["eager", "mmaccel.generate", "inductor-reduce-overhead", "mmaccel (HF recipe)", "inductor"]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -87,14 +85,6 @@ def variant_runner(variant: str, model: torch.nn.Module, inputs: dict[str, Any])
     """generate(new tokens) for `variant`, set up on `model` (undone by reset_model)."""
     if variant == "eager":
         return lambda new: hf_generate(model, inputs, new, static=False)
-    if variant == "eager (no cuDNN SDPA)":
-        # Eager decode on the H200 machine measured 27-42 ms per token at 32 layers (issue 13 measured 6.99), and
-        # a probe showed cuDNN attention among the top host costs: eager with the other SDPA kernels. Speedups
-        # are claimed against the faster of the two eager rows.
-        def without_cudnn(new: int) -> torch.Tensor:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-                return hf_generate(model, inputs, new, static=False)
-        return without_cudnn
     if variant == "mmaccel.generate":
         return lambda new: mmaccel.generate(model, **inputs, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
     compile_kwargs = {"inductor": {}, "inductor-reduce-overhead": {"mode": "reduce-overhead"},
@@ -224,7 +214,7 @@ def lengths_check(args: argparse.Namespace) -> int:
     ids = torch.randint(3, 90 if args.tiny else 1000, (1, 128), device=device)
     stem = args.out or os.path.join(RESULTS, f"hf_generate_lengths_{'tiny_' if args.tiny else ''}{device}")
     print(f"{'variant':26} {'graphs':>6} {'after warm-up':>13} {'ms/token (median, calls 3+)':>28}")
-    for variant in [v for v in args.variants if v != "eager (no cuDNN SDPA)"]:
+    for variant in args.variants:
         torch._dynamo.utils.counters.clear()
         with torch.no_grad(), mmaccel.collect_reports() as report:
             run = variant_runner(variant, model, {})
@@ -254,7 +244,7 @@ def variant_runner_call(variant: str, model: torch.nn.Module, inputs: dict[str, 
     """One call of `variant` on `inputs` (the compiled forward, if any, already installed on `model`)."""
     if variant == "mmaccel.generate":
         return mmaccel.generate(model, **inputs, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
-    return hf_generate(model, inputs, new, static=variant not in ("eager", "eager (no cuDNN SDPA)"))
+    return hf_generate(model, inputs, new, static=variant != "eager")
 
 
 def print_row(row: dict) -> None:
