@@ -146,6 +146,7 @@ class _Session:
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.lossy = bool(options.quantize or options.prune)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -188,11 +189,11 @@ class _Session:
                            torch.tensor(config.stop_ids or [-1], device=device),
                            torch.tensor(config.pad_id, device=device), config.sampler,
                            "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args,
-                           self.encoder_decoder)
+                           self.encoder_decoder, self.lossy)
         self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
                                    sampler=config.sampler, inputs=sorted(model_inputs)))
         with _image_tokens_checked(self.model, input_ids, model_inputs):
-            state.token, state.done, state.encoder_outputs = self.prefill(
+            state.token, state.done, state.encoder_outputs, _ = self.prefill(
                 state, ids, position_ids, torch.arange(prompt, device=device), model_inputs)
         state.position_ids = position_ids[:, -1:] + 1
         state.cache_position = torch.tensor([prompt], device=device)
@@ -209,7 +210,7 @@ class _Session:
                 break
             # The first step checks every guard; later steps repeat it with the same objects and shapes.
             with guards_checked_once() if step > 1 else contextlib.nullcontext():
-                state.token, state.done, state.position_ids, state.cache_position = self.decode(
+                state.token, state.done, state.position_ids, state.cache_position, _ = self.decode(
                     state, state.token, state.done, state.position_ids, state.cache_position)
             tokens.append(state.token)
         return torch.cat(tokens, dim=1)
@@ -245,6 +246,9 @@ class _StepState:
     pass_cache_position: bool  # transformers < 5.2x takes cache_position; later versions count in the cache
     pass_logits_to_keep: bool
     encoder_decoder: bool  # Whisper: the prompt is the decoder's, the cache an EncoderDecoderCache
+    # Lossy options: the steps also return their logits, the float output the lossy passes measure their error
+    # on (a step's other outputs are tokens and flags: an int8 model measured 0 error on them, budget unchecked).
+    returns_logits: bool
     encoder_outputs: tuple[torch.Tensor] | None = None  # computed by the prefill, read by decode steps
     token: torch.Tensor | None = None  # [B, 1]
     done: torch.Tensor | None = None  # [B, 1] bool
@@ -281,13 +285,17 @@ def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: t
 
 def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
     logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
-    return *_choose(state, logits, cache_position[-1:], None), encoder_outputs
+    return *_choose(state, logits, cache_position[-1:], None), encoder_outputs, _measured(state, logits)
 
 
 def _decode_step(state: _StepState, token, done, position_ids, cache_position):
     logits, _ = _forward_logits(state, token, position_ids, cache_position, {})
     token, done = _choose(state, logits, cache_position, done)
-    return token, done, position_ids + 1, cache_position + 1
+    return token, done, position_ids + 1, cache_position + 1, _measured(state, logits)
+
+
+def _measured(state: _StepState, logits: torch.Tensor) -> torch.Tensor | None:
+    return logits if state.returns_logits else None
 
 
 def _sampling_tensors(config: _Config, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -98,6 +98,18 @@ def test_graphs_bounded_over_20_random_calls() -> None:
     print(report)
 
 
+def test_quantized_steps_measure_their_error_on_the_logits() -> None:
+    """A step's outputs are tokens and flags; with a lossy option it also returns its logits, which the budget
+    is measured on (before, int8 measured 0.0 on the integer outputs: the budget went unchecked)."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = hf_tiny.token_batch(1, 12)
+    options = dict(EAGER, quantize="int8_weight_only", accuracy_budget=0.05)
+    mmaccel.generate(model, ids, mask, max_new_tokens=3, options=options)
+    graphs = mmaccel.generation_report(model, **options).compile.graphs
+    errors = [g.pass_result("quantize").measured_error for g in graphs]
+    assert len(errors) == 2 and all(0 < e <= 0.05 for e in errors), errors
+
+
 def test_too_long_names_the_limit() -> None:
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([50])
