@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch
 import torch.fx as fx
 
-from ..compiler.errors import LossyPassError, warn_once
+from ..compiler.errors import LossyPassError, ReleasedWeightsError, warn_once
+from ..compiler.release import storage_id
 from .attention import fuse_attention
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .contract import Pass, PassContext, PassOptions, PassResult, PassValidationError
@@ -85,12 +87,30 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
         # random float16 programs); lossy error is what the user gets against their model, so it is measured
         # against the graph before any pass
         ctx.reference = clone_module(gm)
+        aliases = _owner_aliases(ctx.reference, ctx.weight_owners)
     results = []
     for p in passes:
+        if p.lossy:
+            _rebind(ctx.reference, aliases)
         if p.lossy or ctx.options.pass_enabled(p.name):
             results.append(run_pass(gm, ctx, p))
     ctx.reference = None  # it holds the weights as they were before fusion: free them with the compile
     return results
+
+
+def _owner_aliases(reference: fx.GraphModule, owners: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference's constants that are the user's parameters (frozen by reference), by buffer name."""
+    by_layout = {(storage_id(t), t.storage_offset(), t.shape, t.stride()): t for t in owners}
+    return {name: by_layout[key] for name, t in reference.named_buffers()
+            if (key := (storage_id(t), t.storage_offset(), t.shape, t.stride())) in by_layout}
+
+
+def _rebind(reference: fx.GraphModule, aliases: dict[str, torch.Tensor]) -> None:
+    """Point the reference at the parameters as they are now: parallel_linear_fusion rebinds them as views of
+    one concatenated buffer (same values), and the reference would otherwise keep the old storages alive through
+    the lossy pass, a second copy of the weights at the compile-time peak (issue 21)."""
+    for name, owner in aliases.items():
+        reference.register_buffer(name, owner.detach(), persistent=False)
 
 
 def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
@@ -108,6 +128,8 @@ def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
         propagate_fake(gm, ctx.fake_mode)
         if not signatures_match(contract, output_signature(gm)):
             raise PassValidationError(f"outputs changed from {contract} to {output_signature(gm)}")
+    except ReleasedWeightsError:  # the weights are gone: no fallback can run this graph
+        raise
     except Exception as e:  # a broken pass must never break (or silently change) the user's model
         gm.graph = saved
         gm.recompile()

@@ -238,6 +238,7 @@ class PruneLever:
         # bytes per site and option, counted on the graph as found (the final rewrite changes its nodes)
         self.costs: dict[str, dict[str, int]] = {}
         self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
+        self.last: tuple[tuple[str, str], dict[str, torch.Tensor | None]] | None = None
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         mlps, self.near_misses = find_mlps(gm)
@@ -290,22 +291,29 @@ class PruneLever:
         return self.costs[site.node][option]
 
     def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
-        """The MLP's new constants at `option`, by the node that reads them: made once, shared by every graph
-        the solver measures; slices and solutions, never writes into the frozen constants."""
+        """The MLP's new constants at `option`, by the node that reads them; slices and solutions, never writes
+        into the frozen constants. Kept made: each MLP's cheapest option (the first mix measured) and the last
+        one made, so that the sensitivity measurement holds one extra MLP's candidates at a time (issue 21)."""
         key = (site_node, option)
-        if key not in self.made:
-            mlp = self.mlps[site_node]
-            keep = self._options(mlp.width)[option]
-            kept, weight, bias = refit_down(self.grams[site_node], self._const(mlp.down.args[1]),
-                                            self._const(mlp.down.args[2]), keep)
-            made = {"down.weight": weight, "down.bias": bias}
-            for up in mlp.ups:
-                rows = self._kept_rows(mlp, up, kept)
-                w, b = self._const(up.args[1]), self._const(up.args[2])
-                made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
-                made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
+        if key in self.made:
+            return self.made[key]
+        if self.last is not None and self.last[0] == key:
+            return self.last[1]
+        mlp = self.mlps[site_node]
+        options = self._options(mlp.width)
+        kept, weight, bias = refit_down(self.grams[site_node], self._const(mlp.down.args[1]),
+                                        self._const(mlp.down.args[2]), options[option])
+        made = {"down.weight": weight, "down.bias": bias}
+        for up in mlp.ups:
+            rows = self._kept_rows(mlp, up, kept)
+            w, b = self._const(up.args[1]), self._const(up.args[2])
+            made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
+            made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
+        if option == next(iter(options)):
             self.made[key] = made
-        return self.made[key]
+        else:
+            self.last = key, made
+        return made
 
     @staticmethod
     def _kept_rows(mlp: _Mlp, up: fx.Node, kept: torch.Tensor) -> torch.Tensor:
@@ -320,6 +328,13 @@ class PruneLever:
             rows.append(start + kept if index in ours else torch.arange(start, start + size))
             start += size
         return torch.cat(rows)
+
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, None]]:
+        """The MLP's weights and biases; a pruned MLP is not rebuilt after weights="release" (no `replay`: its
+        channels were chosen on activations of the full weights)."""
+        mlp = self.mlps[node.name]
+        nodes = [a for up in mlp.ups for a in up.args[1:3]] + [mlp.down.args[1], mlp.down.args[2]]
+        return [(constant_value(gm, n.target), None) for n in nodes if is_constant(n)]
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         mlp = _trace(node)

@@ -1,0 +1,152 @@
+"""weights="release" (issue 21): a quantized / pruned compile frees the parameters its graph replaced, so the compiled
+model holds its quantized bytes; the module itself then refuses eager calls; a recompile after release rebuilds
+the quantized linears from the records of the first graph, or stops with ReleasedWeightsError. Memory is counted
+as tensor storage bytes reachable from the module and the compiled model (tests/storage.py)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+import mmaccel
+import hf_tiny
+import mmaccel.passes.lossy as lossy
+from mmaccel.compiler.errors import InvalidOptionError, ReleasedWeightsError
+from mmaccel.passes.quantize import _cost
+from storage import reachable_storage_bytes
+
+# issue 21's targets, steady memory of the linear weights after release against their bf16 bytes
+TARGETS = {"int8_weight_only": 0.55, "int4_weight_only": 0.32}
+LOOSE = {"accuracy_budget": 0.5}  # random weights: every linear takes the scheme
+
+
+def _model() -> torch.nn.Module:
+    return hf_tiny.llama("sdpa").to(torch.bfloat16)
+
+
+def _ids(length: int) -> torch.Tensor:
+    return torch.randint(3, hf_tiny.VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+
+
+def _linear_bytes(model: torch.nn.Module) -> int:
+    return sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+class Mlp(torch.nn.Module):
+    """Two GELU MLPs with residuals: a model that compiles in about a second (prune and peak tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                                              torch.nn.Linear(256, 64)) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def _mlp() -> torch.nn.Module:
+    return Mlp().eval().requires_grad_(False)
+
+
+def test_release_int8_holds_its_bytes_refuses_eager_calls_and_recompiles() -> None:
+    """dynamic=False and a new length: Dynamo traces again over the freed parameters; the quantize lever rebuilds
+    each linear from the first graph's int8 weights (the same tensors: no memory added), nothing measured; the
+    outputs equal those of the same compile without release, bit for bit."""
+    scheme, model, kept = "int8_weight_only", _model(), _model()
+    linear, other = _linear_bytes(model), reachable_storage_bytes(model) - _linear_bytes(model)
+    options = dict(target="eager", quantize=scheme, dynamic=False, **LOOSE)
+    with torch.no_grad():
+        reference = mmaccel.compile(kept, **options)
+        compiled = mmaccel.compile(model, weights="release", **options)
+        torch.testing.assert_close(compiled(_ids(8)).logits, reference(_ids(8)).logits, rtol=0, atol=0)
+        held = reachable_storage_bytes(model, compiled) - other
+        assert held <= TARGETS[scheme] * linear, f"linears hold {held / linear:.3f}x their bf16 bytes"
+        with pytest.raises(ReleasedWeightsError, match="freed by weights='release'.*call the compiled model"):
+            model(_ids(8))
+        with pytest.raises(ReleasedWeightsError):  # a submodule too
+            model.model.layers[0].mlp(torch.randn(1, 3, 32, dtype=torch.bfloat16))
+        torch.testing.assert_close(compiled(_ids(11)).logits, reference(_ids(11)).logits, rtol=0, atol=0)
+    assert reachable_storage_bytes(model, compiled) - other - held < 0.02 * held
+    first, second = compiled.mmaccel_report.graphs
+    assert first.released_bytes == linear  # the report says what was freed (every linear quantized here)
+    assert "model parameters released" in str(compiled.mmaccel_report)
+    assert "rebuilt from the quantized weights" in second.pass_result("quantize").changes[0]
+    assert second.pass_result("quantize").matched == first.pass_result("quantize").matched
+
+
+def test_release_int4_holds_its_bytes() -> None:
+    model = _model()
+    linear, other = _linear_bytes(model), reachable_storage_bytes(model) - _linear_bytes(model)
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", quantize="int4_weight_only", weights="release", **LOOSE)
+        compiled(_ids(8))
+    held = reachable_storage_bytes(model, compiled) - other
+    assert held <= TARGETS["int4_weight_only"] * linear, f"linears hold {held / linear:.3f}x their bf16 bytes"
+
+
+def test_recompile_that_cannot_be_rebuilt_raises() -> None:
+    """Near-miss: a pruned MLP's channels were chosen on the full weights; after release a new graph cannot be
+    rebuilt, and the compile stops naming the fixes instead of running on freed storage."""
+    model = _mlp()
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", weights="release", dynamic=False,
+                                   **LOOSE)
+        compiled(torch.randn(64, 64))
+        assert compiled.mmaccel_report.graphs[0].released_bytes > 0
+        with pytest.raises(ReleasedWeightsError, match="prune='mlp_channels' cannot rebuild.*weights='keep'"):
+            compiled(torch.randn(65, 64))
+
+
+def test_release_options_are_checked() -> None:
+    with pytest.raises(InvalidOptionError, match="lossless compile reads them all"):
+        mmaccel.compile(_model(), weights="release")
+    with pytest.raises(InvalidOptionError, match="choose one of"):
+        mmaccel.compile(_model(), quantize="int8_weight_only", weights="free")
+    with pytest.raises(InvalidOptionError, match="needs the model"):
+        torch.compile(_model(), backend="mmaccel", options={"quantize": "int8_weight_only", "weights": "release"})(
+            _ids(4))
+    with pytest.raises(InvalidOptionError, match="does not apply to export_onnx"):
+        mmaccel.export_onnx(_model(), (_ids(4),), "unused.onnx", quantize="int8_weight_only", weights="release")
+
+
+def _live_storage_bytes() -> int:
+    """Every real tensor storage the interpreter holds (gc-tracked tensors), each counted once."""
+    gc.collect()  # garbage waiting for the collector is not held
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta" and not is_fake(obj):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_compile_time_peak_holds_one_layer_of_candidates(monkeypatch) -> None:
+    """Sensitivity measurement (budget too tight for the cheapest mix) holds each layer's cheapest candidate and
+    the one being measured, and the reference no longer keeps the pre-fusion weights: peak storage at any graph
+    run during the lossy pass stays under 1.15x the model's weights plus the cheapest quantized model (before:
+    1.50x for int8 on this model, 2.48x with sensitivities)."""
+    peak = [0]
+    run_graph = lossy.run_graph
+
+    def spy(gm, inputs):
+        peak[0] = max(peak[0], _live_storage_bytes())
+        return run_graph(gm, inputs)
+
+    monkeypatch.setattr(lossy, "run_graph", spy)
+    torch._dynamo.reset()
+    model = _mlp()
+    gc.collect()
+    weights = reachable_storage_bytes(model)
+    others = _live_storage_bytes() - weights  # what earlier tests left alive
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", quantize="int4_weight_only", accuracy_budget=1e-6)
+        compiled(torch.randn(4, 64))  # few tokens: the weights, not the activations, make the peak
+    result = compiled.mmaccel_report.graphs[0].pass_result("quantize")
+    assert result.details["sensitivity_by"]  # the sensitivity phase ran (then nothing fit the budget)
+    cheapest = sum(_cost(next(iter(row["sensitivity"])), torch.empty(row["shape"])) for row in result.details["layers"])
+    peak = peak[0] - others
+    assert peak < 1.15 * (weights + cheapest), f"peak {peak} vs model {weights} + int4 {cheapest}"
