@@ -19,7 +19,8 @@ from .debug import DebugDump
 from .errors import InvalidOptionError, LossyPassError, ReleasedWeightsError, warn_once
 from .lowering import DECOMPOSITIONS, FrozenGraph, freeze_parameters
 from .options import CompileOptions, Sample
-from .release import GraphWeights, check_no_stand_ins, is_released, refuse_eager_calls, refuse_released, release_replaced
+from .release import (GraphWeights, check_no_stand_ins, is_released, refuse_eager_calls, refuse_released,
+                      release_replaced)
 from .report import CompileReport, GraphReport, active_reports
 
 
@@ -105,8 +106,8 @@ class Backend:
         record.dynamo_nodes = len(gm.graph.nodes)
         record.inputs = [_describe(x) for x in example_inputs]
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
-            return _fallback(gm, example_inputs, record, "gradients are required (grad mode is on and an input or parameter "
-                             "requires grad); mmaccel optimizes inference only: call the model under "
+            return _fallback(gm, example_inputs, record, "gradients are required (grad mode is on and an input or "
+                             "parameter requires grad); mmaccel optimizes inference only: call the model under "
                              "torch.no_grad() or torch.inference_mode() to optimize it")
 
         if self.calibrated:

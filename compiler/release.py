@@ -136,8 +136,8 @@ def check_no_stand_ins(gm: fx.GraphModule) -> None:
         raise ReleasedWeightsError(
             f"mmaccel: a new graph of this model (a recompile: new input shapes or a failed guard) reads "
             f"{len(stand_ins)} weight tensor(s) ({mib:.1f} MiB) that weights='release' freed, and cannot be rebuilt "
-            f"from the quantized weights of earlier graphs (no quantized form was recorded for them under these options, "
-            f"a pruned MLP, or a pass computed on them). Fixes: {FIXES}.")
+            f"from the quantized weights of earlier graphs (no quantized form was recorded for them under these "
+            f"options, a pruned MLP, or a pass computed on them). Fixes: {FIXES}.")
 
 
 def refuse_released(tensors: Iterable[Any], what: str) -> None:
