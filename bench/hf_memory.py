@@ -104,8 +104,8 @@ def main() -> None:
     if args.tiny:
         args.seq, args.repeats = min(args.seq, 16), min(args.repeats, 3)
     rows = []
-    print(f"{'variant':24} {'steady':>7} {'peak':>7} {'peak/steady':>11} {'released GiB':>12} {'ms':>9}   "
-          "(steady, peak: fractions of the bf16 weight bytes)")
+    print(f"{'variant':24} {'steady':>7} {'peak':>7} {'peak/steady':>11} {'released':>8} {'ms':>9}   "
+          "(steady, peak, released: fractions of the bf16 weight bytes)")
     for variant in args.variants.split(","):
         rows.append(measure(variant, args, device))
         print_row(rows[-1])
@@ -116,10 +116,10 @@ def main() -> None:
 
 
 def print_row(r: dict) -> None:
-    gib, w = 2 ** 30, r["weight_bytes"]
+    w = r["weight_bytes"]
     peak = r.get("peak_bytes")
     peaks = (f"{peak / w:7.3f} {peak / r['steady_bytes']:11.3f}" if peak is not None else f"{'-':>7} {'-':>11}")
-    print(f"{r['variant']:24} {r['steady_bytes'] / w:7.3f} {peaks} {r['released_bytes'] / gib:12.3f} {r['ms']:9.2f}",
+    print(f"{r['variant']:24} {r['steady_bytes'] / w:7.3f} {peaks} {r['released_bytes'] / w:8.3f} {r['ms']:9.2f}",
           flush=True)
 
 
