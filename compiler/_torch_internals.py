@@ -27,6 +27,7 @@ __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
     "module_owned_inputs", "recompile_limit_at_least", "is_fake", "StorageWeakRef", "DynamoVisibleReleasedWeightsError",
+    "storage_id",
 ]
 
 
@@ -43,6 +44,12 @@ class DynamoVisibleReleasedWeightsError(ReleasedWeightsError, ShortenTraceback):
 
     def __init__(self, message: str) -> None:
         ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
+def storage_id(t: torch.Tensor) -> int:
+    """The identity of t's storage (its StorageImpl), the same for every view of it, also for a FakeTensor's
+    storage and for a storage resized to 0 bytes (data_ptr is neither)."""
+    return t.untyped_storage()._cdata
 
 
 def lower_with_aot(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

@@ -14,9 +14,9 @@ import torch
 import torch._decomp
 import torch.fx as fx
 
-from ._torch_internals import frozen_candidate_mask, is_static_tensor
+from ._torch_internals import frozen_candidate_mask, is_static_tensor, storage_id
 from .errors import warn_once
-from .release import GraphWeights, is_released, refuse_released, register_live, storage_id
+from .release import GraphWeights, is_released, refuse_released, register_live
 
 aten = torch.ops.aten
 

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ._torch_internals import StorageWeakRef, is_fake
+from ._torch_internals import StorageWeakRef, is_fake, storage_id
 from .errors import ReleasedWeightsError, warn_once
 
 # Process-wide, as the released storages are: storage id -> (weak reference, bytes freed). The weak reference
@@ -40,10 +40,6 @@ _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 FIXES = ("compile with weights='keep'; or give mmaccel.compile calibration samples of every input shape (the dims "
          "in which they differ compile dynamic) so that no recompile is needed; or reload the weights and compile "
          "again")
-
-
-def storage_id(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
 
 
 def is_released(t: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from ..compiler.release import storage_id
+from ..compiler._torch_internals import storage_id
 from ..ops.fused_linear import ACTIVATIONS
 from .patterns import (VIEW_OPS, Miss, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
                        merged_layer_name, replace_uses, same_shape, shape, single_user)

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..compiler.errors import LossyPassError, ReleasedWeightsError, warn_once
-from ..compiler.release import storage_id
+from ..compiler._torch_internals import storage_id
 from .attention import fuse_attention
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .contract import Pass, PassContext, PassOptions, PassResult, PassValidationError
@@ -87,30 +87,25 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
         # random float16 programs); lossy error is what the user gets against their model, so it is measured
         # against the graph before any pass
         ctx.reference = clone_module(gm)
-        aliases = _owner_aliases(ctx.reference, ctx.weight_owners)
+        _read_owners_themselves(ctx.reference, ctx.weight_owners)
     results = []
     for p in passes:
-        if p.lossy:
-            _rebind(ctx.reference, aliases)
         if p.lossy or ctx.options.pass_enabled(p.name):
             results.append(run_pass(gm, ctx, p))
     ctx.reference = None  # it holds the weights as they were before fusion: free them with the compile
     return results
 
 
-def _owner_aliases(reference: fx.GraphModule, owners: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The reference's constants that are the user's parameters (frozen by reference), by buffer name."""
+def _read_owners_themselves(reference: fx.GraphModule, owners: Sequence[torch.Tensor]) -> None:
+    """Make the reference read the user's parameters themselves where its constants are their detached aliases:
+    parallel_linear_fusion rebinds each parameter's .data to a view of one concatenated buffer (same values), and
+    an alias would keep the old storage alive through the passes, a second copy of the weights at the
+    compile-time peak (issue 21)."""
     by_layout = {(storage_id(t), t.storage_offset(), t.shape, t.stride()): t for t in owners}
-    return {name: by_layout[key] for name, t in reference.named_buffers()
-            if (key := (storage_id(t), t.storage_offset(), t.shape, t.stride())) in by_layout}
-
-
-def _rebind(reference: fx.GraphModule, aliases: dict[str, torch.Tensor]) -> None:
-    """Point the reference at the parameters as they are now: parallel_linear_fusion rebinds them as views of
-    one concatenated buffer (same values), and the reference would otherwise keep the old storages alive through
-    the lossy pass, a second copy of the weights at the compile-time peak (issue 21)."""
-    for name, owner in aliases.items():
-        reference.register_buffer(name, owner.detach(), persistent=False)
+    for name, t in list(reference.named_buffers()):
+        owner = by_layout.get((storage_id(t), t.storage_offset(), t.shape, t.stride()))
+        if owner is not None:
+            reference.register_buffer(name, owner, persistent=False)
 
 
 def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
