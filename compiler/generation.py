@@ -133,10 +133,10 @@ def _session(model: torch.nn.Module, options: dict[str, Any]) -> "_Session":
 
 
 def _with_weights_default(options: dict[str, Any]) -> dict[str, Any]:
-    """A user who quantizes for generation wants the smaller model: weights="release" unless set. Not with prune:
-    a pruned graph cannot be rebuilt from released weights (compiler/release.py), and each new bucket of
-    generate is a new graph."""
-    if options.get("quantize") and not options.get("prune") and "weights" not in options:
+    """A user who quantizes or prunes for generation wants the smaller model: weights="release" unless set. Each
+    new bucket of generate is a new graph, rebuilt from the first one's records (compiler/release.py); not with
+    both levers, whose MLPs cannot be rebuilt (pruned, then quantized)."""
+    if bool(options.get("quantize")) != bool(options.get("prune")) and "weights" not in options:
         return {**options, "weights": "release"}
     return options
 

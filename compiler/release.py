@@ -9,11 +9,11 @@ fold, such as rotary tables, stay), and never one that a live compiled graph sti
 Recompiles (a new input length with dynamic=False, a failed guard) trace the model again and need its weights.
 A released parameter enters the new graph as a stand-in: a FakeTensor with the parameter's metadata over one
 fake storage per released storage, so views, transposes and the back-to-back check of parallel_linear_fusion
-see the same layout as in the first compile, while nothing can read a value. The quantize lever then rebuilds
-each linear from the quantized weights recorded when its source was released, keyed by the source's identity
+see the same layout as in the first compile, while nothing can read a value. The levers then rebuild what was
+recorded when the sources were released (each quantized linear, each pruned MLP), keyed by the source's identity
 (storage, offset, shape, strides, dtype) and the scheme, without measuring again (`GraphWeights.recall`). A
-stand-in still read by the final graph (a pruned MLP, a scheme never recorded, a weight a pass had to compute
-on) stops the compile with ReleasedWeightsError naming the fixes: nothing ever runs on a freed storage.
+stand-in still read by the final graph (an MLP pruned then quantized, a scheme never recorded, a weight a pass had
+to compute on) stops the compile with ReleasedWeightsError naming the fixes: nothing ever runs on a freed storage.
 
 Eager calls: `refuse_eager_calls(model)` puts a forward pre-hook on each module holding parameters; once one is
 released, calling the module raises ReleasedWeightsError (under Dynamo's trace the hook does nothing).
@@ -97,11 +97,18 @@ def release_replaced(owners: Sequence[torch.Tensor], gm: fx.GraphModule, weights
         sid = storage_id(t)
         if sid in replaced and sid not in needed and sid not in _RELEASED:
             freed += _free(t)
+    held = {storage_id(t) for t in gm.buffers()}
     for weight, scheme, made in weights.replaced:
         key = weights.key(weight)
-        if made is not None and key[0] in _RELEASED:
+        # a record holds only tensors the graph holds (it adds no memory): not a pruned weight a later lever
+        # quantized, so pruned-and-quantized MLPs are not rebuilt
+        if made is not None and key[0] in _RELEASED and _storages(made) <= held:
             _REMEMBERED[(*key, scheme)] = made
     return freed
+
+
+def _storages(made: Any) -> set[int]:
+    return {storage_id(t) for t in torch.utils._pytree.tree_leaves(made) if isinstance(t, torch.Tensor)}
 
 
 def _free(t: torch.Tensor) -> int:
@@ -133,7 +140,7 @@ def check_no_stand_ins(gm: fx.GraphModule) -> None:
             f"mmaccel: a new graph of this model (a recompile: new input shapes or a failed guard) reads "
             f"{len(stand_ins)} weight tensor(s) ({mib:.1f} MiB) that weights='release' freed, and cannot be rebuilt "
             f"from the quantized weights of earlier graphs (no quantized form was recorded for them under these "
-            f"options, a pruned MLP, or a pass computed on them). Fixes: {FIXES}.")
+            f"options, an MLP pruned then quantized, or a pass computed on them). Fixes: {FIXES}.")
 
 
 def refuse_released(tensors: Iterable[Any], what: str) -> None:

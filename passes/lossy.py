@@ -32,8 +32,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.fx as fx
 
-from ..compiler.errors import ReleasedWeightsError, warn_once
-from ..compiler.release import FIXES
+from ..compiler.errors import warn_once
 from .contract import PassContext, PassResult
 from .graph import clone_module
 from .patterns import add_constant, constant_value
@@ -89,6 +88,11 @@ class Lever(Protocol):
     def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
         """Before `node` of gm is rewritten to `option`: the constants it stops reading, each with what rebuilds
         its replacement without it (for a recompile after weights="release"), or None."""
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        """On a graph whose released parameters are stand-ins (compiler/release.py): rewrite each site an
+        earlier graph changed, from the record `released.recall(source weight, self.label)` gives, without
+        reading a weight; returns what it did, for the report."""
 
 
 def split_hierarchy(name: str) -> tuple[str, str, str]:
@@ -211,13 +215,7 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
 def _replay(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever]) -> PassResult:
     """A graph compiled after weights="release" freed parameters it reads (a recompile): each lever rebuilds what
     an earlier graph chose from its records, nothing is measured (the reference would need the freed weights).
-    What cannot be rebuilt stops the compile (compiler/release.py check_no_stand_ins, or here). A lever that can
-    rebuild has `replay(gm, released) -> str` (what it did, for the report)."""
-    cannot = [f"{lever.name}={lever.label!r}" for lever in levers if not hasattr(lever, "replay")]
-    if cannot:
-        raise ReleasedWeightsError(f"mmaccel: a new graph of this model (a recompile) reads weights that "
-                                   f"weights='release' freed, and {', '.join(cannot)} cannot rebuild its choice "
-                                   f"without them. Fixes: {FIXES}.")
+    What no record rebuilds stops the compile (compiler/release.py check_no_stand_ins)."""
     changes = [lever.replay(gm, ctx.released) for lever in levers]
     gm.recompile()
     return PassResult(matched=sum(1 for n in gm.graph.nodes if n.meta.get(REPLAYED)), changes=changes)

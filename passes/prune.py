@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from ..compiler.errors import warn_once
 from .contract import PassContext
-from .lossy import ORIGINAL, Site, calibration_samples, run_graph
-from .patterns import VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
+from .lossy import ORIGINAL, REPLAYED, Site, calibration_samples, run_graph
+from .patterns import VIEW_OPS, add_constant, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 KEEP = {"keep_25": 0.25, "keep_50": 0.5, "keep_75": 0.75}  # cheapest first, as the mechanism needs
@@ -329,12 +329,36 @@ class PruneLever:
             start += size
         return torch.cat(rows)
 
-    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, None]]:
-        """The MLP's weights and biases; a pruned MLP is not rebuilt after weights="release" (no `replay`: its
-        channels were chosen on activations of the full weights)."""
-        mlp = self.mlps[node.name]
-        nodes = [a for up in mlp.ups for a in up.args[1:3]] + [mlp.down.args[1], mlp.down.args[2]]
-        return [(constant_value(gm, n.target), None) for n in nodes if is_constant(n)]
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
+        """The MLP's weights and biases; the first, the down projection's weight, carries what rebuilds the pruned
+        MLP on a recompile after weights="release": the option and the new constants, ups in their trace order."""
+        mlp, made = self.mlps[node.name], self._made(node.name, option)
+        rebuild = (option, [(made[f"{up.name}.weight"], made[f"{up.name}.bias"]) for up in mlp.ups],
+                   made["down.weight"], made["down.bias"])
+        nodes = [n for n in (mlp.down.args[1], mlp.down.args[2], *(a for up in mlp.ups for a in up.args[1:3]))
+                 if is_constant(n)]
+        return [(constant_value(gm, n.target), rebuild if i == 0 else None) for i, n in enumerate(nodes)]
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        """Each MLP whose down projection an earlier graph pruned under this scheme (and weights="release" then
+        freed), rebuilt with that graph's kept channels and refit weights: nothing traced on data, nothing
+        measured."""
+        rebuilt = 0
+        for mlp in find_mlps(gm)[0]:
+            record = released.recall(constant_value(gm, mlp.down.args[1].target), self.label)
+            if record is None:
+                continue
+            option, ups, weight, bias = record
+            self.mlps[mlp.down.name] = mlp
+            self.made[(mlp.down.name, option)] = {
+                "down.weight": weight, "down.bias": bias,
+                **{f"{up.name}.{part}": t for up, pair in zip(mlp.ups, ups)
+                   for part, t in zip(("weight", "bias"), pair)}}
+            self.rewrite(gm.graph, mlp.down, option, lambda p, t: add_constant(gm, p, t))
+            mlp.down.meta[REPLAYED] = option
+            rebuilt += 1
+        return (f"{self.label}: {rebuilt} MLP(s) rebuilt from the pruned weights of an earlier graph (weights "
+                "released; nothing measured)")
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         mlp = _trace(node)

@@ -94,8 +94,8 @@ def test_generate_with_quantize_releases_and_rebuilds_the_decode_graph() -> None
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = hf_tiny.token_batch(1, 6)
     options = {"target": "eager", "quantize": "int8_weight_only", **LOOSE}
-    tokens = mmaccel.generate(model, ids, mask, max_new_tokens=4, pad_token_id=0, options=options)
-    assert tokens.shape == (1, 10) and torch.equal(tokens[:, :6], ids)
+    tokens = mmaccel.generate(model, ids, mask, max_new_tokens=2, pad_token_id=0, options=options)
+    assert tokens.shape == (1, 8) and torch.equal(tokens[:, :6], ids)
     prefill, decode = mmaccel.generation_report(model, **options).compile.graphs
     assert prefill.released_bytes == _linear_bytes(model)  # every linear quantized, its fp32 weight freed
     assert "rebuilt from the quantized weights" in decode.pass_result("quantize").changes[0]
@@ -114,16 +114,33 @@ def test_release_int4_holds_its_bytes() -> None:
     assert held <= TARGETS["int4_weight_only"] * linear, f"linears hold {held / linear:.3f}x their bf16 bytes"
 
 
-def test_recompile_that_cannot_be_rebuilt_raises() -> None:
-    """Near-miss: a pruned MLP's channels were chosen on the full weights; after release a new graph cannot be
-    rebuilt, and the compile stops naming the fixes instead of running on freed storage."""
+def test_pruned_recompile_after_release_rebuilds_from_the_pruned_weights() -> None:
     model = _mlp()
+    x, y = torch.randn(64, 64), torch.randn(65, 64)
     with torch.no_grad():
+        expected = model(y)
         compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", weights="release", dynamic=False,
                                    **LOOSE)
+        compiled(x)
+        out = compiled(y)  # a new size: a recompile over the freed parameters
+    first, second = compiled.mmaccel_report.graphs
+    assert first.released_bytes > 0 and first.pass_result("prune").matched == 2
+    assert "2 MLP(s) rebuilt from the pruned weights" in second.pass_result("prune").changes[0]
+    assert _rel_err(out, expected) < 0.5  # pruned, within the budget, not garbage
+    assert {t.data_ptr() for t in second.final_graph.buffers()} == {t.data_ptr() for t in first.final_graph.buffers()}
+
+
+def test_recompile_that_cannot_be_rebuilt_raises() -> None:
+    """Near-miss: pruned and then quantized MLPs are not rebuilt (a record holds only tensors the graph holds, and
+    the graph holds the quantized form of the pruned weights): a new graph stops naming the fixes instead of
+    running on freed storage."""
+    model = _mlp()
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="mlp_channels", quantize="int8_weight_only",
+                                   weights="release", dynamic=False, **LOOSE)
         compiled(torch.randn(64, 64))
         assert compiled.mmaccel_report.graphs[0].released_bytes > 0
-        with pytest.raises(ReleasedWeightsError, match="prune='mlp_channels' cannot rebuild.*weights='keep'"):
+        with pytest.raises(ReleasedWeightsError, match="cannot be rebuilt.*Fixes: compile with weights='keep'"):
             compiled(torch.randn(65, 64))
 
 
