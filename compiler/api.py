@@ -36,6 +36,7 @@ def explain(model: Callable, *example_inputs: Any, dynamic: bool | None = None, 
     captured, graph breaks, each pass with what it matched and changed, the target that ran.
     `print(report)` shows it as a table."""
     backend = Backend(CompileOptions.from_user(options))
+    backend.guard_model(model)
     before = graph_break_count()
     torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
     after = graph_break_count()

@@ -152,6 +152,9 @@ def test_release_options_are_checked() -> None:
     with pytest.raises(InvalidOptionError, match="needs the model"):
         torch.compile(_model(), backend="mmaccel", options={"quantize": "int8_weight_only", "weights": "release"})(
             _ids(4))
+    report = mmaccel.explain(_mlp(), torch.randn(64, 64), target="eager", prune="mlp_channels", weights="release",
+                             **LOOSE)  # explain has the model: it releases, and says so
+    assert "model parameters released" in str(report)
     with pytest.raises(InvalidOptionError, match="does not apply to export_onnx"):
         mmaccel.export_onnx(_model(), (_ids(4),), "unused.onnx", quantize="int8_weight_only", weights="release")
 
