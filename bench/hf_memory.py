@@ -1,12 +1,14 @@
-"""Memory a compiled Hugging Face decoder holds beyond its own weights (issue 21): eager, Inductor, mmaccel
-(lossless) and mmaccel int8 weight-only, on a LlamaForCausalLM at 7B dims (random weights).
+"""Memory a compiled Hugging Face decoder holds, steady and at its peak, beside its latency (issue 21): eager,
+Inductor, mmaccel bf16, int8 and int4 weight-only, pruned MLPs (prune="mlp_channels"), the lossy ones with and
+without weights="release", on a LlamaForCausalLM at 7B dims (random weights).
 
-On CUDA: GPU memory allocated beyond the model after compiling and running a `--seq`-token forward twice
-("held"), and the peak above the model during that ("peak"). On CPU (`--tiny`, a 2-layer toy config): bytes of
-the distinct tensor storages reachable from the module and the compiled graphs (no allocator statistics).
+On CUDA: "steady" is GPU memory allocated after compiling and running a `--seq`-token forward twice (the model
+included, activations freed), "peak" the most allocated meanwhile (compile included), both against the bf16
+weight bytes; "ms" the median forward. On CPU (`--tiny`, a 2-layer toy config): "steady" is the bytes of the
+distinct tensor storages reachable from the module and the compiled graphs (no allocator statistics, no peak).
 
-    python bench/hf_memory.py --layers 8 --out bench/results/hf_memory_h200.json     # GPU, ~2 min
-    python bench/hf_memory.py --tiny                                                  # CPU check
+    python bench/hf_memory.py --layers 8 --out $OUT/hf_memory_h200.json     # GPU, ~5 min
+    python bench/hf_memory.py --tiny                                        # CPU check, ~1 min
 """
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmaccel
 from common import default_out, environment, write_json
+from mmaccel.timing import median_ms
 
-VARIANTS = ("eager", "inductor", "mmaccel", "mmaccel_int8")
+LOSSY = {"int8": {"quantize": "int8_weight_only"}, "int4": {"quantize": "int4_weight_only"},
+         "pruned": {"prune": "mlp_channels"}}
+# Random weights: a loose budget, so that every site takes the scheme (memory, not accuracy, is measured here)
+BUDGET = 0.5
+VARIANTS = ("eager", "inductor", "mmaccel", *(f"mmaccel_{k}{r}" for k in LOSSY for r in ("", "_release")))
 
 
 def build(tiny: bool, layers: int, device: str) -> LlamaForCausalLM:
@@ -30,9 +37,8 @@ def build(tiny: bool, layers: int, device: str) -> LlamaForCausalLM:
     else:  # Llama-2-7B dims, `layers` layers
         config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
-    dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
     return model.eval().requires_grad_(False)
 
 
@@ -41,8 +47,11 @@ def compiled(variant: str, model: torch.nn.Module):
         return model
     if variant == "inductor":
         return torch.compile(model)
-    options = {"quantize": "int8_weight_only", "accuracy_budget": 0.5} if variant == "mmaccel_int8" else {}
-    return torch.compile(model, backend="mmaccel", options=options)
+    lossy = variant.removeprefix("mmaccel").removeprefix("_").removesuffix("_release")
+    options = {**LOSSY[lossy], "accuracy_budget": BUDGET} if lossy else {}
+    if variant.endswith("_release"):
+        options["weights"] = "release"
+    return mmaccel.compile(model, **options)
 
 
 def storage_bytes(tensors) -> int:
@@ -59,7 +68,6 @@ def measure(variant: str, args: argparse.Namespace, device: str) -> dict:
     weights = storage_bytes([*model.parameters(), *model.buffers()])
     if cuda:
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
     with torch.no_grad(), mmaccel.collect_reports() as report:
@@ -67,16 +75,18 @@ def measure(variant: str, args: argparse.Namespace, device: str) -> dict:
         for _ in range(2):
             out = fn(ids).logits
         del out
-    gc.collect()
-    row = {"variant": variant, "weight_bytes": weights}
-    if cuda:
-        torch.cuda.synchronize()
-        row["held_bytes"] = torch.cuda.memory_allocated() - base
-        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    else:
-        graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
-        tensors = [*model.parameters(), *model.buffers(), *(b for g in graphs for b in g.buffers())]
-        row["held_bytes"] = storage_bytes(tensors) - weights
+        gc.collect()
+        row = {"variant": variant, "weight_bytes": weights,
+               "released_bytes": sum(g.released_bytes for g in report.graphs)}
+        if cuda:
+            torch.cuda.synchronize()
+            row["steady_bytes"] = torch.cuda.memory_allocated()
+            row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        else:
+            graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
+            row["steady_bytes"] = storage_bytes([*model.parameters(), *model.buffers(),
+                                                 *(b for g in graphs for b in g.buffers())])
+        row["ms"] = median_ms(lambda: fn(ids), repeats=args.repeats, device=device)
     del fn, model, report
     return row
 
@@ -86,22 +96,32 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="2-layer toy config on CPU (storage accounting)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
-        args.seq = min(args.seq, 16)
-    rows = [measure(v, args, device) for v in args.variants.split(",")]
-    gib = 2 ** 30
-    print(f"{'variant':14} {'weights GiB':>11} {'held GiB':>9} {'held/weights':>12} {'peak GiB':>9}")
-    for r in rows:
-        peak = f"{r['peak_bytes'] / gib:9.3f}" if "peak_bytes" in r else f"{'-':>9}"
-        print(f"{r['variant']:14} {r['weight_bytes'] / gib:11.3f} {r['held_bytes'] / gib:9.3f} "
-              f"{r['held_bytes'] / r['weight_bytes']:12.1%} {peak}")
+        args.seq, args.repeats = min(args.seq, 16), min(args.repeats, 3)
+    rows = []
+    print(f"{'variant':24} {'steady':>7} {'peak':>7} {'peak/steady':>11} {'released':>8} {'ms':>9}   "
+          "(steady, peak, released: fractions of the bf16 weight bytes)")
+    for variant in args.variants.split(","):
+        rows.append(measure(variant, args, device))
+        print_row(rows[-1])
     out = args.out or default_out("hf_memory_tiny.json" if args.tiny else "hf_memory.json")
+    print(f"bf16 weights: {rows[0]['weight_bytes'] / 2**30:.3f} GiB")
     write_json(out, {"environment": environment(device, layers=args.layers, seq=args.seq), "rows": rows})
     print(f"wrote {out}")
+
+
+def print_row(r: dict) -> None:
+    w = r["weight_bytes"]
+    peak = r.get("peak_bytes")
+    peaks = (f"{peak / w:7.3f} {peak / r['steady_bytes']:11.3f}" if peak is not None else f"{'-':>7} {'-':>11}")
+    print(f"{r['variant']:24} {r['steady_bytes'] / w:7.3f} {peaks} {r['released_bytes'] / w:8.3f} {r['ms']:9.2f}",
+          flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ from torch._dynamo.exc import ShortenTraceback
 from torch._functorch.aot_autograd import aot_module_simplified
 from torch._functorch._aot_autograd.schemas import MutationType
 from torch._guards import TracingContext, detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake, unset_fake_temporarily
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:
@@ -20,12 +21,13 @@ try:
 except ImportError:  # torch before optimization_hint: its predecessor
     from torch.fx.experimental.symbolic_shapes import hint_int as _hint_without_guard
 
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, ReleasedWeightsError
 
 __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
-    "module_owned_inputs", "recompile_limit_at_least",
+    "module_owned_inputs", "recompile_limit_at_least", "is_fake", "StorageWeakRef", "DynamoVisibleReleasedWeightsError",
+    "storage_id",
 ]
 
 
@@ -35,6 +37,19 @@ class DynamoVisibleOptionError(InvalidOptionError, ShortenTraceback):
 
     def __init__(self, message: str) -> None:
         ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
+class DynamoVisibleReleasedWeightsError(ReleasedWeightsError, ShortenTraceback):
+    """A ReleasedWeightsError that Dynamo re-raises as is (not wrapped in BackendCompilerFailed)."""
+
+    def __init__(self, message: str) -> None:
+        ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
+def storage_id(t: torch.Tensor) -> int:
+    """The identity of t's storage (its StorageImpl), the same for every view of it, also for a FakeTensor's
+    storage and for a storage resized to 0 bytes (data_ptr is neither)."""
+    return t.untyped_storage()._cdata
 
 
 def lower_with_aot(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

@@ -18,10 +18,12 @@ def compile(model: Callable, *, dynamic: bool | None = None, fullgraph: bool = F
     rather than at the first call. The result carries `mmaccel_report`, filled in as graphs compile.
     With `calibration=samples` (and quantize=... or prune=...), the model runs once per sample now, so that
     lossy passes measure their error on those inputs (compiler/calibration.py); the dims in which samples
-    differ compile dynamic."""
+    differ compile dynamic. With `weights="release"` the parameters the lossy passes replace are freed once each
+    graph is compiled (compiler/release.py): `model` itself can no longer be called."""
     opts = CompileOptions.from_user(options)
     dims = varying_dims(opts.calibration, dynamic) if opts.calibration is not None else []
     backend = Backend(opts)
+    backend.guard_model(model)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     compiled.mmaccel_report = backend.report
     if opts.calibration is not None:
@@ -34,6 +36,7 @@ def explain(model: Callable, *example_inputs: Any, dynamic: bool | None = None, 
     captured, graph breaks, each pass with what it matched and changed, the target that ran.
     `print(report)` shows it as a table."""
     backend = Backend(CompileOptions.from_user(options))
+    backend.guard_model(model)
     before = graph_break_count()
     torch.compile(model, backend=backend, dynamic=dynamic)(*example_inputs)
     after = graph_break_count()

@@ -11,13 +11,16 @@ from ..backends import compile_for_target, resolve_target
 from ..passes.contract import PassContext
 from ..passes.graph import clone_module
 from ..passes.pipeline import run_pipeline
-from ._torch_internals import (RESTART_EXCEPTIONS, DynamoVisibleOptionError, concrete_inputs, detect_fake_mode,
-                               lower_with_aot, module_owned_inputs, unset_fake_temporarily)
+from ._torch_internals import (RESTART_EXCEPTIONS, DynamoVisibleOptionError, DynamoVisibleReleasedWeightsError,
+                               concrete_inputs, detect_fake_mode, lower_with_aot, module_owned_inputs,
+                               unset_fake_temporarily)
 from .calibration import CalibratingGraph, run_samples
 from .debug import DebugDump
-from .errors import InvalidOptionError, LossyPassError, warn_once
+from .errors import InvalidOptionError, LossyPassError, ReleasedWeightsError, warn_once
 from .lowering import DECOMPOSITIONS, FrozenGraph, freeze_parameters
 from .options import CompileOptions, Sample
+from .release import (GraphWeights, check_no_stand_ins, is_released, refuse_eager_calls, refuse_released,
+                      release_replaced)
 from .report import CompileReport, GraphReport, active_reports
 
 
@@ -30,9 +33,17 @@ def mmaccel_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
             raise InvalidOptionError("option 'calibration' needs the model to run the samples through: use "
                                      "mmaccel.compile(model, quantize=..., calibration=samples) or "
                                      "mmaccel.export_onnx(..., calibration=samples)")
+        if opts.weights == "release":
+            raise InvalidOptionError(_RELEASE_NEEDS_THE_MODEL)
     except InvalidOptionError as e:
         raise DynamoVisibleOptionError(str(e)) from None
     return Backend(opts)(gm, example_inputs)
+
+
+_RELEASE_NEEDS_THE_MODEL = (
+    "option weights='release' needs the model, to make its eager calls raise a clear error once its parameters "
+    "are freed: use mmaccel.compile(model, quantize=..., weights='release') (torch.compile(backend='mmaccel') and "
+    "a bare mmaccel.Backend do not see the model)")
 
 
 class Backend:
@@ -48,6 +59,16 @@ class Backend:
         self.calibrated = False
         self.report = CompileReport(self.options)
         self.debug = DebugDump(self.options.debug_dir)
+        self.model_guarded = False  # weights="release": refuse_eager_calls(model) was done (guard_model)
+
+    def guard_model(self, model: torch.nn.Module) -> None:
+        """weights="release": eager calls of `model` raise ReleasedWeightsError once its weights are freed."""
+        if self.options.weights == "release" and not self.model_guarded:
+            if not isinstance(model, torch.nn.Module):
+                raise InvalidOptionError("option weights='release' frees a module's parameters: compile an "
+                                         f"nn.Module, not a {type(model).__name__}")
+            refuse_eager_calls(model)
+            self.model_guarded = True
 
     def calibrate(self, compiled: Callable, samples: Sequence[Sample], dims: list[set[int]]) -> None:
         """Run the samples through `compiled` (this backend's torch.compile of the model), then optimize each
@@ -65,10 +86,15 @@ class Backend:
             raise DynamoVisibleOptionError(
                 f"torch.compile passed {sorted(torch_compile_kwargs)} to an mmaccel.Backend object; "
                 "give options to mmaccel.Backend(...) or use backend='mmaccel' with options={...}")
+        if self.options.weights == "release" and not self.model_guarded:
+            raise DynamoVisibleOptionError(_RELEASE_NEEDS_THE_MODEL)
         record = GraphReport(index=len(self.report.graphs))
         reports = (self.report, *active_reports())
         start = time.perf_counter()
-        compiled = self._compile(gm, example_inputs, record)  # on a Dynamo restart nothing is recorded
+        try:  # on a Dynamo restart nothing is recorded
+            compiled = self._compile(gm, example_inputs, record)
+        except ReleasedWeightsError as e:
+            raise DynamoVisibleReleasedWeightsError(str(e)) from None
         record.compile_seconds = time.perf_counter() - start
         for report in reports:
             report.graphs.append(record)
@@ -80,8 +106,8 @@ class Backend:
         record.dynamo_nodes = len(gm.graph.nodes)
         record.inputs = [_describe(x) for x in example_inputs]
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
-            return _fallback(gm, record, "gradients are required (grad mode is on and an input or parameter "
-                             "requires grad); mmaccel optimizes inference only: call the model under "
+            return _fallback(gm, example_inputs, record, "gradients are required (grad mode is on and an input or "
+                             "parameter requires grad); mmaccel optimizes inference only: call the model under "
                              "torch.no_grad() or torch.inference_mode() to optimize it")
 
         if self.calibrated:
@@ -94,30 +120,35 @@ class Backend:
 
         try:
             return lower_with_aot(gm, example_inputs, inference_compiler, DECOMPOSITIONS)
-        except (InvalidOptionError, LossyPassError, *RESTART_EXCEPTIONS):
+        except (InvalidOptionError, LossyPassError, ReleasedWeightsError, *RESTART_EXCEPTIONS):
             raise
         except Exception as e:  # unsupported construct: run the captured graph as is, correctly
-            return _fallback(gm, record, f"lowering failed with {type(e).__name__}: {_first_line(e)}")
+            return _fallback(gm, example_inputs, record, f"lowering failed with {type(e).__name__}: {_first_line(e)}")
 
     def _optimize(self, aten_gm: fx.GraphModule, fake_inputs: Sequence[Any], real_inputs: Sequence[Any],
                   record: GraphReport, dump: Callable, module_owned: list[bool] | None = None) -> Callable:
         dump("aten", aten_gm)
         record.aten_nodes = len(aten_gm.graph.nodes)
         unfrozen, _ = compile_for_target("eager", clone_module(aten_gm), real_inputs)
-        frozen = freeze_parameters(aten_gm, real_inputs, module_owned)
+        fake_mode = detect_fake_mode(fake_inputs)
+        weights = GraphWeights(fake_mode) if self.options.weights == "release" else None
+        frozen = freeze_parameters(aten_gm, real_inputs, module_owned, weights)
         record.frozen, record.frozen_bytes, record.freeze_note = len(frozen.frozen), frozen.nbytes, frozen.note
         kept_inputs = [real_inputs[i] for i in frozen.kept]
-        fake_mode = detect_fake_mode(fake_inputs)
+        owners = [t for _, t, _, _ in frozen.frozen]
 
         def optimize(calibration: list[list[Any]] | None = None) -> FrozenGraph:
             # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them
             ctx = PassContext(options=self.options, fake_mode=fake_mode, dump=dump,
                               example_inputs=concrete_inputs(kept_inputs), calibration=calibration or None,
-                              weight_owners=[t for _, t, _, _ in frozen.frozen])
+                              weight_owners=[t for t in owners if not is_released(t)], released=weights)
             record.passes = run_pipeline(aten_gm, ctx)
-            frozen.refresh()  # parallel_linear_fusion may have rebound parameters as views of fused weights
-            record.graph_weight_bytes, record.own_weight_bytes = _weight_bytes(
-                aten_gm, [t for _, t, _, _ in frozen.frozen])
+            if weights is not None:
+                check_no_stand_ins(aten_gm)
+                record.released_bytes = release_replaced(owners, aten_gm, weights)
+            # parallel_linear_fusion may have rebound parameters as views of fused weights; release freed some
+            frozen.refresh()
+            record.graph_weight_bytes, record.own_weight_bytes = _weight_bytes(aten_gm, owners)
             record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
             target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
             if target == "triton" and self.options.cuda_graphs is not False:
@@ -128,7 +159,7 @@ class Backend:
             if record.target != target:
                 record.target_reason += f"; {target} could not run it (see warning)"
             record.status = "optimized"
-            return FrozenGraph(run, frozen, unfrozen)
+            return FrozenGraph(run, frozen, unfrozen, list(aten_gm.buffers()))
 
         if self.calibrating is None:
             return optimize()
@@ -137,7 +168,8 @@ class Backend:
         return graph
 
 
-def _fallback(gm: fx.GraphModule, record: GraphReport, reason: str) -> Callable:
+def _fallback(gm: fx.GraphModule, inputs: Sequence[Any], record: GraphReport, reason: str) -> Callable:
+    refuse_released(inputs, f"a graph that must run unoptimized ({reason})")
     record.status, record.reason, record.target = "fallback", reason, "dynamo graph (unoptimized)"
     warn_once(f"mmaccel: running a graph unoptimized: {reason}")
     return gm.forward

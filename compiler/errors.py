@@ -27,3 +27,9 @@ def warn_once(message: str) -> None:
         return
     _warned.add(message)
     warnings.warn(message, MmaccelFallbackWarning, stacklevel=3)
+
+
+class ReleasedWeightsError(RuntimeError):
+    """Something needs full-precision weights that weights="release" freed: an eager call of the module, or a
+    new graph (a recompile) that cannot be rebuilt from the quantized weights earlier graphs made. The message
+    names the fix; nothing runs on the freed storage."""

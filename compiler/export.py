@@ -176,6 +176,10 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
     opts = CompileOptions.from_user(options)
     if opts.target != "auto":
         raise InvalidOptionError("option 'target' does not apply to export_onnx: the file is the target")
+    if opts.weights == "release":  # nothing to gain: the file holds only the quantized weights already
+        raise InvalidOptionError("option weights='release' does not apply to export_onnx: the ONNX file holds the "
+                                 "quantized / pruned weights only, and your model stays whole (the export's own "
+                                 "copies are freed when it returns)")
     path = os.fspath(path)
     report = CompileReport(opts)
     record = GraphReport(index=0, target=f"onnx file {path}", target_reason="export_onnx")

@@ -124,11 +124,21 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _session(model: torch.nn.Module, options: dict[str, Any]) -> "_Session":
+    options = _with_weights_default(options)
     key = repr(sorted(options.items()))
     per_model = _SESSIONS.setdefault(model, {})
     if key not in per_model:
         per_model[key] = _Session(model, CompileOptions.from_user(options))
     return per_model[key]
+
+
+def _with_weights_default(options: dict[str, Any]) -> dict[str, Any]:
+    """A user who quantizes or prunes for generation wants the smaller model: weights="release" unless set. Each
+    new bucket of generate is a new graph, rebuilt from the first one's records (compiler/release.py); not with
+    both levers, whose MLPs cannot be rebuilt (pruned, then quantized)."""
+    if bool(options.get("quantize")) != bool(options.get("prune")) and "weights" not in options:
+        return {**options, "weights": "release"}
+    return options
 
 
 class _Session:
@@ -139,6 +149,7 @@ class _Session:
         # here would keep the model (and its caches) alive forever.
         self._model = weakref.ref(model)
         self.backend = Backend(options)
+        self.backend.guard_model(model)
         self.report = GenerationReport(self.backend.report)
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
         self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)

@@ -14,8 +14,9 @@ import torch
 import torch._decomp
 import torch.fx as fx
 
-from ._torch_internals import frozen_candidate_mask, is_static_tensor
+from ._torch_internals import frozen_candidate_mask, is_static_tensor, storage_id
 from .errors import warn_once
+from .release import GraphWeights, is_released, refuse_released, register_live
 
 aten = torch.ops.aten
 
@@ -58,10 +59,11 @@ def freeze_input(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None
     gm.graph.erase_node(node)
 
 
-def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any],
-                      module_owned: Sequence[bool] | None = None) -> FrozenInputs:
+def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any], module_owned: Sequence[bool] | None = None,
+                      weights: GraphWeights | None = None) -> FrozenInputs:
     """Freeze the inputs that are unmutated static tensors and, where Dynamo says where each input came from
-    (`module_owned`), a module's parameters or buffers only."""
+    (`module_owned`), a module's parameters or buffers only. A parameter weights="release" freed is frozen as
+    its stand-in (compiler/release.py): passes see its layout, never a value."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     candidates = frozen_candidate_mask(len(placeholders))
     if module_owned is not None and len(module_owned) != len(placeholders):
@@ -75,7 +77,7 @@ def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any],
         if not (ok and owned and is_static_tensor(real) and type(real) in (torch.Tensor, torch.nn.Parameter)):
             kept.append(i)
             continue
-        freeze_input(gm, node, real)
+        freeze_input(gm, node, weights.stand_in(real) if weights is not None and is_released(real) else real)
         frozen.append((i, real, real._version, real.data_ptr()))
     gm.recompile()
     return FrozenInputs(kept=kept, frozen=frozen)
@@ -90,10 +92,12 @@ class FrozenGraph:
     _boxed_call = True
 
     def __init__(self, run: Callable[[list[Any]], Any], frozen: FrozenInputs,
-                 unfrozen: Callable[[list[Any]], Any]) -> None:
+                 unfrozen: Callable[[list[Any]], Any], constants: Sequence[torch.Tensor] = ()) -> None:
         self.run, self.kept, self.unfrozen = run, frozen.kept, unfrozen
         self.checks = [(i, t, v, p) for i, t, v, p in frozen.frozen]
         self.stale = False
+        # weights="release" never frees a storage the optimized graph reads (`constants`)
+        register_live(self, (storage_id(t) for t in constants))
 
     def _weights_unchanged(self, args: list[Any]) -> bool:
         for i, t, version, ptr in self.checks:
@@ -109,6 +113,7 @@ class FrozenGraph:
                       "load_state_dict or a replaced parameter); running the graph without frozen-weight "
                       "optimizations. Call torch._dynamo.reset() and compile again to re-optimize.")
         if self.stale:
+            refuse_released(args, "the unoptimized graph run when frozen weights change")
             return self.unfrozen(args)
         kept = [args[i] for i in self.kept]
         args.clear()

@@ -15,6 +15,8 @@ QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8",
 # Lossy, opt-in (passes/prune.py). "heads", "blocks" and "auto" are named by issue 14 but not built yet: refused.
 PRUNE = (None, "mlp_channels")
 PRUNE_NOT_YET = ("heads", "blocks", "auto")
+# What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
+WEIGHTS = ("keep", "release")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -52,6 +54,9 @@ class CompileOptions:
     # A lossy pass that cannot run (a calibration sample that does not fit the graph) stops the compile or
     # export with LossyPassError; True: it is skipped with a warning instead.
     lossy_fallback: bool = False
+    # "release": free the parameters the lossy passes replaced (the module can no longer run eagerly); "keep":
+    # the module keeps them (the compiled model then holds both). Why "keep" is the default: README, Memory.
+    weights: str = "keep"
 
     @classmethod
     def from_user(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "CompileOptions":
@@ -60,7 +65,7 @@ class CompileOptions:
 
         options = dict(options or {})
         valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "prune", "accuracy_budget",
-                 "calibration", "lossy_fallback")
+                 "calibration", "lossy_fallback", "weights")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -87,6 +92,7 @@ class CompileOptions:
         lossy_fallback = options.get("lossy_fallback", False)
         if not isinstance(lossy_fallback, bool):
             raise InvalidOptionError(f"option 'lossy_fallback' must be True or False, got {lossy_fallback!r}")
+        weights = _validate_weights(options.get("weights", "keep"), quantize or prune)
         passes = _validate_passes(options.get("passes"), PASS_NAMES)
         debug_dir = options.get("debug_dir")
         if debug_dir is None and os.environ.get("MMACCEL_DEBUG", "0") not in ("", "0"):
@@ -95,7 +101,7 @@ class CompileOptions:
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, prune=prune, accuracy_budget=float(budget),
-                   calibration=calibration, lossy_fallback=lossy_fallback)
+                   calibration=calibration, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)
@@ -107,6 +113,15 @@ def _validate_prune(value: Any) -> str | None:
                                  "channels) works today")
     if value not in PRUNE:
         raise InvalidOptionError(f"option 'prune'={value!r} is not valid; choose one of {list(PRUNE)}")
+    return value
+
+
+def _validate_weights(value: Any, lossy: str | None) -> str:
+    if value not in WEIGHTS:
+        raise InvalidOptionError(f"option 'weights'={value!r} is not valid; choose one of {list(WEIGHTS)}")
+    if value == "release" and lossy is None:
+        raise InvalidOptionError("option weights='release' frees the parameters a quantized or pruned graph no longer "
+                                 "reads; a lossless compile reads them all: set quantize=... or prune=... as well")
     return value
 
 

@@ -27,6 +27,8 @@ class GraphReport:
     # copies: quantized weights, folded constants; issue 21)
     graph_weight_bytes: int = 0
     own_weight_bytes: int = 0
+    # weights="release": bytes of the model's parameters freed after this graph's lossy passes replaced them
+    released_bytes: int = 0
     freeze_note: str = ""
     calibration_note: str = ""
     passes: list[PassResult] = field(default_factory=list)
@@ -69,7 +71,8 @@ class CompileReport:
                 "index": i, "status": g.status, "reason": g.reason, "inputs": g.inputs,
                 "target": g.target, "kernels": g.kernels, "nodes": {"dynamo": g.dynamo_nodes, "aten": g.aten_nodes, "final": g.final_nodes},
                 "frozen": g.frozen, "frozen_bytes": g.frozen_bytes, "graph_weight_bytes": g.graph_weight_bytes,
-                "own_weight_bytes": g.own_weight_bytes, "compile_seconds": round(g.compile_seconds, 3),
+                "own_weight_bytes": g.own_weight_bytes, "released_bytes": g.released_bytes,
+                "compile_seconds": round(g.compile_seconds, 3),
                 "passes": [{"name": p.name, "matched": p.matched, "changes": p.changes, "error": p.error,
                             "lossy": p.lossy, "seconds": round(p.seconds, 4), "measured_error": p.measured_error,
                             "details": p.details, "near_misses": p.near_misses} for p in g.passes],
@@ -93,7 +96,9 @@ class CompileReport:
                          f"frozen weights: {g.frozen} ({g.frozen_bytes / 2**20:.1f} MiB)"
                          + (f"; {g.freeze_note}" if g.freeze_note else ""))
             lines.append(f"  weights held by the optimized graph: {g.graph_weight_bytes / 2**20:.1f} MiB, of which "
-                         f"{g.own_weight_bytes / 2**20:.1f} MiB not shared with the model")
+                         f"{g.own_weight_bytes / 2**20:.1f} MiB not shared with the model"
+                         + (f"; model parameters released: {g.released_bytes / 2**20:.1f} MiB" if g.released_bytes
+                            else ""))
             lines.append(f"  target: {g.target} ({g.target_reason})")
             if g.kernels:
                 k = g.kernels

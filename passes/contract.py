@@ -62,6 +62,9 @@ class PassContext:
     # is measured against; set by the pipeline when a lossy pass runs, dropped when the pipeline ends (it holds
     # the weights as they were before parallel_linear_fusion rebound them).
     reference: fx.GraphModule | None = None
+    # weights="release" (compiler/release.py GraphWeights): lossy levers record the weights they replace (and
+    # how to rebuild the replacement); a recompile after release finds stand-ins here and rebuilds from records.
+    released: Any = None
 
 
 @dataclass(frozen=True)

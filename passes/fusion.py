@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
+from ..compiler._torch_internals import storage_id
 from ..ops.fused_linear import ACTIVATIONS
 from .patterns import (VIEW_OPS, Miss, add_constant, aten, constant_value, dtype, is_constant, is_op, layer_name,
                        merged_layer_name, replace_uses, same_shape, shape, single_user)
@@ -140,16 +141,18 @@ def _concatenate_rows(rows: list[torch.Tensor], owners: Sequence[torch.Tensor]) 
 
 
 def _back_to_back(rows: list[torch.Tensor]) -> torch.Tensor | None:
-    """The [sum N, K] view over one storage when the rows are contiguous and consecutive in it, else None."""
+    """The [sum N, K] view over one storage when the rows are contiguous and consecutive in it, else None. Read
+    from storage identity and offsets, not addresses: a parameter weights="release" freed enters a recompile as
+    a stand-in with its layout but no data (compiler/release.py), and must be found back to back all the same."""
     first = rows[0]
     if not all(r.is_contiguous() and r.dtype == first.dtype and r.shape[1:] == first.shape[1:]
-               and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for r in rows):
+               and storage_id(r) == storage_id(first) for r in rows):
         return None
-    expected = first.data_ptr()
+    expected = first.storage_offset()
     for r in rows:
-        if r.data_ptr() != expected:
+        if r.storage_offset() != expected:
             return None
-        expected += r.numel() * r.element_size()
+        expected += r.numel()
     total = sum(r.shape[0] for r in rows)
     return first.as_strided((total, *first.shape[1:]), first.stride())
 

@@ -85,6 +85,15 @@ class Lever(Protocol):
         the option applied: `option`, or ORIGINAL where an earlier lever's change left it no room (int4 groups
         that no longer divide a pruned width); the report shows what was applied."""
 
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
+        """Before `node` of gm is rewritten to `option`: the constants it stops reading, each with what rebuilds
+        its replacement without it (for a recompile after weights="release"), or None."""
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        """On a graph whose released parameters are stand-ins (compiler/release.py): rewrite each site an
+        earlier graph changed, from the record `released.recall(source weight, self.label)` gives, without
+        reading a weight; returns what it did, for the report."""
+
 
 def split_hierarchy(name: str) -> tuple[str, str, str]:
     """(tower, block, kind) of a layer name: "vlm.vision.layers.3.attn.q_proj" -> ("vlm.vision",
@@ -139,6 +148,8 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
                  metric: Metric | None = None) -> PassResult:
     """Run the levers as one lossy pass under ctx.options.accuracy_budget; `cleanup`: the passes the pipeline
     runs after this one (measurements run them too)."""
+    if ctx.released is not None and ctx.released.reads_stand_ins(gm):
+        return _replay(gm, ctx, levers)
     budget = ctx.options.accuracy_budget
     sites = []
     for lever in levers:
@@ -184,8 +195,11 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
     before = live_constant_bytes(gm)
     by_node = {node.name: node for node in gm.graph.nodes}
     for site in changed:  # the chosen mix, now for real, in the levers' order (the order measured)
-        site.chosen = by_name[site.lever].rewrite(gm.graph, by_node[site.node], site.chosen,
-                                                  lambda p, t: add_constant(gm, p, t))
+        lever = by_name[site.lever]
+        replaced = lever.replaced(gm, by_node[site.node], site.chosen) if ctx.released is not None else []
+        site.chosen = lever.rewrite(gm.graph, by_node[site.node], site.chosen, lambda p, t: add_constant(gm, p, t))
+        for weight, made in replaced if site.chosen != ORIGINAL else ():
+            ctx.released.replace(weight, lever.label, made)
     changed = [site for site in sites if site.chosen != ORIGINAL]
     gm.recompile()
     details = report_table(sites, cost, measured_sites)
@@ -196,6 +210,18 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
                + (f"; per-layer sensitivities measured, {rounds} solver round(s)" if measured_sites else ""))
     return PassResult(matched=len(changed), changes=[summary], measured_error=error, details=details,
                       near_misses=near_misses)
+
+
+def _replay(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever]) -> PassResult:
+    """A graph compiled after weights="release" freed parameters it reads (a recompile): each lever rebuilds what
+    an earlier graph chose from its records, nothing is measured (the reference would need the freed weights).
+    What no record rebuilds stops the compile (compiler/release.py check_no_stand_ins)."""
+    changes = [lever.replay(gm, ctx.released) for lever in levers]
+    gm.recompile()
+    return PassResult(matched=sum(1 for n in gm.graph.nodes if n.meta.get(REPLAYED)), changes=changes)
+
+
+REPLAYED = "mmaccel_replayed"  # a node a lever rebuilt from an earlier graph's records
 
 
 def live_constant_bytes(gm: fx.GraphModule) -> int:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch
 import torch.fx as fx
 
-from ..compiler.errors import LossyPassError, warn_once
+from ..compiler.errors import LossyPassError, ReleasedWeightsError, warn_once
+from ..compiler._torch_internals import storage_id
 from .attention import fuse_attention
 from .cleanup import eliminate_common_subexpressions, eliminate_dead_code, fold_constants
 from .contract import Pass, PassContext, PassOptions, PassResult, PassValidationError
@@ -85,12 +87,25 @@ def run_pipeline(gm: fx.GraphModule, ctx: PassContext) -> list[PassResult]:
         # random float16 programs); lossy error is what the user gets against their model, so it is measured
         # against the graph before any pass
         ctx.reference = clone_module(gm)
+        _read_owners_themselves(ctx.reference, ctx.weight_owners)
     results = []
     for p in passes:
         if p.lossy or ctx.options.pass_enabled(p.name):
             results.append(run_pass(gm, ctx, p))
     ctx.reference = None  # it holds the weights as they were before fusion: free them with the compile
     return results
+
+
+def _read_owners_themselves(reference: fx.GraphModule, owners: Sequence[torch.Tensor]) -> None:
+    """Make the reference read the user's parameters themselves where its constants are their detached aliases:
+    parallel_linear_fusion rebinds each parameter's .data to a view of one concatenated buffer (same values), and
+    an alias would keep the old storage alive through the passes, a second copy of the weights at the
+    compile-time peak (issue 21)."""
+    by_layout = {(storage_id(t), t.storage_offset(), t.shape, t.stride()): t for t in owners}
+    for name, t in list(reference.named_buffers()):
+        owner = by_layout.get((storage_id(t), t.storage_offset(), t.shape, t.stride()))
+        if owner is not None:
+            reference.register_buffer(name, owner, persistent=False)
 
 
 def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
@@ -108,6 +123,8 @@ def run_pass(gm: fx.GraphModule, ctx: PassContext, p: Pass | str) -> PassResult:
         propagate_fake(gm, ctx.fake_mode)
         if not signatures_match(contract, output_signature(gm)):
             raise PassValidationError(f"outputs changed from {contract} to {output_signature(gm)}")
+    except ReleasedWeightsError:  # the weights are gone: no fallback can run this graph
+        raise
     except Exception as e:  # a broken pass must never break (or silently change) the user's model
         gm.graph = saved
         gm.recompile()

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from ..compiler.errors import warn_once
 from .contract import PassContext
-from .lossy import ORIGINAL, Site, calibration_samples, run_graph
-from .patterns import VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
+from .lossy import ORIGINAL, REPLAYED, Site, calibration_samples, run_graph
+from .patterns import VIEW_OPS, add_constant, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 KEEP = {"keep_25": 0.25, "keep_50": 0.5, "keep_75": 0.75}  # cheapest first, as the mechanism needs
@@ -238,6 +238,7 @@ class PruneLever:
         # bytes per site and option, counted on the graph as found (the final rewrite changes its nodes)
         self.costs: dict[str, dict[str, int]] = {}
         self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
+        self.last: tuple[tuple[str, str], dict[str, torch.Tensor | None]] | None = None
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         mlps, self.near_misses = find_mlps(gm)
@@ -290,22 +291,29 @@ class PruneLever:
         return self.costs[site.node][option]
 
     def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
-        """The MLP's new constants at `option`, by the node that reads them: made once, shared by every graph
-        the solver measures; slices and solutions, never writes into the frozen constants."""
+        """The MLP's new constants at `option`, by the node that reads them; slices and solutions, never writes
+        into the frozen constants. Kept made: each MLP's cheapest option (the first mix measured) and the last
+        one made, so that the sensitivity measurement holds one extra MLP's candidates at a time (issue 21)."""
         key = (site_node, option)
-        if key not in self.made:
-            mlp = self.mlps[site_node]
-            keep = self._options(mlp.width)[option]
-            kept, weight, bias = refit_down(self.grams[site_node], self._const(mlp.down.args[1]),
-                                            self._const(mlp.down.args[2]), keep)
-            made = {"down.weight": weight, "down.bias": bias}
-            for up in mlp.ups:
-                rows = self._kept_rows(mlp, up, kept)
-                w, b = self._const(up.args[1]), self._const(up.args[2])
-                made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
-                made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
+        if key in self.made:
+            return self.made[key]
+        if self.last is not None and self.last[0] == key:
+            return self.last[1]
+        mlp = self.mlps[site_node]
+        options = self._options(mlp.width)
+        kept, weight, bias = refit_down(self.grams[site_node], self._const(mlp.down.args[1]),
+                                        self._const(mlp.down.args[2]), options[option])
+        made = {"down.weight": weight, "down.bias": bias}
+        for up in mlp.ups:
+            rows = self._kept_rows(mlp, up, kept)
+            w, b = self._const(up.args[1]), self._const(up.args[2])
+            made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
+            made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
+        if option == next(iter(options)):
             self.made[key] = made
-        return self.made[key]
+        else:
+            self.last = key, made
+        return made
 
     @staticmethod
     def _kept_rows(mlp: _Mlp, up: fx.Node, kept: torch.Tensor) -> torch.Tensor:
@@ -320,6 +328,37 @@ class PruneLever:
             rows.append(start + kept if index in ours else torch.arange(start, start + size))
             start += size
         return torch.cat(rows)
+
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
+        """The MLP's weights and biases; the first, the down projection's weight, carries what rebuilds the pruned
+        MLP on a recompile after weights="release": the option and the new constants, ups in their trace order."""
+        mlp, made = self.mlps[node.name], self._made(node.name, option)
+        rebuild = (option, [(made[f"{up.name}.weight"], made[f"{up.name}.bias"]) for up in mlp.ups],
+                   made["down.weight"], made["down.bias"])
+        nodes = [n for n in (mlp.down.args[1], mlp.down.args[2], *(a for up in mlp.ups for a in up.args[1:3]))
+                 if is_constant(n)]
+        return [(constant_value(gm, n.target), rebuild if i == 0 else None) for i, n in enumerate(nodes)]
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        """Each MLP whose down projection an earlier graph pruned under this scheme (and weights="release" then
+        freed), rebuilt with that graph's kept channels and refit weights: nothing traced on data, nothing
+        measured."""
+        rebuilt = 0
+        for mlp in find_mlps(gm)[0]:
+            record = released.recall(constant_value(gm, mlp.down.args[1].target), self.label)
+            if record is None:
+                continue
+            option, ups, weight, bias = record
+            self.mlps[mlp.down.name] = mlp
+            self.made[(mlp.down.name, option)] = {
+                "down.weight": weight, "down.bias": bias,
+                **{f"{up.name}.{part}": t for up, pair in zip(mlp.ups, ups)
+                   for part, t in zip(("weight", "bias"), pair)}}
+            self.rewrite(gm.graph, mlp.down, option, lambda p, t: add_constant(gm, p, t))
+            mlp.down.meta[REPLAYED] = option
+            rebuilt += 1
+        return (f"{self.label}: {rebuilt} MLP(s) rebuilt from the pruned weights of an earlier graph (weights "
+                "released; nothing measured)")
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         mlp = _trace(node)

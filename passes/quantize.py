@@ -37,8 +37,8 @@ from ..ops.fp8_linear import fp8_matmul_available, quantize_fp8_weight
 from ..ops.int4_linear import quantize_int4_groupwise
 from ..ops.int8_linear import quantize_per_channel
 from .contract import PassContext
-from .lossy import ORIGINAL, Site
-from .patterns import constant_value, is_constant, layer_name
+from .lossy import ORIGINAL, REPLAYED, Site
+from .patterns import add_constant, constant_value, is_constant, layer_name
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 LADDERS = {
@@ -72,28 +72,46 @@ def _bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 
 class _Candidates:
-    """Quantized weights per (layer, weight format, weight), made once and shared by every graph the solver
-    measures and by the precisions that use the same weight. The weight is the one the node reads in the graph
-    being rewritten: an earlier lever may have replaced it (prune's smaller down projection)."""
+    """Quantized weights per (layer, weight format, weight), shared by every graph the solver measures and by the
+    precisions that use the same weight. The weight is the one the node reads in the graph being rewritten: an
+    earlier lever may have replaced it (prune's smaller down projection). Kept made: each layer's cheapest
+    format (the first mix measured is all of them: the quantized model itself) and the last one made, so that the
+    sensitivity measurement holds one extra layer's candidates at a time (issue 21: keeping every layer's every
+    precision made the compile-time peak 1.3x the weights above the model)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
+        self.cheapest: dict[str, str] = {}  # node -> weight format of its cheapest precision that fits
         self.made: dict[tuple, tuple[Any, list[torch.Tensor]] | None] = {}
+        self.last: tuple[tuple, tuple[Any, list[torch.Tensor]] | None] | None = None
 
     def get(self, node: fx.Node, precision: str, module: fx.GraphModule | None = None
             ) -> tuple[Any, list[torch.Tensor]] | None:
         weight = constant_value(module or self.gm, node.args[1].target)
         key = (node.name, _weight_format(precision), weight.data_ptr(), tuple(weight.shape))
-        if key not in self.made:
-            self.made[key] = _quantized_args(key[1], weight)
-        made = self.made[key]
+        if key in self.made:
+            made = self.made[key]
+        elif self.last is not None and self.last[0] == key:
+            made = self.last[1]
+        else:
+            made = _quantized_args(key[1], weight)
+            if key[1] == self.cheapest.get(node.name):
+                self.made[key] = made
+            else:
+                self.last = key, made
         if made is None or not precision.startswith("w8a8_"):
             return made
         return torch.ops.mmaccel.w8a8_linear.default, made[1]
 
 
+def _cost(precision: str, weight: torch.Tensor) -> int | None:
+    """Bytes of the weight at `precision` (None: it does not fit), from shapes alone: made on the meta device."""
+    made = _quantized_args(_weight_format(precision), torch.empty_like(weight, device="meta"))
+    return None if made is None else _bytes(made[1])
+
+
 def _replace(graph: fx.Graph, node: fx.Node, precision: str, op: Any, tensors: list[torch.Tensor],
-             add: Callable[[str, torch.Tensor], str]) -> None:
+             add: Callable[[str, torch.Tensor], str]) -> fx.Node:
     x, weight, bias, activation, residual = node.args
     with graph.inserting_before(node):
         if op is torch.ops.mmaccel.int8_linear.default:
@@ -112,7 +130,14 @@ def _replace(graph: fx.Graph, node: fx.Node, precision: str, op: Any, tensors: l
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    return new
 
+
+
+def _linears(gm: fx.GraphModule) -> list[fx.Node]:
+    """The linears with a frozen floating-point weight: the lever's sites."""
+    return [node for node in gm.graph.find_nodes(op="call_function", target=FUSED_LINEAR)
+            if is_constant(node.args[1]) and constant_value(gm, node.args[1].target).is_floating_point()]
 
 
 class QuantizeLever:
@@ -131,15 +156,12 @@ class QuantizeLever:
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         self.candidates = _Candidates(gm)
         sites = []
-        for node in gm.graph.find_nodes(op="call_function", target=FUSED_LINEAR):
-            weight = node.args[1]
-            if not is_constant(weight) or not constant_value(gm, weight.target).is_floating_point():
-                continue
-            w = constant_value(gm, weight.target)
-            precisions = tuple(p for p in LADDERS[self.label]
-                               if p == ORIGINAL or self.candidates.get(node, p) is not None)
-            self.costs.update({(node.name, p): _bytes(self.candidates.get(node, p)[1])
-                               for p in precisions if p != ORIGINAL})
+        for node in _linears(gm):
+            w = constant_value(gm, node.args[1].target)
+            costs = {p: _cost(p, w) for p in LADDERS[self.label] if p != ORIGINAL}
+            precisions = (*(p for p, c in costs.items() if c is not None), ORIGINAL)
+            self.candidates.cheapest[node.name] = _weight_format(precisions[0])
+            self.costs.update({(node.name, p): costs[p] for p in precisions if p != ORIGINAL})
             sites.append(Site(node.name, layer_name(node), tuple(w.shape), _bytes([w]), precisions, {ORIGINAL: 0.0}))
         if sites:
             self._warn_slow_scheme(w.device)
@@ -154,6 +176,24 @@ class QuantizeLever:
             return ORIGINAL
         _replace(graph, node, option, *made, add)
         return option
+
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
+        made = self.candidates.get(node, option)
+        return [(constant_value(gm, node.args[1].target), None if made is None else (option, *made))]
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        """Each linear whose weight an earlier graph quantized under this scheme (and weights="release" then
+        freed), rebuilt from that graph's quantized weights: same precision, same tensors, nothing measured."""
+        rebuilt = 0
+        for node in _linears(gm):
+            made = released.recall(constant_value(gm, node.args[1].target), self.label)
+            if made is not None:
+                option, op, tensors = made
+                new = _replace(gm.graph, node, option, op, tensors, lambda p, t: add_constant(gm, p, t))
+                new.meta[REPLAYED] = option
+                rebuilt += 1
+        return (f"{self.label}: {rebuilt} linear(s) rebuilt from the quantized weights of an earlier graph "
+                "(weights released; nothing measured)")
 
     def _warn_slow_scheme(self, device: torch.device) -> None:
         if self.label == "fp8" and not fp8_matmul_available(device):
