@@ -114,8 +114,8 @@ def token_merge_onnx(x, size=None, index=None, r: int = 0):
     n_b = op.Shape(sb, start=1, end=2)
     pos_b = op.Expand(op.Unsqueeze(op.Add(op.Range(0, op.Squeeze(n_b), 1), kept), [0]), op.Concat(batch, n_b, axis=0))
     positions = op.Expand(op.Unsqueeze(op.Range(0, op.Squeeze(tokens), 1), [0]), op.Concat(batch, tokens, axis=0))
-    pos = op.ScatterElements(op.ScatterElements(op.CastLike(positions, pos_a), every_other(positions, 0), pos_a, axis=1),
-                             every_other(positions, 1), pos_b, axis=1)
+    pos = op.ScatterElements(op.CastLike(positions, pos_a), every_other(positions, 0), pos_a, axis=1)
+    pos = op.ScatterElements(pos, every_other(positions, 1), pos_b, axis=1)
     return new_x, new_size, op.GatherElements(pos, index, axis=1)
 
 

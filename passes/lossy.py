@@ -1,10 +1,11 @@
-"""The lossy-pass mechanism, shared by every lossy lever (quantize today; structural pruning and token reduction
-are levers of the same shape): one pass, one accuracy_budget, one report table.
+"""The lossy-pass mechanism, shared by every lossy lever (token merging, structural pruning, quantization): one
+pass, one accuracy_budget, one report table.
 
 A lever (the `Lever` protocol) knows its own craft: which sites of the graph it may change (a linear layer, a
 head, a token stream), the options at each site cheapest first and ending with ORIGINAL (the site as it is,
 always allowed: it is how a budget is met), what each option costs in the lever's unit (`cost_unit`: bytes for
-quantize and prune, token-blocks for token merging), and how to rewrite a node to an option. The mechanism knows the rest:
+quantize and prune, token-blocks for token merging), and how to rewrite a node to an option. The mechanism
+knows the rest:
 1. Every site of every lever at its cheapest option; the model's error is measured on the calibration samples
    (by default the relative output error ||out - ref|| / ||ref|| against the graph before the levers, pooled
    over the samples: `pooled_relative_error`; a `Metric` callable may replace it). Within the budget: done,
@@ -16,9 +17,10 @@ quantize and prune, token-blocks for token merging), and how to rewrite a node t
    cheapest options the solver upgrades, one step at a time, the site that removes the most squared error per
    cost added, until the estimate is within a target. Costs in different units are compared as fractions of
    their unit's whole (all sites at ORIGINAL): bytes against bytes as they are, a tenth of the weight bytes
-   against a tenth of the token-blocks; the measured error, not the cost, decides what is within the budget. The assembled mix is then measured for real; over
-   budget, the target is tightened by the measured overshoot and the solver reruns (a few rounds); nothing
-   fits: the graph is left as it was, with one warning.
+   against a tenth of the token-blocks (a proxy: neither is latency; the measured error, not the cost, decides
+   what is within the budget). The assembled mix is then measured for real; over budget, the target is
+   tightened by the measured overshoot and the solver reruns (a few rounds); nothing fits: the graph is left
+   as it was, with one warning.
 Every measurement runs the graph that will run (the assembled graph goes through the cleanup that the pipeline
 runs after the lossy pass) against the graph the user gave (ctx.reference: the graph before any pass). Found by
 Hypothesis: a float16 program reported 6.06e-4 and gave the user 8.57e-4, the lossless passes' own float16

@@ -90,7 +90,9 @@ def test_clip_equals_hand_written_tome() -> None:
     assert [row["unit"] for row in rows] == ["token-blocks"] * 2 and rows[0]["cost"] == (17 - 3) * 2
 
 
-@pytest.mark.parametrize("arch", ["vit", "siglip_vision", "whisper_encoder"])
+# Whisper's encoder (the audio analogue) is in the opt-in coverage set: 5 s more than the suite's budget allows
+@pytest.mark.parametrize("arch", ["vit", "siglip_vision",
+                                  pytest.param("whisper_encoder", marks=pytest.mark.coverage)])
 def test_fires_within_reported_error(arch: str) -> None:
     spec = next(a for a in hf_tiny.ARCHITECTURES if a.name == arch)
     model, inputs = spec.build(), spec.inputs()
@@ -173,3 +175,32 @@ def test_near_misses_left_alone(case: str) -> None:
 def test_bad_options(value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mmaccel.compile(nn.Linear(2, 2), tokens=value)
+
+
+def test_one_budget_with_quantize() -> None:
+    """tokens and quantize run as one lossy pass: one report, each row in its lever's unit."""
+    model = hf_tiny.clip_vision("sdpa")
+    compiled = mmaccel.compile(model, target="eager", tokens="merge", quantize="int8_weight_only",
+                               accuracy_budget=0.9)
+    with torch.no_grad():
+        out, reference = compiled(pixel_values=PIXELS), model(pixel_values=PIXELS)
+    result = _lossy_pass(compiled)
+    assert result.name == "tokens+quantize"
+    assert {row["unit"] for row in result.details["layers"]} == {"token-blocks", "bytes"}
+    assert relative_error(out.last_hidden_state, reference.last_hidden_state) <= result.measured_error * (1 + 1e-4)
+
+
+@pytest.mark.coverage
+@pytest.mark.parametrize("target", ["onnxruntime", "triton"])
+def test_targets_run_the_merged_graph(target: str) -> None:
+    """The ops' ONNX twins (ONNX Runtime) and the Triton target (the references, beside generated kernels; under
+    the interpreter here) give the eager target's merged output. Opt-in (-m coverage): 11 to 16 s each on CPU."""
+    model = hf_tiny.clip_vision("sdpa")
+    outputs = []
+    for name in ("eager", target):
+        torch._dynamo.reset()
+        compiled = mmaccel.compile(model, target=name, tokens="merge", accuracy_budget=0.9)
+        with torch.no_grad():
+            outputs.append(compiled(pixel_values=PIXELS))
+        assert f"target: {name}" in str(compiled.mmaccel_report) and _lossy_pass(compiled).matched == 2
+    assert_matches_eager(outputs[1], outputs[0])
