@@ -81,17 +81,23 @@ class Tower:
         return val(self.inputs[0]).shape[1]
 
 
-def find_towers(gm: fx.GraphModule) -> list[Tower]:
-    """Chains of blocks with one [B, N, D] input each (N static, the same for every block), in graph order."""
+def find_towers(gm: fx.GraphModule) -> tuple[list[Tower], list[str]]:
+    """Chains of blocks with one [B, N, D] input each (N static, the same for every block), in graph order; and
+    why towers whose inputs have symbolic sizes are left out."""
     inputs: dict[str, list[fx.Node]] = {}
+    symbolic: dict[str, str] = {}  # tower -> why
     for node in gm.graph.nodes:
         v = val(node)
-        if not (isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point() and node.users
-                and all(isinstance(s, int) for s in v.shape)):
+        if not (isinstance(v, torch.Tensor) and v.dim() == 3 and v.is_floating_point() and node.users):
             continue
         blocks = {split_hierarchy(layer_name(u))[1] for u in node.users}
         if len(blocks) == 1 and (block := blocks.pop()) != "-" and split_hierarchy(layer_name(node))[1] != block:
-            inputs.setdefault(block, []).append(node)
+            if all(isinstance(s, int) for s in v.shape):
+                inputs.setdefault(block, []).append(node)
+            else:
+                symbolic[split_hierarchy(block)[0]] = (
+                    f"tower {split_hierarchy(block)[0]} left alone: {block}'s input {list(v.shape)} has symbolic "
+                    "sizes (dynamic shapes, or calibration samples of different sizes); merging follows static sizes")
     towers: dict[str, Tower] = {}
     for block, nodes in inputs.items():
         if len(nodes) == 1:  # two candidate streams into one block: not one residual stream
@@ -99,7 +105,7 @@ def find_towers(gm: fx.GraphModule) -> list[Tower]:
             tower = towers.setdefault(name, Tower(name, [], []))
             tower.blocks.append(block)
             tower.inputs.append(nodes[0])
-    return [t for t in towers.values() if len({val(n).shape[1] for n in t.inputs}) == 1]
+    return [t for t in towers.values() if len({val(n).shape[1] for n in t.inputs}) == 1], list(symbolic.values())
 
 
 def merge_tokens(graph: fx.Graph, block_input: fx.Node, r: int, tower: Tower) -> bool:
@@ -457,7 +463,8 @@ class MergeLever:
         if gm.graph.find_nodes(op="call_function", target=MERGE):
             return []  # merged already: a second run changes nothing
         sites = []
-        for tower in find_towers(gm):
+        towers, self.near_misses = find_towers(gm)
+        for tower in towers:
             options = self._options(tower.tokens)
             reason = _tower_refusal(gm, tower, max(options.values(), default=0)) if options else \
                 f"{tower.tokens} tokens, too few to merge"
