@@ -116,8 +116,7 @@ def merge_tokens(graph: fx.Graph, block_input: fx.Node, r: int, tower: Tower) ->
     r_applied = min(r, (tokens - 1) // 2)
     if r_applied < 1:
         return False
-    upstream = [n for n in graph.find_nodes(op="call_function", target=MERGE)
-                if n.meta.get(TOWER) == tower.name and _before(n, block_input)]
+    upstream = _merges_before(graph, block_input, tower)
     size, index = (_output(graph, upstream[-1], 1), _output(graph, upstream[-1], 2)) if upstream else (None, None)
     users = list(block_input.users)
     with graph.inserting_after(block_input):
@@ -131,11 +130,15 @@ def merge_tokens(graph: fx.Graph, block_input: fx.Node, r: int, tower: Tower) ->
     return True
 
 
-def _before(a: fx.Node, b: fx.Node) -> bool:
-    for node in a.graph.nodes:
-        if node is a or node is b:
-            return node is a
-    return False
+def _merges_before(graph: fx.Graph, stop: fx.Node, tower: Tower) -> list[fx.Node]:
+    """The tower's merges ahead of `stop`, in graph order (the last one holds the sizes and index `stop` has)."""
+    merges = []
+    for node in graph.nodes:
+        if node is stop:
+            break
+        if node.target is MERGE and node.meta.get(TOWER) == tower.name:
+            merges.append(node)
+    return merges
 
 
 def _output(graph: fx.Graph, merge: fx.Node, i: int) -> fx.Node:
