@@ -16,8 +16,8 @@ from .report import CompileReport
 def compile(model: Callable, *, dynamic: bool | None = None, fullgraph: bool = False, **options: Any) -> Callable:
     """`torch.compile(model, backend="mmaccel", options=options)`, with options validated now (ValueError)
     rather than at the first call. The result carries `mmaccel_report`, filled in as graphs compile.
-    With `calibration=samples` (and quantize=... or prune=...), the model runs once per sample now, so that
-    lossy passes measure their error on those inputs (compiler/calibration.py); the dims in which samples
+    With `calibration=samples` (and quantize=..., prune=... or tokens=...), the model runs once per sample now,
+    so that lossy passes measure their error on those inputs (compiler/calibration.py); the dims in which samples
     differ compile dynamic. With `weights="release"` the parameters the lossy passes replace are freed once each
     graph is compiled (compiler/release.py): `model` itself can no longer be called."""
     opts = CompileOptions.from_user(options)

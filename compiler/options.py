@@ -17,6 +17,10 @@ PRUNE = (None, "mlp_channels")
 PRUNE_NOT_YET = ("heads", "blocks", "auto")
 # What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
 WEIGHTS = ("keep", "release")
+# Lossy, opt-in (passes/tokens.py): fewer tokens in vision towers. "prune", "resolution" and "auto" are named by
+# issue 15 but not built yet: refused.
+TOKENS = (None, "merge")
+TOKENS_NOT_YET = ("prune", "resolution", "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -47,6 +51,8 @@ class CompileOptions:
     quantize: str | None = None
     # Lossy: remove MLP channels (structural pruning); chosen with quantize under the same budget.
     prune: str | None = None
+    # Lossy: merge tokens between the blocks of vision towers (ToMe); chosen with the others under the same budget.
+    tokens: str | None = None
     accuracy_budget: float = 0.01
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
     # to each graph's inputs by mmaccel.compile / export_onnx).
@@ -64,7 +70,7 @@ class CompileOptions:
         from ..passes.pipeline import PASS_NAMES  # late import: passes import compiler helpers
 
         options = dict(options or {})
-        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "prune", "accuracy_budget",
+        valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "prune", "tokens", "accuracy_budget",
                  "calibration", "lossy_fallback", "weights")
         unknown = sorted(set(options) - set(valid))
         if unknown:
@@ -84,11 +90,12 @@ class CompileOptions:
         if quantize not in QUANTIZE:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
         prune = _validate_prune(options.get("prune"))
+        tokens = _validate_tokens(options.get("tokens"))
         budget = options.get("accuracy_budget", 0.01)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
             raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
                                      "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
-        calibration = _validate_calibration(options.get("calibration"), quantize or prune)
+        calibration = _validate_calibration(options.get("calibration"), quantize or prune or tokens)
         lossy_fallback = options.get("lossy_fallback", False)
         if not isinstance(lossy_fallback, bool):
             raise InvalidOptionError(f"option 'lossy_fallback' must be True or False, got {lossy_fallback!r}")
@@ -100,7 +107,7 @@ class CompileOptions:
         if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
-                   cuda_graphs=cuda_graphs, quantize=quantize, prune=prune, accuracy_budget=float(budget),
+                   cuda_graphs=cuda_graphs, quantize=quantize, prune=prune, tokens=tokens, accuracy_budget=float(budget),
                    calibration=calibration, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
@@ -125,6 +132,15 @@ def _validate_weights(value: Any, lossy: str | None) -> str:
     return value
 
 
+def _validate_tokens(value: Any) -> str | None:
+    if value in TOKENS_NOT_YET:
+        raise InvalidOptionError(f"option 'tokens'={value!r} is not built yet; tokens='merge' (token merging in vision "
+                                 "towers) works today")
+    if not isinstance(value, (str, type(None))) or value not in TOKENS:
+        raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)}")
+    return value
+
+
 def _validate_calibration(value: Any, lossy: str | None) -> tuple[Sample, ...] | None:
     """Any iterable of samples (a list, a generator, a DataLoader), read once. A sample is a tensor, a tuple
     of positional arguments, a dict of keyword arguments (as Hugging Face tokenizers and processors return
@@ -134,8 +150,8 @@ def _validate_calibration(value: Any, lossy: str | None) -> tuple[Sample, ...] |
     if value is None:
         return None
     if lossy is None:
-        raise InvalidOptionError("option 'calibration' only matters to lossy passes; set quantize=... or "
-                                 "prune=... as well, or drop calibration")
+        raise InvalidOptionError("option 'calibration' only matters to lossy passes; set quantize=..., prune=... "
+                                 "or tokens=... as well, or drop calibration")
     if isinstance(value, (torch.Tensor, Mapping)) or not hasattr(value, "__iter__"):
         raise InvalidOptionError("option 'calibration' must be an iterable of samples (a list of tensors, tuples "
                                  "of tensors or dicts of keyword arguments; a generator or DataLoader of them), got "

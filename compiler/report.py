@@ -131,12 +131,13 @@ def _near_misses(passes: list[PassResult]) -> list[str]:
 
 
 def _layer_table(details: dict[str, Any]) -> list[str]:
-    """Each lossy site's option (a precision, the channels an MLP keeps), bytes and sensitivity (the model's
+    """Each lossy site's option (a precision, the channels an MLP keeps, the tokens merged), cost and sensitivity (the model's
     error with only that site changed)."""
-    lines = [f"  {'layer':52} {'option':>10} {'MiB':>7}  sensitivity (model error, this site alone)"]
+    lines = [f"  {'layer':52} {'option':>10} {'cost':>14}  sensitivity (model error, this site alone)"]
     for row in details["layers"]:
         sens = ", ".join(f"{p} {e:.1e}" for p, e in row["sensitivity"].items()) or "-"
-        lines.append(f"  {row['layer'][:52]:52} {row['precision']:>10} {row['bytes'] / 2**20:>7.2f}  {sens}")
+        cost = f"{row['cost'] / 2**20:.2f} MiB" if row["unit"] == "bytes" else f"{row['cost']} {row['unit']}"
+        lines.append(f"  {row['layer'][:52]:52} {row['precision']:>10} {cost:>14}  {sens}")
     for level, groups in details.get("sensitivity_by", {}).items():
         worst = sorted(groups.items(), key=lambda kv: -kv[1])[:4]
         lines.append(f"  most sensitive {level}: " + ", ".join(f"{name} {e:.1e}" for name, e in worst))

@@ -19,6 +19,7 @@ class PassOptions(Protocol):
     """What passes read of the user's options (compiler.options.CompileOptions has these and more)."""
     quantize: str | None
     prune: str | None
+    tokens: str | None
     accuracy_budget: float
     lossy_fallback: bool
 

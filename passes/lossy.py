@@ -1,10 +1,11 @@
-"""The lossy-pass mechanism, shared by every lossy lever (quantize today; structural pruning and token reduction
-are levers of the same shape): one pass, one accuracy_budget, one report table.
+"""The lossy-pass mechanism, shared by every lossy lever (token merging, structural pruning, quantization): one
+pass, one accuracy_budget, one report table.
 
 A lever (the `Lever` protocol) knows its own craft: which sites of the graph it may change (a linear layer, a
 head, a token stream), the options at each site cheapest first and ending with ORIGINAL (the site as it is,
-always allowed: it is how a budget is met), what each option costs in bytes, and how to rewrite a node to an
-option. The mechanism knows the rest:
+always allowed: it is how a budget is met), what each option costs in the lever's unit (`cost_unit`: bytes for
+quantize and prune, token-blocks for token merging), and how to rewrite a node to an option. The mechanism
+knows the rest:
 1. Every site of every lever at its cheapest option; the model's error is measured on the calibration samples
    (by default the relative output error ||out - ref|| / ||ref|| against the graph before the levers, pooled
    over the samples: `pooled_relative_error`; a `Metric` callable may replace it). Within the budget: done,
@@ -14,9 +15,12 @@ option. The mechanism knows the rest:
    tower, block, layer kind: the report shows which parts of the model are fragile).
 3. Greedy assignment across all levers: independent errors add roughly in squares, so starting from the
    cheapest options the solver upgrades, one step at a time, the site that removes the most squared error per
-   byte added, until the estimate is within a target. The assembled mix is then measured for real; over
-   budget, the target is tightened by the measured overshoot and the solver reruns (a few rounds); nothing
-   fits: the graph is left as it was, with one warning.
+   cost added, until the estimate is within a target. Costs in different units are compared as fractions of
+   their unit's whole (all sites at ORIGINAL): bytes against bytes as they are, a tenth of the weight bytes
+   against a tenth of the token-blocks (a proxy: neither is latency; the measured error, not the cost, decides
+   what is within the budget). The assembled mix is then measured for real; over budget, the target is
+   tightened by the measured overshoot and the solver reruns (a few rounds); nothing fits: the graph is left
+   as it was, with one warning.
 Every measurement runs the graph that will run (the assembled graph goes through the cleanup that the pipeline
 runs after the lossy pass) against the graph the user gave (ctx.reference: the graph before any pass). Found by
 Hypothesis: a float16 program reported 6.06e-4 and gave the user 8.57e-4, the lossless passes' own float16
@@ -50,7 +54,7 @@ class Site:
     node: str
     name: str
     shape: tuple[int, ...]
-    original_bytes: int
+    original_cost: int  # at ORIGINAL, in the lever's cost_unit
     options: tuple[str, ...]  # cheapest first, ORIGINAL last
     sensitivity: dict[str, float]  # option -> model error with only this site at that option
     chosen: str = ORIGINAL
@@ -71,12 +75,13 @@ class Lever(Protocol):
     noun: str  # what the warning says was not applied ("quantization")
     unit: str  # what its sites are and what happened to them ("linear(s) quantized")
     near_misses: list[str]  # after sites(): places it almost took, each with the reason it did not
+    cost_unit: str  # what cost() counts: "bytes" (held by the model), "token-blocks" (tokens through a block)
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
-        """The sites of gm this lever may change; each with its options and original_bytes."""
+        """The sites of gm this lever may change; each with its options and original_cost."""
 
     def cost(self, site: Site, option: str) -> int:
-        """Bytes the site holds at `option`."""
+        """What the site costs at `option`, in cost_unit."""
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         """Rewrite `node` of `graph` (the graph given to sites(), or a measurement copy of it) to `option`; new
@@ -163,7 +168,16 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
     measure = _Measurement(gm, ctx, by_name, metric or pooled_relative_error, cleanup)
 
     def cost(site: Site, option: str) -> int:
-        return site.original_bytes if option == ORIGINAL else by_name[site.lever].cost(site, option)
+        return site.original_cost if option == ORIGINAL else by_name[site.lever].cost(site, option)
+
+    whole: dict[str, int] = {}
+    for site in sites:
+        unit = by_name[site.lever].cost_unit
+        whole[unit] = whole.get(unit, 0) + site.original_cost
+
+    def share(site: Site, option: str) -> float:
+        """The cost as a fraction of its unit's whole: what the solver compares across levers."""
+        return cost(site, option) / max(whole[by_name[site.lever].cost_unit], 1)
 
     cheapest = {site.key: site.options[0] for site in sites}
     error = cheapest_error = measure(cheapest)
@@ -173,7 +187,7 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
         measured_sites = True
         target = budget
         for rounds in range(1, MAX_ROUNDS + 1):
-            chosen = solve(sites, cost, target)
+            chosen = solve(sites, share, target)
             error = measure(chosen) if any(p != ORIGINAL for p in chosen.values()) else 0.0
             if error <= budget:
                 break
@@ -191,7 +205,7 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
         warn_once(f"mmaccel: {' and '.join(lever.noun for lever in levers)} not applied: {summary}. Raise "
                   "accuracy_budget to accept some loss.")
         return PassResult(matched=0, changes=[f"rolled back, over budget: {summary}"], measured_error=cheapest_error,
-                          details=report_table(sites, cost, measured_sites), near_misses=near_misses)
+                          details=report_table(sites, cost, by_name, measured_sites), near_misses=near_misses)
     before = live_constant_bytes(gm)
     by_node = {node.name: node for node in gm.graph.nodes}
     for site in changed:  # the chosen mix, now for real, in the levers' order (the order measured)
@@ -202,7 +216,7 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
             ctx.released.replace(weight, lever.label, made)
     changed = [site for site in sites if site.chosen != ORIGINAL]
     gm.recompile()
-    details = report_table(sites, cost, measured_sites)
+    details = report_table(sites, cost, by_name, measured_sites)
     after = live_constant_bytes(gm)
     mixes = "; ".join(_lever_summary(lever, [s for s in sites if s.lever == lever.name]) for lever in levers)
     summary = (f"{mixes}; constants {before / 2**20:.2f} -> {after / 2**20:.2f} MiB; measured relative output "
@@ -246,8 +260,8 @@ def measure_sensitivities(sites: list[Site], measure: Callable[[dict[tuple[str, 
         site.sensitivity[option] = measure({site.key: option})
 
 
-def solve(sites: list[Site], cost: Callable[[Site, str], int], target: float) -> dict[tuple[str, str], str]:
-    """Cheapest options, then upgrades by squared error removed per byte added until the root of the summed
+def solve(sites: list[Site], cost: Callable[[Site, str], float], target: float) -> dict[tuple[str, str], str]:
+    """Cheapest options, then upgrades by squared error removed per cost added until the root of the summed
     squared sensitivities is within target."""
     level = {site.key: 0 for site in sites}
 
@@ -265,7 +279,7 @@ def solve(sites: list[Site], cost: Callable[[Site, str], int], target: float) ->
             i = level[site.key]
             for j in range(i + 1, len(site.options)):
                 removed = err2(site) - site.sensitivity[site.options[j]] ** 2
-                added = max(cost(site, site.options[j]) - cost(site, site.options[i]), 1)
+                added = max(cost(site, site.options[j]) - cost(site, site.options[i]), 1e-12)
                 if removed / added > best_gain:
                     best, best_gain = (site, j), removed / added
         if best is None:
@@ -279,12 +293,20 @@ def solve(sites: list[Site], cost: Callable[[Site, str], int], target: float) ->
     return {site.key: site.options[level[site.key]] for site in sites}
 
 
-def report_table(sites: list[Site], cost: Callable[[Site, str], int], measured: bool) -> dict[str, Any]:
-    """PassResult.details: one row per site, and mean sensitivities per tower / block / kind."""
-    rows = [{"layer": site.name, "lever": site.lever, "tower": site.hierarchy[0], "block": site.hierarchy[1],
-             "kind": site.hierarchy[2], "shape": list(site.shape), "precision": site.chosen,
-             "bytes": cost(site, site.chosen), "original_bytes": site.original_bytes,
-             "sensitivity": {p: e for p, e in site.sensitivity.items() if p != ORIGINAL}} for site in sites]
+def report_table(sites: list[Site], cost: Callable[[Site, str], int], levers: dict[str, Lever],
+                 measured: bool) -> dict[str, Any]:
+    """PassResult.details: one row per site (its cost in its lever's unit; "bytes" too where that is the unit),
+    and mean sensitivities per tower / block / kind."""
+    rows = []
+    for site in sites:
+        unit = levers[site.lever].cost_unit
+        rows.append({"layer": site.name, "lever": site.lever, "tower": site.hierarchy[0],
+                     "block": site.hierarchy[1], "kind": site.hierarchy[2], "shape": list(site.shape),
+                     "precision": site.chosen, "unit": unit, "cost": cost(site, site.chosen),
+                     "original_cost": site.original_cost,
+                     **({"bytes": cost(site, site.chosen), "original_bytes": site.original_cost}
+                        if unit == "bytes" else {}),
+                     "sensitivity": {p: e for p, e in site.sensitivity.items() if p != ORIGINAL}})
     aggregates: dict[str, dict[str, float]] = {}
     if measured:  # mean sensitivity at each site's cheapest option, per tower / block / kind
         for level, key in (("tower", 0), ("block", 1), ("kind", 2)):

@@ -23,6 +23,7 @@ from .lossy import Lever, apply_levers
 from .meta import output_signature, propagate_fake, signatures_match
 from .prune import PruneLever
 from .quantize import QuantizeLever
+from .tokens import MergeLever
 
 CLEANUP = (Pass("dead_code_elimination", eliminate_dead_code),
            Pass("common_subexpression_elimination", eliminate_common_subexpressions),
@@ -60,7 +61,10 @@ class LeverEntry:
 # mmaccel::fused_linear ops of step 3 (prune its MLPs in the fused form: gate/up one matmul + split).
 # Prune before quantize: the mechanism rewrites in this order, so quantize reads (and quantizes) the smaller
 # weights prune made, and the structure is decided before the precision of what remains.
-LOSSY = (LeverEntry("prune", lambda o: o.prune is not None, lambda o: PruneLever(o.prune)),
+# Tokens first: fewer tokens change no weight, and prune's calibration statistics are then gathered on the
+# graph as the user gave it (a merged stream's averaged tokens would be another distribution).
+LOSSY = (LeverEntry("tokens", lambda o: o.tokens is not None, lambda o: MergeLever(o.tokens)),
+         LeverEntry("prune", lambda o: o.prune is not None, lambda o: PruneLever(o.prune)),
          LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: QuantizeLever(o.quantize)))
 
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))

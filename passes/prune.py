@@ -224,7 +224,7 @@ def _bytes(*tensors: torch.Tensor | None) -> int:
 class PruneLever:
     """The prune lever of the lossy mechanism: each MLP found on the graph is a site, its options the fractions
     of its channels to keep (cheapest first), then ORIGINAL."""
-    name, noun, unit = "prune", "pruning", "MLP(s) pruned"
+    name, noun, unit, cost_unit = "prune", "pruning", "MLP(s) pruned", "bytes"
 
     def __init__(self, scheme: str) -> None:
         if scheme != "mlp_channels":

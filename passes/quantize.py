@@ -143,7 +143,7 @@ def _linears(gm: fx.GraphModule) -> list[fx.Node]:
 class QuantizeLever:
     """The quantize lever of the lossy mechanism: each linear with a frozen floating-point weight is a site, its
     options the precisions of the scheme's ladder that fit its weight."""
-    name, noun, unit = "quantize", "quantization", "linear(s) quantized"
+    name, noun, unit, cost_unit = "quantize", "quantization", "linear(s) quantized", "bytes"
 
     def __init__(self, scheme: str) -> None:
         if scheme not in LADDERS:

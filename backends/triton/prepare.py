@@ -125,6 +125,13 @@ def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | No
     return {0: y}
 
 
+def _token_reduction(graph: fx.Graph, node: fx.Node) -> None:
+    """mmaccel::token_merge / token_unmerge run their references: sorts, gathers and scatter-adds that are ATen
+    library calls either way (the code generator fuses pointwise chains, not these); none reads a value on the
+    host, so a CUDA graph records them."""
+    return None
+
+
 _ACTIVATIONS = {
     "none": lambda g, v: v, "relu": lambda g, v: emit(g, aten.relu.default, v),
     "silu": lambda g, v: emit(g, aten.silu.default, v), "gelu": lambda g, v: emit(g, aten.gelu.default, v),
@@ -142,6 +149,8 @@ COMPOSITES = {
     aten.native_layer_norm.default: _layer_norm,
     aten._softmax.default: _softmax,
     torch.ops.mmaccel.fused_linear.default: _fused_linear,
+    torch.ops.mmaccel.token_merge.default: _token_reduction,
+    torch.ops.mmaccel.token_unmerge.default: _token_reduction,
 }
 
 
