@@ -17,7 +17,8 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "compiler")) and
 
 from .compiler.api import compile, explain, export_onnx
 from .compiler.backend import Backend
-from .compiler.generation import GenerationReport, generate, generation_report
+from .compiler.generation import GenerationReport, generation_report
+from .compiler.speculative import generate
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
