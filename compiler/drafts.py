@@ -4,7 +4,9 @@ or one derived from the target itself.
     draft=small_model   a Hugging Face causal LM with the target's vocabulary, on the target's device
     draft="layers:N"    self-speculation: the target's first N decoder layers, then its own final norm and LM
                         head (LayerSkip's early exit without the training), sharing the target's modules: no
-                        weight is copied, the draft only adds its own static cache of N layers
+                        weight is copied. It shares the target's cache too (layers_shared_with_target): its N
+                        layers see the target's own inputs at every kept position, so the target's first N
+                        cache layers hold exactly the draft's keys and values; no draft prefill, no draft cache
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 _LAYER_DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {N: draft}
+_SHARED_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft -> N
 
 
 def resolve_draft(target: torch.nn.Module, draft: Any) -> torch.nn.Module:
@@ -54,7 +57,14 @@ def layer_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
     if isinstance(getattr(text, "layer_types", None), list):
         text.layer_types = text.layer_types[:layers]
     configs = {id(target.config): config, id(_text_config(target.config)): text}
-    return _truncated(target, path.split("."), layers, configs)
+    draft = _truncated(target, path.split("."), layers, configs)
+    _SHARED_LAYERS[draft] = layers
+    return draft
+
+
+def layers_shared_with_target(draft: torch.nn.Module) -> int | None:
+    """N for a draft made by layer_draft (its layers are the target's first N), else None."""
+    return _SHARED_LAYERS.get(draft)
 
 
 def vocab_size(model: torch.nn.Module) -> int:

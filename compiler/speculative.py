@@ -21,6 +21,8 @@ row, column): a different draw from plain sampling with the same seed, from the 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import torch
 
 from . import generation
 from ._torch_internals import guards_checked_once, recompile_limit_at_least
-from .drafts import resolve_draft, step_cost_ratio
+from .drafts import layers_shared_with_target, resolve_draft, step_cost_ratio
 from .errors import warn_once
 from .sampling import gumbel_noise, uniform_noise, warp_scores
 
@@ -141,6 +143,7 @@ class _Speculation:
         self.verify = _compiled(target, _verify_step)
         self.draft_step = _compiled(draft, _draft_step)
         self.checked: set[int] = set()  # the k whose graphs ran once with all guards checked
+        self.shared_layers = layers_shared_with_target(draft.model)
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: Any) -> torch.Tensor:
@@ -149,11 +152,10 @@ class _Speculation:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         prompt, cache_len = self._buckets(input_ids.shape[1], config.max_new_tokens)
-        draft_inputs = {k: v for k, v in model_inputs.items() if k in self.draft.forward_args}
         with torch.no_grad(), recompile_limit_at_least(generation.MAX_GRAPHS_PER_STEP):
             state = self.target._prefill(input_ids, attention_mask, model_inputs, config, prompt, cache_len)
-            with _draft_failures():
-                draft_state = self.draft._prefill(input_ids, attention_mask, draft_inputs, config, prompt, cache_len)
+            draft_state = self._draft_prefill(state, input_ids, attention_mask, model_inputs, config, prompt,
+                                              cache_len)
             tokens = self._rounds(state, draft_state, config.max_new_tokens, cache_len)
         self.target.report.speculative = self.policy.summary(self.draft_name, tokens.shape[1] - 1)  # after the prefill's
         tokens = generation._trim_after_all_stopped(tokens[:, :config.max_new_tokens], config.stop_ids)
@@ -168,6 +170,18 @@ class _Speculation:
                              f"past the model's limit of {self.target.limit} (config.max_position_embeddings); "
                              "lower max_new_tokens or speculative_k")
         return generation.generation_buckets(prompt_len, max_new_tokens + room, self.target.limit)
+
+    def _draft_prefill(self, state: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       model_inputs: dict[str, Any], config: Any, prompt: int, cache_len: int) -> Any:
+        """The draft's step state. A draft of the target's first N layers reads and writes the target's first N
+        cache layers (drafts.py says why that is exact), which the target's prefill has filled."""
+        if self.shared_layers:
+            cache = copy.copy(state.cache)
+            cache.layers = state.cache.layers[:self.shared_layers]
+            return dataclasses.replace(state, model=self.draft.model, cache=cache)
+        draft_inputs = {k: v for k, v in model_inputs.items() if k in self.draft.forward_args}
+        with _draft_failures():
+            return self.draft._prefill(input_ids, attention_mask, draft_inputs, config, prompt, cache_len)
 
     def _rounds(self, state: Any, draft_state: Any, max_new_tokens: int, cache_len: int) -> torch.Tensor:
         tokens, produced = [state.token], 1
@@ -193,7 +207,8 @@ class _Speculation:
     def _round(self, state: Any, draft_state: Any, k: int, done: torch.Tensor, draw: torch.Tensor):
         """k draft steps and one verify step: the tokens to emit [B, k+1], [accepted, all rows done], the done
         flags and the next draw counter. When all k were accepted, the last proposal (never fed to the draft)
-        is written into the draft's cache too, so the next round starts with both caches full up to it."""
+        is written into the draft's own cache too (a shared cache has it from the verify step), so the next
+        round starts with both caches full up to it."""
         proposals, distributions = [state.token], []
         position_ids, cache_position = state.position_ids, state.cache_position
         with _draft_failures():
@@ -205,7 +220,7 @@ class _Speculation:
         q = torch.stack(distributions, dim=1) if state.sampler.do_sample else None  # [B, k, V]
         emitted, counts, done, draw = self.verify(state, torch.cat(proposals, dim=1), q, done, state.position_ids,
                                                   state.cache_position, draw)
-        if int(counts[0]) == k:
+        if int(counts[0]) == k and not self.shared_layers:
             with _draft_failures():
                 draw = self.draft_step(draft_state, proposals[-1], position_ids, cache_position, draw)[-1]
         return emitted, counts, done, draw
