@@ -53,16 +53,18 @@ class DraftFailed(RuntimeError):
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None, *, draft: Any = None, speculative_k: int | str = 4,
-             **kwargs: Any) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, *, draft: Any = None,
+             speculative_k: int | str | None = None, **kwargs: Any) -> torch.Tensor:
     """mmaccel.generate (compiler/generation.py). With `draft`, speculative decoding: draft is a small causal
     LM with the target's vocabulary on its device, or "layers:N" (the target's first N decoder layers, final
     norm and LM head, sharing its weights); speculative_k is the number of tokens proposed per round, an int
-    >= 1, or "auto" (chosen each round among K_CHOICES from the measured acceptance rate). The report
-    (mmaccel.generation_report) gives the acceptance rate and the k used."""
+    >= 1 (default 4), or "auto" (chosen each round among K_CHOICES from the measured acceptance rate). The
+    report (mmaccel.generation_report) gives the acceptance rate and the k used."""
     if draft is None:
+        if speculative_k is not None:
+            raise ValueError("mmaccel.generate: speculative_k needs a draft (draft=small_model or 'layers:N')")
         return generation.generate(model, input_ids, attention_mask, **kwargs)
-    choices = _k_choices(speculative_k)
+    choices = _k_choices(4 if speculative_k is None else speculative_k)
     draft_model = resolve_draft(model, draft)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in generation._GENERATE_ARGS}
     config = generation._resolve_config(model, user)
@@ -190,9 +192,9 @@ class _Speculation:
             k = self.policy.next_k()
             self._note(state, k, cache_len)
             with guards_checked_once() if k in self.checked else contextlib.nullcontext():
-                emitted, counts, done, draw = self._round(state, draft_state, k, done, draw)
+                emitted, (accepted, all_done, row_accepted), done, draw = self._round(state, draft_state, k, done,
+                                                                                      draw)
             self.checked.add(k)
-            accepted, all_done, row_accepted = counts.tolist()
             tokens.append(emitted[:, :accepted + 1])
             produced += accepted + 1
             self.policy.record(k, accepted, row_accepted / state.token.shape[0])
@@ -205,8 +207,8 @@ class _Speculation:
         return torch.cat(tokens, dim=1)
 
     def _round(self, state: Any, draft_state: Any, k: int, done: torch.Tensor, draw: torch.Tensor):
-        """k draft steps and one verify step: the tokens to emit [B, k+1], [accepted, all rows done], the done
-        flags and the next draw counter. When all k were accepted, the last proposal (never fed to the draft)
+        """k draft steps and one verify step: the tokens to emit [B, k+1], [accepted, all rows done, accepted
+        summed over rows] read on the host (the round's one sync), the done flags and the next draw counter. When all k were accepted, the last proposal (never fed to the draft)
         is written into the draft's own cache too (a shared cache has it from the verify step), so the next
         round starts with both caches full up to it."""
         proposals, distributions = [state.token], []
@@ -220,7 +222,8 @@ class _Speculation:
         q = torch.stack(distributions, dim=1) if state.sampler.do_sample else None  # [B, k, V]
         emitted, counts, done, draw = self.verify(state, torch.cat(proposals, dim=1), q, done, state.position_ids,
                                                   state.cache_position, draw)
-        if int(counts[0]) == k and not self.shared_layers:
+        counts = counts.tolist()
+        if counts[0] == k and not self.shared_layers:
             with _draft_failures():
                 draw = self.draft_step(draft_state, proposals[-1], position_ids, cache_position, draw)[-1]
         return emitted, counts, done, draw
