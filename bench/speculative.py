@@ -10,6 +10,7 @@ not what a trained model would reach. The acceptance rate is printed for every r
 
     python bench/speculative.py                        # GPU: 8 layers, draft layers:2, 128 new tokens
     python bench/speculative.py --tiny                 # CPU check: tiny config, a few tokens
+    python bench/speculative.py --mid --models agreeing # CPU: hidden 1024, vocab 32000, 8 layers, fp32
     python bench/speculative.py --models agreeing --k 4 auto --out /tmp/spec.json
 
 Timing as bench/hf_generate.py: after one warm-up call (which compiles), the median of --repeats calls (CUDA
@@ -32,11 +33,14 @@ from mmaccel.models.hf_configs import llama_config
 from mmaccel.timing import median_ms
 
 
-def build(tiny: bool, layers: int, draft_layers: int, agree_scale: float | None, device: str,
+def build(size: str, layers: int, draft_layers: int, agree_scale: float | None, device: str,
           dtype: torch.dtype) -> LlamaForCausalLM:
     """Random weights; with `agree_scale`, the layers past the draft's write their outputs scaled by it."""
     torch.manual_seed(0)
-    config = llama_config(tiny)
+    config = llama_config(size == "tiny")
+    if size == "mid":  # big enough that a CPU step is bound by its weights, not by per-call overhead
+        config.update(dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+                           vocab_size=32000, max_position_embeddings=1024))
     config.num_hidden_layers = layers
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
@@ -136,6 +140,7 @@ def plot(data: dict[str, Any], png: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config, a few tokens (CPU check)")
+    parser.add_argument("--mid", action="store_true", help="CPU: Llama dims scaled to hidden 1024, vocab 32000")
     parser.add_argument("--models", nargs="+", default=["random", "agreeing"], choices=["random", "agreeing"])
     parser.add_argument("--layers", type=int, default=None, help="target decoder layers (default 8; 4 with --tiny)")
     parser.add_argument("--draft", default=None, help="default layers:2 (layers:1 with --tiny)")
@@ -147,13 +152,14 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=540, help="skip what is left past this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default $OUT/ or bench/results/speculative_*.json)")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    size = "tiny" if args.tiny else "mid" if args.mid else "8b"
+    device = "cuda" if torch.cuda.is_available() and size == "8b" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args.layers = args.layers or (4 if args.tiny else 8)
     args.draft = args.draft or ("layers:1" if args.tiny else "layers:2")
     args.new_tokens = args.new_tokens or (12 if args.tiny else 128)
     args.repeats = args.repeats or (2 if args.tiny else 5)
-    out = args.out or default_out(f"speculative_{'tiny_' if args.tiny else ''}{device}.json")
+    out = args.out or default_out(f"speculative_{'' if size == '8b' else size + '_'}{device}.json")
     env = environment(device, dtype=str(dtype), layers=args.layers, draft=args.draft, new_tokens=args.new_tokens,
                       prompt_tokens=args.prompt_tokens, agree_scale=args.agree_scale, weights="random")
     ids = torch.randint(3, 90, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
@@ -163,7 +169,7 @@ def main() -> int:
     for index, name in enumerate(args.models):
         share = (args.budget_s - (time.perf_counter() - started)) / (len(args.models) - index)
         scale = args.agree_scale if name == "agreeing" else None
-        model = build(args.tiny, args.layers, int(args.draft.split(":")[1]), scale, device, dtype)
+        model = build(size, args.layers, int(args.draft.split(":")[1]), scale, device, dtype)
         for row in bench_model(name, model, ids, args, device, time.perf_counter() + share):
             rows.append(row)
             print_row(row)

@@ -159,7 +159,8 @@ class _Speculation:
             draft_state = self._draft_prefill(state, input_ids, attention_mask, model_inputs, config, prompt,
                                               cache_len)
             tokens = self._rounds(state, draft_state, config.max_new_tokens, cache_len)
-        self.target.report.speculative = self.policy.summary(self.draft_name, tokens.shape[1] - 1)  # after the prefill's
+        # The tokens the rounds added (the first came from the prefill).
+        self.target.report.speculative = self.policy.summary(self.draft_name, tokens.shape[1] - 1)
         tokens = generation._trim_after_all_stopped(tokens[:, :config.max_new_tokens], config.stop_ids)
         return torch.cat([input_ids, tokens], dim=1)
 
@@ -208,9 +209,9 @@ class _Speculation:
 
     def _round(self, state: Any, draft_state: Any, k: int, done: torch.Tensor, draw: torch.Tensor):
         """k draft steps and one verify step: the tokens to emit [B, k+1], [accepted, all rows done, accepted
-        summed over rows] read on the host (the round's one sync), the done flags and the next draw counter. When all k were accepted, the last proposal (never fed to the draft)
-        is written into the draft's own cache too (a shared cache has it from the verify step), so the next
-        round starts with both caches full up to it."""
+        summed over rows] read on the host (the round's one sync), the done flags and the next draw counter.
+        When all k were accepted, the last proposal (never fed to the draft) is written into the draft's own
+        cache too (a shared cache has it from the verify step), so both caches are full up to it."""
         proposals, distributions = [state.token], []
         position_ids, cache_position = state.position_ids, state.cache_position
         with _draft_failures():
