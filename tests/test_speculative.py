@@ -23,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("error::mmaccel.MmaccelFallbackWarning")
 
 
 def test_self_speculation_greedy_equals_plain_greedy_on_llama() -> None:
-    """draft='layers:1': the target's first layer, its norm and head, no weight or cache copied; a stop token inside a round pads the rest of its row as plain decoding does."""
+    """draft='layers:1': the target's first layer, its norm and head, no weight or cache copied; a stop token
+    inside a round pads the rest of its row as plain decoding does."""
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([7, 4])
     expected = hf_generate(model, ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=[])
