@@ -56,7 +56,7 @@ def runners(model: LlamaForCausalLM, ids: torch.Tensor, draft: str, ks: list[str
     prompt + new tokens."""
     common = dict(eos_token_id=[], pad_token_id=0, do_sample=False)
     hf = dict(attention_mask=torch.ones_like(ids), min_new_tokens=1, **common)
-    assistant = resolve_draft(model, draft)
+    assistant, _ = resolve_draft(model, draft)
     methods = {"mmaccel": lambda n: mmaccel.generate(model, ids, max_new_tokens=n, **common)}
     for k in ks:
         speculative_k = k if k == "auto" else int(k)

@@ -2,6 +2,9 @@
 or one derived from the target itself.
 
     draft=small_model   a Hugging Face causal LM with the target's vocabulary, on the target's device
+    draft="quantized:int4_weight_only" (or int8_weight_only, fp8): the target compiled with that quantization
+                        (passes/quantize.py) in a session of its own: a quantized copy of the weights and its
+                        own cache; its error costs acceptance, never correctness, so its budget is loose
     draft="layers:N"    self-speculation: the target's first N decoder layers, then its own final norm and LM
                         head (LayerSkip's early exit without the training), sharing the target's modules: no
                         weight is copied. It shares the target's cache too (layers_shared_with_target): its N
@@ -18,11 +21,17 @@ import torch
 
 _LAYER_DRAFTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {N: draft}
 _SHARED_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft -> N
+# Bytes per weight of each quantized draft (group scales included: int4 in groups of 32 with fp16 scale and zero
+# is 5 bits), for the draft's step cost in speculative_k="auto".
+QUANTIZED_DRAFT_BYTES = {"int8_weight_only": 1.0, "int4_weight_only": 0.625, "fp8": 1.0}
+# The quantize pass keeps the draft's output error within this: loose, as a wrong draft token is only rejected.
+QUANTIZED_DRAFT_BUDGET = 0.5
 
 
-def resolve_draft(target: torch.nn.Module, draft: Any) -> torch.nn.Module:
-    """The draft module for `draft=` (a module or "layers:N"), checked against the target: same vocabulary,
-    same device, a decoder-only or LLaVA-style target. Anything else: ValueError saying what is accepted."""
+def resolve_draft(target: torch.nn.Module, draft: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The draft module for `draft=` (a module, "layers:N" or "quantized:SCHEME") and the backend options it
+    adds, checked against the target: same vocabulary, same device, a decoder-only or LLaVA-style target.
+    Anything else: ValueError saying what is accepted."""
     if getattr(target.config, "is_encoder_decoder", False):
         raise ValueError(f"mmaccel.generate: speculative decoding takes decoder-only and LLaVA-style models, not "
                          f"the encoder-decoder {type(target).__name__}")
@@ -31,9 +40,12 @@ def resolve_draft(target: torch.nn.Module, draft: Any) -> torch.nn.Module:
         per_target = _LAYER_DRAFTS.setdefault(target, {})
         if layers not in per_target:
             per_target[layers] = layer_draft(target, layers)
-        return per_target[layers]
+        return per_target[layers], {}
+    if isinstance(draft, str) and draft.startswith("quantized:") and draft[10:] in QUANTIZED_DRAFT_BYTES:
+        return target, {"quantize": draft[10:], "accuracy_budget": QUANTIZED_DRAFT_BUDGET}
     if not isinstance(draft, torch.nn.Module):
-        raise ValueError(f"mmaccel.generate: draft must be a model (torch.nn.Module) or 'layers:N', got {draft!r}")
+        raise ValueError(f"mmaccel.generate: draft must be a model (torch.nn.Module), 'layers:N' or 'quantized:"
+                         f"SCHEME' with SCHEME one of {list(QUANTIZED_DRAFT_BYTES)}, got {draft!r}")
     if vocab_size(draft) != vocab_size(target):
         raise ValueError(f"mmaccel.generate: the draft's vocabulary has {vocab_size(draft)} tokens, the target's "
                          f"{vocab_size(target)}; speculative decoding needs the same tokenizer")
@@ -41,7 +53,7 @@ def resolve_draft(target: torch.nn.Module, draft: Any) -> torch.nn.Module:
     if draft_device != target_device:
         raise ValueError(f"mmaccel.generate: the draft is on {draft_device}, the target on {target_device}; "
                          "move the draft to the target's device")
-    return draft
+    return draft, {}
 
 
 def layer_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -75,11 +87,14 @@ def vocab_size(model: torch.nn.Module) -> int:
     return int(_text_config(model.config).vocab_size)
 
 
-def step_cost_ratio(draft: torch.nn.Module, target: torch.nn.Module) -> float:
+def step_cost_ratio(draft: torch.nn.Module, target: torch.nn.Module, draft_options: dict[str, Any]) -> float:
     """A draft decode step's time over the target's, estimated as the weight bytes each reads per token (a
     decode step is bound by weight reads): decoder and LM head, not the input embedding table (one row read)
     nor a vision tower (prefill only)."""
-    return _step_bytes(draft) / _step_bytes(target)
+    ratio = _step_bytes(draft) / _step_bytes(target)
+    if draft_options.get("quantize"):
+        ratio *= min(1.0, QUANTIZED_DRAFT_BYTES[draft_options["quantize"]] / next(target.parameters()).element_size())
+    return ratio
 
 
 def _step_bytes(model: torch.nn.Module) -> int:

@@ -56,8 +56,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, *, draft: Any = None,
              speculative_k: int | str | None = None, **kwargs: Any) -> torch.Tensor:
     """mmaccel.generate (compiler/generation.py). With `draft`, speculative decoding: draft is a small causal
-    LM with the target's vocabulary on its device, or "layers:N" (the target's first N decoder layers, final
-    norm and LM head, sharing its weights); speculative_k is the number of tokens proposed per round, an int
+    LM with the target's vocabulary on its device, "layers:N" (the target's first N decoder layers, final norm
+    and LM head, sharing its weights and cache) or "quantized:int4_weight_only" (also int8_weight_only, fp8: the
+    target quantized by passes/quantize.py, its own cache); speculative_k is the number of tokens proposed per round, an int
     >= 1 (default 4), or "auto" (chosen each round among K_CHOICES from the measured acceptance rate). The
     report (mmaccel.generation_report) gives the acceptance rate and the k used."""
     if draft is None:
@@ -65,13 +66,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
             raise ValueError("mmaccel.generate: speculative_k needs a draft (draft=small_model or 'layers:N')")
         return generation.generate(model, input_ids, attention_mask, **kwargs)
     choices = _k_choices(4 if speculative_k is None else speculative_k)
-    draft_model = resolve_draft(model, draft)
+    draft_model, draft_options = resolve_draft(model, draft)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in generation._GENERATE_ARGS}
     config = generation._resolve_config(model, user)
     options = user.get("options") or {}
     target = generation._session(model, options)
-    policy = _KPolicy(choices, step_cost_ratio(draft_model, model))
-    speculation = _Speculation(target, generation._session(draft_model, options), policy, str(draft))
+    policy = _KPolicy(choices, step_cost_ratio(draft_model, model, draft_options))
+    draft_session = generation._session(draft_model, {**options, **draft_options})
+    speculation = _Speculation(target, draft_session, policy, str(draft))
     try:
         return speculation.generate(input_ids, attention_mask, kwargs, config)
     except DraftFailed as failure:

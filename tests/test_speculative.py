@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("error::mmaccel.MmaccelFallbackWarning")
 
 def test_self_speculation_greedy_equals_plain_greedy_on_llama() -> None:
     """draft='layers:1': the target's first layer, its norm and head, no weight or cache copied; a stop token
-    inside a round pads the rest of its row as plain decoding does."""
+    inside a round pads the rest of its row as plain decoding does; draft='quantized:int4_weight_only'."""
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([7, 4])
     expected = hf_generate(model, ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=[])
@@ -39,10 +39,16 @@ def test_self_speculation_greedy_equals_plain_greedy_on_llama() -> None:
     stopped = hf_generate(model, ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=[stop])
     assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=20, pad_token_id=0, eos_token_id=[stop],
                                         draft="layers:1", speculative_k=3, options=EAGER), stopped)
-    draft = resolve_draft(model, "layers:1")
+    draft, _ = resolve_draft(model, "layers:1")
     assert draft.model.layers[0] is model.model.layers[0] and len(draft.model.layers) == 1
     assert {id(p) for p in draft.parameters()} <= {id(p) for p in model.parameters()}
     assert mmaccel.generation_report(draft, **EAGER).graphs == []  # no prefill, no cache: the target's are shared
+    # The target quantized to int4 as the draft (its own session, cache and graphs): the same tokens.
+    quantized = mmaccel.generate(model, ids, mask, max_new_tokens=20, pad_token_id=0, eos_token_id=[],
+                                 draft="quantized:int4_weight_only", speculative_k=3, options=EAGER)
+    assert torch.equal(quantized, expected)
+    draft_report = mmaccel.generation_report(model, **EAGER, quantize="int4_weight_only", accuracy_budget=0.5)
+    assert [g.matched("quantize") for g in draft_report.compile.graphs] == [8, 9]  # prefill; step with the head
     assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2  # the target is untouched
 
 
@@ -68,6 +74,8 @@ def test_user_draft_greedy_equals_plain_greedy_on_qwen2_and_bad_drafts_are_refus
         mmaccel.generate(model, ids, mask, max_new_tokens=2, draft="layers:1", speculative_k=0, options=EAGER)
     with pytest.raises(ValueError, match="the draft is on meta"):
         mmaccel.generate(model, ids, mask, max_new_tokens=2, draft=small_qwen2().to("meta"), options=EAGER)
+    with pytest.raises(ValueError, match=r"'quantized:SCHEME' with SCHEME one of \['int8_weight_only'"):
+        mmaccel.generate(model, ids, mask, max_new_tokens=2, draft="quantized:int3", options=EAGER)
     with pytest.raises(ValueError, match="speculative_k needs a draft"):
         mmaccel.generate(model, ids, mask, max_new_tokens=2, speculative_k=4, options=EAGER)
     with pytest.raises(ValueError, match="keep 1 to 1 of the target's 2"):
@@ -161,7 +169,7 @@ def test_speculative_sampling_is_distributed_as_plain_sampling() -> None:
         assert stat < bound, f"chi-square {stat:.1f} over its 0.999 quantile {bound:.1f}"
     assert 0.2 < mmaccel.generation_report(model, **EAGER).speculative["row_acceptance_rate"] < 0.95
     # The test's power: the draft's exact distribution, sampled as many times, would fail it.
-    wrong = exact_joint(resolve_draft(model, "layers:1"), prompt, new, sampler, 0.9).sum((0, 3))
+    wrong = exact_joint(resolve_draft(model, "layers:1")[0], prompt, new, sampler, 0.9).sum((0, 3))
     stat, bound = chi_square(wrong * rows, exact.sum((0, 3)))
     assert stat > 3 * bound
 
