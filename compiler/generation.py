@@ -48,6 +48,8 @@ class GenerationReport:
     """What mmaccel.generate compiled for one model: each graph's key and why it was new."""
     compile: CompileReport
     graphs: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (kind, key, why new)
+    # Speculative decoding's last call (compiler/speculative.py): draft, k used, acceptance rate, tokens/round.
+    speculative: dict[str, Any] | None = None
 
     @property
     def buckets(self) -> dict[str, list[int]]:
@@ -59,6 +61,8 @@ class GenerationReport:
         lines = [f"mmaccel.generate: {len(self.graphs)} step graphs ({len(self.compile.graphs)} compiled by "
                  f"mmaccel), buckets {self.buckets}"]
         lines += [f"  {kind:8} {key}: {why}" for kind, key, why in self.graphs]
+        if self.speculative:
+            lines.append("  speculative: " + ", ".join(f"{k}={v}" for k, v in self.speculative.items()))
         return "\n".join(lines)
 
 
@@ -268,9 +272,10 @@ class _StepState:
 
 
 def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                    cache_position: torch.Tensor, extra: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    """The model over `input_ids` ([B, S]) at `position_ids`, writing the cache: the last position's logits
-    [B, V], and the encoder's outputs (encoder-decoder models; None otherwise)."""
+                    cache_position: torch.Tensor, extra: dict[str, Any],
+                    logits_to_keep: int = 1) -> tuple[torch.Tensor, Any]:
+    """The model over `input_ids` ([B, S]) at `position_ids`, writing the cache: the last `logits_to_keep`
+    positions' logits [B, logits_to_keep, V], and the encoder's outputs (encoder-decoder models; else None)."""
     prefix = "decoder_" if state.encoder_decoder else ""
     kwargs = {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": state.mask,
               f"{prefix}position_ids": position_ids, **extra}
@@ -279,10 +284,10 @@ def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: to
     if state.pass_cache_position:
         kwargs["cache_position"] = cache_position
     if state.pass_logits_to_keep:
-        kwargs["logits_to_keep"] = 1
+        kwargs["logits_to_keep"] = logits_to_keep
     out = state.model(past_key_values=state.cache, use_cache=True, **kwargs)
     encoder_outputs = (out.encoder_last_hidden_state,) if state.encoder_decoder else None
-    return out.logits[:, -1, :].to(torch.float32), encoder_outputs
+    return out.logits[:, -logits_to_keep:, :].to(torch.float32), encoder_outputs
 
 
 def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None):
@@ -296,13 +301,13 @@ def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: t
 
 def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
     logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
-    return *_choose(state, logits, cache_position[-1:], None), encoder_outputs, _measured(state, logits)
+    return *_choose(state, logits[:, -1], cache_position[-1:], None), encoder_outputs, _measured(state, logits[:, -1])
 
 
 def _decode_step(state: _StepState, token, done, position_ids, cache_position):
     logits, _ = _forward_logits(state, token, position_ids, cache_position, {})
-    token, done = _choose(state, logits, cache_position, done)
-    return token, done, position_ids + 1, cache_position + 1, _measured(state, logits)
+    token, done = _choose(state, logits[:, -1], cache_position, done)
+    return token, done, position_ids + 1, cache_position + 1, _measured(state, logits[:, -1])
 
 
 def _measured(state: _StepState, logits: torch.Tensor) -> torch.Tensor | None:

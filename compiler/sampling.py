@@ -32,12 +32,20 @@ def choose_tokens(logits: torch.Tensor, sampler: Sampler, temperature: torch.Ten
     """logits: [B, V] float32 -> next token ids [B]. `step` ([1]) makes each step's noise different."""
     if not sampler.do_sample:
         return logits.argmax(-1)
+    scores = warp_scores(logits, sampler, temperature, top_p)
+    return (scores + gumbel_noise(seed, step, scores.shape, scores.device)).argmax(-1)
+
+
+def warp_scores(logits: torch.Tensor, sampler: Sampler, temperature: torch.Tensor,
+                top_p: torch.Tensor) -> torch.Tensor:
+    """[..., V] logits -> the scores sampling draws from (softmax of them is the sampled distribution):
+    temperature, then top-k, then top-p, -inf where a token is dropped."""
     scores = logits / temperature
     if sampler.top_k is not None:
         scores = _top_k(scores, sampler.top_k)
     if sampler.use_top_p:
         scores = _top_p(scores, top_p)
-    return (scores + _gumbel(seed, step, scores.shape, scores.device)).argmax(-1)
+    return scores
 
 
 def _top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -56,15 +64,22 @@ def _top_p(scores: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(-1, sorted_ids, drop), -float("inf"))
 
 
-def _gumbel(seed: torch.Tensor, step: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise of `shape` ([B, V]), a function of (seed, step, row, column) only."""
+def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, shape: torch.Size, device: torch.device,
+                 stream: int = 0) -> torch.Tensor:
+    """Gumbel(0, 1) noise of `shape` ([B, V]), a function of (seed, stream, step, row, column) only."""
+    return -torch.log(-torch.log(uniform_noise(seed, step, shape, device, stream)))
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, shape: torch.Size, device: torch.device,
+                  stream: int = 0) -> torch.Tensor:
+    """Uniform(0, 1) noise of a 2-d `shape`. `stream` separates draws that share a step (speculative decoding
+    draws its proposals, acceptance tests and corrections at the same counter); stream 0 is plain sampling."""
     rows, cols = shape
     index = torch.arange(rows, device=device)[:, None] * cols + torch.arange(cols, device=device)[None, :]
-    key = _hash(_hash(seed.reshape(1, 1) & _MASK32) ^ (step.reshape(1, 1) & _MASK32))
+    key = _hash(_hash(seed.reshape(1, 1) & _MASK32) ^ ((step.reshape(1, 1) ^ (stream << 24)) & _MASK32))
     bits = _hash(_hash(index & _MASK32) ^ key)
     # 24 bits: exact in float32; +0.5 keeps u strictly inside (0, 1).
-    u = ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(u))
+    return ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
 def _hash(x: torch.Tensor) -> torch.Tensor:

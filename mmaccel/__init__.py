@@ -5,6 +5,8 @@
     mmaccel.explain(model, *example_inputs, **options)       # what was captured and optimized
     mmaccel.export_onnx(model, example_inputs, path)          # same passes, standard ONNX file
     mmaccel.generate(model, **inputs, max_new_tokens=64)      # HF generation, steps compiled, lengths bucketed
+    mmaccel.generate(model, **inputs, draft="layers:4")       # speculative decoding (or draft=small_model)
+    mmaccel.cascade(small, large, calibration=prompts)        # the small model answers when confident
 """
 import os as _os
 
@@ -17,7 +19,9 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "compiler")) and
 
 from .compiler.api import compile, explain, export_onnx
 from .compiler.backend import Backend
-from .compiler.generation import GenerationReport, generate, generation_report
+from .compiler.generation import GenerationReport, generation_report
+from .compiler.speculative import generate
+from .compiler.cascade import Cascade, CascadeReport, cascade
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
@@ -26,6 +30,7 @@ from .compiler.backend import mmaccel_backend as _mmaccel_backend
 
 _register("mmaccel", _mmaccel_backend)
 
-__all__ = ["compile", "explain", "export_onnx", "generate", "generation_report", "GenerationReport", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
+__all__ = ["compile", "explain", "export_onnx", "generate", "generation_report", "GenerationReport", "cascade",
+           "Cascade", "CascadeReport", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]
 __version__ = "0.1.0"

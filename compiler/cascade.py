@@ -1,0 +1,128 @@
+"""Model cascading: answer with a small model when it is confident, else with the large one.
+
+    answer = mmaccel.cascade(small, large, calibration=prompts, accuracy_budget=0.02, max_new_tokens=32)
+    tokens = answer(input_ids, attention_mask)      # one request; answer.report: routed fraction, agreement, latency
+
+Confidence is the small model's mean token log-probability of its own greedy answer (one extra teacher-forced
+forward of the small model over prompt + answer). The threshold is calibrated on the calibration prompts: each
+is answered by both models, and the small model takes the most confident prompts as long as its answers that
+differ from the large model's stay within `accuracy_budget` of all calibration prompts. "Accuracy" here is
+agreement with the large model's greedy answer (exact token match): the cascade's loss against the large model,
+not against a ground truth, which the calibration prompts do not carry.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .drafts import vocab_size
+from .speculative import generate
+
+
+@dataclass
+class CascadeReport:
+    """Calibration (threshold, routed fraction, agreement) and the requests answered since."""
+    threshold: float
+    calibration_routed: float  # fraction of calibration prompts the small model would answer
+    calibration_agreement: float  # small == large on all calibration prompts
+    calibration_loss: float  # fraction of calibration prompts answered differently from the large model
+    latency_ms: dict[str, float]  # mean per calibration prompt: small, large, cascade (small + large when not routed)
+    requests: int = 0
+    routed: int = 0
+    served_ms: list[float] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        served = sum(self.served_ms) / max(len(self.served_ms), 1)
+        return (f"mmaccel.cascade: threshold {self.threshold:.3f} (mean log-prob); calibration: "
+                f"{self.calibration_routed:.0%} routed to the small model, agreement {self.calibration_agreement:.0%}, "
+                f"loss {self.calibration_loss:.1%}, latency ms {self.latency_ms}; served {self.requests} requests, "
+                f"{self.routed} by the small model, {served:.1f} ms mean")
+
+
+class Cascade:
+    """A calibrated small/large pair; call it with one request's model inputs."""
+
+    def __init__(self, small: torch.nn.Module, large: torch.nn.Module, generate_args: dict[str, Any]) -> None:
+        self.small, self.large, self.generate_args = small, large, generate_args
+        self.report: CascadeReport | None = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **inputs: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        tokens, confidence = self._small(input_ids, attention_mask, inputs)
+        routed = confidence >= self.report.threshold
+        if not routed:
+            tokens = generate(self.large, input_ids, attention_mask, **inputs, **self.generate_args)
+        self.report.requests += 1
+        self.report.routed += routed
+        self.report.served_ms.append((time.perf_counter() - start) * 1e3)
+        return tokens
+
+    def _small(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               inputs: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        """The small model's greedy answer and its mean token log-probability under the small model."""
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"mmaccel.cascade routes one request at a time (batch 1), got a batch of "
+                             f"{input_ids.shape[0]}")
+        tokens = generate(self.small, input_ids, attention_mask, **inputs, **self.generate_args)
+        answer = tokens[:, input_ids.shape[1]:]
+        mask = torch.ones_like(tokens) if attention_mask is None else \
+            torch.cat([attention_mask, torch.ones_like(answer)], dim=1)
+        with torch.no_grad():
+            logits = self.small(input_ids=tokens, attention_mask=mask, **inputs).logits
+        logprobs = logits[:, input_ids.shape[1] - 1:-1].float().log_softmax(-1).gather(-1, answer[..., None])
+        return tokens, float(logprobs.mean())
+
+
+def cascade(small: torch.nn.Module, large: torch.nn.Module, calibration: Any, accuracy_budget: float = 0.01,
+            **generate_args: Any) -> Cascade:
+    """A Cascade calibrated on `calibration` (an iterable of requests: input_ids [1, S], or dicts of model
+    inputs) under `accuracy_budget` (the largest fraction of calibration requests whose answer may differ from
+    the large model's, in [0, 1)). generate_args go to mmaccel.generate (max_new_tokens, eos_token_id,
+    options, ...), greedy."""
+    if not 0 <= accuracy_budget < 1:
+        raise ValueError(f"mmaccel.cascade: accuracy_budget must be in [0, 1), got {accuracy_budget}")
+    if vocab_size(small) != vocab_size(large):
+        raise ValueError(f"mmaccel.cascade: the small model's vocabulary has {vocab_size(small)} tokens, the "
+                         f"large one's {vocab_size(large)}; a cascade needs the same tokenizer")
+    pair = Cascade(small, large, {**generate_args, "do_sample": False})
+    samples = [s if isinstance(s, dict) else {"input_ids": s} for s in calibration]
+    if not samples:
+        raise ValueError("mmaccel.cascade: calibration holds no requests")
+    measured = [_measure(pair, sample) for sample in samples]
+    pair.report = _calibrated(measured, accuracy_budget)
+    return pair
+
+
+def _measure(pair: Cascade, sample: dict[str, Any]) -> tuple[float, bool, float, float]:
+    """(confidence, small == large, small ms, large ms) on one calibration request."""
+    sample = dict(sample)
+    input_ids, attention_mask = sample.pop("input_ids"), sample.pop("attention_mask", None)
+    start = time.perf_counter()
+    small_tokens, confidence = pair._small(input_ids, attention_mask, sample)
+    middle = time.perf_counter()
+    large_tokens = generate(pair.large, input_ids, attention_mask, **sample, **pair.generate_args)
+    end = time.perf_counter()
+    agree = small_tokens.shape == large_tokens.shape and bool((small_tokens == large_tokens).all())
+    return confidence, agree, (middle - start) * 1e3, (end - middle) * 1e3
+
+
+def _calibrated(measured: list[tuple[float, bool, float, float]], budget: float) -> CascadeReport:
+    """The lowest threshold whose routed requests disagree with the large model on at most budget * n of
+    them: the most confident requests are routed first."""
+    ranked = sorted(measured, key=lambda m: -m[0])
+    allowed, wrong, routed, threshold = budget * len(ranked), 0, 0, float("inf")
+    for confidence, agree, _, _ in ranked:
+        wrong += not agree
+        if wrong > allowed:
+            break
+        routed, threshold = routed + 1, confidence
+    small_ms = sum(m[2] for m in measured) / len(measured)
+    large_ms = sum(m[3] for m in measured) / len(measured)
+    cascade_ms = small_ms + sum(m[3] for m in measured if m[0] < threshold) / len(measured)
+    loss = sum(not m[1] for m in measured if m[0] >= threshold) / len(measured)
+    return CascadeReport(threshold, routed / len(measured), sum(m[1] for m in measured) / len(measured), loss,
+                         {"small": round(small_ms, 2), "large": round(large_ms, 2), "cascade": round(cascade_ms, 2)})

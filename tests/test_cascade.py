@@ -1,0 +1,42 @@
+"""mmaccel.cascade on tiny Llama models: the threshold keeps the calibration loss within the budget, requests
+are answered by the model the threshold picks, and the report gives routed fraction, agreement and latency."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmaccel
+from mmaccel.compiler.cascade import _calibrated
+from mmaccel.compiler.drafts import layer_draft
+from tests import hf_tiny
+from tests.test_generation import EAGER, one_thread  # noqa: F401 (fixture)
+
+
+def test_cascade_routes_confident_requests_to_the_small_model() -> None:
+    large = hf_tiny.llama("sdpa", use_cache=True)
+    small = layer_draft(large, 1)  # the large model's first layer and head: agrees on some prompts
+    prompts = [torch.randint(3, hf_tiny.VOCAB, (1, 6), generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    args = dict(max_new_tokens=3, eos_token_id=[], options=EAGER)
+    answer = mmaccel.cascade(small, large, calibration=prompts[:10], accuracy_budget=0.1, **args)
+    report = answer.report
+    assert report.calibration_loss <= 0.1 and 0 < report.calibration_routed < 1, report
+    assert set(report.latency_ms) == {"small", "large", "cascade"}
+    for prompt in prompts[10:]:
+        _, confidence = answer._small(prompt, None, {})
+        expected = mmaccel.generate(small if confidence >= report.threshold else large, prompt, **args)
+        assert torch.equal(answer(prompt), expected)
+    assert report.requests == 2 and "routed to the small model" in str(report)
+    with pytest.raises(ValueError, match="batch 1"):
+        answer(torch.cat(prompts[:2]))
+
+
+def test_threshold_calibration_near_misses() -> None:
+    """(confidence, agrees, small ms, large ms): routing stops before the disagreement that would pass the
+    budget, even when less confident requests agree; a zero budget routes only the agreeing top."""
+    measured = [(-0.1, True, 1, 4), (-0.2, False, 1, 4), (-0.3, True, 1, 4), (-0.4, False, 1, 4)]
+    assert _calibrated(measured, 0.25).threshold == -0.3  # one wrong of four allowed
+    assert _calibrated(measured, 0.0).threshold == -0.1
+    report = _calibrated(measured, 0.25)
+    assert (report.calibration_routed, report.calibration_loss, report.latency_ms["cascade"]) == (0.75, 0.25, 2.0)
+    with pytest.raises(ValueError, match="accuracy_budget"):
+        mmaccel.cascade(None, None, calibration=[], accuracy_budget=1.5)
