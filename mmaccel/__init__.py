@@ -5,6 +5,8 @@
     mmaccel.explain(model, *example_inputs, **options)       # what was captured and optimized
     mmaccel.export_onnx(model, example_inputs, path)          # same passes, standard ONNX file
     mmaccel.generate(model, **inputs, max_new_tokens=64)      # HF generation, steps compiled, lengths bucketed
+    mmaccel.export_onnx(model, inputs, folder, generation=True)   # HF decoder with past K/V (+ LLaVA vision), manifest
+    mmaccel.onnx_generate(folder, input_ids, max_new_tokens=64)  # generation on ONNX Runtime, numpy loop
 """
 import os as _os
 
@@ -18,6 +20,7 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "compiler")) and
 from .compiler.api import compile, explain, export_onnx
 from .compiler.backend import Backend
 from .compiler.generation import GenerationReport, generate, generation_report
+from .compiler.onnx_generate import OnnxGenerator, onnx_generate
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
@@ -26,6 +29,6 @@ from .compiler.backend import mmaccel_backend as _mmaccel_backend
 
 _register("mmaccel", _mmaccel_backend)
 
-__all__ = ["compile", "explain", "export_onnx", "generate", "generation_report", "GenerationReport", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
+__all__ = ["compile", "explain", "export_onnx", "generate", "onnx_generate", "OnnxGenerator", "generation_report", "GenerationReport", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]
 __version__ = "0.1.0"
