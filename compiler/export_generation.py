@@ -72,20 +72,21 @@ class DecoderWithPast(torch.nn.Module):
 
 
 class ImageFeatures(torch.nn.Module):
-    """LLaVA's vision tower and projector: pixel_values [N, C, H, W] -> image features [N, P, hidden]."""
+    """LLaVA's vision tower and projector: pixel_values [N, C, H, W] -> image features [N, P, hidden].
+    LlavaModel.get_image_features' selection (feature layer(s), class token dropped for "default"), without
+    its split into a per-image list, which would fix the number of images at trace time."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.tower, self.projector = model.model.vision_tower, model.model.multi_modal_projector
+        layers = model.config.vision_feature_layer
+        self.layers = [layers] if isinstance(layers, int) else list(layers)
+        self.drop_class_token = model.config.vision_feature_select_strategy == "default"
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        config = self.model.config
-        out = self.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=config.vision_feature_layer,
-                                            vision_feature_select_strategy=config.vision_feature_select_strategy)
-        # transformers 5.2x returns a model output whose pooler_output lists each image's features; earlier
-        # versions the features themselves, as a tensor or a list
-        features = getattr(out, "pooler_output", out)
-        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        hidden = self.tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        selected = [hidden[layer][:, 1:] if self.drop_class_token else hidden[layer] for layer in self.layers]
+        return self.projector(torch.cat(selected, dim=-1))
 
 
 class TokenEmbedding(torch.nn.Module):

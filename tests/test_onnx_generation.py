@@ -154,6 +154,54 @@ def test_graph_from_another_export_is_refused(exported, tmp_path) -> None:
         mmaccel.OnnxGenerator(mixed)
 
 
+def test_pixel_values_without_a_vision_graph_are_refused(exported) -> None:
+    _, folder, _ = exported
+    ids, _ = hf_tiny.token_batch(1, 4)
+    with pytest.raises(ValueError, match="no vision graph"):
+        mmaccel.onnx_generate(folder, ids, pixel_values=np.zeros((1, 3, 32, 32), np.float32), max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------ LLaVA
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    model = hf_tiny.llava()
+    ids, pixels = hf_tiny.llava_prompt(3, 4)
+    folder = str(tmp_path_factory.mktemp("llava") / "onnx")
+    report = mmaccel.export_onnx(model, {"input_ids": ids, "pixel_values": pixels}, folder, generation=True)
+    return model, folder, report
+
+
+def _llava_batch(prompts: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image prompts of different lengths, left-padded into one batch; one image each."""
+    rows = [hf_tiny.llava_prompt(before, after, seed=i) for i, (before, after) in enumerate(prompts)]
+    width = max(ids.shape[1] for ids, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, _) in enumerate(rows):
+        ids[row, width - prompt.shape[1]:], mask[row, width - prompt.shape[1]:] = prompt, 1
+    return ids, mask, torch.cat([pixels for _, pixels in rows])
+
+
+@pytest.mark.coverage
+def test_llava_matches_hf_eager(llava_folder) -> None:
+    """Vision graph -> features merged at the placeholders -> decoder over embeddings: HF eager's tokens."""
+    model, folder, report = llava_folder
+    generator = mmaccel.OnnxGenerator(folder)
+    assert sorted(generator.sessions) == ["decoder", "embed", "vision"]
+    for prompts in ([(3, 5)], [(1, 2), (4, 3)]):
+        ids, mask, pixels = _llava_batch(prompts)
+        expected = hf_generate(model, ids, mask, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+        actual = mmaccel.onnx_generate(generator, ids, mask, pixel_values=pixels, max_new_tokens=6, pad_token_id=0)
+        assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)
+    ids, pixels = hf_tiny.llava_prompt(1, 2)
+    with pytest.raises(ValueError, match="15 image placeholder tokens"):  # the first placeholder cut off
+        mmaccel.onnx_generate(generator, ids[:, 2:], pixel_values=pixels, max_new_tokens=2)
+    for name in ("decoder", "embed", "vision"):
+        assert_standard_onnx(os.path.join(folder, f"{name}.onnx"))
+    assert all(g.status == "optimized" and not [p for p in g.passes if p.error] for g in report.graphs), f"\n{report}"
+
+
 # ------------------------------------------------------------------------------------ refusals, staging
 
 def _half_written(spec, staged, *args):
