@@ -98,6 +98,51 @@ class TokenEmbedding(torch.nn.Module):
         return self.embedding(input_ids)
 
 
+class WhisperEncoderCrossKV(torch.nn.Module):
+    """Whisper's encoder ending in every decoder layer's cross-attention K/V, computed once per prompt and read
+    by every decoder step (as ONNX Runtime GenAI's Whisper encoder does): input_features [B, mels, frames] ->
+    per layer key, value [B, heads, encoder positions, head dim], as WhisperAttention projects them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.layers = model.model.encoder, model.model.decoder.layers
+
+    def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden = self.encoder(input_features).last_hidden_state  # [B, T, d_model]
+        cross = []
+        for layer in self.layers:
+            attention = layer.encoder_attn
+            for projection in (attention.k_proj, attention.v_proj):
+                cross.append(projection(hidden).view(hidden.shape[0], -1, attention.num_heads, attention.head_dim)
+                             .transpose(1, 2))
+        return tuple(cross)
+
+
+class WhisperDecoderWithPast(torch.nn.Module):
+    """Whisper's decoder as one step: (input_ids, attention_mask, position_ids, then per layer the self-attention
+    past key, value and the cross-attention key, value) -> (logits, present self-attention key, value per layer).
+    The cross-attention cache is marked filled, so the layers read it and never project encoder states: the
+    encoder states passed are a placeholder the graph drops."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder, self.proj_out, self.config = model.model.decoder, model.proj_out, model.config
+        self.cache_arg = "cache" if "cache" in _forward_parameters(self.decoder) else "past_key_values"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        self_attention = DynamicCache(list(zip(past[0::4], past[1::4])), config=self.config)
+        cross_attention = DynamicCache(list(zip(past[2::4], past[3::4])), config=self.config)
+        cache = EncoderDecoderCache(self_attention, cross_attention)
+        placeholder = past[2].new_zeros(input_ids.shape[0], 1, self.config.d_model)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           encoder_hidden_states=placeholder, use_cache=True, **{self.cache_arg: cache})
+        return (self.proj_out(out.last_hidden_state),
+                *[t for layer in self_attention.layers for t in (layer.keys, layer.values)])
+
+
 def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str | os.PathLike,
                       **options: Any) -> CompileReport:
     """Export `model`'s generation graphs into `folder` (see the module docstring). `example_inputs`: the
@@ -165,34 +210,45 @@ def _replace_folder(staged: str, folder: str, tmp: str) -> None:
 
 
 def generation_graphs(model: torch.nn.Module, example: Any, text: Any) -> list[GraphSpec]:
-    """The graphs of `model`'s folder: the decoder, and for LLaVA the token embedding and the vision graph."""
+    """The graphs of `model`'s folder: the decoder; LLaVA adds the token embedding and the vision graph,
+    Whisper the encoder (ending in the cross-attention K/V)."""
+    if _is_whisper(model):
+        return _whisper_graphs(model, example)
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ExportError(f"export_onnx(generation=True) does not export encoder-decoder models yet "
-                          f"({type(model).__name__}); decoder-only causal LMs and LLaVA are supported")
+        raise ExportError(f"export_onnx(generation=True) does not export encoder-decoder models other than "
+                          f"Whisper yet ({type(model).__name__})")
     _check_plain_cache(model)
     param = next(model.parameters())
-    batch, sequence, past = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
-    kv_heads, head_dim = _kv_geometry(text)
-    names = [f"past_key_values.{i}.{kind}" for i in range(text.num_hidden_layers) for kind in ("key", "value")]
-    presents = [n.replace("past_key_values", "present") for n in names]
-    past_example = [torch.randn(TRACE_BATCH, kv_heads, TRACE_PAST, head_dim, dtype=param.dtype, device=param.device)
-                    for _ in names]
-    mask = torch.ones(TRACE_BATCH, TRACE_PAST + TRACE_SEQUENCE, dtype=torch.long, device=param.device)
-    positions = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_SEQUENCE, device=param.device).expand(TRACE_BATCH, -1)
-    common_dims = [{0: "batch_size", 1: "total_sequence_length"}, {0: "batch_size", 1: "sequence_length"}]
-    past_dims = [{0: "batch_size", 2: "past_sequence_length"}] * len(names)
-    shapes = ({0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: sequence}, tuple({0: batch, 2: past} for _ in names))
+    layers, kv_heads, head_dim = _cache_geometry(model)
+    past = [(f"past_key_values.{i}.{kind}", _kv_example(param, kv_heads, TRACE_PAST, head_dim), True)
+            for i in range(layers) for kind in ("key", "value")]
     if _is_llava(model):
         embeds = torch.randn(TRACE_BATCH, TRACE_SEQUENCE, text.hidden_size, dtype=param.dtype, device=param.device)
-        decoder = GraphSpec("decoder", DecoderWithPast(model, "inputs_embeds"),
-                            (embeds, mask, positions.contiguous(), *past_example),
-                            ({0: batch, 1: sequence}, *shapes), ["inputs_embeds", "attention_mask", "position_ids", *names],
-                            ["logits", *presents], [{0: "batch_size", 1: "sequence_length"}, *common_dims, *past_dims])
+        decoder = _decoder_graph(DecoderWithPast(model, "inputs_embeds"), "inputs_embeds", embeds, past)
         return [decoder, _embed_graph(model, param.device), _vision_graph(model, example)]
     ids = torch.randint(0, text.vocab_size, (TRACE_BATCH, TRACE_SEQUENCE), device=param.device)
-    return [GraphSpec("decoder", DecoderWithPast(model, "input_ids"), (ids, mask, positions.contiguous(), *past_example),
-                      ({0: batch, 1: sequence}, *shapes), ["input_ids", "attention_mask", "position_ids", *names],
-                      ["logits", *presents], [{0: "batch_size", 1: "sequence_length"}, *common_dims, *past_dims])]
+    return [_decoder_graph(DecoderWithPast(model, "input_ids"), "input_ids", ids, past)]
+
+
+def _decoder_graph(module: torch.nn.Module, token_name: str, tokens: torch.Tensor,
+                   past: list[tuple[str, torch.Tensor, bool]]) -> GraphSpec:
+    """The decoder step's spec. `past`: (input name, example, grows): a growing past (self-attention) has a
+    dynamic length and comes back as `present.*`; a fixed one (Whisper's cross-attention K/V) is only read."""
+    batch, sequence, past_length = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
+    mask = torch.ones(TRACE_BATCH, TRACE_PAST + TRACE_SEQUENCE, dtype=torch.long, device=tokens.device)
+    positions = torch.arange(TRACE_PAST, TRACE_PAST + TRACE_SEQUENCE, device=tokens.device).repeat(TRACE_BATCH, 1)
+    shapes = ({0: batch, 1: sequence}, {0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: sequence},
+              tuple({0: batch, 2: past_length} if grows else {0: batch} for _, _, grows in past))
+    dims = [{0: "batch_size", 1: "sequence_length"}, {0: "batch_size", 1: "total_sequence_length"},
+            {0: "batch_size", 1: "sequence_length"}, *({0: "batch_size", 2: "past_sequence_length"} for _ in past)]
+    return GraphSpec("decoder", module, (tokens, mask, positions, *[example for _, example, _ in past]), shapes,
+                     [token_name, "attention_mask", "position_ids", *[name for name, _, _ in past]],
+                     ["logits", *[name.replace("past_key_values", "present") for name, _, grows in past if grows]],
+                     dims)
+
+
+def _kv_example(param: torch.Tensor, heads: int, length: int, head_dim: int) -> torch.Tensor:
+    return torch.randn(TRACE_BATCH, heads, length, head_dim, dtype=param.dtype, device=param.device)
 
 
 def _embed_graph(model: torch.nn.Module, device: torch.device) -> GraphSpec:
@@ -210,6 +266,29 @@ def _vision_graph(model: torch.nn.Module, example: Any) -> GraphSpec:
     pixels = pixels[:1].expand(TRACE_BATCH, *pixels.shape[1:]).contiguous()
     return GraphSpec("vision", ImageFeatures(model), (pixels,), ({0: Dim("num_images")},), ["pixel_values"],
                      ["image_features"], [{0: "num_images"}])
+
+
+def _whisper_graphs(model: torch.nn.Module, example: Any) -> list[GraphSpec]:
+    """Encoder (input_features -> cross-attention K/V per layer) and decoder (self-attention past grows, the
+    cross-attention K/V are read). The example's input_features fix the number of frames."""
+    features = dict(example.kwargs).get("input_features", example.args[0] if example.args else None)
+    if features is None:
+        raise ExportError(f"{type(model).__name__}: example_inputs must hold input_features")
+    features = features[:1].expand(TRACE_BATCH, *features.shape[1:]).contiguous()
+    layers, heads, head_dim = _cache_geometry(model)
+    param = next(model.parameters())
+    encoder_positions = model.config.max_source_positions
+    past = []
+    for i in range(layers):
+        past += [(f"past_key_values.{i}.decoder.{kind}", _kv_example(param, heads, TRACE_PAST, head_dim), True)
+                 for kind in ("key", "value")]
+        past += [(f"past_key_values.{i}.encoder.{kind}", _kv_example(param, heads, encoder_positions, head_dim), False)
+                 for kind in ("key", "value")]
+    cross = [name.replace("past_key_values", "present") for name, _, grows in past if not grows]
+    encoder = GraphSpec("encoder", WhisperEncoderCrossKV(model), (features,), ({0: Dim("batch_size")},),
+                        ["input_features"], cross, [{0: "batch_size"}])
+    ids = torch.randint(0, model.config.vocab_size, (TRACE_BATCH, TRACE_SEQUENCE), device=param.device)
+    return [encoder, _decoder_graph(WhisperDecoderWithPast(model), "input_ids", ids, past)]
 
 
 def name_values(proto: Any, spec: GraphSpec) -> dict[str, Any]:
@@ -259,18 +338,22 @@ def all_nodes(graph: Any):
 
 
 def generation_config(model: torch.nn.Module, text: Any) -> dict[str, Any]:
-    """What onnx_generate needs besides the graphs: cache geometry, stop and pad ids, dtype, image token."""
-    kv_heads, head_dim = _kv_geometry(text)
+    """What onnx_generate needs besides the graphs: cache geometry, stop and pad ids, dtype, image token,
+    Whisper's decoder start token."""
+    layers, kv_heads, head_dim = _cache_geometry(model)
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     eos = getattr(text, "eos_token_id", None) if eos is None else eos
     pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-    config = {"num_layers": text.num_hidden_layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
+    config = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
               "vocab_size": text.vocab_size, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "eos_token_id": [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)],
               "pad_token_id": getattr(text, "pad_token_id", None) if pad is None else pad}
     if _is_llava(model):
         config["image_token_id"] = model.config.image_token_id
+    if _is_whisper(model):
+        config["decoder_start_token_id"] = getattr(gen, "decoder_start_token_id", None) or \
+            model.config.decoder_start_token_id
     return config
 
 
@@ -282,9 +365,14 @@ def _text_config(model: torch.nn.Module) -> Any:
     return config.get_text_config(decoder=True)
 
 
-def _kv_geometry(text: Any) -> tuple[int, int]:
+def _cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(decoder layers, K/V heads, head dim) of the self-attention cache."""
+    config = model.config
+    if _is_whisper(model):  # its num_hidden_layers / num_attention_heads name the encoder's
+        return config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
+    text = config.get_text_config(decoder=True)
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return kv_heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, kv_heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def _check_plain_cache(model: torch.nn.Module) -> None:
@@ -297,6 +385,10 @@ def _check_plain_cache(model: torch.nn.Module) -> None:
     if kinds != {DynamicLayer.__name__}:
         raise ExportError(f"{type(model).__name__}: its cache has {sorted(kinds)} layers; export_onnx(generation=True) "
                           "supports full-attention layers (DynamicLayer) only, not sliding windows yet")
+
+
+def _is_whisper(model: torch.nn.Module) -> bool:
+    return type(model.config).__name__ == "WhisperConfig"
 
 
 def _is_llava(model: torch.nn.Module) -> bool:

@@ -8,6 +8,8 @@ prompt (left-padded batches, as HF tokenizers pad for generation) runs with 0 pa
 per step; the present K/V the decoder returns stay ONNX Runtime values bound as the next step's past (IO
 binding: the cache is never copied into numpy). LLaVA folders: the prompt's image placeholders get the vision
 graph's features, merged into the token embeddings by position, as LlavaForConditionalGeneration does.
+Whisper folders: the encoder graph turns input_features into each layer's cross-attention K/V once; every
+decoder step reads them.
 """
 from __future__ import annotations
 
@@ -54,12 +56,14 @@ class OnnxGenerator:
         self.decoder_inputs = [i["name"] for i in self.manifest["graphs"]["decoder"]["inputs"]]
         self.decoder_outputs = [o["name"] for o in self.manifest["graphs"]["decoder"]["outputs"]]
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, pixel_values: Any = None,
-                 max_new_tokens: int = 20, sampling: Sampling = Sampling(), seed: int = 0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+    def generate(self, input_ids: Any = None, attention_mask: Any = None, pixel_values: Any = None,
+                 input_features: Any = None, max_new_tokens: int = 20, sampling: Sampling = Sampling(),
+                 seed: int = 0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None) -> np.ndarray:
         """The prompt followed by the new tokens [B, S + new]; rows that stopped are padded with pad_token_id,
-        and generation ends once every row has stopped, as HF's generate."""
-        ids = np.asarray(input_ids, dtype=np.int64)
+        and generation ends once every row has stopped, as HF's generate. Whisper: the prompt is the decoder's
+        (by default decoder_start_token_id per row), the audio `input_features`."""
+        ids = self._prompt_ids(input_ids, input_features)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         stop = _ids(self.config["eos_token_id"] if eos_token_id is None else eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self.config.get("pad_token_id")
@@ -71,12 +75,12 @@ class OnnxGenerator:
         # HF's positions for a left-padded prompt: count real tokens; padding positions read 1 (masked anyway)
         positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
         step_input = self._prompt_input(ids, pixel_values)
-        past = {name: np.zeros((batch, self.config["num_kv_heads"], 0, self.config["head_dim"]),
-                               dtype=self.config["dtype"]) for name in self.decoder_inputs[3:]}
+        past = self._initial_past(batch, input_features)
         done = np.zeros(batch, dtype=bool)
         new_tokens = []
         for _ in range(max_new_tokens):
-            logits, past = self._decode(step_input, mask, positions, past)
+            logits, present = self._decode(step_input, mask, positions, past)
+            past.update(present)
             token = np.where(done, pad, choose_tokens(logits[:, -1, :], sampling, rng))
             new_tokens.append(token)
             done |= np.isin(token, stop)
@@ -89,22 +93,46 @@ class OnnxGenerator:
 
     def _decode(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                 past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-        """One decoder run: the last logits as numpy, the present K/V as ONNX Runtime values (no copy)."""
+        """One decoder run: the last logits as numpy, the present K/V as ONNX Runtime values (no copy), by the
+        past input each one feeds next."""
         import onnxruntime as ort
 
         binding = self.sessions["decoder"].io_binding()
         for name, value in zip(self.decoder_inputs[:3], (tokens, mask, positions)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, value in past.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
+        for name in self.decoder_inputs[3:]:
+            if isinstance(past[name], ort.OrtValue):
+                binding.bind_ortvalue_input(name, past[name])
             else:
-                binding.bind_cpu_input(name, value)
+                binding.bind_cpu_input(name, past[name])
         for name in self.decoder_outputs:
             binding.bind_output(name, "cpu")
         self.sessions["decoder"].run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), dict(zip(self.decoder_inputs[3:], outputs[1:]))
+        return outputs[0].numpy(), {_past_name(n): v for n, v in zip(self.decoder_outputs[1:], outputs[1:])}
+
+    def _prompt_ids(self, input_ids: Any, input_features: Any) -> np.ndarray:
+        if "encoder" not in self.sessions and input_features is not None:
+            raise ValueError("onnx_generate: input_features given, but this folder has no encoder graph")
+        if "encoder" in self.sessions and input_features is None:
+            raise ValueError("onnx_generate: this folder is an encoder-decoder's (Whisper): give input_features")
+        if input_ids is None and input_features is not None:
+            return np.full((np.shape(input_features)[0], 1), self.config["decoder_start_token_id"], dtype=np.int64)
+        if input_ids is None:
+            raise ValueError("onnx_generate needs input_ids (the tokenized prompt)")
+        return np.asarray(input_ids, dtype=np.int64)
+
+    def _initial_past(self, batch: int, input_features: Any) -> dict[str, Any]:
+        """Every past input before the prompt step: no self-attention positions yet; Whisper's cross-attention
+        K/V from the encoder graph, read by every step."""
+        past = {}
+        if "encoder" in self.sessions:
+            encoder = self.sessions["encoder"]
+            features = np.asarray(input_features, dtype=self.config["dtype"])
+            outputs = encoder.run(None, {encoder.get_inputs()[0].name: features})
+            past = {_past_name(o.name): value for o, value in zip(encoder.get_outputs(), outputs)}
+        empty = np.zeros((batch, self.config["num_kv_heads"], 0, self.config["head_dim"]), dtype=self.config["dtype"])
+        return {name: past.get(name, empty) for name in self.decoder_inputs[3:]}
 
     def _prompt_input(self, ids: np.ndarray, pixel_values: Any) -> np.ndarray:
         """What the decoder's first input takes for the prompt: the ids, or (LLaVA) their embeddings with the
@@ -132,8 +160,8 @@ class OnnxGenerator:
         return self.sessions["embed"].run(None, {"input_ids": ids})[0]
 
 
-def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any, attention_mask: Any = None,
-                  pixel_values: Any = None, max_new_tokens: int = 20, do_sample: bool = False,
+def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any = None, attention_mask: Any = None,
+                  pixel_values: Any = None, input_features: Any = None, max_new_tokens: int = 20, do_sample: bool = False,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
                   eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
     """Generate from an exported folder (or an OnnxGenerator, to load the sessions once): greedy, or sampling
@@ -143,8 +171,8 @@ def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any, att
         raise ValueError(f"onnx_generate: temperature must be > 0 when sampling, got {temperature}")
     generator = folder if isinstance(folder, OnnxGenerator) else OnnxGenerator(folder)
     sampling = Sampling(bool(do_sample), float(temperature), int(top_k) if top_k else None, float(top_p))
-    return generator.generate(input_ids, attention_mask, pixel_values, max_new_tokens, sampling, seed,
-                              eos_token_id, pad_token_id)
+    return generator.generate(input_ids, attention_mask, pixel_values, input_features, max_new_tokens, sampling,
+                              seed, eos_token_id, pad_token_id)
 
 
 def choose_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -199,6 +227,11 @@ def _check_graph(session: Any, name: str, entry: dict[str, Any], export_id: str)
     want = ([i["name"] for i in entry["inputs"]], [o["name"] for o in entry["outputs"]])
     if have != want:
         raise ManifestError(f"{entry['file']}: inputs/outputs {have} differ from the manifest's {want}")
+
+
+def _past_name(present: str) -> str:
+    """The past input a present output feeds: present.0.key -> past_key_values.0.key (Optimum's names)."""
+    return present.replace("present", "past_key_values", 1)
 
 
 def _ids(value: int | list[int] | None) -> list[int]:

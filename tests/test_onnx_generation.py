@@ -27,6 +27,7 @@ from mmaccel.compiler.export import ExportError  # noqa: E402
 from mmaccel.compiler.onnx_generate import ManifestError  # noqa: E402
 
 import hf_tiny  # noqa: E402
+from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
 from test_export_onnx import assert_standard_onnx  # noqa: E402
 from test_generation import hf_generate, left_padded_batch, one_thread  # noqa: E402,F401 (autouse fixture)
 
@@ -202,6 +203,30 @@ def test_llava_matches_hf_eager(llava_folder) -> None:
     assert all(g.status == "optimized" and not [p for p in g.passes if p.error] for g in report.graphs), f"\n{report}"
 
 
+@pytest.mark.coverage
+def test_whisper_matches_hf_generic_generate(tmp_path) -> None:
+    """Encoder graph -> cross-attention K/V, read by every decoder step. Compared with transformers'
+    GenerationMixin.generate (decoder prompt + new tokens), as tests/test_generation.py does."""
+    from transformers import GenerationMixin
+    model = hf_tiny.whisper()
+    features = torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(2))
+    mmaccel.export_onnx(model, {"input_features": features}, tmp_path / "onnx", generation=True)
+    generator = mmaccel.OnnxGenerator(tmp_path / "onnx")
+    manifest = generator.manifest
+    assert [o["shape"] for o in manifest["graphs"]["encoder"]["outputs"]] == [["batch_size", 4, 20, 8]] * 4
+    assert manifest["config"]["decoder_start_token_id"] == 3
+    for batch, new in ((2, 6), (1, 9)):
+        features = torch.randn(batch, 16, 40, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = GenerationMixin.generate(model, features, max_new_tokens=new, do_sample=False)
+        actual = mmaccel.onnx_generate(generator, input_features=features, max_new_tokens=new)
+        assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)
+    for name in ("encoder", "decoder"):
+        assert_standard_onnx(str(tmp_path / "onnx" / f"{name}.onnx"))
+    with pytest.raises(ValueError, match="give input_features"):
+        mmaccel.onnx_generate(generator, torch.tensor([[3]]), max_new_tokens=2)
+
+
 # ------------------------------------------------------------------------------------ refusals, staging
 
 def _half_written(spec, staged, *args):
@@ -234,7 +259,8 @@ def _sliding_window_qwen2():
 
 
 @pytest.mark.parametrize("build, options, match", [
-    (hf_tiny.whisper, {}, "does not export encoder-decoder models yet"),
+    (lambda: T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                 num_heads=4)), {}, "encoder-decoder models other than Whisper"),
     (_sliding_window_qwen2, {}, "not sliding windows yet"),
     (lambda: torch.nn.Linear(4, 4), {}, "takes a Hugging Face generating model"),
     (lambda: hf_tiny.llama("sdpa"), {"quantize": "int8_weight_only"}, "no lossy passes yet"),
