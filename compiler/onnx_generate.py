@@ -39,7 +39,8 @@ class Sampling:
 class OnnxGenerator:
     """One folder's sessions, loaded once; `generate` may be called many times."""
 
-    def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None,
+                 intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort
 
         self.folder = os.fspath(folder)
@@ -47,6 +48,8 @@ class OnnxGenerator:
         self.config = self.manifest["config"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
         self.sessions = {}
         for name, entry in self.manifest["graphs"].items():
             session = ort.InferenceSession(os.path.join(self.folder, entry["file"]), options,
