@@ -97,8 +97,10 @@ def main() -> None:
         print(f"{name:32} {row['first_token_ms']:>15.1f} {row['ms_per_token']:>11.2f} "
               f"{row.get('file_bytes', 0) / 1e6:>8.1f} {row.get('export_s', 0):>9.1f} {row.get('tokens_equal_hf', '')}")
     path = args.out or default_out(f"onnx_generate_cpu_{size}.json")
+    # the load average says how busy the (shared) CPU was while the timings ran
     write_json(path, {"environment": environment("cpu", threads=args.threads, size=size, parameters=params,
-                                                 prompt=args.prompt, new_tokens=args.new, repeats=args.repeats),
+                                                 prompt=args.prompt, new_tokens=args.new, repeats=args.repeats,
+                                                 load_average=os.getloadavg()),
                       "results": rows})
     print(f"wrote {path}")
 
