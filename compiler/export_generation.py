@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch.export import Dim
 
+from ..ops.int4_matmul_nbits import to_matmul_nbits
+from ..passes.cleanup import drop_unused_constants
+from ..passes.patterns import add_constant, constant_value
 from .export import EXTERNAL_DATA_BYTES, ExportError, convert, export_options, lower_for_export
 from .onnx_generate import FORMAT, MANIFEST, VERSION
 from .options import as_sample
@@ -148,9 +151,9 @@ def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str |
     """Export `model`'s generation graphs into `folder` (see the module docstring). `example_inputs`: the
     inputs a prompt would give (input_ids, and pixel_values for LLaVA), as a dict or positional tuple."""
     opts = export_options(options)
-    if opts.quantize is not None or opts.prune is not None or opts.calibration is not None:
-        raise ExportError("export_onnx(generation=True) has no lossy passes yet: quantize, prune and calibration "
-                          "apply to single-graph exports only (drop those options)")
+    if opts.prune is not None or opts.calibration is not None:
+        raise ExportError("export_onnx(generation=True) takes no prune or calibration option yet: each graph's "
+                          "quantization error is measured on its trace inputs (drop those options)")
     folder = os.path.abspath(os.fspath(folder))
     text = _text_config(model)
     specs = generation_graphs(model, as_sample(example_inputs, "example_inputs"), text)
@@ -180,6 +183,7 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
     import onnx
 
     gm, flat_inputs = lower_for_export(spec.module, spec.example, spec.dynamic_shapes, opts, record)
+    use_matmul_nbits(gm)
     program = convert(gm, flat_inputs)
     path = os.path.join(staged, f"{spec.name}.onnx")
     external = record.frozen_bytes > EXTERNAL_DATA_BYTES
@@ -191,6 +195,28 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
     onnx.save(proto, path)  # external data stays where program.save put it: only the references are rewritten
     onnx.checker.check_model(path)  # by path: also checks models with external data
     return entry
+
+
+def use_matmul_nbits(gm: torch.fx.GraphModule) -> int:
+    """int4_linear -> int4_matmul_nbits, the weight repacked now into MatMulNBits' layout (ops/int4_matmul_nbits.py):
+    ONNX Runtime then runs its 4-bit kernel on the packed weight rather than an fp32 copy it unpacks at session
+    start. Same values, so the lossy pass's measured error stands. Returns how many were rewritten."""
+    int4 = list(gm.graph.find_nodes(op="call_function", target=torch.ops.mmaccel.int4_linear.default))
+    for node in int4:
+        x, packed, scale, zero, group, bias, activation, residual = node.args
+        repacked = to_matmul_nbits(*(constant_value(gm, n.target) for n in (packed, scale, zero)), group)
+        with gm.graph.inserting_before(node):
+            b, scales, zero_points = (gm.graph.get_attr(add_constant(gm, f"_nbits_{part}", t))
+                                      for part, t in zip(("weight", "scale", "zero"), repacked))
+            new = gm.graph.call_function(torch.ops.mmaccel.int4_matmul_nbits.default,
+                                         (x, b, scales, zero_points, bias, activation, residual))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    drop_unused_constants(gm)
+    gm.recompile()
+    return len(int4)
 
 
 def _replace_folder(staged: str, folder: str, tmp: str) -> None:

@@ -227,6 +227,59 @@ def test_whisper_matches_hf_generic_generate(tmp_path) -> None:
         mmaccel.onnx_generate(generator, torch.tensor([[3]]), max_new_tokens=2)
 
 
+# ------------------------------------------------------------------------------------ int4 as MatMulNBits
+
+@pytest.mark.parametrize("n, k, group", [(48, 96, 32), (40, 256, 128)])  # 3 blocks: an odd zero-point count
+def test_matmul_nbits_layout_is_what_onnxruntime_reads(n, k, group) -> None:
+    """The repacked weight, run by ONNX Runtime's MatMulNBits kernel alone, gives int4_linear's output."""
+    from onnx import TensorProto, helper, numpy_helper
+    from mmaccel.ops.int4_linear import int4_linear_reference, quantize_int4_groupwise
+    from mmaccel.ops.int4_matmul_nbits import int4_matmul_nbits_reference, to_matmul_nbits
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    packed, scale, zero = quantize_int4_groupwise(torch.randn(n, k), group)
+    b, scales, zero_points = to_matmul_nbits(packed, scale, zero, group)
+    x = torch.randn(3, k)
+    expected = int4_linear_reference(x, packed, scale, zero, group, None, "none", None)
+    assert torch.equal(int4_matmul_nbits_reference(x, b, scales, zero_points, None, "none", None), expected)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=group)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(t.numpy(), name) for name, t in
+                               zip("bsz", (b, scales, zero_points))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    actual = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.coverage
+def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
+    """quantize="int4_weight_only": every int4 linear of the decoder is one MatMulNBits, and ONNX Runtime's
+    output is the quantized graph's (the error the lossy pass measured is the file's)."""
+    import onnxruntime as ort
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    report = mmaccel.export_onnx(model, {"input_ids": ids}, tmp_path / "onnx", generation=True,
+                                 quantize="int4_weight_only", accuracy_budget=0.5)
+    graph = report.graphs[0]
+    quantized = graph.count(torch.ops.mmaccel.int4_matmul_nbits)
+    assert quantized == 9 and graph.count(torch.ops.mmaccel.int4_linear) == 0, f"\n{report}"  # 7 per layer + head
+    proto = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"))
+    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node) == quantized
+    inputs = graph.context.example_inputs
+    with torch.no_grad():
+        expected = graph.final_graph(*inputs)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "decoder.onnx"))
+    actual = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(torch.from_numpy(a), e, rtol=1e-4, atol=1e-5)
+    tokens = mmaccel.onnx_generate(tmp_path / "onnx", ids, mask, max_new_tokens=4, pad_token_id=0)
+    assert tokens.shape == (2, 7 + 4)
+
+
 # ------------------------------------------------------------------------------------ refusals, staging
 
 def _half_written(spec, staged, *args):
@@ -263,7 +316,7 @@ def _sliding_window_qwen2():
                                                  num_heads=4)), {}, "encoder-decoder models other than Whisper"),
     (_sliding_window_qwen2, {}, "not sliding windows yet"),
     (lambda: torch.nn.Linear(4, 4), {}, "takes a Hugging Face generating model"),
-    (lambda: hf_tiny.llama("sdpa"), {"quantize": "int8_weight_only"}, "no lossy passes yet"),
+    (lambda: hf_tiny.llama("sdpa"), {"prune": "mlp_channels"}, "no prune or calibration option yet"),
 ])
 def test_unsupported_models_are_refused_before_any_work(build, options, match, tmp_path) -> None:
     ids, _ = hf_tiny.token_batch(2, 4)

@@ -142,6 +142,9 @@ COMPOSITES = {
     aten.native_layer_norm.default: _layer_norm,
     aten._softmax.default: _softmax,
     torch.ops.mmaccel.fused_linear.default: _fused_linear,
+    # Export-only (ONNX Runtime's MatMulNBits layout, inserted by export_onnx(generation=True)): should a graph
+    # holding it reach this target, None leaves the op to its reference implementation.
+    torch.ops.mmaccel.int4_matmul_nbits.default: lambda graph, node: None,
 }
 
 
