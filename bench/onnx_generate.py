@@ -5,6 +5,7 @@ nothing, timings do). Stop tokens are off, so both generate exactly --new tokens
     python bench/onnx_generate.py                    # ~130M parameters (hidden 768, 12 layers), 64-token prompt
     python bench/onnx_generate.py --size 400m        # ~400M parameters (hidden 1024, 24 layers)
     python bench/onnx_generate.py --tiny             # tiny config: a quick check
+    python bench/onnx_generate.py --int4             # and an int4 export (com.microsoft::MatMulNBits)
 
 Per variant: first-token ms (generate with max_new_tokens=1), ms per new token ((end-to-end - first token) /
 (new - 1)), the median of --repeats calls after one warm-up; the ONNX folder's bytes and the export's seconds;
@@ -54,6 +55,25 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
+def onnx_row(model: LlamaForCausalLM, ids: torch.Tensor, options: dict[str, Any], reference: torch.Tensor,
+             args: argparse.Namespace) -> dict[str, Any]:
+    """Export with `options`, then time onnx_generate on the folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "onnx")
+        start = time.perf_counter()
+        report = mmaccel.export_onnx(model, {"input_ids": ids}, folder, generation=True, **options)
+        export_s = time.perf_counter() - start
+        generator = mmaccel.OnnxGenerator(folder, intra_op_threads=args.threads)
+
+        def onnx(new: int) -> Any:
+            return mmaccel.onnx_generate(generator, ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+
+        lossy = [p for p in report.graphs[0].passes if p.lossy]
+        return {**timings(onnx, args.new, args.repeats), "file_bytes": folder_bytes(folder),
+                "export_s": round(export_s, 1), "tokens_equal_hf": bool((torch.from_numpy(onnx(args.new)) == reference).all()),
+                **({"quantized": lossy[0].changes[0], "measured_error": lossy[0].measured_error} if lossy else {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="130m")
@@ -62,6 +82,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--int4", action="store_true", help="also int4 weights as MatMulNBits")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     size = "tiny" if args.tiny else args.size
@@ -78,20 +99,12 @@ def main() -> None:
                                   eos_token_id=[], pad_token_id=0)
 
     rows = {"HF eager generate()": timings(hf, args.new, args.repeats)}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "onnx")
-        start = time.perf_counter()
-        mmaccel.export_onnx(model, {"input_ids": ids}, folder, generation=True)
-        export_s = time.perf_counter() - start
-        generator = mmaccel.OnnxGenerator(folder, intra_op_threads=args.threads)
-
-        def onnx(new: int) -> Any:
-            return mmaccel.onnx_generate(generator, ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
-
-        rows["mmaccel export + onnx_generate"] = {**timings(onnx, args.new, args.repeats),
-                                                  "file_bytes": folder_bytes(folder), "export_s": round(export_s, 1),
-                                                  "tokens_equal_hf": bool((torch.from_numpy(onnx(args.new)) ==
-                                                                           hf(args.new)).all())}
+    reference = hf(args.new)
+    variants = {"mmaccel export + onnx_generate": {}}
+    if args.int4:  # every linear int4 (budget 0.5 on random weights), run by ONNX Runtime's MatMulNBits
+        variants["mmaccel int4 (MatMulNBits)"] = {"quantize": "int4_weight_only", "accuracy_budget": 0.5}
+    for name, options in variants.items():
+        rows[name] = onnx_row(model, ids, options, reference, args)
     print(f"{'variant':32} {'first token ms':>15} {'ms / token':>11} {'file MB':>8} {'export s':>9} tokens = HF")
     for name, row in rows.items():
         print(f"{name:32} {row['first_token_ms']:>15.1f} {row['ms_per_token']:>11.2f} "
