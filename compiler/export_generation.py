@@ -5,13 +5,16 @@ ONNX graphs and a manifest, which mmaccel.onnx_generate (compiler/onnx_generate.
                            -> (logits, present.{i}.key/value): Optimum's layout, dynamic batch, sequence and past
     folder/embed.onnx      LLaVA: input_ids -> inputs_embeds (the image features are merged in between, by position)
     folder/vision.onnx     LLaVA: pixel_values -> image_features (vision tower + projector)
+    folder/encoder.onnx    Whisper: input_features -> every decoder layer's cross-attention K/V (the decoder reads
+                           them as past_key_values.{i}.encoder.*, beside its growing past_key_values.{i}.decoder.*)
     folder/manifest.json   each graph's inputs and outputs, the cache geometry, stop/pad ids, dtype, export id
 
 The decoder is the model wrapped in a module that takes the past tensors and builds a DynamicCache from them
 inside the traced forward (as transformers' own integrations/executorch.py does), so the cache's growth is the
 graph's concatenation and the new cache is returned as tensors: no in-place state. Every graph goes through the
-same lowering and passes as a single-file export. The folder is written aside and renamed into place at the
-end: a failed export leaves nothing at `folder` (and an existing folder untouched).
+same lowering and passes as a single-file export; int4 linears then become ONNX Runtime's MatMulNBits
+(use_matmul_nbits). The folder is written aside and renamed into place at the end: a failed export leaves
+nothing at `folder` (and an existing folder untouched).
 """
 from __future__ import annotations
 
@@ -149,7 +152,8 @@ class WhisperDecoderWithPast(torch.nn.Module):
 def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str | os.PathLike,
                       **options: Any) -> CompileReport:
     """Export `model`'s generation graphs into `folder` (see the module docstring). `example_inputs`: the
-    inputs a prompt would give (input_ids, and pixel_values for LLaVA), as a dict or positional tuple."""
+    inputs a prompt would give (input_ids; pixel_values for LLaVA, input_features for Whisper, which fix the
+    image size and the number of audio frames), as a dict or positional tuple."""
     opts = export_options(options)
     if opts.prune is not None or opts.calibration is not None:
         raise ExportError("export_onnx(generation=True) takes no prune or calibration option yet: each graph's "
