@@ -1,14 +1,17 @@
-"""Public API: mmaccel.compile and mmaccel.explain."""
+"""Public API: mmaccel.compile, mmaccel.explain and mmaccel.export_onnx."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ._torch_internals import graph_break_count
 from .backend import Backend
 from .calibration import varying_dims
-from .export import export_onnx  # noqa: F401  (re-exported as mmaccel.export_onnx)
+from .export import export_onnx as export_file
+from .export_generation import export_generation
+from .errors import InvalidOptionError
 from .options import CompileOptions
 from .report import CompileReport
 
@@ -42,3 +45,18 @@ def explain(model: Callable, *example_inputs: Any, dynamic: bool | None = None, 
     after = graph_break_count()
     backend.report.graph_breaks = {r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)}
     return backend.report
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | dict[str, Any], path: str | os.PathLike,
+                dynamic_shapes: Any = None, generation: bool = False, **options: Any) -> CompileReport:
+    """Export `model` through mmaccel's passes to standard ONNX; returns the report of what the passes did.
+    generation=False: one file at `path` (compiler/export.py). generation=True: a Hugging Face causal LM or
+    LLaVA as a folder at `path`: decoder with past/present key-value tensors (and LLaVA's vision and
+    embedding graphs) plus manifest.json, which mmaccel.onnx_generate runs (compiler/export_generation.py);
+    its dynamic dims are fixed by the layout, so dynamic_shapes does not apply."""
+    if not generation:
+        return export_file(model, example_inputs, path, dynamic_shapes=dynamic_shapes, **options)
+    if dynamic_shapes is not None:
+        raise InvalidOptionError("dynamic_shapes does not apply to export_onnx(generation=True): batch, sequence "
+                                 "and past lengths are always dynamic")
+    return export_generation(model, example_inputs, path, **options)

@@ -31,6 +31,11 @@ from .report import CompileReport, GraphReport
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
+# The SDPA ops torch.export would decompose; the ONNX translations of backends/onnxruntime take them whole.
+SDPA_KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default,
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
+
+
 class ExportError(RuntimeError):
     """The model cannot be exported; the message names the construct and what to do instead."""
 
@@ -51,8 +56,12 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
                           "flow, export needs one graph: torch.compile(model, backend='mmaccel') still works "
                           "on such models.") from e
     # Core ATen (linear -> addmm, matmul -> bmm, softmax -> _softmax): the level the passes match on,
-    # as in the torch.compile path, plus mmaccel's own table.
+    # as in the torch.compile path, plus mmaccel's own table. SDPA stays whole, as in the torch.compile path
+    # (compiler/lowering.py): decomposed, Hugging Face's sdpa attention became a masked softmax with a
+    # fully-masked-row guard that attention_fusion does not match, and every such layer stayed unfused.
     table = torch.export.default_decompositions()
+    for op in SDPA_KEPT_WHOLE:
+        table.pop(op, None)
     table.update(DECOMPOSITIONS)
     ep = ep.run_decompositions(table)
     sig = ep.graph_signature
@@ -166,13 +175,7 @@ def calibration_dynamic_shapes(model: torch.nn.Module, example: Sample, samples:
                   "error is measured on every sample")
 
 
-def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
-                dynamic_shapes: Any = None, **options: Any) -> CompileReport:
-    """Export `model` through mmaccel's passes to an ONNX file at `path` (opset 18, checked with
-    onnx.checker). A failed export never leaves a partial file at `path`: it is written aside, validated,
-    then moved into place. Returns the report of what the passes did."""
-    import onnx
-
+def export_options(options: dict[str, Any]) -> CompileOptions:
     opts = CompileOptions.from_user(options)
     if opts.target != "auto":
         raise InvalidOptionError("option 'target' does not apply to export_onnx: the file is the target")
@@ -180,15 +183,23 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
         raise InvalidOptionError("option weights='release' does not apply to export_onnx: the ONNX file holds the "
                                  "quantized / pruned weights only, and your model stays whole (the export's own "
                                  "copies are freed when it returns)")
+    return opts
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str | os.PathLike,
+                dynamic_shapes: Any = None, **options: Any) -> CompileReport:
+    """Export `model` through mmaccel's passes to an ONNX file at `path` (opset 18, checked with
+    onnx.checker). A failed export never leaves a partial file at `path`: it is written aside, validated,
+    then moved into place. Returns the report of what the passes did."""
+    import onnx
+
+    opts = export_options(options)
     path = os.fspath(path)
     report = CompileReport(opts)
     record = GraphReport(index=0, target=f"onnx file {path}", target_reason="export_onnx")
     start = time.perf_counter()
     gm, flat_inputs = lower_for_export(model, example_inputs, dynamic_shapes, opts, record)
-    try:
-        program = to_onnx(gm, flat_inputs)
-    except Exception as e:
-        raise ExportError(_explain_onnx_failure(gm, e)) from e
+    program = convert(gm, flat_inputs)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".mmaccel-export-") as tmp:
@@ -200,6 +211,14 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any], path: str
     record.status, record.compile_seconds = "optimized", time.perf_counter() - start
     report.graphs.append(record)
     return report
+
+
+def convert(gm: fx.GraphModule, flat_inputs: list[Any]) -> Any:
+    """The post-pass graph as a torch.onnx ONNXProgram; ExportError naming the op and source line it failed on."""
+    try:
+        return to_onnx(gm, flat_inputs)
+    except Exception as e:
+        raise ExportError(_explain_onnx_failure(gm, e)) from e
 
 
 def _explain_onnx_failure(gm: fx.GraphModule, error: Exception) -> str:

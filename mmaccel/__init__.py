@@ -7,6 +7,8 @@
     mmaccel.generate(model, **inputs, max_new_tokens=64)      # HF generation, steps compiled, lengths bucketed
     mmaccel.generate(model, **inputs, draft="layers:4")       # speculative decoding (or draft=small_model)
     mmaccel.cascade(small, large, calibration=prompts)        # the small model answers when confident
+    mmaccel.export_onnx(model, inputs, folder, generation=True)   # HF decoder with past K/V (+ LLaVA vision), manifest
+    mmaccel.onnx_generate(folder, input_ids, max_new_tokens=64)  # generation on ONNX Runtime, numpy loop
 """
 import os as _os
 
@@ -22,6 +24,7 @@ from .compiler.backend import Backend
 from .compiler.generation import GenerationReport, generation_report
 from .compiler.speculative import generate
 from .compiler.cascade import Cascade, CascadeReport, cascade
+from .compiler.onnx_generate import OnnxGenerator, onnx_generate
 from .compiler.errors import InvalidOptionError, MmaccelFallbackWarning
 from .compiler.options import CompileOptions
 from .compiler.report import CompileReport, GraphReport, collect_reports
@@ -31,6 +34,7 @@ from .compiler.backend import mmaccel_backend as _mmaccel_backend
 _register("mmaccel", _mmaccel_backend)
 
 __all__ = ["compile", "explain", "export_onnx", "generate", "generation_report", "GenerationReport", "cascade",
-           "Cascade", "CascadeReport", "collect_reports", "Backend", "CompileOptions", "CompileReport", "GraphReport",
+           "Cascade", "CascadeReport", "onnx_generate", "OnnxGenerator", "collect_reports", "Backend", "CompileOptions",
+           "CompileReport", "GraphReport",
            "InvalidOptionError", "MmaccelFallbackWarning"]
 __version__ = "0.1.0"

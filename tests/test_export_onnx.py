@@ -25,6 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 import mmaccel  # noqa: E402
 import mmaccel.compiler.export as export_module  # noqa: E402
 from mmaccel.compiler.export import ExportError  # noqa: E402
+from mmaccel.compiler.export_generation import all_nodes  # noqa: E402
 from mmaccel.models import build, example_inputs  # noqa: E402
 
 from conftest import assert_matches_eager  # noqa: E402
@@ -36,24 +37,13 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _nodes(graph: Any):
-    """Every node of an ONNX graph, those in subgraphs (If/Loop bodies) included."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            for g in attr.graphs:
-                yield from _nodes(g)
-
-
 def assert_standard_onnx(path: str) -> onnx.ModelProto:
     """Opset 18, only standard-domain nodes (no mmaccel or onnxscript custom ops), checker-clean."""
     onnx.checker.check_model(path, full_check=True)
     model = onnx.load(path, load_external_data=False)
     opsets = {o.domain: o.version for o in model.opset_import}
     assert opsets.get("", opsets.get("ai.onnx")) == 18, opsets
-    nodes = list(_nodes(model.graph)) + [n for f in model.functions for n in _nodes(f)]
+    nodes = list(all_nodes(model.graph)) + [n for f in model.functions for n in all_nodes(f)]
     custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in STANDARD_DOMAINS})
     assert not custom, f"non-standard ops in the exported file: {custom}"
     assert not model.functions, f"local functions left in the file: {[f.name for f in model.functions]}"

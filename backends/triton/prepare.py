@@ -151,6 +151,9 @@ COMPOSITES = {
     torch.ops.mmaccel.fused_linear.default: _fused_linear,
     torch.ops.mmaccel.token_merge.default: _token_reduction,
     torch.ops.mmaccel.token_unmerge.default: _token_reduction,
+    # Export-only (ONNX Runtime's MatMulNBits layout, inserted by export_onnx(generation=True)): should a graph
+    # holding it reach this target, None leaves the op to its reference implementation.
+    torch.ops.mmaccel.int4_matmul_nbits.default: lambda graph, node: None,
 }
 
 

@@ -1,0 +1,332 @@
+"""export_onnx(..., generation=True) and mmaccel.onnx_generate on tiny HF models (random weights, fp32, CPU).
+
+Each model is exported once per module (a folder: decoder with past/present K/V, manifest); its generated
+tokens must equal HF eager generate()'s, left-padded batches included; the folder holds only standard ONNX and
+the loop runs in a process where torch cannot be imported; mixed or half-written folders are refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("transformers")
+
+import mmaccel  # noqa: E402
+import mmaccel.compiler.export_generation as export_generation  # noqa: E402
+from mmaccel.compiler.export import ExportError  # noqa: E402
+from mmaccel.compiler.onnx_generate import ManifestError  # noqa: E402
+
+import hf_tiny  # noqa: E402
+from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
+from test_export_onnx import assert_standard_onnx  # noqa: E402
+from test_generation import hf_generate, left_padded_batch, one_thread  # noqa: E402,F401 (autouse fixture)
+
+SDPA = torch.ops.aten.scaled_dot_product_attention
+# HF's default sdpa attention (kept whole by the export), and Llama with its attention written out
+# (attn_implementation="eager"), which attention_fusion must turn into SDPA on the decoder with a past.
+# One export takes 15-45 s on the 2-core CI machine, so the default run exports Llama only; the others run
+# with -m coverage (the opt-in set of tests/test_hf_coverage.py).
+MODELS = {"llama": lambda: hf_tiny.llama("sdpa", use_cache=True), "qwen2": hf_tiny.qwen2,
+          "llama_eager_attention": lambda: hf_tiny.llama("eager", use_cache=True)}
+DEFAULT_SET = ("llama",)
+
+
+@pytest.fixture(scope="module", params=[name if name in DEFAULT_SET else pytest.param(name, marks=pytest.mark.coverage)
+                                        for name in MODELS])
+def exported(request, tmp_path_factory):
+    """(model, folder, report): the model exported once for the module's tests."""
+    model = MODELS[request.param]()
+    ids, mask = left_padded_batch([7, 4])
+    folder = str(tmp_path_factory.mktemp(request.param) / "onnx")
+    report = mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True)
+    return model, folder, report
+
+
+def test_greedy_matches_hf_eager_with_left_padding(exported) -> None:
+    model, folder, _ = exported
+    generator = mmaccel.OnnxGenerator(folder)
+    for lengths in ([7, 4], [5]):  # a left-padded batch, and batch 1 (exported with batch 2)
+        ids, mask = left_padded_batch(lengths, seed=len(lengths))
+        expected = hf_generate(model, ids, mask, max_new_tokens=9, do_sample=False)
+        actual = mmaccel.onnx_generate(generator, ids, mask, max_new_tokens=9, pad_token_id=0)
+        assert isinstance(actual, np.ndarray)
+        assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)
+
+
+def test_stop_token_pads_finished_rows_as_hf_does(exported) -> None:
+    model, folder, _ = exported
+    ids, mask = left_padded_batch([6, 6], seed=3)
+    free = hf_generate(model, ids, mask, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    stop = int(free[0, 6 + 2])
+    expected = hf_generate(model, ids, mask, max_new_tokens=8, do_sample=False, eos_token_id=[stop, 99])
+    actual = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=8, eos_token_id=[stop, 99], pad_token_id=0)
+    assert torch.equal(torch.from_numpy(actual), expected)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(exported) -> None:
+    _, folder, _ = exported
+    generator = mmaccel.OnnxGenerator(folder)
+    ids, mask = left_padded_batch([5, 5], seed=4)
+    sample = dict(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, eos_token_id=[])
+    first = mmaccel.onnx_generate(generator, ids, mask, seed=7, **sample)
+    assert np.array_equal(first, mmaccel.onnx_generate(generator, ids, mask, seed=7, **sample))
+    assert not np.array_equal(first, mmaccel.onnx_generate(generator, ids, mask, seed=8, **sample))
+    greedy = mmaccel.onnx_generate(generator, ids, mask, max_new_tokens=6, eos_token_id=[])
+    assert np.array_equal(mmaccel.onnx_generate(generator, ids, mask, seed=7, **{**sample, "top_k": 1}), greedy)
+
+
+def test_folder_layout_and_passes(exported) -> None:
+    """Optimum's names and dynamic dims, a manifest that says so, standard ONNX only; the passes fired."""
+    model, folder, report = exported
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    config = manifest["config"]
+    assert config == {**config, "num_layers": hf_tiny.LAYERS, "num_kv_heads": 2, "head_dim": 8, "vocab_size": 100,
+                      "dtype": "float32", "eos_token_id": [2], "pad_token_id": 0}
+    decoder = manifest["graphs"]["decoder"]
+    inputs = {i["name"]: i["shape"] for i in decoder["inputs"]}
+    outputs = {o["name"]: o["shape"] for o in decoder["outputs"]}
+    assert inputs["input_ids"] == inputs["position_ids"] == ["batch_size", "sequence_length"]
+    assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert outputs["logits"] == ["batch_size", "sequence_length", 100]
+    for layer in range(hf_tiny.LAYERS):
+        for kind in ("key", "value"):
+            assert inputs[f"past_key_values.{layer}.{kind}"] == ["batch_size", 2, "past_sequence_length", 8]
+            assert outputs[f"present.{layer}.{kind}"][2] in ("past_sequence_length + sequence_length",
+                                                             "sequence_length + past_sequence_length")
+    assert_standard_onnx(os.path.join(folder, "decoder.onnx"))
+    graph = report.graphs[0]
+    assert graph.status == "optimized" and not [p for p in graph.passes if p.error], f"\n{report}"
+    assert graph.count(SDPA) == hf_tiny.LAYERS and graph.count(torch.ops.aten._softmax) == 0, f"\n{report}"
+    if model.config._attn_implementation == "eager":
+        assert graph.matched("attention_fusion") == hf_tiny.LAYERS, f"\n{report}"
+    assert graph.matched("parallel_linear_fusion") >= hf_tiny.LAYERS
+
+
+RUN_WITHOUT_TORCH = textwrap.dedent("""
+    import importlib.util, sys
+    import numpy as np
+    sys.modules["torch"] = None  # any `import torch` now fails
+    module_path, folder, prompt_path, out_path = sys.argv[1:]
+    spec = importlib.util.spec_from_file_location("onnx_generate", module_path)
+    runtime = sys.modules["onnx_generate"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    prompt = np.load(prompt_path)
+    np.save(out_path, runtime.onnx_generate(folder, prompt["ids"], prompt["mask"], max_new_tokens=5, pad_token_id=0))
+    assert not [m for m in sys.modules if m.split(".")[0] in ("mmaccel", "compiler") or m == "torch._C"]
+""")
+
+
+def test_generation_runs_without_torch_or_mmaccel(exported, tmp_path) -> None:
+    model, folder, _ = exported
+    ids, mask = left_padded_batch([6, 3])
+    np.savez(tmp_path / "prompt.npz", ids=ids.numpy(), mask=mask.numpy())
+    script = tmp_path / "run.py"
+    script.write_text(RUN_WITHOUT_TORCH)
+    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "compiler", "onnx_generate.py")
+    subprocess.run([sys.executable, str(script), module, folder, str(tmp_path / "prompt.npz"), str(tmp_path / "out.npy")],
+                   check=True, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
+
+
+def test_graph_from_another_export_is_refused(exported, tmp_path) -> None:
+    _, folder, _ = exported
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(folder, mixed)
+    proto = onnx.load(os.path.join(mixed, "decoder.onnx"))
+    for prop in proto.metadata_props:
+        if prop.key == "mmaccel.export_id":
+            prop.value = "another-export"
+    onnx.save(proto, os.path.join(mixed, "decoder.onnx"))
+    with pytest.raises(ManifestError, match="mixes files of different exports"):
+        mmaccel.OnnxGenerator(mixed)
+    os.remove(os.path.join(mixed, "manifest.json"))
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        mmaccel.OnnxGenerator(mixed)
+
+
+def test_pixel_values_without_a_vision_graph_are_refused(exported) -> None:
+    _, folder, _ = exported
+    ids, _ = hf_tiny.token_batch(1, 4)
+    with pytest.raises(ValueError, match="no vision graph"):
+        mmaccel.onnx_generate(folder, ids, pixel_values=np.zeros((1, 3, 32, 32), np.float32), max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------ LLaVA
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    model = hf_tiny.llava()
+    ids, pixels = hf_tiny.llava_prompt(3, 4)
+    folder = str(tmp_path_factory.mktemp("llava") / "onnx")
+    report = mmaccel.export_onnx(model, {"input_ids": ids, "pixel_values": pixels}, folder, generation=True)
+    return model, folder, report
+
+
+def _llava_batch(prompts: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image prompts of different lengths, left-padded into one batch; one image each."""
+    rows = [hf_tiny.llava_prompt(before, after, seed=i) for i, (before, after) in enumerate(prompts)]
+    width = max(ids.shape[1] for ids, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, _) in enumerate(rows):
+        ids[row, width - prompt.shape[1]:], mask[row, width - prompt.shape[1]:] = prompt, 1
+    return ids, mask, torch.cat([pixels for _, pixels in rows])
+
+
+@pytest.mark.coverage
+def test_llava_matches_hf_eager(llava_folder) -> None:
+    """Vision graph -> features merged at the placeholders -> decoder over embeddings: HF eager's tokens."""
+    model, folder, report = llava_folder
+    generator = mmaccel.OnnxGenerator(folder)
+    assert sorted(generator.sessions) == ["decoder", "embed", "vision"]
+    for prompts in ([(3, 5)], [(1, 2), (4, 3)]):
+        ids, mask, pixels = _llava_batch(prompts)
+        expected = hf_generate(model, ids, mask, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+        actual = mmaccel.onnx_generate(generator, ids, mask, pixel_values=pixels, max_new_tokens=6, pad_token_id=0)
+        assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)
+    ids, pixels = hf_tiny.llava_prompt(1, 2)
+    with pytest.raises(ValueError, match="15 image placeholder tokens"):  # the first placeholder cut off
+        mmaccel.onnx_generate(generator, ids[:, 2:], pixel_values=pixels, max_new_tokens=2)
+    for name in ("decoder", "embed", "vision"):
+        assert_standard_onnx(os.path.join(folder, f"{name}.onnx"))
+    assert all(g.status == "optimized" and not [p for p in g.passes if p.error] for g in report.graphs), f"\n{report}"
+
+
+@pytest.mark.coverage
+def test_whisper_matches_hf_generic_generate(tmp_path) -> None:
+    """Encoder graph -> cross-attention K/V, read by every decoder step. Compared with transformers'
+    GenerationMixin.generate (decoder prompt + new tokens), as tests/test_generation.py does."""
+    from transformers import GenerationMixin
+    model = hf_tiny.whisper()
+    features = torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(2))
+    mmaccel.export_onnx(model, {"input_features": features}, tmp_path / "onnx", generation=True)
+    generator = mmaccel.OnnxGenerator(tmp_path / "onnx")
+    manifest = generator.manifest
+    assert [o["shape"] for o in manifest["graphs"]["encoder"]["outputs"]] == [["batch_size", 4, 20, 8]] * 4
+    assert manifest["config"]["decoder_start_token_id"] == 3
+    for batch, new in ((2, 6), (1, 9)):
+        features = torch.randn(batch, 16, 40, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = GenerationMixin.generate(model, features, max_new_tokens=new, do_sample=False)
+        actual = mmaccel.onnx_generate(generator, input_features=features, max_new_tokens=new)
+        assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)
+    for name in ("encoder", "decoder"):
+        assert_standard_onnx(str(tmp_path / "onnx" / f"{name}.onnx"))
+    with pytest.raises(ValueError, match="give input_features"):
+        mmaccel.onnx_generate(generator, torch.tensor([[3]]), max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------ int4 as MatMulNBits
+
+@pytest.mark.parametrize("n, k, group", [(48, 96, 32), (40, 256, 128)])  # 3 blocks: an odd zero-point count
+def test_matmul_nbits_layout_is_what_onnxruntime_reads(n, k, group) -> None:
+    """The repacked weight, run by ONNX Runtime's MatMulNBits kernel alone, gives int4_linear's output."""
+    from onnx import TensorProto, helper, numpy_helper
+    from mmaccel.ops.int4_linear import int4_linear_reference, quantize_int4_groupwise
+    from mmaccel.ops.int4_matmul_nbits import int4_matmul_nbits_reference, to_matmul_nbits
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    packed, scale, zero = quantize_int4_groupwise(torch.randn(n, k), group)
+    b, scales, zero_points = to_matmul_nbits(packed, scale, zero, group)
+    x = torch.randn(3, k)
+    expected = int4_linear_reference(x, packed, scale, zero, group, None, "none", None)
+    assert torch.equal(int4_matmul_nbits_reference(x, b, scales, zero_points, None, "none", None), expected)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=group)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+                              [numpy_helper.from_array(t.numpy(), name) for name, t in
+                               zip("bsz", (b, scales, zero_points))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    actual = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.coverage
+def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
+    """quantize="int4_weight_only": every int4 linear of the decoder is one MatMulNBits, and ONNX Runtime's
+    output is the quantized graph's (the error the lossy pass measured is the file's)."""
+    import onnxruntime as ort
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    report = mmaccel.export_onnx(model, {"input_ids": ids}, tmp_path / "onnx", generation=True,
+                                 quantize="int4_weight_only", accuracy_budget=0.5)
+    graph = report.graphs[0]
+    quantized = graph.count(torch.ops.mmaccel.int4_matmul_nbits)
+    assert quantized == 9 and graph.count(torch.ops.mmaccel.int4_linear) == 0, f"\n{report}"  # 7 per layer + head
+    proto = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"))
+    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node) == quantized
+    inputs = graph.context.example_inputs
+    with torch.no_grad():
+        expected = graph.final_graph(*inputs)
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "decoder.onnx"))
+    actual = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(torch.from_numpy(a), e, rtol=1e-4, atol=1e-5)
+    tokens = mmaccel.onnx_generate(tmp_path / "onnx", ids, mask, max_new_tokens=4, pad_token_id=0)
+    assert tokens.shape == (2, 7 + 4)
+
+
+# ------------------------------------------------------------------------------------ refusals, staging
+
+def _half_written(spec, staged, *args):
+    with open(os.path.join(staged, f"{spec.name}.onnx"), "w") as f:
+        f.write("half")
+    raise ExportError("conversion failed")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_export_leaves_no_folder_and_an_existing_one_untouched(existing, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(export_generation, "_export_graph", _half_written)
+    folder = tmp_path / "out"
+    if existing:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("old")
+    ids, mask = hf_tiny.token_batch(2, 4)
+    with pytest.raises(ExportError, match="conversion failed"):
+        mmaccel.export_onnx(hf_tiny.llama("sdpa"), {"input_ids": ids}, folder, generation=True)
+    assert sorted(os.listdir(tmp_path)) == (["out"] if existing else [])
+    if existing:
+        assert os.listdir(folder) == ["keep.txt"] and (folder / "keep.txt").read_text() == "old"
+
+
+def _sliding_window_qwen2():
+    torch.manual_seed(0)
+    config = hf_tiny.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                 sliding_window=4, max_window_layers=0)
+    return hf_tiny.inference(hf_tiny.Qwen2ForCausalLM(config))
+
+
+@pytest.mark.parametrize("build, options, match", [
+    (lambda: T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                 num_heads=4)), {}, "encoder-decoder models other than Whisper"),
+    (_sliding_window_qwen2, {}, "not sliding windows yet"),
+    (lambda: torch.nn.Linear(4, 4), {}, "takes a Hugging Face generating model"),
+    (lambda: hf_tiny.llama("sdpa"), {"prune": "mlp_channels"}, "no prune or calibration option yet"),
+])
+def test_unsupported_models_are_refused_before_any_work(build, options, match, tmp_path) -> None:
+    ids, _ = hf_tiny.token_batch(2, 4)
+    with pytest.raises(ExportError, match=match):
+        mmaccel.export_onnx(build(), {"input_ids": ids}, tmp_path / "out", generation=True, **options)
+    assert not os.listdir(tmp_path)
+
+
+def test_dynamic_shapes_do_not_apply(tmp_path) -> None:
+    ids, _ = hf_tiny.token_batch(2, 4)
+    with pytest.raises(ValueError, match="dynamic_shapes does not apply"):
+        mmaccel.export_onnx(hf_tiny.llama("sdpa"), {"input_ids": ids}, tmp_path / "out", generation=True,
+                            dynamic_shapes=({0: torch.export.Dim("batch")},))
