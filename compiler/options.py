@@ -12,9 +12,10 @@ TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
 # Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
 QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8", "auto")
-# Lossy, opt-in (passes/prune.py). "heads", "blocks" and "auto" are named by issue 14 but not built yet: refused.
-PRUNE = (None, "mlp_channels")
-PRUNE_NOT_YET = ("heads", "blocks", "auto")
+# Lossy, opt-in (passes/prune*.py): the structures prune may remove; "auto" is all of them; a list or tuple names
+# several. "blocks" is named by issue 14 but not built yet: refused.
+PRUNE_STRUCTURES = ("mlp_channels", "heads")
+PRUNE_NOT_YET = ("blocks", "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -43,8 +44,8 @@ class CompileOptions:
     cuda_graphs: bool | str = "auto"
     # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
     quantize: str | None = None
-    # Lossy: remove MLP channels (structural pruning); chosen with quantize under the same budget.
-    prune: str | None = None
+    # Lossy: structures to remove (MLP channels, attention heads), chosen with quantize under the same budget.
+    prune: tuple[str, ...] | None = None
     accuracy_budget: float = 0.01
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
     # to each graph's inputs by mmaccel.compile / export_onnx).
@@ -101,13 +102,21 @@ class CompileOptions:
         return self.passes.get(name, default)
 
 
-def _validate_prune(value: Any) -> str | None:
-    if value in PRUNE_NOT_YET:
-        raise InvalidOptionError(f"option 'prune'={value!r} is not built yet; prune='mlp_channels' (MLP intermediate "
-                                 "channels) works today")
-    if value not in PRUNE:
-        raise InvalidOptionError(f"option 'prune'={value!r} is not valid; choose one of {list(PRUNE)}")
-    return value
+def _validate_prune(value: Any) -> tuple[str, ...] | None:
+    """A structure name, "auto" (every structure), or a list / tuple of structure names -> the structures."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not names:
+        raise InvalidOptionError(f"option 'prune'={value!r} is not valid; give one of {list(PRUNE_STRUCTURES)}, "
+                                 "'auto', or a list of them")
+    for name in names:
+        if name in PRUNE_NOT_YET:
+            raise InvalidOptionError(f"option 'prune'={name!r} is not built yet; {list(PRUNE_STRUCTURES)} work today")
+        if name not in PRUNE_STRUCTURES:
+            raise InvalidOptionError(f"option 'prune': {name!r} is not valid; choose among {list(PRUNE_STRUCTURES)} "
+                                     "or 'auto' (all of them), alone or in a list")
+    return tuple(dict.fromkeys(names))
 
 
 def _validate_calibration(value: Any, lossy: str | None) -> tuple[Sample, ...] | None:
