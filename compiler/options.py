@@ -13,9 +13,8 @@ CUDA_GRAPHS = (True, False, "auto")
 # Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
 QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8", "auto")
 # Lossy, opt-in (passes/prune*.py): the structures prune may remove; "auto" is all of them; a list or tuple names
-# several. "blocks" is named by issue 14 but not built yet: refused.
-PRUNE_STRUCTURES = ("mlp_channels", "heads")
-PRUNE_NOT_YET = ("blocks", "auto")
+# several. All that are asked for are chosen in one solve, with quantize, under one accuracy_budget.
+PRUNE_STRUCTURES = ("mlp_channels", "heads", "blocks")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -44,7 +43,7 @@ class CompileOptions:
     cuda_graphs: bool | str = "auto"
     # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
     quantize: str | None = None
-    # Lossy: structures to remove (MLP channels, attention heads), chosen with quantize under the same budget.
+    # Lossy: structures to remove (MLP channels, attention heads, blocks), chosen with quantize under one budget.
     prune: tuple[str, ...] | None = None
     accuracy_budget: float = 0.01
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
@@ -111,12 +110,10 @@ def _validate_prune(value: Any) -> tuple[str, ...] | None:
         raise InvalidOptionError(f"option 'prune'={value!r} is not valid; give one of {list(PRUNE_STRUCTURES)}, "
                                  "'auto', or a list of them")
     for name in names:
-        if name in PRUNE_NOT_YET:
-            raise InvalidOptionError(f"option 'prune'={name!r} is not built yet; {list(PRUNE_STRUCTURES)} work today")
-        if name not in PRUNE_STRUCTURES:
+        if name not in (*PRUNE_STRUCTURES, "auto"):
             raise InvalidOptionError(f"option 'prune': {name!r} is not valid; choose among {list(PRUNE_STRUCTURES)} "
                                      "or 'auto' (all of them), alone or in a list")
-    return tuple(dict.fromkeys(names))
+    return PRUNE_STRUCTURES if "auto" in names else tuple(dict.fromkeys(names))
 
 
 def _validate_calibration(value: Any, lossy: str | None) -> tuple[Sample, ...] | None:

@@ -20,6 +20,7 @@ from .graph import clone_module, copy_graph
 from .lossy import Lever, apply_levers
 from .meta import output_signature, propagate_fake, signatures_match
 from .prune import MlpChannelLever
+from .prune_blocks import BlockLever
 from .prune_heads import HeadLever
 from .quantize import QuantizeLever
 
@@ -61,7 +62,8 @@ class LeverEntry:
 # weights prune made, and the structure is decided before the precision of what remains.
 # Within prune, structures rewrite in this order: MLP channels, heads, then blocks (a dropped block's MLP and
 # attention are still in the graph, unread, when the others rewrite them, and cleanup removes them after).
-PRUNE_LEVERS: dict[str, Callable[[], Lever]] = {"mlp_channels": MlpChannelLever, "heads": HeadLever}
+PRUNE_LEVERS: dict[str, Callable[[], Lever]] = {"mlp_channels": MlpChannelLever, "heads": HeadLever,
+                                                "blocks": BlockLever}
 LOSSY = (LeverEntry("prune", lambda o: o.prune is not None,
                     lambda o: [make() for name, make in PRUNE_LEVERS.items() if name in o.prune]),
          LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: [QuantizeLever(o.quantize)]))

@@ -300,7 +300,8 @@ class MlpChannelLever:
     def _bytes_at(self, mlp: _Mlp, width: int) -> int:
         """Bytes of the MLP's weights with `width` channels: its up rows (and biases), the down weight."""
         # per channel: one row of each up weight (and one bias entry), one column of the down weight
-        row = sum(weight_bytes(self._const(up.args[1])[0], self._const(up.args[2])[:1] if up.args[2] is not None else None)
+        row = sum(weight_bytes(self._const(up.args[1])[0],
+                               self._const(up.args[2])[:1] if up.args[2] is not None else None)
                   for up, _, _ in mlp.pieces)
         down_w, down_b = self._const(mlp.down.args[1]), self._const(mlp.down.args[2])
         return width * (row + weight_bytes(down_w[:, 0])) + weight_bytes(down_b)

@@ -29,7 +29,8 @@ import torch.fx as fx
 
 from .contract import PassContext
 from .lossy import ORIGINAL, Site
-from .patterns import VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
+from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape,
+                       writes_in_place)
 from .prune import (FUSED_LINEAR, PRUNED, grams, keeps_channels, refit_columns, split_piece, split_sizes,
                     warn_few_tokens, weight_bytes)
 
@@ -182,29 +183,22 @@ def _trace_forward(sdpa: fx.Node, heads: int) -> _Path | str:
         node = user
 
 
-def _writes_in_place(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    info = schema.arguments[0].alias_info if schema is not None and schema.arguments else None
-    return node.op == "call_function" and info is not None and info.is_write
-
-
 def _live(node: fx.Node) -> bool:
     """Whether a node's value is read or it writes: the device-specific SDPA call attention_fusion replaced stays
     in the graph, unread, and is no use of q/k/v."""
-    return node.op == "output" or bool(node.users) or _writes_in_place(node)
+    return node.op == "output" or bool(node.users) or writes_in_place(node)
 
 
-def _cache_input(sdpa: fx.Node) -> str | None:
-    """The graph input that K or V come from and that the graph writes in place (a static KV cache), if any:
-    followed back from K and V to the nearest matmul or attention."""
-    stack, seen = [sdpa.args[1], sdpa.args[2]], set()
+def written_input(starts: list[fx.Node]) -> str | None:
+    """The graph input that `starts` are read from and that the graph writes in place (a static KV cache), if
+    any: followed back to the nearest matmul or attention."""
+    stack, seen = list(starts), set()
     while stack:
         node = stack.pop()
         if node in seen or is_op(node, FUSED_LINEAR, SDPA, aten.mm.default, aten.addmm.default):
             continue
         seen.add(node)
-        if node.op == "placeholder" and any(_writes_in_place(u) or (u.target is aten.copy_.default
-                                                                    and u.args[0] is node) for u in node.users):
+        if node.op == "placeholder" and any(writes_in_place(u) and u.args[0] is node for u in node.users):
             return node.name
         stack.extend(node.all_input_nodes)
     return None
@@ -218,7 +212,7 @@ def _trace(sdpa: fx.Node) -> _Attention | str | None:
     heads, kv_heads = shape(query)[-3], shape(key)[-3]
     if kv_heads <= 1:
         return None
-    cache = _cache_input(sdpa)
+    cache = written_input([key, value])
     if cache is not None:
         return (f"K/V go to graph input '{cache}', written in place (a static KV cache): its heads cannot shrink "
                 "inside one graph")
@@ -324,7 +318,8 @@ class HeadLever:
         for att in found:
             options = self._options(att.kv_heads)
             self.costs[att.sdpa.name] = {option: self._bytes_at(att, keep) for option, keep in options.items()}
-            sites.append(Site(att.sdpa.name, _module_name(att), (att.heads, att.kv_heads), self._bytes_at(att, att.kv_heads), (*options, ORIGINAL),
+            sites.append(Site(att.sdpa.name, _module_name(att), (att.heads, att.kv_heads),
+                              self._bytes_at(att, att.kv_heads), (*options, ORIGINAL),
                               {ORIGINAL: 0.0}))
         return sites
 

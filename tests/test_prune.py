@@ -231,8 +231,6 @@ def test_default_never_prunes():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"prune": "blocks"}, "not built yet"),
-    ({"prune": "auto"}, "not built yet"),
     ({"prune": "channels"}, "'channels' is not valid; choose among"),
     ({"prune": ["heads", "rows"]}, "'rows' is not valid"),
     ({"prune": []}, "not valid; give one of"),
@@ -345,7 +343,8 @@ def test_heads_fire_on_tiny_hf_llama_within_budget():
         actual, expected = compiled(samples[1]).logits, model(samples[1]).logits
     result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
     assert result.matched == 2 and not result.near_misses and "keep_50 x2" in result.changes[0]
-    assert {row["layer"] for row in result.details["layers"]} == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    layers = {row["layer"] for row in result.details["layers"]}
+    assert layers == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
     assert 0 < relative_error(actual, expected) < 0.5
 
 
@@ -357,7 +356,7 @@ class CacheOut(Attention):
 
 
 class StaticCache(Attention):
-    def forward(self, x, k_cache, v_cache):  # caches: [B, Hkv, 128, D], written in place as mmaccel.generate does
+    def forward(self, x, k_cache, v_cache):  # caches: [B, Hkv, positions, D], written in place as mmaccel.generate does
         q, k, v = self.qkv(x)
         k_cache[:, :, :x.shape[1]].copy_(k)
         v_cache[:, :, :x.shape[1]].copy_(v)
@@ -370,33 +369,118 @@ class PerHeadMask(Attention):
         return x + self.o(self.merged(x, mask))
 
 
-@pytest.mark.parametrize("cls,extra,reason", [
-    (CacheOut, (), "(k) is also used by"),
-    (StaticCache, (torch.zeros(2, 2, 128, 8), torch.zeros(2, 2, 128, 8)), "written in place (a static KV cache)"),
-    (PerHeadMask, (torch.randn(2, 4, 128, 128),), "differs per head"),
+# --- residual blocks ---------------------------------------------------------------------------------------------
+
+class NormedBlock(nn.Module):
+    """A pre-norm residual block, x + mlp(norm(x)) (GeluMlp adds its own input: taken off again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(32), GeluMlp()
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x)) - self.norm(x)
+
+
+class Blocks(nn.Module):
+    """Residual blocks in a ModuleList; block 1 nearly an identity (its down projection scaled down): the most
+    redundant."""
+
+    def __init__(self, make: Callable[[], nn.Module] = NormedBlock, blocks: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(make() for _ in range(blocks))
+        with torch.no_grad():
+            self.layers[1].mlp.down.weight.mul_(0.01)
+            self.layers[1].mlp.down.bias.mul_(0.01)
+
+    def forward(self, x: torch.Tensor, skip: tuple[int, ...] = ()) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i not in skip:
+                x = layer(x)
+        return x
+
+
+def test_dropped_block_is_the_model_without_it_built_by_hand():
+    torch.manual_seed(0)
+    model = Blocks().eval().requires_grad_(False)
+    compiled, result = _compile(model, budget=0.02, prune="blocks")
+    rows = {row["layer"]: row for row in result.details["layers"]}
+    assert set(rows) == {"layers.0", "layers.1", "layers.2"} and result.matched == 1
+    assert [name for name, row in rows.items() if row["precision"] == "drop"] == ["layers.1"]
+    cosines = {name: row["score"]["cosine(in, out)"] for name, row in rows.items()}
+    assert max(cosines, key=cosines.get) == "layers.1" and cosines["layers.1"] > 0.99  # the most redundant
+    assert rows["layers.1"]["bytes"] == 0 and rows["layers.1"]["original_bytes"] > 0
+    with torch.no_grad():
+        for x in (SAMPLES[0], torch.randn(2, 128, 32)):
+            torch.testing.assert_close(compiled(x), model(x, skip=(1,)), rtol=1e-5, atol=1e-5)
+    assert "constants" in result.changes[0] and result.measured_error <= 0.02
+
+
+class CacheOutBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CacheOut() for _ in range(2))
+
+    def forward(self, x):
+        keys = []
+        for layer in self.layers:
+            x, k = layer(x)
+            keys.append(k)
+        return x, keys
+
+
+class StaticCacheBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(StaticCache() for _ in range(2))
+
+    def forward(self, x, k_cache, v_cache):  # caches: [layers, B, Hkv, positions, D]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, k_cache[i], v_cache[i])
+        return x
+
+
+CACHES = (torch.zeros(2, 2, 16, 8), torch.zeros(2, 2, 16, 8))  # [B, Hkv, positions, D]
+
+
+@pytest.mark.parametrize("cls,extra,prune,reason", [
+    (CacheOut, (), "heads", "(k) is also used by"),
+    (StaticCache, CACHES, "heads", "written in place (a static KV cache)"),
+    (PerHeadMask, (torch.randn(2, 4, 16, 16),), "heads", "differs per head"),
+    (CacheOutBlocks, (), "blocks", "values other than its output leave it"),
+    (StaticCacheBlocks, tuple(torch.stack([c, c]) for c in CACHES), "blocks", "in place (a static KV cache)"),
 ])
-def test_attention_near_misses_are_left_whole_with_the_reason(cls, extra, reason):
+def test_attention_and_block_near_misses_are_left_whole_with_the_reason(cls, extra, prune, reason):
     torch.manual_seed(0)
     model = cls().eval().requires_grad_(False)
-    inputs = (SAMPLES[0], *extra)
+    inputs = (SAMPLES[0][:, :16], *extra)
     with torch.no_grad():
         expected = model(*[a.clone() for a in inputs])
-        compiled = mmaccel.compile(model, target="eager", prune="heads", accuracy_budget=0.5,
+        compiled = mmaccel.compile(model, target="eager", prune=prune, accuracy_budget=0.9,
                                    calibration=[tuple(a.clone() for a in inputs)])
         actual = compiled(*[a.clone() for a in inputs])
     result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
-    assert result.matched == 0 and result.changes == ["heads: nothing to change"]
-    assert len(result.near_misses) == 1 and reason in result.near_misses[0], result.near_misses
+    assert result.matched == 0 and result.changes == [f"{prune}: nothing to change"]
+    assert result.near_misses and all(reason in miss for miss in result.near_misses), result.near_misses
     assert_matches_eager(actual, expected)
 
 
-def test_heads_over_budget_prune_nothing_with_one_warning():
-    torch.manual_seed(0)
-    model = Attention().eval().requires_grad_(False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled, result = _compile(model, budget=1e-6, prune="heads")
-        with torch.no_grad():
-            assert_matches_eager(compiled(SAMPLES[1]), model(SAMPLES[1]))
-    assert result.matched == 0 and result.changes[0].startswith("rolled back, over budget")
-    assert sum("pruning not applied" in str(w.message) for w in caught) == 1
+def test_auto_chooses_channels_heads_and_blocks_in_one_solve():
+    model = hf_tiny.llama("eager")
+    samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="auto", accuracy_budget=0.3, calibration=samples)
+        actual = [compiled(s).logits for s in samples]
+        expected = [model(s).logits for s in samples]
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert not result.near_misses
+    assert {row["lever"] for row in result.details["layers"]} == {"prune:mlp_channels", "prune:heads", "prune:blocks"}
+    assert all(f"{label}: " in result.changes[0] for label in ("mlp_channels", "heads", "blocks"))
+    assert result.matched > 0 and 0 < result.measured_error <= 0.3
+    assert relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+def test_prune_names_structures_in_a_list_or_auto():
+    options = mmaccel.CompileOptions.from_user
+    assert options({"prune": ["heads", "mlp_channels", "heads"]}).prune == ("heads", "mlp_channels")
+    assert options({"prune": "auto"}).prune == ("mlp_channels", "heads", "blocks")
