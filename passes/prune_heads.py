@@ -247,8 +247,8 @@ def _why_not(att: _Attention) -> _Attention | str:
             return f"projection '{up.name}' also computes other layers' outputs (a parallel block)"
         if not is_constant(up.args[1]) or not (up.args[2] is None or is_constant(up.args[2])) or up.args[4] is not None:
             return f"projection '{up.name}': weight or bias is not a constant, or it adds a residual"
-    if len({id(p) for p in pieces}) != 3:
-        return "q, k and v are not three pieces"
+    if len(set(pieces)) != 3:
+        return "q, k and v are not three different projections"
     out = att.out
     if not is_constant(out.args[1]) or not (out.args[2] is None or is_constant(out.args[2])):
         return f"o_proj '{out.name}': weight or bias is not a constant"
