@@ -131,6 +131,7 @@ def _layer_table(details: dict[str, Any]) -> list[str]:
     lines = [f"  {'layer':52} {'option':>10} {'MiB':>7}  sensitivity (model error, this site alone)"]
     for row in details["layers"]:
         sens = ", ".join(f"{p} {e:.1e}" for p, e in row["sensitivity"].items()) or "-"
+        sens += "".join(f"; {name} {value:.4f}" for name, value in row.get("score", {}).items())  # a block's cosine
         lines.append(f"  {row['layer'][:52]:52} {row['precision']:>10} {row['bytes'] / 2**20:>7.2f}  {sens}")
     for level, groups in details.get("sensitivity_by", {}).items():
         worst = sorted(groups.items(), key=lambda kv: -kv[1])[:4]
