@@ -15,8 +15,8 @@ bench/quantize_accuracy.py's cases):
 "kept": linear-weight bytes of the last compiled graph (the weights its matmuls read) over fp32's, for every row.
 Latency: median of `--repeats` calls after warm-up.
 
-    python bench/prune_accuracy.py [--models classifier,captioner,minilm] [--repeats 10] [--threads 2]
-                                   [--out bench/results/prune_accuracy_cpu.json]
+    python bench/prune_accuracy.py [--models classifier,captioner,minilm] [--mixes auto@0.1,...] [--repeats 10]
+                                   [--threads 2] [--out bench/results/prune_accuracy_cpu.json]
     python bench/prune_accuracy.py --quick --out /tmp/prune_accuracy.json    # a smoke test
     python bench/prune_accuracy.py --plot-only bench/results/prune_accuracy_cpu.json
 """
@@ -227,6 +227,7 @@ def main() -> None:
     p.add_argument("--out", default=default_out("prune_accuracy_cpu.json"))
     p.add_argument("--quick", action="store_true", help=f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats")
     p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing JSON")
+    p.add_argument("--mixes", help="comma-separated: only these rows (fp32 is always measured: the reference)")
     args = p.parse_args()
     if args.plot_only:
         return plot_only(args.plot_only, plot, __file__)
@@ -234,6 +235,8 @@ def main() -> None:
     models, repeats = args.models.split(","), args.repeats
     if args.quick:
         models, repeats, mixes = ["classifier"], 2, [m for m in mixes if m in QUICK_MIXES]
+    if args.mixes:
+        mixes = ["fp32", *[m for m in args.mixes.split(",") if m != "fp32"]]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env = environment("cpu", torch_threads=args.threads, repeats=repeats, auto_budgets=list(AUTO_BUDGETS),

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .contract import PassContext
 from .lossy import ORIGINAL, Site, split_hierarchy
-from .patterns import (aten, constant_value, dtype, is_constant, is_op, layer_name, same_shape, shape,
+from .patterns import (aten, constant_value, dtype, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
 from .prune import FUSED_LINEAR, probe, weight_bytes
 from .prune_heads import written_input
@@ -81,11 +81,13 @@ def _trace(name: str, members: list[fx.Node]) -> _Block | str | None:
     """The residual block, why it cannot be dropped, or None when it is no residual block. Members that do not
     depend on the stream (rotary tables the block computed and CSE shared with later blocks) stay either way."""
     inside = set(members)
-    leaving = [n for n in members if any(u not in inside for u in n.users)]
+    # tensors only: a size (a SymInt under dynamic shapes) read outside stays valid whatever the block computes
+    leaving = [n for n in members if isinstance(val(n), torch.Tensor) and any(u not in inside for u in n.users)]
     if not leaving:
         return None
     out = leaving[-1]
-    inputs = dict.fromkeys(a for n in members for a in n.all_input_nodes if a not in inside and not is_constant(a))
+    inputs = dict.fromkeys(a for n in members for a in n.all_input_nodes
+                           if a not in inside and not is_constant(a) and isinstance(val(a), torch.Tensor))
     streams = [a for a in inputs if same_shape(shape(a), shape(out)) and dtype(a) == dtype(out)
                and _is_residual(members, a) and out in _downstream(members, a)]
     if not streams:

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from .contract import PassContext
 from .lossy import ORIGINAL, Site
-from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape,
+from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
 from .prune import (FUSED_LINEAR, PRUNED, grams, keeps_channels, refit_columns, split_piece, split_sizes,
                     warn_few_tokens, weight_bytes)
@@ -80,8 +80,8 @@ def _pointwise_operands(node: fx.Node, axis: int, heads: int) -> list[fx.Node] |
         operands = node.args[:1]
     out_rank, carried = len(shape(node)), []
     for a in operands:
-        if not isinstance(a, fx.Node):
-            continue
+        if not isinstance(val(a), torch.Tensor):
+            continue  # a number, or a size under dynamic shapes
         offset = out_rank - len(shape(a))
         if axis < offset or same_shape(shape(a)[axis - offset:axis - offset + 1], (1,)):
             continue  # broadcast over the heads: cos/sin, a scale

@@ -372,19 +372,20 @@ class PerHeadMask(Attention):
 # --- residual blocks ---------------------------------------------------------------------------------------------
 
 class NormedBlock(nn.Module):
-    """A pre-norm residual block, x + mlp(norm(x)) (GeluMlp adds its own input: taken off again)."""
+    """A transformer block: h = x + attn(x), then h + mlp(norm(h)) (GeluMlp adds its own input: taken off again)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.norm, self.mlp = nn.LayerNorm(32), GeluMlp()
+        self.attn, self.norm, self.mlp = Attention(), nn.LayerNorm(32), GeluMlp()
 
     def forward(self, x):
-        return x + self.mlp(self.norm(x)) - self.norm(x)
+        h = self.attn(x)
+        return h + self.mlp(self.norm(h)) - self.norm(h)
 
 
 class Blocks(nn.Module):
-    """Residual blocks in a ModuleList; block 1 nearly an identity (its down projection scaled down): the most
-    redundant."""
+    """Residual blocks in a ModuleList; block 1 nearly an identity (its o_proj and down projection scaled down):
+    the most redundant."""
 
     def __init__(self, make: Callable[[], nn.Module] = NormedBlock, blocks: int = 3) -> None:
         super().__init__()
@@ -392,6 +393,7 @@ class Blocks(nn.Module):
         with torch.no_grad():
             self.layers[1].mlp.down.weight.mul_(0.01)
             self.layers[1].mlp.down.bias.mul_(0.01)
+            self.layers[1].attn.o.weight.mul_(0.01)
 
     def forward(self, x: torch.Tensor, skip: tuple[int, ...] = ()) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -403,7 +405,11 @@ class Blocks(nn.Module):
 def test_dropped_block_is_the_model_without_it_built_by_hand():
     torch.manual_seed(0)
     model = Blocks().eval().requires_grad_(False)
-    compiled, result = _compile(model, budget=0.02, prune="blocks")
+    samples = [torch.randn(2, n, 32) for n in (64, 96, 128)]  # lengths differ: compiled dynamic (symbolic sizes)
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="blocks", accuracy_budget=0.02, calibration=samples)
+        compiled(samples[0])
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
     rows = {row["layer"]: row for row in result.details["layers"]}
     assert set(rows) == {"layers.0", "layers.1", "layers.2"} and result.matched == 1
     assert [name for name, row in rows.items() if row["precision"] == "drop"] == ["layers.1"]
