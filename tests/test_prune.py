@@ -405,7 +405,7 @@ class Blocks(nn.Module):
 def test_dropped_block_is_the_model_without_it_built_by_hand():
     torch.manual_seed(0)
     model = Blocks().eval().requires_grad_(False)
-    samples = [torch.randn(2, n, 32) for n in (64, 96, 128)]  # lengths differ: compiled dynamic (symbolic sizes)
+    samples = [torch.randn(2, n, 32) for n in (32, 48, 64)]  # lengths differ: compiled dynamic (symbolic sizes)
     with torch.no_grad():
         compiled = mmaccel.compile(model, target="eager", prune="blocks", accuracy_budget=0.02, calibration=samples)
         compiled(samples[0])
