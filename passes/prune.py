@@ -13,12 +13,12 @@ follow is left whole; where it reached an activation (it looked like an MLP) the
 Which channels: each MLP's h is collected on the calibration samples (its Gram matrix H^T H, float64), and
 channel j scored ||h_j|| * ||W_down[:, j]|| (what dropping it removes from the down projection's input to
 output, activation-aware: weight magnitude alone keeps channels that never fire; tiny Llama, keep 50%, no refit:
-relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). The top channels are kept;
-then W_down (and its bias) is refit by least squares so that the down projection's output over the kept
-channels best matches the original output on the calibration tokens (ridge normal equations), which is what
-lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL calibration tokens per channel
-(with fewer it fits the tokens the error is measured on, and promises more than other inputs get): below
-that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or
+relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). The top channels are kept; then W_down (and its
+bias) is refit by least squares (refit_columns, which prune_heads uses for o_proj too) so that the down
+projection's output over the kept channels best matches the original output on the calibration tokens (ridge
+normal equations), which is what lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL
+calibration tokens per channel (with fewer it fits the tokens the error is measured on, and promises more than
+other inputs get): below that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or
 all of them.
 
 The weights physically shrink: new constants (rows of the up weights, refit columns of the down weight); the
