@@ -18,8 +18,8 @@ bias) is refit by least squares (refit_columns, which prune_heads uses for o_pro
 projection's output over the kept channels best matches the original output on the calibration tokens (ridge
 normal equations), which is what lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL
 calibration tokens per channel (with fewer it fits the tokens the error is measured on, and promises more than
-other inputs get): below that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or
-all of them.
+other inputs get): below that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% /
+75% of the channels, or all of them.
 
 The weights physically shrink: new constants (rows of the up weights, refit columns of the down weight); the
 frozen constants, which may be the user's parameters or views of fused buffers, are never written.
