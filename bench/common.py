@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Callable
@@ -142,3 +143,22 @@ def write_png(plot: Callable[[Any, str], None], data: Any, png: str, hint: str) 
         return None
     print(f"wrote {png}")
     return png
+
+
+def run_models(names: list[str], run: Callable[[str], list[Any]], data: dict[str, Any], out: str,
+               plot: Callable[[Any, str], None], script: str) -> None:
+    """data["results"] += run(name) for each name, the JSON rewritten after each (a long run keeps what it has
+    measured), then the PNG beside it."""
+    start = time.perf_counter()
+    for name in names:
+        data["results"] += run(name)
+        data["environment"]["total_s"] = time.perf_counter() - start
+        write_json(out, data, indent=1)
+    print(f"wrote {out} ({data['environment']['total_s']:.0f} s)")
+    write_png(plot, data, png_beside(out), f"python {script} --plot-only {out}")
+
+
+def plot_only(path: str, plot: Callable[[Any, str], None], script: str) -> None:
+    """Draw the PNG of an existing JSON (--plot-only)."""
+    with open(path) as f:
+        write_png(plot, json.load(f), png_beside(path), f"python {script} --plot-only {path}")

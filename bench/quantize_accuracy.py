@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import time
 import warnings
@@ -30,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 import mmaccel
-from common import default_out, environment, png_beside, write_json, write_png
+from common import default_out, environment, plot_only, run_models
 from mmaccel.models import digits, minilm
 from mmaccel.timing import times_ms
 
@@ -320,10 +319,7 @@ def main() -> None:
                    "(checks the script)")
     args = p.parse_args()
     if args.plot_only:
-        with open(args.plot_only) as f:
-            write_png(plot_results, json.load(f), png_beside(args.plot_only),
-                      f"python {__file__} --plot-only {args.plot_only}")
-        return
+        return plot_only(args.plot_only, plot_results, __file__)
     models, repeats, mixes = args.models.split(","), args.repeats, MIXES
     if args.quick:
         models, repeats, mixes = ["classifier"], 2, [m for m in MIXES if m[0] in QUICK_MIXES]
@@ -332,15 +328,9 @@ def main() -> None:
     env = environment("cpu", torch_threads=args.threads, repeats=repeats, fixed_scheme_budget=FIXED_SCHEME_BUDGET,
                       auto_budgets=list(AUTO_BUDGETS),
                       weight_bytes="linear layers the quantize pass may take (last graph), after / before")
-    data: dict[str, Any] = {"environment": env, "results": []}
-    start = time.perf_counter()
     print_header()
-    for name in models:
-        data["results"] += run_case(CASES[name](), repeats, mixes)
-        data["environment"]["total_s"] = time.perf_counter() - start
-        write_json(args.out, data, indent=1)
-    print(f"wrote {args.out} ({data['environment']['total_s']:.0f} s)")
-    write_png(plot_results, data, png_beside(args.out), f"python {__file__} --plot-only {args.out}")
+    run_models(models, lambda name: run_case(CASES[name](), repeats, mixes), {"environment": env, "results": []},
+               args.out, plot_results, __file__)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ TARGETS = ("auto", "eager", "triton", "onnxruntime")
 CUDA_GRAPHS = (True, False, "auto")
 # Lossy, opt-in (passes/quantize.py). "auto": each layer's precision chosen among int4/int8/original.
 QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8", "auto")
-# Lossy, opt-in (passes/prune.py). "heads", "blocks" and "auto" are named by issue 14 but not built yet: refused.
-PRUNE = (None, "mlp_channels")
-PRUNE_NOT_YET = ("heads", "blocks", "auto")
+# Lossy, opt-in (passes/prune*.py): the structures prune may remove; "auto" is all of them; a list or tuple names
+# several. All that are asked for are chosen in one solve, with quantize, under one accuracy_budget.
+PRUNE_STRUCTURES = ("mlp_channels", "heads", "blocks")
 # What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
 WEIGHTS = ("keep", "release")
 # Lossy, opt-in (passes/tokens.py): fewer tokens in vision towers. "prune", "resolution" and "auto" are named by
@@ -49,8 +49,8 @@ class CompileOptions:
     cuda_graphs: bool | str = "auto"
     # Lossy: quantize linear weights; the pass measures the output error and keeps it within the budget.
     quantize: str | None = None
-    # Lossy: remove MLP channels (structural pruning); chosen with quantize under the same budget.
-    prune: str | None = None
+    # Lossy: structures to remove (MLP channels, attention heads, blocks), chosen with quantize under one budget.
+    prune: tuple[str, ...] | None = None
     # Lossy: merge tokens between the blocks of vision towers (ToMe); chosen with the others under the same budget.
     tokens: str | None = None
     accuracy_budget: float = 0.01
@@ -114,13 +114,19 @@ class CompileOptions:
         return self.passes.get(name, default)
 
 
-def _validate_prune(value: Any) -> str | None:
-    if value in PRUNE_NOT_YET:
-        raise InvalidOptionError(f"option 'prune'={value!r} is not built yet; prune='mlp_channels' (MLP intermediate "
-                                 "channels) works today")
-    if value not in PRUNE:
-        raise InvalidOptionError(f"option 'prune'={value!r} is not valid; choose one of {list(PRUNE)}")
-    return value
+def _validate_prune(value: Any) -> tuple[str, ...] | None:
+    """A structure name, "auto" (every structure), or a list / tuple of structure names -> the structures."""
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not names:
+        raise InvalidOptionError(f"option 'prune'={value!r} is not valid; give one of {list(PRUNE_STRUCTURES)}, "
+                                 "'auto', or a list of them")
+    for name in names:
+        if name not in (*PRUNE_STRUCTURES, "auto"):
+            raise InvalidOptionError(f"option 'prune': {name!r} is not valid; choose among {list(PRUNE_STRUCTURES)} "
+                                     "or 'auto' (all of them), alone or in a list")
+    return PRUNE_STRUCTURES if "auto" in names else tuple(dict.fromkeys(names))
 
 
 def _validate_weights(value: Any, lossy: str | None) -> str:

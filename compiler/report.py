@@ -136,6 +136,7 @@ def _layer_table(details: dict[str, Any]) -> list[str]:
     lines = [f"  {'layer':52} {'option':>10} {'cost':>14}  sensitivity (model error, this site alone)"]
     for row in details["layers"]:
         sens = ", ".join(f"{p} {e:.1e}" for p, e in row["sensitivity"].items()) or "-"
+        sens += "".join(f"; {name} {value:.4f}" for name, value in row.get("score", {}).items())  # a block's cosine
         cost = f"{row['cost'] / 2**20:.2f} MiB" if row["unit"] == "bytes" else f"{row['cost']} {row['unit']}"
         lines.append(f"  {row['layer'][:52]:52} {row['precision']:>10} {cost:>14}  {sens}")
     for level, groups in details.get("sensitivity_by", {}).items():

@@ -18,7 +18,7 @@ from ..compiler._torch_internals import FakeTensorMode
 class PassOptions(Protocol):
     """What passes read of the user's options (compiler.options.CompileOptions has these and more)."""
     quantize: str | None
-    prune: str | None
+    prune: tuple[str, ...] | None  # structures: "mlp_channels", "heads", "blocks"
     tokens: str | None
     accuracy_budget: float
     lossy_fallback: bool

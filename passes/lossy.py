@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -39,7 +39,7 @@ import torch.fx as fx
 from ..compiler.errors import warn_once
 from .contract import PassContext, PassResult
 from .graph import clone_module
-from .patterns import add_constant, constant_value
+from .patterns import add_constant, constant_value, writes_in_place
 
 ORIGINAL = "original"
 MAX_ROUNDS = 4
@@ -59,6 +59,7 @@ class Site:
     sensitivity: dict[str, float]  # option -> model error with only this site at that option
     chosen: str = ORIGINAL
     lever: str = ""
+    score: dict[str, float] = field(default_factory=dict)  # a lever's own measure, reported (a block's cosine)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -239,9 +240,16 @@ REPLAYED = "mmaccel_replayed"  # a node a lever rebuilt from an earlier graph's 
 
 
 def live_constant_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of the constants the graph reads: what the model holds, measured rather than summed per site (the
-    sites of two levers may share a weight: a pruned MLP's down projection quantized too)."""
-    targets = {n.target for n in gm.graph.find_nodes(op="get_attr") if n.users}
+    """Bytes of the constants the graph's outputs and in-place writes read: what the model holds, measured rather
+    than summed per site (the sites of two levers may share a weight: a pruned MLP's down projection quantized
+    too; a dropped block's weights are still in the graph, unread, until the cleanup after the levers)."""
+    live, stack = set(), [n for n in gm.graph.nodes if n.op == "output" or writes_in_place(n)]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    targets = {n.target for n in live if n.op == "get_attr"}
     return sum(t.numel() * t.element_size() for t in (constant_value(gm, name) for name in targets)
                if isinstance(t, torch.Tensor))
 
@@ -306,7 +314,8 @@ def report_table(sites: list[Site], cost: Callable[[Site, str], int], levers: di
                      "original_cost": site.original_cost,
                      **({"bytes": cost(site, site.chosen), "original_bytes": site.original_cost}
                         if unit == "bytes" else {}),
-                     "sensitivity": {p: e for p, e in site.sensitivity.items() if p != ORIGINAL}})
+                     "sensitivity": {p: e for p, e in site.sensitivity.items() if p != ORIGINAL},
+                     **({"score": site.score} if site.score else {})})
     aggregates: dict[str, dict[str, float]] = {}
     if measured:  # mean sensitivity at each site's cheapest option, per tower / block / kind
         for level, key in (("tower", 0), ("block", 1), ("kind", 2)):

@@ -62,6 +62,14 @@ def add_constant(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
     return f"{prefix}{i}"
 
 
+def writes_in_place(node: fx.Node) -> bool:
+    """An op that writes its first argument (copy_, index_copy_): in a functionalized graph, a graph input's
+    in-place update (a static KV cache)."""
+    schema = getattr(node.target, "_schema", None)
+    info = schema.arguments[0].alias_info if schema is not None and schema.arguments else None
+    return node.op == "call_function" and info is not None and info.is_write
+
+
 def scalar_arg(node: fx.Node, index: int) -> float | None:
     """The Python number at args[index], or None when it is a tensor, a symbolic value or missing."""
     if len(node.args) <= index:

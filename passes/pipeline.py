@@ -21,7 +21,9 @@ from .fusion import fuse_linear_epilogues, fuse_parallel_linears
 from .graph import clone_module, copy_graph
 from .lossy import Lever, apply_levers
 from .meta import output_signature, propagate_fake, signatures_match
-from .prune import PruneLever
+from .prune import MlpChannelLever
+from .prune_blocks import BlockLever
+from .prune_heads import HeadLever
 from .quantize import QuantizeLever
 from .tokens import MergeLever
 
@@ -52,7 +54,7 @@ LOSSLESS = (
 class LeverEntry:
     name: str
     asked_for: Callable[[PassOptions], bool]
-    make: Callable[[PassOptions], Lever]
+    make: Callable[[PassOptions], list[Lever]]
 
 
 # Lossy levers, opt-in through options; a new lever is one entry. Those the options ask for run as ONE pass
@@ -63,9 +65,14 @@ class LeverEntry:
 # weights prune made, and the structure is decided before the precision of what remains.
 # Tokens first: fewer tokens change no weight, and prune's calibration statistics are then gathered on the
 # graph as the user gave it (a merged stream's averaged tokens would be another distribution).
-LOSSY = (LeverEntry("tokens", lambda o: o.tokens is not None, lambda o: MergeLever(o.tokens)),
-         LeverEntry("prune", lambda o: o.prune is not None, lambda o: PruneLever(o.prune)),
-         LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: QuantizeLever(o.quantize)))
+# Within prune, structures rewrite in this order: MLP channels, heads, then blocks (a dropped block's MLP and
+# attention are still in the graph, unread, when the others rewrite them, and cleanup removes them after).
+PRUNE_LEVERS: dict[str, Callable[[], Lever]] = {"mlp_channels": MlpChannelLever, "heads": HeadLever,
+                                                "blocks": BlockLever}
+LOSSY = (LeverEntry("tokens", lambda o: o.tokens is not None, lambda o: [MergeLever(o.tokens)]),
+         LeverEntry("prune", lambda o: o.prune is not None,
+                    lambda o: [make() for name, make in PRUNE_LEVERS.items() if name in o.prune]),
+         LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: [QuantizeLever(o.quantize)]))
 
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))
 
@@ -78,7 +85,7 @@ def pipeline_for(options: PassOptions) -> list[Pass]:
         return list(LOSSLESS)
 
     def run_levers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        return apply_levers(gm, ctx, [entry.make(ctx.options) for entry in levers],
+        return apply_levers(gm, ctx, [lever for entry in levers for lever in entry.make(ctx.options)],
                             cleanup=[p.run for p in CLEANUP])
 
     return [*LOSSLESS, Pass("+".join(entry.name for entry in levers), run_levers, lossy=True), *CLEANUP]

@@ -13,13 +13,13 @@ follow is left whole; where it reached an activation (it looked like an MLP) the
 Which channels: each MLP's h is collected on the calibration samples (its Gram matrix H^T H, float64), and
 channel j scored ||h_j|| * ||W_down[:, j]|| (what dropping it removes from the down projection's input to
 output, activation-aware: weight magnitude alone keeps channels that never fire; tiny Llama, keep 50%, no refit:
-relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). The top channels are kept;
-then W_down (and its bias) is refit by least squares so that the down projection's output over the kept
-channels best matches the original output on the calibration tokens (ridge normal equations), which is what
-lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL calibration tokens per channel
-(with fewer it fits the tokens the error is measured on, and promises more than other inputs get): below
-that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% / 75% of the channels, or
-all of them.
+relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). The top channels are kept; then W_down (and its
+bias) is refit by least squares (refit_columns, which prune_heads uses for o_proj too) so that the down
+projection's output over the kept channels best matches the original output on the calibration tokens (ridge
+normal equations), which is what lets accuracy hold without fine-tuning. The refit needs REFIT_TOKENS_PER_CHANNEL
+calibration tokens per channel (with fewer it fits the tokens the error is measured on, and promises more than
+other inputs get): below that the kept columns stay unrefit, with one warning. Options per MLP: keep 25% / 50% /
+75% of the channels, or all of them.
 
 The weights physically shrink: new constants (rows of the up weights, refit columns of the down weight); the
 frozen constants, which may be the user's parameters or views of fused buffers, are never written.
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -74,14 +74,14 @@ def _is_last_dim(node: fx.Node, dim: int) -> bool:
     return dim in (-1, len(shape(node)) - 1)
 
 
-def _split_sizes(split: fx.Node) -> list[int]:
+def split_sizes(split: fx.Node) -> list[int]:
     if split.target is aten.split_with_sizes.default:
         return list(split.args[1])
     total, size = shape(split.args[0])[-1], split.args[1]
     return [min(size, total - start) for start in range(0, total, size)]
 
 
-def _piece(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
+def split_piece(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
     """(up, split, index) when `node` is one piece of a last-dim split of a fused_linear's output."""
     if not (is_op(node, operator.getitem) and is_op(node.args[0], *_SPLITS)):
         return None
@@ -92,7 +92,7 @@ def _piece(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
     return split.args[0], split, node.args[1]
 
 
-def _keeps_channels(view: fx.Node, width: int) -> bool:
+def keeps_channels(view: fx.Node, width: int) -> bool:
     """A view that regroups the token dims only: the last dim, `width` before and after, written as such."""
     sizes = view.args[1]
     return (same_shape(shape(view.args[0])[-1:], (width,)) and same_shape(shape(view)[-1:], (width,))
@@ -102,7 +102,7 @@ def _keeps_channels(view: fx.Node, width: int) -> bool:
 def _trace(down: fx.Node) -> _Mlp | str | None:
     """The MLP whose h `down` reads; a reason when it looked like one (an activation was reached) but cannot be
     pruned; None when it is not an MLP."""
-    h = down.args[_MATMULS[down.target]]
+    h = matmul_input(down)
     width = shape(h)[-1]
     if not isinstance(width, int):
         return None
@@ -112,10 +112,10 @@ def _trace(down: fx.Node) -> _Mlp | str | None:
         if node in seen:
             continue
         seen.add(node)
-        piece = _piece(node)
+        piece = split_piece(node)
         if is_op(node, FUSED_LINEAR) or piece:
             up, split, index = piece or (node, None, 0)
-            size = _split_sizes(split)[index] if split is not None else shape(node)[-1]
+            size = split_sizes(split)[index] if split is not None else shape(node)[-1]
             if not same_shape((size,), (width,)):
                 return None
             activated |= up.args[3] != "none"
@@ -124,7 +124,7 @@ def _trace(down: fx.Node) -> _Mlp | str | None:
             activated |= node.target in _ACTIVATIONS
             region.append(node)
             stack.extend(node.all_input_nodes)
-        elif is_op(node, *VIEW_OPS) and _keeps_channels(node, width):
+        elif is_op(node, *VIEW_OPS) and keeps_channels(node, width):
             region.append(node)
             stack.append(node.args[0])
         else:
@@ -179,34 +179,52 @@ def find_mlps(gm: fx.GraphModule) -> tuple[list[_Mlp], list[str]]:
     return mlps, near_misses
 
 
-def _grams(gm: fx.GraphModule, ctx: PassContext, mlps: list[_Mlp]) -> list[torch.Tensor]:
-    """Per MLP, [h, 1]^T [h, 1] over every calibration token (float64, [I + 1, I + 1]): the channel norms, the
-    refit's normal equations and (last entry) the token count, without keeping the activations."""
+def probe(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> Iterator[list[torch.Tensor]]:
+    """The values of `nodes` on each calibration sample (a copy of gm that returns them; gm is left as it is)."""
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(gm.graph, copies)
-    graph.output(tuple(copies[mlp.down.args[_MATMULS[mlp.down.target]]] for mlp in mlps))
-    probe = fx.GraphModule(gm, graph)
-    grams = [torch.zeros(m.width + 1, m.width + 1, dtype=torch.float64) for m in mlps]
+    graph.output(tuple(copies[node] for node in nodes))
+    module = fx.GraphModule(gm, graph)
     for sample in calibration_samples(ctx):
-        for gram, h in zip(grams, run_graph(probe, sample)):
-            h = h.detach().reshape(-1, h.shape[-1]).double().cpu()
+        yield [value.detach() for value in run_graph(module, sample)]
+
+
+def grams(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> list[torch.Tensor]:
+    """Per node h [..., I], [h, 1]^T [h, 1] over every calibration token (float64, [I + 1, I + 1]): the channel
+    norms, the refit's normal equations and (last entry) the token count, without keeping the activations."""
+    result = [torch.zeros(shape(n)[-1] + 1, shape(n)[-1] + 1, dtype=torch.float64) for n in nodes]
+    for values in probe(gm, ctx, nodes):
+        for gram, h in zip(result, values):
+            h = h.reshape(-1, h.shape[-1]).double().cpu()
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
             gram += h.T @ h
-    return grams
+    return result
+
+
+def matmul_input(node: fx.Node) -> fx.Node:
+    return node.args[_MATMULS[node.target]]
 
 
 def refit_down(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(kept channel indices, ascending; refit weight [N, keep]; refit bias) for a down projection y = h W^T + b
-    with Gram matrix `gram` of [h, 1]: channels scored ||h_j|| * ||W[:, j]||, then [W'; b'] minimizing
-    ||h_kept W'^T + b' - (h W^T + b)||^2 + ridge ||W'||^2 over the calibration tokens."""
-    width = weight.shape[1]
-    w = weight.detach().double().cpu()
-    score = gram.diagonal()[:width].clamp_min(0).sqrt() * w.norm(dim=0)
+    with Gram matrix `gram` of [h, 1]: channels scored ||h_j|| * ||W[:, j]||, then refit_columns."""
+    score = gram.diagonal()[:weight.shape[1]].clamp_min(0).sqrt() * weight.detach().double().cpu().norm(dim=0)
     kept = score.topk(keep).indices.sort().values
-    if gram[-1, -1] < REFIT_TOKENS_PER_CHANNEL * width:  # too few tokens: the kept columns stay as they are
-        return kept, weight.index_select(1, kept.to(weight.device)), bias
+    return (kept, *refit_columns(gram, weight, bias, kept))
+
+
+def refit_columns(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [N, len(kept)], bias) of a linear y = h W^T + b that reads only the input columns `kept` (ascending),
+    with Gram matrix `gram` of [h, 1] over the calibration tokens: [W'; b'] minimizing
+    ||h_kept W'^T + b' - (h W^T + b)||^2 + ridge ||W'||^2 (the consumer of pruned MLP channels or attention heads).
+    With fewer than REFIT_TOKENS_PER_CHANNEL tokens per input column the kept columns stay as they are."""
+    width, keep = weight.shape[1], len(kept)
+    if gram[-1, -1] < REFIT_TOKENS_PER_CHANNEL * width:
+        return weight.index_select(1, kept.to(weight.device)), bias
+    w = weight.detach().double().cpu()
     full = torch.cat([w.T, (bias.detach().double().cpu() if bias is not None else w.new_zeros(w.shape[0]))[None]])
     columns = torch.cat([kept, torch.tensor([width])]) if bias is not None else kept
     lhs = gram[columns][:, columns]
@@ -214,23 +232,28 @@ def refit_down(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     solution = torch.linalg.solve(lhs + ridge * torch.eye(len(columns), dtype=lhs.dtype), gram[columns] @ full)
     new_weight = solution[:keep].T.contiguous().to(weight.dtype).to(weight.device)
     new_bias = None if bias is None else solution[keep].to(bias.dtype).to(bias.device)
-    return kept, new_weight, new_bias
+    return new_weight, new_bias
 
 
-def _bytes(*tensors: torch.Tensor | None) -> int:
+def warn_few_tokens(found: list[torch.Tensor], what: str, consumer: str) -> None:
+    """One warning when the calibration tokens are too few for refit_columns to refit the widest consumer."""
+    tokens, widest = int(found[0][-1, -1]), max(gram.shape[0] - 1 for gram in found)
+    if tokens < REFIT_TOKENS_PER_CHANNEL * widest:
+        warn_once(f"mmaccel: prune: {tokens} calibration tokens for {what} of up to {widest} channels; {consumer} "
+                  f"is refit from {REFIT_TOKENS_PER_CHANNEL} tokens per channel ({REFIT_TOKENS_PER_CHANNEL * widest} "
+                  "here), below that its kept columns stay as they are (more error): pass more calibration samples")
+
+
+def weight_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class PruneLever:
-    """The prune lever of the lossy mechanism: each MLP found on the graph is a site, its options the fractions
-    of its channels to keep (cheapest first), then ORIGINAL."""
-    name, noun, unit, cost_unit = "prune", "pruning", "MLP(s) pruned", "bytes"
+class MlpChannelLever:
+    """The lossy mechanism's lever for MLP channels: each MLP found on the graph is a site, its options the
+    fractions of its channels to keep (cheapest first), then ORIGINAL."""
+    name, label, noun, unit, cost_unit = "prune:mlp_channels", "mlp_channels", "pruning", "MLP(s) pruned", "bytes"
 
-    def __init__(self, scheme: str) -> None:
-        if scheme != "mlp_channels":
-            raise NotImplementedError(f"prune={scheme!r} has no lever (options validation should have refused it); "
-                                      "prune='mlp_channels' is the one built")
-        self.label = scheme
+    def __init__(self) -> None:
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None
         self.mlps: dict[str, _Mlp] = {}  # by the name of the down projection's node (the site's node)
@@ -246,13 +269,9 @@ class PruneLever:
             return []
         self.gm = gm
         self.mlps = {mlp.down.name: mlp for mlp in mlps}
-        self.grams = {mlp.down.name: gram for mlp, gram in zip(mlps, _grams(gm, ctx, mlps))}
-        tokens, widest = int(next(iter(self.grams.values()))[-1, -1]), max(mlp.width for mlp in mlps)
-        if tokens < REFIT_TOKENS_PER_CHANNEL * widest:
-            warn_once(f"mmaccel: prune: {tokens} calibration tokens for MLPs of up to {widest} channels; a down "
-                      f"projection is refit from {REFIT_TOKENS_PER_CHANNEL} tokens per channel "
-                      f"({REFIT_TOKENS_PER_CHANNEL * widest} here), below that its kept columns stay as they are "
-                      "(more error): pass more calibration samples")
+        found = grams(gm, ctx, [matmul_input(mlp.down) for mlp in mlps])
+        self.grams = {mlp.down.name: gram for mlp, gram in zip(mlps, found)}
+        warn_few_tokens(list(self.grams.values()), "MLPs", "a down projection")
         sites = []
         for mlp in mlps:
             options = self._options(mlp.width)
@@ -282,10 +301,11 @@ class PruneLever:
     def _bytes_at(self, mlp: _Mlp, width: int) -> int:
         """Bytes of the MLP's weights with `width` channels: its up rows (and biases), the down weight."""
         # per channel: one row of each up weight (and one bias entry), one column of the down weight
-        row = sum(_bytes(self._const(up.args[1])[0], self._const(up.args[2])[:1] if up.args[2] is not None else None)
+        row = sum(weight_bytes(self._const(up.args[1])[0],
+                               self._const(up.args[2])[:1] if up.args[2] is not None else None)
                   for up, _, _ in mlp.pieces)
         down_w, down_b = self._const(mlp.down.args[1]), self._const(mlp.down.args[2])
-        return width * (row + _bytes(down_w[:, 0])) + _bytes(down_b)
+        return width * (row + weight_bytes(down_w[:, 0])) + weight_bytes(down_b)
 
     def cost(self, site: Site, option: str) -> int:
         return self.costs[site.node][option]
@@ -324,7 +344,7 @@ class PruneLever:
             return kept
         ours = {index for u, _, index in mlp.pieces if u is up}
         rows, start = [], 0
-        for index, size in enumerate(_split_sizes(splits[0])):
+        for index, size in enumerate(split_sizes(splits[0])):
             rows.append(start + kept if index in ours else torch.arange(start, start + size))
             start += size
         return torch.cat(rows)
@@ -377,7 +397,7 @@ class PruneLever:
             up.args = (x, constant(up, f"{up.name}.weight"), constant(up, f"{up.name}.bias"), activation, residual)
         for split in dict.fromkeys(split for _, split, _ in mlp.pieces if split is not None):
             ours = {index for _, s, index in mlp.pieces if s is split}
-            sizes = [keep if i in ours else size for i, size in enumerate(_split_sizes(split))]
+            sizes = [keep if i in ours else size for i, size in enumerate(split_sizes(split))]
             split.target, split.args, split.kwargs = aten.split_with_sizes.default, (split.args[0], sizes, -1), {}
         for view in mlp.region:
             if is_op(view, *VIEW_OPS) and view.args[1][-1] == mlp.width:

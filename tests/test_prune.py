@@ -1,7 +1,8 @@
-"""Structural pruning of MLP channels (lossy, opt-in: prune="mlp_channels"): the pruned graph is the smaller MLP
-built by hand with the kept channels and the refit down projection; it fires on a tiny HF Llama within the
-budget; over budget nothing is pruned; prune and quantize share one budget and one report; MLPs it cannot
-follow are left whole with the reason; the user's module is never changed."""
+"""Structural pruning (lossy, opt-in: prune="mlp_channels" | "heads" | ...): the pruned graph is the smaller MLP or
+attention built by hand with the kept channels / heads and the refit consumer; grouped-query heads go by K/V group;
+it fires on tiny HF models within the budget; over budget nothing is pruned; prune and quantize share one budget
+and one report; structures it cannot follow (a static KV cache among them) are left whole with the reason; the
+user's module is never changed."""
 from __future__ import annotations
 
 import warnings
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 import mmaccel
 from mmaccel.passes.prune import KEEP, RIDGE, find_mlps
+from mmaccel.passes.prune_heads import KEEP_HEADS, find_attentions
 
 import hf_tiny
 from conftest import assert_matches_eager, relative_error
@@ -80,9 +82,9 @@ def _hand_pruned(model: nn.Module, keep: int, samples: list[torch.Tensor] = SAMP
     return forward
 
 
-def _compile(model, target="eager", budget=0.9, **options):
+def _compile(model, target="eager", budget=0.9, prune="mlp_channels", **options):
     with torch.no_grad():
-        compiled = mmaccel.compile(model, target=target, prune="mlp_channels", accuracy_budget=budget,
+        compiled = mmaccel.compile(model, target=target, prune=prune, accuracy_budget=budget,
                                    calibration=SAMPLES, **options)
         compiled(SAMPLES[0])
     return compiled, [p for p in compiled.mmaccel_report.graphs[-1].passes if p.lossy][-1]
@@ -95,7 +97,7 @@ def test_pruned_graph_is_the_smaller_mlp_built_by_hand(cls, target):
     compiled, result = _compile(model, target=target)
     assert compiled.mmaccel_report.graphs[-1].target == target
     (row,) = result.details["layers"]
-    assert result.matched == 1 and row["lever"] == "prune" and row["precision"] in KEEP
+    assert result.matched == 1 and row["lever"] == "prune:mlp_channels" and row["precision"] in KEEP
     keep = round(64 * KEEP[row["precision"]])
     assert row["bytes"] < row["original_bytes"]
     hand = _hand_pruned(model, keep)
@@ -163,7 +165,7 @@ def test_prune_and_quantize_share_one_budget_and_one_report():
     model = _model(GeluMlp)
     compiled, result = _compile(model, budget=0.05, quantize="int8_weight_only")
     assert result.name == "prune+quantize"
-    assert {row["lever"] for row in result.details["layers"]} == {"prune", "quantize"}
+    assert {row["lever"] for row in result.details["layers"]} == {"prune:mlp_channels", "quantize"}
     assert "mlp_channels: " in result.changes[0] and "int8_weight_only: " in result.changes[0]
     with torch.no_grad():
         outputs, references = [compiled(s) for s in SAMPLES], [model(s) for s in SAMPLES]
@@ -229,11 +231,263 @@ def test_default_never_prunes():
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"prune": "heads"}, "not built yet; prune='mlp_channels'"),
-    ({"prune": "auto"}, "not built yet"),
-    ({"prune": "channels"}, "not valid"),
+    ({"prune": "channels"}, "'channels' is not valid; choose among"),
+    ({"prune": ["heads", "rows"]}, "'rows' is not valid"),
+    ({"prune": []}, "not valid; give one of"),
+    ({"prune": 0.5}, "not valid; give one of"),
     ({"prune": "mlp_channels", "calibration": []}, "is empty"),
 ])
 def test_bad_prune_options_name_the_problem(options, match):
     with pytest.raises(ValueError, match=match):
         mmaccel.compile(nn.Linear(2, 2), **options)
+
+
+# --- attention heads ---------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Attention as HF Llama writes it: q/k/v projections, heads split off by views, rotate-half rotary on q and k,
+    SDPA (grouped-query when kv_heads < heads), heads merged back, o_proj, residual. MHA variant: biases, no rotary."""
+
+    def __init__(self, heads: int = 4, kv_heads: int = 2, rotary: bool = True, bias: bool = False) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.rotary, d = heads, kv_heads, rotary, 8
+        self.q, self.o = nn.Linear(32, heads * d, bias=bias), nn.Linear(heads * d, 32, bias=bias)
+        self.k, self.v = nn.Linear(32, kv_heads * d, bias=bias), nn.Linear(32, kv_heads * d, bias=bias)
+        angles = torch.arange(128)[:, None] * 10000 ** (-torch.arange(0, d, 2) / d)
+        self.register_buffer("cos", torch.cat([angles, angles], -1).cos())
+        self.register_buffer("sin", torch.cat([angles, angles], -1).sin())
+
+    def _rotate(self, t: torch.Tensor) -> torch.Tensor:  # t: [B, H, L, D]
+        if not self.rotary:
+            return t
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return t * self.cos[:t.shape[2]] + rotated * self.sin[:t.shape[2]]
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b, length, _ = x.shape
+        q = self._rotate(self.q(x).view(b, length, -1, 8).transpose(1, 2))
+        k = self._rotate(self.k(x).view(b, length, -1, 8).transpose(1, 2))
+        return q, k, self.v(x).view(b, length, -1, 8).transpose(1, 2)
+
+    def merged(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # [B, L, H * D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.o(self.merged(x))
+
+
+def _hand_pruned_attention(model: Attention, keep: int) -> Attention:
+    """The smaller attention built by hand: the `keep` K/V groups whose heads add most to o_proj's output on the
+    calibration samples (||h_g W_o[:, g]^T||), their rows of q/k/v, o_proj refit by ridge least squares
+    (torch.linalg.lstsq on the stacked system) over their columns."""
+    group, width = model.heads // model.kv_heads, model.heads // model.kv_heads * 8
+    h = torch.cat([model.merged(s).reshape(-1, model.heads * 8) for s in SAMPLES]).double()
+    w = model.o.weight.double()
+    scores = [(h[:, g * width:(g + 1) * width] @ w[:, g * width:(g + 1) * width].T).norm()
+              for g in range(model.kv_heads)]
+    kept = torch.stack(scores).topk(keep).indices.sort().values
+
+    def rows(per_group: int) -> torch.Tensor:
+        return torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in kept.tolist()])
+
+    target = h @ w.T + (model.o.bias.double() if model.o.bias is not None else 0)
+    hk = h[:, rows(width)]
+    if model.o.bias is not None:
+        hk = torch.cat([hk, hk.new_ones(len(hk), 1)], dim=1)
+    ridge = RIDGE * float(hk[:, :keep * width].pow(2).sum(0).mean())
+    stacked = torch.cat([hk, ridge ** 0.5 * torch.eye(hk.shape[1], dtype=hk.dtype)])
+    solution = torch.linalg.lstsq(stacked, torch.cat([target, target.new_zeros(hk.shape[1], 32)])).solution
+    small = Attention(keep * group, keep, model.rotary, model.o.bias is not None).eval().requires_grad_(False)
+    for name, per_group in (("q", width), ("k", 8), ("v", 8)):
+        getattr(small, name).weight.copy_(getattr(model, name).weight[rows(per_group)])
+        if getattr(model, name).bias is not None:
+            getattr(small, name).bias.copy_(getattr(model, name).bias[rows(per_group)])
+    small.o.weight.copy_(solution[:keep * width].T)
+    if model.o.bias is not None:
+        small.o.bias.copy_(solution[-1])
+    return small
+
+
+@pytest.mark.parametrize("heads,kv_heads,rotary,bias,target", [(4, 2, True, False, "eager"),
+                                                               (4, 4, False, True, "eager"),
+                                                               (4, 2, True, False, "onnxruntime")],
+                         ids=["gqa_rotary", "mha_bias", "gqa_rotary_onnxruntime"])
+def test_pruned_heads_are_the_smaller_attention_built_by_hand(heads, kv_heads, rotary, bias, target):
+    torch.manual_seed(0)
+    model = Attention(heads, kv_heads, rotary, bias).eval().requires_grad_(False)
+    compiled, result = _compile(model, target=target, prune="heads")
+    (row,) = result.details["layers"]
+    assert result.matched == 1 and row["lever"] == "prune:heads" and row["precision"] == "keep_50"
+    assert row["bytes"] < row["original_bytes"] and row["shape"] == [heads, kv_heads]
+    hand = _hand_pruned_attention(model, kv_heads // 2)
+    with torch.no_grad():
+        for x in (*SAMPLES, torch.randn(2, 128, 32)):  # a held-out input too
+            torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
+    final = compiled.mmaccel_report.graphs[-1].final_graph
+    (sdpa,) = [n for n in final.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    # grouped-query: a K/V head and its query heads go together (2 query heads over the 1 K/V head kept)
+    assert [n.meta["val"].shape[1] for n in sdpa.args[:3]] == [heads // 2, kv_heads // 2, kv_heads // 2]
+    linears = sorted(tuple(n.args[1].meta["val"].shape) for n in final.graph.nodes if "fused_linear" in str(n.target))
+    assert linears == sorted([(8 * (heads + 2 * kv_heads) // 2, 32), (32, 8 * heads // 2)])  # q/k/v fused, o_proj
+    assert find_attentions(final) == ([], [])  # idempotent: pruned once
+
+
+def test_heads_fire_on_tiny_hf_llama_within_budget():
+    model = hf_tiny.llama("eager")
+    samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="heads", accuracy_budget=0.5, calibration=samples)
+        actual, expected = compiled(samples[1]).logits, model(samples[1]).logits
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert result.matched == 2 and not result.near_misses and "keep_50 x2" in result.changes[0]
+    layers = {row["layer"] for row in result.details["layers"]}
+    assert layers == {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+    assert 0 < relative_error(actual, expected) < 0.5
+
+
+class CacheOut(Attention):
+    def forward(self, x):
+        q, k, v = self.qkv(x)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape(x.shape)
+        return x + self.o(out), k
+
+
+class StaticCache(Attention):
+    def forward(self, x, k_cache, v_cache):  # caches: [B, Hkv, positions, D], written in place as mmaccel.generate does
+        q, k, v = self.qkv(x)
+        k_cache[:, :, :x.shape[1]].copy_(k)
+        v_cache[:, :, :x.shape[1]].copy_(v)
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True).transpose(1, 2)
+        return x + self.o(out.reshape(x.shape))
+
+
+class PerHeadMask(Attention):
+    def forward(self, x, mask):
+        return x + self.o(self.merged(x, mask))
+
+
+# --- residual blocks ---------------------------------------------------------------------------------------------
+
+class NormedBlock(nn.Module):
+    """A transformer block: h = x + attn(x), then h + mlp(norm(h)) (GeluMlp adds its own input: taken off again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.norm, self.mlp = Attention(), nn.LayerNorm(32), GeluMlp()
+
+    def forward(self, x):
+        h = self.attn(x)
+        return h + self.mlp(self.norm(h)) - self.norm(h)
+
+
+class Blocks(nn.Module):
+    """Residual blocks in a ModuleList; block 1 nearly an identity (its o_proj and down projection scaled down):
+    the most redundant."""
+
+    def __init__(self, make: Callable[[], nn.Module] = NormedBlock, blocks: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(make() for _ in range(blocks))
+        with torch.no_grad():
+            self.layers[1].mlp.down.weight.mul_(0.01)
+            self.layers[1].mlp.down.bias.mul_(0.01)
+            self.layers[1].attn.o.weight.mul_(0.01)
+
+    def forward(self, x: torch.Tensor, skip: tuple[int, ...] = ()) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i not in skip:
+                x = layer(x)
+        return x
+
+
+def test_dropped_block_is_the_model_without_it_built_by_hand():
+    torch.manual_seed(0)
+    model = Blocks().eval().requires_grad_(False)
+    samples = [torch.randn(2, n, 32) for n in (32, 48, 64)]  # lengths differ: compiled dynamic (symbolic sizes)
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="blocks", accuracy_budget=0.02, calibration=samples)
+        compiled(samples[0])
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    rows = {row["layer"]: row for row in result.details["layers"]}
+    assert set(rows) == {"layers.0", "layers.1", "layers.2"} and result.matched == 1
+    assert [name for name, row in rows.items() if row["precision"] == "drop"] == ["layers.1"]
+    cosines = {name: row["score"]["cosine(in, out)"] for name, row in rows.items()}
+    assert max(cosines, key=cosines.get) == "layers.1" and cosines["layers.1"] > 0.99  # the most redundant
+    assert rows["layers.1"]["bytes"] == 0 and rows["layers.1"]["original_bytes"] > 0
+    with torch.no_grad():
+        for x in (SAMPLES[0], torch.randn(2, 128, 32)):
+            torch.testing.assert_close(compiled(x), model(x, skip=(1,)), rtol=1e-5, atol=1e-5)
+    assert "constants" in result.changes[0] and result.measured_error <= 0.02
+    assert "cosine(in, out) 1.0000" in str(compiled.mmaccel_report)  # explain shows each block's redundancy
+
+
+class CacheOutBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CacheOut() for _ in range(2))
+
+    def forward(self, x):
+        keys = []
+        for layer in self.layers:
+            x, k = layer(x)
+            keys.append(k)
+        return x, keys
+
+
+class StaticCacheBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(StaticCache() for _ in range(2))
+
+    def forward(self, x, k_cache, v_cache):  # caches: [layers, B, Hkv, positions, D]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, k_cache[i], v_cache[i])
+        return x
+
+
+CACHES = (torch.zeros(2, 2, 16, 8), torch.zeros(2, 2, 16, 8))  # [B, Hkv, positions, D]
+
+
+@pytest.mark.parametrize("cls,extra,prune,reason", [
+    (CacheOut, (), "heads", "(k) is also used by"),
+    (StaticCache, CACHES, "heads", "written in place (a static KV cache)"),
+    (PerHeadMask, (torch.randn(2, 4, 16, 16),), "heads", "differs per head"),
+    (CacheOutBlocks, (), "blocks", "values other than its output leave it"),
+    (StaticCacheBlocks, tuple(torch.stack([c, c]) for c in CACHES), "blocks", "in place (a static KV cache)"),
+])
+def test_attention_and_block_near_misses_are_left_whole_with_the_reason(cls, extra, prune, reason):
+    torch.manual_seed(0)
+    model = cls().eval().requires_grad_(False)
+    inputs = (SAMPLES[0][:, :16], *extra)
+    with torch.no_grad():
+        expected = model(*[a.clone() for a in inputs])
+        compiled = mmaccel.compile(model, target="eager", prune=prune, accuracy_budget=0.9,
+                                   calibration=[tuple(a.clone() for a in inputs)])
+        actual = compiled(*[a.clone() for a in inputs])
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert result.matched == 0 and result.changes == [f"{prune}: nothing to change"]
+    assert result.near_misses and all(reason in miss for miss in result.near_misses), result.near_misses
+    assert_matches_eager(actual, expected)
+
+
+def test_auto_chooses_channels_heads_and_blocks_in_one_solve():
+    model = hf_tiny.llama("eager")
+    samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="auto", accuracy_budget=0.3, calibration=samples)
+        actual = [compiled(s).logits for s in samples]
+        expected = [model(s).logits for s in samples]
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert not result.near_misses
+    assert {row["lever"] for row in result.details["layers"]} == {"prune:mlp_channels", "prune:heads", "prune:blocks"}
+    assert all(f"{label}: " in result.changes[0] for label in ("mlp_channels", "heads", "blocks"))
+    assert result.matched > 0 and 0 < result.measured_error <= 0.3
+    assert relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+def test_prune_names_structures_in_a_list_or_auto():
+    options = mmaccel.CompileOptions.from_user
+    assert options({"prune": ["heads", "mlp_channels", "heads"]}).prune == ("heads", "mlp_channels")
+    assert options({"prune": "auto"}).prune == ("mlp_channels", "heads", "blocks")

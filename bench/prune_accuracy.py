@@ -1,0 +1,250 @@
+"""Accuracy against kept linear-weight bytes against CPU latency of structural pruning, on models with trained
+weights: the digits ViT classifier (test accuracy), the digits captioner (exact-match greedy captions) and
+all-MiniLM-L6-v2 (lowest cosine similarity of sentence embeddings to fp32's, and whether each text ranks the others
+by similarity as fp32 does), side by side with Torch-Pruning at equal kept parameters.
+
+Rows (each compiled for the onnxruntime target after torch._dynamo.reset(), with the calibration samples of
+bench/quantize_accuracy.py's cases):
+- fp32: mmaccel without pruning;
+- mlp-25% / mlp-50% / heads-50%: every MLP (attention) at one fraction removed, whatever the error (the pass's
+  options restricted to that one fraction, budget 0.99): the fixed points Torch-Pruning is compared at;
+- auto@b: prune="auto" (MLP channels, heads, blocks in one solve) at accuracy_budget b;
+- tp mlp-25% / tp mlp-50%: Torch-Pruning 1.6 (MagnitudeImportance, L2, the tool's default; no calibration, no
+  refit), the same MLP intermediate channels removed from every MLP, then compiled by mmaccel unpruned. Skipped
+  with a note when torch_pruning is not installed (`pip install torch-pruning`: a bench-only dependency).
+"kept": linear-weight bytes of the last compiled graph (the weights its matmuls read) over fp32's, for every row.
+Latency: median of `--repeats` calls after warm-up.
+
+    python bench/prune_accuracy.py [--models classifier,captioner,minilm] [--mixes auto@0.1,...] [--repeats 10]
+                                   [--threads 2] [--out bench/results/prune_accuracy_cpu.json]
+    python bench/prune_accuracy.py --quick --out /tmp/prune_accuracy.json    # a smoke test
+    python bench/prune_accuracy.py --plot-only bench/results/prune_accuracy_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import time
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+
+import mmaccel
+from common import default_out, environment, plot_only, run_models
+from mmaccel.models import minilm
+from mmaccel.passes import prune, prune_heads
+from quantize_accuracy import CASES, Case, latency_ms
+
+AUTO_BUDGETS = (0.03, 0.1, 0.3)
+FIXED_BUDGET = 0.99  # fixed fractions: applied whatever the error (the one option below ORIGINAL is always cheapest)
+FIXED: dict[str, tuple[str, dict[str, float], str]] = {  # mix -> (structure, the lever's options, option)
+    "mlp-25%": ("mlp_channels", prune.KEEP, "keep_75"),
+    "mlp-50%": ("mlp_channels", prune.KEEP, "keep_50"),
+    "heads-50%": ("heads", prune_heads.KEEP_HEADS, "keep_50"),
+}
+TORCH_PRUNING = {"tp mlp-25%": 0.25, "tp mlp-50%": 0.5}
+QUICK_MIXES = ("fp32", "mlp-25%", "tp mlp-25%")
+
+
+@contextlib.contextmanager
+def only_option(options: dict[str, float], option: str) -> Iterator[None]:
+    """The lever offers `option` alone (then ORIGINAL) while the block runs: a fixed fraction for the comparison."""
+    saved = dict(options)
+    options.clear()
+    options[option] = saved[option]
+    try:
+        yield
+    finally:
+        options.clear()
+        options.update(saved)
+
+
+def graph_linear_bytes(report: mmaccel.CompileReport) -> int:
+    """Bytes of the weights the last graph's matmuls read (fused_linear, mm, addmm on a constant)."""
+    gm = report.graphs[-1].final_graph
+    seen, total = set(), 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and any(k in str(node.target) for k in ("fused_linear", "aten.mm", "addmm")):
+            for arg in node.args[:3]:
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and arg.target not in seen:
+                    value = getattr(gm, arg.target)
+                    if value.dim() == 2:
+                        seen.add(arg.target)
+                        total += value.numel() * value.element_size()
+    return total
+
+
+def prune_summary(report: mmaccel.CompileReport) -> dict[str, Any]:
+    graph = report.graphs[-1]
+    lossy = [p for p in graph.passes if p.lossy]
+    if not lossy:
+        return {"applied": None}
+    result = lossy[-1]
+    layers = result.details.get("layers", []) if result.details else []
+    return {"applied": result.matched > 0, "measured_error": result.measured_error,
+            "choices": {f"{r['layer']} ({r['lever']})": r["precision"] for r in layers},
+            "change": result.changes[0] if result.changes else ""}
+
+
+def minilm_ranking(run: Callable) -> float:
+    """Fraction of the texts that rank the other texts by embedding similarity exactly as fp32 does."""
+    model, tokenizer = minilm.load()
+    batch = tokenizer(minilm.TEXTS, padding=True, return_tensors="pt")
+
+    def order(fn: Callable) -> torch.Tensor:
+        with torch.no_grad():
+            e = minilm.sentence_embeddings(fn, batch["input_ids"], batch["attention_mask"])
+        return (e @ e.T).fill_diagonal_(-2).argsort(dim=1, descending=True)
+
+    return float((order(run) == order(model)).all(dim=1).double().mean())
+
+
+def torch_pruned(model: torch.nn.Module, example: tuple[torch.Tensor, ...], ratio: float) -> torch.nn.Module:
+    """A copy of `model` with `ratio` of every MLP's intermediate channels removed by Torch-Pruning (magnitude)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).requires_grad_(True)  # Torch-Pruning's graph skips parameters without grad
+    ups = {m: ratio for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+           and (name.endswith("fc1") or name.endswith("intermediate.dense"))}
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=0.0, pruning_ratio_dict=ups,
+                                  ignored_layers=[m for m in model.modules() if isinstance(m, torch.nn.Embedding)])
+    pruner.step()
+    return model.requires_grad_(False)
+
+
+def measure(case: Case, mix: str, compiled: Callable, repeats: int, extra: dict[str, Any]) -> dict[str, Any]:
+    row = {"model": case.name, "mix": mix, "target": "onnxruntime", "metric_name": case.metric_name,
+           "batch": case.batch, **extra}
+    row["metric"] = case.metric(compiled)  # the first call compiles
+    if case.name == "all-MiniLM-L6-v2":
+        row["same_ranking"] = minilm_ranking(compiled)
+    if hasattr(compiled, "mmaccel_report"):
+        row.setdefault("weight_bytes", graph_linear_bytes(compiled.mmaccel_report))
+        row.update(prune_summary(compiled.mmaccel_report))
+    with torch.no_grad():
+        row.update(latency_ms(case.timed_call(compiled), repeats))
+    return row
+
+
+def run_mix(case: Case, pristine: torch.nn.Module, mix: str, repeats: int) -> dict[str, Any]:
+    torch._dynamo.reset()
+    if mix == "fp32":
+        return measure(case, mix, mmaccel.compile(case.model, target="onnxruntime"), repeats, {})
+    if mix in TORCH_PRUNING:
+        try:
+            small = torch_pruned(pristine, case.calibration[-1], TORCH_PRUNING[mix])
+        except ImportError:
+            return {"model": case.name, "mix": mix, "skipped": "torch_pruning is not installed"}
+        return measure(case, mix, mmaccel.compile(small, target="onnxruntime"), repeats, {})
+    if mix in FIXED:
+        structure, options, option = FIXED[mix]
+        with only_option(options, option):
+            compiled = mmaccel.compile(case.model, target="onnxruntime", prune=structure,
+                                       accuracy_budget=FIXED_BUDGET, calibration=case.calibration)
+            return measure(case, mix, compiled, repeats, {})
+    budget = float(mix.split("@")[1])
+    compiled = mmaccel.compile(case.model, target="onnxruntime", prune="auto", accuracy_budget=budget,
+                               calibration=case.calibration)
+    return measure(case, mix, compiled, repeats, {})
+
+
+def run_case(case: Case, repeats: int, mixes: list[str]) -> list[dict[str, Any]]:
+    case.model.requires_grad_(False)
+    # Torch-Pruning prunes a copy made before any compile: mmaccel rebinds the module's Q/K/V and gate/up
+    # parameters as views of its fused weights (issue 21), which Torch-Pruning's tracing cannot take
+    pristine = copy.deepcopy(case.model)
+    rows, fp32_bytes = [], None
+    for mix in mixes:
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                row = run_mix(case, pristine, mix, repeats)
+            row["warnings"] = sorted({str(w.message).splitlines()[0][:200] for w in caught
+                                      if "mmaccel" in str(w.message)})
+        except Exception as e:  # one failing mix costs its row only
+            row = {"model": case.name, "mix": mix, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        row["seconds"] = time.perf_counter() - start
+        if mix == "fp32":
+            fp32_bytes = row.get("weight_bytes")
+        if fp32_bytes and row.get("weight_bytes"):
+            row["kept"] = row["weight_bytes"] / fp32_bytes
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def print_row(row: dict[str, Any]) -> None:
+    def fmt(key: str, spec: str) -> str:
+        return format(row[key], spec) if row.get(key) is not None else ""
+
+    note = row.get("error") or row.get("skipped") or ""
+    print(f"{row['model']:<22} {row['mix']:<11} {fmt('metric', '.4f'):>7} {fmt('same_ranking', '.2f'):>5} "
+          f"{fmt('kept', '.3f'):>6} {fmt('latency_ms', '.2f'):>8} {fmt('measured_error', '.2e'):>9}  {note}",
+          flush=True)
+
+
+def plot(data: dict[str, Any], png_path: str) -> None:
+    """Per model: the metric against kept linear-weight bytes (top) and against latency (bottom), a labelled point
+    per mix; Torch-Pruning's rows hollow. Raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r.get("metric") is not None]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(2, len(models), figsize=(5.2 * len(models), 8), squeeze=False)
+    for j, model in enumerate(models):
+        for i, (key, label) in enumerate((("kept", "kept linear-weight bytes (fraction of fp32)"),
+                                          ("latency_ms", "median latency (ms)"))):
+            ax = axes[i][j]
+            for k, r in enumerate(r for r in rows if r["model"] == model and r.get(key) is not None):
+                tp_row = r["mix"] in TORCH_PRUNING
+                ax.scatter(r[key], r["metric"], s=45, color=f"C{k}", facecolors="none" if tp_row else f"C{k}")
+                ax.annotate(r["mix"], (r[key], r["metric"]), xytext=(5, 3), textcoords="offset points", fontsize=7)
+            ax.set_xlabel(label)
+            ax.set_ylabel(next(r["metric_name"] for r in rows if r["model"] == model))
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(model, fontsize=9)
+    env = data.get("environment", {})
+    fig.suptitle(f"Structural pruning: accuracy vs kept weights and latency, CPU ({env.get('torch_threads', '?')} "
+                 "threads, onnxruntime target; hollow: Torch-Pruning, magnitude)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(png_path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=default_out("prune_accuracy_cpu.json"))
+    p.add_argument("--quick", action="store_true", help=f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats")
+    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing JSON")
+    p.add_argument("--mixes", help="comma-separated: only these rows (fp32 is always measured: the reference)")
+    args = p.parse_args()
+    if args.plot_only:
+        return plot_only(args.plot_only, plot, __file__)
+    mixes = ["fp32", *FIXED, *[f"auto@{b:g}" for b in AUTO_BUDGETS], *TORCH_PRUNING]
+    models, repeats = args.models.split(","), args.repeats
+    if args.quick:
+        models, repeats, mixes = ["classifier"], 2, [m for m in mixes if m in QUICK_MIXES]
+    if args.mixes:
+        mixes = ["fp32", *[m for m in args.mixes.split(",") if m != "fp32"]]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    env = environment("cpu", torch_threads=args.threads, repeats=repeats, auto_budgets=list(AUTO_BUDGETS),
+                      weight_bytes="linear weights the last compiled graph's matmuls read")
+    print(f"{'model':<22} {'mix':<11} {'metric':>7} {'rank':>5} {'kept':>6} {'ms':>8} {'meas.err':>9}")
+    run_models(models, lambda name: run_case(CASES[name](), repeats, mixes), {"environment": env, "results": []},
+               args.out, plot, __file__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""Structural pruning of attention heads (lossy, opt-in: prune="heads"), a lever of passes/lossy.py.
+
+An attention, on the post-fusion graph, is q/k/v projections (one fused_linear and a split, or separate ones) ->
+views that split the channels into heads [..., H, D] -> transposes, rotary (pointwise ops with cos/sin broadcast
+over the heads, slices and cats of the head dim), per-head norms -> scaled_dot_product_attention (attention_fusion
+left it there) -> transposes and a view that merges the heads back -> the output projection (o_proj). Head h is
+rows [h*D, (h+1)*D) of each projection and columns [h*Dv, (h+1)*Dv) of o_proj. Grouped-query attention (enable_gqa:
+query head h reads KV head h // n) is pruned by KV group: a KV head and its n query heads go together.
+
+Which heads: each group scored by what it adds to o_proj's output on the calibration samples, ||h_g W_o[:, g]^T||
+(from the Gram matrix of o_proj's input: activation-aware, the head's output and o_proj's columns together), the top
+groups kept; o_proj (and its bias) is then refit by least squares over the kept heads' columns (prune.refit_columns,
+the MLP's refit). The scale stays 1/sqrt(head_dim): the head dim does not change, only the head count in the
+reshapes. Options per attention: keep 50% / 75% of its groups, or all of them.
+
+Left whole with the reason (a near-miss): any node between projections and o_proj also used elsewhere (K/V returned
+as a cache), a view that mixes heads with other dims, a per-head mask or constant, projections shared with other
+layers, and K/V that go to a graph input written in place: a static KV cache (mmaccel.generate, HF StaticCache) is
+allocated outside the graph with every head, and the prefill and decode graphs are pruned separately.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .contract import PassContext
+from .lossy import ORIGINAL, Site
+from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
+                       writes_in_place)
+from .prune import (FUSED_LINEAR, PRUNED, grams, keeps_channels, refit_columns, split_piece, split_sizes,
+                    warn_few_tokens, weight_bytes)
+
+SDPA = aten.scaled_dot_product_attention.default
+KEEP_HEADS = {"keep_50": 0.5, "keep_75": 0.75}  # cheapest first
+# Ops that act on each head alone when their other operands are the same heads or broadcast over them.
+_HEADWISE = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.neg.default,
+             aten.pow.Tensor_Scalar, aten.rsqrt.default, aten._to_copy.default, aten.clone.default,
+             aten.mean.dim, aten.cat.default, aten.slice.Tensor, aten.transpose.int, aten.permute.default)
+_FLAT, _HEADS = "flat", "heads"  # a region node's head count sits in its sizes' last entry (H * D) or the -2nd (H)
+
+
+@dataclass
+class _Path:
+    """q, k or v traced back to a projection, or the output forward to o_proj: the views whose sizes name the head
+    count (node, "flat" or "heads", channels per head), and the projection piece."""
+    views: list[tuple[fx.Node, str, int]] = field(default_factory=list)
+    nodes: list[fx.Node] = field(default_factory=list)
+    piece: tuple[fx.Node, fx.Node | None, int] | None = None
+
+
+@dataclass
+class _Attention:
+    sdpa: fx.Node
+    out: fx.Node  # o_proj, the fused_linear reading the merged heads
+    heads: int  # query heads
+    kv_heads: int
+    paths: dict[str, _Path]  # "q", "k", "v", "o"
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def _axis(node: fx.Node, dim: int) -> int:
+    return dim % len(shape(node))
+
+
+def _pointwise_operands(node: fx.Node, axis: int, heads: int) -> list[fx.Node] | str:
+    """The operands of a head-wise op that carry the heads (to follow), or why one is neither those heads nor
+    broadcast over them (a per-head constant, another tensor)."""
+    if is_op(node, aten.cat.default):
+        operands = node.args[0]
+    elif is_op(node, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor):
+        operands = node.args[:2]
+    else:
+        operands = node.args[:1]
+    out_rank, carried = len(shape(node)), []
+    for a in operands:
+        if not isinstance(val(a), torch.Tensor):
+            continue  # a number, or a size under dynamic shapes
+        offset = out_rank - len(shape(a))
+        if axis < offset or same_shape(shape(a)[axis - offset:axis - offset + 1], (1,)):
+            continue  # broadcast over the heads: cos/sin, a scale
+        if offset != 0 or not same_shape(shape(a)[axis:axis + 1], (heads,)) or is_constant(a):
+            return f"'{node.name}' ({node.target}) mixes the heads with operand '{a.name}' {list(shape(a))}"
+        carried.append(a)
+    return carried
+
+
+def _along_heads(node: fx.Node, axis: int) -> bool:
+    """Whether a slice, cat or mean works along the head axis (or a mean drops dims), which a head-wise op must not."""
+    if is_op(node, aten.mean.dim):
+        keepdim = (len(node.args) > 2 and node.args[2]) or node.kwargs.get("keepdim", False)
+        return not keepdim or any(_axis(node, d) == axis for d in node.args[1])
+    if is_op(node, aten.slice.Tensor, aten.cat.default):
+        return _axis(node, node.args[1] if len(node.args) > 1 else 0) == axis
+    return False
+
+
+def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node, int]], str | None] | str:
+    """Head mode, one node back: [(operand, its head axis)], and "flat" when the operand is the channels before
+    the heads were split off; or why the node is not followed."""
+    if is_op(node, aten.transpose.int):
+        d0, d1 = _axis(node, node.args[1]), _axis(node, node.args[2])
+        return [(node.args[0], {d0: d1, d1: d0}.get(axis, axis))], None
+    if is_op(node, aten.permute.default):
+        return [(node.args[0], _axis(node, node.args[1][axis]))], None
+    if _along_heads(node, axis):
+        return f"'{node.name}' ({node.target}) reduces, cuts or joins along the heads"
+    if is_op(node, *_HEADWISE):
+        carried = _pointwise_operands(node, axis, heads)
+        return carried if isinstance(carried, str) else ([(a, axis) for a in carried], None)
+    if is_op(node, *VIEW_OPS):
+        before, after = shape(node.args[0]), shape(node)
+        if axis == len(after) - 2 and len(before) == len(after) - 1 and same_shape(before[:-1], after[:-2]):
+            return [(node.args[0], -1)], _FLAT
+        return f"view '{node.name}' {list(before)} -> {list(after)} mixes the heads with other dims"
+    return f"'{node.name}' ({node.target}) is not followed"
+
+
+def _trace_back(start: fx.Node, heads: int) -> _Path | str:
+    """q, k or v of an SDPA ([..., H, L, D]) back to the projection rows it is made of."""
+    path, stack, seen = _Path(), [(start, len(shape(start)) - 3, _HEADS)], set()
+    while stack:
+        node, axis, mode = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        path.nodes.append(node)
+        if mode == _FLAT:
+            piece = split_piece(node)
+            if piece or is_op(node, FUSED_LINEAR):
+                if path.piece not in (None, piece or (node, None, 0)):
+                    return "made of two projections"
+                path.piece = piece or (node, None, 0)
+                continue
+            per_head = shape(node)[-1] // heads
+            if not (is_op(node, *VIEW_OPS) and keeps_channels(node, shape(node)[-1])):
+                return f"'{node.name}' ({node.target}) is not followed back to a projection"
+            path.views.append((node, _FLAT, per_head))
+            stack.append((node.args[0], -1, _FLAT))
+            continue
+        step = _step_back(node, axis, heads)
+        if isinstance(step, str):
+            return step
+        operands, switch = step
+        if switch == _FLAT:
+            path.views.append((node, _HEADS, 1))
+        stack.extend((a, ax, switch or _HEADS) for a, ax in operands)
+    return path if path.piece is not None else "no projection reached"
+
+
+def _trace_forward(sdpa: fx.Node, heads: int) -> _Path | str:
+    """The SDPA's output [..., H, L, Dv] forward through transposes and the merging view to o_proj."""
+    path, node, axis, mode = _Path(), sdpa, len(shape(sdpa)) - 3, _HEADS
+    while True:
+        if len(node.users) != 1:
+            return f"'{node.name}' is used by {[u.name for u in node.users]}, not only on the way to o_proj"
+        user = next(iter(user for user in node.users))
+        if mode == _FLAT and is_op(user, FUSED_LINEAR) and user.args[0] is node:
+            path.piece = (user, None, 0)
+            return path
+        path.nodes.append(user)
+        if mode == _HEADS and is_op(user, aten.transpose.int, aten.permute.default, aten.clone.default,
+                                      aten._to_copy.default):
+            if is_op(user, aten.transpose.int):
+                d0, d1 = _axis(user, user.args[1]), _axis(user, user.args[2])
+                axis = {d0: d1, d1: d0}.get(axis, axis)
+            elif is_op(user, aten.permute.default):
+                axis = [_axis(user, d) for d in user.args[1]].index(axis)
+        elif mode == _HEADS and is_op(user, *VIEW_OPS) and axis == len(shape(node)) - 2 \
+                and len(shape(user)) == len(shape(node)) - 1 and same_shape(shape(user)[:-1], shape(node)[:-2]):
+            path.views.append((user, _FLAT, shape(node)[-1]))
+            mode = _FLAT
+        elif mode == _FLAT and is_op(user, *VIEW_OPS) and keeps_channels(user, shape(node)[-1]):
+            path.views.append((user, _FLAT, shape(node)[-1] // heads))
+        else:
+            return f"'{user.name}' ({user.target}) is not followed forward to o_proj"
+        node = user
+
+
+def _live(node: fx.Node) -> bool:
+    """Whether a node's value is read or it writes: the device-specific SDPA call attention_fusion replaced stays
+    in the graph, unread, and is no use of q/k/v."""
+    return node.op == "output" or bool(node.users) or writes_in_place(node)
+
+
+def written_input(starts: list[fx.Node]) -> str | None:
+    """The graph input that `starts` are read from and that the graph writes in place (a static KV cache), if
+    any: followed back to the nearest matmul or attention."""
+    stack, seen = list(starts), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or is_op(node, FUSED_LINEAR, SDPA, aten.mm.default, aten.addmm.default):
+            continue
+        seen.add(node)
+        if node.op == "placeholder" and any(writes_in_place(u) and u.args[0] is node for u in node.users):
+            return node.name
+        stack.extend(node.all_input_nodes)
+    return None
+
+
+def _trace(sdpa: fx.Node) -> _Attention | str | None:
+    """The prunable attention around `sdpa`, or why it is left whole; None when it has no heads to prune."""
+    query, key, value = sdpa.args[:3]
+    if len(shape(query)) != 4 or not all(isinstance(shape(t)[-3], int) for t in (query, key, value)):
+        return None
+    heads, kv_heads = shape(query)[-3], shape(key)[-3]
+    if kv_heads <= 1:
+        return None
+    cache = written_input([key, value])
+    if cache is not None:
+        return (f"K/V go to graph input '{cache}', written in place (a static KV cache): its heads cannot shrink "
+                "inside one graph")
+    mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    if isinstance(mask, fx.Node) and len(shape(mask)) >= 3 and not same_shape(shape(mask)[-3:-2], (1,)):
+        return f"the mask '{mask.name}' {list(shape(mask))} differs per head"
+    paths: dict[str, _Path] = {}
+    for name, tensor, count in (("q", query, heads), ("k", key, kv_heads), ("v", value, kv_heads)):
+        path = _trace_back(tensor, count)
+        if isinstance(path, str):
+            return f"{name}: {path}"
+        paths[name] = path
+    out = _trace_forward(sdpa, heads)
+    if isinstance(out, str):
+        return out
+    paths["o"] = out
+    return _why_not(_Attention(sdpa, out.piece[0], heads, kv_heads, paths))
+
+
+def _why_not(att: _Attention) -> _Attention | str:
+    """Why a traced attention cannot be pruned, else the attention."""
+    inside = {node for path in att.paths.values() for node in path.nodes} | {att.sdpa}
+    for key in "qkv":
+        for node in att.paths[key].nodes:
+            outside = [u.name for u in node.users if u not in inside and _live(u)]
+            if outside:
+                return f"'{node.name}' ({key}) is also used by {outside}"
+    pieces = [att.paths[key].piece for key in "qkv"]
+    for up, split, _ in pieces:
+        ours = {index for u, s, index in pieces if u is up}
+        if split is not None and (len(up.users) > 1 or len(ours) != len(split_sizes(split))):
+            return f"projection '{up.name}' also computes other layers' outputs (a parallel block)"
+        if not is_constant(up.args[1]) or not (up.args[2] is None or is_constant(up.args[2])) or up.args[4] is not None:
+            return f"projection '{up.name}': weight or bias is not a constant, or it adds a residual"
+    if len(set(pieces)) != 3:
+        return "q, k and v are not three different projections"
+    out = att.out
+    if not is_constant(out.args[1]) or not (out.args[2] is None or is_constant(out.args[2])):
+        return f"o_proj '{out.name}': weight or bias is not a constant"
+    if att.heads % att.kv_heads or (att.heads != att.kv_heads and not att.sdpa.kwargs.get("enable_gqa")):
+        return f"{att.heads} query heads over {att.kv_heads} K/V heads without enable_gqa"
+    return att
+
+
+def find_attentions(gm: fx.GraphModule) -> tuple[list[_Attention], list[str]]:
+    """The prunable attentions of gm, and the near-misses with their reasons."""
+    found, near_misses = [], []
+    for sdpa in gm.graph.find_nodes(op="call_function", target=SDPA):
+        if PRUNED in sdpa.meta:
+            continue
+        att = _trace(sdpa)
+        if isinstance(att, str):
+            near_misses.append(f"attention '{sdpa.name}' ({layer_name(sdpa)}) left whole: {att}")
+        elif att is not None:
+            found.append(att)
+    return found, near_misses
+
+
+def _channels(kept_groups: torch.Tensor, per_group: int) -> torch.Tensor:
+    """Channel indices of the kept groups, `per_group` consecutive channels each."""
+    return torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in kept_groups.tolist()])
+
+
+def _module_name(att: _Attention) -> str:
+    """The attention module's name: what the q and o projections' names share ("model.layers.0.self_attn")."""
+    names = [layer_name(att.paths[key].piece[0]).split(".") for key in "qo"]
+    shared = next((i for i, (a, b) in enumerate(zip(*names)) if a != b), min(map(len, names)))
+    return ".".join(names[0][:shared]) or layer_name(att.out)
+
+
+class HeadLever:
+    """The lossy mechanism's lever for attention heads: each attention a site, its options the fractions of its
+    K/V groups (heads without grouped-query attention) to keep, cheapest first, then ORIGINAL."""
+    name, label, noun, unit, cost_unit = "prune:heads", "heads", "pruning", "attention(s) pruned", "bytes"
+
+    def __init__(self) -> None:
+        self.near_misses: list[str] = []
+        self.gm: fx.GraphModule | None = None
+        self.attentions: dict[str, _Attention] = {}  # by the SDPA node's name (the site's node)
+        self.grams: dict[str, torch.Tensor] = {}
+        self.costs: dict[str, dict[str, int]] = {}
+        self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
+
+    @staticmethod
+    def _options(groups: int) -> dict[str, int]:
+        options: dict[str, int] = {}
+        for option, fraction in KEEP_HEADS.items():
+            keep = max(1, round(groups * fraction))
+            if keep < groups and keep not in options.values():
+                options[option] = keep
+        return options
+
+    def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
+        found, self.near_misses = find_attentions(gm)
+        found = [att for att in found if self._options(att.kv_heads)]
+        if not found:
+            return []
+        self.gm = gm
+        self.attentions = {att.sdpa.name: att for att in found}
+        self.grams = dict(zip(self.attentions, grams(gm, ctx, [att.out.args[0] for att in found])))
+        warn_few_tokens(list(self.grams.values()), "attention outputs", "an output projection")
+        sites = []
+        for att in found:
+            options = self._options(att.kv_heads)
+            self.costs[att.sdpa.name] = {option: self._bytes_at(att, keep) for option, keep in options.items()}
+            sites.append(Site(att.sdpa.name, _module_name(att), (att.heads, att.kv_heads),
+                              self._bytes_at(att, att.kv_heads), (*options, ORIGINAL),
+                              {ORIGINAL: 0.0}))
+        return sites
+
+    def _const(self, node: fx.Node | None) -> torch.Tensor | None:
+        return None if node is None else constant_value(self.gm, node.target)
+
+    def _per_group(self, att: _Attention) -> dict[str, int]:
+        """Rows (q, k, v) and o_proj columns per K/V group."""
+        e, dv = shape(att.sdpa.args[0])[-1], shape(att.sdpa.args[2])[-1]
+        return {"q": att.group * e, "k": e, "v": dv, "o": att.group * dv}
+
+    def _bytes_at(self, att: _Attention, groups: int) -> int:
+        rows = self._per_group(att)
+        total = 0
+        for key in "qkv":
+            up = att.paths[key].piece[0]
+            bias = self._const(up.args[2])
+            total += groups * rows[key] * weight_bytes(self._const(up.args[1])[0], None if bias is None else bias[:1])
+        return total + groups * rows["o"] * weight_bytes(self._const(att.out.args[1])[:, 0]) + weight_bytes(
+            self._const(att.out.args[2]))
+
+    def cost(self, site: Site, option: str) -> int:
+        return self.costs[site.node][option]
+
+    def _kept_groups(self, att: _Attention, keep: int) -> torch.Tensor:
+        """The `keep` groups adding most to o_proj's output, ||h_g W_o[:, g]^T|| from the Gram matrix."""
+        gram, w = self.grams[att.sdpa.name], self._const(att.out.args[1]).detach().double().cpu()
+        width = self._per_group(att)["o"]
+        scores = []
+        for g in range(att.kv_heads):
+            cols = slice(g * width, (g + 1) * width)
+            scores.append(float(((w[:, cols] @ gram[cols, cols]) * w[:, cols]).sum().clamp_min(0)))
+        return torch.tensor(scores).topk(keep).indices.sort().values
+
+    def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
+        """New constants at `option` by the node reading them: made once, shared by every graph the solver
+        measures; slices and solutions, never writes into the frozen constants."""
+        if (site_node, option) not in self.made:
+            att = self.attentions[site_node]
+            kept, rows = self._kept_groups(att, self._options(att.kv_heads)[option]), self._per_group(att)
+            weight, bias = refit_columns(self.grams[site_node], self._const(att.out.args[1]),
+                                         self._const(att.out.args[2]), _channels(kept, rows["o"]))
+            made = {"o.weight": weight, "o.bias": bias}
+            by_up: dict[fx.Node, list[tuple[int, torch.Tensor]]] = {}
+            for key in "qkv":
+                up, split, index = att.paths[key].piece
+                offset = sum(split_sizes(split)[:index]) if split is not None else 0
+                by_up.setdefault(up, []).append((index, offset + _channels(kept, rows[key])))
+            for up, parts in by_up.items():
+                index = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])])
+                w, b = self._const(up.args[1]), self._const(up.args[2])
+                made[f"{up.name}.weight"] = w.index_select(0, index.to(w.device))
+                made[f"{up.name}.bias"] = None if b is None else b.index_select(0, index.to(b.device))
+            self.made[(site_node, option)] = made
+        return self.made[(site_node, option)]
+
+    def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
+        att = _trace(node)
+        assert isinstance(att, _Attention), f"prune: the attention at '{node.name}' no longer traces"
+        made = self._made(node.name, option)
+        keep = self._options(att.kv_heads)[option]
+        heads = {"q": keep * att.group, "k": keep, "v": keep, "o": keep * att.group}
+
+        def constant(user: fx.Node, key: str) -> fx.Node | None:
+            if made[key] is None:
+                return None
+            with graph.inserting_before(user):
+                return graph.get_attr(add("_pruned", made[key]))
+
+        for up in dict.fromkeys(att.paths[key].piece[0] for key in "qkv"):
+            x, _, _, activation, residual = up.args
+            up.args = (x, constant(up, f"{up.name}.weight"), constant(up, f"{up.name}.bias"), activation, residual)
+        for key in "qkv":
+            _, split, index = att.paths[key].piece
+            if split is not None:
+                sizes = split_sizes(split)
+                sizes[index] = heads[key] * sizes[index] // (att.heads if key == "q" else att.kv_heads)
+                split.target, split.args, split.kwargs = aten.split_with_sizes.default, (split.args[0], sizes, -1), {}
+        for key, path in att.paths.items():
+            for view, kind, per_head in path.views:
+                sizes, at = list(view.args[1]), -1 if kind == _FLAT else -2
+                if isinstance(sizes[at], int) and sizes[at] != -1:
+                    sizes[at] = heads[key] * per_head
+                    view.args = (view.args[0], sizes)
+        out = att.out
+        out.args = (out.args[0], constant(out, "o.weight"), constant(out, "o.bias"), *out.args[3:])
+        node.meta[PRUNED] = option
+        return option
+
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
+        """Nothing for weights="release" to free yet: the heads lever keeps no records to rebuild its rewrite from
+        (a recompile after release leaves its sites whole, see replay), so the weights it drops stay held."""
+        return []
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        """A recompile after weights="release" cannot measure (the reference needs the freed weights): heads are
+        left whole there, which is lossless for this lever, only larger; the report says so."""
+        return f"prune {self.label}: not re-applied on a graph compiled after weights='release' (nothing to measure against)"
