@@ -101,6 +101,20 @@ class Lever(Protocol):
         reading a weight; returns what it did, for the report."""
 
 
+class UnrecordedOnRelease:
+    """replaced/replay for a lever that keeps no records to rebuild its rewrite from (token merging, heads,
+    blocks): it frees nothing under weights="release", and a recompile after release, which cannot measure (the
+    reference needs the freed weights), leaves its sites whole: lossless for this lever, only larger or slower;
+    the report says so."""
+    label: str
+
+    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
+        return []
+
+    def replay(self, gm: fx.GraphModule, released: Any) -> str:
+        return f"{self.label}: not re-applied on a graph compiled after weights='release' (nothing to measure against)"
+
+
 def split_hierarchy(name: str) -> tuple[str, str, str]:
     """(tower, block, kind) of a layer name: "vlm.vision.layers.3.attn.q_proj" -> ("vlm.vision",
     "vlm.vision.layers.3", "attn.q_proj"); no numbered block: ("vlm.decoder", "-", "lm_head")."""

@@ -17,13 +17,13 @@ cache the dropped block no longer writes may still be read by a graph that kept 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from .contract import PassContext
-from .lossy import ORIGINAL, Site, split_hierarchy
+from .lossy import ORIGINAL, Site, UnrecordedOnRelease, split_hierarchy
 from .patterns import (aten, constant_value, dtype, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
 from .prune import FUSED_LINEAR, probe, weight_bytes
@@ -129,7 +129,7 @@ def _cosines(gm: fx.GraphModule, ctx: PassContext, blocks: list[_Block]) -> list
     return [total / max(count, 1) for total in totals]
 
 
-class BlockLever:
+class BlockLever(UnrecordedOnRelease):
     """The lossy mechanism's lever for residual blocks: each block a site, its options "drop", then ORIGINAL."""
     name, label, noun, unit, cost_unit = "prune:blocks", "blocks", "pruning", "block(s) dropped", "bytes"
 
@@ -168,13 +168,3 @@ class BlockLever:
         node.replace_all_uses_with(stream, delete_user_cb=lambda user: user.name not in inside)
         node.meta[DROPPED_TO] = stream
         return option
-
-    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
-        """Nothing for weights="release" to free yet: the blocks lever keeps no records to rebuild its rewrite from
-        (a recompile after release leaves its sites whole, see replay), so the weights it drops stay held."""
-        return []
-
-    def replay(self, gm: fx.GraphModule, released: Any) -> str:
-        """A recompile after weights="release" cannot measure (the reference needs the freed weights): blocks are
-        left whole there, which is lossless for this lever, only larger; the report says so."""
-        return f"prune {self.label}: not re-applied on a graph compiled after weights='release' (nothing to measure against)"

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from .contract import PassContext
-from .lossy import ORIGINAL, Site
+from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
 from .prune import (FUSED_LINEAR, PRUNED, grams, keeps_channels, refit_columns, split_piece, split_sizes,
@@ -283,7 +283,7 @@ def _module_name(att: _Attention) -> str:
     return ".".join(names[0][:shared]) or layer_name(att.out)
 
 
-class HeadLever:
+class HeadLever(UnrecordedOnRelease):
     """The lossy mechanism's lever for attention heads: each attention a site, its options the fractions of its
     K/V groups (heads without grouped-query attention) to keep, cheapest first, then ORIGINAL."""
     name, label, noun, unit, cost_unit = "prune:heads", "heads", "pruning", "attention(s) pruned", "bytes"
@@ -408,13 +408,3 @@ class HeadLever:
         out.args = (out.args[0], constant(out, "o.weight"), constant(out, "o.bias"), *out.args[3:])
         node.meta[PRUNED] = option
         return option
-
-    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
-        """Nothing for weights="release" to free yet: the heads lever keeps no records to rebuild its rewrite from
-        (a recompile after release leaves its sites whole, see replay), so the weights it drops stay held."""
-        return []
-
-    def replay(self, gm: fx.GraphModule, released: Any) -> str:
-        """A recompile after weights="release" cannot measure (the reference needs the freed weights): heads are
-        left whole there, which is lossless for this lever, only larger; the report says so."""
-        return f"prune {self.label}: not re-applied on a graph compiled after weights='release' (nothing to measure against)"

@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from .contract import PassContext
 from .graph import clone_module
-from .lossy import ORIGINAL, Site, split_hierarchy
+from .lossy import ORIGINAL, Site, UnrecordedOnRelease, split_hierarchy
 from .patterns import VIEW_OPS, aten, is_op, layer_name, val
 
 MERGE = torch.ops.mmaccel.token_merge.default
@@ -448,7 +448,7 @@ def _tower_refusal(gm: fx.GraphModule, tower: Tower, r: int) -> str | None:
     return f"no attention over dim 1 of the stream in {missing[0]}" if missing else None
 
 
-class MergeLever:
+class MergeLever(UnrecordedOnRelease):
     """The token lever of the lossy mechanism: each block input of each vision tower is a site, its options the
     tokens to merge there (cheapest first), then ORIGINAL. Cost: token-blocks."""
     name, noun, unit, cost_unit = "tokens", "token merging", "block(s) merging tokens", "token-blocks"
@@ -498,12 +498,3 @@ class MergeLever:
     def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         tower, options, _ = self.info[node.name]
         return option if merge_tokens(graph, node, options[option], tower) else ORIGINAL
-
-    def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
-        """Merging replaces no weight: nothing for weights="release" to free."""
-        return []
-
-    def replay(self, gm: fx.GraphModule, released: Any) -> str:
-        """A recompile after weights="release" cannot measure (the reference needs the freed weights): its towers
-        keep every token, which is lossless for this lever, only slower; the report says so."""
-        return f"{self.label}: not re-applied on a graph compiled after weights='release' (nothing to measure against)"
