@@ -106,8 +106,9 @@ def _fresh_dynamo():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `coverage` (every architecture on every target, tests/test_hf_coverage.py) run only when
-    asked for with `-m coverage`; the default run keeps to the suite's time budget."""
+    """Tests marked `coverage`, the opt-in long set (every architecture on every target, tests/test_hf_coverage.py,
+    and checks past the CI budget), run only when asked for with `-m coverage`; the default run keeps to the
+    suite's time budget (20 minutes on CI's 2 cores)."""
     if "coverage" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="part of the full coverage set: run it with -m coverage")

@@ -169,6 +169,9 @@ def _live_storage_bytes() -> int:
     return sum(storages.values())
 
 
+# In the opt-in long set (-m coverage): it scans every live tensor at each graph run of the lossy pass, 50 s late in
+# the full suite (many live objects), about 5 s alone.
+@pytest.mark.coverage
 def test_compile_time_peak_holds_one_layer_of_candidates(monkeypatch) -> None:
     """Sensitivity measurement (a budget the cheapest mix misses) holds each layer's cheapest candidate and the one
     being measured, and the reference no longer keeps the pre-fusion weights: live storage at any graph run of
