@@ -74,8 +74,8 @@ def drop_dead_nodes(graph: fx.Graph) -> bool:
     """graph.eliminate_dead_code under one rule, wherever the passes run. FX keeps an unread op tagged
     nondeterministic_seeded unless a Dynamo TracingContext is active: a graph optimized inside torch.compile's
     backend call lost its dead attention, the same graph optimized after mmaccel.compile's calibration samples
-    ran (or exported) kept it, computed it, and the levers met it (token merging refused the tower at the CPU
-    flash kernel attention_fusion had replaced; a dropped block kept its q/k/v projections). The attention ops
+    ran kept it, computed it, and the levers met it (token merging refused the tower at the CPU flash kernel
+    attention_fusion had replaced; a dropped block kept its q/k/v projections). The attention ops
     carry the tag for their dropout only: at dropout_p=0 they draw no random numbers and go like any pure op.
     Other random ops stay, as in eager: a draw shifts the RNG stream of the ops after it."""
     return graph.eliminate_dead_code(

@@ -291,8 +291,8 @@ def test_cse_dce_and_constant_folding():
 
 
 def test_dead_attention_dropped_outside_dynamo():
-    """One dead-code rule with or without Dynamo's TracingContext (mmaccel.compile's calibration and export run
-    the passes outside it, where FX keeps every unread nondeterministic_seeded op): an unread attention at
+    """One dead-code rule with or without Dynamo's TracingContext (mmaccel.compile optimizes outside it once its
+    calibration samples ran, where FX keeps every unread nondeterministic_seeded op): an unread attention at
     dropout_p=0 goes, positional, keyword or default; with dropout it stays, as does a random op (a draw
     shifts the RNG stream of the ops after it)."""
     graph = torch.fx.Graph()
