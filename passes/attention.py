@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .patterns import (VIEW_OPS, Miss, aten, cast_source, dtype, is_op, match_matmul, replace_uses, same_shape,
-                       scalar_arg, shape, single_user, strip_noop_views)
+from .patterns import (VIEW_OPS, Miss, aten, cast_source, drop_dead_nodes, dtype, is_op, match_matmul, replace_uses,
+                       same_shape, scalar_arg, shape, single_user, strip_noop_views)
 from .contract import PassContext, PassResult
 
 _SDPA = aten.scaled_dot_product_attention.default
@@ -270,7 +270,7 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for sdpa, (key, value) in shared.items():
         sdpa.args = (sdpa.args[0], key, value, *sdpa.args[3:])
         sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": True}
-    gm.graph.eliminate_dead_code()
+    drop_dead_nodes(gm.graph)
     misses = [m for m in matches if isinstance(m, Miss)] + [m for _, m in grouped if isinstance(m, Miss)]
     return PassResult(matched=len({*canonical, *fused, *shared}), changes=_changes(canonical, found, shared),
                       near_misses=[str(m) for m in misses])

@@ -7,14 +7,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .patterns import add_constant, constant_value, is_constant
+from .patterns import add_constant, constant_value, drop_dead_nodes, is_constant
 from .contract import PassContext, PassResult
 
 
 def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Remove nodes whose values nobody uses (in-place writes to inputs are kept), then unused constants."""
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    drop_dead_nodes(gm.graph)
     freed = drop_unused_constants(gm)
     removed = before - len(gm.graph.nodes)
     changes = [f"removed {removed} dead node(s)"] if removed else []
@@ -100,7 +100,7 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         gm.graph.erase_node(node)
         values[const] = result
         folded[_op_name(node)] += 1
-    gm.graph.eliminate_dead_code()
+    drop_dead_nodes(gm.graph)
     drop_unused_constants(gm)
     total = sum(folded.values())
     changes = [f"folded {total} node(s) on constants: " + _summary(folded)] if total else []

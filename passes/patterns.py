@@ -70,6 +70,28 @@ def writes_in_place(node: fx.Node) -> bool:
     return node.op == "call_function" and info is not None and info.is_write
 
 
+def drop_dead_nodes(graph: fx.Graph) -> bool:
+    """graph.eliminate_dead_code under one rule, wherever the passes run. FX keeps an unread op tagged
+    nondeterministic_seeded unless a Dynamo TracingContext is active: a graph optimized inside torch.compile's
+    backend call lost its dead attention, the same graph optimized after mmaccel.compile's calibration samples
+    ran kept it, computed it, and the levers met it (token merging refused the tower at the CPU flash kernel
+    attention_fusion had replaced; a dropped block kept its q/k/v projections). The attention ops
+    carry the tag for their dropout only: at dropout_p=0 they draw no random numbers and go like any pure op.
+    Other random ops stay, as in eager: a draw shifts the RNG stream of the ops after it."""
+    return graph.eliminate_dead_code(
+        is_impure_node=lambda node: node.is_impure(impure_random=_dropout_p(node) != 0.0))
+
+
+def _dropout_p(node: fx.Node) -> Any:
+    """The dropout_p argument of an attention op (SDPA and every device-specific kernel); None: no such op."""
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if node.op == "call_function" and schema is not None else []
+    if "dropout_p" not in names:
+        return None
+    i = names.index("dropout_p")
+    return node.kwargs.get("dropout_p", node.args[i] if i < len(node.args) else schema.arguments[i].default_value)
+
+
 def scalar_arg(node: fx.Node, index: int) -> float | None:
     """The Python number at args[index], or None when it is a tensor, a symbolic value or missing."""
     if len(node.args) <= index:

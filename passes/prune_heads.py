@@ -183,12 +183,6 @@ def _trace_forward(sdpa: fx.Node, heads: int) -> _Path | str:
         node = user
 
 
-def _live(node: fx.Node) -> bool:
-    """Whether a node's value is read or it writes: the device-specific SDPA call attention_fusion replaced stays
-    in the graph, unread, and is no use of q/k/v."""
-    return node.op == "output" or bool(node.users) or writes_in_place(node)
-
-
 def written_input(starts: list[fx.Node]) -> str | None:
     """The graph input that `starts` are read from and that the graph writes in place (a static KV cache), if
     any: followed back to the nearest matmul or attention."""
@@ -237,7 +231,7 @@ def _why_not(att: _Attention) -> _Attention | str:
     inside = {node for path in att.paths.values() for node in path.nodes} | {att.sdpa}
     for key in "qkv":
         for node in att.paths[key].nodes:
-            outside = [u.name for u in node.users if u not in inside and _live(u)]
+            outside = [u.name for u in node.users if u not in inside]
             if outside:
                 return f"'{node.name}' ({key}) is also used by {outside}"
     pieces = [att.paths[key].piece for key in "qkv"]

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmaccel
+from mmaccel.passes.patterns import drop_dead_nodes
 from mmaccel.passes.pipeline import PASS_NAMES, run_pass
 
 from conftest import compile_and_check
@@ -287,6 +288,25 @@ def test_cse_dce_and_constant_folding():
     assert g.matched("common_subexpression_elimination") >= 1
     assert g.matched("constant_folding") >= 2  # t and mul
     assert g.count(aten.relu) == 1 and g.count(aten.mul) == 0
+
+
+def test_dead_attention_dropped_outside_dynamo():
+    """One dead-code rule with or without Dynamo's TracingContext (mmaccel.compile optimizes outside it once its
+    calibration samples ran, where FX keeps every unread nondeterministic_seeded op): an unread attention at
+    dropout_p=0 goes, positional, keyword or default; with dropout it stays, as does a random op (a draw
+    shifts the RNG stream of the ops after it)."""
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    cases = ((aten._scaled_dot_product_flash_attention_for_cpu.default, (q, q, q), {}),
+             (aten._scaled_dot_product_efficient_attention.default, (q, q, q, None, False, 0.0), {}),
+             (SDPA, (q, q, q), {"dropout_p": 0.0}),
+             (SDPA, (q, q, q), {"dropout_p": 0.1}),
+             (aten.rand_like.default, (q,), {}))
+    for target, args, kwargs in cases:
+        graph.call_function(target, args, kwargs)
+    graph.output(q)
+    drop_dead_nodes(graph)
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [SDPA, aten.rand_like.default]
 
 
 def test_constant_folding_leaves_factories_alone():

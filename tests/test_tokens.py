@@ -90,6 +90,24 @@ def test_clip_equals_hand_written_tome() -> None:
     assert [row["unit"] for row in rows] == ["token-blocks"] * 2 and rows[0]["cost"] == (17 - 3) * 2
 
 
+def test_calibrated_graph_merges() -> None:
+    """The graph optimized after the calibration samples ran (outside Dynamo's TracingContext) merges as a first
+    call's graph does. It kept the CPU flash kernel attention_fusion had replaced, unread (FX's dead-code
+    elimination keeps nondeterministic_seeded ops there), and the tower was left alone at that kernel."""
+    model, pixels = hf_tiny.clip_vision("sdpa"), PIXELS[:1]
+    compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.99, calibration=[pixels])
+    with torch.no_grad():
+        out = compiled(pixels)
+        last, pooled = _hand_tome_clip(model, pixels, r=3)
+    graphs = compiled.mmaccel_report.graphs
+    result = _lossy_pass(compiled)
+    assert len(graphs) == 1 and result.matched == 2 and not result.near_misses
+    assert "1 calibration input(s)" in result.changes[0]
+    assert not [n for n in graphs[0].final_graph.graph.nodes if "_scaled_dot_product" in str(n.target)]
+    assert_matches_eager(out.last_hidden_state, last)
+    assert_matches_eager(out.pooler_output, pooled)
+
+
 # Whisper's encoder (the audio analogue) is in the opt-in coverage set: 5 s more than the suite's budget allows
 @pytest.mark.parametrize("arch", ["vit", "siglip_vision",
                                   pytest.param("whisper_encoder", marks=pytest.mark.coverage)])
