@@ -13,7 +13,8 @@ The decoder is the model wrapped in a module that takes the past tensors and bui
 inside the traced forward (as transformers' own integrations/executorch.py does), so the cache's growth is the
 graph's concatenation and the new cache is returned as tensors: no in-place state. Every graph goes through the
 same lowering and passes as a single-file export; int4 linears then become ONNX Runtime's MatMulNBits
-(use_matmul_nbits). The folder is written aside and renamed into place at the end: a failed export leaves
+(use_matmul_nbits), and with a quantize option the token embedding table becomes int8 per row
+(compiler/export_embeddings.py). The folder is written aside and renamed into place at the end: a failed export leaves
 nothing at `folder` (and an existing folder untouched).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..ops.int4_matmul_nbits import to_matmul_nbits
 from ..passes.cleanup import drop_unused_constants
 from ..passes.patterns import add_constant, constant_value
 from .export import EXTERNAL_DATA_BYTES, ExportError, convert, export_options, lower_for_export
+from .export_embeddings import quantize_embeddings
 from .onnx_generate import FORMAT, MANIFEST, VERSION
 from .options import as_sample
 from .report import CompileReport, GraphReport
@@ -188,6 +190,8 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
 
     gm, flat_inputs = lower_for_export(spec.module, spec.example, spec.dynamic_shapes, opts, record)
     use_matmul_nbits(gm)
+    if opts.quantize is not None:  # the token embedding table too (compiler/export_embeddings.py)
+        record.passes.append(quantize_embeddings(gm, flat_inputs, eager_outputs(spec), opts.accuracy_budget))
     program = convert(gm, flat_inputs)
     path = os.path.join(staged, f"{spec.name}.onnx")
     external = record.frozen_bytes > EXTERNAL_DATA_BYTES
@@ -199,6 +203,13 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
     onnx.save(proto, path)  # external data stays where program.save put it: only the references are rewritten
     onnx.checker.check_model(path)  # by path: also checks models with external data
     return entry
+
+
+def eager_outputs(spec: GraphSpec) -> list[torch.Tensor]:
+    """The traced module's own outputs on its trace inputs, flattened as the graph returns them."""
+    with torch.no_grad():
+        out = spec.module(*[t.clone() for t in spec.example])
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def use_matmul_nbits(gm: torch.fx.GraphModule) -> int:

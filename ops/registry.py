@@ -16,7 +16,8 @@ class OpSpec:
     # Plain-Python implementation the eager target calls directly (no dispatcher round trip).
     eager: Callable[..., torch.Tensor]
     # ONNX Script translation for torch.onnx's custom_translation_table: standard ONNX ops, except the export-only
-    # int4_matmul_nbits, which names ONNX Runtime's com.microsoft::MatMulNBits (no pass inserts it elsewhere).
+    # int4_matmul_nbits, which names ONNX Runtime's com.microsoft::MatMulNBits (no pass inserts it elsewhere;
+    # the export-only int8_embedding is standard ONNX).
     onnx: Callable[..., object] | None = None
     # The lowest ONNX opset the translation is valid at (a graph holding the op is exported at it or later).
     onnx_opset: int = 18

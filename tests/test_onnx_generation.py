@@ -280,6 +280,52 @@ def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
     assert tokens.shape == (2, 7 + 4)
 
 
+def greedy_with_graph(gm: torch.fx.GraphModule, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy tokens of the exported decoder graph itself, run by torch (batch without padding)."""
+    past = [torch.zeros(ids.shape[0], 2, 0, 8)] * (2 * hf_tiny.LAYERS)
+    tokens = step = ids
+    with torch.no_grad():
+        for _ in range(new):
+            positions = torch.arange(tokens.shape[1] - step.shape[1], tokens.shape[1]).expand(ids.shape[0], -1)
+            logits, *past = gm(step, torch.ones_like(tokens), positions, *past)
+            step = logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, step], dim=1)
+    return tokens
+
+
+def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> None:
+    """Qwen2 ties lm_head to the token embedding: the head stays MatMulNBits, the embedding Gather reads its own
+    int8 copy (no fp32 table left in the file, nor in ONNX Runtime's optimized graph: the Gather reads the ids,
+    so nothing folds it back), its error is in the report, and ONNX Runtime's outputs and greedy tokens are the
+    quantized graph's own."""
+    import onnxruntime as ort
+
+    report = mmaccel.export_onnx(hf_tiny.qwen2(), {"input_ids": left_padded_batch([7, 4])[0]}, tmp_path / "onnx",
+                                 generation=True, quantize="int4_weight_only", accuracy_budget=0.5)
+    graph = report.graphs[0]
+    assert graph.count(torch.ops.mmaccel.int4_matmul_nbits) == 9, f"\n{report}"  # 4 per layer + the tied head
+    assert graph.count(torch.ops.mmaccel.int8_embedding) == 1 and graph.count(torch.ops.aten.embedding) == 0
+    embedding = next(p for p in graph.passes if p.name == "quantize_embedding")
+    assert embedding.lossy and 0 < embedding.measured_error <= 0.5 and "int8 per row" in embedding.changes[0]
+    path = str(tmp_path / "onnx" / "decoder.onnx")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(path, options)
+    for proto in (onnx.load(path), onnx.load(options.optimized_model_filepath)):
+        tables = {i.name: i.data_type for i in proto.graph.initializer if list(i.dims) == [hf_tiny.VOCAB, 32]}
+        assert list(tables.values()) == [onnx.TensorProto.INT8], tables
+        assert any(n.op_type == "Gather" and n.input[0] in tables for n in proto.graph.node)
+    inputs = graph.context.example_inputs
+    with torch.no_grad():
+        expected = graph.final_graph(*inputs)
+    actual = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(torch.from_numpy(a), e, rtol=1e-4, atol=1e-5)
+    ids, _ = hf_tiny.token_batch(1, 6, seed=5)
+    tokens = mmaccel.onnx_generate(tmp_path / "onnx", ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(torch.from_numpy(tokens), greedy_with_graph(graph.final_graph, ids, 8))
+
+
 # ------------------------------------------------------------------------------------ refusals, staging
 
 def _half_written(spec, staged, *args):
