@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..passes.pipeline import asks_for_lossy
 from ._torch_internals import guards_checked_once, recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
@@ -161,7 +162,7 @@ class _Session:
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.lossy = bool(options.quantize or options.prune)
+        self.lossy = asks_for_lossy(options)
 
     @property
     def model(self) -> torch.nn.Module:

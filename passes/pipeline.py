@@ -77,6 +77,11 @@ LOSSY = (LeverEntry("tokens", lambda o: o.tokens is not None, lambda o: [MergeLe
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))
 
 
+def asks_for_lossy(options: PassOptions) -> bool:
+    """Whether the options ask for any lossy lever (the one place that knows which options are lossy)."""
+    return any(entry.asked_for(options) for entry in LOSSY)
+
+
 def pipeline_for(options: PassOptions) -> list[Pass]:
     """The lossless pipeline, then the lossy levers the options ask for as one pass, and cleanup after it (the
     levers leave replaced weights unused)."""
