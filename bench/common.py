@@ -5,6 +5,7 @@ the GPU machine). Scripts run as `python bench/<script>.py`, which puts this fol
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -156,6 +157,19 @@ def run_models(names: list[str], run: Callable[[str], list[Any]], data: dict[str
         write_json(out, data, indent=1)
     print(f"wrote {out} ({data['environment']['total_s']:.0f} s)")
     write_png(plot, data, png_beside(out), f"python {script} --plot-only {out}")
+
+
+def accuracy_bench_parser(description: str, cases: dict[str, Any], out_name: str,
+                          quick_help: str) -> argparse.ArgumentParser:
+    """The arguments the accuracy benches (quantize_accuracy.py, prune_accuracy.py) share."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--models", default=",".join(cases), help=f"comma-separated, of {list(cases)}")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=default_out(out_name))
+    p.add_argument("--quick", action="store_true", help=quick_help.replace("%", "%%"))  # argparse formats help with %
+    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing JSON")
+    return p
 
 
 def plot_only(path: str, plot: Callable[[Any, str], None], script: str) -> None:

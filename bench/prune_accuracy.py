@@ -22,7 +22,6 @@ Latency: median of `--repeats` calls after warm-up.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import time
@@ -32,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import mmaccel
-from common import default_out, environment, plot_only, run_models
+from common import accuracy_bench_parser, environment, plot_only, run_models
 from mmaccel.models import minilm
 from mmaccel.passes import prune, prune_heads
 from quantize_accuracy import CASES, Case, latency_ms
@@ -220,13 +219,8 @@ def plot(data: dict[str, Any], png_path: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=default_out("prune_accuracy_cpu.json"))
-    p.add_argument("--quick", action="store_true", help=f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats")
-    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing JSON")
+    p = accuracy_bench_parser(__doc__.splitlines()[0], CASES, "prune_accuracy_cpu.json",
+                              f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats")
     p.add_argument("--mixes", help="comma-separated: only these rows (fp32 is always measured: the reference)")
     args = p.parse_args()
     if args.plot_only:

@@ -18,7 +18,6 @@ The JSON is written after each model; the PNG (needs matplotlib) beside it at th
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import statistics
 import time
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 import mmaccel
-from common import default_out, environment, plot_only, run_models
+from common import accuracy_bench_parser, environment, plot_only, run_models
 from mmaccel.models import digits, minilm
 from mmaccel.timing import times_ms
 
@@ -309,14 +308,8 @@ def _label_points(ax: Any, points: list[tuple[float, float, str, str]], log_x: b
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=default_out("quantize_accuracy_cpu.json"))
-    p.add_argument("--plot-only", metavar="JSON", help="only draw the PNG of an existing JSON")
-    p.add_argument("--quick", action="store_true", help=f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats "
-                   "(checks the script)")
+    p = accuracy_bench_parser(__doc__.splitlines()[0], CASES, "quantize_accuracy_cpu.json",
+                              f"the classifier, mixes {', '.join(QUICK_MIXES)}, 2 repeats (checks the script)")
     args = p.parse_args()
     if args.plot_only:
         return plot_only(args.plot_only, plot_results, __file__)
