@@ -225,6 +225,15 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
         "target": "triton", "quantize": "w8a8_dynamic", "accuracy_budget": 0.2}),
     "mmaccel_fp8": lambda m: torch.compile(m, backend="mmaccel", options={
         "target": "triton", "quantize": "fp8", "accuracy_budget": 0.2}),
+    # Lossy, opt-in (issue 14): a fixed fraction of every MLP's channels removed (prune={"mlp_channels": f}), alone
+    # and with int4. Random weights: the budget only lets every MLP take the fraction (the row's "lossy" field says
+    # what was applied); accuracy on trained weights is bench/prune_accuracy.py's.
+    "mmaccel_prune25": lambda m: torch.compile(m, backend="mmaccel", options={
+        "target": "triton", "prune": {"mlp_channels": 0.25}, "accuracy_budget": 0.99}),
+    "mmaccel_prune50": lambda m: torch.compile(m, backend="mmaccel", options={
+        "target": "triton", "prune": {"mlp_channels": 0.5}, "accuracy_budget": 0.99}),
+    "mmaccel_prune50_int4": lambda m: torch.compile(m, backend="mmaccel", options={
+        "target": "triton", "prune": {"mlp_channels": 0.5}, "quantize": "int4_weight_only", "accuracy_budget": 0.99}),
 }
 BASELINES = ("eager", "inductor", "inductor_cudagraphs")
 
@@ -248,6 +257,7 @@ def _report_summary(report: mmaccel.CompileReport) -> dict[str, Any]:
         "graph_breaks": sum(report.graph_breaks.values()),
         "targets": sorted({f"{g.target} ({g.target_reason})" for g in report.graphs if g.status != "fallback"}),
         "fallbacks": sorted({g.reason for g in report.graphs if g.status == "fallback"}),
+        "lossy": [change for g in report.graphs for p in g.passes if p.lossy for change in p.changes][:4],
     }
 
 

@@ -9,17 +9,24 @@ distinct tensor storages reachable from the module and the compiled graphs (no a
 
     python bench/hf_memory.py --layers 8 --out $OUT/hf_memory_h200.json     # GPU, ~5 min
     python bench/hf_memory.py --tiny                                        # CPU check, ~1 min
+    python bench/hf_memory.py --variants mmaccel_int4_release --explain    # GPU: what the steady bytes are
+
+--explain (CUDA) records where each allocation came from and adds to each row the live bytes at steady state
+grouped by the innermost frame outside torch (our pass, the target, transformers' init for the parameters).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+from collections import Counter
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmaccel
 from common import default_out, environment, write_json
+from mmaccel.compiler._torch_internals import recording_cuda_allocations
 from mmaccel.timing import median_ms
 
 LOSSY = {"int8": {"quantize": "int8_weight_only"}, "int4": {"quantize": "int4_weight_only"},
@@ -58,7 +65,28 @@ def storage_bytes(tensors) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+def live_by_origin(blocks: list[dict], top: int = 12) -> list[tuple[str, float]]:
+    """GiB of live blocks per innermost frame outside torch (file:line function), largest first."""
+    totals: Counter[str] = Counter()
+    for block in blocks:
+        frame = next((f for f in block.get("frames", []) if f"{os.sep}torch{os.sep}" not in f["filename"]
+                      and not f["filename"].startswith("<")), None)
+        where = (f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}" if frame else "(no frame)")
+        totals[where] += block["size"]
+    return [(where, round(size / 2**30, 3)) for where, size in totals.most_common(top)]
+
+
 def measure(variant: str, args: argparse.Namespace, device: str) -> dict:
+    if not (args.explain and device == "cuda"):
+        return _measure(variant, args, device)
+    with recording_cuda_allocations() as live_blocks:
+        row = _measure(variant, args, device, lambda: live_by_origin(live_blocks()))
+    for where, gib in row["live_gib_by_origin"]:
+        print(f"    {gib:7.3f} GiB  {where}")
+    return row
+
+
+def _measure(variant: str, args: argparse.Namespace, device: str, explain=None) -> dict:
     torch._dynamo.reset()
     gc.collect()
     cuda = device == "cuda"
@@ -82,6 +110,8 @@ def measure(variant: str, args: argparse.Namespace, device: str) -> dict:
             torch.cuda.synchronize()
             row["steady_bytes"] = torch.cuda.memory_allocated()
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
+            if explain is not None:
+                row["live_gib_by_origin"] = explain()
         else:
             graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
             row["steady_bytes"] = storage_bytes([*model.parameters(), *model.buffers(),
@@ -99,6 +129,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=None)
+    p.add_argument("--explain", action="store_true", help="CUDA: steady bytes by where they were allocated")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:

@@ -6,8 +6,8 @@ by similarity as fp32 does), side by side with Torch-Pruning at equal kept param
 Rows (each compiled for the onnxruntime target after torch._dynamo.reset(), with the calibration samples of
 bench/quantize_accuracy.py's cases):
 - fp32: mmaccel without pruning;
-- mlp-25% / mlp-50% / heads-50%: every MLP (attention) at one fraction removed, whatever the error (the pass's
-  options restricted to that one fraction, budget 0.99): the fixed points Torch-Pruning is compared at;
+- mlp-25% / mlp-50% / heads-50%: every MLP (attention) at one fraction removed, whatever the error (the option's
+  fixed-fraction form, prune={"mlp_channels": 0.25}, at budget 0.99): the fixed points Torch-Pruning is compared at;
 - auto@b: prune="auto" (MLP channels, heads, blocks in one solve) at accuracy_budget b;
 - tp mlp-25% / tp mlp-50%: Torch-Pruning 1.6 (MagnitudeImportance, L2, the tool's default; no calibration, no
   refit), the same MLP intermediate channels removed from every MLP, then compiled by mmaccel unpruned. Skipped
@@ -22,42 +22,27 @@ Latency: median of `--repeats` calls after warm-up.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 import mmaccel
 from common import accuracy_bench_parser, environment, plot_only, run_models
 from mmaccel.models import minilm
-from mmaccel.passes import prune, prune_heads
 from quantize_accuracy import CASES, Case, latency_ms
 
 AUTO_BUDGETS = (0.03, 0.1, 0.3)
 FIXED_BUDGET = 0.99  # fixed fractions: applied whatever the error (the one option below ORIGINAL is always cheapest)
-FIXED: dict[str, tuple[str, dict[str, float], str]] = {  # mix -> (structure, the lever's options, option)
-    "mlp-25%": ("mlp_channels", prune.KEEP, "keep_75"),
-    "mlp-50%": ("mlp_channels", prune.KEEP, "keep_50"),
-    "heads-50%": ("heads", prune_heads.KEEP_HEADS, "keep_50"),
+FIXED: dict[str, dict[str, float]] = {  # mix -> the prune option: a fixed fraction of one structure removed
+    "mlp-25%": {"mlp_channels": 0.25},
+    "mlp-50%": {"mlp_channels": 0.5},
+    "heads-50%": {"heads": 0.5},
 }
 TORCH_PRUNING = {"tp mlp-25%": 0.25, "tp mlp-50%": 0.5}
 QUICK_MIXES = ("fp32", "mlp-25%", "tp mlp-25%")
-
-
-@contextlib.contextmanager
-def only_option(options: dict[str, float], option: str) -> Iterator[None]:
-    """The lever offers `option` alone (then ORIGINAL) while the block runs: a fixed fraction for the comparison."""
-    saved = dict(options)
-    options.clear()
-    options[option] = saved[option]
-    try:
-        yield
-    finally:
-        options.clear()
-        options.update(saved)
 
 
 def graph_linear_bytes(report: mmaccel.CompileReport) -> int:
@@ -139,11 +124,9 @@ def run_mix(case: Case, pristine: torch.nn.Module, mix: str, repeats: int) -> di
             return {"model": case.name, "mix": mix, "skipped": "torch_pruning is not installed"}
         return measure(case, mix, mmaccel.compile(small, target="onnxruntime"), repeats, {})
     if mix in FIXED:
-        structure, options, option = FIXED[mix]
-        with only_option(options, option):
-            compiled = mmaccel.compile(case.model, target="onnxruntime", prune=structure,
-                                       accuracy_budget=FIXED_BUDGET, calibration=case.calibration)
-            return measure(case, mix, compiled, repeats, {})
+        compiled = mmaccel.compile(case.model, target="onnxruntime", prune=FIXED[mix],
+                                   accuracy_budget=FIXED_BUDGET, calibration=case.calibration)
+        return measure(case, mix, compiled, repeats, {})
     budget = float(mix.split("@")[1])
     compiled = mmaccel.compile(case.model, target="onnxruntime", prune="auto", accuracy_budget=budget,
                                calibration=case.calibration)

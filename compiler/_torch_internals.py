@@ -27,7 +27,7 @@ __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
     "module_owned_inputs", "recompile_limit_at_least", "is_fake", "StorageWeakRef", "DynamoVisibleReleasedWeightsError",
-    "storage_id",
+    "storage_id", "recording_cuda_allocations",
 ]
 
 
@@ -165,3 +165,18 @@ def guards_checked_once() -> contextlib.AbstractContextManager:
         return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     except TypeError:
         return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def recording_cuda_allocations(max_entries: int = 200_000) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """Record where each CUDA allocation came from (torch.cuda.memory's allocation history, private); yields a
+    function returning the live blocks [{"size", "frames": [{"filename", "line", "name"}, ...]}] at that moment."""
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+
+    def live_blocks() -> list[dict[str, Any]]:
+        return [block for segment in torch.cuda.memory._snapshot()["segments"] for block in segment["blocks"]
+                if block["state"] == "active_allocated"]
+    try:
+        yield live_blocks
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)

@@ -15,6 +15,8 @@ QUANTIZE = (None, "int8_weight_only", "int4_weight_only", "w8a8_dynamic", "fp8",
 # Lossy, opt-in (passes/prune*.py): the structures prune may remove; "auto" is all of them; a list or tuple names
 # several. All that are asked for are chosen in one solve, with quantize, under one accuracy_budget.
 PRUNE_STRUCTURES = ("mlp_channels", "heads", "blocks")
+# Those a fixed fraction can be asked for (prune={"mlp_channels": 0.5}); blocks are dropped whole, per block.
+PRUNE_FRACTIONS = ("mlp_channels", "heads")
 # What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
 WEIGHTS = ("keep", "release")
 # Lossy, opt-in (passes/tokens.py): fewer tokens in vision towers. "prune", "resolution" and "auto" are named by
@@ -51,6 +53,10 @@ class CompileOptions:
     quantize: str | None = None
     # Lossy: structures to remove (MLP channels, attention heads, blocks), chosen with quantize under one budget.
     prune: tuple[str, ...] | None = None
+    # Lossy: structure -> the fraction of it to remove, from the dict form prune={"mlp_channels": 0.5, "blocks":
+    # None}: the lever then offers that fraction alone (each site takes it or stays whole, under accuracy_budget);
+    # None, or a structure given by name: the lever offers its usual fractions.
+    prune_fractions: Mapping[str, float] = field(default_factory=dict)
     # Lossy: merge tokens between the blocks of vision towers (ToMe); chosen with the others under the same budget.
     tokens: str | None = None
     accuracy_budget: float = 0.01
@@ -89,7 +95,7 @@ class CompileOptions:
         quantize = options.get("quantize")
         if quantize not in QUANTIZE:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
-        prune = _validate_prune(options.get("prune"))
+        prune, prune_fractions = _validate_prune(options.get("prune"))
         tokens = _validate_tokens(options.get("tokens"))
         budget = options.get("accuracy_budget", 0.01)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
@@ -107,26 +113,46 @@ class CompileOptions:
         if debug_dir is not None and not isinstance(debug_dir, (str, os.PathLike)):
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
-                   cuda_graphs=cuda_graphs, quantize=quantize, prune=prune, tokens=tokens, accuracy_budget=float(budget),
+                   cuda_graphs=cuda_graphs, quantize=quantize, prune=prune,
+                   prune_fractions=prune_fractions, tokens=tokens, accuracy_budget=float(budget),
                    calibration=calibration, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)
 
 
-def _validate_prune(value: Any) -> tuple[str, ...] | None:
-    """A structure name, "auto" (every structure), or a list / tuple of structure names -> the structures."""
+def _validate_prune(value: Any) -> tuple[tuple[str, ...] | None, dict[str, float]]:
+    """A structure name, "auto" (every structure), a list / tuple of structure names, or a dict of structure ->
+    fraction to remove -> (the structures, the fractions)."""
     if value is None:
-        return None
+        return None, {}
+    if isinstance(value, Mapping):
+        return tuple(_validate_prune(list(value))[0] or ()), _validate_fractions(value)
     names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     if not names:
         raise InvalidOptionError(f"option 'prune'={value!r} is not valid; give one of {list(PRUNE_STRUCTURES)}, "
-                                 "'auto', or a list of them")
+                                 "'auto', a list of them, or a dict of structure -> fraction to remove")
     for name in names:
         if name not in (*PRUNE_STRUCTURES, "auto"):
             raise InvalidOptionError(f"option 'prune': {name!r} is not valid; choose among {list(PRUNE_STRUCTURES)} "
                                      "or 'auto' (all of them), alone or in a list")
-    return PRUNE_STRUCTURES if "auto" in names else tuple(dict.fromkeys(names))
+    return (PRUNE_STRUCTURES if "auto" in names else tuple(dict.fromkeys(names))), {}
+
+
+def _validate_fractions(value: Mapping[str, Any]) -> dict[str, float]:
+    fractions = {}
+    for name, fraction in value.items():
+        if fraction is None:  # {"blocks": None}: that structure, its amount chosen by accuracy_budget
+            continue
+        if name not in PRUNE_FRACTIONS:
+            raise InvalidOptionError(f"option 'prune': {name!r} takes no fraction; fractions are for "
+                                     f"{list(PRUNE_FRACTIONS)} (blocks are chosen by accuracy_budget: give "
+                                     "'blocks': None)")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise InvalidOptionError(f"option 'prune': the fraction of {name} to remove must be a number in (0, 1), "
+                                     f"got {fraction!r} (0.25 removes a quarter)")
+        fractions[name] = float(fraction)
+    return fractions
 
 
 def _validate_weights(value: Any, lossy: str | None) -> str:

@@ -7,7 +7,7 @@ the compiler depends on the passes (it validates pass names against the pipeline
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -19,6 +19,7 @@ class PassOptions(Protocol):
     """What passes read of the user's options (compiler.options.CompileOptions has these and more)."""
     quantize: str | None
     prune: tuple[str, ...] | None  # structures: "mlp_channels", "heads", "blocks"
+    prune_fractions: Mapping[str, float]  # structure -> the one fraction to remove, where the user fixed it
     tokens: str | None
     accuracy_budget: float
     lossy_fallback: bool

@@ -67,11 +67,12 @@ class LeverEntry:
 # graph as the user gave it (a merged stream's averaged tokens would be another distribution).
 # Within prune, structures rewrite in this order: MLP channels, heads, then blocks (a dropped block's MLP and
 # attention are still in the graph, unread, when the others rewrite them, and cleanup removes them after).
-PRUNE_LEVERS: dict[str, Callable[[], Lever]] = {"mlp_channels": MlpChannelLever, "heads": HeadLever,
-                                                "blocks": BlockLever}
+PRUNE_LEVERS: dict[str, Callable[..., Lever]] = {"mlp_channels": MlpChannelLever, "heads": HeadLever,
+                                                 "blocks": BlockLever}
 LOSSY = (LeverEntry("tokens", lambda o: o.tokens is not None, lambda o: [MergeLever(o.tokens)]),
          LeverEntry("prune", lambda o: o.prune is not None,
-                    lambda o: [make() for name, make in PRUNE_LEVERS.items() if name in o.prune]),
+                    lambda o: [make(*[o.prune_fractions[name]] if name in o.prune_fractions else [])
+                               for name, make in PRUNE_LEVERS.items() if name in o.prune]),
          LeverEntry("quantize", lambda o: o.quantize is not None, lambda o: [QuantizeLever(o.quantize)]))
 
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(p.name for p in LOSSLESS))

@@ -40,6 +40,12 @@ from .patterns import VIEW_OPS, add_constant, aten, constant_value, is_constant,
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 KEEP = {"keep_25": 0.25, "keep_50": 0.5, "keep_75": 0.75}  # cheapest first, as the mechanism needs
+
+
+def keep_options(removed: float | None, default: dict[str, float]) -> dict[str, float]:
+    """A lever's options: the user's one fraction to remove (prune={"mlp_channels": 0.5}) as its kept fraction,
+    else the lever's default fractions."""
+    return dict(default) if removed is None else {f"keep_{round(100 * (1 - removed))}%": 1 - removed}
 # Ridge of the refit, relative to the mean diagonal of the kept channels' Gram matrix: keeps the normal
 # equations well-posed for channels that are near-collinear on the calibration tokens. Not a tuning knob: on the
 # tiny Llama (tests/hf_tiny.py) the error is the same to 3 digits for ridges from 1e-6 to 1e-2.
@@ -253,7 +259,8 @@ class MlpChannelLever:
     fractions of its channels to keep (cheapest first), then ORIGINAL."""
     name, label, noun, unit, cost_unit = "prune:mlp_channels", "mlp_channels", "pruning", "MLP(s) pruned", "bytes"
 
-    def __init__(self) -> None:
+    def __init__(self, removed: float | None = None) -> None:
+        self.keep = keep_options(removed, KEEP)
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None
         self.mlps: dict[str, _Mlp] = {}  # by the name of the down projection's node (the site's node)
@@ -282,14 +289,13 @@ class MlpChannelLever:
                               (*options, ORIGINAL), {ORIGINAL: 0.0}))
         return sites
 
-    @staticmethod
-    def _options(width: int) -> dict[str, int]:
+    def _options(self, width: int) -> dict[str, int]:
         """Option -> channels kept, for the fractions that keep a distinct number, fewer than all."""
         # widths of 128 and more keep multiples of 32 (64, 128 from 256, 512): a pruned down projection can still
         # take int4 groups of that size, and matmul tiles stay whole
         granule = next((g for g in (128, 64, 32) if width >= 4 * g), 1)
         options: dict[str, int] = {}
-        for option, fraction in KEEP.items():
+        for option, fraction in self.keep.items():
             keep = max(granule, round(width * fraction / granule) * granule)
             if keep < width and keep not in options.values():
                 options[option] = keep

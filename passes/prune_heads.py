@@ -31,7 +31,7 @@ from .contract import PassContext
 from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
-from .prune import (FUSED_LINEAR, PRUNED, grams, keeps_channels, refit_columns, split_piece, split_sizes,
+from .prune import (FUSED_LINEAR, PRUNED, grams, keep_options, keeps_channels, refit_columns, split_piece, split_sizes,
                     warn_few_tokens, weight_bytes)
 
 SDPA = aten.scaled_dot_product_attention.default
@@ -282,7 +282,8 @@ class HeadLever(UnrecordedOnRelease):
     K/V groups (heads without grouped-query attention) to keep, cheapest first, then ORIGINAL."""
     name, label, noun, unit, cost_unit = "prune:heads", "heads", "pruning", "attention(s) pruned", "bytes"
 
-    def __init__(self) -> None:
+    def __init__(self, removed: float | None = None) -> None:
+        self.keep = keep_options(removed, KEEP_HEADS)
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None
         self.attentions: dict[str, _Attention] = {}  # by the SDPA node's name (the site's node)
@@ -290,10 +291,9 @@ class HeadLever(UnrecordedOnRelease):
         self.costs: dict[str, dict[str, int]] = {}
         self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
 
-    @staticmethod
-    def _options(groups: int) -> dict[str, int]:
+    def _options(self, groups: int) -> dict[str, int]:
         options: dict[str, int] = {}
-        for option, fraction in KEEP_HEADS.items():
+        for option, fraction in self.keep.items():
             keep = max(1, round(groups * fraction))
             if keep < groups and keep not in options.values():
                 options[option] = keep

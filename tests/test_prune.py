@@ -236,6 +236,11 @@ def test_default_never_prunes():
     ({"prune": []}, "not valid; give one of"),
     ({"prune": 0.5}, "not valid; give one of"),
     ({"prune": "mlp_channels", "calibration": []}, "is empty"),
+    ({"prune": {"mlp_channels": 1.0}}, "must be a number in \\(0, 1\\)"),
+    ({"prune": {"heads": 0}}, "must be a number in \\(0, 1\\)"),
+    ({"prune": {"mlp_channels": "half"}}, "must be a number in \\(0, 1\\)"),
+    ({"prune": {"blocks": 0.25}}, "'blocks' takes no fraction"),
+    ({"prune": {"rows": 0.25}}, "'rows' is not valid"),
 ])
 def test_bad_prune_options_name_the_problem(options, match):
     with pytest.raises(ValueError, match=match):
@@ -333,6 +338,17 @@ def test_pruned_heads_are_the_smaller_attention_built_by_hand(heads, kv_heads, r
     linears = sorted(tuple(n.args[1].meta["val"].shape) for n in final.graph.nodes if "fused_linear" in str(n.target))
     assert linears == sorted([(8 * (heads + 2 * kv_heads) // 2, 32), (32, 8 * heads // 2)])  # q/k/v fused, o_proj
     assert find_attentions(final) == ([], [])  # idempotent: pruned once
+
+
+def test_a_fixed_fraction_of_heads_is_the_smaller_attention():
+    torch.manual_seed(0)
+    model = Attention(4, 4, False, True).eval().requires_grad_(False)
+    compiled, result = _compile(model, prune={"heads": 0.75}, budget=0.99)
+    (row,) = result.details["layers"]
+    assert row["lever"] == "prune:heads" and row["precision"] == "keep_25%"
+    hand, x = _hand_pruned_attention(model, 1), torch.randn(2, 128, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
 
 
 def test_heads_fire_on_tiny_hf_llama_within_budget():
@@ -491,3 +507,21 @@ def test_prune_names_structures_in_a_list_or_auto():
     options = mmaccel.CompileOptions.from_user
     assert options({"prune": ["heads", "mlp_channels", "heads"]}).prune == ("heads", "mlp_channels")
     assert options({"prune": "auto"}).prune == ("mlp_channels", "heads", "blocks")
+    fixed = options({"prune": {"mlp_channels": 0.5, "blocks": None}})
+    assert fixed.prune == ("mlp_channels", "blocks") and fixed.prune_fractions == {"mlp_channels": 0.5}
+
+
+@pytest.mark.parametrize("removed,kept", [(0.5, 32), (0.3, 45), (0.75, 16)])
+def test_a_fixed_fraction_is_the_one_option_offered(removed, kept):
+    # width 64 is under the lever's granule threshold (4 x 32), so any channel count can be kept
+    compiled, result = _compile(_model(SwiGLU), prune={"mlp_channels": removed}, budget=0.99)
+    (row,) = result.details["layers"]
+    assert row["precision"] == f"keep_{round(100 * (1 - removed))}%"
+    hand, x = _hand_pruned(_model(SwiGLU), kept), torch.randn(2, 128, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_fixed_fraction_over_budget_leaves_the_mlp_whole():
+    compiled, result = _compile(_model(SwiGLU), prune={"mlp_channels": 0.75}, budget=1e-6)
+    assert result.matched == 0 and compiled.mmaccel_report.graphs[-1].target == "eager"
