@@ -11,8 +11,10 @@ distinct tensor storages reachable from the module and the compiled graphs (no a
     python bench/hf_memory.py --tiny                                        # CPU check, ~1 min
     python bench/hf_memory.py --variants mmaccel_int4_release --explain    # GPU: what the steady bytes are
 
---explain (CUDA) records where each allocation came from and adds to each row the live bytes at steady state
-grouped by the innermost frame outside torch (our pass, the target, transformers' init for the parameters).
+--explain (CUDA, one variant per run: a second variant in the same process was seen holding the first's
+memory while allocations are recorded) records where each allocation came from and adds to the row the live
+bytes at steady state grouped by the innermost Python frame outside torch (our pass, the target, transformers'
+init for the parameters).
 """
 from __future__ import annotations
 
@@ -69,8 +71,8 @@ def live_by_origin(blocks: list[dict], top: int = 12) -> list[tuple[str, float]]
     """GiB of live blocks per innermost frame outside torch (file:line function), largest first."""
     totals: Counter[str] = Counter()
     for block in blocks:
-        frame = next((f for f in block.get("frames", []) if f"{os.sep}torch{os.sep}" not in f["filename"]
-                      and not f["filename"].startswith("<")), None)
+        frame = next((f for f in block.get("frames", []) if f["filename"].endswith(".py")
+                      and f"{os.sep}torch{os.sep}" not in f["filename"]), None)
         where = (f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}" if frame else "(no frame)")
         totals[where] += block["size"]
     return [(where, round(size / 2**30, 3)) for where, size in totals.most_common(top)]
@@ -131,6 +133,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--explain", action="store_true", help="CUDA: steady bytes by where they were allocated")
     args = p.parse_args()
+    if args.explain and "," in args.variants:
+        p.error("--explain takes one variant per run (--variants NAME)")
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
         args.seq, args.repeats = min(args.seq, 16), min(args.repeats, 3)

@@ -171,7 +171,7 @@ def guards_checked_once() -> contextlib.AbstractContextManager:
 def recording_cuda_allocations(max_entries: int = 200_000) -> Iterator[Callable[[], list[dict[str, Any]]]]:
     """Record where each CUDA allocation came from (torch.cuda.memory's allocation history, private); yields a
     function returning the live blocks [{"size", "frames": [{"filename", "line", "name"}, ...]}] at that moment."""
-    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
 
     def live_blocks() -> list[dict[str, Any]]:
         return [block for segment in torch.cuda.memory._snapshot()["segments"] for block in segment["blocks"]

@@ -142,3 +142,31 @@ def test_grouped_query_prefill_without_a_fused_aten_kernel_repeats_kv(monkeypatc
     out = attention.sdpa(q, k, v, mask, enable_gqa=True)
     assert heads == [(4, False)]
     assert_matches_eager(out, F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocks_every_row_masks_out_are_not_read(dtype):
+    """A static KV cache at position 64 of 100: slots 64.. are masked (bool False / -inf) and hold NaN here, so
+    the output equals attention over the written prefix only if the kernel skipped those blocks (64: a block
+    boundary on the interpreter, 16, and on CUDA, 64; a partly masked block is read, and NaN there propagates
+    through 0 * NaN as in eager)."""
+    torch.manual_seed(0)
+    q, k, v = qkv(Lq=2, Lk=100, D=16, dtype=dtype)
+    written = 64
+    for t in (k, v):
+        t[:, :, written:] = float("nan")
+    keep = torch.zeros(1, 1, 2, 100, dtype=torch.bool, device=DEVICE)
+    keep[..., :written] = True
+    expected = F.scaled_dot_product_attention(q, k[:, :, :written], v[:, :, :written])
+    for mask in (keep, torch.zeros(keep.shape, dtype=dtype, device=DEVICE).masked_fill(~keep, float("-inf"))):
+        assert_matches_eager(decode_attention(q, k, v, mask), expected)
+
+
+def test_finite_masks_are_read_as_eager_reads_them():
+    """Near miss: finfo.min is not -inf, so those blocks are read (NaN there reaches the output, as in eager)."""
+    torch.manual_seed(0)
+    q, k, v = qkv(Lq=1, Lk=100, D=16)
+    v[:, :, 60:] = float("nan")
+    mask = torch.zeros(1, 1, 1, 100, device=DEVICE)
+    mask[..., 60:] = torch.finfo(torch.float32).min
+    assert torch.isnan(decode_attention(q, k, v, mask)).all()

@@ -12,7 +12,8 @@ Semantics are those of torch.nn.functional.scaled_dot_product_attention (bool ma
 mask: added to the scaled scores, in fp32). A row whose every key is masked (all False, or all -inf) gives
 0, as PyTorch's SDPA does, rather than 0/0 = NaN: left-padded batches have such rows, and a NaN there would
 reach every later token through the cache. A row masked with finite values (finfo.min) follows the plain
-arithmetic, as in eager. NaN in q, k or v still propagates.
+arithmetic, as in eager. NaN in q, k or v still propagates, except from keys in a block that every query row
+masks out with False / -inf: such blocks are not read (a static KV cache's slots past the current position).
 """
 from __future__ import annotations
 
@@ -54,28 +55,34 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        # K is read transposed ([D, N]) so the dot needs no shuffle; D is the contiguous dim either way
-        kt = tl.load(K + b * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_MASK:
             mv = tl.load(Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
                          mask=row_ok[:, None] & n_ok[None, :], other=0)
             if MASK_IS_BOOL:
-                s = tl.where(mv, s, float("-inf"))
+                bias = tl.where(mv, bias, float("-inf"))
             else:
-                s = s + mv.to(tl.float32)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # While a row has seen no key its max is -inf; shifting by 0 keeps exp() at 0 instead of NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+                bias = mv.to(tl.float32)
+        # A block every row masks out with False / -inf adds exactly nothing: skip its K and V reads. A static
+        # KV cache at position p of max_len masks the max_len - p slots not written yet, so early in a
+        # generation most of the cache is never read (finite masks, finfo.min, are read: exact arithmetic)
+        live = tl.max(tl.where(row_ok[:, None] & n_ok[None, :] & (bias > float("-inf")), 1, 0))
+        if live > 0:
+            # K is read transposed ([D, N]) so the dot needs no shuffle; D is the contiguous dim either way
+            kt = tl.load(K + b * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + bias
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # While a row has seen no key its max is -inf; shifting by 0 keeps exp() at 0 instead of NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
 
     part = (bh * tl.num_programs(1) + split) * Lq + offs_m  # scratch row of (bh, split, query row)
     tl.store(M_part + part, m_i, mask=row_ok)
