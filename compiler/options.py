@@ -1,9 +1,10 @@
 """CompileOptions: the few named, validated knobs of mmaccel (torchao style: a small dataclass)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import InvalidOptionError
 
@@ -63,6 +64,9 @@ class CompileOptions:
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
     # to each graph's inputs by mmaccel.compile / export_onnx).
     calibration: tuple[Sample, ...] | None = field(default=None, compare=False, repr=False)
+    # Lossy: what accuracy_budget bounds instead of the relative output error: metric(outputs, references) ->
+    # float, each a list per calibration sample of the compiled graph's output tensors (passes/lossy.py Metric).
+    metric: Callable[[list, list], float] | None = field(default=None, compare=False, repr=False)
     # A lossy pass that cannot run (a calibration sample that does not fit the graph) stops the compile or
     # export with LossyPassError; True: it is skipped with a warning instead.
     lossy_fallback: bool = False
@@ -77,7 +81,7 @@ class CompileOptions:
 
         options = dict(options or {})
         valid = ("target", "passes", "debug_dir", "cuda_graphs", "quantize", "prune", "tokens", "accuracy_budget",
-                 "calibration", "lossy_fallback", "weights")
+                 "calibration", "metric", "lossy_fallback", "weights")
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise InvalidOptionError(
@@ -97,8 +101,13 @@ class CompileOptions:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
         prune, prune_fractions = _validate_prune(options.get("prune"))
         tokens = _validate_tokens(options.get("tokens"))
+        metric = _validate_metric(options.get("metric"), quantize or prune or tokens)
         budget = options.get("accuracy_budget", 0.01)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
+        if metric is not None:  # the user's metric has the user's scale: any positive bound
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+                raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a positive number: the largest "
+                                         "value of your metric the lossy passes may reach")
+        elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
             raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
                                      "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
         calibration = _validate_calibration(options.get("calibration"), quantize or prune or tokens)
@@ -115,7 +124,7 @@ class CompileOptions:
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, prune=prune,
                    prune_fractions=prune_fractions, tokens=tokens, accuracy_budget=float(budget),
-                   calibration=calibration, lossy_fallback=lossy_fallback, weights=weights)
+                   calibration=calibration, metric=metric, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
         return self.passes.get(name, default)
@@ -170,6 +179,18 @@ def _validate_tokens(value: Any) -> str | None:
                                  "towers) works today")
     if not isinstance(value, (str, type(None))) or value not in TOKENS:
         raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)}")
+    return value
+
+
+def _validate_metric(value: Any, lossy: Any) -> Callable[[list, list], float] | None:
+    if value is None:
+        return None
+    if not callable(value):
+        raise InvalidOptionError(f"option 'metric' must be a callable metric(outputs, references) -> float, got "
+                                 f"{type(value).__name__}")
+    if not lossy:
+        raise InvalidOptionError("option 'metric' only matters to lossy passes; set quantize=..., prune=... or "
+                                 "tokens=... as well, or drop metric")
     return value
 
 

@@ -22,6 +22,7 @@ class PassOptions(Protocol):
     prune_fractions: Mapping[str, float]  # structure -> the one fraction to remove, where the user fixed it
     tokens: str | None
     accuracy_budget: float
+    metric: Callable[[list, list], float] | None  # replaces the relative output error the budget bounds
     lossy_fallback: bool
 
     def pass_enabled(self, name: str, default: bool = True) -> bool: ...

@@ -212,10 +212,11 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
     changed = [site for site in sites if site.chosen != ORIGINAL]
     n = len(measure.samples)
     labels = ", ".join(lever.label for lever in levers)
+    measured = "metric" if metric is not None else "relative output error"
     if not error <= budget or not changed:
         for site in sites:
             site.chosen = ORIGINAL
-        summary = (f"{labels}: no mix within the budget {budget:g} (cheapest: measured relative output error "
+        summary = (f"{labels}: no mix within the budget {budget:g} (cheapest: measured {measured} "
                    f"{cheapest_error:.2e} on {n} input(s))")
         warn_once(f"mmaccel: {' and '.join(lever.noun for lever in levers)} not applied: {summary}. Raise "
                   "accuracy_budget to accept some loss.")
@@ -234,8 +235,8 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
     details = report_table(sites, cost, by_name, measured_sites)
     after = live_constant_bytes(gm)
     mixes = "; ".join(_lever_summary(lever, [s for s in sites if s.lever == lever.name]) for lever in levers)
-    summary = (f"{mixes}; constants {before / 2**20:.2f} -> {after / 2**20:.2f} MiB; measured relative output "
-               f"error {error:.2e} on {n} calibration input(s) (budget {budget:g})"
+    summary = (f"{mixes}; constants {before / 2**20:.2f} -> {after / 2**20:.2f} MiB; measured {measured} "
+               f"{error:.2e} on {n} calibration input(s) (budget {budget:g})"
                + (f"; per-layer sensitivities measured, {rounds} solver round(s)" if measured_sites else ""))
     return PassResult(matched=len(changed), changes=[summary], measured_error=error, details=details,
                       near_misses=near_misses)

@@ -92,7 +92,7 @@ def pipeline_for(options: PassOptions) -> list[Pass]:
 
     def run_levers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return apply_levers(gm, ctx, [lever for entry in levers for lever in entry.make(ctx.options)],
-                            cleanup=[p.run for p in CLEANUP])
+                            cleanup=[p.run for p in CLEANUP], metric=ctx.options.metric)
 
     return [*LOSSLESS, Pass("+".join(entry.name for entry in levers), run_levers, lossy=True), *CLEANUP]
 

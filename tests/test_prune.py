@@ -241,6 +241,9 @@ def test_default_never_prunes():
     ({"prune": {"mlp_channels": "half"}}, "must be a number in \\(0, 1\\)"),
     ({"prune": {"blocks": 0.25}}, "'blocks' takes no fraction"),
     ({"prune": {"rows": 0.25}}, "'rows' is not valid"),
+    ({"prune": "mlp_channels", "metric": "top1"}, "'metric' must be a callable"),
+    ({"metric": lambda out, ref: 0.0}, "'metric' only matters to lossy passes"),
+    ({"prune": "mlp_channels", "metric": lambda out, ref: 0.0, "accuracy_budget": -1}, "must be a positive number"),
 ])
 def test_bad_prune_options_name_the_problem(options, match):
     with pytest.raises(ValueError, match=match):
@@ -525,3 +528,21 @@ def test_a_fixed_fraction_is_the_one_option_offered(removed, kept):
 def test_a_fixed_fraction_over_budget_leaves_the_mlp_whole():
     compiled, result = _compile(_model(SwiGLU), prune={"mlp_channels": 0.75}, budget=1e-6)
     assert result.matched == 0 and compiled.mmaccel_report.graphs[-1].target == "eager"
+
+
+def _disagreement(outputs, references):
+    """A user metric: the fraction of rows whose argmax differs from the reference's."""
+    pairs = [(o[0].argmax(-1), r[0].argmax(-1)) for o, r in zip(outputs, references)]
+    return float(sum((a != b).sum() for a, b in pairs)) / sum(b.numel() for _, b in pairs)
+
+
+def test_a_user_metric_replaces_the_output_error():
+    model = _model(SwiGLU)
+    compiled, result = _compile(model, prune={"mlp_channels": 0.5}, budget=0.9, metric=_disagreement)
+    assert result.matched == 1 and "measured metric" in result.changes[0]
+    with torch.no_grad():
+        expected = _disagreement([[compiled(s)] for s in SAMPLES], [[model(s)] for s in SAMPLES])
+    assert result.measured_error == pytest.approx(expected) and 0 < expected <= 0.9
+    # the same fraction, a budget the metric does not fit: left whole
+    compiled, result = _compile(model, prune={"mlp_channels": 0.5}, budget=expected / 2, metric=_disagreement)
+    assert result.matched == 0 and "measured metric" in result.changes[0]
