@@ -82,13 +82,35 @@ def measure(variant: str, args: argparse.Namespace, device: str) -> dict:
     if not (args.explain and device == "cuda"):
         return _measure(variant, args, device)
     with recording_cuda_allocations() as live_blocks:
-        row = _measure(variant, args, device, lambda: live_by_origin(live_blocks()))
-    for where, gib in row["live_gib_by_origin"]:
-        print(f"    {gib:7.3f} GiB  {where}")
+        row = _measure(variant, args, device, live_blocks)
+    for key in ("live_gib_by_origin", "unreachable_gib_by_origin"):
+        print(f"  {key}:")
+        for where, gib in row[key]:
+            print(f"    {gib:7.3f} GiB  {where}")
     return row
 
 
-def _measure(variant: str, args: argparse.Namespace, device: str, explain=None) -> dict:
+def explain(live_blocks, reachable: list[torch.Tensor]) -> dict:
+    """The live blocks by origin, and those that hold no storage reachable from the module or the compiled graphs
+    (what the steady bytes hold beyond the weights the graphs read: workspaces, caches, copies)."""
+    blocks = live_blocks()
+    held = {t.untyped_storage().data_ptr() for t in reachable}
+    unreachable = [b for b in blocks if b["address"] not in held]
+    return {"live_gib_by_origin": live_by_origin(blocks), "unreachable_gib_by_origin": live_by_origin(unreachable)}
+
+
+def graph_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """Buffers, parameters and get_attr constants of a graph."""
+    found = [*gm.parameters(), *gm.buffers()]
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(gm, node.target, None)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+    return found
+
+
+def _measure(variant: str, args: argparse.Namespace, device: str, live_blocks=None) -> dict:
     torch._dynamo.reset()
     gc.collect()
     cuda = device == "cuda"
@@ -112,8 +134,10 @@ def _measure(variant: str, args: argparse.Namespace, device: str, explain=None) 
             torch.cuda.synchronize()
             row["steady_bytes"] = torch.cuda.memory_allocated()
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
-            if explain is not None:
-                row["live_gib_by_origin"] = explain()
+            if live_blocks is not None:
+                graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
+                reachable = [*model.parameters(), *model.buffers(), *(t for g in graphs for t in graph_tensors(g))]
+                row.update(explain(live_blocks, reachable))
         else:
             graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
             row["steady_bytes"] = storage_bytes([*model.parameters(), *model.buffers(),
