@@ -1,0 +1,78 @@
+"""Where the time of one `mmaccel.generate` call goes (GPU): wall time against GPU kernel time, CUDA-graph
+launches against plain kernel launches, and the kernels that take the most time. A decode that runs from CUDA
+graphs shows one graph launch per step and kernel time close to wall time; a host-bound one shows many launches
+and a wall time well above its kernel time.
+
+    python bench/profile_generate.py --model whisper --layers 8 --new-tokens 64    # Whisper large-v3 dims
+    python bench/profile_generate.py --model llava --layers 8
+    python bench/profile_generate.py --model llama --tiny                          # CPU smoke test of the script
+
+Same models and inputs as bench/hf_generate.py (random weights, bf16 on CUDA). Two warm-up calls (compile,
+CUDA-graph recording), then one profiled call. JSON under $OUT (or bench/results/) when --out is given.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mmaccel
+from common import environment, write_json
+from hf_generate import build  # the same models and inputs as the generation benchmark
+
+GRAPH_LAUNCH = "cudaGraphLaunch"
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("llava", "llama", "whisper"), default="whisper")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the config's)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the script runs")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, inputs, what = build(args.model, args.tiny, device, dtype, args.layers)
+    new = min(args.new_tokens, 8) if args.tiny else args.new_tokens
+
+    def call() -> torch.Tensor:
+        return mmaccel.generate(model, **inputs, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+
+    for _ in range(2):
+        call()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1000
+    events = prof.key_averages()
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    count = {e.key: e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    row = {
+        "model": args.model, "prompt": what, "new_tokens": new, "wall_ms": round(wall_ms, 2),
+        "kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1000, 2),
+        "kernels": sum(e.count for e in gpu),
+        "graph_launches": count.get(GRAPH_LAUNCH, 0),
+        "kernel_launches": sum(count.get(k, 0) for k in KERNEL_LAUNCHES),
+        "top_kernels": [(e.key[:90], e.count, round(e.self_device_time_total / 1000, 3))
+                        for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:args.rows]],
+    }
+    print(f"{args.model} ({what}), {new} new tokens: wall {row['wall_ms']} ms ({wall_ms / new:.3f} ms/token), "
+          f"GPU kernel time {row['kernel_ms']} ms, {row['kernels']} kernels; {row['graph_launches']} CUDA-graph "
+          f"launches, {row['kernel_launches']} kernel launches from the host")
+    for key, n, ms in row["top_kernels"]:
+        print(f"  {ms:9.3f} ms {n:6d}x  {key}")
+    if args.out:
+        write_json(args.out, {"environment": environment(device, layers=args.layers), "rows": [row]})
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
