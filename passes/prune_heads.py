@@ -46,8 +46,9 @@ _FLAT, _HEADS = "flat", "heads"  # a region node's head count sits in its sizes'
 @dataclass
 class _Path:
     """q, k or v traced back to a projection, or the output forward to o_proj: the views whose sizes name the head
-    count (node, "flat" or "heads", channels per head), and the projection piece."""
-    views: list[tuple[fx.Node, str, int]] = field(default_factory=list)
+    count (node, the index in its sizes that does: -1 for H * D, else where H is; channels per head), and the
+    projection piece."""
+    views: list[tuple[fx.Node, int, int]] = field(default_factory=list)
     nodes: list[fx.Node] = field(default_factory=list)
     piece: tuple[fx.Node, fx.Node | None, int] | None = None
 
@@ -118,6 +119,8 @@ def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node
         before, after = shape(node.args[0]), shape(node)
         if axis == len(after) - 2 and len(before) == len(after) - 1 and same_shape(before[:-1], after[:-2]):
             return [(node.args[0], -1)], _FLAT
+        if same_shape(before, after):
+            return [(node.args[0], axis)], None
         return f"view '{node.name}' {list(before)} -> {list(after)} mixes the heads with other dims"
     return f"'{node.name}' ({node.target}) is not followed"
 
@@ -141,7 +144,7 @@ def _trace_back(start: fx.Node, heads: int) -> _Path | str:
             per_head = shape(node)[-1] // heads
             if not (is_op(node, *VIEW_OPS) and keeps_channels(node, shape(node)[-1])):
                 return f"'{node.name}' ({node.target}) is not followed back to a projection"
-            path.views.append((node, _FLAT, per_head))
+            path.views.append((node, -1, per_head))
             stack.append((node.args[0], -1, _FLAT))
             continue
         step = _step_back(node, axis, heads)
@@ -149,7 +152,9 @@ def _trace_back(start: fx.Node, heads: int) -> _Path | str:
             return step
         operands, switch = step
         if switch == _FLAT:
-            path.views.append((node, _HEADS, 1))
+            path.views.append((node, -2, 1))
+        elif is_op(node, *VIEW_OPS):  # a view that keeps the shape: its sizes name H where the axis is
+            path.views.append((node, axis - len(shape(node)), 1))
         stack.extend((a, ax, switch or _HEADS) for a, ax in operands)
     return path if path.piece is not None else "no projection reached"
 
@@ -174,10 +179,13 @@ def _trace_forward(sdpa: fx.Node, heads: int) -> _Path | str:
                 axis = [_axis(user, d) for d in user.args[1]].index(axis)
         elif mode == _HEADS and is_op(user, *VIEW_OPS) and axis == len(shape(node)) - 2 \
                 and len(shape(user)) == len(shape(node)) - 1 and same_shape(shape(user)[:-1], shape(node)[:-2]):
-            path.views.append((user, _FLAT, shape(node)[-1]))
+            path.views.append((user, -1, shape(node)[-1]))
             mode = _FLAT
+        elif mode == _HEADS and is_op(user, *VIEW_OPS) and same_shape(shape(user), shape(node)):
+            # a view that keeps the shape (HF CLIP's attn_output.view(B, H, L, D) before its transpose)
+            path.views.append((user, axis - len(shape(user)), 1))
         elif mode == _FLAT and is_op(user, *VIEW_OPS) and keeps_channels(user, shape(node)[-1]):
-            path.views.append((user, _FLAT, shape(node)[-1] // heads))
+            path.views.append((user, -1, shape(node)[-1] // heads))
         else:
             return f"'{user.name}' ({user.target}) is not followed forward to o_proj"
         node = user
@@ -393,8 +401,8 @@ class HeadLever(UnrecordedOnRelease):
                 sizes[index] = heads[key] * sizes[index] // (att.heads if key == "q" else att.kv_heads)
                 split.target, split.args, split.kwargs = aten.split_with_sizes.default, (split.args[0], sizes, -1), {}
         for key, path in att.paths.items():
-            for view, kind, per_head in path.views:
-                sizes, at = list(view.args[1]), -1 if kind == _FLAT else -2
+            for view, at, per_head in path.views:
+                sizes = list(view.args[1])
                 if isinstance(sizes[at], int) and sizes[at] != -1:
                     sizes[at] = heads[key] * per_head
                     view.args = (view.args[0], sizes)

@@ -367,6 +367,26 @@ def test_heads_fire_on_tiny_hf_llama_within_budget():
     assert 0 < relative_error(actual, expected) < 0.5
 
 
+def test_heads_fire_on_tiny_hf_clip_through_its_shape_keeping_view():
+    """HF CLIP views the SDPA output to the same [B, H, L, D] before its transpose: followed, its sizes rewritten."""
+    model = hf_tiny.clip_vision("sdpa")
+    size = model.config.image_size
+    samples = [torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune={"heads": 0.5}, accuracy_budget=0.99,
+                                   calibration=samples)
+        outs = [compiled(x) for x in samples]
+        refs = [model(x) for x in samples]
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert result.matched == 2 and not result.near_misses
+    final = compiled.mmaccel_report.graphs[-1].final_graph
+    sdpas = [n for n in final.graph.nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert [n.meta["val"].shape[1] for n in sdpas] == [model.config.num_attention_heads // 2] * 2
+    measured = max(relative_error(torch.cat([getattr(o, k) for o in outs]), torch.cat([getattr(r, k) for r in refs]))
+                   for k in ("last_hidden_state", "pooler_output"))
+    assert measured == pytest.approx(result.measured_error, rel=1e-3)
+
+
 class CacheOut(Attention):
     def forward(self, x):
         q, k, v = self.qkv(x)
