@@ -212,8 +212,11 @@ def _trace(sdpa: fx.Node) -> _Attention | str | None:
     if len(shape(query)) != 4 or not all(isinstance(shape(t)[-3], int) for t in (query, key, value)):
         return None
     heads, kv_heads = shape(query)[-3], shape(key)[-3]
-    if kv_heads <= 1:
+    if heads <= 1:
         return None
+    if kv_heads == 1:
+        return ("one K/V head (multi-query attention): heads are pruned by K/V group (a K/V head with its query "
+                "heads), and one group cannot shrink")
     cache = written_input([key, value])
     if cache is not None:
         return (f"K/V go to graph input '{cache}', written in place (a static KV cache): its heads cannot shrink "
@@ -309,6 +312,11 @@ class HeadLever(UnrecordedOnRelease):
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         found, self.near_misses = find_attentions(gm)
+        # heads go by K/V group: a fraction that rounds to every group leaves no option below all of them
+        self.near_misses += [f"attention '{att.sdpa.name}' ({layer_name(att.sdpa)}) left whole: {att.kv_heads} K/V "
+                             "heads: heads are pruned by K/V group (a K/V head with its query heads), and no "
+                             f"fraction offered ({', '.join(f'{f:g}' for f in self.keep.values())}) keeps fewer"
+                             for att in found if not self._options(att.kv_heads)]
         found = [att for att in found if self._options(att.kv_heads)]
         if not found:
             return []

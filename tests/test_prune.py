@@ -343,6 +343,13 @@ def test_pruned_heads_are_the_smaller_attention_built_by_hand(heads, kv_heads, r
     assert find_attentions(final) == ([], [])  # idempotent: pruned once
 
 
+def test_a_fraction_that_keeps_every_kv_group_is_a_near_miss():
+    torch.manual_seed(0)
+    model = Attention(4, 2, True, False).eval().requires_grad_(False)
+    compiled, result = _compile(model, prune={"heads": 0.2}, budget=0.99)  # 2 groups x 0.8 rounds to 2
+    assert result.matched == 0 and "no fraction offered (0.8) keeps fewer" in result.near_misses[0]
+
+
 def test_a_fixed_fraction_of_heads_is_the_smaller_attention():
     torch.manual_seed(0)
     model = Attention(4, 4, False, True).eval().requires_grad_(False)
@@ -406,6 +413,11 @@ class StaticCache(Attention):
 class PerHeadMask(Attention):
     def forward(self, x, mask):
         return x + self.o(self.merged(x, mask))
+
+
+class MultiQuery(Attention):
+    def __init__(self) -> None:
+        super().__init__(heads=4, kv_heads=1)
 
 
 # --- residual blocks ---------------------------------------------------------------------------------------------
@@ -493,6 +505,7 @@ CACHES = (torch.zeros(2, 2, 16, 8), torch.zeros(2, 2, 16, 8))  # [B, Hkv, positi
     (CacheOut, (), "heads", "(k) is also used by"),
     (StaticCache, CACHES, "heads", "written in place (a static KV cache)"),
     (PerHeadMask, (torch.randn(2, 4, 16, 16),), "heads", "differs per head"),
+    (MultiQuery, (), "heads", "one K/V head (multi-query attention)"),
     (CacheOutBlocks, (), "blocks", "values other than its output leave it"),
     (StaticCacheBlocks, tuple(torch.stack([c, c]) for c in CACHES), "blocks", "in place (a static KV cache)"),
 ])
