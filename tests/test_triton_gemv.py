@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from mmaccel.backends.triton.gemv import Fusion, _config, gemv, supports  # noqa: E402
+from mmaccel.backends.triton.gemv import Fusion, _config, fused_reference, gemv, supports  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 loads are wrong in the interpreter
@@ -70,18 +70,6 @@ def test_supports_rejects():
     assert not supports(x[None], weight)
 
 
-def unfused(x, weight, fusion):
-    """The fused GEMV's reference, in fp32: RMSNorm, matmul, SiLU(gate) * up, + residual."""
-    x = x.float()
-    if fusion.norm_weight is not None:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fusion.eps) * fusion.norm_weight.float()
-    y = x @ weight.float().T
-    if fusion.glu:
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
-    return y if fusion.residual is None else y + fusion.residual.float()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # tails of every block; small enough to split unfused
@@ -95,7 +83,7 @@ def test_fused_prologue_and_epilogues_match_the_unfused_reference(dtype, M, N, K
                     eps=1e-5, glu="glu" in parts,
                     residual=torch.randn(M, N, device=DEVICE, dtype=dtype) if "residual" in parts else None)
     out = gemv(x, weight, None, fusion)
-    expected = unfused(x, weight, fusion)
+    expected = fused_reference(x, weight, None, fusion)
     assert out.shape == (M, N) and out.dtype == dtype
     rtol = RTOL[dtype]
     torch.testing.assert_close(out, expected.to(dtype), rtol=rtol, atol=rtol * float(expected.abs().max()))

@@ -242,6 +242,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     return out
 
 
+def fused_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fusion: Fusion) -> torch.Tensor:
+    """What gemv computes, unfused and in fp32: RMSNorm, matmul, + bias, SiLU(gate) * up, + residual."""
+    x = x.float()
+    if fusion.norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fusion.eps) * fusion.norm_weight.float()
+    y = x @ weight.float().T + (0 if bias is None else bias.float())
+    if fusion.glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = gate * torch.sigmoid(gate) * up
+    return y if fusion.residual is None else y + fusion.residual.float()
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
             fusion: Fusion, cfg: GemvConfig, N: int) -> None:
     (M, K), grid = x.shape, (triton.cdiv(N, cfg.block_n), cfg.splits)
