@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ...passes.patterns import cast_source, drop_dead_nodes, is_op, same_shape, single_user, val
+from ...passes.patterns import cast_source, drop_dead_nodes, is_op, same_shape, single_user, strip_noop_views, val
 from . import gemv, matmul
 from .prepare import emit
 
@@ -74,16 +74,22 @@ def _rows_fit(linear: fx.Node, device: torch.device) -> bool:
     return 1 <= rows <= (CUDA_MAX_ROWS if device.type == "cuda" else gemv.MAX_ROWS)
 
 
+def _is_view(node: Any) -> bool:
+    """A reshape, or a slice / expand / clone that keeps the shape (HF's last-token slice in decode), read by one node."""
+    return isinstance(node, fx.Node) and single_user(node) and (
+        is_op(node, aten.reshape.default) or strip_noop_views(node) is not node)
+
+
 def _through_views(node: fx.Node) -> fx.Node:
-    """The value a chain of single-user reshapes starts from."""
-    while is_op(node, aten.reshape.default) and single_user(node):
+    """The value a chain of views starts from."""
+    while _is_view(node):
         node = node.args[0]
     return node
 
 
 def _after_views(node: fx.Node) -> fx.Node:
-    """The end of the chain of reshapes that is `node`'s only reader, and of theirs."""
-    while single_user(node) and is_op(next(iter(node.users)), aten.reshape.default):
+    """The end of the chain of views that is `node`'s only reader, and of theirs."""
+    while single_user(node) and _is_view(next(iter(node.users))):
         node = next(iter(node.users))
     return node
 
@@ -102,7 +108,7 @@ def _match_norm(linear: fx.Node, device: torch.device) -> tuple[Optional[tuple],
         return None, "RMSNorm over another width or dtype than the linear's"
     for user in y.users:
         reader = user
-        while is_op(reader, aten.reshape.default) and single_user(reader):
+        while _is_view(reader):
             reader = next(iter(reader.users))
         if not (is_op(reader, matmul.linear) and _through_views(reader.args[0]) is y and _rows_fit(reader, device)):
             return None, "RMSNorm's output has another consumer, which needs it materialized"
