@@ -14,8 +14,17 @@ from mmaccel.models.registry import build
 from conftest import compile_and_check
 
 pytest.importorskip("triton")
+
+from mmaccel.backends.triton import decode_fusion  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DIM, HIDDEN = 40, 33  # neither a multiple of the interpreter's blocks: tails everywhere
+
+
+@pytest.fixture(autouse=True)
+def _fuse_wider_batches(monkeypatch):
+    """Up to 8 rows on a GPU too (one by default there), so these tests check the same on both."""
+    monkeypatch.setenv("MMACCEL_GEMV_FUSION", "8")
 
 
 class Layer(nn.Module):
@@ -89,3 +98,13 @@ def test_switch_turns_the_fusions_off(monkeypatch):
     _, report = compile_and_check(Layer().to(DEVICE), torch.randn(1, 1, DIM, device=DEVICE), target="triton")
     (stats,) = _fusions(report)
     assert stats["gemv_fusions"] == 0 and stats["kernels"] == 4, stats  # 2 norms (1 with a residual add), SiLU*up, residual
+
+
+@pytest.mark.parametrize("switch,cpu_rows,cuda_rows", [("0", 0, 0), ("1", 16, 1), ("8", 16, 8)])
+def test_switch_values(monkeypatch, switch, cpu_rows, cuda_rows):
+    monkeypatch.setenv("MMACCEL_GEMV_FUSION", switch)
+    assert decode_fusion._max_rows(torch.device("cpu")) == cpu_rows
+    assert decode_fusion._max_rows(torch.device("cuda")) == cuda_rows
+    monkeypatch.setenv("MMACCEL_GEMV_FUSION", "on")
+    with pytest.raises(ValueError, match="MMACCEL_GEMV_FUSION"):
+        decode_fusion._max_rows(torch.device("cpu"))

@@ -12,8 +12,9 @@ Matched on the graph after route_linears (matmul.linear nodes), over views (resh
     glu:      mul(silu(split(linear(...))[0]), split(linear(...))[1])   the two halves of one output
     residual: add(linear(...), r)   r of the add's shape and dtype (no broadcasting)
 The fused GEMV rounds once, where eager rounds the norm, the linear and the epilogue each to the activation
-dtype: results differ by rounding only. MMACCEL_GEMV_FUSION=0 switches the rewrite off, so one GPU run can
-measure both (bench/gpu_triton.py --variants mmaccel_cudagraphs,mmaccel_unfused_cudagraphs)."""
+dtype: results differ by rounding only. MMACCEL_GEMV_FUSION in the environment of the compile is a switch for
+measurements: 0 turns the rewrite off (bench/profile_decode.py profiles both in one run), a row count above 1
+fuses decode batches up to that many rows on a GPU too (the padded-dot GEMV; unmeasured, see CUDA_MAX_ROWS)."""
 from __future__ import annotations
 
 import os
@@ -49,12 +50,13 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
     """Rewrite each matched linear (and its prologue / epilogue) into one decode_linear call; returns the
     count and the near-misses, each with its reason."""
     fused, near_misses = 0, []
-    if os.environ.get(SWITCH, "1") == "0":
-        return {"gemv_fusions": 0, "gemv_near_misses": [f"{SWITCH}=0"]}
+    max_rows = _max_rows(device)
+    if max_rows == 0:
+        return {"gemv_fusions": 0, "gemv_near_misses": [f"all: switched off by {SWITCH}=0"]}
     for node in list(gm.graph.nodes):
-        if not (is_op(node, matmul.linear) and _rows_fit(node, device)):
+        if not (is_op(node, matmul.linear) and _rows_fit(node, max_rows)):
             continue
-        norm, why_not_norm = _match_norm(node, device)
+        norm, why_not_norm = _match_norm(node, max_rows)
         glu = _match_glu(node)
         residual, why_not_residual = (None, None) if glu else _match_residual(node)
         near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_residual) if why]
@@ -65,13 +67,22 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
     return {"gemv_fusions": fused, "gemv_near_misses": near_misses}
 
 
-def _rows_fit(linear: fx.Node, device: torch.device) -> bool:
+def _max_rows(device: torch.device) -> int:
+    switch = os.environ.get(SWITCH, "1")
+    if not switch.isdigit():
+        raise ValueError(f"{SWITCH}={switch!r}: use 0 (off), 1 (default) or a row count up to {gemv.MAX_ROWS}")
+    if device.type != "cuda":
+        return min(int(switch), 1) * gemv.MAX_ROWS
+    return min(int(switch), gemv.MAX_ROWS) if switch != "1" else CUDA_MAX_ROWS
+
+
+def _rows_fit(linear: fx.Node, max_rows: int) -> bool:
     """A static row count the GEMV takes, on a float weight of x's dtype."""
     x, weight = val(linear.args[0]), val(linear.args[1])
     rows = x.shape[0]
     if not isinstance(rows, int) or weight.dtype != x.dtype or x.dtype not in _FLOATS:
         return False
-    return 1 <= rows <= (CUDA_MAX_ROWS if device.type == "cuda" else gemv.MAX_ROWS)
+    return 1 <= rows <= max_rows
 
 
 def _is_view(node: Any) -> bool:
@@ -94,7 +105,7 @@ def _after_views(node: fx.Node) -> fx.Node:
     return node
 
 
-def _match_norm(linear: fx.Node, device: torch.device) -> tuple[Optional[tuple], Optional[str]]:
+def _match_norm(linear: fx.Node, max_rows: int) -> tuple[Optional[tuple], Optional[str]]:
     """(h, norm weight, eps) when the linear reads RMSNorm(h) over its K; else a reason when it nearly does."""
     y = _through_views(linear.args[0])
     if not is_op(y, aten.mul.Tensor):
@@ -110,7 +121,7 @@ def _match_norm(linear: fx.Node, device: torch.device) -> tuple[Optional[tuple],
         reader = user
         while _is_view(reader):
             reader = next(iter(reader.users))
-        if not (is_op(reader, matmul.linear) and _through_views(reader.args[0]) is y and _rows_fit(reader, device)):
+        if not (is_op(reader, matmul.linear) and _through_views(reader.args[0]) is y and _rows_fit(reader, max_rows)):
             return None, "RMSNorm's output has another consumer, which needs it materialized"
     return (h, g, eps), None
 
