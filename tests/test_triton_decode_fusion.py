@@ -3,13 +3,16 @@ it fires on a decoder layer, the output matches eager, near-misses are left alon
 run under Triton's interpreter on CPU (fp32/fp16; bf16 loads are wrong there), with 1, 3 and 8 rows."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mmaccel.models.decoder import RMSNorm
-from mmaccel.models.registry import build
+from mmaccel.models.registry import example_inputs
+from mmaccel.models.vlm import VLM, VLMConfig, VLMDecode
 
 from conftest import compile_and_check
 
@@ -62,15 +65,20 @@ def test_layer_fuses_norms_glu_and_residuals(rows, dtype):
     assert not stats["gemv_near_misses"]
 
 
-def test_decode_step_layers_are_gemvs_rotary_and_attention():
-    """The registry's decode step: per layer the qkv, o, gate/up and down GEMVs, rotary q, rotary k with the KV
-    writes; once per step the mask and the lm_head with the final norm fused in."""
+@pytest.mark.parametrize("kv_heads,rotary_kernels", [(2, 2), (4, 1)])
+def test_decode_step_layers_are_gemvs_rotary_and_attention(kv_heads, rotary_kernels):
+    """The registry's decode step: per layer the qkv, o, gate/up and down GEMVs and the rotary kernels (Q's
+    and K's with the KV writes: one kernel when Q and K have as many heads, as Llama-2-7B, two under
+    grouped-query attention); once per step the mask and the lm_head with the final norm fused in."""
     torch.manual_seed(0)
-    model, inputs = build("vlm_decode", size="tiny", batch=1, seq=4, device=DEVICE)
-    _, report = compile_and_check(model, *inputs, target="triton")
+    config = VLMConfig.tiny()
+    vlm = VLM(dataclasses.replace(config, text=dataclasses.replace(config.text, kv_heads=kv_heads))).to(DEVICE)
+    vlm.setup_cache(1)
+    model = VLMDecode(vlm).eval().requires_grad_(False)
+    _, report = compile_and_check(model, *example_inputs("vlm_decode", model, 1, 4), target="triton")
     (stats,) = _fusions(report)
-    layers = len(model.vlm.decoder.layers)
-    assert stats["gemv_fusions"] == 4 * layers + 1 and stats["kernels"] == 1 + 2 * layers, stats
+    layers = config.text.layers
+    assert stats["gemv_fusions"] == 4 * layers + 1 and stats["kernels"] == 1 + rotary_kernels * layers, stats
 
 
 def test_norm_read_elsewhere_stays_materialized():

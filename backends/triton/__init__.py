@@ -89,6 +89,7 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     matmul.route_linears(gm)
     lower_custom_ops(gm)
     fusions = decode_fusion.fuse_decode_linears(gm, device)
+    prepare.hoist_views(gm)
     unknown = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in OPS]
     if unknown:
         raise NotImplementedError(f"no Triton lowering for {unknown[0].target}")
