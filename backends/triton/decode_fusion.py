@@ -5,7 +5,8 @@ Triton GEMV (gemv.Fusion) instead of running as generated kernels of their own.
 A Llama decoder layer on this target was 4 GEMVs, 5 generated kernels (rotary q; rotary k + KV-cache writes;
 residual add + RMSNorm, twice; SiLU * mul) and attention. Each kernel boundary costs a launch gap and a
 drain even under CUDA graphs, and the small kernels are pure latency at batch 1: with the norms,
-SiLU * up and residual adds fused, a layer is 4 GEMVs, the 2 rotary kernels and attention.
+SiLU * up and residual adds fused, a layer is 4 GEMVs, the rotary kernel(s) and attention (prepare.hoist_views
+lets Q's and K's rotary share one kernel when they have as many heads).
 
 Matched on the graph after route_linears (matmul.linear nodes), over views (reshape) and dtype casts:
     norm:     linear(reshape(g * cast(hf * rsqrt(mean(hf ** 2, -1, keepdim) + eps))))  hf = cast(h)
