@@ -31,9 +31,10 @@ def _fuse_wider_batches(monkeypatch):
 
 
 class Layer(nn.Module):
-    """A Llama layer without attention: h = x + o(norm(x)); h + down(silu(gate(norm(h))) * up(norm(h)))."""
+    """A Llama layer without attention: h = x + o(norm(x)); h + down(silu(gate(norm(h))) * up(norm(h))); the
+    near-misses also return norm(h) or gate(norm(h))."""
 
-    def __init__(self, expose_norm: bool = False) -> None:
+    def __init__(self, expose_norm: bool = False, expose_gate: bool = False) -> None:
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(DIM, 1e-5), RMSNorm(DIM, 1e-6)
         for norm in (self.norm1, self.norm2):
@@ -41,13 +42,14 @@ class Layer(nn.Module):
         self.o = nn.Linear(DIM, DIM, bias=False)
         self.gate, self.up = nn.Linear(DIM, HIDDEN, bias=False), nn.Linear(DIM, HIDDEN, bias=False)
         self.down = nn.Linear(HIDDEN, DIM, bias=False)
-        self.expose_norm = expose_norm
+        self.expose_norm, self.expose_gate = expose_norm, expose_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = x + self.o(self.norm1(x))
         n = self.norm2(h)
-        out = h + self.down(F.silu(self.gate(n)) * self.up(n))
-        return (out, n) if self.expose_norm else out
+        gate = self.gate(n)
+        out = h + self.down(F.silu(gate) * self.up(n))
+        return (out, n) if self.expose_norm else (out, gate) if self.expose_gate else out
 
 
 def _fusions(report) -> list[dict]:
@@ -89,6 +91,15 @@ def test_norm_read_elsewhere_stays_materialized():
     assert stats["gemv_fusions"] == 3  # o: norm + residual; gate/up: SiLU*up but not the norm; down: residual
     assert stats["kernels"] == 1  # the exposed norm
     assert any("another consumer" in why for why in stats["gemv_near_misses"]), stats
+
+
+def test_gate_read_elsewhere_is_not_fused_with_up():
+    torch.manual_seed(0)
+    _, report = compile_and_check(Layer(expose_gate=True).to(DEVICE), torch.randn(3, 1, DIM, device=DEVICE),
+                                  target="triton")
+    (stats,) = _fusions(report)
+    assert stats["gemv_fusions"] == 3  # o: norm + residual; gate/up: the norm only; down: residual
+    assert any("SiLU(gate) * up" in why for why in stats["gemv_near_misses"]), stats
 
 
 def test_broadcasting_residual_is_left_alone():

@@ -58,9 +58,9 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
         if not (is_op(node, matmul.linear) and _rows_fit(node, max_rows)):
             continue
         norm, why_not_norm = _match_norm(node, max_rows)
-        glu = _match_glu(node)
+        glu, why_not_glu = _match_glu(node)
         residual, why_not_residual = (None, None) if glu else _match_residual(node)
-        near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_residual) if why]
+        near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_glu, why_not_residual) if why]
         if norm or glu or residual:
             _rewrite(gm.graph, node, norm, glu, residual)
             fused += 1
@@ -161,25 +161,30 @@ def _rsqrt_of_mean_square(r: Any, hf: Any) -> Optional[float]:
     return add.args[1]
 
 
-def _match_glu(linear: fx.Node) -> Optional[fx.Node]:
-    """The mul of silu(gate) * up when the linear's output is split in two halves read only by it."""
+def _match_glu(linear: fx.Node) -> tuple[Optional[fx.Node], Optional[str]]:
+    """The mul of silu(gate) * up when the linear's output is split in two halves read only by it; else a
+    reason when the output is split in two halves."""
     split = _after_views(linear)
     split = next(iter(split.users)) if single_user(split) else None
     n = val(linear).shape[-1]
-    if not (is_op(split, aten.split_with_sizes.default) and list(split.args[1]) == [n // 2, n // 2]
-            and split.args[2] in (-1, val(split.args[0]).dim() - 1) and linear.args[2] is None):
-        return None
+    if not (is_op(split, aten.split_with_sizes.default) and list(split.args[1]) == [n // 2, n // 2]):
+        return None, None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if dim not in (-1, val(split.args[0]).dim() - 1) or linear.args[2] is not None:
+        return None, None
     halves = sorted(split.users, key=lambda u: u.args[1])
+    miss = "the gate/up halves are not read only by SiLU(gate) * up"
     if [h.args[1] for h in halves] != [0, 1]:
-        return None
+        return None, miss
     gate, up = (_after_views(h) for h in halves)
     silu = next(iter(gate.users)) if single_user(gate) else None
     if not (is_op(silu, aten.silu.default) and single_user(silu) and single_user(up)):
-        return None
+        return None, miss
     mul = next(iter(silu.users))
-    if not (is_op(mul, aten.mul.Tensor) and set(mul.args) == {silu, up} and mul.args[0] is not mul.args[1]):
-        return None
-    return mul if same_shape(val(silu).shape, val(up).shape) and val(mul).dtype == val(linear).dtype else None
+    if not (is_op(mul, aten.mul.Tensor) and set(mul.args) == {silu, up} and mul.args[0] is not mul.args[1]
+            and same_shape(val(silu).shape, val(up).shape) and val(mul).dtype == val(linear).dtype):
+        return None, miss
+    return mul, None
 
 
 def _match_residual(linear: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
