@@ -1,5 +1,6 @@
 """Where a decode step's GPU time goes: kernel-level profile of one 7B-dims decode step (bf16), for mmaccel's
-Triton target (without CUDA graphs, so kernels are visible) and Inductor; with --quantize, mmaccel with that
+Triton target (without CUDA graphs, so kernels are visible), the same with the decode GEMV fusions off
+(MMACCEL_GEMV_FUSION=0, backends/triton/decode_fusion.py) and Inductor; with --quantize, mmaccel with that
 quantization scheme (every layer at the scheme's cheapest precision) beside bf16 mmaccel.
 
     python bench/profile_decode.py --layers 16 --batch 1 [--quantize int8_weight_only,fp8]
@@ -7,6 +8,8 @@ quantization scheme (every layer at the scheme's cheapest precision) beside bf16
 from __future__ import annotations
 
 import argparse
+import os
+from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,11 +33,12 @@ def main() -> None:
         variants.update({f"mmaccel {scheme}": dict(backend="mmaccel", options={
             **plain, "quantize": scheme, "accuracy_budget": 0.5}) for scheme in args.quantize.split(",")})
     else:
+        variants["mmaccel, GEMV fusions off"] = dict(backend="mmaccel", options=plain)
         variants["inductor"] = dict()
     for label, kwargs in variants.items():
         torch._dynamo.reset()
         fn = torch.compile(model, **kwargs)
-        with torch.no_grad():
+        with torch.no_grad(), _gemv_fusion("fusions off" not in label):
             for _ in range(3):
                 fn(*inputs)
             torch.cuda.synchronize()
@@ -48,6 +52,20 @@ def main() -> None:
         print(f"\n== {label}: {total / 1000:.3f} ms of kernel time per step, {kernels:.0f} kernels per step")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
             print(f"{e.self_device_time_total / 3 / 1000:8.3f} ms {e.count // 3:5d}x  {e.key[:90]}")
+
+
+@contextmanager
+def _gemv_fusion(on: bool):
+    """The Triton target reads MMACCEL_GEMV_FUSION when it compiles, on the first call."""
+    before = os.environ.get("MMACCEL_GEMV_FUSION")
+    os.environ["MMACCEL_GEMV_FUSION"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MMACCEL_GEMV_FUSION"]
+        else:
+            os.environ["MMACCEL_GEMV_FUSION"] = before
 
 
 if __name__ == "__main__":

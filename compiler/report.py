@@ -104,6 +104,9 @@ class CompileReport:
                 k = g.kernels
                 lines.append(f"  generated: {k['kernels']} Triton kernel(s) for {k['fused_nodes']} fused node(s), "
                              f"CUDA graphs {'on' if k.get('cuda_graphs') else 'off'}; source {k['source_path']}")
+                if k.get("gemv_fusions") or k.get("gemv_near_misses"):
+                    lines.append(f"  decode GEMVs with norm / SiLU*up / residual fused in: {k['gemv_fusions']}"
+                                 + "".join(f"\n    near-miss: {why}" for why in k["gemv_near_misses"]))
             lines.append(f"  {'pass':34} {'matched':>7} {'nodes':>11} {'ms':>7}  what changed")
             for p in g.passes:
                 what = "; ".join(p.changes) or ("-" if not p.error else f"FAILED, skipped: {p.error}")

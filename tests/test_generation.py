@@ -220,3 +220,6 @@ def test_triton_target_runs_the_steps() -> None:
                        mmaccel.generate(model, ids, mask, **sample, options=EAGER))
     report = mmaccel.generation_report(model, target="triton")
     assert {(g.status, g.target) for g in report.compile.graphs} == {("optimized", "triton")}
+    if not torch.cuda.is_available():  # two rows: fused on the interpreter (on a GPU only one row is)
+        # per layer q/k/v, o, gate/up, down; the lm_head through HF's last-token slice with the final norm
+        assert max(g.kernels["gemv_fusions"] for g in report.compile.graphs) == 4 * hf_tiny.LAYERS + 1

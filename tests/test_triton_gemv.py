@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from mmaccel.backends.triton.gemv import _config, gemv, supports  # noqa: E402
+from mmaccel.backends.triton.gemv import Fusion, _config, fused_reference, gemv, supports  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 loads are wrong in the interpreter
@@ -68,3 +68,26 @@ def test_supports_rejects():
     assert not supports(x.double(), weight.double())
     assert not supports(x, torch.randn(20, 41, device=DEVICE))
     assert not supports(x[None], weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # tails of every block; small enough to split unfused
+@pytest.mark.parametrize("parts", ["norm", "norm+glu", "residual", "norm+residual"])
+def test_fused_prologue_and_epilogues_match_the_unfused_reference(dtype, M, N, K, parts):
+    torch.manual_seed(0)
+    rows = 2 * N if "glu" in parts else N
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype) * 3
+    weight = torch.randn(rows, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    fusion = Fusion(norm_weight=torch.randn(K, device=DEVICE, dtype=dtype) if "norm" in parts else None,
+                    eps=1e-5, glu="glu" in parts,
+                    residual=torch.randn(M, N, device=DEVICE, dtype=dtype) if "residual" in parts else None)
+    out = gemv(x, weight, None, fusion)
+    expected = fused_reference(x, weight, None, fusion)
+    assert out.shape == (M, N) and out.dtype == dtype
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(out, expected.to(dtype), rtol=rtol, atol=rtol * float(expected.abs().max()))
+
+
+def test_fused_gemv_never_splits_k():
+    assert _config(1, 17, 33, torch.device("cpu"), torch.float32, split=False).splits == 1

@@ -21,7 +21,7 @@ import torch.fx as fx
 from ...ops import OPS
 from ...passes.graph import clone_module
 from ..common import lower_custom_ops, reinplace_input_updates
-from . import attention, matmul, prepare
+from . import attention, decode_fusion, matmul, prepare
 from .cache import load_source
 from .cudagraphs import CudaGraphRunner, calls_before_recording
 from .schedule import plan, rewrite, symbol_nodes
@@ -88,6 +88,8 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     attention.route_attention(gm)
     matmul.route_linears(gm)
     lower_custom_ops(gm)
+    fusions = decode_fusion.fuse_decode_linears(gm, device)
+    prepare.hoist_views(gm)
     unknown = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in OPS]
     if unknown:
         raise NotImplementedError(f"no Triton lowering for {unknown[0].target}")
@@ -105,4 +107,4 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     if dump is not None:
         dump("triton_kernels", source)
         dump("triton_graph", gm)
-    return {"kernels": len(kernels), "fused_nodes": len(fusible), "source_path": module.__file__}
+    return {"kernels": len(kernels), "fused_nodes": len(fusible), "source_path": module.__file__, **fusions}

@@ -43,35 +43,59 @@ BLOCK_M = 16
 
 
 @triton.jit
-def _gemv_row_kernel(X, W, Bias, Out, N, K, k_per_split,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end."""
+def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
+                     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end.
+    The fused prologue and epilogues (NORM, GLU, HAS_RESIDUAL: see `gemv`) need one split."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
     w_rows = offs_n % N  # rows past N wrap to valid rows (see _gemv_kernel)
     w_ptrs = W + w_rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    u_ptrs = W + (w_rows + N)[:, None].to(tl.int64) * K + offs_k[None, :]  # GLU: the up half's rows
     # x's one row, repeated to the weight tile's shape so that both loads get the same register layout
     x_ptrs = X + (offs_n * 0)[:, None] + offs_k[None, :]
+    g_ptrs = G + (offs_n * 0)[:, None] + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    squares = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k in range(0, k_per_split, BLOCK_K):
         k_ok = (offs_k < K - k)[None, :]
         w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
-        x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)
+        x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
+            squares += x * x
+            x *= tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            g_ptrs += BLOCK_K
+        acc += w.to(tl.float32) * x
+        if GLU:
+            u = tl.load(u_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")
+            up += u.to(tl.float32) * x
+            u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     out = tl.sum(acc, axis=1)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+        out *= scale
     if HAS_BIAS:
         out += tl.load(Bias + w_rows).to(tl.float32)
+    if GLU:
+        up_out = tl.sum(up, axis=1)
+        if NORM:
+            up_out *= scale
+        out = out * tl.sigmoid(out) * up_out
+    if HAS_RESIDUAL:
+        out += tl.load(Res + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     # Out is [splits, 1, N]: the final output when there is one split, fp32 partial sums otherwise
     tl.store(Out + split * N + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
-def _gemv_kernel(X, W, Bias, Out, M, N, K, stride_xm, k_per_split,
-                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Bias, Out, G, Res, M, N, K, stride_xm, stride_rm, k_per_split, eps,
+                 HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,22 +105,45 @@ def _gemv_kernel(X, W, Bias, Out, M, N, K, stride_xm, k_per_split,
     w_rows = offs_n % N
     # int64 row offsets: an embedding-sized weight can hold more than 2**31 elements
     w_ptrs = W + w_rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    u_ptrs = W + (w_rows + N)[:, None].to(tl.int64) * K + offs_k[None, :]  # GLU: the up half's rows
     x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+    g_ptrs = G + offs_k
     m_ok = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    squares = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     for k in range(0, k_per_split, BLOCK_K):
         # K - k rather than a moving offs_k: Triton sees K's divisibility and keeps the loads vectorized
         k_ok = offs_k < K - k
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
+            xf = x.to(tl.float32)
+            squares += xf * xf
+            x = (xf * tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
+            g_ptrs += BLOCK_K
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if GLU:
+            u = tl.load(u_ptrs, mask=k_ok[None, :], other=0.0)
+            up = tl.dot(x, tl.trans(u), up, input_precision=DOT_PRECISION)
+            u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if NORM:
+        scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+        acc *= scale
     if HAS_BIAS:
         acc += tl.load(Bias + w_rows).to(tl.float32)[None, :]
+    if GLU:
+        if NORM:
+            up *= scale
+        acc = acc * tl.sigmoid(acc) * up
+    out_ok = m_ok[:, None] & (offs_n < N)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(Res + offs_m[:, None] * stride_rm + offs_n[None, :], mask=out_ok, other=0.0).to(tl.float32)
     # Out is [splits, M, N]: the final output when there is one split, fp32 partial sums otherwise
     out_ptrs = Out + (split * M + offs_m[:, None]) * N + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -136,12 +183,13 @@ class GemvConfig(NamedTuple):
     num_stages: int
 
 
-def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) -> GemvConfig:
+def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, split: bool = True) -> GemvConfig:
     """Block sizes and the K split. On CUDA, from the sweep, in bytes of a weight row so that fp32 gets the
     same tile bytes as bf16: M = 1 takes one row and 2 KiB of it per step, 4 warps (one 16-byte load per
     thread). M > 1 takes 64 rows x 256 bytes with 3 stages when N gives at least one such program per SM,
     else 16 rows x 1 KiB with 2 warps and 4 stages (more programs, still deep pipelines). K is split when the
-    column blocks alone leave SMs idle, aiming at 2 programs per SM. On the interpreter: small blocks and a
+    column blocks alone leave SMs idle, aiming at 2 programs per SM, unless `split` is False (a fused
+    prologue or epilogue needs the whole row in one program). On the interpreter: small blocks and a
     pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and split-K."""
     if device.type == "cuda":
         sms = sm_count(device)
@@ -154,43 +202,82 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) ->
     else:
         sms, block_k, block_n, num_warps, num_stages = 8, 32, 4 if M == 1 else 16, 1, 1
     n_blocks = triton.cdiv(N, block_n)
-    splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
+    splits = 1 if n_blocks >= sms or not split else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+class Fusion(NamedTuple):
+    """What rides along a GEMV: RMSNorm of x in front (x * rsqrt(mean(x**2) + eps) * norm_weight, in fp32
+    without rounding in between), SiLU(gate) * up after (the weight's first half of rows is gate, the second
+    up: the output has half the rows' width), and + residual ([M, N], after the bias)."""
+    norm_weight: Optional[torch.Tensor] = None
+    eps: float = 0.0
+    glu: bool = False
+    residual: Optional[torch.Tensor] = None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         fusion: Fusion = Fusion()) -> torch.Tensor:
     """x @ weight.T (+ bias) for the shapes `supports` accepts, as a new contiguous [M, N] tensor in
-    x.dtype; fp32 accumulation, the bias added in fp32 before the one rounding."""
+    x.dtype; fp32 accumulation, the bias (and `fusion`'s prologue and epilogues) in fp32 before the one
+    rounding."""
     assert supports(x, weight), "gemv: unsupported inputs"
-    (M, K), N = x.shape, weight.shape[0]
+    (M, K), N = x.shape, weight.shape[0] // (2 if fusion.glu else 1)
     assert bias is None or (bias.shape == (N,) and bias.device == x.device), "gemv: bias must be [N]"
-    bias = None if bias is None else bias.contiguous()
-    cfg = _config(M, N, K, x.device, weight.dtype)
+    assert not (fusion.glu and (bias is not None or weight.shape[0] % 2)), "gemv: GLU takes an even weight, no bias"
+    fused = fusion.norm_weight is not None or fusion.glu or fusion.residual is not None
+    cfg = _config(M, N, K, x.device, weight.dtype, split=not fused)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     # Split partials go to an fp32 scratch; the bias waits for the pass that sums them
     part = out if cfg.splits == 1 else torch.empty(cfg.splits, M, N, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg.block_n), cfg.splits)
-    has_bias = bias is not None and cfg.splits == 1
-    bias_arg = x if bias is None else bias
+    bias = None if bias is None else bias.contiguous()
     with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        if M == 1:
-            _gemv_row_kernel[grid](x, weight, bias_arg, part, N, K, cfg.k_per_split, HAS_BIAS=has_bias,
-                                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        else:
-            _gemv_kernel[grid](
-                x, weight, bias_arg, part, M, N, K, x.stride(0), cfg.k_per_split, HAS_BIAS=has_bias,
-                # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch(x, weight, bias if cfg.splits == 1 else None, part, fusion, cfg, N)
         if cfg.splits > 1:
             block = 1024 if x.is_cuda else 64
             _sum_splits_kernel[(triton.cdiv(M * N, block),)](
                 part, x if bias is None else bias, out, M * N, N, cfg.splits,
                 HAS_BIAS=bias is not None, BLOCK=block)
     return out
+
+
+def fused_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fusion: Fusion) -> torch.Tensor:
+    """What gemv computes, unfused and in fp32: RMSNorm, matmul, + bias, SiLU(gate) * up, + residual."""
+    x = x.float()
+    if fusion.norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fusion.eps) * fusion.norm_weight.float()
+    y = x @ weight.float().T + (0 if bias is None else bias.float())
+    if fusion.glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = gate * torch.sigmoid(gate) * up
+    return y if fusion.residual is None else y + fusion.residual.float()
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+            fusion: Fusion, cfg: GemvConfig, N: int) -> None:
+    (M, K), grid = x.shape, (triton.cdiv(N, cfg.block_n), cfg.splits)
+    norm, residual = fusion.norm_weight, fusion.residual
+    assert norm is None or norm.shape == (K,), "gemv: the norm weight must be [K]"
+    assert residual is None or residual.shape == (M, N), "gemv: the residual must be [M, N]"
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    flags = dict(HAS_BIAS=bias is not None, NORM=norm is not None, GLU=fusion.glu, HAS_RESIDUAL=residual is not None)
+    # Absent operands are passed as x: a pointer the kernel never reads
+    pointers = [x if t is None else t for t in (bias, norm, residual)]
+    bias_arg, g_arg, res_arg = pointers[0], pointers[1].contiguous(), pointers[2]
+    if M == 1:
+        _gemv_row_kernel[grid](x, weight, bias_arg, out, g_arg, res_arg, N, K, cfg.k_per_split, fusion.eps, **flags,
+                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        _gemv_kernel[grid](
+            x, weight, bias_arg, out, g_arg, res_arg, M, N, K, x.stride(0), res_arg.stride(0), cfg.k_per_split,
+            fusion.eps, **flags,
+            # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def benchmark(M: int = 1, N: int = 4096, K: int = 4096, dtype: torch.dtype = torch.bfloat16) -> dict:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ...passes.patterns import writes_in_place
+
 aten = torch.ops.aten
 
 
@@ -193,6 +195,31 @@ def views_as_reshapes(gm: fx.GraphModule) -> None:
             node.target = aten.reshape.default
         elif node.op == "call_function" and node.target is aten.as_strided.default and _reshapes_contiguous(node):
             node.target, node.args, node.kwargs = aten.reshape.default, node.args[:2], {}
+
+
+# Views that never copy (reshape may): moving one earlier cannot change what it reads
+_ALIASING_VIEWS = {aten.slice.Tensor, aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+                   aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.select.int}
+
+
+def hoist_views(gm: fx.GraphModule) -> int:
+    """Each aliasing view right after its inputs. The planner joins a root to an earlier kernel only when the
+    root's inputs precede that kernel's first node, and an ATen view placed late in graph order (the slices
+    of K that rotary reads, traced after Q's rotary) kept Q's rotary and K's rotary + KV-cache write in two
+    kernels. A view of a tensor that something writes in place stays where it is."""
+    position = {n: float(i) for i, n in enumerate(gm.graph.nodes)}
+    moved = 0
+    for node in list(gm.graph.nodes):
+        if not (node.op == "call_function" and node.target in _ALIASING_VIEWS and node.all_input_nodes):
+            continue
+        if any(writes_in_place(u) for a in node.all_input_nodes for u in a.users):
+            continue
+        last = max(node.all_input_nodes, key=position.__getitem__)
+        if last.next is not node:
+            last.append(node)
+            position[node] = position[last] + 1e-6 * (moved + 1)
+            moved += 1
+    return moved
 
 
 def _reshapes_contiguous(node: fx.Node) -> bool:

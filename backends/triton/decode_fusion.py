@@ -1,0 +1,219 @@
+"""A decode step's GEMVs with their neighbours fused in (issue 17): the RMSNorm in front of a linear, the
+SiLU(gate) * up after a fused gate/up linear and the residual add after o_proj / down_proj ride along the
+Triton GEMV (gemv.Fusion) instead of running as generated kernels of their own.
+
+A Llama decoder layer on this target was 4 GEMVs, 5 generated kernels (rotary q; rotary k + KV-cache writes;
+residual add + RMSNorm, twice; SiLU * mul) and attention. Each kernel boundary costs a launch gap and a
+drain even under CUDA graphs, and the small kernels are pure latency at batch 1: with the norms,
+SiLU * up and residual adds fused, a layer is 4 GEMVs, the rotary kernel(s) and attention (prepare.hoist_views
+lets Q's and K's rotary share one kernel when they have as many heads).
+
+Matched on the graph after route_linears (matmul.linear nodes), over views (reshape) and dtype casts:
+    norm:     linear(reshape(g * cast(hf * rsqrt(mean(hf ** 2, -1, keepdim) + eps))))  hf = cast(h)
+    glu:      mul(silu(split(linear(...))[0]), split(linear(...))[1])   the two halves of one output
+    residual: add(linear(...), r)   r of the add's shape and dtype (no broadcasting)
+The fused GEMV rounds once, where eager rounds the norm, the linear and the epilogue each to the activation
+dtype: results differ by rounding only. MMACCEL_GEMV_FUSION in the environment of the compile is a switch for
+measurements: 0 turns the rewrite off (bench/profile_decode.py profiles both in one run), a row count above 1
+fuses decode batches up to that many rows on a GPU too (the padded-dot GEMV; unmeasured, see CUDA_MAX_ROWS)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from ...passes.patterns import cast_source, drop_dead_nodes, is_op, same_shape, single_user, strip_noop_views, val
+from . import gemv, matmul
+from .prepare import emit
+
+aten = torch.ops.aten
+SWITCH = "MMACCEL_GEMV_FUSION"
+# One activation row on CUDA: matmul.choose keeps wider decode batches on cuBLAS (H200, batch 8: 3.50 ms with
+# the padded-dot GEMV, 3.30 ms with cuBLAS), and a fused GEMV has no cuBLAS twin. The interpreter takes every
+# row count gemv does, so the tests cover the padded-dot kernel's fusions too.
+CUDA_MAX_ROWS = 1
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  norm_weight: Optional[torch.Tensor], eps: float, glu: bool,
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The fused GEMV; inputs it does not take at run time (strides, devices) get the unfused reference."""
+    fusion = gemv.Fusion(norm_weight, eps, glu, residual)
+    if gemv.supports(x, weight):
+        return gemv.gemv(x, weight, bias, fusion)
+    return gemv.fused_reference(x, weight, bias, fusion).to(x.dtype)
+
+
+def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, Any]:
+    """Rewrite each matched linear (and its prologue / epilogue) into one decode_linear call; returns the
+    count and the near-misses, each with its reason."""
+    fused, near_misses = 0, []
+    max_rows = _max_rows(device)
+    if max_rows == 0:
+        return {"gemv_fusions": 0, "gemv_near_misses": [f"all: switched off by {SWITCH}=0"]}
+    for node in list(gm.graph.nodes):
+        if not (is_op(node, matmul.linear) and _rows_fit(node, max_rows)):
+            continue
+        norm, why_not_norm = _match_norm(node, max_rows)
+        glu, why_not_glu = _match_glu(node)
+        residual, why_not_residual = (None, None) if glu else _match_residual(node)
+        near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_glu, why_not_residual) if why]
+        if norm or glu or residual:
+            _rewrite(gm.graph, node, norm, glu, residual)
+            fused += 1
+    drop_dead_nodes(gm.graph)
+    return {"gemv_fusions": fused, "gemv_near_misses": near_misses}
+
+
+def _max_rows(device: torch.device) -> int:
+    switch = os.environ.get(SWITCH, "1")
+    if not switch.isdigit():
+        raise ValueError(f"{SWITCH}={switch!r}: use 0 (off), 1 (default) or a row count up to {gemv.MAX_ROWS}")
+    if device.type != "cuda":
+        return min(int(switch), 1) * gemv.MAX_ROWS
+    return min(int(switch), gemv.MAX_ROWS) if switch != "1" else CUDA_MAX_ROWS
+
+
+def _rows_fit(linear: fx.Node, max_rows: int) -> bool:
+    """A static row count the GEMV takes, on a float weight of x's dtype."""
+    x, weight = val(linear.args[0]), val(linear.args[1])
+    rows = x.shape[0]
+    if not isinstance(rows, int) or weight.dtype != x.dtype or x.dtype not in _FLOATS:
+        return False
+    return 1 <= rows <= max_rows
+
+
+def _is_view(node: Any) -> bool:
+    """A reshape, or a slice / expand / clone that keeps the shape (HF's last-token slice in decode), read by one node."""
+    return isinstance(node, fx.Node) and single_user(node) and (
+        is_op(node, aten.reshape.default) or strip_noop_views(node) is not node)
+
+
+def _through_views(node: fx.Node) -> fx.Node:
+    """The value a chain of views starts from."""
+    while _is_view(node):
+        node = node.args[0]
+    return node
+
+
+def _after_views(node: fx.Node) -> fx.Node:
+    """The end of the chain of views that is `node`'s only reader, and of theirs."""
+    while single_user(node) and _is_view(next(iter(node.users))):
+        node = next(iter(node.users))
+    return node
+
+
+def _match_norm(linear: fx.Node, max_rows: int) -> tuple[Optional[tuple], Optional[str]]:
+    """(h, norm weight, eps) when the linear reads RMSNorm(h) over its K; else a reason when it nearly does."""
+    y = _through_views(linear.args[0])
+    if not is_op(y, aten.mul.Tensor):
+        return None, None
+    parts = _rms_parts(y)
+    if parts is None:
+        return None, None
+    h, g, eps = parts
+    K = val(linear.args[1]).shape[1]
+    if val(h).shape[-1] != K or val(g).shape != (K,) or val(h).dtype != val(linear.args[0]).dtype:
+        return None, "RMSNorm over another width or dtype than the linear's"
+    for user in y.users:
+        reader = user
+        while _is_view(reader):
+            reader = next(iter(reader.users))
+        if not (is_op(reader, matmul.linear) and _through_views(reader.args[0]) is y and _rows_fit(reader, max_rows)):
+            return None, "RMSNorm's output has another consumer, which needs it materialized"
+    return (h, g, eps), None
+
+
+def _rms_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float]]:
+    """g * cast(hf * rsqrt(mean(hf ** 2, [-1], keepdim=True) + eps)), hf a cast of h: (h, g, eps)."""
+    for g, normed in (y.args, reversed(y.args)):
+        if not (isinstance(g, fx.Node) and g.op == "get_attr" and isinstance(normed, fx.Node)):
+            continue
+        n = cast_source(normed)
+        if not (is_op(n, aten.mul.Tensor) and single_user(n)):
+            continue
+        for hf, r in (n.args, reversed(n.args)):
+            eps = _rsqrt_of_mean_square(r, hf)
+            if eps is not None:
+                # hf: h itself, or h's upcast that only the norm reads (the square and the scaling)
+                upcast = is_op(hf, aten._to_copy.default) and len(hf.users) == 2 and val(hf.args[0]).dtype in _FLOATS
+                return hf.args[0] if upcast else hf, g, eps
+    return None
+
+
+def _rsqrt_of_mean_square(r: Any, hf: Any) -> Optional[float]:
+    """eps when r = rsqrt(mean(hf ** 2, [-1], keepdim=True) + eps), each node read only by the next."""
+    if not (is_op(r, aten.rsqrt.default) and single_user(r)):
+        return None
+    add = r.args[0]
+    if not (is_op(add, aten.add.Tensor) and single_user(add) and isinstance(add.args[1], float)):
+        return None
+    mean = add.args[0]
+    if not (is_op(mean, aten.mean.dim) and single_user(mean) and list(mean.args[1]) in ([-1], [val(hf).dim() - 1])
+            and (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))):
+        return None
+    square = mean.args[0]
+    if not (is_op(square, aten.pow.Tensor_Scalar) and single_user(square) and square.args == (hf, 2)):
+        return None
+    return add.args[1]
+
+
+def _match_glu(linear: fx.Node) -> tuple[Optional[fx.Node], Optional[str]]:
+    """The mul of silu(gate) * up when the linear's output is split in two halves read only by it; else a
+    reason when the output is split in two halves."""
+    split = _after_views(linear)
+    split = next(iter(split.users)) if single_user(split) else None
+    n = val(linear).shape[-1]
+    if not (is_op(split, aten.split_with_sizes.default) and list(split.args[1]) == [n // 2, n // 2]):
+        return None, None
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if dim not in (-1, val(split.args[0]).dim() - 1) or linear.args[2] is not None:
+        return None, None
+    halves = sorted(split.users, key=lambda u: u.args[1])
+    miss = "the gate/up halves are not read only by SiLU(gate) * up"
+    if [h.args[1] for h in halves] != [0, 1]:
+        return None, miss
+    gate, up = (_after_views(h) for h in halves)
+    silu = next(iter(gate.users)) if single_user(gate) else None
+    if not (is_op(silu, aten.silu.default) and single_user(silu) and single_user(up)):
+        return None, miss
+    mul = next(iter(silu.users))
+    if not (is_op(mul, aten.mul.Tensor) and set(mul.args) == {silu, up} and mul.args[0] is not mul.args[1]
+            and same_shape(val(silu).shape, val(up).shape) and val(mul).dtype == val(linear).dtype):
+        return None, miss
+    return mul, None
+
+
+def _match_residual(linear: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
+    """(add, r) when the linear's output only feeds add(., r) with r of the add's shape and dtype."""
+    end = _after_views(linear)
+    add = next(iter(end.users)) if single_user(end) else None
+    if not (is_op(add, aten.add.Tensor) and not add.kwargs and len(add.args) == 2):
+        return None, None
+    r = add.args[1] if add.args[0] is end else add.args[0]
+    if not isinstance(r, fx.Node) or r is end:
+        return None, None
+    if not same_shape(val(r).shape, val(add).shape):
+        return None, "the residual add broadcasts"
+    if not (val(r).dtype == val(add).dtype == val(linear).dtype):
+        return None, "the residual add changes dtype"
+    return (add, r), None
+
+
+def _rewrite(graph: fx.Graph, linear: fx.Node, norm: Optional[tuple], glu: Optional[fx.Node],
+             residual: Optional[tuple]) -> None:
+    anchor = glu or (residual[0] if residual else linear)
+    x, weight, bias = linear.args
+    rows, width = val(x).shape[0], val(linear).shape[1] // (2 if glu else 1)
+    with graph.inserting_before(anchor):
+        if norm:
+            x = emit(graph, aten.reshape.default, norm[0], [rows, val(x).shape[1]])
+        r = emit(graph, aten.reshape.default, residual[1], [rows, width]) if residual else None
+        call = graph.call_function(decode_linear, (x, weight, bias, norm[1] if norm else None,
+                                                   norm[2] if norm else 0.0, glu is not None, r))
+        call.meta["val"] = val(x).new_empty((rows, width))
+        out = call if anchor is linear else emit(graph, aten.reshape.default, call, list(val(anchor).shape))
+    anchor.replace_all_uses_with(out)
