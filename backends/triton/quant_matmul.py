@@ -405,12 +405,18 @@ class PlanesConfig(NamedTuple):
     num_stages: int
 
 
-# Per (bits, activation rows rounded up to a power of 2). NOT yet measured on a GPU (written without one): chosen
-# so that a step loads 16 bytes per thread per weight row (4 words of a 16-word chunk) with 128 threads, like
-# the packed GEMV's best measured config (4 rows x 512 bytes, bench/results/quant_gemv_sweep_h100.json), and
-# more activation rows take fewer weight rows per step (registers: BLOCK_M x BLOCK_N x CHUNKS x 16 fp32 sums
-# twice). `python bench/quant_gemv_sweep.py --planes` measures the candidates and prints this table.
-PLANES_CONFIGS = {(bits, m): PlanesConfig(m, 4, 8 if m == 1 else 4, 4, 1) for bits in (4, 8) for m in (1, 2, 4, 8)}
+# Per (bits, activation rows rounded up to a power of 2): NOT yet timed on a GPU (written without one; `python
+# bench/quant_gemv_planes.py` times these against other candidates and prints the table it would choose). Chosen
+# from Triton's sm_90 machine code (compiled here, no GPU: instructions in the main loop per weight value, the
+# limit of a GEMV that does not reach the memory floor) and from how many bytes each SM keeps in flight:
+# 16 weight rows x 8 chunks, 4 warps: each thread holds 4 rows x 4 words, so an x load serves 4 rows; int4
+# 5.7 instructions per nibble (the packed kernel, 4 rows x 512 bytes, 2 warps: 16, a third of them shuffles
+# of its per-step group sums); int8 6.2 per byte (the packed kernel: 8.9). 4096 rows still give 256
+# programs of 4 warps, each with two 8 KB steps of loads in flight (w_next). With more activation rows an FMA
+# per row and value dominates (int4 at 2 / 4 / 8 rows: 9.6 / 12.4 / 18.7 per nibble), so fewer chunks per step
+# keep the partial sums in registers (no spills at 8 rows).
+PLANES_CONFIGS = {(bits, m): PlanesConfig(m, 16, {1: 8, 2: 4, 4: 4, 8: 2}[m], 4, 1) for bits in (4, 8)
+                  for m in (1, 2, 4, 8)}
 PLANES_INTERPRETER_CONFIG = PlanesConfig(8, 4, 2, 1, 1)
 
 
