@@ -26,7 +26,7 @@ from common import default_out, environment, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 
 POINTERS = {"X": "*bf16", "Scale": "*bf16", "Zero": "*u8", "Bias": "*bf16", "Out": "*bf16"}
-PLANES_ARGS = {"W": "*i32", "M": "i32", "N": "i32", "n_chunks": "i32", "n_groups": "i32", "stride_xm": "i32"}
+WORDS_ARGS = {"W": "*i32", "M": "i32", "N": "i32", "n_chunks": "i32", "stride_xm": "i32"}
 PACKED_ARGS = {"N": "i32", "K": "i32", "KW": "i32", "n_groups": "i32"}
 
 
@@ -52,21 +52,22 @@ def main_loop(text: str) -> collections.Counter:
     return collections.Counter(ops)
 
 
-def planes_row(bits: int, m: int, bn: int, chunks: int, warps: int, group: int = 128) -> dict:
-    text = sass(qm._wq_planes_kernel, {**POINTERS, **PLANES_ARGS},
-                dict(BITS=bits, GROUP=group if bits == 4 else 16, HAS_BIAS=False, BLOCK_M=m, BLOCK_N=bn, CHUNKS=chunks),
+def words_row(bits: int, m: int, bn: int, block_words: int, warps: int, group: int = 128) -> dict:
+    chunks = max(block_words // (group // 8 if bits == 4 else 16), 1)
+    text = sass(qm._wq_words_kernel, {**POINTERS, **WORDS_ARGS},
+                dict(BITS=bits, GROUP=group if bits == 4 else 8, HAS_BIAS=False, BLOCK_M=m, BLOCK_N=bn, CHUNKS=chunks),
                 warps)
-    values = bn * chunks * 16 * (32 // bits) / (32 * warps)
-    return {"kernel": "planes", "bits": bits, "group": group if bits == 4 else None, "M": m, "block_n": bn, "chunks": chunks,
-            "num_warps": warps, "values_per_thread": values, **_counts(text, values, m)}
+    values = bn * block_words * (32 // bits) / (32 * warps)
+    return {"kernel": "words", "bits": bits, "group": group if bits == 4 else None, "M": m, "block_n": bn,
+            "block_words": block_words, "num_warps": warps, "values_per_thread": values, **_counts(text, values, m)}
 
 
-def packed_row(bits: int, bn: int, bk: int, warps: int, group: int = 128) -> dict:
+def bytes_row(bits: int, bn: int, bk: int, warps: int, group: int = 128) -> dict:
     signature = {**POINTERS, "W": "*u8" if bits == 4 else "*i8", **PACKED_ARGS}
     text = sass(qm._wq_gemv_kernel, signature,
                 dict(BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_N=bn, BLOCK_K=max(bk, group // 2)), warps)
     values = bn * bk * (2 if bits == 4 else 1) / (32 * warps)
-    return {"kernel": "packed", "bits": bits, "group": group if bits == 4 else None, "M": 1, "block_n": bn, "block_k": bk,
+    return {"kernel": "bytes", "bits": bits, "group": group if bits == 4 else None, "M": 1, "block_n": bn, "block_k": bk,
             "num_warps": warps, "values_per_thread": values, **_counts(text, values, 1)}
 
 
@@ -81,12 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=default_out("quant_gemv_sass_sm90.json"))
     args = parser.parse_args()
-    rows = [packed_row(4, 4, 512, 2), packed_row(8, 4, 512, 2)]  # the packed kernels' measured best (H100)
-    rows += [planes_row(bits, *cfg) for bits in (4, 8) for cfg in
-             [(1, 4, 8, 4), (1, 16, 8, 4), (2, 16, 4, 4), (4, 16, 4, 4), (8, 16, 2, 4)]]
-    rows += [planes_row(4, 1, 16, 8, 4, group) for group in (32, 64)]
+    rows = [bytes_row(4, 4, 512, 2), bytes_row(8, 4, 512, 2)]  # the byte kernels' measured best (H100)
+    rows += [words_row(bits, *cfg) for bits in (4, 8) for cfg in
+             [(1, 4, 128, 4), (1, 16, 128, 4), (2, 16, 64, 4), (4, 16, 64, 4), (8, 16, 32, 4)]]
+    rows += [words_row(4, 1, 16, 128, 4, group) for group in (32, 64)]
     for r in rows:
-        print(f"{r['kernel']:6} int{r['bits']} g{r['group'] or '-':<3} M={r['M']} BN={r['block_n']:<2} warps={r['num_warps']} "
+        print(f"{r['kernel']:5} int{r['bits']} g{r['group'] or '-':<3} M={r['M']} BN={r['block_n']:<2} warps={r['num_warps']} "
               f"{r['loop_instructions']:5} instructions / {r['values_per_thread']:5.0f} values: "
               f"{r['per_value']:5.2f} per value, {r['per_value_and_row']:5.2f} per value and row, spills {r['spills']}")
     write_json(args.out, {**environment("cpu"), "target": "sm_90", "rows": rows})

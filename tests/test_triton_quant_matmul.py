@@ -12,8 +12,6 @@ from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 from mmaccel.ops.int4_linear import dequantize_int4, int4_linear_reference, quantize_int4_groupwise  # noqa: E402
 from mmaccel.ops.int8_linear import int8_linear_reference, quantize_per_channel  # noqa: E402
 
-from conftest import relative_error  # noqa: E402
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -164,75 +162,59 @@ def test_w8a8_gemv_quantizes_the_token_as_the_reference(granularity, kind):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
-def _planes_case(bits, group, N, K, dtype, seed=0):
-    """(weight in the planes layout, scale, zero, the op's reference as a function of x) for a random weight."""
+
+def _quantized(bits, group, N, K, dtype, seed=0):
+    """(weight, scale, zero, the op's reference as a function of x and bias) for a random weight."""
     torch.manual_seed(seed)
     w = torch.randn(N, K, device=DEVICE, dtype=dtype)
     if bits == 8:
         q, s = quantize_per_channel(w)
-        return qm.planes_weight(q, 8), s, None, lambda x, b: int8_linear_reference(x, q, s.float(), b, "none", None)
+        return q, s, None, lambda x, b: int8_linear_reference(x, q, s.float(), b, "none", None)
     p, s, z = quantize_int4_groupwise(w, group)
-    return (qm.planes_weight(p, 4, group), s, z,
-            lambda x, b: int4_linear_reference(x, p, s.float(), z, group, b, "none", None))
+    return p, s, z, lambda x, b: int4_linear_reference(x, p, s.float(), z, group, b, "none", None)
+
+
+_words_linear = qm.words_linear
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 8])
 @pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 64), (4, 128)])
-@pytest.mark.parametrize("N,K", [(37, 128), (5, 384)])  # N not a multiple of the rows per program; K: 1-3 chunks
-def test_planes_kernel_matches_reference(dtype, M, bits, group, N, K):
-    """The repacked weight through _wq_planes_kernel (the zero point folded into the magic-number subtraction,
-    int4 scales on group partial sums) against the op's reference."""
-    words, s, z, reference = _planes_case(bits, group, N, K, dtype)
+@pytest.mark.parametrize("N,K", [(37, 128), (5, 384)])  # N not a multiple of the rows per program; 1-12 chunks
+def test_words_kernel_fires_and_matches_reference(dtype, M, bits, group, N, K, monkeypatch):
+    """The weight read as int32 words by _wq_words_kernel (magic-number decode, the zero point folded into its
+    subtraction, int4 scales on group partial sums) against the op's reference."""
+    q, s, z, reference = _quantized(bits, group, N, K, dtype)
+    calls = []
+    monkeypatch.setattr(qm, "words_linear", lambda *a: calls.append(a) or _words_linear(*a))
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
     bias = torch.randn(N, device=DEVICE, dtype=dtype)
-    out = qm.planes_linear(x, words, s, z, bias, bits, group)
-    assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
+    out = qm.linear(x, q, s, z, bias, bits, group)
+    assert len(calls) == 1 and out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
     _close(out, reference(x.float(), bias.float()), dtype)
 
 
-def test_planes_kernel_takes_rows_in_blocks_and_strided_rows():
-    """17 rows (three row blocks of the kernel on the interpreter, dequantize + matmul on a GPU) and rows of x
-    that are not contiguous with each other."""
-    words, s, z, reference = _planes_case(4, 64, 9, 256, torch.float32)
-    x = torch.randn(17, 512, device=DEVICE)[:, :256]
-    _close(qm.planes_linear(x, words, s, z, None, 4, 64), reference(x, None), torch.float32)
+
+def test_words_kernel_takes_rows_in_blocks_and_strided_rows():
+    """11 rows (two row blocks) and rows of x that are not contiguous with each other."""
+    q, s, z, reference = _quantized(4, 64, 9, 256, torch.float32)
+    x = torch.randn(11, 512, device=DEVICE)[:, :256]
+    config = qm.WordsConfig(8, 4, 16, 1, 1)
+    _close(qm.linear(x, q, s, z, None, 4, 64, config=config), reference(x, None), torch.float32)
 
 
-@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
-def test_planes_layout_round_trips_and_is_made_once_per_weight(bits, group):
-    torch.manual_seed(0)
-    w = torch.randn(6, 256, device=DEVICE)
-    if bits == 8:
-        (q, s), z = quantize_per_channel(w), None
-        expected = q.float() * s[:, None]
-    else:
-        q, s, z = quantize_int4_groupwise(w, group)
-        expected = dequantize_int4(q, s, z, group)
-    words = qm.planes_weight(q, bits, group)
-    assert words.dtype == torch.int32 and words.shape == (6, 256 * bits // 32)
-    torch.testing.assert_close(qm.dequantize_planes(words, s, z, bits, group, torch.float32), expected,
-                               rtol=1e-6, atol=1e-6)
-    assert qm.planes_weight(q, bits, group) is words  # graphs that share the weight share its repack
-    q.bitwise_xor_(1)  # a new version of the weight: repacked again
-    assert not torch.equal(qm.planes_weight(q, bits, group), words)
-
-
-@pytest.mark.parametrize("scheme", ["int4_weight_only", "int8_weight_only"])
-def test_triton_target_repacks_whole_chunk_weights_and_leaves_the_rest(scheme, tmp_path):
-    """Fired: a linear with K = 256 runs planes_linear on a repacked constant; near-miss: K = 96 (not whole
-    chunks of 128 / 64 channels) keeps the op's packing and the packed kernels. The user's output is the
-    error the quantize pass measured (the repack changes no value)."""
-    import mmaccel
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(256, 96), torch.nn.ReLU(), torch.nn.Linear(96, 40)).to(DEVICE)
-    x = torch.randn(3, 256, device=DEVICE)
-    with torch.no_grad():
-        compiled = mmaccel.compile(model, target="triton", quantize=scheme, accuracy_budget=0.5, debug_dir=tmp_path)
-        error = relative_error(compiled(x), model(x))
-    result = compiled.mmaccel_report.graphs[-1].pass_result("quantize")
-    assert result.matched == 2 and error == pytest.approx(result.measured_error, rel=1e-3)
-    (graph,) = [p.read_text() for p in tmp_path.rglob("*triton_graph.py")]
-    assert graph.count("quant_matmul_planes_linear(") == 1 and graph.count("quant_matmul_linear(") == 1
-    assert graph.count('i32[96, ') == 1 and "_planes_weight" in graph
+def test_near_misses_take_the_byte_kernels():
+    """int8 rows that are not whole 64-byte chunks, and a weight whose storage is not 4-byte aligned, are
+    read byte by byte (_wq_gemv_kernel / _wq_matmul_kernel), with the same result."""
+    q, s, _, reference = _quantized(8, 0, 7, 96, torch.float32)
+    assert not qm.words_supported(q, 8)
+    storage = torch.zeros(7 * 128 + 1, dtype=torch.int8, device=DEVICE)
+    shifted = storage[1:].view(7, 128)
+    shifted.copy_(_quantized(8, 0, 7, 128, torch.float32)[0])
+    assert qm.words_supported(storage[:-1].view(7, 128), 8) and not qm.words_supported(shifted, 8)
+    for M in (1, 3):
+        x = torch.randn(M, 96, device=DEVICE)
+        _close(qm.linear(x, q, s, None, None, 8), reference(x, None), torch.float32)
+    q4, s4, z4, reference4 = _quantized(4, 32, 7, 128, torch.float32)
+    x = torch.randn(1, 128, device=DEVICE)
+    _close(qm.linear(x, q4, s4, z4, None, 4, 32, config=qm.INTERPRETER_CONFIG), reference4(x, None), torch.float32)

@@ -12,9 +12,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ...compiler._torch_internals import is_fake
-from ...passes.patterns import add_constant, constant_value
-
 aten = torch.ops.aten
 
 
@@ -117,11 +114,7 @@ def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | No
         if not quant_matmul.supports(x2.meta["val"], qweight.meta["val"], bits, group):
             graph.erase_node(x2)  # the op then runs its reference implementation
             return None
-        words = _planes_weight(graph, qweight, x2, bits, group)
-        if words is None:  # a weight computed in the graph, or K not a whole number of chunks: the op's packing
-            matmul, args = quant_matmul.linear, (x2, qweight, scale, zero, bias, bits, group)
-        else:
-            matmul, args = quant_matmul.planes_linear, (x2, words, scale, zero, bias, bits, group)
+        matmul, args = quant_matmul.linear, (x2, qweight, scale, zero, bias, bits, group)
     n = qweight.meta["val"].shape[0]
     y = graph.call_function(matmul, args)
     y.meta["val"] = x2.meta["val"].new_empty((x2.meta["val"].shape[0], n))
@@ -130,23 +123,6 @@ def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | No
     if residual is not None:
         y = emit(graph, aten.add.Tensor, y, residual)
     return {0: y}
-
-
-def _planes_weight(graph: fx.Graph, qweight: fx.Node, x2: fx.Node, bits: int, group: int) -> fx.Node | None:
-    """int8_linear's / int4_linear's weight constant repacked once, here, to the layout the Triton kernels load
-    fastest (quant_matmul.to_planes), as a new constant; the graph's op and what export_onnx writes keep the
-    op's packing. None where the weight is not a constant with values or its rows are not whole chunks."""
-    from . import quant_matmul
-
-    if qweight.op != "get_attr" or not quant_matmul.supports_planes(x2.meta["val"], qweight.meta["val"], bits, group):
-        return None
-    weight = constant_value(graph.owning_module, qweight.target)
-    if not isinstance(weight, torch.Tensor) or is_fake(weight) or weight.device.type == "meta":
-        return None
-    words = quant_matmul.planes_weight(weight, bits, group)
-    node = graph.get_attr(add_constant(graph.owning_module, "_planes_weight", words))
-    node.meta["val"] = _fake_mode(qweight.meta["val"]).from_tensor(words, static_shapes=True)
-    return node
 
 
 def _token_reduction(graph: fx.Graph, node: fx.Node) -> None:

@@ -27,7 +27,8 @@ import triton.language as tl
 # clock per SM on Hopper, an eighth of the FMA rate; this is an integer add plus a float add. Measured once on
 # an H100 against the same kernels with I2F (commit 46cde07; bench/results/quant_gemv_abtest_h100.json): the
 # int8 GEMV 3% faster over a 7B decoder's shapes (up to 8% on 4096x4096). The same trick for int4 nibbles
-# measured no faster (up to 10% slower), so the int4 GEMV is not limited by its conversions, and keeps them.
+# measured no faster in _wq_gemv_kernel, whose limit is elsewhere (a third of its loop is shuffles for the
+# per-step group sums: bench/quant_gemv_sass.py); _wq_words_kernel has neither and uses it (_field).
 MAGIC = tl.constexpr(0x4B000000)
 TWO_23 = tl.constexpr(8388608.0)
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the floor of a range (all-zero rows)
@@ -90,107 +91,68 @@ def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
 
 
-# The "planes" layout, a Triton-target repack of the op's weight (done once, in prepare.py; the graph's op and its
-# ONNX export keep the op's own packing): int32 words, 32 // BITS values each, stored unsigned (int8 as q + 128).
-# Words come in chunks of 16 per row; bit field p of word j in chunk c holds input channel c * CHUNK + 16 * p + j,
-# CHUNK = 16 * (32 // BITS) (int4: 128, int8: 64). A kernel loads whole words (8 nibbles per 32-bit load, no byte
-# extraction), and each field p of a run of 16 words multiplies 16 consecutive channels of x: one contiguous x
-# load per plane. 16 channels lie in one quantization group for every group size the quantize pass uses
-# (32, 64, 128), so a plane's scale and zero point are one value per row.
-PLANE_WORDS = tl.constexpr(16)  # a constexpr: the kernels read it
-
-
-def planes_chunk(bits: int) -> int:
-    """Input channels per chunk of PLANE_WORDS words: K must be a multiple of it for the planes layout."""
-    return PLANE_WORDS.value * (32 // bits)
-
-
-def to_planes(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """values [N, K] integers in 0..2**bits - 1 (channel order) -> the planes layout, int32 [N, K * bits / 32]."""
-    N, K = values.shape
-    per_word = 32 // bits
-    v = values.to(torch.int64).reshape(N, K // planes_chunk(bits), per_word, PLANE_WORDS.value)
-    shifts = torch.arange(per_word, device=values.device, dtype=torch.int64) * bits
-    words = (v << shifts[None, None, :, None]).sum(2)  # [N, chunks, 16], in 0..2**32 - 1
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).reshape(N, -1)
-
-
-def planes_weight(weight: torch.Tensor, bits: int, group: int = 0) -> torch.Tensor:
-    """The op's weight (int8_linear's int8 [N, K], int4_linear's packed uint8 [N, K/2]) in the planes layout.
-    Kept on the weight tensor, per version: graphs that share a weight (mmaccel.generate's buckets, recompiles)
-    share one repack, and it lives as long as the weight or a graph that reads it."""
-    from ...ops.int4_linear import unpack_int4
-
-    cached = getattr(weight, "_mmaccel_planes", None)
-    if cached is not None and cached[0] == weight._version:
-        return cached[1]
-    values = weight.to(torch.int16) + 128 if bits == 8 else unpack_int4(weight, group)
-    words = to_planes(values, bits)
-    weight._mmaccel_planes = (weight._version, words)
-    return words
-
-
 @triton.jit
-def _plane(w, w_high, p: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr, zero_plus_magic):
-    """Field p of each word, minus the zero point, times F, exactly, as float32. Field p sits at bit
-    log2(F) = BITS * (p % (16 // BITS)) of its half word (w or w >> 16). The field, masked
-    where it lies in its half word (w or w >> 16), ORed into the mantissa of 2**23 (0x4B000000) is the float
-    2**23 + q * f (Marlin's and FasterTransformer's trick, in fp32): one LOP3 and one FADD with
-    zero_plus_magic = 2**23 + zero * f, no I2F (an eighth of the FMA rate on Hopper) and no per-field shift.
-    q * f < 2**16 stays in the mantissa, and the difference of two integers below 2**24 is exact."""
+def _field(w, w_high, p: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr, zero_plus_magic):
+    """Field p of each int32 word (BITS wide, unsigned), minus the zero point, times F, exactly, as float32.
+    Field p sits at bit log2(F) = BITS * (p % (16 // BITS)) of its half word (w or w_high = w >> 16). Masked
+    where it lies and ORed into the mantissa of 2**23 (0x4B000000), it is the float 2**23 + q * F (Marlin's and
+    FasterTransformer's magic number, in fp32): one LOP3 and one FADD with zero_plus_magic = 2**23 + zero * F,
+    no I2F (an eighth of the FMA rate on Hopper) and no shift per field. q * F < 2**16 stays in the mantissa,
+    and the difference of two integers below 2**24 is exact."""
     half = w if p < 16 // BITS else w_high
     q = half & (((1 << BITS) - 1) * F)
     return (q | MAGIC).to(tl.float32, bitcast=True) - zero_plus_magic
 
 
 @triton.jit
-def _wq_planes_kernel(X, W, Scale, Zero, Bias, Out, M, N, n_chunks, n_groups, stride_xm,
-                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
-    """x [M, K] @ dequant(W).T for up to BLOCK_M activation rows, BLOCK_N weight rows per program, CHUNKS chunks
-    of 16 words per row and step; W in the planes layout. Each weight value is decoded once (shift, mask|magic,
-    subtract: the zero point folded in) and used by every activation row: one FMA per row. int4: the group
-    scale multiplies a group's partial sum once per lane, not each element; int8: the row scale the row's sum."""
+def _wq_words_kernel(X, W, Scale, Zero, Bias, Out, M, N, n_chunks, stride_xm,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """x [M, K] @ dequant(W).T for up to BLOCK_M activation rows, BLOCK_N weight rows per program, the op's packed
+    weight read as int32 words (4 bytes per load lane, no byte extraction), CHUNKS chunks per row and step.
+    int4: a chunk is one group, GROUP / 8 words; field p of word j is byte p // 2's low (p even) or high nibble,
+    channel (p % 2) * GROUP / 2 + 4 j + p // 2 (ops/int4_linear.py's packing). int8: a chunk is 16 words; field
+    p of word j is channel 4 j + p, its sign bit flipped once per word (q + 128, unsigned). Each value is decoded
+    once (_field) and used by every activation row, one FMA per row; the int4 group scale multiplies the group's
+    partial sums once per lane, the int8 row scale the row's sum."""
     per_word: tl.constexpr = 32 // BITS
-    chunk: tl.constexpr = PLANE_WORDS * per_word
+    cw: tl.constexpr = GROUP // 8 if BITS == 4 else 16  # words per chunk
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # rows past N wrap to valid rows; their results are dropped at the store
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, CHUNKS)
-    offs_j = tl.arange(0, PLANE_WORDS)
-    w_ptrs = W + rows[:, None, None].to(tl.int64) * (n_chunks * PLANE_WORDS) \
-        + (offs_c[:, None] * PLANE_WORDS + offs_j[None, :])[None, :, :]  # [BLOCK_N, CHUNKS, 16]
-    x_ptrs = X + offs_m[:, None, None] * stride_xm + (offs_c[:, None] * chunk + offs_j[None, :])[None, :, :]
-    sz_offs = rows[:, None, None] * n_groups + offs_c[None, :, None] * (chunk // GROUP)  # [BLOCK_N, CHUNKS, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, PLANE_WORDS], tl.float32)
+    offs_j = tl.arange(0, cw)
+    w_ptrs = W + rows[:, None, None].to(tl.int64) * (n_chunks * cw) \
+        + (offs_c[:, None] * cw + offs_j[None, :])[None, :, :]  # [BLOCK_N, CHUNKS, cw]
+    x_ptrs = X + offs_m[:, None, None] * stride_xm + (offs_c[:, None] * cw * per_word + 4 * offs_j[None, :])[None, :, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, cw], tl.float32)
     # the next step's words are loaded before this step's arithmetic: two steps of loads in flight per warp
     w_next = tl.load(w_ptrs, mask=(offs_c < n_chunks)[None, :, None], other=0, eviction_policy="evict_first")
     for c0 in range(0, n_chunks, CHUNKS):
         c_ok = offs_c < n_chunks - c0
         w = w_next
-        w_ptrs += CHUNKS * PLANE_WORDS
+        w_ptrs += CHUNKS * cw
         w_next = tl.load(w_ptrs, mask=(offs_c < n_chunks - c0 - CHUNKS)[None, :, None], other=0,
                          eviction_policy="evict_first")  # read once
+        if BITS == 8:
+            w = w ^ -2139062144  # 0x80808080 as int32: every byte q + 128
+        else:  # the chunk's group: one scale and zero point per weight row
+            sz = rows[:, None, None] * n_chunks + (c0 + offs_c)[None, :, None]
+            s = tl.load(Scale + sz, mask=c_ok[None, :, None], other=0.0).to(tl.float32)[None, :, :, :]
+            z = tl.load(Zero + sz, mask=c_ok[None, :, None], other=0).to(tl.float32)
         w_high = w >> 16
         x_ok = (offs_m < M)[:, None, None] & c_ok[None, :, None]
-        part = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, PLANE_WORDS], tl.float32)
+        part = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, cw], tl.float32)
         for p in tl.static_range(per_word):
-            f = 1 << (BITS * (p % (16 // BITS)))  # _plane's factor
+            f = 1 << (BITS * (p % (16 // BITS)))  # _field's factor
+            channel = (p % 2) * (GROUP // 2) + p // 2 if BITS == 4 else p  # of field p in word 0
             # x over the field's factor (a power of 2: exact) cancels it
-            x = tl.load(x_ptrs + p * PLANE_WORDS, mask=x_ok, other=0.0).to(tl.float32)[:, None, :, :] * (1.0 / f)
-            if BITS == 8:
-                acc += _plane(w, w_high, p, BITS, f, TWO_23 + 128.0 * f)[None, :, :, :] * x
-            else:
-                if (p * PLANE_WORDS) % GROUP == 0:  # a new group: its scale and zero point, one per row
-                    sz = sz_offs + c0 * (chunk // GROUP) + (p * PLANE_WORDS) // GROUP
-                    s = tl.load(Scale + sz, mask=c_ok[None, :, None], other=0.0).to(tl.float32)[None, :, :, :]
-                    z = tl.load(Zero + sz, mask=c_ok[None, :, None], other=0).to(tl.float32)
-                part += _plane(w, w_high, p, BITS, f, z * f + TWO_23)[None, :, :, :] * x
-                if ((p + 1) * PLANE_WORDS) % GROUP == 0:  # the group is complete: scale its partial sums
-                    acc += s * part
-                    part = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, PLANE_WORDS], tl.float32)
-        x_ptrs += CHUNKS * chunk
-    out = tl.sum(tl.reshape(acc, [BLOCK_M, BLOCK_N, CHUNKS * PLANE_WORDS]), axis=2)  # [BLOCK_M, BLOCK_N]
+            x = tl.load(x_ptrs + channel, mask=x_ok, other=0.0).to(tl.float32)[:, None, :, :] * (1.0 / f)
+            zero_plus_magic = TWO_23 + 128.0 * f if BITS == 8 else z * f + TWO_23
+            part += _field(w, w_high, p, BITS, f, zero_plus_magic)[None, :, :, :] * x
+        acc += part if BITS == 8 else s * part
+        x_ptrs += CHUNKS * cw * per_word
+    out = tl.sum(tl.reshape(acc, [BLOCK_M, BLOCK_N, CHUNKS * cw]), axis=2)  # [BLOCK_M, BLOCK_N]
     if BITS == 8:
         out *= tl.load(Scale + rows).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -288,40 +250,6 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.T
     return out
 
 
-@triton.jit
-def _dequantize_planes_kernel(W, Scale, Zero, Out, KW, n_groups, BITS: tl.constexpr, GROUP: tl.constexpr,
-                              BLOCK: tl.constexpr):
-    """_dequantize_kernel for the planes layout: BLOCK words, each written out as its 32 // BITS channels."""
-    per_word: tl.constexpr = 32 // BITS
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # word index in W [N, KW]
-    w = tl.load(W + offs)  # the launcher covers W exactly
-    row = offs // KW
-    chunk = (offs % KW) // PLANE_WORDS
-    first = row * (KW * per_word) + chunk * (PLANE_WORDS * per_word) + offs % PLANE_WORDS  # channel of field 0
-    for p in tl.static_range(per_word):
-        f = 1 << (BITS * (p % (16 // BITS)))
-        if BITS == 8:
-            v = _plane(w, w >> 16, p, BITS, f, TWO_23 + 128.0 * f) * (tl.load(Scale + row).to(tl.float32) / f)
-        else:
-            g = row * n_groups + (chunk * (PLANE_WORDS * per_word) + p * PLANE_WORDS) // GROUP
-            v = _plane(w, w >> 16, p, BITS, f, tl.load(Zero + g).to(tl.float32) * f + TWO_23) \
-                * (tl.load(Scale + g).to(tl.float32) / f)
-        tl.store(Out + first + p * PLANE_WORDS, v.to(Out.dtype.element_ty))
-
-
-def dequantize_planes(words: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int, group: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """The [N, K] weight in `dtype` from the planes layout (prefill: the library matmul takes it)."""
-    N, KW = words.shape
-    out = torch.empty(N, KW * (32 // bits), device=words.device, dtype=dtype)
-    block = PLANE_WORDS.value * (16 if words.is_cuda and (N * KW) % 256 == 0 else 1)  # divides N * KW
-    with torch.cuda.device(words.device) if words.is_cuda else nullcontext():
-        _dequantize_planes_kernel[(N * KW // block,)](
-            words, scale.contiguous(), scale if zero is None else zero.contiguous(), out, KW,
-            max(out.shape[1] // max(group, 1), 1), BITS=bits, GROUP=max(group, PLANE_WORDS.value), BLOCK=block)
-    return out
-
-
 class QuantConfig(NamedTuple):
     block_m: int
     block_n: int
@@ -344,6 +272,56 @@ MAX_KERNEL_ROWS = 16  # more rows: dequantize once and use the library matmul
 INTERPRETER_CONFIG = QuantConfig(16, 4, 32, 1, 1)
 
 
+class WordsConfig(NamedTuple):
+    block_m: int  # activation rows per program (a power of 2, at most 8)
+    block_n: int  # weight rows per program
+    block_words: int  # int32 words per weight row and step (whole chunks: int4 GROUP / 8 words, int8 16)
+    num_warps: int
+    num_stages: int
+
+
+# Per (bits, activation rows rounded up to a power of 2). NOT yet timed on a GPU (written without one: `python
+# bench/quant_gemv_words.py` times these against other candidates and prints the table it would choose). Chosen
+# from Triton's sm_90 machine code, compiled here (bench/quant_gemv_sass.py: main-loop instructions per weight
+# value, what holds a GEMV under the memory floor once loads are in flight), and from bytes in flight per SM:
+# 16 weight rows x 128 words, 4 warps: each thread holds 4 rows x 4 words, so one x load serves 4 rows. int4
+# 5.75 instructions per nibble at group 128 (6.0 at 64, 6.3 at 32; the byte kernel: 16, a third of them
+# shuffles); int8 6.6 per byte (the byte kernel: 8.9); ~8 per byte is the issue rate at an H200's copy
+# bandwidth. 4096 rows still make 256 programs of 4 warps, each with two 8 KB steps of loads in flight
+# (w_next). More activation rows add an FMA per row and value (int4 at 2 / 4 / 8 rows: 9.6 / 12.4 / 18.8 per
+# nibble): fewer words per step keep the partial sums in registers (no spills at 8 rows).
+WORDS_CONFIGS = {(bits, m): WordsConfig(m, 16, {1: 128, 2: 64, 4: 64, 8: 32}[m], 4, 1)
+                 for bits in (4, 8) for m in (1, 2, 4, 8)}
+WORDS_INTERPRETER_CONFIG = WordsConfig(8, 16, 64, 1, 1)  # few programs: the interpreter runs each in Python
+
+
+def words_supported(weight: torch.Tensor, bits: int, group: int = 0) -> bool:
+    """The weight's rows read as whole chunks of int32 words: int4 any group the quantize pass uses (a group of
+    G channels is G / 8 words), int8 K a multiple of 64; the storage 4-byte aligned."""
+    row_bytes = weight.shape[1]
+    chunk_bytes = group // 2 if bits == 4 else 64
+    return chunk_bytes % 4 == 0 and row_bytes % chunk_bytes == 0 and weight.data_ptr() % 4 == 0
+
+
+def words_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], bits: int, group: int,
+                 config: Optional[WordsConfig] = None) -> torch.Tensor:
+    """`linear` through _wq_words_kernel, in blocks of at most 8 activation rows (each block reads the weight)."""
+    (M, K), N = x.shape, weight.shape[0]
+    words = weight.view(torch.int32)  # [N, K * bits / 32], the same bytes
+    chunk_words = group // 8 if bits == 4 else 16
+    block_m = min(triton.next_power_of_2(M), 8)
+    cfg = config or (WORDS_CONFIGS[(bits, block_m)] if x.is_cuda else WORDS_INTERPRETER_CONFIG._replace(block_m=block_m))
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _wq_words_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))](
+            x, words, scale.contiguous(), scale if zero is None else zero.contiguous(),
+            x if bias is None else bias.contiguous(), out, M, N, words.shape[1] // chunk_words, x.stride(0),
+            BITS=bits, GROUP=max(group, 8), HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CHUNKS=max(cfg.block_words // chunk_words, 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor, bits: int, group: int = 0) -> bool:
     """x [M, K] float with unit stride along K; weight contiguous, int8 [N, K] or uint8 [N, K/2] with K a
     multiple of `group`; on a GPU or under the interpreter."""
@@ -361,15 +339,20 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bits: int, group: int = 0) -
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor] = None,
            bias: Optional[torch.Tensor] = None, bits: int = 8, group: int = 0,
-           config: Optional[QuantConfig] = None) -> torch.Tensor:
+           config: "QuantConfig | WordsConfig | None" = None) -> torch.Tensor:
     """x @ dequant(weight).T (+ bias) as a new contiguous [M, N] tensor in x.dtype, fp32 accumulation.
-    Up to 16 rows the kernels above; more rows (prefill) on a GPU: the weight dequantized to x's dtype by one
-    kernel, then the library matmul (a compute-bound shape, where cuBLAS is 1.8-4x faster than the GEMM here)."""
+    Up to 8 rows: _wq_words_kernel where the weight reads as whole chunks of int32 words (words_supported); else
+    up to 16 rows the byte kernels above (a config picks: a WordsConfig the word kernel, a QuantConfig the byte
+    kernels; 9-16 rows stay on the byte GEMM until the word kernel's row blocks are measured against it).
+    More rows (prefill) on a GPU: the weight dequantized to x's dtype by one kernel, then the library matmul (a
+    compute-bound shape, where cuBLAS is 1.8-4x faster than the GEMM here)."""
     assert supports(x, weight, bits, group), "quant_matmul: unsupported inputs"
     (M, K), N = x.shape, weight.shape[0]
     if M > MAX_KERNEL_ROWS and x.is_cuda and config is None:
         w = dequantize(weight, scale, zero, bits, group, x.dtype)
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    if isinstance(config, WordsConfig) or (config is None and M <= 8 and words_supported(weight, bits, group)):
+        return words_linear(x, weight, scale, zero, bias, bits, group, config)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     interpreter = not x.is_cuda
     n_groups = K // group if bits == 4 else 1
@@ -394,65 +377,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Opt
                                     # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
                                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages, **common)
-    return out
-
-
-class PlanesConfig(NamedTuple):
-    block_m: int  # activation rows per program (a power of 2, at most 8)
-    block_n: int  # weight rows per program
-    chunks: int  # chunks of PLANE_WORDS words per weight row and step
-    num_warps: int
-    num_stages: int
-
-
-# Per (bits, activation rows rounded up to a power of 2): NOT yet timed on a GPU (written without one; `python
-# bench/quant_gemv_planes.py` times these against other candidates and prints the table it would choose). Chosen
-# from Triton's sm_90 machine code (compiled here, no GPU: instructions in the main loop per weight value, the
-# limit of a GEMV that does not reach the memory floor) and from how many bytes each SM keeps in flight:
-# 16 weight rows x 8 chunks, 4 warps: each thread holds 4 rows x 4 words, so an x load serves 4 rows; int4
-# 5.7 instructions per nibble (the packed kernel, 4 rows x 512 bytes, 2 warps: 16, a third of them shuffles
-# of its per-step group sums); int8 6.2 per byte (the packed kernel: 8.9). 4096 rows still give 256
-# programs of 4 warps, each with two 8 KB steps of loads in flight (w_next). With more activation rows an FMA
-# per row and value dominates (int4 at 2 / 4 / 8 rows: 9.6 / 12.4 / 18.7 per nibble), so fewer chunks per step
-# keep the partial sums in registers (no spills at 8 rows).
-PLANES_CONFIGS = {(bits, m): PlanesConfig(m, 16, {1: 8, 2: 4, 4: 4, 8: 2}[m], 4, 1) for bits in (4, 8)
-                  for m in (1, 2, 4, 8)}
-PLANES_INTERPRETER_CONFIG = PlanesConfig(8, 4, 2, 1, 1)
-
-
-def planes_config(bits: int, M: int, cuda: bool) -> PlanesConfig:
-    block_m = min(triton.next_power_of_2(M), 8)
-    if not cuda:
-        return PLANES_INTERPRETER_CONFIG._replace(block_m=block_m)
-    return PLANES_CONFIGS[(bits, block_m)]
-
-
-def supports_planes(x: torch.Tensor, weight: torch.Tensor, bits: int, group: int = 0) -> bool:
-    """`supports` with a weight row a whole number of planes chunks (the weight is then repacked; else the
-    packed kernels run)."""
-    return supports(x, weight, bits, group) and x.shape[1] % planes_chunk(bits) == 0
-
-
-def planes_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor] = None,
-                  bias: Optional[torch.Tensor] = None, bits: int = 8, group: int = 0,
-                  config: Optional[PlanesConfig] = None) -> torch.Tensor:
-    """`linear` on a weight in the planes layout (int32 [N, K * bits / 32], to_planes): up to MAX_KERNEL_ROWS
-    rows _wq_planes_kernel, in blocks of at most 8 rows; more rows on a GPU, dequantize_planes and the library
-    matmul."""
-    (M, K), N = x.shape, words.shape[0]
-    assert x.dim() == 2 and x.stride(1) == 1 and words.dtype == torch.int32 and words.shape[1] * 32 == K * bits
-    if M > MAX_KERNEL_ROWS and x.is_cuda and config is None:
-        w = dequantize_planes(words, scale, zero, bits, group, x.dtype)
-        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
-    cfg = config or planes_config(bits, M, x.is_cuda)
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        _wq_planes_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))](
-            x, words, scale.contiguous(), scale if zero is None else zero.contiguous(),
-            x if bias is None else bias.contiguous(), out, M, N, K // planes_chunk(bits),
-            K // group if bits == 4 else 1, x.stride(0), BITS=bits, GROUP=max(group, PLANE_WORDS.value),
-            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CHUNKS=cfg.chunks,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 

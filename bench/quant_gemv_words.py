@@ -1,15 +1,16 @@
-"""Weight-only GEMV at the memory floor (issue 17 item 2): the planes kernel (quant_matmul._wq_planes_kernel, on
-the weight repacked by the Triton target) against the packed kernels it replaces, torch's tinygemm int4 kernel
+"""Weight-only GEMV at the memory floor (issue 17 item 2): the word kernel (quant_matmul._wq_words_kernel, the op's
+packed weight read as int32 words) against the byte kernels it replaces, torch's tinygemm int4 kernel
 (aten._weight_int4pack_mm, what torchao's int4 weight-only runs) and cuBLAS on the bf16 weight, on a 7B
 decoder's shapes, 1 and 8 activation rows. One GPU run of a few minutes:
 
-    python bench/quant_gemv_planes.py --out $OUT/quant_gemv_planes.json [--budget-s 420]
+    python bench/quant_gemv_words.py --out $OUT/quant_gemv_words.json [--budget-s 420]
 
 Part 1 (table): per shape, rows and scheme: us per call (CUDA graph, L2 flushed: backends/triton/matmul.py's
 _time_us), GB/s of weight bytes read (quantized weight + scales + zero points; bf16 for cuBLAS) and that over
 the copy bandwidth of the same bytes (read + write, torch copy_), and each result's relative error against the
 op's reference in bf16 (int4_linear_reference / int8_linear_reference) and against the unquantized weight.
-Part 2: candidate planes configs per (bits, rows) on two shapes; prints the PLANES_CONFIGS table it would choose.
+Part 2: candidate word-kernel configs per (bits, rows) on two shapes; prints the WORDS_CONFIGS table it would
+choose.
 """
 from __future__ import annotations
 
@@ -52,9 +53,13 @@ def tinygemm(w_bf16: torch.Tensor, packed, scale, zero):
 def variants(bits, w, q, s, z):
     """name -> (fn(x), weight bytes it reads) for one weight."""
     qbytes = q.numel() + s.numel() * 2 + (z.numel() if z is not None else 0)
-    words = qm.planes_weight(q, bits, GROUP)
-    out = {"packed_kernel": (lambda x: qm.linear(x, q, s, z, bits=bits, group=GROUP), qbytes),
-           "planes_kernel": (lambda x: qm.planes_linear(x, words, s, z, bits=bits, group=GROUP), qbytes),
+
+    def byte_kernel(x):  # the kernels linear() ran before the word kernel: the GEMV, the tiled GEMM past 1 row
+        config = qm.GEMV_CONFIGS[bits] if x.shape[0] == 1 else qm.MATMUL_CONFIG
+        return qm.linear(x, q, s, z, bits=bits, group=GROUP, config=config)
+
+    out = {"byte_kernel": (byte_kernel, qbytes),
+           "word_kernel": (lambda x: qm.linear(x, q, s, z, bits=bits, group=GROUP), qbytes),
            "cublas_bf16": (lambda x: x @ w.T, w.numel() * 2)}
     if bits == 4:
         try:
@@ -98,10 +103,10 @@ def table(results, over):
 
 
 def candidates(m):
-    return [qm.PlanesConfig(m, bn, c, warps, 1) for bn, c, warps in
-            [(4, 8, 4), (8, 2, 2), (8, 4, 2), (8, 8, 4), (16, 2, 1), (16, 2, 4), (16, 4, 2), (16, 4, 4), (16, 8, 4),
-             (32, 4, 4), (32, 8, 8)]
-            if m * bn * c * 16 <= 2048 * warps]  # partial sums in registers, as the default configs
+    return [qm.WordsConfig(m, bn, words, warps, 1) for bn, words, warps in
+            [(4, 128, 4), (8, 32, 2), (8, 64, 2), (8, 128, 4), (16, 32, 1), (16, 32, 4), (16, 64, 2), (16, 64, 4),
+             (16, 128, 4), (32, 64, 4), (32, 128, 8)]
+            if m * bn * words <= 2048 * warps]  # partial sums in registers, as the default configs
 
 
 def sweep(results, over):
@@ -111,23 +116,22 @@ def sweep(results, over):
         for N, K in SWEEP_SHAPES:
             torch.manual_seed(0)
             _, (q, s, z), _ = weights(N, K, bits, GROUP)
-            words = qm.planes_weight(q, bits, GROUP)
             x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
             for cfg in candidates(m):
                 if over():
                     return best
-                us = timed(lambda: qm.planes_linear(x, words, s, z, bits=bits, group=GROUP, config=cfg))
+                us = timed(lambda: qm.linear(x, q, s, z, bits=bits, group=GROUP, config=cfg))
                 results["sweep"].append({"bits": bits, "M": m, "N": N, "K": K, "cfg": cfg._asdict(), "us": us})
                 totals[cfg] = totals.get(cfg, 0.0) + us
         best[(bits, m)] = min(totals, key=totals.get)
         print(f"int{bits} M={m}: best {best[(bits, m)]} ({totals[best[(bits, m)]]:.1f} us summed), default "
-              f"{qm.PLANES_CONFIGS[(bits, m)]} ({totals.get(qm.PLANES_CONFIGS[(bits, m)], float('nan')):.1f} us)",
+              f"{qm.WORDS_CONFIGS[(bits, m)]} ({totals.get(qm.WORDS_CONFIGS[(bits, m)], float('nan')):.1f} us)",
               flush=True)
     return best
 
 
 def main() -> None:
-    args = budget_args(__doc__, "quant_gemv_planes.json", 420)
+    args = budget_args(__doc__, "quant_gemv_words.json", 420)
     start = time.time()
     results = {**environment("cuda"), "table": [], "sweep": []}
 
@@ -139,7 +143,7 @@ def main() -> None:
     best = sweep(results, over)
     results["chosen"] = {f"int{b} M={m}": cfg._asdict() for (b, m), cfg in best.items()}
     write_json(args.out, results, indent=1)
-    print("PLANES_CONFIGS = {" + ", ".join(f"({b}, {m}): PlanesConfig{tuple(cfg)}" for (b, m), cfg in best.items())
+    print("WORDS_CONFIGS = {" + ", ".join(f"({b}, {m}): WordsConfig{tuple(cfg)}" for (b, m), cfg in best.items())
           + "}")
     print(f"done in {time.time() - start:.0f} s")
 
