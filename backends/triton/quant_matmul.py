@@ -5,11 +5,12 @@ from memory in its quantized form once, never written back dequantized.
     int4: weight uint8 [N, K/2] (two 4-bit values per byte, packing in ops/int4_linear.py), a scale and a
           zero point per group of G input channels: w = (q - zero) * scale.
 
-One activation row (decode): `_wq_gemv_kernel`, the dot-free row kernel of gemv.py generalized to BLOCK_N
-weight rows per program. With a bf16 weight one row per program was best (gemv.py), but an int8 or int4 weight
-gives 2-4x fewer bytes per step than the activation chunk it multiplies, so a program shares each activation
-load across BLOCK_N rows (block sizes from bench/quant_gemv_sweep.py). More rows (prefill, wider decode
-batches): `_wq_matmul_kernel`, a tiled tl.dot GEMM that dequantizes each weight tile in registers.
+Up to 8 activation rows (decode, decode batches): `_wq_words_kernel`, the weight read in its own packing as int32
+words, each value decoded once with a magic-number OR and one subtraction (no conversion instruction, the zero
+point folded in) and shared by every row; int4 group scales on partial sums. Weights it cannot read as whole
+words, and 9-16 rows: the byte kernels, `_wq_gemv_kernel` (one row, BLOCK_N weight rows per program sharing
+each activation load) and `_wq_matmul_kernel` (a tiled tl.dot GEMM that dequantizes each weight tile in
+registers). More rows on a GPU: dequantize, then cuBLAS.
 """
 from __future__ import annotations
 
