@@ -204,8 +204,8 @@ def test_words_kernel_takes_rows_in_blocks_and_strided_rows():
 
 
 def test_near_misses_take_the_byte_kernels():
-    """int8 rows that are not whole 64-byte chunks, and a weight whose storage is not 4-byte aligned, are
-    read byte by byte (_wq_gemv_kernel / _wq_matmul_kernel), with the same result."""
+    """int8 rows that are not whole 64-byte chunks, int4 groups that are not a power-of-2 number of words, and a
+    weight whose storage is not 4-byte aligned are read byte by byte (_wq_gemv_kernel / _wq_matmul_kernel), with the same result."""
     q, s, _, reference = _quantized(8, 0, 7, 96, torch.float32)
     assert not qm.words_supported(q, 8)
     storage = torch.zeros(7 * 128 + 1, dtype=torch.int8, device=DEVICE)
@@ -215,6 +215,7 @@ def test_near_misses_take_the_byte_kernels():
     for M in (1, 3):
         x = torch.randn(M, 96, device=DEVICE)
         _close(qm.linear(x, q, s, None, None, 8), reference(x, None), torch.float32)
+    assert not qm.words_supported(torch.zeros(7, 96, dtype=torch.uint8, device=DEVICE), 4, 96)  # 12 words a group
     q4, s4, z4, reference4 = _quantized(4, 32, 7, 128, torch.float32)
     x = torch.randn(1, 128, device=DEVICE)
     _close(qm.linear(x, q4, s4, z4, None, 4, 32, config=qm.INTERPRETER_CONFIG), reference4(x, None), torch.float32)

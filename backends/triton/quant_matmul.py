@@ -297,11 +297,12 @@ WORDS_INTERPRETER_CONFIG = WordsConfig(8, 16, 64, 1, 1)  # few programs: the int
 
 
 def words_supported(weight: torch.Tensor, bits: int, group: int = 0) -> bool:
-    """The weight's rows read as whole chunks of int32 words: int4 any group the quantize pass uses (a group of
-    G channels is G / 8 words), int8 K a multiple of 64; the storage 4-byte aligned."""
-    row_bytes = weight.shape[1]
-    chunk_bytes = group // 2 if bits == 4 else 64
-    return chunk_bytes % 4 == 0 and row_bytes % chunk_bytes == 0 and weight.data_ptr() % 4 == 0
+    """The weight's rows read as whole chunks of int32 words: int4 groups of 8 * 2**i channels (the quantize
+    pass's 32, 64, 128: a chunk of G / 8 words, a power of 2 for tl.arange), int8 K a multiple of 64; the
+    storage 4-byte aligned."""
+    chunk_words = group // 8 if bits == 4 else 16
+    power_of_2 = chunk_words > 0 and chunk_words & (chunk_words - 1) == 0
+    return power_of_2 and group % 8 == 0 and weight.shape[1] % (4 * chunk_words) == 0 and weight.data_ptr() % 4 == 0
 
 
 def words_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
