@@ -34,10 +34,9 @@ GROUP = 128
 SWEEP_SHAPES = [(4096, 4096), (22016, 4096)]
 
 
-def tinygemm(w_bf16: torch.Tensor, packed, scale, zero):
+def tinygemm(packed, scale, zero):
     """torch's int4 kernel on our quantized values: tinygemm dequantizes (q - 8) * s + m, so m = (8 - z) * s
-    gives our (q - z) * s. None where this torch has no CUDA tinygemm."""
-    N, K = w_bf16.shape
+    gives our (q - z) * s. Raises where this torch has no CUDA tinygemm."""
     q = unpack_int4(packed, GROUP).to(torch.int32)
     try:
         w_uint8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
@@ -63,7 +62,7 @@ def variants(bits, w, q, s, z):
            "cublas_bf16": (lambda x: x @ w.T, w.numel() * 2)}
     if bits == 4:
         try:
-            out["tinygemm_int4"] = (tinygemm(w, q, s, z), qbytes)
+            out["tinygemm_int4"] = (tinygemm(q, s, z), qbytes)
         except Exception as e:  # noqa: BLE001 - a torch without it is a data point
             print("tinygemm unavailable:", str(e)[:200], flush=True)
     return out
