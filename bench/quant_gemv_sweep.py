@@ -61,11 +61,16 @@ def matmul_configs():
         (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 4)]]
 
 
+def budget_args(description: str, out_name: str, budget_s: float) -> argparse.Namespace:
+    """--out and --budget-s (seconds after which the sweeps stop starting new configs), for the GEMV benches."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out(out_name))
+    parser.add_argument("--budget-s", type=float, default=budget_s)
+    return parser.parse_args()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=default_out("quant_gemv_sweep.json"))
-    parser.add_argument("--budget-s", type=float, default=400)
-    args = parser.parse_args()
+    args = budget_args(__doc__, "quant_gemv_sweep.json", 400)
     start = time.time()
     results = {**environment("cuda"), "gemv": [], "best": [], "matmul": [], "reference": []}
 

@@ -160,3 +160,62 @@ def test_w8a8_gemv_quantizes_the_token_as_the_reference(granularity, kind):
     out = qm.w8a8_gemv(x, q, s, bias, granularity)
     expected = w8a8_linear_reference(x, q, s, bias, "none", None, granularity)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+
+def _quantized(bits, group, N, K, dtype, seed=0):
+    """(weight, scale, zero, the op's reference as a function of x and bias) for a random weight."""
+    torch.manual_seed(seed)
+    w = torch.randn(N, K, device=DEVICE, dtype=dtype)
+    if bits == 8:
+        q, s = quantize_per_channel(w)
+        return q, s, None, lambda x, b: int8_linear_reference(x, q, s.float(), b, "none", None)
+    p, s, z = quantize_int4_groupwise(w, group)
+    return p, s, z, lambda x, b: int4_linear_reference(x, p, s.float(), z, group, b, "none", None)
+
+
+_words_linear = qm.words_linear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("N,K", [(37, 128), (5, 384)])  # N not a multiple of the rows per program; 1-12 chunks
+def test_words_kernel_fires_and_matches_reference(dtype, M, bits, group, N, K, monkeypatch):
+    """The weight read as int32 words by _wq_words_kernel (magic-number decode, the zero point folded into its
+    subtraction, int4 scales on group partial sums) against the op's reference."""
+    q, s, z, reference = _quantized(bits, group, N, K, dtype)
+    calls = []
+    monkeypatch.setattr(qm, "words_linear", lambda *a: calls.append(a) or _words_linear(*a))
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype)
+    out = qm.linear(x, q, s, z, bias, bits, group)
+    assert len(calls) == 1 and out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
+    _close(out, reference(x.float(), bias.float()), dtype)
+
+
+
+def test_words_kernel_takes_rows_in_blocks_and_strided_rows():
+    """11 rows (two row blocks) and rows of x that are not contiguous with each other."""
+    q, s, z, reference = _quantized(4, 64, 9, 256, torch.float32)
+    x = torch.randn(11, 512, device=DEVICE)[:, :256]
+    config = qm.WordsConfig(8, 4, 16, 1, 1)
+    _close(qm.linear(x, q, s, z, None, 4, 64, config=config), reference(x, None), torch.float32)
+
+
+def test_near_misses_take_the_byte_kernels():
+    """int8 rows that are not whole 64-byte chunks, int4 groups that are not a power-of-2 number of words, and a
+    weight whose storage is not 4-byte aligned are read byte by byte (_wq_gemv_kernel / _wq_matmul_kernel), with the same result."""
+    q, s, _, reference = _quantized(8, 0, 7, 96, torch.float32)
+    assert not qm.words_supported(q, 8)
+    storage = torch.zeros(7 * 128 + 1, dtype=torch.int8, device=DEVICE)
+    shifted = storage[1:].view(7, 128)
+    shifted.copy_(_quantized(8, 0, 7, 128, torch.float32)[0])
+    assert qm.words_supported(storage[:-1].view(7, 128), 8) and not qm.words_supported(shifted, 8)
+    for M in (1, 3):
+        x = torch.randn(M, 96, device=DEVICE)
+        _close(qm.linear(x, q, s, None, None, 8), reference(x, None), torch.float32)
+    assert not qm.words_supported(torch.zeros(7, 96, dtype=torch.uint8, device=DEVICE), 4, 96)  # 12 words a group
+    q4, s4, z4, reference4 = _quantized(4, 32, 7, 128, torch.float32)
+    x = torch.randn(1, 128, device=DEVICE)
+    _close(qm.linear(x, q4, s4, z4, None, 4, 32, config=qm.INTERPRETER_CONFIG), reference4(x, None), torch.float32)
