@@ -61,16 +61,11 @@ def matmul_configs():
         (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 4)]]
 
 
-def budget_args(description: str, out_name: str, budget_s: float) -> argparse.Namespace:
-    """--out and --budget-s (seconds after which the sweeps stop starting new configs), for the GEMV benches."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=default_out(out_name))
-    parser.add_argument("--budget-s", type=float, default=budget_s)
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = budget_args(__doc__, "quant_gemv_sweep.json", 400)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out("quant_gemv_sweep.json"))
+    parser.add_argument("--budget-s", type=float, default=400)
+    args = parser.parse_args()
     start = time.time()
     results = {**environment("cuda"), "gemv": [], "best": [], "matmul": [], "reference": []}
 

@@ -34,16 +34,11 @@ def quantize_int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Ten
     return packed.reshape(N, K // 2), scale.to(weight.dtype), zero.to(torch.uint8)
 
 
-def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
-    """The 4-bit values q, uint8 [N, K] in channel order."""
-    b = packed.reshape(packed.shape[0], -1, group // 2)
-    return torch.cat([b & 15, b >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
     """The [N, K] weight in scale's dtype: (q - zero) * scale, computed in fp32 and rounded once."""
     N, groups = scale.shape
-    q = unpack_int4(packed, group).reshape(N, groups, group).float()
+    b = packed.reshape(N, groups, group // 2)
+    q = torch.cat([b & 15, b >> 4], dim=-1).float()
     w = (q - zero.float()[..., None]) * scale.float()[..., None]
     return w.reshape(N, groups * group).to(scale.dtype)
 

@@ -5,12 +5,11 @@ from memory in its quantized form once, never written back dequantized.
     int4: weight uint8 [N, K/2] (two 4-bit values per byte, packing in ops/int4_linear.py), a scale and a
           zero point per group of G input channels: w = (q - zero) * scale.
 
-Up to 8 activation rows (decode, decode batches): `_wq_words_kernel`, the weight read in its own packing as int32
-words, each value decoded once with a magic-number OR and one subtraction (no conversion instruction, the zero
-point folded in) and shared by every row; int4 group scales on partial sums. Weights it cannot read as whole
-words, and 9-16 rows: the byte kernels, `_wq_gemv_kernel` (one row, BLOCK_N weight rows per program sharing
-each activation load) and `_wq_matmul_kernel` (a tiled tl.dot GEMM that dequantizes each weight tile in
-registers). More rows on a GPU: dequantize, then cuBLAS.
+One activation row (decode): `_wq_gemv_kernel`, the dot-free row kernel of gemv.py generalized to BLOCK_N
+weight rows per program. With a bf16 weight one row per program was best (gemv.py), but an int8 or int4 weight
+gives 2-4x fewer bytes per step than the activation chunk it multiplies, so a program shares each activation
+load across BLOCK_N rows (block sizes from bench/quant_gemv_sweep.py). More rows (prefill, wider decode
+batches): `_wq_matmul_kernel`, a tiled tl.dot GEMM that dequantizes each weight tile in registers.
 """
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ import triton.language as tl
 # clock per SM on Hopper, an eighth of the FMA rate; this is an integer add plus a float add. Measured once on
 # an H100 against the same kernels with I2F (commit 46cde07; bench/results/quant_gemv_abtest_h100.json): the
 # int8 GEMV 3% faster over a 7B decoder's shapes (up to 8% on 4096x4096). The same trick for int4 nibbles
-# measured no faster in _wq_gemv_kernel, whose limit is elsewhere (a third of its loop is shuffles for the
-# per-step group sums: bench/quant_gemv_sass.py); _wq_words_kernel has neither and uses it (_field).
+# measured no faster (up to 10% slower), so the int4 GEMV is not limited by its conversions, and keeps them.
 MAGIC = tl.constexpr(0x4B000000)
 TWO_23 = tl.constexpr(8388608.0)
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the floor of a range (all-zero rows)
@@ -90,76 +88,6 @@ def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
     if HAS_BIAS:
         out += tl.load(Bias + rows).to(tl.float32)
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
-
-
-@triton.jit
-def _field(w, w_high, p: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr, zero_plus_magic):
-    """Field p of each int32 word (BITS wide, unsigned), minus the zero point, times F, exactly, as float32.
-    Field p sits at bit log2(F) = BITS * (p % (16 // BITS)) of its half word (w or w_high = w >> 16). Masked
-    where it lies and ORed into the mantissa of 2**23 (0x4B000000), it is the float 2**23 + q * F (Marlin's and
-    FasterTransformer's magic number, in fp32): one LOP3 and one FADD with zero_plus_magic = 2**23 + zero * F,
-    no I2F (an eighth of the FMA rate on Hopper) and no shift per field. q * F < 2**16 stays in the mantissa,
-    and the difference of two integers below 2**24 is exact."""
-    half = w if p < 16 // BITS else w_high
-    q = half & (((1 << BITS) - 1) * F)
-    return (q | MAGIC).to(tl.float32, bitcast=True) - zero_plus_magic
-
-
-@triton.jit
-def _wq_words_kernel(X, W, Scale, Zero, Bias, Out, M, N, n_chunks, stride_xm,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
-    """x [M, K] @ dequant(W).T for up to BLOCK_M activation rows, BLOCK_N weight rows per program, the op's packed
-    weight read as int32 words (4 bytes per load lane, no byte extraction), CHUNKS chunks per row and step.
-    int4: a chunk is one group, GROUP / 8 words; field p of word j is byte p // 2's low (p even) or high nibble,
-    channel (p % 2) * GROUP / 2 + 4 j + p // 2 (ops/int4_linear.py's packing). int8: a chunk is 16 words; field
-    p of word j is channel 4 j + p, its sign bit flipped once per word (q + 128, unsigned). Each value is decoded
-    once (_field) and used by every activation row, one FMA per row; the int4 group scale multiplies the group's
-    partial sums once per lane, the int8 row scale the row's sum."""
-    per_word: tl.constexpr = 32 // BITS
-    cw: tl.constexpr = GROUP // 8 if BITS == 4 else 16  # words per chunk
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n % N  # rows past N wrap to valid rows; their results are dropped at the store
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, CHUNKS)
-    offs_j = tl.arange(0, cw)
-    w_ptrs = W + rows[:, None, None].to(tl.int64) * (n_chunks * cw) \
-        + (offs_c[:, None] * cw + offs_j[None, :])[None, :, :]  # [BLOCK_N, CHUNKS, cw]
-    x_ptrs = X + offs_m[:, None, None] * stride_xm + (offs_c[:, None] * cw * per_word + 4 * offs_j[None, :])[None, :, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, cw], tl.float32)
-    # the next step's words are loaded before this step's arithmetic: two steps of loads in flight per warp
-    w_next = tl.load(w_ptrs, mask=(offs_c < n_chunks)[None, :, None], other=0, eviction_policy="evict_first")
-    for c0 in range(0, n_chunks, CHUNKS):
-        c_ok = offs_c < n_chunks - c0
-        w = w_next
-        w_ptrs += CHUNKS * cw
-        w_next = tl.load(w_ptrs, mask=(offs_c < n_chunks - c0 - CHUNKS)[None, :, None], other=0,
-                         eviction_policy="evict_first")  # read once
-        if BITS == 8:
-            w = w ^ -2139062144  # 0x80808080 as int32: every byte q + 128
-        else:  # the chunk's group: one scale and zero point per weight row
-            sz = rows[:, None, None] * n_chunks + (c0 + offs_c)[None, :, None]
-            s = tl.load(Scale + sz, mask=c_ok[None, :, None], other=0.0).to(tl.float32)[None, :, :, :]
-            z = tl.load(Zero + sz, mask=c_ok[None, :, None], other=0).to(tl.float32)
-        w_high = w >> 16
-        x_ok = (offs_m < M)[:, None, None] & c_ok[None, :, None]
-        part = tl.zeros([BLOCK_M, BLOCK_N, CHUNKS, cw], tl.float32)
-        for p in tl.static_range(per_word):
-            f = 1 << (BITS * (p % (16 // BITS)))  # _field's factor
-            channel = (p % 2) * (GROUP // 2) + p // 2 if BITS == 4 else p  # of field p in word 0
-            # x over the field's factor (a power of 2: exact) cancels it
-            x = tl.load(x_ptrs + channel, mask=x_ok, other=0.0).to(tl.float32)[:, None, :, :] * (1.0 / f)
-            zero_plus_magic = TWO_23 + 128.0 * f if BITS == 8 else z * f + TWO_23
-            part += _field(w, w_high, p, BITS, f, zero_plus_magic)[None, :, :, :] * x
-        acc += part if BITS == 8 else s * part
-        x_ptrs += CHUNKS * cw * per_word
-    out = tl.sum(tl.reshape(acc, [BLOCK_M, BLOCK_N, CHUNKS * cw]), axis=2)  # [BLOCK_M, BLOCK_N]
-    if BITS == 8:
-        out *= tl.load(Scale + rows).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        out += tl.load(Bias + rows).to(tl.float32)[None, :]
-    out_ptrs = Out + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
@@ -273,57 +201,6 @@ MAX_KERNEL_ROWS = 16  # more rows: dequantize once and use the library matmul
 INTERPRETER_CONFIG = QuantConfig(16, 4, 32, 1, 1)
 
 
-class WordsConfig(NamedTuple):
-    block_m: int  # activation rows per program (a power of 2, at most 8)
-    block_n: int  # weight rows per program
-    block_words: int  # int32 words per weight row and step (whole chunks: int4 GROUP / 8 words, int8 16)
-    num_warps: int
-    num_stages: int
-
-
-# Per (bits, activation rows rounded up to a power of 2). NOT yet timed on a GPU (written without one: `python
-# bench/quant_gemv_words.py` times these against other candidates and prints the table it would choose). Chosen
-# from Triton's sm_90 machine code, compiled here (bench/quant_gemv_sass.py: main-loop instructions per weight
-# value, what holds a GEMV under the memory floor once loads are in flight), and from bytes in flight per SM:
-# 16 weight rows x 128 words, 4 warps: each thread holds 4 rows x 4 words, so one x load serves 4 rows. int4
-# 5.75 instructions per nibble at group 128 (6.0 at 64, 6.3 at 32; the byte kernel: 16, a third of them
-# shuffles); int8 6.6 per byte (the byte kernel: 8.9); ~8 per byte is the issue rate at an H200's copy
-# bandwidth. 4096 rows still make 256 programs of 4 warps, each with two 8 KB steps of loads in flight
-# (w_next). More activation rows add an FMA per row and value (int4 at 2 / 4 / 8 rows: 9.6 / 12.4 / 18.8 per
-# nibble): fewer words per step keep the partial sums in registers (no spills at 8 rows).
-WORDS_CONFIGS = {(bits, m): WordsConfig(m, 16, {1: 128, 2: 64, 4: 64, 8: 32}[m], 4, 1)
-                 for bits in (4, 8) for m in (1, 2, 4, 8)}
-WORDS_INTERPRETER_CONFIG = WordsConfig(8, 16, 64, 1, 1)  # few programs: the interpreter runs each in Python
-
-
-def words_supported(weight: torch.Tensor, bits: int, group: int = 0) -> bool:
-    """The weight's rows read as whole chunks of int32 words: int4 groups of 8 * 2**i channels (the quantize
-    pass's 32, 64, 128: a chunk of G / 8 words, a power of 2 for tl.arange), int8 K a multiple of 64; the
-    storage 4-byte aligned."""
-    chunk_words = group // 8 if bits == 4 else 16
-    power_of_2 = chunk_words > 0 and chunk_words & (chunk_words - 1) == 0
-    return power_of_2 and group % 8 == 0 and weight.shape[1] % (4 * chunk_words) == 0 and weight.data_ptr() % 4 == 0
-
-
-def words_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], bits: int, group: int,
-                 config: Optional[WordsConfig] = None) -> torch.Tensor:
-    """`linear` through _wq_words_kernel, in blocks of at most 8 activation rows (each block reads the weight)."""
-    (M, K), N = x.shape, weight.shape[0]
-    words = weight.view(torch.int32)  # [N, K * bits / 32], the same bytes
-    chunk_words = group // 8 if bits == 4 else 16
-    block_m = min(triton.next_power_of_2(M), 8)
-    cfg = config or (WORDS_CONFIGS[(bits, block_m)] if x.is_cuda else WORDS_INTERPRETER_CONFIG._replace(block_m=block_m))
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        _wq_words_kernel[(triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))](
-            x, words, scale.contiguous(), scale if zero is None else zero.contiguous(),
-            x if bias is None else bias.contiguous(), out, M, N, words.shape[1] // chunk_words, x.stride(0),
-            BITS=bits, GROUP=max(group, 8), HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            CHUNKS=max(cfg.block_words // chunk_words, 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
-
-
 def supports(x: torch.Tensor, weight: torch.Tensor, bits: int, group: int = 0) -> bool:
     """x [M, K] float with unit stride along K; weight contiguous, int8 [N, K] or uint8 [N, K/2] with K a
     multiple of `group`; on a GPU or under the interpreter."""
@@ -341,20 +218,15 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bits: int, group: int = 0) -
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor] = None,
            bias: Optional[torch.Tensor] = None, bits: int = 8, group: int = 0,
-           config: "QuantConfig | WordsConfig | None" = None) -> torch.Tensor:
+           config: Optional[QuantConfig] = None) -> torch.Tensor:
     """x @ dequant(weight).T (+ bias) as a new contiguous [M, N] tensor in x.dtype, fp32 accumulation.
-    Up to 8 rows: _wq_words_kernel where the weight reads as whole chunks of int32 words (words_supported); else
-    up to 16 rows the byte kernels above (a config picks: a WordsConfig the word kernel, a QuantConfig the byte
-    kernels; 9-16 rows stay on the byte GEMM until the word kernel's row blocks are measured against it).
-    More rows (prefill) on a GPU: the weight dequantized to x's dtype by one kernel, then the library matmul (a
-    compute-bound shape, where cuBLAS is 1.8-4x faster than the GEMM here)."""
+    Up to 16 rows the kernels above; more rows (prefill) on a GPU: the weight dequantized to x's dtype by one
+    kernel, then the library matmul (a compute-bound shape, where cuBLAS is 1.8-4x faster than the GEMM here)."""
     assert supports(x, weight, bits, group), "quant_matmul: unsupported inputs"
     (M, K), N = x.shape, weight.shape[0]
     if M > MAX_KERNEL_ROWS and x.is_cuda and config is None:
         w = dequantize(weight, scale, zero, bits, group, x.dtype)
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
-    if isinstance(config, WordsConfig) or (config is None and M <= 8 and words_supported(weight, bits, group)):
-        return words_linear(x, weight, scale, zero, bias, bits, group, config)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     interpreter = not x.is_cuda
     n_groups = K // group if bits == 4 else 1
