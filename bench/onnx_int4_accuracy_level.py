@@ -23,7 +23,8 @@ import torch
 import mmaccel
 
 from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
-from onnx_generate import SIZES, build, folder_bytes, timings
+from onnx_generate import SIZES, build
+from onnx_peers import folder_bytes, timings
 
 EXPORTED, LEVEL4 = "as exported (accuracy_level 0)", "accuracy_level 4"
 
