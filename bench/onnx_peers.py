@@ -58,10 +58,8 @@ def genai_row(hf_folder: str, work: str, precision: str, ids: torch.Tensor, refe
         import onnxruntime_genai as og
     except ImportError:
         return NOT_INSTALLED
-    folder = os.path.join(work, f"genai_{precision}")
     start = time.perf_counter()
-    run_quietly([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_folder, "-o", folder,
-                 "-p", precision, "-e", "cpu", "-c", os.path.join(work, "genai_cache")])
+    folder = genai_build(hf_folder, work, precision)
     export_s = time.perf_counter() - start
     bytes_ = folder_bytes(folder)  # before the config edit below, which only changes a few characters
     configure_genai(folder, args.threads)
@@ -82,6 +80,14 @@ def genai_row(hf_folder: str, work: str, precision: str, ids: torch.Tensor, refe
     return {**timings(generate, args.new, args.repeats), "file_bytes": bytes_, "export_s": round(export_s, 1),
             "tokens_equal_hf": same_tokens(tokens, reference), **genai_graph(folder),
             "versions": {"onnxruntime-genai": og.__version__}}
+
+
+def genai_build(hf_folder: str, work: str, precision: str) -> str:
+    """GenAI's model builder (its command line, as users run it) on `hf_folder`; the folder it wrote."""
+    folder = os.path.join(work, f"genai_{precision}")
+    run_quietly([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf_folder, "-o", folder,
+                 "-p", precision, "-e", "cpu", "-c", os.path.join(work, "genai_cache")])
+    return folder
 
 
 def configure_genai(folder: str, threads: int) -> None:
