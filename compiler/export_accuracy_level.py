@@ -45,7 +45,7 @@ def int8_activation_matmuls(path: str, inputs: Sequence[torch.Tensor], reference
         return result
     before = _onnxruntime_error(path, inputs, reference)
     for node in nodes:
-        _set_accuracy_level(node, LEVEL)
+        set_accuracy_level(node, LEVEL)
     candidate = path + f".level{LEVEL}.onnx"  # beside `path`, so the external data file resolves the same
     onnx.save(proto, candidate)
     try:
@@ -68,7 +68,8 @@ def int8_activation_matmuls(path: str, inputs: Sequence[torch.Tensor], reference
     return result
 
 
-def _set_accuracy_level(node: Any, level: int) -> None:
+def set_accuracy_level(node: Any, level: int) -> None:
+    """Set (or replace) a MatMulNBits NodeProto's accuracy_level."""
     import onnx
 
     kept = [a for a in node.attribute if a.name != "accuracy_level"]

@@ -272,13 +272,14 @@ def accuracy_levels(path) -> list[int]:
 def with_fp32_activations(folder, copy) -> str:
     """`folder` copied to `copy` (same export id, so it loads as a folder), its decoder's MatMulNBits reset to
     accuracy_level 0: ONNX Runtime's exact kernel, whose output is the quantized graph's. The decoder's path."""
+    from mmaccel.compiler.export_accuracy_level import set_accuracy_level
+
     shutil.copytree(folder, copy)
     path = str(copy / "decoder.onnx")
     proto = onnx.load(path)
     for node in proto.graph.node:
-        kept = [a for a in node.attribute if a.name != "accuracy_level"]
-        del node.attribute[:]
-        node.attribute.extend(kept)
+        if node.op_type == "MatMulNBits":
+            set_accuracy_level(node, 0)
     onnx.save(proto, path)
     return path
 
