@@ -36,9 +36,11 @@ from torch.export import Dim
 
 from ..ops.int4_matmul_nbits import to_matmul_nbits
 from ..passes.cleanup import drop_unused_constants
+from ..passes.contract import PassResult
 from ..passes.patterns import add_constant, constant_value
 from .export import EXTERNAL_DATA_BYTES, ExportError, convert, export_options, lower_for_export
 from .export_accuracy_level import int8_activation_matmuls
+from .onnx_rewrites import divide_by_square_roots
 from .export_embeddings import quantize_embeddings
 from .onnx_generate import FORMAT, MANIFEST, VERSION
 from .options import as_sample
@@ -201,6 +203,9 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
     program.save(path, external_data=external)
     proto = onnx.load(path, load_external_data=False)
     entry = {"file": f"{spec.name}.onnx", **name_values(proto, spec)}
+    divided = divide_by_square_roots(proto.graph)  # so ONNX Runtime fuses the RMSNorms (compiler/onnx_rewrites.py)
+    record.passes.append(PassResult(name="onnx_divide_by_square_roots", matched=divided,
+                                    changes=[f"{divided} Mul(x, Reciprocal(Sqrt)) -> Div(x, Sqrt)"] if divided else []))
     proto.metadata_props.add(key="mmaccel.export_id", value=export_id)
     proto.metadata_props.add(key="mmaccel.graph", value=spec.name)
     onnx.save(proto, path)  # external data stays where program.save put it: only the references are rewritten

@@ -110,6 +110,48 @@ def test_folder_layout_and_passes(exported) -> None:
     if model.config._attn_implementation == "eager":
         assert graph.matched("attention_fusion") == hf_tiny.LAYERS, f"\n{report}"
     assert graph.matched("parallel_linear_fusion") >= hf_tiny.LAYERS
+    # every RMSNorm (2 per layer + the final one) as Div(x, Sqrt), which ONNX Runtime fuses at session start
+    assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 2 * hf_tiny.LAYERS + 1
+
+
+def fused_op_count(path: str, op_type: str) -> int:
+    """How many `op_type` nodes ONNX Runtime's optimized graph of the file at `path` holds."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = path + ".optimized.onnx"
+    ort.InferenceSession(path, options)
+    try:
+        return sum(n.op_type == op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    finally:
+        os.remove(options.optimized_model_filepath)
+
+
+def test_divide_by_square_roots_leaves_near_misses_alone() -> None:
+    """Mul(x, Reciprocal(Sqrt(v))) becomes Div(x, Sqrt(v)) with the same output; a Reciprocal read twice, or of
+    something other than a Sqrt, stays."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from mmaccel.compiler.onnx_rewrites import divide_by_square_roots
+
+    node = helper.make_node
+    nodes = [node("Sqrt", ["v"], ["s"]), node("Reciprocal", ["s"], ["r"]), node("Mul", ["x", "r"], ["a"]),
+             node("Sqrt", ["v"], ["s2"]), node("Reciprocal", ["s2"], ["r2"]), node("Mul", ["x", "r2"], ["b"]),
+             node("Add", ["r2", "x"], ["c"]),  # a second reader of r2
+             node("Reciprocal", ["v"], ["r3"]), node("Mul", ["r3", "x"], ["d"])]  # not of a Sqrt
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [4])
+    model = helper.make_model(helper.make_graph(nodes, "g", [value("x"), value("v")], [value(n) for n in "abcd"]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": np.array([1.0, -2.0, 3.0, 0.5], np.float32), "v": np.array([4.0, 2.0, 0.25, 9.0], np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    assert divide_by_square_roots(model.graph) == 1
+    assert [n.op_type for n in model.graph.node].count("Reciprocal") == 2
+    assert next(n for n in model.graph.node if n.output[0] == "a").op_type == "Div"
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    for x, y in zip(after, before):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    assert divide_by_square_roots(model.graph) == 0  # idempotent
 
 
 RUN_WITHOUT_TORCH = textwrap.dedent("""
