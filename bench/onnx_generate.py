@@ -1,17 +1,22 @@
-"""ONNX generation on CPU (issue 18): Hugging Face eager generate() against mmaccel.export_onnx(generation=True) +
-mmaccel.onnx_generate, fp32, batch 1, a Llama-style decoder with RANDOM weights (no downloads: token values mean
-nothing, timings do). Stop tokens are off, so both generate exactly --new tokens.
+"""ONNX generation on CPU (issue 18): Hugging Face eager generate(), mmaccel.export_onnx(generation=True) +
+mmaccel.onnx_generate, and the peers: Optimum ONNX's export + ORTModelForCausalLM.generate and ONNX Runtime
+GenAI's model builder + its generator loop, in one run, on the same model (a Llama-style decoder with RANDOM
+weights, saved with save_pretrained into a temp folder that both peers read; no downloads: token values mean
+nothing, timings do), the same prompt, the same new tokens and the same threads. Batch 1. Stop tokens are off,
+so every loop generates exactly --new tokens.
 
     python bench/onnx_generate.py                    # ~130M parameters (hidden 768, 12 layers), 64-token prompt
     python bench/onnx_generate.py --size 400m        # ~400M parameters (hidden 1024, 24 layers)
     python bench/onnx_generate.py --tiny             # tiny config: a quick check
-    python bench/onnx_generate.py --int4             # and an int4 export (com.microsoft::MatMulNBits linears, int8
-                                                     # token embedding), with its bytes and decode ratios to fp32
+    python bench/onnx_generate.py --int4             # and int4 rows: mmaccel (com.microsoft::MatMulNBits linears,
+                                                     # int8 token embedding) and GenAI's builder (-p int4)
 
-Per variant: first-token ms (generate with max_new_tokens=1), ms per new token ((end-to-end - first token) /
-(new - 1)), the median of --repeats calls after one warm-up; the ONNX folder's bytes and the export's seconds;
-whether the tokens equal HF eager's. Optimum ONNX and ONNX Runtime GenAI are not installed on this machine, so
-the issue's comparison with them is not in this script. JSON under bench/results/ (or $OUT).
+Per row: first-token ms (generate with max_new_tokens=1), ms per new token ((end-to-end - first token) /
+(new - 1)), the median of --repeats calls after one warm-up; the folder's bytes and the export's seconds;
+whether the tokens equal HF eager's. Peers are bench-only dependencies (pip install -e '.[bench]' brings
+onnxruntime-genai; Optimum ONNX needs transformers < 4.58 and so lives in its own venv:
+./bench/setup_optimum_venv.sh); a peer that is not installed gets a row saying so. JSON under bench/results/
+(or $OUT).
 """
 from __future__ import annotations
 
@@ -19,18 +24,18 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmaccel
-from mmaccel.timing import median_ms
 
 from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
+from onnx_peers import folder_bytes, genai_row, optimum_row, same_tokens, save_for_peers, timings
 
 SIZES = {  # (hidden, layers, heads, kv heads, intermediate, vocab)
-    "tiny": (32, 2, 4, 2, 64, 100),
+    "tiny": (64, 2, 4, 2, 128, 100),  # head_dim 16: GenAI's GroupQueryAttention needs a multiple of 16
     "130m": (768, 12, 12, 4, 2048, 32000),
     "400m": (1024, 24, 16, 8, 2816, 32000),
 }
@@ -43,17 +48,6 @@ def build(size: str) -> LlamaForCausalLM:
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
-def timings(generate: Callable[[int], Any], new: int, repeats: int) -> dict[str, float]:
-    first = median_ms(lambda: generate(1), repeats, warmup=1)
-    total = median_ms(lambda: generate(new), repeats, warmup=1)
-    return {"first_token_ms": round(first, 2), "ms_per_token": round((total - first) / (new - 1), 2),
-            "end_to_end_ms": round(total, 2)}
-
-
-def folder_bytes(folder: str) -> int:
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
 def onnx_row(model: LlamaForCausalLM, ids: torch.Tensor, options: dict[str, Any], reference: torch.Tensor,
@@ -72,8 +66,38 @@ def onnx_row(model: LlamaForCausalLM, ids: torch.Tensor, options: dict[str, Any]
         lossy = {p.name: {"changes": p.changes, "measured_error": p.measured_error, "near_misses": p.near_misses}
                  for p in report.graphs[0].passes if p.lossy}  # quantize, and quantize_embedding (the token table)
         return {**timings(onnx, args.new, args.repeats), "file_bytes": folder_bytes(folder),
-                "export_s": round(export_s, 1), "tokens_equal_hf": bool((torch.from_numpy(onnx(args.new)) == reference).all()),
+                "export_s": round(export_s, 1), "tokens_equal_hf": same_tokens(onnx(args.new), reference),
                 **({"lossy": lossy} if lossy else {})}
+
+
+MMACCEL_FP32, MMACCEL_INT4 = "mmaccel fp32", "mmaccel int4 (MatMulNBits)"
+
+
+def export_rows(model: LlamaForCausalLM, ids: torch.Tensor, reference: torch.Tensor, hf_folder: str, work: str,
+                args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    rows = {MMACCEL_FP32: onnx_row(model, ids, {}, reference, args),
+            "Optimum ONNX fp32": optimum_row(hf_folder, work, ids, reference, args),
+            "GenAI builder fp32": genai_row(hf_folder, work, "fp32", ids, reference, args)}
+    if args.int4:  # every linear int4 (budget 0.5 on random weights), run by ONNX Runtime's MatMulNBits
+        rows[MMACCEL_INT4] = onnx_row(model, ids, {"quantize": "int4_weight_only", "accuracy_budget": 0.5},
+                                      reference, args)
+        rows["Optimum ONNX int4"] = {"status": "not offered (Optimum ONNX 0.1.0 quantizes to int8 only)"}
+        rows["GenAI builder int4"] = genai_row(hf_folder, work, "int4", ids, reference, args)
+    return rows
+
+
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    print(f"{'variant':28} {'first token ms':>15} {'ms / token':>11} {'file MB':>8} {'export s':>9} tokens = HF")
+    for name, row in rows.items():
+        if "status" in row:
+            print(f"{name:28} {row['status']}")
+            continue
+        print(f"{name:28} {row['first_token_ms']:>15.1f} {row['ms_per_token']:>11.2f} "
+              f"{row.get('file_bytes', 0) / 1e6:>8.1f} {row.get('export_s', 0):>9.1f} {row.get('tokens_equal_hf', '')}")
+    fp32, int4 = rows[MMACCEL_FP32], rows.get(MMACCEL_INT4)
+    if int4 is not None:  # issue 18's targets: int4 files under 0.3x fp32's bytes, decode at least 2x faster
+        print(f"mmaccel int4 / fp32: folder bytes {int4['file_bytes'] / fp32['file_bytes']:.3f}x (target < 0.3x), "
+              f"decode {fp32['ms_per_token'] / int4['ms_per_token']:.2f}x faster (target 2x)")
 
 
 def main() -> None:
@@ -102,19 +126,11 @@ def main() -> None:
 
     rows = {"HF eager generate()": timings(hf, args.new, args.repeats)}
     reference = hf(args.new)
-    variants = {"mmaccel export + onnx_generate": {}}
-    if args.int4:  # every linear int4 (budget 0.5 on random weights), run by ONNX Runtime's MatMulNBits
-        variants["mmaccel int4 (MatMulNBits)"] = {"quantize": "int4_weight_only", "accuracy_budget": 0.5}
-    for name, options in variants.items():
-        rows[name] = onnx_row(model, ids, options, reference, args)
-    print(f"{'variant':32} {'first token ms':>15} {'ms / token':>11} {'file MB':>8} {'export s':>9} tokens = HF")
-    for name, row in rows.items():
-        print(f"{name:32} {row['first_token_ms']:>15.1f} {row['ms_per_token']:>11.2f} "
-              f"{row.get('file_bytes', 0) / 1e6:>8.1f} {row.get('export_s', 0):>9.1f} {row.get('tokens_equal_hf', '')}")
-    fp32, int4 = rows["mmaccel export + onnx_generate"], rows.get("mmaccel int4 (MatMulNBits)")
-    if int4 is not None:  # issue 18's targets: int4 files under 0.3x fp32's bytes, decode at least 2x faster
-        print(f"int4 / fp32: folder bytes {int4['file_bytes'] / fp32['file_bytes']:.3f}x (target < 0.3x), decode "
-              f"{fp32['ms_per_token'] / int4['ms_per_token']:.2f}x faster (target 2x)")
+    with tempfile.TemporaryDirectory() as work:
+        hf_folder = os.path.join(work, "hf")
+        save_for_peers(model, hf_folder)
+        rows.update(export_rows(model, ids, reference, hf_folder, work, args))
+    print_table(rows)
     path = args.out or default_out(f"onnx_generate_cpu_{size}.json")
     # the load average says how busy the (shared) CPU was while the timings ran
     write_json(path, {"environment": environment("cpu", threads=args.threads, size=size, parameters=params,

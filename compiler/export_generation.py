@@ -14,8 +14,9 @@ inside the traced forward (as transformers' own integrations/executorch.py does)
 graph's concatenation and the new cache is returned as tensors: no in-place state. Every graph goes through the
 same lowering and passes as a single-file export; int4 linears then become ONNX Runtime's MatMulNBits
 (use_matmul_nbits), and with a quantize option the token embedding table becomes int8 per row
-(compiler/export_embeddings.py). The folder is written aside and renamed into place at the end: a failed export leaves
-nothing at `folder` (and an existing folder untouched).
+(compiler/export_embeddings.py) and the MatMulNBits take int8 activations when ONNX Runtime's measured error
+allows (compiler/export_accuracy_level.py). The folder is written aside and renamed into place at the end: a
+failed export leaves nothing at `folder` (and an existing folder untouched).
 """
 from __future__ import annotations
 
@@ -35,8 +36,11 @@ from torch.export import Dim
 
 from ..ops.int4_matmul_nbits import to_matmul_nbits
 from ..passes.cleanup import drop_unused_constants
+from ..passes.contract import PassResult
 from ..passes.patterns import add_constant, constant_value
 from .export import EXTERNAL_DATA_BYTES, ExportError, convert, export_options, lower_for_export
+from .export_accuracy_level import int8_activation_matmuls
+from .onnx_rewrites import divide_by_square_roots
 from .export_embeddings import quantize_embeddings
 from .onnx_generate import FORMAT, MANIFEST, VERSION
 from .options import as_sample
@@ -190,17 +194,23 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
 
     gm, flat_inputs = lower_for_export(spec.module, spec.example, spec.dynamic_shapes, opts, record)
     use_matmul_nbits(gm)
-    if opts.quantize is not None:  # the token embedding table too (compiler/export_embeddings.py)
-        record.passes.append(quantize_embeddings(gm, flat_inputs, eager_outputs(spec), opts.accuracy_budget))
+    reference = eager_outputs(spec) if opts.quantize is not None else None
+    if reference is not None:  # the token embedding table too (compiler/export_embeddings.py)
+        record.passes.append(quantize_embeddings(gm, flat_inputs, reference, opts.accuracy_budget))
     program = convert(gm, flat_inputs)
     path = os.path.join(staged, f"{spec.name}.onnx")
     external = record.frozen_bytes > EXTERNAL_DATA_BYTES
     program.save(path, external_data=external)
     proto = onnx.load(path, load_external_data=False)
     entry = {"file": f"{spec.name}.onnx", **name_values(proto, spec)}
+    divided = divide_by_square_roots(proto.graph)  # so ONNX Runtime fuses the RMSNorms (compiler/onnx_rewrites.py)
+    record.passes.append(PassResult(name="onnx_divide_by_square_roots", matched=divided,
+                                    changes=[f"{divided} Mul(x, Reciprocal(Sqrt)) -> Div(x, Sqrt)"] if divided else []))
     proto.metadata_props.add(key="mmaccel.export_id", value=export_id)
     proto.metadata_props.add(key="mmaccel.graph", value=spec.name)
     onnx.save(proto, path)  # external data stays where program.save put it: only the references are rewritten
+    if reference is not None:  # int8 activations in MatMulNBits, if ONNX Runtime's error allows (export_accuracy_level.py)
+        record.passes.append(int8_activation_matmuls(path, flat_inputs, reference, opts.accuracy_budget))
     onnx.checker.check_model(path)  # by path: also checks models with external data
     return entry
 

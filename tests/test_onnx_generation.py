@@ -110,6 +110,48 @@ def test_folder_layout_and_passes(exported) -> None:
     if model.config._attn_implementation == "eager":
         assert graph.matched("attention_fusion") == hf_tiny.LAYERS, f"\n{report}"
     assert graph.matched("parallel_linear_fusion") >= hf_tiny.LAYERS
+    # every RMSNorm (2 per layer + the final one) as Div(x, Sqrt), which ONNX Runtime fuses at session start
+    assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 2 * hf_tiny.LAYERS + 1
+
+
+def fused_op_count(path: str, op_type: str) -> int:
+    """How many `op_type` nodes ONNX Runtime's optimized graph of the file at `path` holds."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = path + ".optimized.onnx"
+    ort.InferenceSession(path, options)
+    try:
+        return sum(n.op_type == op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    finally:
+        os.remove(options.optimized_model_filepath)
+
+
+def test_divide_by_square_roots_leaves_near_misses_alone() -> None:
+    """Mul(x, Reciprocal(Sqrt(v))) becomes Div(x, Sqrt(v)) with the same output; a Reciprocal read twice, or of
+    something other than a Sqrt, stays."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from mmaccel.compiler.onnx_rewrites import divide_by_square_roots
+
+    node = helper.make_node
+    nodes = [node("Sqrt", ["v"], ["s"]), node("Reciprocal", ["s"], ["r"]), node("Mul", ["x", "r"], ["a"]),
+             node("Sqrt", ["v"], ["s2"]), node("Reciprocal", ["s2"], ["r2"]), node("Mul", ["x", "r2"], ["b"]),
+             node("Add", ["r2", "x"], ["c"]),  # a second reader of r2
+             node("Reciprocal", ["v"], ["r3"]), node("Mul", ["r3", "x"], ["d"])]  # not of a Sqrt
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [4])
+    model = helper.make_model(helper.make_graph(nodes, "g", [value("x"), value("v")], [value(n) for n in "abcd"]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": np.array([1.0, -2.0, 3.0, 0.5], np.float32), "v": np.array([4.0, 2.0, 0.25, 9.0], np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    assert divide_by_square_roots(model.graph) == 1
+    assert [n.op_type for n in model.graph.node].count("Reciprocal") == 2
+    assert next(n for n in model.graph.node if n.output[0] == "a").op_type == "Div"
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feeds)
+    for x, y in zip(after, before):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    assert divide_by_square_roots(model.graph) == 0  # idempotent
 
 
 RUN_WITHOUT_TORCH = textwrap.dedent("""
@@ -229,13 +271,12 @@ def test_whisper_matches_hf_generic_generate(tmp_path) -> None:
 
 # ------------------------------------------------------------------------------------ int4 as MatMulNBits
 
-@pytest.mark.parametrize("n, k, group", [(48, 96, 32), (40, 256, 128)])  # 3 blocks: an odd zero-point count
-def test_matmul_nbits_layout_is_what_onnxruntime_reads(n, k, group) -> None:
-    """The repacked weight, run by ONNX Runtime's MatMulNBits kernel alone, gives int4_linear's output."""
+def matmul_nbits_model(n: int, k: int, group: int):
+    """(ONNX model of one com.microsoft::MatMulNBits holding a random int4 weight, its input x [3, k],
+    int4_linear's output on x)."""
     from onnx import TensorProto, helper, numpy_helper
     from mmaccel.ops.int4_linear import int4_linear_reference, quantize_int4_groupwise
     from mmaccel.ops.int4_matmul_nbits import int4_matmul_nbits_reference, to_matmul_nbits
-    import onnxruntime as ort
 
     torch.manual_seed(0)
     packed, scale, zero = quantize_int4_groupwise(torch.randn(n, k), group)
@@ -250,14 +291,70 @@ def test_matmul_nbits_layout_is_what_onnxruntime_reads(n, k, group) -> None:
                               [numpy_helper.from_array(t.numpy(), name) for name, t in
                                zip("bsz", (b, scales, zero_points))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return model, x, expected
+
+
+@pytest.mark.parametrize("n, k, group", [(48, 96, 32), (40, 256, 128)])  # 3 blocks: an odd zero-point count
+def test_matmul_nbits_layout_is_what_onnxruntime_reads(n, k, group) -> None:
+    """The repacked weight, run by ONNX Runtime's MatMulNBits kernel alone, gives int4_linear's output."""
+    import onnxruntime as ort
+
+    model, x, expected = matmul_nbits_model(n, k, group)
     actual = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-5, atol=1e-4)
 
 
+def accuracy_levels(path) -> list[int]:
+    """Each MatMulNBits' accuracy_level in the file (0, ONNX Runtime's default, where the attribute is absent)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return [next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+            for n in proto.graph.node if n.op_type == "MatMulNBits"]
+
+
+def with_fp32_activations(folder, copy) -> str:
+    """`folder` copied to `copy` (same export id, so it loads as a folder), its decoder's MatMulNBits reset to
+    accuracy_level 0: ONNX Runtime's exact kernel, whose output is the quantized graph's. The decoder's path."""
+    from mmaccel.compiler.export_accuracy_level import set_accuracy_level
+
+    shutil.copytree(folder, copy)
+    path = str(copy / "decoder.onnx")
+    proto = onnx.load(path)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            set_accuracy_level(node, 0)
+    onnx.save(proto, path)
+    return path
+
+
+@pytest.mark.parametrize("budget, level", [(0.5, 4), (1e-9, 0)])
+def test_int8_activations_only_within_the_budget(budget, level, tmp_path) -> None:
+    """accuracy_level=4 (int8 activations) is written when ONNX Runtime's error against the reference fits the
+    budget, and measured on ONNX Runtime's output; over it the file is left as it was, with a warning."""
+    from mmaccel.compiler.errors import MmaccelFallbackWarning
+    from mmaccel.compiler.export_accuracy_level import int8_activation_matmuls
+
+    model, x, expected = matmul_nbits_model(48, 256, 32)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    if level == 0:  # the reference is the int4 weight with fp32 activations: ~0 error at level 0
+        with pytest.warns(MmaccelFallbackWarning, match="left at accuracy_level 0"):
+            result = int8_activation_matmuls(path, [x], [expected], budget)
+    else:
+        result = int8_activation_matmuls(path, [x], [expected], budget)
+    assert accuracy_levels(path) == [level] and result.matched == (1 if level else 0), result.changes
+    assert result.lossy and os.listdir(tmp_path) == ["m.onnx"]  # the candidate file is gone either way
+    if level:  # the int8 rounding is measured, not zero, and within the budget
+        assert 1e-5 < result.measured_error <= budget
+    else:
+        assert result.measured_error < 1e-5 and "rolled back" in result.changes[0]
+
+
+
 @pytest.mark.coverage
 def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
-    """quantize="int4_weight_only": every int4 linear of the decoder is one MatMulNBits, and ONNX Runtime's
-    output is the quantized graph's (the error the lossy pass measured is the file's)."""
+    """quantize="int4_weight_only": every int4 linear of the decoder is one MatMulNBits, and with fp32
+    activations (accuracy_level 0) ONNX Runtime's output is the quantized graph's (the error the lossy pass
+    measured is the file's; the int8 activations of the file as written add the error their own pass measured)."""
     import onnxruntime as ort
 
     model = hf_tiny.llama("sdpa", use_cache=True)
@@ -272,7 +369,7 @@ def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
     inputs = graph.context.example_inputs
     with torch.no_grad():
         expected = graph.final_graph(*inputs)
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "decoder.onnx"))
+    session = ort.InferenceSession(with_fp32_activations(tmp_path / "onnx", tmp_path / "exact"))
     actual = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})
     for a, e in zip(actual, expected):
         torch.testing.assert_close(torch.from_numpy(a), e, rtol=1e-4, atol=1e-5)
@@ -296,9 +393,11 @@ def greedy_with_graph(gm: torch.fx.GraphModule, ids: torch.Tensor, new: int) -> 
 def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> None:
     """Qwen2 ties lm_head to the token embedding: the head stays MatMulNBits, the embedding Gather reads its own
     int8 copy (no fp32 table left in the file, nor in ONNX Runtime's optimized graph: the Gather reads the ids,
-    so nothing folds it back), its error is in the report, and ONNX Runtime's outputs and greedy tokens are the
-    quantized graph's own."""
+    so nothing folds it back), its error is in the report; the MatMulNBits take int8 activations (accuracy_level
+    4, ONNX Runtime's error measured and in the report), and with that level reset to 0 ONNX Runtime's outputs
+    and greedy tokens are the quantized graph's own."""
     import onnxruntime as ort
+    from mmaccel.compiler.export_accuracy_level import NAME as LEVEL_PASS
 
     report = mmaccel.export_onnx(hf_tiny.qwen2(), {"input_ids": left_padded_batch([7, 4])[0]}, tmp_path / "onnx",
                                  generation=True, quantize="int4_weight_only", accuracy_budget=0.5)
@@ -307,7 +406,10 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
     assert graph.count(torch.ops.mmaccel.int8_embedding) == 1 and graph.count(torch.ops.aten.embedding) == 0
     embedding = next(p for p in graph.passes if p.name == "quantize_embedding")
     assert embedding.lossy and 0 < embedding.measured_error <= 0.5 and "int8 per row" in embedding.changes[0]
-    path = str(tmp_path / "onnx" / "decoder.onnx")
+    level = next(p for p in graph.passes if p.name == LEVEL_PASS)
+    assert level.lossy and level.matched == 9 and 0 < level.measured_error <= 0.5, level.changes
+    assert accuracy_levels(tmp_path / "onnx" / "decoder.onnx") == [4] * 9
+    path = with_fp32_activations(tmp_path / "onnx", tmp_path / "exact")
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(path, options)
@@ -322,7 +424,7 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
     for a, e in zip(actual, expected):
         torch.testing.assert_close(torch.from_numpy(a), e, rtol=1e-4, atol=1e-5)
     ids, _ = hf_tiny.token_batch(1, 6, seed=5)
-    tokens = mmaccel.onnx_generate(tmp_path / "onnx", ids, max_new_tokens=8, eos_token_id=[])
+    tokens = mmaccel.onnx_generate(tmp_path / "exact", ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(torch.from_numpy(tokens), greedy_with_graph(graph.final_graph, ids, 8))
 
 
