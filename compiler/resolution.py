@@ -167,8 +167,8 @@ class ResolutionChoice:
     def summary(self) -> dict[str, Any]:
         if self.side is None:
             return {"lever": "resolution", "left untouched": self.reason, "candidates": self.candidates}
-        return {"lever": "resolution", "side": f"{self.side}px", "image tokens": f"{self.tokens[0]} -> "
-                f"{self.tokens[1]} per image", "measured error": self.error, "candidates": self.candidates}
+        return {"lever": "resolution", "side": f"{self.side}px", "image tokens per image": list(self.tokens),
+                "measured error": self.error, "candidates": self.candidates}
 
 
 class ResolutionLever:

@@ -71,7 +71,7 @@ def test_fewer_image_tokens_equal_the_hand_written_reference() -> None:
     assert torch.equal(out[:, :ids.shape[1]], ids)
     assert torch.equal(out[:, ids.shape[1]:], expected)
     report = mmaccel.generation_report(model, **options(accuracy_budget=0.99))
-    assert report.tokens["side"] == "16px" and report.tokens["image tokens"] == "16 -> 4 per image"
+    assert report.tokens["side"] == "16px" and report.tokens["image tokens per image"] == [16, 4]
     assert [c["side"] for c in report.tokens["candidates"]] == [16, 24]
     assert report.graphs[0][1]["prompt"] == 16  # 24 positions without the lever
     small = torch.nn.functional.interpolate(pixels, size=(16, 16), mode="bicubic", antialias=True)
