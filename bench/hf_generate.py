@@ -127,16 +127,18 @@ def generate_options(variant: str) -> dict[str, Any]:
                                                   "accuracy_budget": 1.0})
 
 
-def resolution_row(model: torch.nn.Module, variant: str, inputs: dict[str, Any], new: int) -> dict[str, Any]:
-    """Image tokens, prompt positions (the prefill and the KV cache at the first decode step) and the
-    first token's error of a resolution variant."""
-    options = generate_options(variant)
-    if not options:
+def resolution_row(model: torch.nn.Module, options: dict[str, Any], inputs: dict[str, Any],
+                   new: int) -> dict[str, Any]:
+    """Image tokens, prompt positions (the prefill; the KV cache at the end holds `new` more) and the first
+    token's error of a resolution variant run with `options`."""
+    if "tokens" not in options:
         return {}
-    tokens = mmaccel.generation_report(model, **options).tokens or {}
-    full, kept = tokens.get("image tokens per image", (0, 0))
-    return {"image_tokens": f"{full} -> {kept}", "prompt_positions": inputs["input_ids"].shape[1] - full + kept,
-            "kv_positions_at_end": inputs["input_ids"].shape[1] - full + kept + new,
+    tokens = mmaccel.generation_report(model, **options).tokens or {"left untouched": "no image"}
+    if "image tokens per image" not in tokens:
+        return {"resolution_left_untouched": tokens["left untouched"], "tokens_match_eager": None}
+    full, kept = tokens["image tokens per image"]
+    prompt = inputs["input_ids"].shape[1] - full + kept
+    return {"image_tokens": f"{full} -> {kept}", "prompt_positions": prompt, "kv_positions_at_end": prompt + new,
             "first_token_error": options["metric"].error, "tokens_match_eager": None}
 
 
@@ -189,7 +191,7 @@ def bench_variant(name: str, variant: str, model, inputs, new: int, repeats: int
     return {"model": name, "variant": variant, "first_token_ms": first, "ms_per_token": (e2e - first) / (new - 1),
             "end_to_end_ms": e2e, "graphs": graphs, "setup_s": setup_s,
             "tokens_match_eager": bool(torch.equal(tokens.cpu(), reference.cpu())),
-            **resolution_row(model, variant, inputs, new)}
+            **resolution_row(model, generate_options(variant), inputs, new)}
 
 
 def main() -> int:
@@ -302,7 +304,7 @@ def print_row(row: dict) -> None:
         return
     match = {True: "yes", False: "NO", None: "lossy"}[row["tokens_match_eager"]]
     kv = f"prompt {row['prompt_positions']} ({row['image_tokens']}), error {row['first_token_error']:.3f}" \
-        if "prompt_positions" in row else ""
+        if "prompt_positions" in row else row.get("resolution_left_untouched", "")
     print(f"{head} {row['first_token_ms']:9.2f} {row['ms_per_token']:9.3f} {row['end_to_end_ms']:9.1f} "
           f"{row['graphs']:6d} {row['floor_fraction']:6.2f} {row['setup_s']:8.1f} "
           f"{match} {kv}", flush=True)

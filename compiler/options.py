@@ -126,7 +126,8 @@ class CompileOptions:
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, prune=prune,
-                   prune_fractions=prune_fractions, tokens=tokens, token_sides=token_sides, accuracy_budget=float(budget),
+                   prune_fractions=prune_fractions, tokens=tokens, token_sides=token_sides,
+                   accuracy_budget=float(budget),
                    calibration=calibration, metric=metric, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:

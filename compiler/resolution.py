@@ -51,7 +51,8 @@ def image_layout(model: torch.nn.Module) -> ImageLayout | str:
     config = model.config
     vision = getattr(config, "vision_config", None)
     if type(config).__name__ != "LlavaConfig":
-        return f"{type(config).__name__}: only LLaVA-1.5-style models (LlavaConfig: one placeholder per patch) are followed"
+        return (f"{type(config).__name__}: only LLaVA-1.5-style models (LlavaConfig: one placeholder per patch) "
+                "are followed")
     if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size"):
         return "the config names no image_token_id or vision patch_size"
     tower = _vision_tower(model)

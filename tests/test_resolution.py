@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mmaccel
+from mmaccel.compiler.options import CompileOptions
 from mmaccel.compiler.resolution import ImageLayout, ResolutionLever, shrunk_prompt
 from tests import hf_tiny
 from tests.conftest import relative_error
@@ -111,13 +112,20 @@ def test_the_cheapest_side_within_budget_wins_and_the_metric_replaces_the_error(
     ids, pixels = hf_tiny.llava_prompt(3, 5)
     calls = []
 
-    def metric(outputs, references) -> float:  # the first token's logits of each sample, [1, vocab]
-        calls.append((outputs[0][0].shape, references[0][0].shape))
+    def metric(outputs, references) -> float:  # per sample, the first token's logits [1, vocab]
+        assert len(outputs) == len(references)
+        calls.append((len(outputs), outputs[0][0].shape))
         return 0.0
     lever = ResolutionLever(1.0, metric, None)
     small_ids, _, inputs = lever.apply(model, ids, torch.ones_like(ids), {"pixel_values": pixels}, 0)
-    assert calls == [(torch.Size([1, hf_tiny.VOCAB]),) * 2] * 2 and lever.choice.error == 0.0
+    assert calls == [(1, torch.Size([1, hf_tiny.VOCAB]))] * 2 and lever.choice.error == 0.0
     assert small_ids.shape == (1, 12) and inputs["pixel_values"].shape == (1, 3, 16, 16)
+    samples = CompileOptions.from_user(options(calibration=[{"input_ids": ids, "pixel_values": pixels}] * 3,
+                                               metric=metric)).calibration
+    calls.clear()
+    lever = ResolutionLever(1.0, metric, samples, sides=[24])
+    lever.apply(model, ids, torch.ones_like(ids), {"pixel_values": pixels}, 0)
+    assert calls == [(3, torch.Size([1, hf_tiny.VOCAB]))]  # the calibration samples, not the call's inputs
 
 
 def test_near_misses_are_left_alone() -> None:
@@ -152,4 +160,5 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="only mmaccel.generate rewrites"):
         torch.compile(torch.nn.Linear(2, 2), backend="mmaccel", options={"tokens": "resolution"})(torch.ones(2))
     with pytest.raises(ValueError, match="not yet chosen jointly"):
-        mmaccel.generate(model, ids, pixel_values=pixels, max_new_tokens=2, options=options(quantize="int8_weight_only"))
+        mmaccel.generate(model, ids, pixel_values=pixels, max_new_tokens=2,
+                         options=options(quantize="int8_weight_only"))
