@@ -108,6 +108,7 @@ def test_the_cheapest_side_within_budget_wins_and_the_metric_replaces_the_error(
                 {"side": 280, "tokens": 400, "error": 0.1}]
     choice = lever._cheapest(layout, measured)
     assert (choice.side, choice.tokens, choice.error) == (224, (576, 256), 0.2)
+    assert ImageLayout(TOKEN, 336, 14, class_token=True).tokens(224) == 257  # strategy "full": + the class token
     model = hf_tiny.llava()
     ids, pixels = hf_tiny.llava_prompt(3, 5)
     calls = []
