@@ -18,7 +18,7 @@ from .calibration import CalibratingGraph, run_samples
 from .debug import DebugDump
 from .errors import InvalidOptionError, LossyPassError, ReleasedWeightsError, warn_once
 from .lowering import DECOMPOSITIONS, FrozenGraph, freeze_parameters
-from .options import CompileOptions, Sample
+from .options import CompileOptions, Sample, refuse_outside_generate
 from .release import (GraphWeights, check_no_stand_ins, is_released, refuse_eager_calls, refuse_released,
                       release_replaced)
 from .report import CompileReport, GraphReport, active_reports
@@ -29,6 +29,7 @@ def mmaccel_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     """`torch.compile(model, backend="mmaccel", options={...})` lands here."""
     try:
         opts = CompileOptions.from_user(options, mode)
+        refuse_outside_generate(opts)
         if opts.calibration is not None:
             raise InvalidOptionError("option 'calibration' needs the model to run the samples through: use "
                                      "mmaccel.compile(model, quantize=..., calibration=samples) or "
@@ -54,6 +55,7 @@ class Backend:
         if options is not None and user_options:
             raise InvalidOptionError("pass either a CompileOptions or keyword options to Backend, not both")
         self.options = options or CompileOptions.from_user(user_options)
+        refuse_outside_generate(self.options)
         # While calibration samples run (calibrate), graphs are captured as CalibratingGraphs
         self.calibrating: list[CalibratingGraph] | None = None
         self.calibrated = False

@@ -23,7 +23,7 @@ from ._torch_internals import detect_fake_mode
 from .debug import DebugDump
 from .errors import InvalidOptionError
 from .lowering import DECOMPOSITIONS, freeze_input
-from .options import CompileOptions, Sample, as_sample
+from .options import CompileOptions, Sample, as_sample, refuse_outside_generate
 from .report import CompileReport, GraphReport
 
 # Files with more weight bytes than this store their weights beside the model (`<name>.onnx.data`):
@@ -177,6 +177,7 @@ def calibration_dynamic_shapes(model: torch.nn.Module, example: Sample, samples:
 
 def export_options(options: dict[str, Any]) -> CompileOptions:
     opts = CompileOptions.from_user(options)
+    refuse_outside_generate(opts)
     if opts.target != "auto":
         raise InvalidOptionError("option 'target' does not apply to export_onnx: the file is the target")
     if opts.weights == "release":  # nothing to gain: the file holds only the quantized weights already

@@ -15,6 +15,7 @@ positions are tensors that the step advances itself, and sizes never become symb
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import weakref
@@ -30,6 +31,7 @@ from .buckets import generation_buckets
 from .errors import warn_once
 from .options import CompileOptions
 from .report import CompileReport
+from .resolution import ResolutionLever, image_tokens_per_image
 from .sampling import Sampler, choose_tokens
 
 # A host sync per STOP_CHECK_EVERY tokens to stop once every row has finished: each check waits for the
@@ -51,6 +53,8 @@ class GenerationReport:
     graphs: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (kind, key, why new)
     # Speculative decoding's last call (compiler/speculative.py): draft, k used, acceptance rate, tokens/round.
     speculative: dict[str, Any] | None = None
+    # tokens="resolution" (compiler/resolution.py): the side chosen, image tokens kept, measured error.
+    tokens: dict[str, Any] | None = None
 
     @property
     def buckets(self) -> dict[str, list[int]]:
@@ -64,6 +68,8 @@ class GenerationReport:
         lines += [f"  {kind:8} {key}: {why}" for kind, key, why in self.graphs]
         if self.speculative:
             lines.append("  speculative: " + ", ".join(f"{k}={v}" for k, v in self.speculative.items()))
+        if self.tokens:
+            lines.append("  tokens: " + ", ".join(f"{k}={v}" for k, v in self.tokens.items()))
         return "\n".join(lines)
 
 
@@ -137,6 +143,18 @@ def _session(model: torch.nn.Module, options: dict[str, Any]) -> "_Session":
     return per_model[key]
 
 
+def _resolution_lever(options: CompileOptions) -> tuple[ResolutionLever | None, CompileOptions]:
+    """tokens="resolution" rewrites the prompt before the steps (compiler/resolution.py), so the steps' own
+    backend compiles losslessly: it gets the options without the lever, its metric and its calibration."""
+    if options.tokens != "resolution":
+        return None, options
+    if options.quantize or options.prune:
+        raise ValueError("mmaccel.generate: tokens='resolution' is not yet chosen jointly with quantize / prune "
+                         "under one accuracy_budget; ask for one of them")
+    lever = ResolutionLever(options.accuracy_budget, options.metric, options.calibration, options.token_sides)
+    return lever, dataclasses.replace(options, tokens=None, token_sides=None, metric=None, calibration=None)
+
+
 def _with_weights_default(options: dict[str, Any]) -> dict[str, Any]:
     """A user who quantizes or prunes for generation wants the smaller model: weights="release" unless set. Each
     new bucket of generate is a new graph, rebuilt from the first one's records (compiler/release.py); not with
@@ -153,6 +171,7 @@ class _Session:
         # Weakly: the session is the value of a WeakKeyDictionary keyed by the model, so a strong reference
         # here would keep the model (and its caches) alive forever.
         self._model = weakref.ref(model)
+        self.resolution, options = _resolution_lever(options)
         self.backend = Backend(options)
         self.backend.guard_model(model)
         self.report = GenerationReport(self.backend.report)
@@ -176,14 +195,24 @@ class _Session:
             raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
         if self.model.training:
             warn_once("mmaccel.generate: the model is in training mode (dropout active); call model.eval()")
-        batch, prompt_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prompt, cache_len = generation_buckets(prompt_len, config.max_new_tokens, self.limit)
+        ids, mask, model_inputs = self.fewer_image_tokens(input_ids, attention_mask, model_inputs, config)
+        prompt, cache_len = generation_buckets(ids.shape[1], config.max_new_tokens, self.limit)
         with torch.no_grad(), recompile_limit_at_least(MAX_GRAPHS_PER_STEP):
-            state = self._prefill(input_ids, attention_mask, model_inputs, config, prompt, cache_len)
+            state = self._prefill(ids, mask, model_inputs, config, prompt, cache_len)
             tokens = self._decode(state, config, prompt, cache_len)
         return torch.cat([input_ids, _trim_after_all_stopped(tokens, config.stop_ids)], dim=1)
+
+    def fewer_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict[str, Any],
+                           config: _Config) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """tokens="resolution": the prompt with fewer image placeholders, the image resized to match (a shorter
+        prefill and cache). The tokens returned still start with the prompt as the user passed it."""
+        if self.resolution is None:
+            return input_ids, attention_mask, model_inputs
+        out = self.resolution.apply(self.model, input_ids, attention_mask, model_inputs, config.pad_id)
+        self.report.tokens = self.resolution.choice.summary() if self.resolution.choice else None
+        return out
 
     def _prefill(self, input_ids, attention_mask, model_inputs, config, prompt, cache_len) -> "_StepState":
         batch, prompt_len = input_ids.shape
@@ -355,9 +384,9 @@ def _image_tokens_checked(model: torch.nn.Module, input_ids: torch.Tensor, model
     LLaVA-style configs (placeholder id, square images in patches) the same check runs here, on the host, once
     per call, and transformers' own is switched off (its documented TRANSFORMERS_DISABLE_TORCH_CHECK) while
     the prefill traces and runs."""
-    expected = _image_tokens_per_image(model.config)
     pixels = model_inputs.get("pixel_values")
-    if pixels is None or expected is None:
+    expected = None if pixels is None else image_tokens_per_image(model.config, pixels.shape[-1])
+    if expected is None:
         yield
         return
     found = int((input_ids == model.config.image_token_id).sum())
@@ -373,17 +402,6 @@ def _image_tokens_checked(model: torch.nn.Module, input_ids: torch.Tensor, model
             del os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"]
         else:
             os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = previous
-
-
-def _image_tokens_per_image(config: Any) -> int | None:
-    """LLaVA-1.5: one feature per patch, plus the class token with vision_feature_select_strategy "full";
-    PaliGemma: one per patch (SigLIP has no class token)."""
-    vision = getattr(config, "vision_config", None)
-    if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size") or \
-            type(config).__name__ not in ("LlavaConfig", "PaliGemmaConfig"):
-        return None
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
 
 
 # Where a model's prepare_inputs_for_generation shifts the positions HF's generate derives from the attention

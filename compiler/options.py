@@ -20,10 +20,11 @@ PRUNE_STRUCTURES = ("mlp_channels", "heads", "blocks")
 PRUNE_FRACTIONS = ("mlp_channels", "heads")
 # What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
 WEIGHTS = ("keep", "release")
-# Lossy, opt-in (passes/tokens.py): fewer tokens in vision towers. "prune", "resolution" and "auto" are named by
-# issue 15 but not built yet: refused.
-TOKENS = (None, "merge")
-TOKENS_NOT_YET = ("prune", "resolution", "auto")
+# Lossy, opt-in: fewer tokens. "merge" (passes/tokens.py) in vision towers; "resolution" (compiler/resolution.py)
+# fewer image tokens in a LLaVA prompt, mmaccel.generate only. "prune" and "auto" are named by issue 15 but not
+# built yet: refused.
+TOKENS = (None, "merge", "resolution")
+TOKENS_NOT_YET = ("prune", "auto")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -60,6 +61,8 @@ class CompileOptions:
     prune_fractions: Mapping[str, float] = field(default_factory=dict)
     # Lossy: merge tokens between the blocks of vision towers (ToMe); chosen with the others under the same budget.
     tokens: str | None = None
+    # tokens={"resolution": 224} (or a list of sides): the image sides in pixels offered, instead of the usual ones.
+    token_sides: tuple[int, ...] | None = None
     accuracy_budget: float = 0.01
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
     # to each graph's inputs by mmaccel.compile / export_onnx).
@@ -100,7 +103,7 @@ class CompileOptions:
         if quantize not in QUANTIZE:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
         prune, prune_fractions = _validate_prune(options.get("prune"))
-        tokens = _validate_tokens(options.get("tokens"))
+        tokens, token_sides = _validate_tokens(options.get("tokens"))
         metric = _validate_metric(options.get("metric"), quantize or prune or tokens)
         budget = options.get("accuracy_budget", 0.01)
         if metric is not None:  # the user's metric has the user's scale: any positive bound
@@ -123,7 +126,8 @@ class CompileOptions:
             raise InvalidOptionError(f"option 'debug_dir' must be a path (str), got {type(debug_dir).__name__}")
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, prune=prune,
-                   prune_fractions=prune_fractions, tokens=tokens, accuracy_budget=float(budget),
+                   prune_fractions=prune_fractions, tokens=tokens, token_sides=token_sides,
+                   accuracy_budget=float(budget),
                    calibration=calibration, metric=metric, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
@@ -173,13 +177,36 @@ def _validate_weights(value: Any, lossy: str | None) -> str:
     return value
 
 
-def _validate_tokens(value: Any) -> str | None:
+def _validate_tokens(value: Any) -> tuple[str | None, tuple[int, ...] | None]:
+    if isinstance(value, Mapping):
+        return "resolution", _validate_sides(value)
     if value in TOKENS_NOT_YET:
         raise InvalidOptionError(f"option 'tokens'={value!r} is not built yet; tokens='merge' (token merging in vision "
-                                 "towers) works today")
+                                 "towers) and tokens='resolution' (mmaccel.generate, LLaVA) work today")
     if not isinstance(value, (str, type(None))) or value not in TOKENS:
-        raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)}")
-    return value
+        raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)} or "
+                                 "{'resolution': side in pixels, or a list of sides}")
+    return value, None
+
+
+def _validate_sides(value: Mapping[str, Any]) -> tuple[int, ...]:
+    if set(value) != {"resolution"}:
+        raise InvalidOptionError(f"option 'tokens'={dict(value)!r}: the dict form is {{'resolution': side}} (pixels, "
+                                 "or a list of sides to choose from)")
+    sides = value["resolution"]
+    sides = tuple(sides) if isinstance(sides, (list, tuple)) else (sides,)
+    if not sides or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise InvalidOptionError(f"option tokens={{'resolution': {value['resolution']!r}}}: give image sides in "
+                                 "pixels, positive ints")
+    return sides
+
+
+def refuse_outside_generate(options: CompileOptions) -> None:
+    """tokens="resolution" rewrites the prompt (its image placeholder count), which one compiled graph cannot."""
+    if options.tokens == "resolution":
+        raise InvalidOptionError("option tokens='resolution' changes how many image placeholders the prompt holds, "
+                                 "an input of the model that only mmaccel.generate rewrites: use mmaccel.generate("
+                                 "model, **inputs, options={'tokens': 'resolution'}), or tokens='merge' here")
 
 
 def _validate_metric(value: Any, lossy: Any) -> Callable[[list, list], float] | None:

@@ -155,11 +155,11 @@ class _Speculation:
             raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prompt, cache_len = self._buckets(input_ids.shape[1], config.max_new_tokens)
+        ids, mask, model_inputs = self.target.fewer_image_tokens(input_ids, attention_mask, model_inputs, config)
+        prompt, cache_len = self._buckets(ids.shape[1], config.max_new_tokens)
         with torch.no_grad(), recompile_limit_at_least(generation.MAX_GRAPHS_PER_STEP):
-            state = self.target._prefill(input_ids, attention_mask, model_inputs, config, prompt, cache_len)
-            draft_state = self._draft_prefill(state, input_ids, attention_mask, model_inputs, config, prompt,
-                                              cache_len)
+            state = self.target._prefill(ids, mask, model_inputs, config, prompt, cache_len)
+            draft_state = self._draft_prefill(state, ids, mask, model_inputs, config, prompt, cache_len)
             tokens = self._rounds(state, draft_state, config.max_new_tokens, cache_len)
         # The tokens the rounds added (the first came from the prefill).
         self.target.report.speculative = self.policy.summary(self.draft_name, tokens.shape[1] - 1)

@@ -1,0 +1,252 @@
+"""tokens="resolution" for mmaccel.generate (issue 15, item 3): fewer image tokens in the language model.
+
+A LLaVA-1.5 prompt holds one placeholder per image feature (576 for a 336px image in 14px patches, of 640
+positions): the placeholders, not the vision tower, set the prefill length and the KV cache every decode step
+reads. A graph rewrite of one step cannot change that count (it is the model's input), so this runs before
+the steps: the image is resized on its device to a smaller grid of whole patches, the CLIP tower interpolates
+its position embeddings to that grid (transformers' interpolate_pos_encoding), and each image's run of N
+placeholders in the prompt is cut to its M = grid^2 (+1 class token for the "full" strategy) first ones.
+
+Why a lower resolution rather than pooling the projector's output grid 2x2: every token the language model
+reads is still one the model's own tower and projector made, for a patch of the image (the distribution the
+projector was trained to produce; an average of MLP outputs is not), the tower itself runs on fewer patches
+too, and position embeddings interpolated to a coarser grid are what CLIP's interpolate_pos_encoding is for.
+
+The side is chosen once per session under accuracy_budget: the relative error of the first new token's
+logits (or the user's metric) against the full-resolution model, eager, on the calibration samples or else
+the first call's inputs; the fewest tokens within budget wins; over budget: full resolution, one warning.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..passes.lossy import pooled_relative_error
+from .errors import InvalidOptionError, warn_once
+from .options import Sample
+
+# Candidate grids as fractions of the model's grid side: LLaVA-1.5's 24x24 -> 20x20 (280px, 69% of the
+# tokens), 16x16 (224px, 44%), 12x12 (168px, 25%): from a small loss to a quarter of the image tokens.
+GRID_FRACTIONS = (5 / 6, 2 / 3, 1 / 2)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Where a LLaVA-style model's image features go: one placeholder per feature, N per image."""
+    image_token_id: int
+    image_size: int  # pixels, square
+    patch_size: int
+    class_token: bool  # vision_feature_select_strategy "full": the class token is a feature too
+
+    def tokens(self, side: int) -> int:
+        return (side // self.patch_size) ** 2 + self.class_token
+
+
+def image_layout(model: torch.nn.Module) -> ImageLayout | str:
+    """The layout tokens="resolution" can follow, or why it cannot (a reason for the report)."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    if type(config).__name__ != "LlavaConfig":
+        return (f"{type(config).__name__}: only LLaVA-1.5-style models (LlavaConfig: one placeholder per patch) "
+                "are followed")
+    if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size"):
+        return "the config names no image_token_id or vision patch_size"
+    tower = _vision_tower(model)
+    if tower is None or "interpolate_pos_encoding" not in inspect.signature(tower.forward).parameters:
+        return f"the vision tower {type(tower).__name__} cannot interpolate its position embeddings"
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    return ImageLayout(config.image_token_id, vision.image_size, vision.patch_size, strategy == "full")
+
+
+def image_tokens_per_image(config: Any, side: int | None = None) -> int | None:
+    """LLaVA-1.5: one feature per patch of a `side`-pixel image (default: the config's), plus the class token
+    with vision_feature_select_strategy "full"; PaliGemma: one per patch (SigLIP has no class token)."""
+    vision = getattr(config, "vision_config", None)
+    if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size") or \
+            type(config).__name__ not in ("LlavaConfig", "PaliGemmaConfig"):
+        return None
+    patches = ((side or vision.image_size) // vision.patch_size) ** 2
+    return patches + (getattr(config, "vision_feature_select_strategy", "default") == "full")
+
+
+def candidate_sides(layout: ImageLayout) -> list[int]:
+    """Image sides in whole patches below the model's, fewest tokens first."""
+    grid = layout.image_size // layout.patch_size
+    grids = {max(1, round(grid * f)) for f in GRID_FRACTIONS} - {grid}
+    return [g * layout.patch_size for g in sorted(grids)]
+
+
+def validate_side(layout: ImageLayout, side: int) -> None:
+    if side < layout.patch_size:
+        raise InvalidOptionError(f"tokens='resolution': a {side}px image is below one {layout.patch_size}px patch")
+    if side // layout.patch_size >= layout.image_size // layout.patch_size:
+        raise InvalidOptionError(f"tokens='resolution': a {side}px image gives no fewer {layout.patch_size}px "
+                                 f"patches than the model's {layout.image_size}px")
+
+
+def resized(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """pixel_values [B, 3, H, W] at side x side on their device: bicubic with antialiasing, as CLIP's image
+    processor resizes (normalization is per channel and affine, so resizing the normalized pixels is the same)."""
+    if pixels.shape[-1] == side and pixels.shape[-2] == side:
+        return pixels
+    out = torch.nn.functional.interpolate(pixels.float(), size=(side, side), mode="bicubic", antialias=True,
+                                          align_corners=False)
+    return out.to(pixels.dtype)
+
+
+def shrunk_prompt(ids: torch.Tensor, mask: torch.Tensor, layout: ImageLayout, keep: int,
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The prompt with each image's run of N placeholders cut to its first `keep`, rows left-padded again to
+    the longest; or why the layout cannot be followed (placeholders not in runs of N)."""
+    full = layout.tokens(layout.image_size)
+    kept_rows = []
+    for row in ids == layout.image_token_id:
+        rank, run_lengths = _runs(row)
+        if bool((run_lengths % full).any()):
+            return f"the prompt's image placeholders are not in runs of {full} per image ({run_lengths.tolist()})"
+        kept_rows.append(~row | ((rank % full) < keep))
+    length = max(int(k.sum()) for k in kept_rows)
+    new_ids = ids.new_full((ids.shape[0], length), pad_id)
+    new_mask = mask.new_zeros((mask.shape[0], length))
+    for i, kept in enumerate(kept_rows):
+        n = int(kept.sum())
+        new_ids[i, length - n:] = ids[i][kept]
+        new_mask[i, length - n:] = mask[i][kept]
+    return new_ids, new_mask
+
+
+def _runs(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row [L]: each position's index within its run of consecutive placeholders, and the runs' lengths."""
+    positions = torch.arange(is_image.shape[0], device=is_image.device)
+    after = torch.cat([is_image[1:], is_image.new_zeros(1)])
+    starts = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
+    run_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(0).values
+    rank = torch.where(is_image, positions - run_start, torch.zeros_like(positions))
+    return rank, rank[is_image & ~after] + 1
+
+
+def interpolating_tower(model: torch.nn.Module) -> None:
+    """The vision tower interpolates its position embeddings for an image of another size than its own (once
+    per model; at its own size the tower runs as before). A hook on the tower, not an argument of the model's
+    forward: LLaVA's forward hands extra arguments to the tower in transformers 5.2x but not in 4.x."""
+    tower = _vision_tower(model)
+    if tower in _INTERPOLATING:
+        return
+    size = model.config.vision_config.image_size
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        if pixels is not None and tuple(pixels.shape[-2:]) != (size, size):
+            kwargs = {**kwargs, "interpolate_pos_encoding": True}
+        return args, kwargs
+
+    tower.register_forward_pre_hook(hook, with_kwargs=True)
+    _INTERPOLATING.add(tower)
+
+
+_INTERPOLATING: weakref.WeakSet = weakref.WeakSet()
+
+
+def _vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
+    inner = getattr(model, "model", None)
+    return getattr(model, "vision_tower", None) or getattr(inner, "vision_tower", None)
+
+
+@dataclass
+class ResolutionChoice:
+    """What tokens="resolution" chose for one model (GenerationReport.tokens)."""
+    side: int | None = None  # pixels; None: full resolution (over budget, or the layout not followed)
+    tokens: tuple[int, int] | None = None  # image tokens per image: (full, kept)
+    error: float | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # side, tokens, error per candidate
+    reason: str | None = None  # why the prompt is left as it is
+
+    def summary(self) -> dict[str, Any]:
+        if self.side is None:
+            return {"lever": "resolution", "left untouched": self.reason, "candidates": self.candidates}
+        return {"lever": "resolution", "side": f"{self.side}px", "image tokens per image": list(self.tokens),
+                "measured error": self.error, "candidates": self.candidates}
+
+
+class ResolutionLever:
+    """tokens="resolution" in one generate session: chooses the side on first use, then rewrites each call's
+    prompt and pixel_values."""
+
+    def __init__(self, budget: float, metric: Callable | None, calibration: Sequence[Sample] | None,
+                 sides: Sequence[int] | None = None) -> None:
+        self.budget, self.metric, self.calibration, self.sides = budget, metric, calibration, sides
+        self.choice: ResolutionChoice | None = None
+
+    def apply(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any],
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(input_ids, attention_mask, model inputs) at the chosen resolution; unchanged without an image."""
+        if inputs.get("pixel_values") is None:
+            return ids, mask, inputs
+        if self.choice is None:
+            self.choice = self._choose(model, ids, mask, inputs, pad_id)
+        if self.choice.side is None:
+            return ids, mask, inputs
+        layout = image_layout(model)
+        prompt = shrunk_prompt(ids, mask, layout, self.choice.tokens[1], pad_id)
+        if isinstance(prompt, str):
+            warn_once(f"mmaccel.generate tokens='resolution': this prompt left at full resolution: {prompt}")
+            return ids, mask, inputs
+        return *prompt, {**inputs, "pixel_values": resized(inputs["pixel_values"], self.choice.side)}
+
+    def _choose(self, model, ids, mask, inputs, pad_id) -> ResolutionChoice:
+        layout = image_layout(model)
+        if isinstance(layout, str):
+            return ResolutionChoice(reason=layout)
+        sides = list(self.sides) if self.sides is not None else candidate_sides(layout)
+        for side in sides:
+            validate_side(layout, side)
+        interpolating_tower(model)
+        samples = _samples(self.calibration) if self.calibration else [(ids, mask, inputs)]
+        references = [[first_token_logits(model, *sample)] for sample in samples]
+        measured = []
+        for side in sides:
+            outputs = []
+            for sample_ids, sample_mask, sample_inputs in samples:
+                prompt = shrunk_prompt(sample_ids, sample_mask, layout, layout.tokens(side), pad_id)
+                if isinstance(prompt, str):
+                    return ResolutionChoice(reason=prompt)
+                outputs.append([first_token_logits(model, *prompt, {
+                    **sample_inputs, "pixel_values": resized(sample_inputs["pixel_values"], side)})])
+            error = (self.metric or pooled_relative_error)(outputs, references)
+            measured.append({"side": side, "tokens": layout.tokens(side), "error": float(error)})
+        return self._cheapest(layout, measured)
+
+    def _cheapest(self, layout: ImageLayout, measured: list[dict[str, Any]]) -> ResolutionChoice:
+        within = [m for m in measured if m["error"] <= self.budget]
+        if not within:
+            reason = f"every side measured over accuracy_budget {self.budget}: full resolution kept"
+            warn_once(f"mmaccel.generate tokens='resolution': {reason} ({measured})")
+            return ResolutionChoice(reason=reason, candidates=measured)
+        best = min(within, key=lambda m: m["tokens"])
+        return ResolutionChoice(best["side"], (layout.tokens(layout.image_size), best["tokens"]), best["error"],
+                                measured)
+
+
+def first_token_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                       inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's logits for the first new token [B, V] (float32), eager, positions from the mask as
+    mmaccel.generate and HF's generate derive them for left-padded rows."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **inputs)
+    return out.logits[:, -1].float()
+
+
+def _samples(calibration: Sequence[Sample]) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """Calibration samples as (input_ids, attention_mask, other inputs): dicts as a processor returns them."""
+    out = []
+    for sample in calibration:
+        kwargs = dict(sample.kwargs)
+        ids = sample.args[0] if sample.args else kwargs.pop("input_ids")
+        mask = kwargs.pop("attention_mask", None)
+        out.append((ids, torch.ones_like(ids) if mask is None else mask, kwargs))
+    return out
