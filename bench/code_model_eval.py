@@ -212,7 +212,7 @@ def evaluate(args: argparse.Namespace, target: LlamaForCausalLM, draft: LlamaFor
     out = args.out or default_out(f"code_model_{'tiny_' if args.tiny else ''}{device}.json")
     data = {"environment": environment(device, dtype=str(dtype), weights=str(args.weights),
                                        **{k: v for k, v in vars(args).items() if k not in ("weights", "train")}),
-            "training": {name: {k: v for k, v in t.items() if k != "curve"} for name, t in trained.items()}}
+            "training": trained}
     print(f"{'method':18} {'ms/token':>9} {'speedup':>8} {'accept':>7} {'first ms':>9} {'setup s':>7} same")
     data["speculative"] = speculative_rows(target, draft, spec_windows, args, device)
     write_json(out, data)  # a failing cascade keeps the speculative rows

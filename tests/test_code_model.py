@@ -30,7 +30,7 @@ def check_training(training, folder: Path) -> None:
     train_files, held_out_files = training.source_files()
     assert held_out_files and not set(train_files) & set(held_out_files)
     summary = json.loads((folder / "target" / "training.json").read_text())
-    assert summary["steps"] == 20 and summary["tokens_seen"] == 20 * 8 * 128 and summary["early_exit_layer"] == 2
+    assert summary["steps"] == 20 and summary["tokens_seen"] == 20 * 8 * 128 and summary["early_exit_layer"] == 1
     assert len(summary["held_out_loss_nats"]) == 2 and summary["curve"][0]["loss"][0] > summary["curve"][-1]["loss"][0]
 
 
@@ -46,11 +46,11 @@ def check_generate(training, target) -> None:
 
 def check_rows(data: dict) -> None:
     methods = {row["method"]: row for row in data["speculative"]}
-    assert list(methods) == ["plain", "draft k=4", "layers:2 k=4"]
+    assert list(methods) == ["plain", "draft k=4", "layers:1 k=4"]
     for row in methods.values():
         assert row["same_prompts"] == row["prompts"] == 1 and row["ms_per_token"] > 0  # fp32: greedy identical
     assert methods["plain"]["acceptance_rate"] is None
-    assert 0 <= methods["draft k=4"]["acceptance_rate"] <= 1 and len(methods["layers:2 k=4"]["k_used"]) == 1
+    assert 0 <= methods["draft k=4"]["acceptance_rate"] <= 1 and len(methods["layers:1 k=4"]["k_used"]) == 1
     rows = {row["method"]: row for row in data["cascade"]}
     assert list(rows) == ["target alone", "draft alone", "cascade budget 0.01"]
     cascade = rows["cascade budget 0.01"]
