@@ -68,7 +68,9 @@ def runners(model: LlamaForCausalLM, ids: torch.Tensor, draft: str, ks: list[str
     return methods
 
 
-def bench_method(run: Callable[[int], torch.Tensor], model, new: int, repeats: int, device: str) -> dict[str, Any]:
+def bench_method(run: Callable[[int], torch.Tensor], model, new: int, repeats: int, device: str,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`options`: the mmaccel options `run` passes (they key the session whose report holds the acceptance)."""
     start = time.perf_counter()
     with torch.no_grad():
         tokens = run(new)  # compiles
@@ -76,7 +78,7 @@ def bench_method(run: Callable[[int], torch.Tensor], model, new: int, repeats: i
         timer = "cuda" if device == "cuda" else None
         e2e = median_ms(lambda: run(new), repeats, warmup=1, device=timer)
         tokens_again = run(new)
-        report = mmaccel.generation_report(model).speculative  # of a full-length call
+        report = mmaccel.generation_report(model, **(options or {})).speculative  # of a full-length call
         first = median_ms(lambda: run(1), repeats, warmup=1, device=timer)
     return {"ms_per_token": (e2e - first) / (new - 1), "first_token_ms": first, "end_to_end_ms": e2e,
             "setup_s": setup_s, "tokens": tokens_again.cpu(), "deterministic": bool(torch.equal(tokens, tokens_again)),

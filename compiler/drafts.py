@@ -79,6 +79,14 @@ def layers_shared_with_target(draft: torch.nn.Module) -> int | None:
     return _SHARED_LAYERS.get(draft)
 
 
+def draft_name(draft: Any) -> str:
+    """How reports name a draft: its string, or a model's class and size (str() of a module is its whole repr,
+    dozens of lines in generation_report's speculative summary and graph notes)."""
+    if not isinstance(draft, torch.nn.Module):
+        return str(draft)
+    return f"{type(draft).__name__} ({sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M parameters)"
+
+
 def vocab_size(model: torch.nn.Module) -> int:
     """The number of logits the model gives per position (its LM head's rows, else its config's vocab_size)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -32,7 +32,7 @@ import torch
 
 from . import generation
 from ._torch_internals import guards_checked_once, recompile_limit_at_least
-from .drafts import layers_shared_with_target, resolve_draft, step_cost_ratio
+from .drafts import draft_name, layers_shared_with_target, resolve_draft, step_cost_ratio
 from .errors import warn_once
 from .sampling import gumbel_noise, uniform_noise, warp_scores
 
@@ -73,7 +73,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     target = generation._session(model, options)
     policy = _KPolicy(choices, step_cost_ratio(draft_model, model, draft_options))
     draft_session = generation._session(draft_model, {**options, **draft_options})
-    speculation = _Speculation(target, draft_session, policy, str(draft))
+    speculation = _Speculation(target, draft_session, policy, draft_name(draft))
     try:
         return speculation.generate(input_ids, attention_mask, kwargs, config)
     except DraftFailed as failure:

@@ -68,6 +68,10 @@ def test_user_draft_greedy_equals_plain_greedy_on_qwen2_and_bad_drafts_are_refus
     actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], draft=small_qwen2(),
                               speculative_k=4, options=EAGER)
     assert torch.equal(actual, expected)
+    # A module draft is named by class and size in the report and its graph notes, not by its multi-line repr.
+    report = mmaccel.generation_report(model, **EAGER)
+    assert report.speculative["draft"] == "Qwen2ForCausalLM (0.00M parameters)"
+    assert "\n" not in str(report.speculative) and "Qwen2ForCausalLM (" in str(report)
     with pytest.raises(ValueError, match="vocabulary has 50 tokens, the target's 100"):
         mmaccel.generate(model, ids, mask, max_new_tokens=2, draft=small_qwen2(vocab=50), options=EAGER)
     with pytest.raises(ValueError, match="speculative_k must be an int >= 1"):
