@@ -72,8 +72,8 @@ def test_supports_rejects():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 8])
-@pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # tails of every block; small enough to split unfused
-@pytest.mark.parametrize("parts", ["norm", "norm+glu", "residual", "norm+residual"])
+@pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # tails of every block; K split at 17, whole at 130
+@pytest.mark.parametrize("parts", ["norm", "norm+glu", "residual", "norm+residual", "bias+norm+residual"])
 def test_fused_prologue_and_epilogues_match_the_unfused_reference(dtype, M, N, K, parts):
     torch.manual_seed(0)
     rows = 2 * N if "glu" in parts else N
@@ -82,12 +82,16 @@ def test_fused_prologue_and_epilogues_match_the_unfused_reference(dtype, M, N, K
     fusion = Fusion(norm_weight=torch.randn(K, device=DEVICE, dtype=dtype) if "norm" in parts else None,
                     eps=1e-5, glu="glu" in parts,
                     residual=torch.randn(M, N, device=DEVICE, dtype=dtype) if "residual" in parts else None)
-    out = gemv(x, weight, None, fusion)
-    expected = fused_reference(x, weight, None, fusion)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype) if "bias" in parts else None
+    out = gemv(x, weight, bias, fusion)
+    expected = fused_reference(x, weight, bias, fusion)
     assert out.shape == (M, N) and out.dtype == dtype
     rtol = RTOL[dtype]
     torch.testing.assert_close(out, expected.to(dtype), rtol=rtol, atol=rtol * float(expected.abs().max()))
 
 
-def test_fused_gemv_never_splits_k():
-    assert _config(1, 17, 33, torch.device("cpu"), torch.float32, split=False).splits == 1
+@pytest.mark.parametrize("M", [1, 3])
+def test_the_fused_tests_cover_both_the_split_and_the_whole_k_path(M):
+    """A fused GEMV splits K where the plain one does (the finishing kernel applies what rides along)."""
+    assert _config(M, 17, 33, torch.device("cpu"), torch.float32).splits > 1
+    assert _config(M, 130, 100, torch.device("cpu"), torch.float32).splits == 1
