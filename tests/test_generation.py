@@ -208,9 +208,11 @@ def test_hf_static_cache_recipe_through_the_backend() -> None:
         del model.forward
 
 
-def test_triton_target_runs_the_steps() -> None:
+def test_triton_target_runs_the_steps(monkeypatch) -> None:
     """The step graphs on the Triton target (interpreted on CPU; CUDA graphs on a GPU): greedy equals HF
-    eager, and the hash-seeded sampling draws the same tokens as on the eager target."""
+    eager, and the hash-seeded sampling draws the same tokens as on the eager target; with the decode GEMV
+    fusions switched on (opt-in), they fire on HF Llama's step."""
+    monkeypatch.setenv("MMACCEL_GEMV_FUSION", "1")
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([7, 5])
     expected = hf_generate(model, ids, mask, max_new_tokens=4, do_sample=False)
