@@ -28,13 +28,12 @@ read + write bytes counted) and bf16 matmul TFLOP/s (8192^3):
     floor = max(memory floor, compute floor); fraction of floor = floor / measured median
 Weight bytes count the parameters the case uses (of the embedding table, one row per decoder position; the ViT's
 last block and final norm are unused by prefill's features). KV bytes are both caches of every layer over the
-slots written so far: decode at position 1024 needs 1025 of the 2048 slots (16 x 2 x 1025 x 4096 x 2 B = 0.27 GB
-at batch 1; eager and Inductor read all 2048, as the model is written; mmaccel's decode attention skips the
-blocks the mask hides; floors before 2026-11-29 counted all 2048); prefill counts the whole static cache. Activations are
-left out (a lower bound). FLOPs:
+whole static cache: the model masks the unwritten slots with finfo.min, so attention as written reads all
+max_seq_len slots (16 x 2 x 2048 x 4096 x 2 B = 0.54 GB at batch 1; the 2026-11-29 runs' floors counted only
+the 1025 written slots, 1.67 instead of 1.73 ms). Activations are left out (a lower bound). FLOPs:
     linears and convolutions: 2 * weight elements * output positions (tokens)
     attention: 4 * B * heads * Lq * Lk * head_dim per layer (QK^T and PV), Lk = keys the model attends over
-    (the written slots for decode, the whole static cache for prefill, every token for the encoders)
+    (the whole static cache for the decoder, every token for the encoders)
 Biases, norms, softmax and elementwise work are left out.
 
 Each case runs in its own worker process: a crashed kernel (a lost CUDA context) costs one case, not the run, and
@@ -106,18 +105,16 @@ def _attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: i
     return 4 * batch * heads * q_len * k_len * head_dim * layers
 
 
-def decoder_cost(vlm: VLM, batch: int, seq: int, attended: int | None = None) -> Cost:
-    """The Llama decoder on `seq` new tokens per sequence, attending over the first `attended` slots of its
-    static cache (default: all of them)."""
+def decoder_cost(vlm: VLM, batch: int, seq: int) -> Cost:
+    """The Llama decoder on `seq` new tokens per sequence, attending over its whole static cache."""
     dec, c = vlm.decoder, vlm.config.text
-    attended = c.max_seq_len if attended is None else attended
     caches = [layer.attn.kv_cache for layer in dec.layers]
     embed_rows = batch * seq * c.hidden * dec.embed_tokens.weight.element_size()
     return Cost(
         weight_bytes=_param_bytes(dec.layers, dec.norm, dec.lm_head) + embed_rows,
-        kv_bytes=sum(kv.k.nbytes + kv.v.nbytes for kv in caches) * attended // c.max_seq_len,
+        kv_bytes=sum(kv.k.nbytes + kv.v.nbytes for kv in caches),
         flops=2 * batch * seq * _linear_weights(dec.layers, dec.lm_head)
-        + _attention_flops(batch, c.heads, seq, attended, c.head_dim, c.layers),
+        + _attention_flops(batch, c.heads, seq, c.max_seq_len, c.head_dim, c.layers),
     )
 
 
@@ -151,9 +148,9 @@ def build_decode(size: str, layers: int, batch: int, device: torch.device) -> Ca
     inputs = example_inputs("vlm_decode", model, batch, seq=position - c.num_image_tokens)
     shapes = (f"decode token [{batch}, 1] at position {position}, KV cache [{c.text.layers} layers x 2, {batch}, "
               f"{c.text.kv_heads}, {c.text.max_seq_len}, {c.text.head_dim}], hidden {c.text.hidden}")
-    # the floor counts the written slots (position + 1): masked slots need not be read, and the Triton target's
-    # decode attention skips blocks the mask hides entirely
-    return Case(model, inputs, decoder_cost(vlm, batch, 1, attended=position + 1), shapes)
+    # the floor counts every slot: this decoder masks unwritten slots with finfo.min (HF eager's additive style),
+    # which attention must read (the Triton decode attention skips only blocks masked with False / -inf)
+    return Case(model, inputs, decoder_cost(vlm, batch, 1), shapes)
 
 
 def build_prefill(size: str, layers: int, batch: int, device: torch.device) -> Case:
