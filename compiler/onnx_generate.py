@@ -40,7 +40,7 @@ class OnnxGenerator:
     """One folder's sessions, loaded once; `generate` may be called many times."""
 
     def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None,
-                 intra_op_threads: int | None = None) -> None:
+                 intra_op_threads: int | None = None, spinning: bool = False) -> None:
         import onnxruntime as ort
 
         self.folder = os.fspath(folder)
@@ -50,6 +50,12 @@ class OnnxGenerator:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
+        if not spinning:
+            # ONNX Runtime's intra-op workers spin between kernels by default, and a decode step is ~800 short
+            # kernels: where another job holds a core, the spinning worker takes the time slices the main thread
+            # needs. 125M Llama fp32, 2 threads on this 2-core machine with one core busy elsewhere: 40.4 ms per
+            # token spinning, 22.2 not (bench/onnx_spinning.py). spinning=True for a machine of its own.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {}
         for name, entry in self.manifest["graphs"].items():
             session = ort.InferenceSession(os.path.join(self.folder, entry["file"]), options,

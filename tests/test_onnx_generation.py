@@ -85,6 +85,18 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(exported) -> None:
     assert np.array_equal(mmaccel.onnx_generate(generator, ids, mask, seed=7, **{**sample, "top_k": 1}), greedy)
 
 
+def test_sessions_do_not_spin_unless_asked(exported) -> None:
+    """ONNX Runtime's workers spin between kernels by default, which on a shared CPU takes the main thread's time
+    slices (bench/onnx_spinning.py): OnnxGenerator turns it off for every graph; spinning=True keeps the default."""
+    _, folder, _ = exported
+    key = "session.intra_op.allow_spinning"
+    for session in mmaccel.OnnxGenerator(folder).sessions.values():
+        assert session.get_session_options().get_session_config_entry(key) == "0"
+    spinning = mmaccel.OnnxGenerator(folder, spinning=True).sessions["decoder"].get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: ONNX Runtime's default
+        spinning.get_session_config_entry(key)
+
+
 def test_folder_layout_and_passes(exported) -> None:
     """Optimum's names and dynamic dims, a manifest that says so, standard ONNX only; the passes fired."""
     model, folder, report = exported
