@@ -10,6 +10,8 @@ so every loop generates exactly --new tokens.
     python bench/onnx_generate.py --tiny             # tiny config: a quick check
     python bench/onnx_generate.py --int4             # and int4 rows: mmaccel (com.microsoft::MatMulNBits linears,
                                                      # int8 token embedding) and GenAI's builder (-p int4)
+    python bench/onnx_generate.py --spinning-too     # mmaccel's rows also with ONNX Runtime's spinning threads,
+                                                     # Optimum's also with OnnxGenerator's 20 us
 
 Per row: first-token ms (generate with max_new_tokens=1), ms per new token ((end-to-end - first token) /
 (new - 1)), the median of --repeats calls after one warm-up; the folder's bytes and the export's seconds;
@@ -58,16 +60,21 @@ def onnx_row(model: LlamaForCausalLM, ids: torch.Tensor, options: dict[str, Any]
         start = time.perf_counter()
         report = mmaccel.export_onnx(model, {"input_ids": ids}, folder, generation=True, **options)
         export_s = time.perf_counter() - start
-        generator = mmaccel.OnnxGenerator(folder, intra_op_threads=args.threads)
 
-        def onnx(new: int) -> Any:
-            return mmaccel.onnx_generate(generator, ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+        def loop(spin_us: int | None) -> Any:
+            generator = mmaccel.OnnxGenerator(folder, intra_op_threads=args.threads, spin_us=spin_us)
+            return lambda new: mmaccel.onnx_generate(generator, ids, max_new_tokens=new, eos_token_id=[],
+                                                     pad_token_id=0)
 
+        onnx = loop(spin_us=20)  # OnnxGenerator's default
         lossy = {p.name: {"changes": p.changes, "measured_error": p.measured_error, "near_misses": p.near_misses}
                  for p in report.graphs[0].passes if p.lossy}  # quantize, and quantize_embedding (the token table)
+        # the loop as it ran before its sessions spun 20 us at most (bench/onnx_spinning.py), timed right after
+        spinning = ({"with_ort_spinning": timings(loop(spin_us=None), args.new, args.repeats)}
+                    if args.spinning_too else {})
         return {**timings(onnx, args.new, args.repeats), "file_bytes": folder_bytes(folder),
                 "export_s": round(export_s, 1), "tokens_equal_hf": same_tokens(onnx(args.new), reference),
-                **({"lossy": lossy} if lossy else {})}
+                **spinning, **({"lossy": lossy} if lossy else {})}
 
 
 MMACCEL_FP32, MMACCEL_INT4 = "mmaccel fp32", "mmaccel int4 (MatMulNBits)"
@@ -94,6 +101,10 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
             continue
         print(f"{name:28} {row['first_token_ms']:>15.1f} {row['ms_per_token']:>11.2f} "
               f"{row.get('file_bytes', 0) / 1e6:>8.1f} {row.get('export_s', 0):>9.1f} {row.get('tokens_equal_hf', '')}")
+        variants = (("with_ort_spinning", "  same, ORT spinning"), ("spin_20us", "  same, spinning 20 us"))
+        for key, label in variants:
+            if key in row:
+                print(f"{label:28} {row[key]['first_token_ms']:>15.1f} {row[key]['ms_per_token']:>11.2f}")
     fp32, int4 = rows[MMACCEL_FP32], rows.get(MMACCEL_INT4)
     if int4 is not None:  # issue 18's targets: int4 files under 0.3x fp32's bytes, decode at least 2x faster
         print(f"mmaccel int4 / fp32: folder bytes {int4['file_bytes'] / fp32['file_bytes']:.3f}x (target < 0.3x), "
@@ -109,6 +120,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--int4", action="store_true", help="also int4 weights as MatMulNBits")
+    parser.add_argument("--spinning-too", action="store_true",
+                        help="also time mmaccel's rows with ONNX Runtime's default spinning (the loop before), "
+                             "and Optimum's with OnnxGenerator's 20 us")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     size = "tiny" if args.tiny else args.size

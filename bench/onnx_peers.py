@@ -121,7 +121,8 @@ def optimum_row(hf_folder: str, work: str, ids: torch.Tensor, reference: torch.T
     request = os.path.join(work, "optimum_request.json")
     with open(request, "w") as f:
         json.dump({"hf_folder": hf_folder, "folder": os.path.join(work, "optimum"), "ids": ids.tolist(),
-                   "new": args.new, "repeats": args.repeats, "threads": args.threads}, f)
+                   "new": args.new, "repeats": args.repeats, "threads": args.threads,
+                   "spinning_too": args.spinning_too}, f)
     root = os.path.dirname(BENCH_DIR)  # mmaccel.timing, through onnx_generate.timings
     stdout = run_quietly([OPTIMUM_PYTHON, os.path.join(BENCH_DIR, "optimum_peer.py"), request],
                          env={**os.environ, "PYTHONPATH": root})

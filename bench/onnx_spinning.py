@@ -1,7 +1,8 @@
 """ONNX Runtime's thread spinning in mmaccel.onnx_generate's loop (issue 18): the same exported folder run with
-2 intra-op threads spinning (ONNX Runtime's default, which Optimum's and GenAI's loops keep), 2 threads not
-spinning (OnnxGenerator's default) and 1 thread, in interleaved rounds so that the load of this shared machine
-falls on every variant alike. A decode step is ~800 short kernels; a spinning worker holds its core between
+2 intra-op threads spinning as ONNX Runtime does by default (Optimum's and GenAI's loops keep it), spinning
+at most 20 us (OnnxGenerator's default), never spinning, and 1 thread, in interleaved rounds so that the load
+of this shared machine falls on every variant alike. `taskset -c 0 python bench/onnx_spinning.py` holds it to
+one core, as when another job holds the other. A decode step is ~800 short kernels; a spinning worker holds its core between
 them, which costs the main thread its time slices when another job wants that core.
 
     python bench/onnx_spinning.py                   # 125M Llama (bench/onnx_generate.py's), fp32
@@ -27,15 +28,16 @@ from common import default_out, environment, write_json  # bench/ is on sys.path
 from onnx_generate import SIZES, build
 from onnx_peers import timings
 
-VARIANTS = {"2 threads, spinning (ONNX Runtime's default)": (2, True),
-            "2 threads, no spinning (onnx_generate's default)": (2, False),
-            "1 thread": (1, False)}
+VARIANTS = {"2 threads, ONNX Runtime's default spinning": (2, None),
+            "2 threads, spinning 20 us (onnx_generate's default)": (2, 20),
+            "2 threads, no spinning": (2, 0),
+            "1 thread": (1, 0)}
 
 
 def interleaved(folder: str, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Each variant's medians over `rounds` rounds, the variants taking turns each round."""
-    generators = {name: mmaccel.OnnxGenerator(folder, intra_op_threads=threads, spinning=spinning)
-                  for name, (threads, spinning) in VARIANTS.items()}
+    generators = {name: mmaccel.OnnxGenerator(folder, intra_op_threads=threads, spin_us=spin_us)
+                  for name, (threads, spin_us) in VARIANTS.items()}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, generator in generators.items():

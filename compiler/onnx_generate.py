@@ -22,6 +22,12 @@ import numpy as np
 
 FORMAT, VERSION = "mmaccel-onnx-generation", 1
 MANIFEST = "manifest.json"
+# A decode step is ~800 short kernels, and ONNX Runtime's workers spin between them by default: where another
+# job holds a core, a spinning worker takes the time slices the main thread needs. 125M Llama, 2 threads, the
+# process held to one core (as when the other is busy), ms per token, spinning by default / 20 us / never:
+# fp32 40.0 / 22.7 / 21.5, int4 13.8 / 7.1 / 6.3; with both cores free 15.4 / 15.3 / 15.8 and 4.3 / 4.4 / 5.3
+# (never spinning costs 23% there; 20 us keeps ORT's speed). bench/onnx_spinning.py measures it.
+SPIN_US = 20
 
 
 class ManifestError(ValueError):
@@ -40,7 +46,9 @@ class OnnxGenerator:
     """One folder's sessions, loaded once; `generate` may be called many times."""
 
     def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None,
-                 intra_op_threads: int | None = None, spinning: bool = False) -> None:
+                 intra_op_threads: int | None = None, spin_us: int | None = SPIN_US) -> None:
+        """spin_us: how long an idle intra-op worker spins for work before it sleeps (0: never spins; None: ONNX
+        Runtime's default spinning)."""
         import onnxruntime as ort
 
         self.folder = os.fspath(folder)
@@ -50,12 +58,8 @@ class OnnxGenerator:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
-        if not spinning:
-            # ONNX Runtime's intra-op workers spin between kernels by default, and a decode step is ~800 short
-            # kernels: where another job holds a core, the spinning worker takes the time slices the main thread
-            # needs. 125M Llama fp32, 2 threads on this 2-core machine with one core busy elsewhere: 40.4 ms per
-            # token spinning, 22.2 not (bench/onnx_spinning.py). spinning=True for a machine of its own.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in _spin_entries(spin_us).items():
+            options.add_session_config_entry(key, value)
         self.sessions = {}
         for name, entry in self.manifest["graphs"].items():
             session = ort.InferenceSession(os.path.join(self.folder, entry["file"]), options,
@@ -236,6 +240,15 @@ def _check_graph(session: Any, name: str, entry: dict[str, Any], export_id: str)
     want = ([i["name"] for i in entry["inputs"]], [o["name"] for o in entry["outputs"]])
     if have != want:
         raise ManifestError(f"{entry['file']}: inputs/outputs {have} differ from the manifest's {want}")
+
+
+def _spin_entries(spin_us: int | None) -> dict[str, str]:
+    """ONNX Runtime session config entries for `spin_us` (the key spin_duration_us is ONNX Runtime 1.32's)."""
+    if spin_us is None:
+        return {}
+    if spin_us == 0:
+        return {"session.intra_op.allow_spinning": "0"}
+    return {"session.intra_op.spin_duration_us": str(int(spin_us))}
 
 
 def _past_name(present: str) -> str:
