@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import contextmanager
+from unittest.mock import patch
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -38,7 +38,8 @@ def main() -> None:
     for label, kwargs in variants.items():
         torch._dynamo.reset()
         fn = torch.compile(model, **kwargs)
-        with torch.no_grad(), _gemv_fusion("fusions off" not in label):
+        # the Triton target reads the switch when it compiles, on the first call
+        with torch.no_grad(), patch.dict(os.environ, {"MMACCEL_GEMV_FUSION": "0" if "fusions off" in label else "1"}):
             for _ in range(3):
                 fn(*inputs)
             torch.cuda.synchronize()
@@ -52,20 +53,6 @@ def main() -> None:
         print(f"\n== {label}: {total / 1000:.3f} ms of kernel time per step, {kernels:.0f} kernels per step")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
             print(f"{e.self_device_time_total / 3 / 1000:8.3f} ms {e.count // 3:5d}x  {e.key[:90]}")
-
-
-@contextmanager
-def _gemv_fusion(on: bool):
-    """The Triton target reads MMACCEL_GEMV_FUSION when it compiles, on the first call."""
-    before = os.environ.get("MMACCEL_GEMV_FUSION")
-    os.environ["MMACCEL_GEMV_FUSION"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["MMACCEL_GEMV_FUSION"]
-        else:
-            os.environ["MMACCEL_GEMV_FUSION"] = before
 
 
 if __name__ == "__main__":

@@ -105,14 +105,7 @@ class CompileOptions:
         prune, prune_fractions = _validate_prune(options.get("prune"))
         tokens, token_sides = _validate_tokens(options.get("tokens"))
         metric = _validate_metric(options.get("metric"), quantize or prune or tokens)
-        budget = options.get("accuracy_budget", 0.01)
-        if metric is not None:  # the user's metric has the user's scale: any positive bound
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
-                raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a positive number: the largest "
-                                         "value of your metric the lossy passes may reach")
-        elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1:
-            raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be a number in (0, 1): the largest "
-                                     "relative output error (||out - ref|| / ||ref||) a lossy pass may introduce")
+        budget = _validate_budget(options.get("accuracy_budget", 0.01), metric)
         calibration = _validate_calibration(options.get("calibration"), quantize or prune or tokens)
         lossy_fallback = options.get("lossy_fallback", False)
         if not isinstance(lossy_fallback, bool):
@@ -207,6 +200,17 @@ def refuse_outside_generate(options: CompileOptions) -> None:
         raise InvalidOptionError("option tokens='resolution' changes how many image placeholders the prompt holds, "
                                  "an input of the model that only mmaccel.generate rewrites: use mmaccel.generate("
                                  "model, **inputs, options={'tokens': 'resolution'}), or tokens='merge' here")
+
+
+def _validate_budget(budget: Any, metric: Any) -> float:
+    """In (0, 1) for the relative output error; any positive number under a user metric (the user's scale)."""
+    upper, meaning = ((math.inf, "a positive number: the largest value of your metric the lossy passes may reach")
+                      if metric is not None else
+                      (1, "a number in (0, 1): the largest relative output error (||out - ref|| / ||ref||) a lossy "
+                          "pass may introduce"))
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < upper:
+        raise InvalidOptionError(f"option 'accuracy_budget'={budget!r} must be {meaning}")
+    return float(budget)
 
 
 def _validate_metric(value: Any, lossy: Any) -> Callable[[list, list], float] | None:
