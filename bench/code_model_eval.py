@@ -73,15 +73,29 @@ def speculative_rows(target, draft, windows: list[torch.Tensor], args, device: s
                                            device, args.options))
             if method == "plain":
                 plain_tokens.append(per_prompt[-1]["tokens"])
+        if method == "plain":
+            rows_check = one_call_per_step_check(target, windows[0][None, :args.prompt_bytes].to(device),
+                                                 plain_tokens[0], args)
         same = sum(bool(torch.equal(r["tokens"], p)) for r, p in zip(per_prompt, plain_tokens))
         accept = [r["speculative"]["acceptance_rate"] for r in per_prompt if r["speculative"]]
-        rows.append({"method": method, "ms_per_token": statistics.median(r["ms_per_token"] for r in per_prompt),
+        rows.append({**(rows_check if method == "plain" else {}), "method": method, "ms_per_token": statistics.median(r["ms_per_token"] for r in per_prompt),
                      "first_token_ms": statistics.median(r["first_token_ms"] for r in per_prompt),
                      "setup_s": per_prompt[0]["setup_s"], "same_prompts": same, "prompts": len(per_prompt),
                      "acceptance_rate": statistics.mean(accept) if accept else None,
                      "k_used": [r["speculative"]["k"] for r in per_prompt] if accept else None})
         print_speculative(rows[-1], rows[0]["ms_per_token"])
     return rows
+
+
+def one_call_per_step_check(target, ids: torch.Tensor, tokens: torch.Tensor, args) -> dict[str, Any]:
+    """The recorded decode blocks (compiler/step_graphs.py) against one compiled call per step and no CUDA graph
+    at all (cuda_graphs=False; the same generated kernels): the tokens must be identical."""
+    per_step = mmaccel.generate(target, ids, max_new_tokens=tokens.shape[1] - ids.shape[1], eos_token_id=[],
+                                pad_token_id=training.PAD, do_sample=False,
+                                options={**args.options, "cuda_graphs": False})
+    same = bool(torch.equal(per_step.cpu(), tokens.cpu()))
+    print(f"decode blocks vs one call per step (no CUDA graphs): {'identical' if same else 'DIFFERENT'} tokens")
+    return {"blocks_equal_one_call_per_step": same}
 
 
 def print_speculative(row: dict[str, Any], plain_ms: float) -> None:

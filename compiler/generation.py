@@ -3,11 +3,12 @@
     tokens = mmaccel.generate(model, **inputs, max_new_tokens=64)          # what model.generate returns
 
 Per call: lengths are padded to buckets (compiler/buckets.py) and the prompt runs through a compiled prefill
-graph; then every new token is one call of a compiled decode step: forward over one token, token choice
-(compiler/sampling.py), stop check and KV-cache write, all in one static-shape graph (on a GPU the Triton
-target replays it from a CUDA graph). The host only launches steps and looks at the stop flags every
-STOP_CHECK_EVERY tokens. The static KV cache of each (batch, cache bucket, dtype, device) is allocated once
-per model and reused, so its address (and a CUDA-graph recording of the step) stays valid across calls.
+graph; then every new token is one step of a compiled decode step: forward over one token, token choice
+(compiler/sampling.py), stop check and KV-cache write, all in one static-shape graph. After the first step,
+runs of BLOCK_STEPS steps are recorded as one CUDA graph each (compiler/step_graphs.py) and replayed: the host
+launches one replay per block and looks at the stop flags after it. The static KV cache of each (batch, cache
+bucket, dtype, device) is allocated once per model and reused, so its address (and the recordings that write
+it) stays valid across calls.
 
 As gpt-fast's generate.py, with HF's model and cache classes: prefill and decode are separate graphs,
 positions are tensors that the step advances itself, and sizes never become symbolic.
@@ -17,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -33,11 +35,15 @@ from .options import CompileOptions
 from .report import CompileReport
 from .resolution import ResolutionLever, image_tokens_per_image
 from .sampling import Sampler, choose_tokens
+from .step_graphs import StepGraph, record
 
 # A host sync per STOP_CHECK_EVERY tokens to stop once every row has finished: each check waits for the
 # device, so checking every token would put back the per-token host round trip this loop removes; 8 tokens
 # bound the wasted steps after the last stop token at 7.
 STOP_CHECK_EVERY = 8
+# Decode steps per recorded block, largest first: full blocks of STOP_CHECK_EVERY (one stop check each), the
+# tail of max_new_tokens in the smaller ones, so no step runs as its own call after the first (which compiles).
+BLOCK_STEPS = (STOP_CHECK_EVERY, 4, 2, 1)
 # Dynamo's per-function recompile limit (8) would send a ninth bucket to uncompiled eager; the bucket set is
 # bounded, so allow that many graphs for each of the two step functions.
 MAX_GRAPHS_PER_STEP = 64
@@ -178,6 +184,11 @@ class _Session:
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
         self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
         self.caches: dict[tuple, Any] = {}
+        self.blocks: dict[tuple, StepGraph | None] = {}  # recorded decode blocks; None: could not be recorded
+        # Recorded speculative rounds (compiler/speculative.py), per draft session: they hold its addresses.
+        self.rounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.weights_seen: tuple = ()
+        self.cuda_graphs = options.cuda_graphs is not False
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -197,12 +208,26 @@ class _Session:
             warn_once("mmaccel.generate: the model is in training mode (dropout active); call model.eval()")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        self.forget_stale_recordings()
         ids, mask, model_inputs = self.fewer_image_tokens(input_ids, attention_mask, model_inputs, config)
         prompt, cache_len = generation_buckets(ids.shape[1], config.max_new_tokens, self.limit)
         with torch.no_grad(), recompile_limit_at_least(MAX_GRAPHS_PER_STEP):
             state = self._prefill(ids, mask, model_inputs, config, prompt, cache_len)
             tokens = self._decode(state, config, prompt, cache_len)
         return torch.cat([input_ids, _trim_after_all_stopped(tokens, config.stop_ids)], dim=1)
+
+    def forget_stale_recordings(self) -> bool:
+        """Recorded blocks and rounds hold the weights' addresses and skip the check each compiled step makes
+        that its frozen weights are unchanged (compiler/lowering.py): after any weight changed, drop them (the
+        steps then run one call each, see the change and warn). True when some were dropped."""
+        seen = tuple((id(t), t._version, t.data_ptr()) for t in itertools.chain(self.model.parameters(),
+                                                                                  self.model.buffers()))
+        stale = seen != self.weights_seen and bool(self.blocks or len(self.rounds))
+        if seen != self.weights_seen:
+            self.blocks.clear()
+            self.rounds.clear()
+            self.weights_seen = seen
+        return stale
 
     def fewer_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict[str, Any],
                            config: _Config) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -249,16 +274,53 @@ class _Session:
         if config.max_new_tokens > 1:  # one new token comes from the prefill alone
             self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
                                       sampler=config.sampler))
-        tokens = [state.token]
-        for step in range(1, config.max_new_tokens):
-            if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
+        tokens, step = [state.token], 1
+        while step < config.max_new_tokens:
+            size = next(n for n in BLOCK_STEPS if n <= config.max_new_tokens - step)
+            block = self._block(state, size) if step > 1 and self.cuda_graphs else None
+            if block is None:
+                if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
+                    break
+                # The first step checks every guard; later steps repeat it with the same objects and shapes.
+                with guards_checked_once() if step > 1 else contextlib.nullcontext():
+                    state.token, state.done, state.position_ids, state.cache_position, _ = self.decode(
+                        state, state.token, state.done, state.position_ids, state.cache_position)
+                tokens.append(state.token)
+                step += 1
+                continue
+            tokens.append(block.replay(state_tensors(state)).clone())
+            adopt_tensors(state, block.buffers)  # the block left the new state in its buffers
+            step += size
+            if bool(state.done.all()):
                 break
-            # The first step checks every guard; later steps repeat it with the same objects and shapes.
-            with guards_checked_once() if step > 1 else contextlib.nullcontext():
-                state.token, state.done, state.position_ids, state.cache_position, _ = self.decode(
-                    state, state.token, state.done, state.position_ids, state.cache_position)
-            tokens.append(state.token)
         return torch.cat(tokens, dim=1)
+
+    def _block(self, state: "_StepState", size: int) -> StepGraph | None:
+        """`size` decode steps as one recording, made on first use for this cache and these per-call inputs."""
+        key = (size, id(state.cache), *((tuple(t.shape), t.dtype) for t in state_tensors(state)), state.sampler)
+        if key not in self.blocks:
+            template = dataclasses.replace(state, model=None)  # no reference to the model from the session
+
+            def run(*buffers: torch.Tensor) -> torch.Tensor:
+                steps = with_tensors(template, buffers, self.model)
+                token, done, position_ids, cache_position = (steps.token, steps.done, steps.position_ids,
+                                                             steps.cache_position)
+                out = []
+                # Captured once on a GPU, with every guard checked; the CPU calls this for each block instead.
+                with contextlib.nullcontext() if buffers[0].is_cuda else guards_checked_once():
+                    for _ in range(size):
+                        token, done, position_ids, cache_position, _ = self.decode(steps, token, done, position_ids,
+                                                                                   cache_position)
+                        out.append(token)
+                for buffer, new in zip((steps.token, steps.done, steps.position_ids, steps.cache_position),
+                                       (token, done, position_ids, cache_position)):
+                    buffer.copy_(new)
+                return torch.cat(out, dim=1)
+
+            self.blocks[key] = record("decode steps", run, state_tensors(state))
+            # What breaks a capture is the model's code, the same for every block size: stop trying.
+            self.cuda_graphs = self.blocks[key] is not None
+        return self.blocks[key]
 
     def _cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
         key = (batch, length, dtype, device)
@@ -299,6 +361,36 @@ class _StepState:
     done: torch.Tensor | None = None  # [B, 1] bool
     position_ids: torch.Tensor | None = None  # [B, 1]
     cache_position: torch.Tensor | None = None  # [1]
+
+
+# The _StepState fields that change per call (or per step): what a recorded block copies into its own buffers.
+_PER_CALL = ("mask", "sampling", "stop_ids", "pad_id", "encoder_outputs", "token", "done", "position_ids",
+             "cache_position")
+
+
+def state_tensors(state: _StepState) -> list[torch.Tensor]:
+    """The per-call tensors of `state`, flattened in _PER_CALL order (tuples spread, None skipped)."""
+    tensors = []
+    for name in _PER_CALL:
+        value = getattr(state, name)
+        tensors += list(value) if isinstance(value, tuple) else [] if value is None else [value]
+    return tensors
+
+
+def with_tensors(state: _StepState, tensors: Sequence[torch.Tensor], model: torch.nn.Module) -> _StepState:
+    """A copy of `state` for `model` whose per-call tensors are `tensors` (state_tensors' order)."""
+    copy = dataclasses.replace(state, model=model)
+    adopt_tensors(copy, tensors)
+    return copy
+
+
+def adopt_tensors(state: _StepState, tensors: Sequence[torch.Tensor]) -> None:
+    """Point `state`'s per-call fields at `tensors` (state_tensors' order), in place."""
+    it = iter(tensors)
+    for name in _PER_CALL:
+        value = getattr(state, name)
+        if value is not None:
+            setattr(state, name, tuple(next(it) for _ in value) if isinstance(value, tuple) else next(it))
 
 
 def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -35,6 +35,7 @@ from ._torch_internals import guards_checked_once, recompile_limit_at_least
 from .drafts import draft_name, layers_shared_with_target, resolve_draft, step_cost_ratio
 from .errors import warn_once
 from .sampling import gumbel_noise, uniform_noise, warp_scores
+from .step_graphs import StepGraph, record
 
 # speculative_k="auto" picks, each round, the k of this set with the most expected tokens per unit of step
 # cost: 2..8 spans the best k for acceptance rates 0.5..0.9 at draft costs of 5-30% of the target's.
@@ -155,6 +156,9 @@ class _Speculation:
             raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        self.target.forget_stale_recordings()
+        if self.draft.forget_stale_recordings():
+            self.target.rounds.pop(self.draft, None)
         ids, mask, model_inputs = self.target.fewer_image_tokens(input_ids, attention_mask, model_inputs, config)
         prompt, cache_len = self._buckets(ids.shape[1], config.max_new_tokens)
         with torch.no_grad(), recompile_limit_at_least(generation.MAX_GRAPHS_PER_STEP):
@@ -181,39 +185,50 @@ class _Speculation:
         """The draft's step state. A draft of the target's first N layers reads and writes the target's first N
         cache layers (drafts.py says why that is exact), which the target's prefill has filled."""
         if self.shared_layers:
-            cache = copy.copy(state.cache)
-            cache.layers = state.cache.layers[:self.shared_layers]
-            return dataclasses.replace(state, model=self.draft.model, cache=cache)
+            return _shared_draft_state(state, self.draft.model, self.shared_layers)
         draft_inputs = {k: v for k, v in model_inputs.items() if k in self.draft.forward_args}
         with _draft_failures():
             return self.draft._prefill(input_ids, attention_mask, draft_inputs, config, prompt, cache_len)
 
     def _rounds(self, state: Any, draft_state: Any, max_new_tokens: int, cache_len: int) -> torch.Tensor:
         tokens, produced = [state.token], 1
-        done, draw = state.done, torch.zeros(1, dtype=torch.long, device=state.token.device)
+        draw = torch.zeros(1, dtype=torch.long, device=state.token.device)
         while produced < max_new_tokens:
             k = self.policy.next_k()
             self._note(state, k, cache_len)
-            with guards_checked_once() if k in self.checked else contextlib.nullcontext():
-                emitted, (accepted, all_done, row_accepted), done, draw = self._round(state, draft_state, k, done,
-                                                                                      draw)
-            self.checked.add(k)
-            tokens.append(emitted[:, :accepted + 1])
+            graph = self._recorded_round(state, draft_state, k)
+            if graph is None:
+                with guards_checked_once() if k in self.checked else contextlib.nullcontext():
+                    emitted, counts, *advanced = self._round(state, draft_state, k, draw)
+                self.checked.add(k)
+                state.token, state.position_ids, state.cache_position, state.done, draw = advanced
+            else:
+                emitted, counts = graph.replay(self._round_inputs(state, draft_state, draw))
+                # The round left the next state in its buffers: point the states at them (no copies next time).
+                width = len(generation.state_tensors(state))
+                generation.adopt_tensors(state, graph.buffers[:width])
+                if not self.shared_layers:
+                    generation.adopt_tensors(draft_state, graph.buffers[width:-1])
+                draw = graph.buffers[-1]
+            accepted, all_done, row_accepted = counts.tolist()  # the round's one sync
+            tokens.append(emitted[:, :accepted + 1].clone())
             produced += accepted + 1
             self.policy.record(k, accepted, row_accepted / state.token.shape[0])
-            # A fresh [B, 1] tensor: a column view keeps the row stride, which the compiled steps guard on.
-            state.token = emitted[:, accepted:accepted + 1].clone(memory_format=torch.contiguous_format)
-            state.position_ids = state.position_ids + accepted + 1
-            state.cache_position = state.cache_position + accepted + 1
             if all_done:
                 break
         return torch.cat(tokens, dim=1)
 
-    def _round(self, state: Any, draft_state: Any, k: int, done: torch.Tensor, draw: torch.Tensor):
-        """k draft steps and one verify step: the tokens to emit [B, k+1], [accepted, all rows done, accepted
-        summed over rows] read on the host (the round's one sync), the done flags and the next draw counter.
-        When all k were accepted, the last proposal (never fed to the draft) is written into the draft's own
-        cache too (a shared cache has it from the verify step), so both caches are full up to it."""
+    def _round_inputs(self, state: Any, draft_state: Any, draw: torch.Tensor) -> list[torch.Tensor]:
+        """What a recorded round reads: the target's per-call tensors, the draft's (a draft with its own cache,
+        whose mask and sampling tensors are its own), the draw counter."""
+        draft = [] if self.shared_layers else generation.state_tensors(draft_state)
+        return [*generation.state_tensors(state), *draft, draw]
+
+    def _round(self, state: Any, draft_state: Any, k: int, draw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """k draft steps and one verify step, all on the device: the tokens to emit [B, k+1], [accepted, all rows
+        done, accepted summed over rows], then the next round's token [B, 1], position_ids, cache_position, done
+        flags and draw counter. A draft with its own cache also reads the last proposal, so that cache is full up
+        to it when all k are accepted (otherwise the next round overwrites that entry: nothing to roll back)."""
         proposals, distributions = [state.token], []
         position_ids, cache_position = state.position_ids, state.cache_position
         with _draft_failures():
@@ -222,20 +237,66 @@ class _Speculation:
                     draft_state, proposals[-1], position_ids, cache_position, draw)
                 proposals.append(token)
                 distributions.append(q)
-        q = torch.stack(distributions, dim=1) if state.sampler.do_sample else None  # [B, k, V]
-        emitted, counts, done, draw, _ = self.verify(state, torch.cat(proposals, dim=1), q, done,
-                                                     state.position_ids, state.cache_position, draw)
-        counts = counts.tolist()
-        if counts[0] == k and not self.shared_layers:
-            with _draft_failures():
+            if not self.shared_layers:
                 draw = self.draft_step(draft_state, proposals[-1], position_ids, cache_position, draw)[4]
-        return emitted, counts, done, draw
+        q = torch.stack(distributions, dim=1) if state.sampler.do_sample else None  # [B, k, V]
+        emitted, counts, done, draw, _ = self.verify(state, torch.cat(proposals, dim=1), q, state.done,
+                                                     state.position_ids, state.cache_position, draw)
+        advance = counts[0] + 1
+        token = emitted.gather(1, counts[:1, None].expand(emitted.shape[0], 1))  # emitted[:, accepted]
+        return (emitted, counts, token, state.position_ids + advance, state.cache_position + advance, done,
+                draw)
+
+    def _recorded_round(self, state: Any, draft_state: Any, k: int) -> StepGraph | None:
+        """The round for k as one recording (compiler/step_graphs.py), made once that k ran uncaptured (compiled,
+        kernels chosen) with this draft. Kept per draft session, weakly: a recording holds the draft's weights
+        and cache addresses, so it must not outlive them."""
+        if not self.target.cuda_graphs:
+            return None
+        recorded = self.target.rounds.setdefault(self.draft, {})
+        if ("warm", k) not in recorded:
+            recorded["warm", k] = None
+            return None
+        inputs = self._round_inputs(state, draft_state, torch.zeros(1, dtype=torch.long, device=state.token.device))
+        key = (k, id(state.cache), id(draft_state.cache), *((tuple(t.shape), t.dtype) for t in inputs), state.sampler)
+        if key not in recorded:
+            recorded[key] = record("a speculative round", self._round_run(state, draft_state, k), inputs)
+        return recorded[key]
+
+    def _round_run(self, state: Any, draft_state: Any, k: int) -> Any:
+        """The function a round's recording captures, over _round_inputs' buffers; it ends by writing the next
+        round's token, positions, done flags and draw counter into them."""
+        target = dataclasses.replace(state, model=None)
+        draft = None if self.shared_layers else dataclasses.replace(draft_state, model=None)
+        width = len(generation.state_tensors(state))
+        target_session, draft_session = weakref.ref(self.target), weakref.ref(self.draft)
+
+        def run(*buffers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            steps = generation.with_tensors(target, buffers[:width], target_session().model)
+            draft_steps = _shared_draft_state(steps, draft_session().model, self.shared_layers) if draft is None \
+                else generation.with_tensors(draft, buffers[width:-1], draft_session().model)
+            # Captured once on a GPU, with every guard checked; the CPU calls this for each round instead.
+            with contextlib.nullcontext() if buffers[0].is_cuda else guards_checked_once():
+                emitted, counts, *advanced = self._round(steps, draft_steps, k, buffers[-1])
+            for buffer, new in zip((steps.token, steps.position_ids, steps.cache_position, steps.done, buffers[-1]),
+                                   advanced):
+                buffer.copy_(new)
+            return emitted, counts
+
+        return run
 
     def _note(self, state: Any, k: int, cache_len: int) -> None:
         dtype, device = generation._dtype_device(self.target.model)
         key = dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device, sampler=state.sampler)
         self.target._note("draft", {**key, "draft": self.draft_name})
         self.target._note("verify", {**key, "k": k})
+
+
+def _shared_draft_state(state: Any, draft_model: torch.nn.Module, layers: int) -> Any:
+    """A draft of the target's first `layers` layers steps on the target's state with those cache layers."""
+    cache = copy.copy(state.cache)
+    cache.layers = state.cache.layers[:layers]
+    return dataclasses.replace(state, model=draft_model, cache=cache)
 
 
 @contextlib.contextmanager

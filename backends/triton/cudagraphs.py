@@ -14,6 +14,8 @@ Graphs with symbolic sizes (Dynamo made a length dynamic: Hugging Face's compile
 second prompt or max_new_tokens) record a shape on its second call, not its first: a decode step at one cache
 length runs once per token, hundreds of times, while a prefill at a new prompt length runs once; recording that
 one would cost a capture and pool memory for nothing.
+
+Under an outer capture (mmaccel.generate recording several steps as one graph) the kernels launch plainly into it.
 """
 from __future__ import annotations
 
@@ -91,6 +93,10 @@ class CudaGraphRunner:
         return tuple(parts)
 
     def __call__(self, args: list[Any]) -> Any:
+        if torch.cuda.is_current_stream_capturing():
+            # Inside an outer recording (several steps as one graph: compiler/step_graphs.py): launch plainly,
+            # so these kernels land in that graph; a replay of this one cannot be captured into it.
+            return self.run(args)
         key = self.key(args)
         if key is None:
             return self.run(args)

@@ -1,0 +1,99 @@
+"""Recorded runs of steps (compiler/step_graphs.py): mmaccel.generate's decode blocks and speculative rounds. On
+the CPU a replay calls the recorded function on the same buffers, so these tests run the flow a GPU replays
+(buffers, state handed back through them, block sizes, stale-weight checks, fallback) except the capture."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mmaccel
+from mmaccel.backends.triton import cudagraphs
+from mmaccel.compiler import generation, step_graphs
+from tests import hf_tiny
+from tests.test_generation import EAGER, hf_generate, left_padded_batch, one_thread  # noqa: F401 (fixture)
+
+
+def block_sizes(model: torch.nn.Module) -> list[int]:
+    return sorted(key[0] for key, graph in generation._session(model, EAGER).blocks.items() if graph is not None)
+
+
+def test_decode_blocks_cover_every_length_and_match_hf() -> None:
+    """After the first decode step, every step runs in a block of 8, 4, 2 or 1 (the tail); tokens equal HF's."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    for new_tokens, sizes in ((2, []), (3, [1]), (16, [1, 2, 4, 8]), (26, [1, 2, 4, 8])):
+        expected = hf_generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=[],
+                                  options=EAGER)
+        assert torch.equal(actual, expected), new_tokens
+        assert block_sizes(model) == sizes or new_tokens == 26  # 26 = 1 + 1 + 8 + 8 + 8: no new size
+    sampled = [mmaccel.generate(model, ids, mask, max_new_tokens=13, do_sample=True, seed=5, pad_token_id=0,
+                                options=options) for options in (EAGER, {**EAGER, "cuda_graphs": False})]
+    assert torch.equal(*sampled)  # blocks against one call per step (cuda_graphs=False records nothing)
+
+
+def test_changed_weights_drop_the_recordings() -> None:
+    """Recordings skip the compiled steps' frozen-weight check: a weight changed in place drops them, and the
+    next call's tokens are the new weights' (the steps warn and read the live weights)."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([5])
+    mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[], options=EAGER)
+    assert block_sizes(model) == [8]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    expected = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False, eos_token_id=[])
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="frozen at compile time have changed"):
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[],
+                                  options=EAGER)
+    assert torch.equal(actual, expected)
+
+
+def test_a_capture_that_fails_warns_once_and_runs_the_steps(monkeypatch) -> None:
+    def broken(self, run, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(step_graphs.StepGraph, "__init__", broken)
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([6])
+    expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="could not record decode steps") as caught:
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, eos_token_id=[],
+                                  options=EAGER)
+    assert torch.equal(actual, expected)
+    assert sum("could not record" in str(w.message) for w in caught) == 1
+    assert block_sizes(model) == [] and not generation._session(model, EAGER).cuda_graphs  # no more tries
+
+
+def test_speculative_rounds_are_recorded_per_k_and_draft() -> None:
+    """A round's k runs uncaptured once, then from its recording: tokens equal plain greedy across calls."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=20, do_sample=False, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)  # a failing draft would fall back quietly
+        for _ in range(2):
+            actual = mmaccel.generate(model, ids, mask, max_new_tokens=20, pad_token_id=0, eos_token_id=[],
+                                      draft="layers:1", speculative_k=3, options=EAGER)
+            assert torch.equal(actual, expected)
+    rounds = generation._session(model, EAGER).rounds
+    (recorded,) = rounds.values()
+    assert [key[0] for key, graph in recorded.items() if isinstance(graph, step_graphs.StepGraph)] == [3]
+
+
+def test_step_graph_copies_only_inputs_not_already_in_its_buffers() -> None:
+    def run(count: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        count.copy_(count + step)  # the new state goes back into the buffer, as a decode block's does
+        return count * 10
+
+    graph = step_graphs.StepGraph(run, [torch.tensor([1]), torch.tensor([2])])
+    assert int(graph.replay([torch.tensor([5]), torch.tensor([1])])) == 60
+    assert int(graph.replay(graph.buffers)) == 70  # continues from its own buffers: no copy, state 7
+
+
+def test_triton_runner_launches_plainly_under_an_outer_capture(monkeypatch) -> None:
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    runner = cudagraphs.CudaGraphRunner(lambda args: "plain launch", gm)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert runner([torch.ones(1)]) == "plain launch" and not runner.recordings
