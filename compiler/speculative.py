@@ -258,7 +258,9 @@ class _Speculation:
             recorded["warm", k] = None
             return None
         inputs = self._round_inputs(state, draft_state, torch.zeros(1, dtype=torch.long, device=state.token.device))
-        key = (k, id(state.cache), id(draft_state.cache), *((tuple(t.shape), t.dtype) for t in inputs), state.sampler)
+        # A draft of the target's layers gets a new view of the target's cache each call: not part of the key.
+        draft_cache = None if self.shared_layers else id(draft_state.cache)
+        key = (k, id(state.cache), draft_cache, *((tuple(t.shape), t.dtype) for t in inputs), state.sampler)
         if key not in recorded:
             recorded[key] = record("a speculative round", self._round_run(state, draft_state, k), inputs)
         return recorded[key]
