@@ -148,6 +148,8 @@ class _Speculation:
         self.verify = _compiled(target, _verify_step)
         self.draft_step = _compiled(draft, _draft_step)
         self.checked: set[int] = set()  # the k whose graphs ran once with all guards checked
+        self.graphs: dict[int, StepGraph | None] = {}  # this call's round recording per k (None: uncaptured)
+        self.draw: torch.Tensor | None = None  # the noise draw counter, on the device
         self.shared_layers = layers_shared_with_target(draft.model)
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -191,32 +193,49 @@ class _Speculation:
             return self.draft._prefill(input_ids, attention_mask, draft_inputs, config, prompt, cache_len)
 
     def _rounds(self, state: Any, draft_state: Any, max_new_tokens: int, cache_len: int) -> torch.Tensor:
+        """Rounds until max_new_tokens or every row stopped. The next round is launched before this one's counts
+        are read when it is needed whatever this one accepts, so the GPU runs it while the host books this one
+        (its sync, slicing and k choice no longer leave the GPU idle). It starts from this round's state on the
+        device and writes no further than a round launched after the read would: no extra cache room."""
         tokens, produced = [state.token], 1
-        draw = torch.zeros(1, dtype=torch.long, device=state.token.device)
-        while produced < max_new_tokens:
-            k = self.policy.next_k()
-            self._note(state, k, cache_len)
-            graph = self._recorded_round(state, draft_state, k)
-            if graph is None:
-                with guards_checked_once() if k in self.checked else contextlib.nullcontext():
-                    emitted, counts, *advanced = self._round(state, draft_state, k, draw)
-                self.checked.add(k)
-                state.token, state.position_ids, state.cache_position, state.done, draw = advanced
-            else:
-                emitted, counts = graph.replay(self._round_inputs(state, draft_state, draw))
-                # The round left the next state in its buffers: point the states at them (no copies next time).
-                width = len(generation.state_tensors(state))
-                generation.adopt_tensors(state, graph.buffers[:width])
-                if not self.shared_layers:
-                    generation.adopt_tensors(draft_state, graph.buffers[width:-1])
-                draw = graph.buffers[-1]
-            accepted, all_done, row_accepted = counts.tolist()  # the round's one sync
-            tokens.append(emitted[:, :accepted + 1].clone())
+        self.draw = torch.zeros(1, dtype=torch.long, device=state.token.device)
+        flight = self._launch(state, draft_state, cache_len) if produced < max_new_tokens else None
+        while flight is not None:
+            following = self._launch(state, draft_state, cache_len) \
+                if produced + flight.k + 1 < max_new_tokens else None
+            accepted, all_done, row_accepted = flight.counts()
+            tokens.append(flight.emitted[:, :accepted + 1])
             produced += accepted + 1
-            self.policy.record(k, accepted, row_accepted / state.token.shape[0])
+            self.policy.record(flight.k, accepted, row_accepted / state.token.shape[0])
             if all_done:
-                break
+                break  # a round launched meanwhile wrote past the stop token only: its tokens are dropped
+            if following is None and produced < max_new_tokens:
+                following = self._launch(state, draft_state, cache_len)
+            flight = following
         return torch.cat(tokens, dim=1)
+
+    def _launch(self, state: Any, draft_state: Any, cache_len: int) -> "_Round":
+        """Queue one round (recorded, or uncaptured on its k's first use); `state` and self.draw then hold the
+        next round's inputs, on the device."""
+        k = self.policy.next_k()
+        if k not in self.graphs:
+            self._note(state, k, cache_len)
+            self.graphs[k] = self._recorded_round(state, draft_state, k)
+        graph = self.graphs[k]
+        if graph is None:
+            with guards_checked_once() if k in self.checked else contextlib.nullcontext():
+                emitted, counts, *advanced = self._round(state, draft_state, k, self.draw)
+            self.checked.add(k)
+            state.token, state.position_ids, state.cache_position, state.done, self.draw = advanced
+            return _Round(k, emitted, counts)
+        emitted, counts = graph.replay(self._round_inputs(state, draft_state, self.draw))
+        # The round left the next state in its buffers: point the states at them (no copies next time).
+        width = len(generation.state_tensors(state))
+        generation.adopt_tensors(state, graph.buffers[:width])
+        if not self.shared_layers:
+            generation.adopt_tensors(draft_state, graph.buffers[width:-1])
+        self.draw = graph.buffers[-1]
+        return _Round(k, emitted.clone(), counts.clone())  # the next replay overwrites the recording's outputs
 
     def _round_inputs(self, state: Any, draft_state: Any, draw: torch.Tensor) -> list[torch.Tensor]:
         """What a recorded round reads: the target's per-call tensors, the draft's (a draft with its own cache,
@@ -292,6 +311,26 @@ class _Speculation:
         key = dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device, sampler=state.sampler)
         self.target._note("draft", {**key, "draft": self.draft_name})
         self.target._note("verify", {**key, "k": k})
+
+
+class _Round:
+    """A queued round: its k, the tokens it emits [B, k+1] and its counts [accepted, all rows done, accepted
+    summed over rows], copied to the host behind it without waiting (pinned memory, an event)."""
+
+    def __init__(self, k: int, emitted: torch.Tensor, counts: torch.Tensor) -> None:
+        self.k, self.emitted, self.ready = k, emitted, None
+        self.host = counts
+        if counts.is_cuda:
+            self.host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self.host.copy_(counts, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def counts(self) -> list[int]:
+        """Waits for this round only (a round queued after it keeps running)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 def _shared_draft_state(state: Any, draft_model: torch.nn.Module, layers: int) -> Any:
