@@ -202,10 +202,41 @@ def _canonicalize_sdpa(gm: fx.GraphModule) -> list[fx.Node]:
                 {"attn_mask": kw.get(mask_name) if mask_name else None, "dropout_p": 0.0,
                  "is_causal": bool(kw.get("is_causal", False)), "scale": kw.get("scale"),
                  **({} if same_shape(shape(query)[-3:-2], shape(key)[-3:-2]) else {"enable_gqa": True})})
+        output = _in_kernel_layout(gm.graph, sdpa, node)
+        if output is None:
+            gm.graph.erase_node(sdpa)
+            continue
         for user in list(node.users):
-            replace_uses(user, sdpa)
+            replace_uses(user, output)
         canonical.append(sdpa)
     return canonical
+
+
+def _in_kernel_layout(graph: fx.Graph, sdpa: fx.Node, kernel: fx.Node) -> fx.Node | None:
+    """`sdpa`'s output with the strides the kernel's had, which the graph after it may rely on (a view). The
+    CUDA kernels write [B, H, S, D] laid out as [B, S, H, D], so HF's transpose(1, 2) then view(B, S, H * D)
+    needs no copy in the traced graph, while the aten op's output (as FakeTensor propagation lays it out) is
+    contiguous: on the H200 (transformers 5.17) 'Cannot view a tensor ... as (2, 16, 32)' rolled the pass back
+    on every HF Llama prefill. Where the layouts differ, one copy makes the kernel's; None: a layout this cannot
+    make (the kernel call is then left as it is)."""
+    val = next((u.meta.get("val") for u in kernel.users), None)
+    try:
+        canonical = sdpa.target(*(a.meta.get("val") if isinstance(a, fx.Node) else a for a in sdpa.args),
+                                **{k: a.meta.get("val") if isinstance(a, fx.Node) else a
+                                   for k, a in sdpa.kwargs.items()})
+    except Exception:  # no fake values to compare: validation after the pass checks the graph as it is
+        return sdpa
+    if not isinstance(val, torch.Tensor) or val.dim() != 4 or canonical.stride() == val.stride():
+        return sdpa
+    if not (canonical.is_contiguous() and val.transpose(1, 2).is_contiguous()):
+        return None
+    sdpa.meta["val"] = canonical  # later matches in this pass read its shape (replace_uses says why)
+    with graph.inserting_after(sdpa):
+        heads_inner = graph.call_function(aten.transpose.int, (sdpa, 1, 2))
+    with graph.inserting_after(heads_inner):
+        copy = graph.call_function(aten.clone.default, (heads_inner,), {"memory_format": torch.contiguous_format})
+    with graph.inserting_after(copy):
+        return graph.call_function(aten.transpose.int, (copy, 1, 2))
 
 
 def _head_repeat(node: fx.Node) -> tuple[fx.Node, object] | str | None:

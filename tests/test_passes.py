@@ -3,6 +3,8 @@ and idempotence. Every case also checks the compiled result against eager."""
 from __future__ import annotations
 
 import math
+import operator
+import warnings
 
 import pytest
 import torch
@@ -363,3 +365,35 @@ def test_failing_pass_is_rolled_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(out, model(x))
     result = compiled.mmaccel_report.graphs[0].pass_result("linear_epilogue_fusion")
     assert result.error and "planted failure" in result.error
+
+
+def test_cuda_sdpa_kernel_keeps_its_output_layout_for_the_view_after_it():
+    """The CUDA kernels write [B, H, S, D] laid out as [B, S, H, D]; HF's transpose(1, 2) + view(B, S, H * D)
+    relies on it (no copy in the traced graph). The canonical op gets that layout back with one copy, so the
+    view stays valid (before: the pass was rolled back on every HF Llama prefill on the GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from mmaccel.compiler.options import CompileOptions
+    from mmaccel.passes.contract import PassContext
+
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+    kernel = graph.call_function(aten._scaled_dot_product_efficient_attention.default, (q, k, v, None, False))
+    out = graph.call_function(operator.getitem, (kernel, 0))
+    heads_inner = graph.call_function(aten.transpose.int, (out, 1, 2))
+    graph.output((graph.call_function(aten.view.default, (heads_inner, [2, 16, 32])),))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    fake = FakeTensorMode()
+    for node in gm.graph.find_nodes(op="placeholder"):
+        node.meta["val"] = fake.from_tensor(torch.randn(2, 4, 16, 8))
+    from mmaccel.passes.meta import propagate_fake
+    propagate_fake(gm, fake)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rolled-back pass warns
+        result = run_pass(gm, PassContext(options=CompileOptions(), fake_mode=fake), "attention_fusion")
+    assert result.matched == 1 and result.error is None
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(SDPA) == 1 and targets.count(aten.clone.default) == 1
+    assert aten._scaled_dot_product_efficient_attention.default not in targets
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 16, 32)
+    torch.testing.assert_close(gm(q, k, v)[0], expected)
