@@ -11,8 +11,9 @@ bench/speculative.py times it (after a warm-up call that compiles, median of --r
 (end-to-end - first token) / (new tokens - 1)), then the median over prompts. "same": prompts whose tokens equal
 plain greedy's (bf16 rounding can flip a near-tie: the k+1-position verify rounds differently from a one-token
 step). Acceptance: mean over prompts of generation_report(target).speculative's acceptance rate.
-(b) Cascade: mmaccel.cascade(draft, target) calibrated on held-out prompt set A under accuracy_budget (agreement
-with the target, as mmaccel.cascade defines it), evaluated on a disjoint set B against the GROUND TRUTH: a request
+(b) Cascade: mmaccel.cascade(draft, target) calibrated on held-out prompt set A under accuracy_budget, once
+against agreement with the target and once against set A's true next bytes (references=), evaluated on a
+disjoint set B against the GROUND TRUTH: a request
 is correct when its --answer-bytes new bytes equal the file's next bytes exactly (per-byte accuracy reported too),
 for the target alone, the draft alone and the cascade; latency: mean ms per request (the cascade's includes the
 small model's confidence forward and, when not routed, the target's answer); saved = 1 - cascade / target.
@@ -134,11 +135,14 @@ def cascade_rows(target, draft, set_a: list[torch.Tensor], set_b: list[torch.Ten
         alone[name] = summary([answer_scores(t, w, prompt) for (t, _), w in zip(answers, set_b)],
                               [ms for _, ms in answers])
     rows = [{"method": f"{name} alone", **value} for name, value in alone.items()]
+    calibration = [w[None, :prompt].to(device) for w in set_a]
     for budget in args.budgets:
-        pair = mmaccel.cascade(draft, target, calibration=[w[None, :prompt].to(device) for w in set_a],
-                               accuracy_budget=budget, **gen)
-        rows.append(cascade_row(pair, requests, set_b, prompt, device, alone["target"]))
-        rows[-1]["method"] = f"cascade budget {budget}"
+        for against, references in (("agreement", None), ("truth", [w[prompt:] for w in set_a])):
+            pair = mmaccel.cascade(draft, target, calibration=calibration, references=references,
+                                   accuracy_budget=budget, **gen)
+            rows.append(cascade_row(pair, requests, set_b, prompt, device, alone["target"]))
+            rows[-1]["method"] = f"cascade {against} {budget}"
+            rows[-1]["calibration_accuracy"] = pair.report.calibration_accuracy
     for row in rows:
         print_cascade(row)
     return rows

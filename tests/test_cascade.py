@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmaccel
-from mmaccel.compiler.cascade import _calibrated
+from mmaccel.compiler.cascade import _calibrated, _Measured
 from mmaccel.compiler.drafts import layer_draft
 from tests import hf_tiny
 from tests.test_generation import EAGER, one_thread  # noqa: F401 (fixture)
@@ -33,10 +33,30 @@ def test_cascade_routes_confident_requests_to_the_small_model() -> None:
 def test_threshold_calibration_near_misses() -> None:
     """(confidence, agrees, small ms, large ms): routing stops before the disagreement that would pass the
     budget, even when less confident requests agree; a zero budget routes only the agreeing top."""
-    measured = [(-0.1, True, 1, 4), (-0.2, False, 1, 4), (-0.3, True, 1, 4), (-0.4, False, 1, 4)]
+    measured = [_Measured(*m) for m in [(-0.1, True, 1, 4), (-0.2, False, 1, 4), (-0.3, True, 1, 4), (-0.4, False, 1, 4)]]
     assert _calibrated(measured, 0.25).threshold == -0.3  # one wrong of four allowed
     assert _calibrated(measured, 0.0).threshold == -0.1
     report = _calibrated(measured, 0.25)
     assert (report.calibration_routed, report.calibration_loss, report.latency_ms["cascade"]) == (0.75, 0.25, 2.0)
     with pytest.raises(ValueError, match="accuracy_budget"):
         mmaccel.cascade(None, None, calibration=[], accuracy_budget=1.5)
+
+
+def test_references_measure_accuracy_not_agreement() -> None:
+    """Against references, a request the small model answers right and the large one wrong pays for one the
+    other way round: at a zero budget all four route (net loss 0) where agreement routes one."""
+    rows = [(-0.1, True, 1, 4, True, True), (-0.2, False, 1, 4, False, True), (-0.3, False, 1, 4, True, False),
+            (-0.4, True, 1, 4, False, False)]
+    report = _calibrated([_Measured(*m) for m in rows], 0.0)
+    assert (report.calibration_routed, report.calibration_loss) == (1.0, 0.0)
+    assert report.calibration_accuracy == {"small": 0.5, "large": 0.5, "cascade": 0.5}
+    assert _calibrated([_Measured(*m[:4]) for m in rows], 0.0).calibration_routed == 0.25
+    large = hf_tiny.llama("sdpa", use_cache=True)
+    small = layer_draft(large, 1)
+    prompts = [torch.randint(3, hf_tiny.VOCAB, (1, 6), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    args = dict(max_new_tokens=2, eos_token_id=[], options=EAGER)
+    smalls = [mmaccel.generate(small, p, **args)[:, 6:] for p in prompts]
+    routed_all = mmaccel.cascade(small, large, calibration=prompts, references=smalls, accuracy_budget=0.0, **args)
+    assert routed_all.report.calibration_routed == 1.0 and routed_all.report.calibration_accuracy["small"] == 1.0
+    with pytest.raises(ValueError, match="one right answer per request"):
+        mmaccel.cascade(small, large, calibration=prompts, references=smalls[:2], **args)

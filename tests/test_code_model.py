@@ -52,8 +52,9 @@ def check_rows(data: dict) -> None:
     assert methods["plain"]["acceptance_rate"] is None
     assert 0 <= methods["draft k=4"]["acceptance_rate"] <= 1 and len(methods["layers:1 k=4"]["k_used"]) == 1
     rows = {row["method"]: row for row in data["cascade"]}
-    assert list(rows) == ["target alone", "draft alone", "cascade budget 0.01"]
-    cascade = rows["cascade budget 0.01"]
+    assert list(rows) == ["target alone", "draft alone", "cascade agreement 0.01", "cascade truth 0.01"]
+    assert set(rows["cascade truth 0.01"]["calibration_accuracy"]) == {"small", "large", "cascade"}
+    cascade = rows["cascade agreement 0.01"]
     assert 0 <= cascade["served_by_draft"] <= 1 and 0 <= cascade["exact_match"] <= cascade["byte_accuracy"] + 1e-9
     assert {"accuracy_loss_points", "latency_saved", "threshold", "ms_per_request"} <= set(cascade)
 
