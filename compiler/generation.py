@@ -87,10 +87,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     model.generation_config), eos_token_id (an id or a list: generation stops at any of them), pad_token_id,
     seed (sampling), model inputs for the prompt (pixel_values, ...), and options={...} for the mmaccel
     backend (target, ...)."""
+    scored = kwargs.pop("_scored", False)  # mmaccel.cascade: (tokens, mean log-probability per row)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_ARGS}
     config = _resolve_config(model, user)
     session = _session(model, user.get("options") or {})
-    return session.generate(input_ids, attention_mask, kwargs, config)
+    return session.generate(input_ids, attention_mask, kwargs, config, scored)
 
 
 def generation_report(model: torch.nn.Module, **options: Any) -> GenerationReport:
@@ -199,7 +200,9 @@ class _Session:
         return self._model()
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                 model_inputs: dict[str, Any], config: _Config) -> torch.Tensor:
+                 model_inputs: dict[str, Any], config: _Config, scored: bool = False) -> Any:
+        """The tokens; with `scored`, also each row's mean log-probability of its new tokens up to its stop
+        token [B] (accumulated by the steps themselves: no second forward)."""
         if self.encoder_decoder:
             input_ids, attention_mask = _decoder_prompt(self.model, model_inputs, input_ids, attention_mask)
         if input_ids is None:
@@ -212,9 +215,12 @@ class _Session:
         ids, mask, model_inputs = self.fewer_image_tokens(input_ids, attention_mask, model_inputs, config)
         prompt, cache_len = generation_buckets(ids.shape[1], config.max_new_tokens, self.limit)
         with torch.no_grad(), recompile_limit_at_least(MAX_GRAPHS_PER_STEP):
-            state = self._prefill(ids, mask, model_inputs, config, prompt, cache_len)
+            state = self._prefill(ids, mask, model_inputs, config, prompt, cache_len, scored)
             tokens = self._decode(state, config, prompt, cache_len)
-        return torch.cat([input_ids, _trim_after_all_stopped(tokens, config.stop_ids)], dim=1)
+        out = torch.cat([input_ids, _trim_after_all_stopped(tokens, config.stop_ids)], dim=1)
+        if not scored:
+            return out
+        return out, state.score[:, 0] / _tokens_until_stop(tokens, config.stop_ids)
 
     def forget_stale_recordings(self) -> bool:
         """Recorded blocks and rounds hold the weights' addresses and skip the check each compiled step makes
@@ -239,7 +245,8 @@ class _Session:
         self.report.tokens = self.resolution.choice.summary() if self.resolution.choice else None
         return out
 
-    def _prefill(self, input_ids, attention_mask, model_inputs, config, prompt, cache_len) -> "_StepState":
+    def _prefill(self, input_ids, attention_mask, model_inputs, config, prompt, cache_len,
+                 scored: bool = False) -> "_StepState":
         batch, prompt_len = input_ids.shape
         dtype, device = _dtype_device(self.model)
         pad = prompt - prompt_len
@@ -259,7 +266,8 @@ class _Session:
                            torch.tensor(config.stop_ids or [-1], device=device),
                            torch.tensor(config.pad_id, device=device), config.sampler,
                            "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args,
-                           self.encoder_decoder, self.lossy)
+                           self.encoder_decoder, self.lossy,
+                           score=torch.zeros(batch, 1, device=device) if scored else None)
         self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
                                    sampler=config.sampler, inputs=sorted(model_inputs)))
         with _image_tokens_checked(self.model, input_ids, model_inputs):
@@ -361,10 +369,13 @@ class _StepState:
     done: torch.Tensor | None = None  # [B, 1] bool
     position_ids: torch.Tensor | None = None  # [B, 1]
     cache_position: torch.Tensor | None = None  # [1]
+    # Scored calls (the cascade's confidence): each row's summed log-probability of its chosen tokens [B, 1]
+    # (float32), added to in place by every step until the row stops.
+    score: torch.Tensor | None = None
 
 
 # The _StepState fields that change per call (or per step): what a recorded block copies into its own buffers.
-_PER_CALL = ("mask", "sampling", "stop_ids", "pad_id", "encoder_outputs", "token", "done", "position_ids",
+_PER_CALL = ("mask", "sampling", "stop_ids", "pad_id", "encoder_outputs", "score", "token", "done", "position_ids",
              "cache_position")
 
 
@@ -415,6 +426,9 @@ def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: to
 def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None):
     """Next token [B, 1] (pad once a row is done) and the updated done flags [B, 1]."""
     token = choose_tokens(logits, state.sampler, *state.sampling, step)[:, None]
+    if state.score is not None:
+        chosen = logits.log_softmax(-1).gather(-1, token)
+        state.score.add_(chosen if done is None else torch.where(done, 0.0, chosen))
     if done is not None:
         token = torch.where(done, state.pad_id, token)
     stopped = torch.isin(token, state.stop_ids)
@@ -456,6 +470,15 @@ def _decoder_prompt(model: torch.nn.Module, model_inputs: dict[str, Any], input_
         decoder_ids = torch.full((model_inputs["input_features"].shape[0], 1), start,
                                  device=model_inputs["input_features"].device)
     return decoder_ids, model_inputs.pop("decoder_attention_mask", None)
+
+
+def _tokens_until_stop(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:
+    """[B]: each row's new tokens up to and including its first stop token (all of them if none)."""
+    if not stop_ids:
+        return torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+    stopped = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, tokens.shape[1])
+    return first
 
 
 def _trim_after_all_stopped(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:

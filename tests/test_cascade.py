@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mmaccel
+from mmaccel.compiler import generation
 from mmaccel.compiler.cascade import _calibrated, _Measured
 from mmaccel.compiler.drafts import layer_draft
 from tests import hf_tiny
@@ -60,3 +61,20 @@ def test_references_measure_accuracy_not_agreement() -> None:
     assert routed_all.report.calibration_routed == 1.0 and routed_all.report.calibration_accuracy["small"] == 1.0
     with pytest.raises(ValueError, match="one right answer per request"):
         mmaccel.cascade(small, large, calibration=prompts, references=smalls[:2], **args)
+
+
+def test_confidence_summed_by_the_steps_equals_a_teacher_forced_forward() -> None:
+    """The small model's mean log-probability of its greedy answer, as its compiled steps sum it (blocks
+    included), equals the eager teacher-forced forward over prompt + answer, up to the stop token."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    prompt = torch.randint(3, hf_tiny.VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    free = mmaccel.generate(model, prompt, max_new_tokens=12, eos_token_id=[], options=EAGER)
+    for stop in ([], [int(free[0, 6 + 4])]):
+        tokens, confidence = generation.generate(model, prompt, max_new_tokens=12, eos_token_id=stop, options=EAGER,
+                                                 _scored=True)
+        answer = tokens[:, 6:]
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits[:, 5:-1].float()
+        expected = logits.log_softmax(-1).gather(-1, answer[..., None]).mean()
+        assert answer.shape[1] == (12 if not stop else 5)
+        torch.testing.assert_close(confidence[0], expected, rtol=1e-4, atol=1e-5)
