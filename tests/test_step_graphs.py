@@ -96,5 +96,6 @@ def test_step_graph_copies_only_inputs_not_already_in_its_buffers() -> None:
 def test_triton_runner_launches_plainly_under_an_outer_capture(monkeypatch) -> None:
     gm = torch.fx.symbolic_trace(torch.nn.Identity())
     runner = cudagraphs.CudaGraphRunner(lambda args: "plain launch", gm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert runner([torch.ones(1)]) == "plain launch" and not runner.recordings

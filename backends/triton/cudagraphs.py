@@ -93,7 +93,7 @@ class CudaGraphRunner:
         return tuple(parts)
 
     def __call__(self, args: list[Any]) -> Any:
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             # Inside an outer recording (several steps as one graph: compiler/step_graphs.py): launch plainly,
             # so these kernels land in that graph; a replay of this one cannot be captured into it.
             return self.run(args)
