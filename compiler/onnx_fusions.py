@@ -402,6 +402,79 @@ def attention_nodes(att: Attention, shared: Shared) -> list[Any]:
         kv_num_heads=att.kv_heads, scale=att.scale)]
 
 
+LINEARS = {("", "MatMul"), ("com.microsoft", "MatMulNBits")}
+
+
+def linears_on_3d_inputs(graph: Any) -> tuple[int, list[str]]:
+    """Reshape(x [B, S, K], [-1, K]) -> MatMul | MatMulNBits [-> Add(bias)] -> Split(dim 1) -> each part
+    Reshape(d, [B, S, n]) (or one Reshape): the matmul reads x itself and splits its last dim, so the Reshapes
+    go. torch.onnx flattens every linear's input so; those Reshapes were 85 of the 288 nodes a 125M Llama int4
+    step ran after the fusions, 0.38 of its 5.0 ms of kernels (ONNX Runtime's profile). Same arithmetic: a
+    MatMul flattens leading dims itself. Returns (groups rewritten, near-misses)."""
+    g, rewritten, near, reshaped = Graph(graph), 0, [], set()
+    for flatten in [n for n in graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]:
+        x_shape, target = g.shapes.get(flatten.input[0], []), g.ints(flatten.input[1])
+        if len(x_shape) != 3 or target != [-1, x_shape[2]]:
+            continue
+        try:
+            plans = [unflatten_plan(g, linear, x_shape) for linear in g.readers.get(flatten.output[0], [])]
+        except NoMatch as reason:
+            near.append(f"3D linear at {flatten.name} left alone: {reason}")
+            continue
+        for linear, last, split, reshapes in plans:
+            linear.input[0] = flatten.input[0]
+            if split is not None:
+                set_attr(split, "axis", -1)
+                split.output[:] = [r.output[0] for r in reshapes]
+            else:  # the linear (or its bias Add) makes the 3D value itself
+                last.output[0] = reshapes[0].output[0]
+            reshaped |= {linear.output[0], last.output[0]}
+            for node in reshapes:
+                graph.node.remove(node)
+        rewritten += 1
+    drop_value_info(graph, reshaped)
+    drop_dead_nodes(graph)
+    return rewritten, near
+
+
+def unflatten_plan(g: Graph, linear: Any, x_shape: list[Any]) -> tuple[Any, Any, Any, list[Any]]:
+    """For a linear reading the flattened x: (linear, the linear or its bias Add, the Split or None, the
+    Reshapes back to [B, S, n])."""
+    need((linear.domain or "", linear.op_type) in LINEARS and linear.input[0] != linear.input[-1],
+         f"{linear.name}: not a linear")
+    last = linear
+    bias = g.readers.get(linear.output[0], [])
+    if len(bias) == 1 and bias[0].op_type == "Add" and any(g.constants.get(i) is not None and
+                                                           g.constants[i].ndim == 1 for i in bias[0].input):
+        last = bias[0]
+    out = last.output[0]
+    readers = g.readers.get(out, [])
+    need(len(readers) == 1 and out not in g.outputs, f"{out}: read {len(readers)} times")
+    split = readers[0] if readers[0].op_type == "Split" else None
+    need(split is None or g.attr(split, "axis", 0) in (1, -1), f"{out}: split on dim {g.attr(split, 'axis', 0)}")
+    parts = list(split.output) if split is not None else [out]
+    reshapes = [g.readers.get(p, []) for p in parts]
+    need(all(len(r) == 1 and r[0].op_type == "Reshape" and r[0].input[0] == p and p not in g.outputs
+             and len(g.shapes.get(r[0].output[0], [])) == 3 and g.shapes[r[0].output[0]][:2] == x_shape[:2]
+             for p, r in zip(parts, reshapes)), f"{out}: parts not each reshaped to [B, S, n]")
+    return linear, last, split, [r[0] for r in reshapes]
+
+
+def set_attr(node: Any, name: str, value: Any) -> None:
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute(name, value)])
+
+
+def drop_value_info(graph: Any, names: set[str]) -> None:
+    """Forget the recorded shapes of `names`, 2D before a rewrite made them 3D (ONNX Runtime infers them)."""
+    kept = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
 def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], list[str]]:
     """Rewrite every matching attention and RMSNorm of an onnx GraphProto in place: (fused op -> count,
     near-misses with their reasons)."""
@@ -433,7 +506,9 @@ def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], li
     counts: dict[str, int] = {}
     for node in new:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts, near
+    linears, linear_near = linears_on_3d_inputs(graph)
+    counts.update({"3D linear groups": linears} if linears else {})
+    return counts, near + linear_near
 
 
 def is_rms_norm_end(g: Graph, mul: Any) -> bool:

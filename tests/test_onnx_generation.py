@@ -138,7 +138,9 @@ def test_folder_layout_and_passes(exported) -> None:
     # SkipSimplifiedLayerNormalization, the first one ONNX Runtime fuses at session start
     assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
     assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 1
-    assert graph.matched("onnx_contrib_fusion") == sum(FUSED_PER_LAYER.values()) * hf_tiny.LAYERS, f"\n{report}"
+    # and per layer 2 linear groups (q/k/v, gate/up) on 3D inputs, their Reshapes gone
+    assert graph.matched("onnx_contrib_fusion") == (sum(FUSED_PER_LAYER.values()) + 2) * hf_tiny.LAYERS, f"\n{report}"
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 1  # a length in the mask's shape
 
 
 def fused_op_count(path: str, op_type: str) -> int:
@@ -224,20 +226,25 @@ def test_portable_export_is_standard_and_the_fusion_matches_it(portable, exporte
 
 
 def test_fusion_leaves_near_misses_alone(portable, tmp_path) -> None:
-    """A layer whose rotation is not HF's rotate_half, or whose residual terms differ in shape, is left as it
-    was, with the reason; the other layers fuse; a second run changes nothing."""
-    from mmaccel.compiler.onnx_fusions import fuse_contrib_ops
+    """A layer whose rotation is not HF's rotate_half is left as it was, and so is a flattened linear whose
+    output is read twice, each with the reason; the others fuse; a second run changes nothing."""
+    from mmaccel.compiler.onnx_fusions import fuse_contrib_ops, linears_on_3d_inputs
 
     proto = onnx.load(os.path.join(portable[1], "decoder.onnx"))
     halves = [n for n in proto.graph.node if n.op_type == "Concat" and len(n.input) == 2
               and any(p.op_type == "Neg" and p.output[0] == n.input[0] for p in proto.graph.node)]
     halves[-1].input[:] = list(halves[-1].input)[::-1]  # the last layer's k: [x1, -x2], not [-x2, x1]
+    gate_up = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[0].startswith("view")][-1]
+    proto.graph.node.append(onnx.helper.make_node("Identity", [gate_up.output[0]], ["read_twice"]))
+    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info("read_twice"))
     counts, near = fuse_contrib_ops(proto.graph, 64)
     assert counts == {"GroupQueryAttention": hf_tiny.LAYERS - 1, "RotaryEmbedding": 2 * (hf_tiny.LAYERS - 1),
-                      "SkipSimplifiedLayerNormalization": 2 * hf_tiny.LAYERS}, counts
-    assert len(near) == 1 and "not rotate_half" in near[0], near
+                      "SkipSimplifiedLayerNormalization": 2 * hf_tiny.LAYERS,
+                      "3D linear groups": 2 * hf_tiny.LAYERS - 1}, counts
+    assert len(near) == 2 and "not rotate_half" in near[0] and "read 2 times" in near[1], near
     assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 1
-    assert fuse_contrib_ops(proto.graph, 64) == ({}, near)  # idempotent; the near-miss stays one
+    assert fuse_contrib_ops(proto.graph, 64) == ({}, near[:1])  # idempotent; the near-miss stays
+    assert linears_on_3d_inputs(proto.graph) == (0, near[1:])
 
 
 def test_generation_past_the_rotary_tables_is_refused(exported) -> None:
