@@ -518,7 +518,8 @@ def is_rms_norm_end(g: Graph, mul: Any) -> bool:
 
 
 def drop_dead_nodes(graph: Any) -> None:
-    """Remove the nodes no graph output depends on (the unfused attention and norm pieces)."""
+    """Remove the nodes no graph output depends on (the unfused attention and norm pieces), and the
+    initializers no node reads any more."""
     producer = {out: node for node in graph.node for out in node.output}
     live, todo = set(), [v.name for v in graph.output]
     while todo:
@@ -528,6 +529,9 @@ def drop_dead_nodes(graph: Any) -> None:
             todo += list(node.input)
     for node in [n for n in graph.node if id(n) not in live]:
         graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in read]:  # inv_freq, the scale, ...
+        graph.initializer.remove(tensor)
 
 
 def sort_nodes(graph: Any) -> None:
