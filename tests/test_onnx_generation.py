@@ -183,9 +183,9 @@ def test_divide_by_square_roots_leaves_near_misses_alone() -> None:
 
 
 @pytest.fixture(scope="module")
-def portable(tmp_path_factory):
-    """(model, folder): tiny Llama exported with portable=True (standard ONNX ops only)."""
-    model = hf_tiny.llama("sdpa", use_cache=True)
+def portable(exported, tmp_path_factory):
+    """(model, folder): `exported`'s model exported again with portable=True (standard ONNX ops only)."""
+    model = exported[0]
     ids, mask = left_padded_batch([7, 4])
     folder = str(tmp_path_factory.mktemp("portable") / "onnx")
     mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True, portable=True)
