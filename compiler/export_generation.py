@@ -15,7 +15,9 @@ graph's concatenation and the new cache is returned as tensors: no in-place stat
 same lowering and passes as a single-file export; int4 linears then become ONNX Runtime's MatMulNBits
 (use_matmul_nbits), and with a quantize option the token embedding table becomes int8 per row
 (compiler/export_embeddings.py) and the MatMulNBits take int8 activations when ONNX Runtime's measured error
-allows (compiler/export_accuracy_level.py). The folder is written aside and renamed into place at the end: a
+allows (compiler/export_accuracy_level.py). Unless portable=True, the decoder's attention, rotary and
+residual+RMSNorm then become ONNX Runtime's contrib ops (compiler/onnx_fusions.py), kept only where ONNX
+Runtime's outputs stay the unfused file's. The folder is written aside and renamed into place at the end: a
 failed export leaves nothing at `folder` (and an existing folder untouched).
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """ONNX Runtime's fused contrib ops in an exported decoder (issue 18): each Llama-style layer's attention with
-its past K/V becomes com.microsoft RotaryEmbedding (q and k) + GroupQueryAttention, and each residual add
-followed by an RMSNorm one com.microsoft SkipSimplifiedLayerNormalization.
+its past K/V becomes com.microsoft RotaryEmbedding (q and k) + GroupQueryAttention, each residual add followed
+by an RMSNorm one com.microsoft SkipSimplifiedLayerNormalization, and each linear reads its 3D input
+(linears_on_3d_inputs).
 
 Why: ONNX Runtime GenAI's builder writes these ops; our standard-op decoder ran 799 nodes per step against its
 129 on the 125M Llama of bench/onnx_generate.py, and with kernel time alike (matmul-bound) the difference was the
@@ -12,21 +13,23 @@ attention_fusion), each piece checked, a failed check kept as a near-miss with i
     rot(x4) = x4 * Unsqueeze(cos) + Concat(-x4[..., D/2:], x4[..., :D/2]) * Unsqueeze(sin)
     cos = Cos(Concat(f, f)) (times a constant), f = position_ids * inv_freq: the model's rotary table
     present.i.key = Concat(past_key_values.i.key, rot(k4)), present.i.value = Concat(past..., v4) (dim 2)
-    out = Reshape(Transpose(MatMul([Where(any,] Softmax(Where(mask, MatMul(rot(q4), K^T) * scale, -inf)) [, 0)],
-                                   V), [0, 2, 1, 3]), [B, S, H*D])        K, V: the presents, repeated per group
+    scores = Where(mask, MatMul(rot(q4), K^T) * scale, -inf)   (eager attention: ... * scale + float mask)
+    out = Reshape(Transpose(MatMul([Where(any,] Softmax(scores) [, 0)], V), [0, 2, 1, 3]), [B, S, H*D])
+                                                                  K, V: the presents, repeated per group
 becomes
     out, present.i.key, present.i.value = GroupQueryAttention(RotaryEmbedding(q3), RotaryEmbedding(k3), v3,
-        past key, past value, seqlens_k = T - 1, T, attention_bias = Where(mask, 0, float min))
+        past key, past value, seqlens_k = T - 1, T, attention_bias = Where(mask, 0, float min) | float mask)
 The mask (causal and padding, as HF built it) is kept whole as attention_bias, so left-padded batches attend
 as before: GroupQueryAttention's own causal mask is the same one (query s sits at position past + s), and its
 seqlens_k counts every position, pads included. float min, not -inf: a pad query row sees no position, and
--inf would make its softmax NaN, which the next layer's K/V would carry into every row (finite, its weights
-stay finite and real rows give them weight exp(min) = 0). RotaryEmbedding reads the cos/sin tables
-[positions, D/2] computed here from the graph's own inv_freq (and scale) for `max_positions` positions
-(the config's max_position_embeddings); the loop refuses to go past them (compiler/onnx_generate.py).
+with -inf its softmax is NaN, which the next layer's K/V would carry into every row; with float min that row
+averages (finite, and never read), and real rows give masked positions exp(min - max) = 0. RotaryEmbedding
+reads cos/sin tables [positions, D/2] computed here from the graph's own inv_freq (and scale) for
+`max_positions` positions (the config's max_position_embeddings); the loop refuses to go past them
+(compiler/onnx_generate.py).
 
-The rewritten file is kept only when ONNX Runtime's outputs on the trace inputs equal the unfused file's
-(relative error under TOLERANCE), and it still runs in a plain ONNX Runtime session (contrib ops it ships).
+The rewritten file is kept only when ONNX Runtime's outputs on the given feeds (a prompt and a decode step)
+equal the unfused file's within TOLERANCE; it still runs in a plain ONNX Runtime session (contrib ops it ships).
 """
 from __future__ import annotations
 
