@@ -62,7 +62,18 @@ def genai_row(hf_folder: str, work: str, precision: str, ids: torch.Tensor, refe
     folder = genai_build(hf_folder, work, precision)
     export_s = time.perf_counter() - start
     bytes_ = folder_bytes(folder)  # before the config edit below, which only changes a few characters
-    configure_genai(folder, args.threads)
+    generate = genai_loop(folder, ids, args.threads)
+    tokens = generate(args.new)
+    return {**timings(generate, args.new, args.repeats), "file_bytes": bytes_, "export_s": round(export_s, 1),
+            "tokens_equal_hf": same_tokens(tokens, reference), **genai_graph(folder),
+            "versions": {"onnxruntime-genai": og.__version__}}
+
+
+def genai_loop(folder: str, ids: torch.Tensor, threads: int) -> Callable[[int], np.ndarray]:
+    """generate(new) -> tokens [1, prompt + new]: GenAI's generator loop, greedy, on the builder's `folder`."""
+    import onnxruntime_genai as og
+
+    configure_genai(folder, threads)
     model = og.Model(folder)
     prompt = ids.numpy().astype(np.int32)
 
@@ -76,10 +87,7 @@ def genai_row(hf_folder: str, work: str, precision: str, ids: torch.Tensor, refe
             generator.generate_next_token()
         return np.asarray(generator.get_sequence(0))[None]
 
-    tokens = generate(args.new)
-    return {**timings(generate, args.new, args.repeats), "file_bytes": bytes_, "export_s": round(export_s, 1),
-            "tokens_equal_hf": same_tokens(tokens, reference), **genai_graph(folder),
-            "versions": {"onnxruntime-genai": og.__version__}}
+    return generate
 
 
 def genai_build(hf_folder: str, work: str, precision: str) -> str:

@@ -15,7 +15,9 @@ graph's concatenation and the new cache is returned as tensors: no in-place stat
 same lowering and passes as a single-file export; int4 linears then become ONNX Runtime's MatMulNBits
 (use_matmul_nbits), and with a quantize option the token embedding table becomes int8 per row
 (compiler/export_embeddings.py) and the MatMulNBits take int8 activations when ONNX Runtime's measured error
-allows (compiler/export_accuracy_level.py). The folder is written aside and renamed into place at the end: a
+allows (compiler/export_accuracy_level.py). Unless portable=True, the decoder's attention, rotary and
+residual+RMSNorm then become ONNX Runtime's contrib ops (compiler/onnx_fusions.py), kept only where ONNX
+Runtime's outputs stay the unfused file's. The folder is written aside and renamed into place at the end: a
 failed export leaves nothing at `folder` (and an existing folder untouched).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.export import Dim
 
@@ -40,6 +43,7 @@ from ..passes.contract import PassResult
 from ..passes.patterns import add_constant, constant_value
 from .export import EXTERNAL_DATA_BYTES, ExportError, convert, export_options, lower_for_export
 from .export_accuracy_level import int8_activation_matmuls
+from .onnx_fusions import NAME as FUSION, fuse_for_onnxruntime
 from .onnx_rewrites import divide_by_square_roots
 from .export_embeddings import quantize_embeddings
 from .onnx_generate import FORMAT, MANIFEST, VERSION
@@ -156,10 +160,12 @@ class WhisperDecoderWithPast(torch.nn.Module):
 
 
 def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str | os.PathLike,
-                      **options: Any) -> CompileReport:
+                      portable: bool = False, **options: Any) -> CompileReport:
     """Export `model`'s generation graphs into `folder` (see the module docstring). `example_inputs`: the
     inputs a prompt would give (input_ids; pixel_values for LLaVA, input_features for Whisper, which fix the
-    image size and the number of audio frames), as a dict or positional tuple."""
+    image size and the number of audio frames), as a dict or positional tuple. portable=True: standard ONNX
+    ops only; by default the decoder's attention and norms become ONNX Runtime's contrib ops
+    (compiler/onnx_fusions.py), where they match and ONNX Runtime's outputs stay the same."""
     opts = export_options(options)
     if opts.prune is not None or opts.calibration is not None:
         raise ExportError("export_onnx(generation=True) takes no prune or calibration option yet: each graph's "
@@ -170,6 +176,7 @@ def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str |
     report, export_id = CompileReport(opts), uuid.uuid4().hex
     manifest = {"format": FORMAT, "version": VERSION, "export_id": export_id, "model_type": model.config.model_type,
                 "config": generation_config(model, text), "graphs": {}}
+    fuse_positions = None if portable else getattr(text, "max_position_embeddings", None)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".mmaccel-export-") as tmp:
@@ -179,7 +186,9 @@ def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str |
             record = GraphReport(index=index, target=f"onnx graph {spec.name}.onnx in {folder}",
                                  target_reason="export_onnx(generation=True)")
             start = time.perf_counter()
-            manifest["graphs"][spec.name] = _export_graph(spec, staged, opts, record, export_id)
+            manifest["graphs"][spec.name] = _export_graph(spec, staged, opts, record, export_id, fuse_positions)
+            if any(p.name == FUSION and p.matched for p in record.passes):  # the rotary tables end there
+                manifest["config"]["max_positions"] = fuse_positions
             record.status, record.compile_seconds = "optimized", time.perf_counter() - start
             report.graphs.append(record)
         with open(os.path.join(staged, MANIFEST), "w") as f:
@@ -188,8 +197,10 @@ def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str |
     return report
 
 
-def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, export_id: str) -> dict[str, Any]:
-    """Lower, optimize and write one graph; its manifest entry."""
+def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, export_id: str,
+                  fuse_positions: int | None) -> dict[str, Any]:
+    """Lower, optimize and write one graph; its manifest entry. fuse_positions: the decoder's contrib-op
+    fusion on, its rotary tables that many positions long (None: off)."""
     import onnx
 
     gm, flat_inputs = lower_for_export(spec.module, spec.example, spec.dynamic_shapes, opts, record)
@@ -209,16 +220,51 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
     proto.metadata_props.add(key="mmaccel.export_id", value=export_id)
     proto.metadata_props.add(key="mmaccel.graph", value=spec.name)
     onnx.save(proto, path)  # external data stays where program.save put it: only the references are rewritten
-    if reference is not None:  # int8 activations in MatMulNBits, if ONNX Runtime's error allows (export_accuracy_level.py)
-        record.passes.append(int8_activation_matmuls(path, flat_inputs, reference, opts.accuracy_budget))
+    _onnxruntime_rewrites(spec, path, flat_inputs, reference, opts, record, fuse_positions)
     onnx.checker.check_model(path)  # by path: also checks models with external data
     return entry
 
 
-def eager_outputs(spec: GraphSpec) -> list[torch.Tensor]:
-    """The traced module's own outputs on its trace inputs, flattened as the graph returns them."""
+def _onnxruntime_rewrites(spec: GraphSpec, path: str, inputs: Any, reference: list[torch.Tensor] | None, opts: Any,
+                          record: GraphReport, fuse_positions: int | None) -> None:
+    """The decoder's contrib-op fusion (compiler/onnx_fusions.py; checked against the unfused file while the
+    MatMulNBits still run the exact kernel: int8 activations turn 1e-7 differences into 2e-2 on the 125M Llama),
+    then int8 activations in MatMulNBits if ONNX Runtime's error allows (export_accuracy_level.py), measured on
+    inputs the file takes: GroupQueryAttention takes several new tokens in a batch only without a past, so a
+    fused decoder's error is measured on one decode step after the trace past, the step int8 activations speed up."""
+    fused = False
+    if spec.name == "decoder" and fuse_positions:
+        feeds = decoder_feeds(spec)
+        record.passes.append(fuse_for_onnxruntime(path, feeds, fuse_positions))
+        fused = record.passes[-1].matched > 0
+    if reference is None:
+        return
+    if fused:
+        inputs = [torch.from_numpy(feeds[1][name]) for name in spec.inputs]
+        reference = eager_outputs(spec, inputs)
+    record.passes.append(int8_activation_matmuls(path, inputs, reference, opts.accuracy_budget))
+
+
+def decoder_feeds(spec: GraphSpec) -> list[dict[str, Any]]:
+    """The decoder's inputs for a prompt (no past) and for one step after the trace past, from its example:
+    the two calls onnx_generate makes (GroupQueryAttention takes no past with several new tokens in a batch)."""
+    example = dict(zip(spec.inputs, (t.detach().cpu().numpy() for t in spec.example)))
+    tokens, mask = example[spec.inputs[0]], example["attention_mask"]
+    batch, sequence = tokens.shape[:2]
+    grows = {name.replace("present", "past_key_values", 1) for name in spec.outputs}
+    prompt = {**example, "attention_mask": np.ones((batch, sequence), mask.dtype),
+              "position_ids": np.tile(np.arange(sequence), (batch, 1)),
+              **{n: v[:, :, :0] for n, v in example.items() if n in grows}}
+    step = {**example, spec.inputs[0]: tokens[:, :1], "attention_mask": np.ones((batch, TRACE_PAST + 1), mask.dtype),
+            "position_ids": np.full((batch, 1), TRACE_PAST)}
+    return [prompt, step]
+
+
+def eager_outputs(spec: GraphSpec, inputs: Any = None) -> list[torch.Tensor]:
+    """The traced module's own outputs on `inputs` (its trace inputs by default), flattened as the graph
+    returns them."""
     with torch.no_grad():
-        out = spec.module(*[t.clone() for t in spec.example])
+        out = spec.module(*[t.clone() for t in (spec.example if inputs is None else inputs)])
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 

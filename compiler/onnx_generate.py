@@ -83,6 +83,12 @@ class OnnxGenerator:
         pad = (stop[0] if stop else 0) if pad is None else int(pad)
         if max_new_tokens < 1:
             raise ValueError(f"onnx_generate: max_new_tokens must be a positive int, got {max_new_tokens}")
+        limit = self.config.get("max_positions")  # the fused decoder's rotary tables end there
+        last = int(mask.sum(-1).max()) + max_new_tokens - 2  # the last position a step is fed
+        if limit is not None and last >= limit:
+            raise ValueError(f"onnx_generate: position {last} is past the {limit} positions of this folder's rotary "
+                             "tables (max_position_embeddings); export with portable=True for a decoder without "
+                             "that bound")
         rng = np.random.default_rng(seed)
         batch = ids.shape[0]
         # HF's positions for a left-padded prompt: count real tokens; padding positions read 1 (masked anyway)

@@ -39,6 +39,8 @@ SDPA = torch.ops.aten.scaled_dot_product_attention
 MODELS = {"llama": lambda: hf_tiny.llama("sdpa", use_cache=True), "qwen2": hf_tiny.qwen2,
           "llama_eager_attention": lambda: hf_tiny.llama("eager", use_cache=True)}
 DEFAULT_SET = ("llama",)
+# ONNX Runtime contrib ops the default export writes per decoder layer (compiler/onnx_fusions.py)
+FUSED_PER_LAYER = {"GroupQueryAttention": 1, "RotaryEmbedding": 2, "SkipSimplifiedLayerNormalization": 2}
 
 
 @pytest.fixture(scope="module", params=[name if name in DEFAULT_SET else pytest.param(name, marks=pytest.mark.coverage)
@@ -120,16 +122,25 @@ def test_folder_layout_and_passes(exported) -> None:
             assert inputs[f"past_key_values.{layer}.{kind}"] == ["batch_size", 2, "past_sequence_length", 8]
             assert outputs[f"present.{layer}.{kind}"][2] in ("past_sequence_length + sequence_length",
                                                              "sequence_length + past_sequence_length")
-    assert_standard_onnx(os.path.join(folder, "decoder.onnx"))
+    decoder = onnx.load(os.path.join(folder, "decoder.onnx"), load_external_data=False)
+    contrib = {f"{n.domain}::{n.op_type}" for n in decoder.graph.node if n.domain not in ("", "ai.onnx")}
+    assert contrib == {f"com.microsoft::{op}" for op in FUSED_PER_LAYER}, contrib
+    for op, per_layer in FUSED_PER_LAYER.items():  # compiler/onnx_fusions.py fired on every layer
+        assert sum(n.op_type == op for n in decoder.graph.node) == per_layer * hf_tiny.LAYERS, op
+    assert config["max_positions"] == model.config.max_position_embeddings
     graph = report.graphs[0]
     assert graph.status == "optimized" and not [p for p in graph.passes if p.error], f"\n{report}"
     assert graph.count(SDPA) == hf_tiny.LAYERS and graph.count(torch.ops.aten._softmax) == 0, f"\n{report}"
     if model.config._attn_implementation == "eager":
         assert graph.matched("attention_fusion") == hf_tiny.LAYERS, f"\n{report}"
     assert graph.matched("parallel_linear_fusion") >= hf_tiny.LAYERS
-    # every RMSNorm (2 per layer + the final one) as Div(x, Sqrt), which ONNX Runtime fuses at session start
+    # every RMSNorm (2 per layer + the final one) as Div(x, Sqrt); those after a residual add become
+    # SkipSimplifiedLayerNormalization, the first one ONNX Runtime fuses at session start
     assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
-    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 2 * hf_tiny.LAYERS + 1
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 1
+    # and per layer 2 linear groups (q/k/v, gate/up) on 3D inputs, their Reshapes gone
+    assert graph.matched("onnx_contrib_fusion") == (sum(FUSED_PER_LAYER.values()) + 2) * hf_tiny.LAYERS, f"\n{report}"
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 1  # a length in the mask's shape
 
 
 def fused_op_count(path: str, op_type: str) -> int:
@@ -169,6 +180,80 @@ def test_divide_by_square_roots_leaves_near_misses_alone() -> None:
     for x, y in zip(after, before):
         np.testing.assert_allclose(x, y, rtol=1e-6)
     assert divide_by_square_roots(model.graph) == 0  # idempotent
+
+
+@pytest.fixture(scope="module")
+def portable(exported, tmp_path_factory):
+    """(model, folder): `exported`'s model exported again with portable=True (standard ONNX ops only)."""
+    model = exported[0]
+    ids, mask = left_padded_batch([7, 4])
+    folder = str(tmp_path_factory.mktemp("portable") / "onnx")
+    mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True, portable=True)
+    return model, folder
+
+
+def decoder_outputs(path: str, lengths: list[int], past: int) -> list[np.ndarray]:
+    """ONNX Runtime's outputs of the decoder at `path` for a left-padded batch with `past` random past positions:
+    the logits of the last position and each present's rows without padding."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path)
+    ids, mask = (t.numpy() for t in left_padded_batch(lengths, seed=past))
+    mask = np.concatenate([np.ones((len(lengths), past), np.int64), mask], 1)
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)[:, past:]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    rng = np.random.default_rng(past)
+    for i in session.get_inputs()[3:]:
+        feeds[i.name] = rng.standard_normal((len(lengths), i.shape[1], past, i.shape[3])).astype(np.float32)
+    logits, *present = session.run(None, feeds)
+    return [logits[:, -1], *[p[:, :, past + max(lengths) - min(lengths):] for p in present]]
+
+
+def test_portable_export_is_standard_and_the_fusion_matches_it(portable, exported, tmp_path) -> None:
+    """portable=True writes standard ONNX only; the default file's contrib ops give ONNX Runtime's outputs of
+    the portable one, for left-padded prompts and for steps after a past (pads' K/V rows aside: masked)."""
+    model, folder = portable
+    assert_standard_onnx(os.path.join(folder, "decoder.onnx"))
+    assert "max_positions" not in json.load(open(os.path.join(folder, "manifest.json")))["config"]
+    fused = os.path.join(exported[1], "decoder.onnx")
+    for lengths, past in (([6, 3], 0), ([1, 1], 5), ([3], 4)):  # GQA: a batch takes several new tokens only without a past
+        for got, want in zip(decoder_outputs(fused, lengths, past),
+                             decoder_outputs(os.path.join(folder, "decoder.onnx"), lengths, past)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    ids, mask = left_padded_batch([7, 4], seed=3)
+    assert np.array_equal(mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6, pad_token_id=0),
+                          mmaccel.onnx_generate(exported[1], ids, mask, max_new_tokens=6, pad_token_id=0))
+
+
+def test_fusion_leaves_near_misses_alone(portable, tmp_path) -> None:
+    """A layer whose rotation is not HF's rotate_half is left as it was, and so is a flattened linear whose
+    output is read twice, each with the reason; the others fuse; a second run changes nothing."""
+    from mmaccel.compiler.onnx_fusions import fuse_contrib_ops, linears_on_3d_inputs
+
+    proto = onnx.load(os.path.join(portable[1], "decoder.onnx"))
+    halves = [n for n in proto.graph.node if n.op_type == "Concat" and len(n.input) == 2
+              and any(p.op_type == "Neg" and p.output[0] == n.input[0] for p in proto.graph.node)]
+    halves[-1].input[:] = list(halves[-1].input)[::-1]  # the last layer's k: [x1, -x2], not [-x2, x1]
+    gate_up = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[0].startswith("view")][-1]
+    proto.graph.node.append(onnx.helper.make_node("Identity", [gate_up.output[0]], ["read_twice"]))
+    proto.graph.output.append(onnx.helper.make_empty_tensor_value_info("read_twice"))
+    counts, near = fuse_contrib_ops(proto.graph, 64)
+    assert counts == {"GroupQueryAttention": hf_tiny.LAYERS - 1, "RotaryEmbedding": 2 * (hf_tiny.LAYERS - 1),
+                      "SkipSimplifiedLayerNormalization": 2 * hf_tiny.LAYERS,
+                      "3D linear groups": 2 * hf_tiny.LAYERS - 1}, counts
+    assert len(near) == 2 and "not rotate_half" in near[0] and "read 2 times" in near[1], near
+    assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 1
+    assert fuse_contrib_ops(proto.graph, 64) == ({}, near[:1])  # idempotent; the near-miss stays
+    assert linears_on_3d_inputs(proto.graph) == (0, near[1:])
+
+
+def test_generation_past_the_rotary_tables_is_refused(exported) -> None:
+    """The fused decoder's rotary tables hold max_position_embeddings (64) positions; the loop stops before."""
+    _, folder, _ = exported
+    ids, mask = left_padded_batch([60])
+    assert mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=5).shape == (1, 65)  # last position fed: 63
+    with pytest.raises(ValueError, match="position 64 is past the 64 positions"):
+        mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6)
 
 
 RUN_WITHOUT_TORCH = textwrap.dedent("""
@@ -257,8 +342,9 @@ def test_llava_matches_hf_eager(llava_folder) -> None:
     ids, pixels = hf_tiny.llava_prompt(1, 2)
     with pytest.raises(ValueError, match="15 image placeholder tokens"):  # the first placeholder cut off
         mmaccel.onnx_generate(generator, ids[:, 2:], pixel_values=pixels, max_new_tokens=2)
-    for name in ("decoder", "embed", "vision"):
+    for name in ("embed", "vision"):
         assert_standard_onnx(os.path.join(folder, f"{name}.onnx"))
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "GroupQueryAttention") == hf_tiny.LAYERS
     assert all(g.status == "optimized" and not [p for p in g.passes if p.error] for g in report.graphs), f"\n{report}"
 
 
@@ -383,7 +469,7 @@ def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
     assert quantized == 9 and graph.count(torch.ops.mmaccel.int4_linear) == 0, f"\n{report}"  # 7 per layer + head
     proto = onnx.load(str(tmp_path / "onnx" / "decoder.onnx"))
     assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node) == quantized
-    inputs = graph.context.example_inputs
+    inputs = one_step(graph.context.example_inputs)
     with torch.no_grad():
         expected = graph.final_graph(*inputs)
     session = ort.InferenceSession(with_fp32_activations(tmp_path / "onnx", tmp_path / "exact"))
@@ -392,6 +478,13 @@ def test_int4_decoder_runs_matmul_nbits(tmp_path) -> None:
         torch.testing.assert_close(torch.from_numpy(a), e, rtol=1e-4, atol=1e-5)
     tokens = mmaccel.onnx_generate(tmp_path / "onnx", ids, mask, max_new_tokens=4, pad_token_id=0)
     assert tokens.shape == (2, 7 + 4)
+
+
+def one_step(trace_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One new token per row after the trace inputs' past: a batch GroupQueryAttention takes with a past."""
+    ids, mask, _, *past = trace_inputs
+    batch, length = ids.shape[0], past[0].shape[2]
+    return [ids[:, :1], mask.new_ones(batch, length + 1), torch.full((batch, 1), length), *past]
 
 
 def greedy_with_graph(gm: torch.fx.GraphModule, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -434,7 +527,7 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
         tables = {i.name: i.data_type for i in proto.graph.initializer if list(i.dims) == [hf_tiny.VOCAB, 32]}
         assert list(tables.values()) == [onnx.TensorProto.INT8], tables
         assert any(n.op_type == "Gather" and n.input[0] in tables for n in proto.graph.node)
-    inputs = graph.context.example_inputs
+    inputs = one_step(graph.context.example_inputs)
     with torch.no_grad():
         expected = graph.final_graph(*inputs)
     actual = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)})

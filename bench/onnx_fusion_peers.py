@@ -1,0 +1,117 @@
+"""mmaccel's exported decoder with ONNX Runtime's contrib ops (compiler/onnx_fusions.py, the default) against the
+same export with standard ops only (portable=True, the decoder before the fusions) and ONNX Runtime GenAI's
+builder output, each in its own generation loop (onnx_generate's, spinning 20 us; GenAI's generator, ONNX
+Runtime's default spinning, and ours with that too), in interleaved rounds so that the load of this shared
+machine falls on all alike (issue 18). Same model as bench/onnx_generate.py (125M
+Llama, random weights), same prompt, 2 threads; fp32 and int4.
+
+    python bench/onnx_fusion_peers.py                # 125M Llama, fp32 and int4, 5 rounds
+    python bench/onnx_fusion_peers.py --size tiny    # a quick check
+
+Per row: first-token ms and ms per new token (onnx_peers.timings, one call each per round; the median over
+rounds), the folder's bytes, tokens equal to HF eager's (fp32), and from ONNX Runtime's profile of one decode
+step after 80 past positions (onnx_decode_step.kernel_profile): nodes run and kernel ms, matmuls and the rest.
+GenAI's rows need onnxruntime-genai (pip install -e '.[bench]'). JSON under bench/results/ (or $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import mmaccel
+
+from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
+from onnx_decode_step import kernel_profile
+from onnx_generate import SIZES, build
+from onnx_peers import folder_bytes, genai_build, genai_loop, same_tokens, save_for_peers, timings
+
+INT4 = {"quantize": "int4_weight_only", "accuracy_budget": 0.5}  # bench/onnx_generate.py's int4 rows
+
+
+def loops(model: torch.nn.Module, ids: torch.Tensor, precision: str, work: str,
+          threads: int) -> dict[str, tuple[Callable[[int], Any], str]]:
+    """name -> (generate(new) -> tokens, decoder file) for the three decoders of one precision."""
+    rows = {}
+    for name, portable in ((f"mmaccel {precision}, contrib ops (default)", False),
+                           (f"mmaccel {precision}, portable=True (standard ops)", True)):
+        folder = os.path.join(work, f"mmaccel_{precision}_{'portable' if portable else 'fused'}")
+        mmaccel.export_onnx(model, {"input_ids": ids}, folder, generation=True, portable=portable,
+                            **(INT4 if precision == "int4" else {}))
+        rows[name] = (our_loop(folder, ids, threads, spin_us=20), os.path.join(folder, "decoder.onnx"))
+    # GenAI's loop keeps ONNX Runtime's default spinning, which costs up to 1.7x when another job holds a core
+    # of this machine (bench/onnx_spinning.py): ours with the same setting too, to rank the graphs alone
+    rows[f"mmaccel {precision}, contrib ops, ORT's default spinning"] = (
+        our_loop(os.path.dirname(rows[f"mmaccel {precision}, contrib ops (default)"][1]), ids, threads, None),
+        rows[f"mmaccel {precision}, contrib ops (default)"][1])
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return rows
+    folder = genai_build(os.path.join(work, "hf"), work, precision)
+    rows[f"GenAI builder {precision}"] = (genai_loop(folder, ids, threads), os.path.join(folder, "model.onnx"))
+    return rows
+
+
+def our_loop(folder: str, ids: torch.Tensor, threads: int, spin_us: int | None) -> Callable[[int], Any]:
+    generator = mmaccel.OnnxGenerator(folder, intra_op_threads=threads, spin_us=spin_us)
+    return lambda new: mmaccel.onnx_generate(generator, ids, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+
+
+def interleaved(runs: dict[str, tuple[Callable[[int], Any], str]], new: int, rounds: int) -> dict[str, dict]:
+    """Each loop's medians over `rounds` rounds, the loops taking turns each round."""
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (generate, _) in runs.items():
+            times[name].append(timings(generate, new, 1))
+    return {name: {key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]}
+            for name, rows in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build(args.size)
+    config = model.config
+    ids = torch.randint(3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                   do_sample=False, eos_token_id=[], pad_token_id=0)
+    past = (80, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as work:
+        save_for_peers(model, os.path.join(work, "hf"))
+        for precision in ("fp32", "int4"):
+            runs = loops(model, ids, precision, work, args.threads)
+            load_before = os.getloadavg()
+            for name, row in interleaved(runs, args.new, args.rounds).items():
+                generate, path = runs[name]
+                rows[name] = {**row, "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                              "file_bytes": folder_bytes(os.path.dirname(path)),
+                              "tokens_equal_hf": same_tokens(np.asarray(generate(args.new)), reference),
+                              **kernel_profile(path, past, args.threads)}
+    print(f"{'decoder':56} {'first ms':>9} {'ms/token':>9} {'MB':>7} {'nodes':>6} {'matmul ms':>10} {'other':>6}")
+    for name, row in rows.items():
+        print(f"{name:56} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {row['file_bytes'] / 1e6:>7.1f} "
+              f"{row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} {row['kernel_ms_other']:>6.2f}")
+    path = args.out or default_out(f"onnx_fusion_peers_cpu_{args.size}.json")
+    write_json(path, {"environment": environment("cpu", threads=args.threads, size=args.size, prompt=args.prompt,
+                                                 new_tokens=args.new, rounds=args.rounds),
+                      "results": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,623 @@
+"""ONNX Runtime's fused contrib ops in an exported decoder (issue 18): each Llama-style layer's attention with
+its past K/V becomes com.microsoft RotaryEmbedding (q and k) + GroupQueryAttention, each residual add followed
+by an RMSNorm one com.microsoft SkipSimplifiedLayerNormalization, and each linear reads its 3D input
+(linears_on_3d_inputs).
+
+Why: ONNX Runtime GenAI's builder writes these ops; our standard-op decoder ran 799 nodes per step against its
+129 on the 125M Llama of bench/onnx_generate.py, and with kernel time alike (matmul-bound) the difference was the
+graph around the matmuls (bench/onnx_decode_step.py: 4.0-4.9 ms of other kernels per step against 1.0-1.5).
+
+Matched on the graph torch.onnx writes for HF's sdpa attention (eager attention arrives as SDPA too, through
+attention_fusion), each piece checked, a failed check kept as a near-miss with its reason:
+    q4 = Transpose(Reshape(q3, [B, S, H, D]), [0, 2, 1, 3])      q3 [B, S, H*D]; k4, v4 alike with Hkv heads
+    rot(x4) = x4 * Unsqueeze(cos) + Concat(-x4[..., D/2:], x4[..., :D/2]) * Unsqueeze(sin)
+    cos = Cos(Concat(f, f)) (times a constant), f = position_ids * inv_freq: the model's rotary table
+    present.i.key = Concat(past_key_values.i.key, rot(k4)), present.i.value = Concat(past..., v4) (dim 2)
+    scores = Where(mask, MatMul(rot(q4), K^T) * scale, -inf)   (eager attention: ... * scale + float mask)
+    out = Reshape(Transpose(MatMul([Where(any,] Softmax(scores) [, 0)], V), [0, 2, 1, 3]), [B, S, H*D])
+                                                                  K, V: the presents, repeated per group
+becomes
+    out, present.i.key, present.i.value = GroupQueryAttention(RotaryEmbedding(q3), RotaryEmbedding(k3), v3,
+        past key, past value, seqlens_k = T - 1, T, attention_bias = Where(mask, 0, float min) | float mask)
+The mask (causal and padding, as HF built it) is kept whole as attention_bias, so left-padded batches attend
+as before: GroupQueryAttention's own causal mask is the same one (query s sits at position past + s), and its
+seqlens_k counts every position, pads included. float min, not -inf: a pad query row sees no position, and
+with -inf its softmax is NaN, which the next layer's K/V would carry into every row; with float min that row
+averages (finite, and never read), and real rows give masked positions exp(min - max) = 0. RotaryEmbedding
+reads cos/sin tables [positions, D/2] computed here from the graph's own inv_freq (and scale) for
+`max_positions` positions (the config's max_position_embeddings); the loop refuses to go past them
+(compiler/onnx_generate.py).
+
+The rewritten file is kept only when ONNX Runtime's outputs on the given feeds (a prompt and a decode step)
+equal the unfused file's within TOLERANCE; it still runs in a plain ONNX Runtime session (contrib ops it ships).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..passes.contract import PassResult
+from .errors import warn_once
+
+NAME = "onnx_contrib_fusion"
+MS = "com.microsoft"
+# fp32 kernels that sum in another order: fused against unfused, ONNX Runtime 1.32, prompts and decode steps
+# (left-padded too), tiny and 125M Llama: 2-4e-7 relative. A wrong match, tried on the tiny Llama: the rotation
+# reversed 0.2-1, the softmax scale 1.25x off 5e-3-4e-2.
+TOLERANCE = 1e-4
+
+
+class Graph:
+    """An onnx GraphProto with its producers, readers, constants and value shapes indexed."""
+
+    def __init__(self, graph: Any) -> None:
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.readers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                       for v in [*graph.value_info, *graph.input, *graph.output]}
+        self.inputs = {v.name for v in graph.input}
+        self.outputs = {v.name for v in graph.output}
+
+    def node(self, name: str, op_type: str) -> Any:
+        """The node making `name` if it is an `op_type` of the standard domain, else None."""
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def attr(self, node: Any, name: str, default: Any = None) -> Any:
+        from onnx import helper
+
+        found = [a for a in node.attribute if a.name == name]
+        return helper.get_attribute_value(found[0]) if found else default
+
+    def scalar(self, name: str) -> float | None:
+        value = self.constants.get(name)
+        return float(value) if value is not None and value.size == 1 else None
+
+    def ints(self, name: str) -> list[int] | None:
+        value = self.constants.get(name)
+        return [int(v) for v in value.reshape(-1)] if value is not None else None
+
+
+class NoMatch(Exception):
+    """A pattern check failed; the message says which and why."""
+
+
+def need(condition: Any, reason: str) -> None:
+    if not condition:
+        raise NoMatch(reason)
+
+
+def operands(g: Graph, node: Any, op_type: str) -> tuple[Any, str]:
+    """For a commutative binary node: (the input made by an `op_type` node, the other input's name)."""
+    for mine, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+        if g.node(mine, op_type) is not None:
+            return g.node(mine, op_type), other
+    raise NoMatch(f"{node.name}: no {op_type} input")
+
+
+@dataclass
+class Rotary:
+    """The model's rotary table, read off the graph: cos/sin = cos/sin(position * inv_freq) * scale."""
+    cos: str  # the [B, S, D] value the layers read
+    sin: str
+    inv_freq: np.ndarray
+    scale: float
+
+
+def rotary_of(g: Graph, x4: str, add: Any) -> Rotary:
+    """Check that `add` is rot(x4) (module docstring) and return its table."""
+    need(add is not None, f"{x4}: the rotated value is not an Add")
+    direct = [n for n in (g.node(i, "Mul") for i in add.input) if n is not None and x4 in n.input]
+    need(len(direct) == 1, f"{add.name}: no Mul of {x4} by cos")
+    turned = g.node(next(i for i in add.input if i != direct[0].output[0]), "Mul")
+    need(turned is not None, f"{add.name}: no Mul by sin")
+    half, sin_u = operands(g, turned, "Concat")
+    cos_u = next(i for i in direct[0].input if i != x4)
+    neg, low = g.node(half.input[0], "Neg"), g.node(half.input[1], "Slice") if len(half.input) == 2 else None
+    need(neg is not None and low is not None and g.attr(half, "axis") in (-1, 3), f"{half.name}: not rotate_half")
+    high = g.node(neg.input[0], "Slice")
+    width = (g.shapes.get(x4) or [0])[-1]
+    need(high is not None and isinstance(width, int) and width % 2 == 0, f"{neg.name}: not -x[..., D/2:]")
+    need(slice_of(g, high, x4) == (width // 2, width) and slice_of(g, low, x4) == (0, width // 2),
+         f"{half.name}: not the halves of {x4}'s last dim")
+    cos, cos_scale, f = rotary_table(g, cos_u, "Cos")
+    sin, sin_scale, f_sin = rotary_table(g, sin_u, "Sin")
+    need(f == f_sin and cos_scale == sin_scale, f"{add.name}: cos and sin of different angles")
+    return Rotary(cos, sin, angle_frequencies(g, f, width), cos_scale)
+
+
+def slice_of(g: Graph, node: Any, x: str) -> tuple[int, int] | None:
+    """(start, end) of a Slice of x along its last dim, step 1, end clamped to the dim; else None."""
+    parts = [g.ints(n) for n in node.input[1:]]
+    if node.input[0] != x or len(node.input) < 4 or None in parts or (len(parts) > 3 and parts[3] != [1]):
+        return None
+    (start,), (end,), (axis,) = parts[:3]
+    width = g.shapes[x][-1]
+    return (start, min(end, width)) if axis in (-1, len(g.shapes[x]) - 1) else None
+
+
+def rotary_table(g: Graph, unsqueezed: str, op_type: str) -> tuple[str, float, str]:
+    """Unsqueeze(T, [1]) with T = op_type(angles) or op_type(angles) * c: (T, c, angles)."""
+    unsqueeze = g.node(unsqueezed, "Unsqueeze")
+    need(unsqueeze is not None and g.ints(unsqueeze.input[1]) == [1], f"{unsqueezed}: not Unsqueeze(table, 1)")
+    table, scale = unsqueeze.input[0], 1.0
+    if g.node(table, "Mul") is not None:
+        trig, other = operands(g, g.node(table, "Mul"), op_type)
+        scale = g.scalar(other)
+        need(scale is not None, f"{table}: {op_type} scaled by a non-constant")
+    else:
+        trig = g.node(table, op_type)
+    need(trig is not None, f"{table}: not {op_type}(angles)")
+    return table, scale, trig.input[0]
+
+
+def angle_frequencies(g: Graph, angles: str, width: int) -> np.ndarray:
+    """angles = Concat(f, f) on the last dim, f = position_ids (cast, unsqueezed) * inv_freq [D/2]: inv_freq."""
+    concat = g.node(angles, "Concat")
+    need(concat is not None and list(concat.input) == [concat.input[0]] * 2, f"{angles}: not Concat(f, f)")
+    mul = g.node(concat.input[0], "Mul")
+    need(mul is not None, f"{concat.input[0]}: not positions * inv_freq")
+    frequencies = [g.constants.get(i) for i in mul.input]
+    source = [i for i, f in zip(mul.input, frequencies) if f is None]
+    inv_freq = next((f for f in frequencies if f is not None), None)
+    need(inv_freq is not None and inv_freq.size == width // 2 and len(source) == 1, f"{mul.name}: no inv_freq")
+    while source[0] not in g.inputs:
+        step = g.node(source[0], "Cast") or g.node(source[0], "Unsqueeze")
+        need(step is not None, f"{mul.name}: angles not from position_ids")
+        source = [step.input[0]]
+    need(source[0] == "position_ids", f"{mul.name}: angles from {source[0]}, not position_ids")
+    return inv_freq.reshape(-1).astype(np.float32)
+
+
+@dataclass
+class Attention:
+    """One layer's attention, matched: its 3D q/k/v [B, S, heads*D], past and present names, geometry."""
+    q3: str
+    k3: str
+    v3: str
+    past: tuple[str, str]
+    present: tuple[str, str]
+    out: str
+    mask: str
+    additive_mask: bool
+    scale: float
+    heads: int
+    kv_heads: int
+    rotary: Rotary
+    removed: list[Any]  # the nodes whose outputs the fused nodes now make
+
+
+def attention_at(g: Graph, softmax: Any) -> Attention:
+    """Match the attention around `softmax` (module docstring)."""
+    need(g.attr(softmax, "axis", -1) in (-1, 3), f"{softmax.name}: not over the last axis")
+    scaled, mask, additive = masked_scores(g, softmax.input[0])
+    qk, scale_name = operands(g, scaled, "MatMul")
+    scale = g.scalar(scale_name)
+    need(scale is not None, f"{qk.name}: scores scaled by a non-constant")
+    keys_t = g.node(qk.input[1], "Transpose")
+    need(keys_t is not None and list(g.attr(keys_t, "perm")) == [0, 1, 3, 2], f"{qk.name}: not Q @ K^T")
+    pv = weights_times_values(g, softmax.output[0])
+    out = merged_heads(g, pv.output[0])
+    present_k, present_v = (repeated_source(g, name) for name in (keys_t.input[0], pv.input[1]))
+    past_k, k_rot, concat_k = appended(g, present_k)
+    past_v, v4, concat_v = appended(g, present_v)
+    q_add, k_add = g.node(qk.input[0], "Add"), g.node(k_rot, "Add")
+    need(q_add is not None and k_add is not None, f"{qk.name}: q or k not rotated")
+    (q3, heads, width), (k3, kv_heads, _), (v3, v_heads, _) = (split_heads(g, x4) for x4 in
+                                                               (rotated(g, q_add), rotated(g, k_add), v4))
+    rotary = rotary_of(g, rotated(g, q_add), q_add)
+    k_rotary = rotary_of(g, rotated(g, k_add), k_add)
+    need((k_rotary.cos, k_rotary.sin) == (rotary.cos, rotary.sin), f"{k_add.name}: k rotated by another table")
+    need(v_heads == kv_heads and heads % kv_heads == 0, f"{qk.name}: {heads} query heads, {kv_heads}/{v_heads} kv")
+    return Attention(q3, k3, v3, (past_k, past_v), (present_k, present_v), out.output[0], mask, additive, scale,
+                     heads, kv_heads, rotary, [concat_k, concat_v, out])
+
+
+def masked_scores(g: Graph, scores: str) -> tuple[Any, str, bool]:
+    """scores = Where(mask, s, -inf) (HF's sdpa: a boolean mask) or s + mask (HF's eager attention, fused into
+    SDPA: an additive float mask), s = Mul(Q @ K^T, scale): (the Mul, the mask, whether it is additive)."""
+    where, add = g.node(scores, "Where"), g.node(scores, "Add")
+    if where is not None:
+        need(g.scalar(where.input[2]) == -np.inf, f"{scores}: scores not masked by -inf")
+        scaled, mask, additive = g.node(where.input[1], "Mul"), where.input[0], False
+    else:
+        need(add is not None, f"{scores}: scores neither masked by Where nor added a mask")
+        scaled, mask = operands(g, add, "Mul")
+        additive = True
+    need(scaled is not None, f"{scores}: scores not scaled by a Mul")
+    return scaled, mask, additive
+
+
+def weights_times_values(g: Graph, probs: str) -> Any:
+    """The MatMul(probs, V) reading the softmax, through torch's Where(row has a position, probs, 0)."""
+    readers = g.readers.get(probs, [])
+    need(len(readers) == 1, f"{probs}: read {len(readers)} times")
+    if readers[0].op_type == "Where" and readers[0].input[1] == probs and g.scalar(readers[0].input[2]) == 0.0:
+        return weights_times_values(g, readers[0].output[0])
+    need(readers[0].op_type == "MatMul" and readers[0].input[0] == probs, f"{probs}: not probs @ V")
+    return readers[0]
+
+
+def merged_heads(g: Graph, attended: str) -> Any:
+    """Reshape(Transpose(attended, [0, 2, 1, 3]), [B, S, H*D]): the Reshape node."""
+    readers = g.readers.get(attended, [])
+    need(len(readers) == 1 and readers[0].op_type == "Transpose"
+         and list(g.attr(readers[0], "perm")) == [0, 2, 1, 3], f"{attended}: heads not moved back")
+    after = g.readers.get(readers[0].output[0], [])
+    need(len(after) == 1 and after[0].op_type == "Reshape" and len(g.shapes.get(after[0].output[0], [])) == 3,
+         f"{readers[0].output[0]}: not reshaped to [B, S, H*D]")
+    return after[0]
+
+
+def repeated_source(g: Graph, name: str) -> str:
+    """K or V as attention reads it: Reshape(Expand(Unsqueeze(x, 2))) (heads repeated per group), or x itself."""
+    reshape = g.node(name, "Reshape")
+    expand = g.node(reshape.input[0], "Expand") if reshape is not None else None
+    unsqueeze = g.node(expand.input[0], "Unsqueeze") if expand is not None else None
+    if unsqueeze is None:
+        return name
+    need(g.ints(unsqueeze.input[1]) == [2], f"{unsqueeze.name}: heads not repeated on dim 2")
+    return unsqueeze.input[0]
+
+
+def appended(g: Graph, present: str) -> tuple[str, str, Any]:
+    """present = Concat(past input, new, dim 2), a graph output: (past, new, the Concat)."""
+    concat = g.node(present, "Concat")
+    need(concat is not None and present in g.outputs and len(concat.input) == 2 and concat.input[0] in g.inputs
+         and g.attr(concat, "axis") in (2, -2), f"{present}: not Concat(past input, new) on dim 2 as an output")
+    return concat.input[0], concat.input[1], concat
+
+
+def rotated(g: Graph, add: Any) -> str:
+    """The [B, heads, S, D] value rot() turns in `add`: the one Transpose output its Muls read."""
+    found = {i for m in (g.node(n, "Mul") for n in add.input) if m is not None for i in m.input
+             if g.node(i, "Transpose") is not None}
+    need(len(found) == 1, f"{add.name}: no single rotated Transpose")
+    return found.pop()
+
+
+def split_heads(g: Graph, x4: str) -> tuple[str, int, int]:
+    """x4 = Transpose(Reshape(x3, [B, S, H, D]), [0, 2, 1, 3]), x3 [B, S, H*D]: (x3, H, D)."""
+    transpose = g.node(x4, "Transpose")
+    reshape = g.node(transpose.input[0], "Reshape") if transpose is not None else None
+    need(reshape is not None and list(g.attr(transpose, "perm")) == [0, 2, 1, 3], f"{x4}: heads not split")
+    shape, x3 = g.shapes.get(x4, []), reshape.input[0]
+    need(len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[1::2]), f"{x4}: heads/dim unknown")
+    need(len(g.shapes.get(x3, [])) == 3 and g.shapes[x3][2] == shape[1] * shape[3], f"{x3}: not [B, S, H*D]")
+    return x3, shape[1], shape[3]
+
+
+@dataclass
+class RmsNorm:
+    """y = x / Sqrt(ReduceMean(x^2, -1) + eps) * weight; `residual`: the Add(a, b) making x, or None."""
+    x: str
+    weight: str
+    epsilon: float
+    out: Any  # the Mul making y
+    residual: Any
+
+
+def rms_norm_at(g: Graph, mul: Any) -> RmsNorm:
+    """Match the RMSNorm ending in `mul` (its Div form: compiler/onnx_rewrites.py)."""
+    divide, weight = operands(g, mul, "Div")
+    need(weight in g.constants and g.constants[weight].ndim == 1, f"{mul.name}: weight not a 1D constant")
+    x, root = divide.input[0], g.node(divide.input[1], "Sqrt")
+    add = g.node(root.input[0], "Add") if root is not None else None
+    need(add is not None, f"{divide.name}: not x / Sqrt(mean + eps)")
+    mean, eps_name = operands(g, add, "ReduceMean")
+    square = g.node(mean.input[0], "Pow")
+    axes = g.ints(mean.input[1]) if len(mean.input) > 1 else g.attr(mean, "axes")
+    rank = len(g.shapes.get(x, []))
+    need(square is not None and square.input[0] == x and g.scalar(square.input[1]) == 2.0
+         and list(axes or []) in ([-1], [rank - 1]) and g.attr(mean, "keepdims", 1) == 1,
+         f"{mean.name}: not the mean of x^2 over the last dim")
+    epsilon = g.scalar(eps_name)
+    need(epsilon is not None and g.shapes.get(x, [None])[-1] == g.constants[weight].size, f"{add.name}: eps/width")
+    residual = g.node(x, "Add")
+    if residual is not None:  # the skip form needs both terms [B, S, hidden]
+        shapes = [shape_of(g, i) for i in residual.input]
+        need(shapes[0] == shapes[1] == g.shapes.get(x) and len(shapes[0] or []) == 3,
+             f"{residual.name}: residual terms of shapes {shapes}, not both [B, S, hidden]")
+    return RmsNorm(x, weight, epsilon, mul, residual)
+
+
+def shape_of(g: Graph, name: str) -> list[Any] | None:
+    """The value's shape from the file, or for a MatMulNBits output (torch.onnx writes none) its A's with N last."""
+    node = g.producer.get(name)
+    if name not in g.shapes and node is not None and node.op_type == "MatMulNBits" and node.input[0] in g.shapes:
+        return [*g.shapes[node.input[0]][:-1], g.attr(node, "N")]
+    return g.shapes.get(name)
+
+
+def skip_norm_node(g: Graph, norm: RmsNorm) -> Any:
+    from onnx import helper
+
+    others = [r for r in g.readers.get(norm.x, []) if r.op_type not in ("Pow", "Div")] or norm.x in g.outputs
+    return helper.make_node("SkipSimplifiedLayerNormalization", [*norm.residual.input, norm.weight],
+                            [norm.out.output[0], "", "", norm.x if others else ""], domain=MS,
+                            name=f"{norm.out.name}_skip_rms_norm", epsilon=norm.epsilon)
+
+
+class Shared:
+    """Values the fused layers share, made once: seqlens_k and T from attention_mask, each mask's bias, the
+    rotary tables."""
+
+    def __init__(self, g: Graph, max_positions: int) -> None:
+        self.g, self.max_positions, self.nodes, self.made = g, max_positions, [], {}
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.made:
+            self.g.graph.initializer.append(numpy_helper.from_array(value, name))
+            self.made[name] = name
+        return name
+
+    def lengths(self) -> tuple[str, str]:
+        """(seqlens_k int32 [B] = T - 1 for every row, T int32 scalar), T = attention_mask's length."""
+        from onnx import helper
+
+        need("attention_mask" in self.g.inputs, "no attention_mask input")
+        if "seqlens_k" not in self.made:
+            one = self.constant("_fusion_int32_1", np.array(1, np.int32))
+            self.nodes += [helper.make_node("Shape", ["attention_mask"], ["_fusion_mask_shape"]),
+                           helper.make_node("Cast", ["_fusion_mask_shape"], ["_fusion_mask_shape32"], to=6),
+                           helper.make_node("Gather", ["_fusion_mask_shape32", one], ["_fusion_total"], axis=0),
+                           helper.make_node("Gather", ["_fusion_mask_shape", self.constant(
+                               "_fusion_int64_0", np.array([0], np.int64))], ["_fusion_batch"], axis=0),
+                           helper.make_node("Sub", ["_fusion_total", one], ["_fusion_last"]),
+                           helper.make_node("Expand", ["_fusion_last", "_fusion_batch"], ["_fusion_seqlens_k"])]
+            self.made["seqlens_k"] = "_fusion_seqlens_k"
+        return "_fusion_seqlens_k", "_fusion_total"
+
+    def bias(self, mask: str) -> str:
+        """Where(mask, 0, float min): the additive form of HF's boolean mask (float min: module docstring)."""
+        from onnx import helper
+
+        name = f"{mask}_bias"
+        if name not in self.made:
+            zero = self.constant("_fusion_float_0", np.array(0.0, np.float32))
+            lowest = self.constant("_fusion_float_min", np.array(np.finfo(np.float32).min, np.float32))
+            self.nodes.append(helper.make_node("Where", [mask, zero, lowest], [name]))
+            self.made[name] = name
+        return name
+
+    def tables(self, rotary: Rotary) -> tuple[str, str]:
+        """cos/sin caches [max_positions, D/2] of the model's own angles, in float32 as the graph computes them."""
+        angles = np.arange(self.max_positions, dtype=np.float32)[:, None] * rotary.inv_freq[None, :]
+        key = f"_fusion_rotary_{rotary.cos}"
+        scale = np.float32(rotary.scale)
+        return (self.constant(f"{key}_cos_cache", (np.cos(angles) * scale).astype(np.float32)),
+                self.constant(f"{key}_sin_cache", (np.sin(angles) * scale).astype(np.float32)))
+
+
+def attention_nodes(att: Attention, shared: Shared) -> list[Any]:
+    from onnx import helper
+
+    cos, sin = shared.tables(att.rotary)
+    seqlens_k, total = shared.lengths()
+    bias = att.mask if att.additive_mask else shared.bias(att.mask)
+    q, k = f"{att.q3}_rotary", f"{att.k3}_rotary"
+    rotate = [helper.make_node("RotaryEmbedding", [x3, "position_ids", cos, sin], [x], domain=MS,
+                               name=f"{x}_node", interleaved=0) for x3, x in ((att.q3, q), (att.k3, k))]
+    return [*rotate, helper.make_node(
+        "GroupQueryAttention", [q, k, att.v3, *att.past, seqlens_k, total, "", "", "", bias],
+        [att.out, *att.present], domain=MS, name=f"{att.out}_group_query_attention", num_heads=att.heads,
+        kv_num_heads=att.kv_heads, scale=att.scale)]
+
+
+LINEARS = {("", "MatMul"), ("com.microsoft", "MatMulNBits")}
+
+
+def linears_on_3d_inputs(graph: Any) -> tuple[int, list[str]]:
+    """Reshape(x [B, S, K], [-1, K]) -> MatMul | MatMulNBits [-> Add(bias)] -> Split(dim 1) -> each part
+    Reshape(d, [B, S, n]) (or one Reshape): the matmul reads x itself and splits its last dim, so the Reshapes
+    go. torch.onnx flattens every linear's input so; those Reshapes were 85 of the 288 nodes a 125M Llama int4
+    step ran after the fusions, 0.38 of its 5.0 ms of kernels (ONNX Runtime's profile). Same arithmetic: a
+    MatMul flattens leading dims itself. Returns (groups rewritten, near-misses)."""
+    g, rewritten, near, reshaped = Graph(graph), 0, [], set()
+    for flatten in [n for n in graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]:
+        x_shape, target = g.shapes.get(flatten.input[0], []), g.ints(flatten.input[1])
+        if len(x_shape) != 3 or target != [-1, x_shape[2]]:
+            continue
+        try:
+            plans = [unflatten_plan(g, linear, x_shape) for linear in g.readers.get(flatten.output[0], [])]
+        except NoMatch as reason:
+            near.append(f"3D linear at {flatten.name} left alone: {reason}")
+            continue
+        for linear, last, split, reshapes in plans:
+            linear.input[0] = flatten.input[0]
+            if split is not None:
+                set_attr(split, "axis", -1)
+                split.output[:] = [r.output[0] for r in reshapes]
+            else:  # the linear (or its bias Add) makes the 3D value itself
+                last.output[0] = reshapes[0].output[0]
+            reshaped |= {linear.output[0], last.output[0]}
+            for node in reshapes:
+                graph.node.remove(node)
+        rewritten += 1
+    drop_value_info(graph, reshaped)
+    drop_dead_nodes(graph)
+    return rewritten, near
+
+
+def unflatten_plan(g: Graph, linear: Any, x_shape: list[Any]) -> tuple[Any, Any, Any, list[Any]]:
+    """For a linear reading the flattened x: (linear, the linear or its bias Add, the Split or None, the
+    Reshapes back to [B, S, n])."""
+    need((linear.domain or "", linear.op_type) in LINEARS and linear.input[0] != linear.input[-1],
+         f"{linear.name}: not a linear")
+    last = linear
+    bias = g.readers.get(linear.output[0], [])
+    if len(bias) == 1 and bias[0].op_type == "Add" and any(g.constants.get(i) is not None and
+                                                           g.constants[i].ndim == 1 for i in bias[0].input):
+        last = bias[0]
+    out = last.output[0]
+    readers = g.readers.get(out, [])
+    need(len(readers) == 1 and out not in g.outputs, f"{out}: read {len(readers)} times")
+    split = readers[0] if readers[0].op_type == "Split" else None
+    need(split is None or g.attr(split, "axis", 0) in (1, -1), f"{out}: split on dim {g.attr(split, 'axis', 0)}")
+    parts = list(split.output) if split is not None else [out]
+    reshapes = [g.readers.get(p, []) for p in parts]
+    need(all(len(r) == 1 and r[0].op_type == "Reshape" and r[0].input[0] == p and p not in g.outputs
+             and len(g.shapes.get(r[0].output[0], [])) == 3 and g.shapes[r[0].output[0]][:2] == x_shape[:2]
+             for p, r in zip(parts, reshapes)), f"{out}: parts not each reshaped to [B, S, n]")
+    return linear, last, split, [r[0] for r in reshapes]
+
+
+def set_attr(node: Any, name: str, value: Any) -> None:
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute(name, value)])
+
+
+def drop_value_info(graph: Any, names: set[str]) -> None:
+    """Forget the recorded shapes of `names`, 2D before a rewrite made them 3D (ONNX Runtime infers them)."""
+    kept = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+
+
+def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], list[str]]:
+    """Rewrite every matching attention and RMSNorm of an onnx GraphProto in place: (fused op -> count,
+    near-misses with their reasons)."""
+    g, removed, new, near = Graph(graph), [], [], []
+    shared = Shared(g, max_positions)
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        try:
+            att = attention_at(g, softmax)
+            new += attention_nodes(att, shared)
+            removed += att.removed
+        except NoMatch as reason:
+            near.append(f"attention at {softmax.name} left alone: {reason}")
+    for mul in [n for n in graph.node if n.op_type == "Mul" and is_rms_norm_end(g, n)]:
+        try:
+            norm = rms_norm_at(g, mul)
+        except NoMatch as reason:
+            near.append(f"RMSNorm at {mul.name} left alone: {reason}")
+            continue
+        if norm.residual is not None:  # without one, ONNX Runtime's SimplifiedLayerNormFusion takes it
+            new.append(skip_norm_node(g, norm))
+            removed += [mul, norm.residual]
+    if not new:
+        return {}, near
+    for node in removed:
+        graph.node.remove(node)
+    graph.node.extend([*shared.nodes, *new])
+    drop_dead_nodes(graph)
+    sort_nodes(graph)
+    counts: dict[str, int] = {}
+    for node in new:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    linears, linear_near = linears_on_3d_inputs(graph)
+    counts.update({"3D linear groups": linears} if linears else {})
+    return counts, near + linear_near
+
+
+def is_rms_norm_end(g: Graph, mul: Any) -> bool:
+    """A Mul of x / Sqrt(...): the end of an RMSNorm, or a near-miss worth a reason."""
+    divides = [g.node(i, "Div") for i in mul.input]
+    return any(d is not None and g.node(d.input[1], "Sqrt") is not None for d in divides)
+
+
+def drop_dead_nodes(graph: Any) -> None:
+    """Remove the nodes no graph output depends on (the unfused attention and norm pieces), and the
+    initializers no node reads any more."""
+    producer = {out: node for node in graph.node for out in node.output}
+    live, todo = set(), [v.name for v in graph.output]
+    while todo:
+        node = producer.get(todo.pop())
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            todo += list(node.input)
+    for node in [n for n in graph.node if id(n) not in live]:
+        graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in read]:  # inv_freq, the scale, ...
+        graph.initializer.remove(tensor)
+
+
+def sort_nodes(graph: Any) -> None:
+    """Topological order (the fused nodes were appended), otherwise the order the nodes had."""
+    ready = {v.name for v in [*graph.input, *graph.initializer]} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError(f"onnx_fusions: a cycle or a missing input at {waiting[0].name}")
+        pending = waiting
+    graph.ClearField("node")
+    graph.node.extend(ordered)
+
+
+def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_positions: int) -> PassResult:
+    """Fuse the ONNX file at `path` (fuse_contrib_ops), keeping the result only when ONNX Runtime's outputs on
+    each of `feeds` equal the unfused file's within TOLERANCE; rewrites `path` only then."""
+    import onnx
+
+    start = time.perf_counter()
+    proto = onnx.load(path, load_external_data=False)  # the weights stay in their external file, untouched
+    result = PassResult(name=NAME, nodes_before=len(proto.graph.node))
+    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions)
+    result.nodes_after = len(proto.graph.node)
+    if counts:
+        if MS not in {o.domain for o in proto.opset_import}:
+            proto.opset_import.append(onnx.helper.make_opsetid(MS, 1))
+        candidate = path + ".fused.onnx"  # beside `path`, so the external data file resolves the same
+        onnx.save(proto, candidate)
+        try:
+            keep_if_equal(path, candidate, feeds, counts, result)
+        finally:
+            if os.path.exists(candidate):
+                os.remove(candidate)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def keep_if_equal(path: str, candidate: str, feeds: Sequence[dict[str, np.ndarray]], counts: dict[str, int],
+                  result: PassResult) -> None:
+    fused = ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
+    try:
+        error = max(relative_difference(run_file(candidate, f), run_file(path, f)) for f in feeds)
+        measured = f"ONNX Runtime's outputs {error:.1e} from the unfused file's (relative, max over outputs)"
+    except Exception as failure:  # noqa: BLE001 (any ONNX Runtime refusal of the fused file: keep the unfused one)
+        error, measured = float("nan"), f"ONNX Runtime failed on the fused file: {str(failure)[-300:]}"
+    if error <= TOLERANCE:  # NaN is not
+        os.replace(candidate, path)
+        result.matched, result.changes = sum(counts.values()), [f"{fused}; {measured}"]
+    else:
+        warn_once(f"mmaccel: ONNX Runtime contrib fusion rolled back ({fused}): {measured} (tolerance {TOLERANCE:g})")
+        result.nodes_after = result.nodes_before
+        result.changes = [f"rolled back: {measured} (tolerance {TOLERANCE:g})"]
+
+
+def run_file(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def relative_difference(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    return max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) if b.size else 0.0
+               for a, b in zip(got, want))
