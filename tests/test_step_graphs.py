@@ -10,7 +10,7 @@ import torch
 
 import mmaccel
 from mmaccel.backends.triton import cudagraphs
-from mmaccel.compiler import generation, step_graphs
+from mmaccel.compiler import errors, generation, step_graphs
 from tests import hf_tiny
 from tests.test_generation import EAGER, hf_generate, left_padded_batch, one_thread  # noqa: F401 (fixture)
 
@@ -37,6 +37,7 @@ def test_decode_blocks_cover_every_length_and_match_hf() -> None:
 def test_changed_weights_drop_the_recordings() -> None:
     """Recordings skip the compiled steps' frozen-weight check: a weight changed in place drops them, and the
     next call's tokens are the new weights' (the steps warn and read the live weights)."""
+    errors._warned.clear()  # warn_once dedups per process: this test needs its warning
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([5])
     mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[], options=EAGER)
@@ -55,6 +56,7 @@ def test_a_capture_that_fails_warns_once_and_runs_the_steps(monkeypatch) -> None
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(step_graphs.StepGraph, "__init__", broken)
+    errors._warned.clear()
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([6])
     expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
