@@ -66,19 +66,18 @@ def _hand_kept(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, keep
     target, extra = z @ theta0, [] if bias is None else [h.shape[1]]
     gram, cross, total = z.T @ z, z.T @ target, float(target.pow(2).sum())
 
-    def error(columns: list[int]) -> float:  # the residual of the least squares over `columns`, solved anew
-        c = columns + extra
-        return total - float((cross[c] * torch.linalg.solve(gram[c][:, c], cross[c])).sum())
-
-    def without(j: int) -> float:
-        return error([c for c in alive if c != j])
+    def without(alive: list[int], candidates: list[int]) -> list[float]:
+        """The least squares residual over `alive` less each candidate, each solved anew (batched)."""
+        c = torch.tensor([[a for a in alive if a != j] + extra for j in candidates])
+        b = cross[c]
+        return (total - (b * torch.linalg.solve(gram[c[:, :, None], c[:, None, :]], b)).sum((1, 2))).tolist()
 
     alive = list(range(h.shape[1]))
     while len(alive) > keep:  # a step: the pool is its 2 * OBS_STEP cheapest, then one drop at a time from it
-        pool = sorted(alive, key=without)[:2 * prune.OBS_STEP]
+        pool = [j for _, j in sorted(zip(without(alive, alive), alive))][:2 * prune.OBS_STEP]
         for _ in range(min(prune.OBS_STEP, len(alive) - keep)):
-            dropped = min((j for j in pool if j in alive), key=without)
-            alive.remove(dropped)
+            pool = [j for j in pool if j in alive]
+            alive.remove(min(zip(without(alive, pool), pool))[1])
     return torch.tensor(alive)
 
 
