@@ -48,7 +48,7 @@ def sentence_embeddings(run: Callable, ids: torch.Tensor, mask: torch.Tensor) ->
 def docstring_sentences() -> list[str]:
     """English sentences (6 to 40 words, capitalized, ending in a full stop, ASCII, each once) of the first
     paragraph of every docstring in the standard library's top-level modules, in file and then source order
-    (Python 3.11: 2,724 sentences, ~60,000 tokens; read in about a second)."""
+    (Python 3.11: 2,724 sentences, 45,562 tokens; read in 1-7 s on 2 shared cores)."""
     root, sentences = sysconfig.get_paths()["stdlib"], {}
     for name in sorted(os.listdir(root)):
         if not name.endswith(".py"):
