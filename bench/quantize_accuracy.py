@@ -71,6 +71,7 @@ class Case:
     timed_call: Callable[[Callable], Callable[[], object]]  # compiled model -> the call to time
     calibration: list[tuple[torch.Tensor, ...]]
     batch: str
+    extras: Callable[[Callable], dict[str, float]] | None = None  # compiled model -> more numbers for its row
 
 
 def classifier_case() -> Case:

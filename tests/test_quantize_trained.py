@@ -7,6 +7,8 @@ padding positions (which pooling ignores) move a lot. It is what the budget boun
 above it; the embeddings users consume are within 0.0006 of fp32 in cosine."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -89,3 +91,24 @@ def test_int8_minilm_compile_with_sentences_of_several_lengths(minilm_model, min
     assert result.matched == 25 and "on 6 calibration input(s)" in result.changes[0]
     assert result.measured_error <= 0.05 and not graph.calibration_note
     assert pooled_relative_error(outputs, references) <= result.measured_error * 1.05 + 1e-6
+
+
+def test_docstring_calibration_is_real_tokens_only_one_length_per_batch():
+    """bench/prune_accuracy.py's MiniLM calibration: unpadded batches, one token length each, none of a single
+    text (it would get a graph of its own), at least the tokens asked for when the texts hold them."""
+    sentences = minilm.docstring_sentences()
+    assert len(sentences) > 1000 and len(set(sentences)) == len(sentences)
+    _, tokenizer = minilm.load()
+    batches = minilm.length_batches(tokenizer, sentences, 3000)
+    lengths, used = [], 0
+    for sentence in sentences:  # the first sentences holding 3000 tokens, less the lengths held once
+        if used >= 3000:
+            break
+        lengths.append(len(tokenizer(sentence)["input_ids"]))
+        used += lengths[-1]
+    counts = collections.Counter(lengths)
+    assert sum(ids.numel() for ids, _ in batches) == sum(n * c for n, c in counts.items() if c > 1)
+    for ids, mask in batches:
+        assert ids.shape == mask.shape and ids.shape[0] > 1 and bool(mask.all())
+        assert (ids[:, 0] == tokenizer.cls_token_id).all() and (ids[:, -1] == tokenizer.sep_token_id).all()
+    assert len({ids.shape[1] for ids, _ in batches}) == len(batches)
