@@ -5,6 +5,8 @@ or one derived from the target itself.
     draft="quantized:int4_weight_only" (or int8_weight_only, fp8): the target compiled with that quantization
                         (passes/quantize.py) in a session of its own: a quantized copy of the weights and its
                         own cache; its error costs acceptance, never correctness, so its budget is loose
+    draft="pruned:F" (or "pruned:F+SCHEME"): the target with fraction F of its MLP channels removed (passes/prune.py),
+                        then quantized with SCHEME if given, in a session of its own like a quantized draft
     draft="layers:N"    self-speculation: the target's first N decoder layers, then its own final norm and LM
                         head (LayerSkip's early exit without the training), sharing the target's modules: no
                         weight is copied. It shares the target's cache too (layers_shared_with_target): its N
@@ -26,6 +28,8 @@ _SHARED_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft
 QUANTIZED_DRAFT_BYTES = {"int8_weight_only": 1.0, "int4_weight_only": 0.625, "fp8": 1.0}
 # The quantize pass keeps the draft's output error within this: loose, as a wrong draft token is only rejected.
 QUANTIZED_DRAFT_BUDGET = 0.5
+# A pruned draft removes its fixed fraction whatever the error (the budget only has to admit it, below 1).
+PRUNED_DRAFT_BUDGET = 0.99
 
 
 def resolve_draft(target: torch.nn.Module, draft: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -42,10 +46,14 @@ def resolve_draft(target: torch.nn.Module, draft: Any) -> tuple[torch.nn.Module,
             per_target[layers] = layer_draft(target, layers)
         return per_target[layers], {}
     if isinstance(draft, str) and draft.startswith("quantized:") and draft[10:] in QUANTIZED_DRAFT_BYTES:
-        return target, {"quantize": draft[10:], "accuracy_budget": QUANTIZED_DRAFT_BUDGET}
+        # weights="keep": the draft is the target itself; releasing would free the target's own weights.
+        return target, {"quantize": draft[10:], "accuracy_budget": QUANTIZED_DRAFT_BUDGET, "weights": "keep"}
+    if isinstance(draft, str) and draft.startswith("pruned:"):
+        return target, _pruned_draft_options(draft)
     if not isinstance(draft, torch.nn.Module):
-        raise ValueError(f"mmaccel.generate: draft must be a model (torch.nn.Module), 'layers:N' or 'quantized:"
-                         f"SCHEME' with SCHEME one of {list(QUANTIZED_DRAFT_BYTES)}, got {draft!r}")
+        raise ValueError(f"mmaccel.generate: draft must be a model (torch.nn.Module), 'layers:N', 'quantized:"
+                         f"SCHEME' or 'pruned:F[+SCHEME]' with SCHEME one of {list(QUANTIZED_DRAFT_BYTES)} and F "
+                         f"the fraction of MLP channels removed, in (0, 1), got {draft!r}")
     if vocab_size(draft) != vocab_size(target):
         raise ValueError(f"mmaccel.generate: the draft's vocabulary has {vocab_size(draft)} tokens, the target's "
                          f"{vocab_size(target)}; speculative decoding needs the same tokenizer")
@@ -54,6 +62,22 @@ def resolve_draft(target: torch.nn.Module, draft: Any) -> tuple[torch.nn.Module,
         raise ValueError(f"mmaccel.generate: the draft is on {draft_device}, the target on {target_device}; "
                          "move the draft to the target's device")
     return draft, {}
+
+
+def _pruned_draft_options(draft: str) -> dict[str, Any]:
+    """'pruned:F' or 'pruned:F+SCHEME': the target with fraction F of every MLP's channels removed
+    (passes/prune.py, channels chosen and the down projection refit on each step's own inputs), then quantized
+    with SCHEME if given. Its error only costs acceptance, so the fixed fraction applies whatever it measures."""
+    fraction, _, scheme = draft[len("pruned:"):].partition("+")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1 or (scheme and scheme not in QUANTIZED_DRAFT_BYTES):
+        raise ValueError(f"mmaccel.generate: draft={draft!r}: write 'pruned:F' or 'pruned:F+SCHEME', F the fraction "
+                         f"of MLP channels removed in (0, 1), SCHEME one of {list(QUANTIZED_DRAFT_BYTES)}")
+    options = {"prune": {"mlp_channels": value}, "accuracy_budget": PRUNED_DRAFT_BUDGET, "weights": "keep"}
+    return {**options, "quantize": scheme} if scheme else options
 
 
 def layer_draft(target: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -100,19 +124,23 @@ def step_cost_ratio(draft: torch.nn.Module, target: torch.nn.Module, draft_optio
     decode step is bound by weight reads): decoder and LM head, not the input embedding table (one row read)
     nor a vision tower (prefill only)."""
     ratio = _step_bytes(draft) / _step_bytes(target)
+    if draft_options.get("prune"):  # the MLPs' share of the bytes shrinks by the fraction removed
+        ratio -= draft_options["prune"]["mlp_channels"] * _step_bytes(draft, mlp_only=True) / _step_bytes(target)
     if draft_options.get("quantize"):
         ratio *= min(1.0, QUANTIZED_DRAFT_BYTES[draft_options["quantize"]] / next(target.parameters()).element_size())
     return ratio
 
 
-def _step_bytes(model: torch.nn.Module) -> int:
+def _step_bytes(model: torch.nn.Module, mlp_only: bool = False) -> int:
     try:
         path, _ = _decoder_layers(model)
         decoder = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     except ValueError:
         decoder = model
     embed = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    params = {p.data_ptr(): p for p in decoder.parameters()}
+    params = {p.data_ptr(): p for name, p in decoder.named_parameters() if not mlp_only or ".mlp." in f".{name}"}
+    if mlp_only:
+        return sum(p.numel() * p.element_size() for p in params.values())
     if embed is not None:
         params.pop(embed.data_ptr(), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
