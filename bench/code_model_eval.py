@@ -5,8 +5,9 @@ run on one machine, on prompts from the held-out stdlib files (never trained on)
     python bench/code_model_eval.py --weights DIR           # evaluate models trained before
     python bench/code_model_eval.py --tiny --train          # CPU: tiny models, a mechanism check (~1-2 min)
 
-(a) Speculative: plain mmaccel.generate, then draft=<the trained draft> and draft="layers:N" (self-speculation on
-the target's early-exit layer, N from its training.json), each with speculative_k 4 and "auto"; per prompt as
+(a) Speculative: plain mmaccel.generate, then draft=<the trained draft> and the drafts derived from the target
+(--self-draft: default "layers:N", self-speculation on the target's early-exit layer, N from its training.json;
+also e.g. "pruned:0.5+int4_weight_only"), each with speculative_k 4 and "auto"; per prompt as
 bench/speculative.py times it (after a warm-up call that compiles, median of --repeats calls; ms/token =
 (end-to-end - first token) / (new tokens - 1)), then the median over prompts. "same": prompts whose tokens equal
 plain greedy's (bf16 rounding can flip a near-tie: the k+1-position verify rounds differently from a one-token
@@ -52,11 +53,11 @@ def load(folder: Path, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
-def speculative_methods(target, draft, self_draft: str, ks: list[str], options: dict[str, Any]
+def speculative_methods(target, draft, derived: list[str], ks: list[str], options: dict[str, Any]
                         ) -> dict[str, Callable[[torch.Tensor, int], torch.Tensor]]:
     common = dict(eos_token_id=[], pad_token_id=training.PAD, do_sample=False, options=options)
     methods = {"plain": lambda ids, n: mmaccel.generate(target, ids, max_new_tokens=n, **common)}
-    for name, draft_arg in (("draft", draft), (self_draft, self_draft)):
+    for name, draft_arg in (("draft", draft), *((d, d) for d in derived)):
         for k in ks:
             methods[f"{name} k={k}"] = lambda ids, n, d=draft_arg, sk=(k if k == "auto" else int(k)): \
                 mmaccel.generate(target, ids, max_new_tokens=n, draft=d, speculative_k=sk, **common)
@@ -190,7 +191,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-bytes", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=None, help="speculative new tokens (128; 16 with --tiny)")
     p.add_argument("--k", nargs="+", default=["4", "auto"])
-    p.add_argument("--self-draft", default=None, help="default layers:<the target's early-exit layer>")
+    p.add_argument("--self-draft", nargs="+", default=None,
+                   help="drafts derived from the target, e.g. layers:4 pruned:0.5+int4_weight_only (default "
+                        "layers:<the target's early-exit layer>)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per prompt (3; 1 with --tiny)")
     p.add_argument("--cascade-prompts", type=int, default=None, help="per set A and B (100; 8 with --tiny)")
     p.add_argument("--answer-bytes", type=int, default=8, help="cascade answer length, scored by exact match")
@@ -223,7 +226,7 @@ def evaluate(args: argparse.Namespace, target: LlamaForCausalLM, draft: LlamaFor
     """Both parts on the loaded pair; the JSON is written after each."""
     device, dtype = target.device.type, target.dtype
     trained = {name: json.loads((args.weights / name / "training.json").read_text()) for name in ("target", "draft")}
-    args.self_draft = args.self_draft or f"layers:{trained['target']['early_exit_layer']}"
+    args.self_draft = args.self_draft or [f"layers:{trained['target']['early_exit_layer']}"]
     held_out = training.encode(training.source_files()[1])
     spec_windows = prompts(held_out, args.prompts, args.prompt_bytes, 0, 0.25)
     cascade_windows = prompts(held_out, 2 * args.cascade_prompts, args.prompt_bytes, args.answer_bytes, 0.75)
