@@ -5,8 +5,8 @@
 
 Confidence is the small model's mean token log-probability of its own greedy answer, up to its stop token,
 summed by its compiled generation steps as they choose each token (no second forward: the teacher-forced one
-this replaced ran eagerly and cost about half the small model's answer on the trained code pair). The threshold is calibrated on the calibration prompts: each
-is answered by both models, and the small model takes the most confident prompts as long as its answers that
+this replaced ran eagerly, on every request). The threshold is calibrated on the calibration prompts: each is
+answered by both models, and the small model takes the most confident prompts as long as its answers that
 differ from the large model's stay within `accuracy_budget` of all calibration prompts. "Accuracy" there is
 agreement with the large model's greedy answer (exact token match): the cascade's loss against the large model.
 With `references` (the right answer of each calibration prompt) it is accuracy against them: a routed prompt
@@ -162,8 +162,9 @@ def _calibrated(measured: list[_Measured], budget: float) -> CascadeReport:
     cascade_ms = small_ms + sum(m.large_ms for m in ranked[routed:]) / n
     accuracy = None
     if measured[0].small_right is not None:
-        accuracy = {"small": sum(m.small_right for m in measured) / n, "large": sum(m.large_right for m in measured) / n,
-                    "cascade": (sum(m.small_right for m in ranked[:routed]) + sum(m.large_right for m in ranked[routed:])) / n}
+        served = sum(m.small_right for m in ranked[:routed]) + sum(m.large_right for m in ranked[routed:])
+        accuracy = {"small": sum(m.small_right for m in measured) / n,
+                    "large": sum(m.large_right for m in measured) / n, "cascade": served / n}
     return CascadeReport(threshold, routed / n, sum(m.agree for m in measured) / n, kept_loss / n,
                          {"small": round(small_ms, 2), "large": round(large_ms, 2), "cascade": round(cascade_ms, 2)},
                          calibration_accuracy=accuracy)

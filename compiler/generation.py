@@ -228,11 +228,12 @@ class _Session:
         steps then run one call each, see the change and warn). True when some were dropped."""
         seen = tuple((id(t), t._version, t.data_ptr()) for t in itertools.chain(self.model.parameters(),
                                                                                   self.model.buffers()))
-        stale = seen != self.weights_seen and bool(self.blocks or len(self.rounds))
-        if seen != self.weights_seen:
-            self.blocks.clear()
-            self.rounds.clear()
-            self.weights_seen = seen
+        if seen == self.weights_seen:
+            return False
+        stale = bool(self.blocks or len(self.rounds))
+        self.blocks.clear()
+        self.rounds.clear()
+        self.weights_seen = seen
         return stale
 
     def fewer_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict[str, Any],
@@ -283,9 +284,12 @@ class _Session:
             self._note("decode", dict(batch=state.token.shape[0], cache=cache_len, dtype=dtype, device=device,
                                       sampler=config.sampler))
         tokens, step = [state.token], 1
+        blocks: dict[int, StepGraph | None] = {}  # this call's recording per size: its key holds every block
         while step < config.max_new_tokens:
             size = next(n for n in BLOCK_STEPS if n <= config.max_new_tokens - step)
-            block = self._block(state, size) if step > 1 and self.cuda_graphs else None
+            if step > 1 and size not in blocks:
+                blocks[size] = self._block(state, size) if self.cuda_graphs else None
+            block = blocks.get(size)
             if block is None:
                 if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
                     break
@@ -314,12 +318,10 @@ class _Session:
                 token, done, position_ids, cache_position = (steps.token, steps.done, steps.position_ids,
                                                              steps.cache_position)
                 out = []
-                # Captured once on a GPU, with every guard checked; the CPU calls this for each block instead.
-                with contextlib.nullcontext() if buffers[0].is_cuda else guards_checked_once():
-                    for _ in range(size):
-                        token, done, position_ids, cache_position, _ = self.decode(steps, token, done, position_ids,
-                                                                                   cache_position)
-                        out.append(token)
+                for _ in range(size):
+                    token, done, position_ids, cache_position, _ = self.decode(steps, token, done, position_ids,
+                                                                               cache_position)
+                    out.append(token)
                 for buffer, new in zip((steps.token, steps.done, steps.position_ids, steps.cache_position),
                                        (token, done, position_ids, cache_position)):
                     buffer.copy_(new)
@@ -477,19 +479,15 @@ def _tokens_until_stop(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch
     if not stop_ids:
         return torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
     stopped = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
-    first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, tokens.shape[1])
-    return first
+    return torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, tokens.shape[1])
 
 
 def _trim_after_all_stopped(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> torch.Tensor:
-    """HF's generate stops once every row has produced a stop token: drop the columns after that step."""
+    """HF's generate stops once every row has produced a stop token: drop the columns after that step (a row
+    that never stopped keeps them all)."""
     if not stop_ids:
         return tokens
-    stopped = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
-    if not bool(stopped.any(-1).all()):
-        return tokens
-    last = int(stopped.int().argmax(-1).max())
-    return tokens[:, :last + 1]
+    return tokens[:, :int(_tokens_until_stop(tokens, stop_ids).max())]
 
 
 @contextlib.contextmanager

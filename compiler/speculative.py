@@ -58,10 +58,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
              speculative_k: int | str | None = None, **kwargs: Any) -> torch.Tensor:
     """mmaccel.generate (compiler/generation.py). With `draft`, speculative decoding: draft is a small causal
     LM with the target's vocabulary on its device, "layers:N" (the target's first N decoder layers, final norm
-    and LM head, sharing its weights and cache) or "quantized:int4_weight_only" (also int8_weight_only, fp8: the
-    target quantized by passes/quantize.py, its own cache); speculative_k is the number of tokens proposed per round, an int
-    >= 1 (default 4), or "auto" (chosen each round among K_CHOICES from the measured acceptance rate). The
-    report (mmaccel.generation_report) gives the acceptance rate and the k used."""
+    and LM head, sharing its weights and cache), "quantized:int4_weight_only" (also int8_weight_only, fp8: the
+    target quantized by passes/quantize.py, its own cache) or "pruned:F[+SCHEME]" (compiler/drafts.py);
+    speculative_k is the number of tokens proposed per round, an int >= 1 (default 4), or "auto" (chosen each
+    round among K_CHOICES from the measured acceptance rate). The report (mmaccel.generation_report) gives the
+    acceptance rate and the k used."""
     if draft is None:
         if speculative_k is not None:
             raise ValueError("mmaccel.generate: speculative_k needs a draft (draft=small_model or 'layers:N')")
@@ -296,9 +297,7 @@ class _Speculation:
             steps = generation.with_tensors(target, buffers[:width], target_session().model)
             draft_steps = _shared_draft_state(steps, draft_session().model, self.shared_layers) if draft is None \
                 else generation.with_tensors(draft, buffers[width:-1], draft_session().model)
-            # Captured once on a GPU, with every guard checked; the CPU calls this for each round instead.
-            with contextlib.nullcontext() if buffers[0].is_cuda else guards_checked_once():
-                emitted, counts, *advanced = self._round(steps, draft_steps, k, buffers[-1])
+            emitted, counts, *advanced = self._round(steps, draft_steps, k, buffers[-1])
             for buffer, new in zip((steps.token, steps.position_ids, steps.cache_position, steps.done, buffers[-1]),
                                    advanced):
                 buffer.copy_(new)

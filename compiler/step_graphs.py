@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._torch_internals import guards_checked_once
 from .errors import warn_once
 
 
@@ -47,7 +48,10 @@ class StepGraph:
             if buffer.data_ptr() != value.data_ptr():
                 buffer.copy_(value)
         if self.graph is None:
-            return self.run(*self.buffers)
+            # Captured on a GPU with every guard checked; here each replay repeats that call with the same
+            # objects and shapes, so only the guards telling graphs apart run (as generate's own steps do).
+            with guards_checked_once():
+                return self.run(*self.buffers)
         self.graph.replay()
         return self.outputs
 

@@ -34,7 +34,8 @@ def test_cascade_routes_confident_requests_to_the_small_model() -> None:
 def test_threshold_calibration_near_misses() -> None:
     """(confidence, agrees, small ms, large ms): routing stops before the disagreement that would pass the
     budget, even when less confident requests agree; a zero budget routes only the agreeing top."""
-    measured = [_Measured(*m) for m in [(-0.1, True, 1, 4), (-0.2, False, 1, 4), (-0.3, True, 1, 4), (-0.4, False, 1, 4)]]
+    rows = [(-0.1, True, 1, 4), (-0.2, False, 1, 4), (-0.3, True, 1, 4), (-0.4, False, 1, 4)]
+    measured = [_Measured(*m) for m in rows]
     assert _calibrated(measured, 0.25).threshold == -0.3  # one wrong of four allowed
     assert _calibrated(measured, 0.0).threshold == -0.1
     report = _calibrated(measured, 0.25)
