@@ -168,15 +168,39 @@ def guards_checked_once() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def recording_cuda_allocations(max_entries: int = 200_000) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+def recording_cuda_allocations(max_entries: int = 2_000_000) -> Iterator["CudaAllocations"]:
     """Record where each CUDA allocation came from (torch.cuda.memory's allocation history, private); yields a
-    function returning the live blocks [{"size", "frames": [{"filename", "line", "name"}, ...]}] at that moment."""
+    CudaAllocations whose methods list blocks [{"size", "frames": [{"filename", "line", "name"}, ...]}]."""
     torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
-
-    def live_blocks() -> list[dict[str, Any]]:
-        return [block for segment in torch.cuda.memory._snapshot()["segments"] for block in segment["blocks"]
-                if block["state"] == "active_allocated"]
     try:
-        yield live_blocks
+        yield CudaAllocations()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
+
+
+class CudaAllocations:
+    """The recorded allocations of the current device, read from torch.cuda.memory._snapshot()."""
+
+    def live(self) -> list[dict[str, Any]]:
+        """The blocks allocated now."""
+        return [block for segment in torch.cuda.memory._snapshot()["segments"] for block in segment["blocks"]
+                if block["state"] == "active_allocated"]
+
+    def at_peak(self) -> list[dict[str, Any]]:
+        """The blocks allocated at the moment the recorded allocations summed highest (allocated before the
+        recording began: not counted, not listed), as the trace's alloc / free_completed events replay them
+        (torch/cuda/_memory_viz.py reads the trace the same way)."""
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        total, peak, peak_at = 0, 0, -1
+        for i, event in enumerate(trace):
+            total += event["size"] if event["action"] == "alloc" else \
+                -event["size"] if event["action"] == "free_completed" else 0
+            if total > peak:
+                peak, peak_at = total, i
+        live: dict[int, dict[str, Any]] = {}
+        for event in trace[:peak_at + 1]:
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+            elif event["action"] == "free_completed":
+                live.pop(event["addr"], None)
+        return list(live.values())

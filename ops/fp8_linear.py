@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .fused_linear import linear_epilogue
-from .registry import OpSpec, register
+from .registry import OpSpec, by_rows, register
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -59,9 +59,16 @@ def _scale(absmax: torch.Tensor) -> torch.Tensor:
 def quantize_fp8_weight(weight: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight float8_e4m3fn [N, K], wscale float32 [N] for "row" or [1] for "tensor"), w ~= qweight * wscale."""
     _check_granularity(granularity)
+    if granularity == "row":
+        return by_rows(_fp8_rows, weight)
+    row_absmax = by_rows(lambda rows: (rows.detach().float().abs().amax(dim=1),), weight)[0]
+    wscale = _scale(row_absmax.amax().reshape(1))
+    return by_rows(lambda rows: ((rows.detach().float() / wscale).to(FP8),), weight)[0], wscale
+
+
+def _fp8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.detach().float()
-    absmax = w.abs().amax(dim=1) if granularity == "row" else w.abs().amax().reshape(1)
-    wscale = _scale(absmax)
+    wscale = _scale(w.abs().amax(dim=1))
     return (w / wscale[:, None]).to(FP8), wscale
 
 

@@ -14,15 +14,20 @@ import torch
 import torch.nn.functional as F
 
 from .fused_linear import _activate
-from .registry import OpSpec, register
+from .registry import OpSpec, by_rows, register, row_runs
 
 GROUP_SIZES = (32, 64, 128)
 
 
 def quantize_int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed uint8 [N, K/2], scale [N, K/group] in weight's dtype, zero uint8 [N, K/group])."""
-    N, K = weight.shape
+    K = weight.shape[1]
     assert group in GROUP_SIZES and K % group == 0, f"int4: K={K} must be a multiple of the group size {group}"
+    return by_rows(lambda rows: _groupwise(rows, group), weight)
+
+
+def _groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group, group)
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)  # the range holds 0, so zero is exact
     scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
@@ -45,7 +50,12 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                           bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    y = F.linear(x, dequantize_int4(packed, scale, zero, group).to(x.dtype), bias)
+    # A large weight is dequantized a run of output rows at a time (ops/registry.py row_runs), so the reference
+    # never holds it whole in float32
+    runs = row_runs(packed.shape[0], 2 * packed.shape[1])
+    y = torch.cat([F.linear(x, dequantize_int4(packed[r], scale[r], zero[r], group).to(x.dtype),
+                            None if bias is None else bias[r]) for r in runs], dim=-1) if len(runs) > 1 else \
+        F.linear(x, dequantize_int4(packed, scale, zero, group).to(x.dtype), bias)
     y = _activate(y, activation)
     return y if residual is None else y + residual
 

@@ -11,11 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from .fused_linear import linear_epilogue
-from .registry import OpSpec, register
+from .registry import OpSpec, by_rows, register, row_runs
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [N, K], scale [N] in the weight's dtype), symmetric per output channel."""
+    return by_rows(_per_channel, weight)
+
+
+def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = weight.detach().float().abs().amax(dim=1)
     scale = (absmax / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -24,7 +28,10 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                           activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return linear_epilogue(F.linear(x, qweight.to(x.dtype)) * scale, bias, activation, residual)
+    runs = row_runs(*qweight.shape)  # a large weight a run of output rows at a time (no whole converted copy)
+    y = torch.cat([F.linear(x, qweight[r].to(x.dtype)) for r in runs], dim=-1) if len(runs) > 1 else \
+        F.linear(x, qweight.to(x.dtype))
+    return linear_epilogue(y * scale, bias, activation, residual)
 
 
 @torch.library.custom_op("mmaccel::int8_linear", mutates_args=())

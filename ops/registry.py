@@ -29,3 +29,35 @@ OPS: dict[torch._ops.OpOverload, OpSpec] = {}
 def register(spec: OpSpec) -> OpSpec:
     OPS[spec.op] = spec
     return spec
+
+
+# Quantizers compute in float32: whole, a 32000 x 4096 bf16 LM head made about 2 GB of float32 temporaries (the
+# copy, then each elementwise step) on top of the model while compiling (issue 21's compile-time peak), and the
+# int4 reference's dequantized weight 1.5 GiB more while the lossy pass measured it (H200, 8 layers at 7B dims).
+# By runs of rows, each step's temporaries are at most this many bytes; the quantized values are the same bits
+# (every scheme here is per row or per group within a row).
+QUANTIZE_CHUNK_BYTES = 64 * 2**20
+
+
+def row_runs(rows: int, row_elements: int) -> list[slice]:
+    """Runs of `rows` rows of `row_elements` values whose float32 copy is at most QUANTIZE_CHUNK_BYTES (one run when
+    small)."""
+    run = max(1, QUANTIZE_CHUNK_BYTES // max(4 * row_elements, 1))
+    return [slice(start, start + run) for start in range(0, rows, run)]
+
+
+def by_rows(quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], weight: torch.Tensor
+            ) -> tuple[torch.Tensor, ...]:
+    """quantize(weight), for a `quantize` whose outputs all have one row per weight row and take each row alone,
+    computed on row_runs."""
+    runs = row_runs(weight.shape[0], weight[0].numel())
+    if len(runs) == 1:
+        return quantize(weight)
+    first = quantize(weight[runs[0]])
+    outputs = tuple(t.new_empty((weight.shape[0], *t.shape[1:])) for t in first)
+    for out, part in zip(outputs, first):
+        out[runs[0]] = part
+    for run in runs[1:]:
+        for out, part in zip(outputs, quantize(weight[run])):
+            out[run] = part
+    return outputs

@@ -79,3 +79,10 @@ def test_confidence_summed_by_the_steps_equals_a_teacher_forced_forward() -> Non
         expected = logits.log_softmax(-1).gather(-1, answer[..., None]).mean()
         assert answer.shape[1] == (12 if not stop else 5)
         torch.testing.assert_close(confidence[0], expected, rtol=1e-4, atol=1e-5)
+    # Every scored call sums into the session's one buffer per (batch, device): the compiled steps write it in
+    # place, so a new tensor per call made the Triton target re-record the prefill's CUDA graph every call
+    session = generation._session(model, EAGER)
+    assert len(session.scores) == 1
+    buffer = next(iter(session.scores.values()))
+    spy = session._score(1, buffer.device)
+    assert spy.data_ptr() == buffer.data_ptr() and not spy.any()

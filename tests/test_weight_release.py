@@ -34,6 +34,11 @@ def _linear_bytes(model: torch.nn.Module) -> int:
     return sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def _quantized_bytes(model: torch.nn.Module) -> int:
+    """What quantize takes under weights="release": every linear, and the token embedding table (not tied)."""
+    return _linear_bytes(model) + model.get_input_embeddings().weight.nbytes
+
+
 class Mlp(torch.nn.Module):
     """GELU MLPs with residuals: a model that compiles in about a second (prune and peak tests)."""
 
@@ -82,7 +87,8 @@ def test_release_int8_holds_its_bytes_refuses_eager_calls_and_recompiles() -> No
     first, second = compiled.mmaccel_report.graphs
     assert _quantized_storages(second) == _quantized_storages(first)  # the same int8 weights: the same model
     assert reachable_storage_bytes(model, compiled) - other - held < 0.02 * held
-    assert first.released_bytes == linear  # the report says what was freed (every linear quantized here)
+    # the report says what was freed: every linear, and the embedding table (int8 rows)
+    assert first.released_bytes == _quantized_bytes(model)
     assert "model parameters released" in str(compiled.mmaccel_report)
     assert "rebuilt from the quantized weights" in second.pass_result("quantize").changes[0]
     assert second.pass_result("quantize").matched == first.pass_result("quantize").matched
@@ -97,7 +103,7 @@ def test_generate_with_quantize_releases_and_rebuilds_the_decode_graph() -> None
     tokens = mmaccel.generate(model, ids, mask, max_new_tokens=2, pad_token_id=0, options=options)
     assert tokens.shape == (1, 8) and torch.equal(tokens[:, :6], ids)
     prefill, decode = mmaccel.generation_report(model, **options).compile.graphs
-    assert prefill.released_bytes == _linear_bytes(model)  # every linear quantized, its fp32 weight freed
+    assert prefill.released_bytes == _quantized_bytes(model)  # every linear and the table: fp32 weights freed
     assert "rebuilt from the quantized weights" in decode.pass_result("quantize").changes[0]
     assert _quantized_storages(decode) <= _quantized_storages(prefill)
     with pytest.raises(ReleasedWeightsError):
@@ -112,6 +118,31 @@ def test_release_int4_holds_its_bytes() -> None:
         compiled(_ids(8))
     held = reachable_storage_bytes(model, compiled) - other
     assert held <= TARGETS["int4_weight_only"] * linear, f"linears hold {held / linear:.3f}x their bf16 bytes"
+
+
+def test_embedding_table_is_quantized_only_when_released_and_not_tied() -> None:
+    """The token embedding is a quantize site (int8 rows) under weights="release" only: a gather gains no speed
+    from a smaller table, so without release an int8 copy would only add bytes. A table the lm_head reads too
+    (tied) stays whole, with the reason among the near-misses; its quantized lm_head copy is kept beside it."""
+    def quantize_result(model, weights):
+        with torch.no_grad():
+            compiled = mmaccel.compile(model, target="eager", quantize="int8_weight_only", weights=weights, **LOOSE)
+            compiled(_ids(6))
+        return compiled.mmaccel_report.graphs[0]
+
+    kept = quantize_result(_model(), "keep").pass_result("quantize")
+    assert "int8_rows" not in kept.changes[0] and kept.matched == len(kept.details["layers"])
+    model = _model()
+    released = quantize_result(model, "release")
+    assert "int8_rows x1" in released.pass_result("quantize").changes[0]
+    assert released.released_bytes == _quantized_bytes(model)
+    tied = _model()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    graph = quantize_result(tied, "release")
+    result = graph.pass_result("quantize")
+    assert "int8_rows" not in result.changes[0]
+    assert any("reads it too (a tied lm_head)" in m for m in result.near_misses)
+    assert graph.released_bytes == _linear_bytes(tied) - tied.lm_head.weight.nbytes  # the table is still read
 
 
 def test_pruned_recompile_after_release_rebuilds_from_the_pruned_weights() -> None:
