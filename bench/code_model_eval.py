@@ -200,6 +200,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.01])
     p.add_argument("--target", default=None, help="mmaccel target (default: mmaccel's auto)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/ or bench/results/code_model_*.json)")
+    p.add_argument("--parts", nargs="+", choices=["speculative", "cascade"], default=["speculative", "cascade"],
+                   help="which parts to run (both by default)")
     args = p.parse_args(argv)
     tiny = args.tiny
     for name, value in dict(prompts=(2 if tiny else 16), new_tokens=(16 if tiny else 128), repeats=(1 if tiny else 3),
@@ -234,11 +236,13 @@ def evaluate(args: argparse.Namespace, target: LlamaForCausalLM, draft: LlamaFor
     data = {"environment": environment(device, dtype=str(dtype), weights=str(args.weights),
                                        **{k: v for k, v in vars(args).items() if k not in ("weights", "train")}),
             "training": trained}
-    print(f"{'method':18} {'ms/token':>9} {'speedup':>8} {'accept':>7} {'first ms':>9} {'setup s':>7} same")
-    data["speculative"] = speculative_rows(target, draft, spec_windows, args, device)
-    write_json(out, data)  # a failing cascade keeps the speculative rows
-    data["cascade"] = cascade_rows(target, draft, cascade_windows[0::2], cascade_windows[1::2], args, device)
-    write_json(out, data)
+    if "speculative" in args.parts:
+        print(f"{'method':18} {'ms/token':>9} {'speedup':>8} {'accept':>7} {'first ms':>9} {'setup s':>7} same")
+        data["speculative"] = speculative_rows(target, draft, spec_windows, args, device)
+        write_json(out, data)  # a failing cascade keeps the speculative rows
+    if "cascade" in args.parts:
+        data["cascade"] = cascade_rows(target, draft, cascade_windows[0::2], cascade_windows[1::2], args, device)
+        write_json(out, data)
     print(f"wrote {out}")
     return data
 
