@@ -121,6 +121,20 @@ def test_dynamic_sequence_length_one_graph_symbolic_kernels():
     assert len(compiled.mmaccel_report.graphs) == 1
 
 
+def test_regression_linears_of_a_symbolic_length_reshape_through_sym_size():
+    """A linear's output reshape took its leading dims from the fake value, so a symbolic length entered the
+    graph's code as its bare symbol: NameError "s81 is not defined" on the second length of a compiled HF Llama
+    (found on an H200, reproduced here). Now read by sym_size nodes: linears, fused QKV split, bias epilogue."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).to(DEVICE)
+    compiled = mmaccel.compile(model, target="triton", dynamic=True)
+    with torch.no_grad():
+        for n in (3, 7):
+            x = torch.randn(1, n, 16, device=DEVICE)
+            assert_matches_eager(compiled(x), model(x))
+    assert len(compiled.mmaccel_report.graphs) == 1
+
+
 def test_kernel_source_is_dumped_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("MMACCEL_CACHE_DIR", str(tmp_path / "cache"))
 

@@ -7,6 +7,10 @@ Correctness rules:
 - other inputs are copied into the recording's own buffers when their address differs;
 - the call that records runs the graph for real (on a side stream, which also warms up kernels and
   libraries) and returns those results; capturing executes nothing, so in-place writes happen once;
+- every recording warms up and captures on one stream per device: cuBLAS keeps a workspace per stream it has
+  run on (32 MiB each on Hopper), so a new warm-up stream per recording, beside torch's capture stream, held
+  32 MiB more for every recording (H200, `bench/hf_memory.py --explain`, one recording: 4 live workspaces of
+  32 MiB, 0.036x of an 8-layer 7B model's bf16 weights, two of them the recording's);
 - outputs are copied out of the recording's buffers, so the next replay never overwrites what a caller holds;
 - at most MAX_RECORDINGS shapes are kept; a new one past that replaces the least recently used (one warning).
 
@@ -28,6 +32,13 @@ import torch.fx as fx
 from ...compiler.errors import warn_once
 
 MAX_RECORDINGS = 8
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # the warm-up and capture stream of each device
+
+
+def _recording_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
 
 
 def calls_before_recording(option: Any, gm: fx.GraphModule) -> int | None:
@@ -128,7 +139,7 @@ class CudaGraphRunner:
         return False
 
     def record(self, key: tuple, args: list[Any]) -> Any:
-        stream = torch.cuda.Stream()
+        stream = _recording_stream(torch.device("cuda", torch.cuda.current_device()))
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             result = self.run(list(args))  # the real call: warms up kernels and libraries
@@ -137,7 +148,7 @@ class CudaGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             outputs = self.run(list(static))
         self.recordings[key] = (graph, static, outputs)
         return result

@@ -73,6 +73,14 @@ def _softmax(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
     return {0: _cast(graph, y, node.meta["val"].dtype)}
 
 
+def _rows_then(graph: fx.Graph, x: fx.Node, n: Any) -> list[Any]:
+    """The shape [*x's leading dims, n] for a reshape: a symbolic dim (Dynamo made a length dynamic) is read from
+    x by a sym_size node, since a SymInt written into the graph as a value prints as its bare symbol ("s81"),
+    which the graph's code does not define (a NameError on the third length of a compiled HF Llama)."""
+    return [d if isinstance(d, int) else emit(graph, aten.sym_size.int, x, i)
+            for i, d in enumerate(x.meta["val"].shape[:-1])] + [n]
+
+
 def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
     """mmaccel::fused_linear -> one library matmul (cuBLAS picks the GEMV/GEMM kernel) and an epilogue of
     pointwise ops that the generator fuses into one kernel with whatever follows."""
@@ -82,7 +90,7 @@ def _fused_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | None:
     wt = emit(graph, aten.t.default, weight)
     plain = activation == "none" and residual is None
     y = emit(graph, aten.addmm.default, bias, x2, wt) if plain and bias is not None else emit(graph, aten.mm.default, x2, wt)
-    y = emit(graph, aten.reshape.default, y, [*xs[:-1], weight.meta["val"].shape[0]])
+    y = emit(graph, aten.reshape.default, y, _rows_then(graph, x, weight.meta["val"].shape[0]))
     if not plain and bias is not None:
         y = emit(graph, aten.add.Tensor, y, bias)
     y = _ACTIVATIONS[activation](graph, y)
@@ -120,7 +128,7 @@ def _quantized_linear(graph: fx.Graph, node: fx.Node) -> dict[int, fx.Node] | No
     n = qweight.meta["val"].shape[0]
     y = graph.call_function(matmul, args)
     y.meta["val"] = x2.meta["val"].new_empty((x2.meta["val"].shape[0], n))
-    y = emit(graph, aten.reshape.default, y, [*x.meta["val"].shape[:-1], n])
+    y = emit(graph, aten.reshape.default, y, _rows_then(graph, x, n))
     y = _ACTIVATIONS[activation](graph, y)
     if residual is not None:
         y = emit(graph, aten.add.Tensor, y, residual)
