@@ -74,10 +74,10 @@ class Case:
     extras: Callable[[Callable], dict[str, float]] | None = None  # compiled model -> more numbers for its row
 
 
-def classifier_case() -> Case:
+def classifier_case(calibration_batches: int = CLASSIFIER_CALIBRATION_BATCHES) -> Case:
     test_pixels, test_labels = digits.load_digits("test")
     train_pixels, _ = digits.load_digits("train")
-    calibration = [(train_pixels[i * CLASSIFIER_BATCH:(i + 1) * CLASSIFIER_BATCH],) for i in range(CLASSIFIER_CALIBRATION_BATCHES)]
+    calibration = [(train_pixels[i * CLASSIFIER_BATCH:(i + 1) * CLASSIFIER_BATCH],) for i in range(calibration_batches)]
 
     def metric(run: Callable) -> float:
         chunks = [digits.accuracy(run, p, y) * len(y) for p, y in

@@ -20,13 +20,15 @@ tokens the error is measured on, and promises more than other inputs get): below
 unrefit, with one warning, and channel j is scored ||h_j|| * ||W_down[:, j]|| (what dropping it removes from the
 down projection's output; activation-aware: weight magnitude alone keeps channels that never fire; tiny Llama,
 keep 50%, no refit: relative error 0.035 against 0.043 by ||W_down[:, j]|| alone). Options per MLP: keep 25% /
-50% / 75% of the channels, or all of them.
+50% / 75% of the channels, or all of them; where the graph has few MLPs, every multiple of a finer step
+(fine_step) instead, so that the solver can land between the quarters.
 
 The weights physically shrink: new constants (rows of the up weights, refit columns of the down weight); the
 frozen constants, which may be the user's parameters or views of fused buffers, are never written.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -41,12 +43,30 @@ from .patterns import VIEW_OPS, add_constant, aten, constant_value, is_constant,
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 KEEP = {"keep_25": 0.25, "keep_50": 0.5, "keep_75": 0.75}  # cheapest first, as the mechanism needs
+# Below this many MLPs the lever offers fine_step's finer steps: quarters of 3 MLPs move the MLPs' bytes in steps of
+# 1/12 (the trained digits ViT of bench/prune_accuracy.py, 3 MLPs of 96 channels: 4.1% of its linear weights a
+# step, no mix between 29% and 37% removed; with steps of 16 channels, 30.3% removed at -0.28 test points); from 4
+# MLPs quarters step by 1/16 or less. Fine steps give at most 7 options per MLP, so such a lever measures at most
+# 21 sensitivities, about as many as 6 MLPs at quarters (all-MiniLM-L6-v2: 18, ~1 min each on 2 CPU cores).
+FINE_BELOW_SITES = 4
 
 
 def keep_options(removed: float | None, default: dict[str, float]) -> dict[str, float]:
     """A lever's options: the user's one fraction to remove (prune={"mlp_channels": 0.5}) as its kept fraction,
     else the lever's default fractions."""
     return dict(default) if removed is None else {f"keep_{round(100 * (1 - removed))}%": 1 - removed}
+
+
+def fine_step(width: int) -> int:
+    """The channels a lever of few MLPs (FINE_BELOW_SITES) steps by: about width / 8, rounded up to the largest
+    granule of 128, 64, 32, 16 channels that fits in width / 8. Always a multiple of 16: the K step of a tensor-core
+    dot on 16-bit weights, so the pruned down projection's matmul tiles stay whole; 96 and 128 channels step by 16,
+    1024 by 128. A step below 32 (widths under 256) may leave a down projection that int4 groups of 32 do not
+    divide: the quantize lever then leaves that linear as it is, measured and reported (lossy.Lever.rewrite)."""
+    granule = next((g for g in (128, 64, 32) if 8 * g <= width), 16)
+    return granule * math.ceil(width / 8 / granule)
+
+
 # Ridge of the refit, relative to the mean diagonal of the kept channels' Gram matrix: keeps the normal
 # equations well-posed for channels that are near-collinear on the calibration tokens. Not a tuning knob: on the
 # tiny Llama (tests/hf_tiny.py) the error is the same to 3 digits for ridges from 1e-6 to 1e-2.
@@ -317,6 +337,7 @@ class MlpChannelLever:
 
     def __init__(self, removed: float | None = None) -> None:
         self.keep = keep_options(removed, KEEP)
+        self.fine = False  # fine_step's options instead of self.keep's fractions (a default lever of few MLPs)
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None
         self.mlps: dict[str, _Mlp] = {}  # by the name of the down projection's node (the site's node)
@@ -332,6 +353,7 @@ class MlpChannelLever:
         if not mlps:
             return []
         self.gm = gm
+        self.fine = self.keep == KEEP and len(mlps) < FINE_BELOW_SITES
         self.mlps = {mlp.down.name: mlp for mlp in mlps}
         found = grams(gm, ctx, [matmul_input(mlp.down) for mlp in mlps])
         self.grams = {mlp.down.name: gram for mlp, gram in zip(mlps, found)}
@@ -347,7 +369,12 @@ class MlpChannelLever:
         return sites
 
     def _options(self, width: int) -> dict[str, int]:
-        """Option -> channels kept, for the fractions that keep a distinct number, fewer than all."""
+        """Option -> channels kept, cheapest first: for the fractions that keep a distinct number, fewer than all;
+        for a lever of few MLPs, every multiple of fine_step where that is finer than the quarters (named by the
+        percent kept: keep_17 keeps 16 of 96)."""
+        step = fine_step(width)
+        if self.fine and 4 * step < width:
+            return {f"keep_{round(100 * keep / width)}": keep for keep in range(step, width, step)}
         # widths of 128 and more keep multiples of 32 (64, 128 from 256, 512): a pruned down projection can still
         # take int4 groups of that size, and matmul tiles stay whole
         granule = next((g for g in (128, 64, 32) if width >= 4 * g), 1)
@@ -450,7 +477,7 @@ class MlpChannelLever:
         mlp = _trace(node)
         assert isinstance(mlp, _Mlp), f"prune: the MLP before '{node.name}' no longer traces"
         made = self._made(node.name, option)
-        keep = self._options(mlp.width)[option]
+        keep = made["down.weight"].shape[1]  # also on a replay, which makes no options (it measures nothing)
 
         def constant(user: fx.Node, key: str) -> fx.Node | None:
             if made[key] is None:

@@ -112,11 +112,11 @@ def _hand_pruned(model: nn.Module, keep: int, samples: list[torch.Tensor] = SAMP
     return forward
 
 
-def _compile(model, target="eager", budget=0.9, prune="mlp_channels", **options):
+def _compile(model, target="eager", budget=0.9, prune="mlp_channels", calibration=SAMPLES, **options):
     with torch.no_grad():
         compiled = mmaccel.compile(model, target=target, prune=prune, accuracy_budget=budget,
-                                   calibration=SAMPLES, **options)
-        compiled(SAMPLES[0])
+                                   calibration=calibration, **options)
+        compiled(calibration[0])
     return compiled, [p for p in compiled.mmaccel_report.graphs[-1].passes if p.lossy][-1]
 
 
@@ -607,6 +607,56 @@ def test_a_fixed_fraction_is_the_one_option_offered(removed, kept):
     hand, x = _hand_pruned(_model(SwiGLU), kept), torch.randn(2, 128, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
+
+
+class GeluMlps(nn.Module):
+    """`count` residual GELU MLPs of 96 channels (the trained digits ViT's: 3 of them)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 32)) for _ in range(count))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for mlp in self.mlps:
+            x = x + mlp(x)
+        return x
+
+
+WIDE_SAMPLES = [*SAMPLES, *SAMPLES[:2]]  # 1536 tokens: 16 per channel of 96, the refit runs
+FINE_OPTIONS = {"keep_17", "keep_33", "keep_50", "keep_67", "keep_83"}  # every 16 channels of 96
+
+
+def _linear_shapes(compiled) -> list[tuple[int, ...]]:
+    return sorted(tuple(n.args[1].meta["val"].shape) for n in compiled.mmaccel_report.graphs[-1].final_graph.graph.nodes
+                  if n.op == "call_function" and "fused_linear" in str(n.target))
+
+
+def _mlp_shapes(keep: int, count: int = 1) -> list[tuple[int, ...]]:
+    return sorted([(keep, 32), (32, keep)] * count)
+
+
+def test_few_mlps_are_offered_every_16_channels_and_keep_what_was_measured():
+    model = _model(lambda: GeluMlps(1))
+    compiled, result = _compile(model, budget=0.1, calibration=WIDE_SAMPLES)
+    (row,) = result.details["layers"]
+    # 32 channels: between the quarters' 24 (error 0.12 here, over budget) and 48
+    assert set(row["sensitivity"]) == FINE_OPTIONS and row["precision"] == "keep_33"
+    assert _linear_shapes(compiled) == _mlp_shapes(32)
+    with torch.no_grad():
+        actual, expected = torch.cat([compiled(s) for s in WIDE_SAMPLES]), torch.cat([model(s) for s in WIDE_SAMPLES])
+    assert 0 < relative_error(actual, expected) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("count,prune_option,cheapest,kept", [
+    (4, "mlp_channels", "keep_25", 24),  # enough MLPs: quarters are step enough (fine steps' cheapest: 16)
+    (1, {"mlp_channels": 0.25}, "keep_75%", 72),  # the user's fraction, exactly, not rounded to 16 channels
+])
+def test_many_mlps_or_a_fixed_fraction_keep_the_quarters(count, prune_option, cheapest, kept):
+    # a budget every option fits: each MLP at its cheapest option, measured once
+    compiled, result = _compile(_model(lambda: GeluMlps(count)), budget=0.99, prune=prune_option,
+                                calibration=WIDE_SAMPLES)
+    assert result.matched == count and {row["precision"] for row in result.details["layers"]} == {cheapest}
+    assert _linear_shapes(compiled) == _mlp_shapes(kept, count)
 
 
 def test_a_fixed_fraction_over_budget_leaves_the_mlp_whole():
