@@ -99,6 +99,23 @@ def environment(device: torch.device | str = "cpu", **extra: Any) -> dict[str, A
 
 
 # ----------------------------------------------------------------------------------------------- result files
+def start_memory(device: torch.device | str) -> None:
+    """Begin a memory_row: on CUDA, the peak counts from here."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_row(device: torch.device | str) -> dict[str, int]:
+    """On CUDA, bytes allocated now ("steady": the model, its compiled graphs, their recordings and caches) and
+    the most allocated since start_memory ("peak": compile included), for the row beside its latency (issue 21:
+    every latency the benches measure comes with its memory). Empty on CPU (no allocator statistics)."""
+    if torch.device(device).type != "cuda":
+        return {}
+    torch.cuda.synchronize()
+    return {"steady_bytes": torch.cuda.memory_allocated(), "peak_bytes": torch.cuda.max_memory_allocated()}
+
+
 def default_out(filename: str) -> str:
     """$OUT/<filename> when OUT is set (the GPU machine sends back what lands there), else bench/results/."""
     return os.path.join(os.environ.get("OUT") or RESULTS_DIR, filename)

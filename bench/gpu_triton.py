@@ -62,8 +62,8 @@ import torch
 from torch import nn
 
 import mmaccel
-from common import (default_out, environment, floors, measure_hardware, png_beside, rel_err, write_json,
-                    write_png)
+from common import (default_out, environment, floors, measure_hardware, memory_row, png_beside, rel_err,
+                    start_memory, write_json, write_png)
 from mmaccel.models import VLM, DecoderConfig, ViT, ViTConfig, VLMConfig, VLMDecode, VLMPrefill, build, example_inputs
 from mmaccel.timing import median_ms
 from plot import plot_results
@@ -287,6 +287,7 @@ def measure_variant(variant: str, case: Case, ref: torch.Tensor, iters: int) -> 
     """Compile `case.model` as `variant`, time it and compare its output with `ref`."""
     device = ref.device
     torch._dynamo.reset()
+    start_memory(device)
     fn = VARIANTS[variant](case.model)
     row: dict[str, Any] = {}
     with mmaccel.collect_reports() as report, warnings.catch_warnings(record=True) as caught:
@@ -297,6 +298,7 @@ def measure_variant(variant: str, case: Case, ref: torch.Tensor, iters: int) -> 
         row["first_call_s"] = time.perf_counter() - start
     row["median_ms"] = median_ms(lambda: fn(*case.inputs), iters, WARMUP, device)
     row["rel_err_vs_eager"] = rel_err(fn(*case.inputs), ref)
+    row.update(memory_row(device))
     if report.graphs:
         row["mmaccel_report"] = _report_summary(report)
     if caught:

@@ -39,6 +39,7 @@ from transformers import (GenerationMixin, LlamaForCausalLM, LlavaForConditional
                           WhisperForConditionalGeneration)
 
 import mmaccel
+from common import memory_row, start_memory
 from mmaccel.passes.lossy import pooled_relative_error
 from mmaccel.models.hf_configs import llama_config, llava_config, whisper_config
 from mmaccel.timing import median_ms
@@ -179,6 +180,7 @@ def graphs_compiled() -> int:
 
 def bench_variant(name: str, variant: str, model, inputs, new: int, repeats: int, reference: torch.Tensor) -> dict:
     torch._dynamo.utils.counters.clear()
+    start_memory(reference.device)
     start = time.perf_counter()
     with torch.no_grad(), mmaccel.collect_reports() as report:
         run = variant_runner(variant, model, inputs)
@@ -186,12 +188,13 @@ def bench_variant(name: str, variant: str, model, inputs, new: int, repeats: int
         setup_s = time.perf_counter() - start
         e2e = time_ms(lambda: run(new), repeats)
         first = time_ms(lambda: run(1), repeats)
+    memory = memory_row(reference.device)
     reset_model(model)
     graphs = len(report.graphs) if "mmaccel" in variant else graphs_compiled()
     return {"model": name, "variant": variant, "first_token_ms": first, "ms_per_token": (e2e - first) / (new - 1),
             "end_to_end_ms": e2e, "graphs": graphs, "setup_s": setup_s,
             "tokens_match_eager": bool(torch.equal(tokens.cpu(), reference.cpu())),
-            **resolution_row(model, generate_options(variant), inputs, new)}
+            **memory, **resolution_row(model, generate_options(variant), inputs, new)}
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable
 
 import torch
-from common import default_out, environment, png_beside, write_json, write_png
+from common import default_out, environment, memory_row, png_beside, start_memory, write_json, write_png
 from transformers import LlamaForCausalLM
 
 import mmaccel
@@ -71,6 +71,7 @@ def runners(model: LlamaForCausalLM, ids: torch.Tensor, draft: str, ks: list[str
 def bench_method(run: Callable[[int], torch.Tensor], model, new: int, repeats: int, device: str,
                  options: dict[str, Any] | None = None) -> dict[str, Any]:
     """`options`: the mmaccel options `run` passes (they key the session whose report holds the acceptance)."""
+    start_memory(device)
     start = time.perf_counter()
     with torch.no_grad():
         tokens = run(new)  # compiles
@@ -82,7 +83,7 @@ def bench_method(run: Callable[[int], torch.Tensor], model, new: int, repeats: i
         first = median_ms(lambda: run(1), repeats, warmup=1, device=timer)
     return {"ms_per_token": (e2e - first) / (new - 1), "first_token_ms": first, "end_to_end_ms": e2e,
             "setup_s": setup_s, "tokens": tokens_again.cpu(), "deterministic": bool(torch.equal(tokens, tokens_again)),
-            "speculative": report}
+            "speculative": report, **memory_row(device)}
 
 
 def bench_model(name: str, model, ids, args, device: str, deadline: float) -> list[dict[str, Any]]:
