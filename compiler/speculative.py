@@ -92,6 +92,14 @@ def _k_choices(speculative_k: int | str) -> tuple[int, ...]:
 
 
 @dataclass
+class _Recorded:
+    """A draft's recorded rounds in the target's session: the k that ran once uncaptured (compiled, kernels
+    chosen: ready to record), and the recordings by key (None: could not be recorded)."""
+    warm: set[int] = field(default_factory=set)
+    graphs: dict[tuple, StepGraph | None] = field(default_factory=dict)
+
+
+@dataclass
 class _KPolicy:
     """k per round, and what was accepted: the counts behind the report's acceptance rate."""
     choices: tuple[int, ...]
@@ -273,17 +281,17 @@ class _Speculation:
         and cache addresses, so it must not outlive them."""
         if not self.target.cuda_graphs:
             return None
-        recorded = self.target.rounds.setdefault(self.draft, {})
-        if ("warm", k) not in recorded:
-            recorded["warm", k] = None
+        rounds = self.target.rounds.setdefault(self.draft, _Recorded())
+        if k not in rounds.warm:
+            rounds.warm.add(k)
             return None
         inputs = self._round_inputs(state, draft_state, torch.zeros(1, dtype=torch.long, device=state.token.device))
         # A draft of the target's layers gets a new view of the target's cache each call: not part of the key.
         draft_cache = None if self.shared_layers else id(draft_state.cache)
         key = (k, id(state.cache), draft_cache, *((tuple(t.shape), t.dtype) for t in inputs), state.sampler)
-        if key not in recorded:
-            recorded[key] = record("a speculative round", self._round_run(state, draft_state, k), inputs)
-        return recorded[key]
+        if key not in rounds.graphs:
+            rounds.graphs[key] = record("a speculative round", self._round_run(state, draft_state, k), inputs)
+        return rounds.graphs[key]
 
     def _round_run(self, state: Any, draft_state: Any, k: int) -> Any:
         """The function a round's recording captures, over _round_inputs' buffers; it ends by writing the next

@@ -82,7 +82,8 @@ def test_speculative_rounds_are_recorded_per_k_and_draft() -> None:
     rounds = generation._session(model, EAGER).rounds
     (recorded,) = rounds.values()
     # One recording for k=3 over three calls: each call's new view of the shared cache is not a new key.
-    assert [key[0] for key, graph in recorded.items() if isinstance(graph, step_graphs.StepGraph)] == [3]
+    assert recorded.warm == {3}
+    assert [key[0] for key, graph in recorded.graphs.items() if isinstance(graph, step_graphs.StepGraph)] == [3]
 
 
 def test_step_graph_copies_only_inputs_not_already_in_its_buffers() -> None:
