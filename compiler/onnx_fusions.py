@@ -360,7 +360,7 @@ class Shared:
     rotary tables."""
 
     def __init__(self, g: Graph, max_positions: int) -> None:
-        self.g, self.max_positions, self.nodes, self.made = g, max_positions, [], {}
+        self.g, self.max_positions, self.nodes, self.made, self.near = g, max_positions, [], {}, []
 
     def constant(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -391,17 +391,44 @@ class Shared:
             self.made["seqlens_k"] = "_fusion_seqlens_k"
         return "_fusion_seqlens_k", "_fusion_total", "_fusion_query_seqlens"
 
-    def bias(self, mask: str) -> str:
-        """Where(mask, 0, float min): the additive form of HF's boolean mask (float min: module docstring)."""
+    def bias(self, mask: str, additive: bool) -> str:
+        """attention_bias for HF's `mask`: padding_bias() when the mask's values come from attention_mask's alone
+        (HF's causal + padding mask: the causal part is GroupQueryAttention's own), else the mask itself in
+        additive form, Where(mask, 0, float min) for a boolean one (float min: module docstring)."""
         from onnx import helper
 
+        reads = value_inputs(self.g, mask)
+        if reads == {"attention_mask"}:
+            return self.padding_bias()
+        self.near.append(f"mask {mask} reads {sorted(reads)}, not attention_mask alone: kept whole as the bias")
         name = f"{mask}_bias"
-        if name not in self.made:
-            zero = self.constant("_fusion_float_0", np.array(0.0, np.float32))
-            lowest = self.constant("_fusion_float_min", np.array(np.finfo(np.float32).min, np.float32))
-            self.nodes.append(helper.make_node("Where", [mask, zero, lowest], [name]))
+        if not additive and name not in self.made:
+            self.nodes.append(helper.make_node("Where", [mask, *self.float_limits()], [name]))
             self.made[name] = name
-        return name
+        return mask if additive else name
+
+    def float_limits(self) -> tuple[str, str]:
+        return (self.constant("_fusion_float_0", np.array(0.0, np.float32)),
+                self.constant("_fusion_float_min", np.array(np.finfo(np.float32).min, np.float32)))
+
+    def padding_bias(self) -> str:
+        """[B, 1, S, T]: 0 where attention_mask is nonzero, float min at pads; 5 nodes where HF's mask took 33
+        per step (125M Llama; its causal part is the query's position past + s, as GroupQueryAttention's)."""
+        from onnx import helper
+
+        self.lengths()  # _fusion_new: [S]
+        if "padding_bias" not in self.made:
+            ones = self.constant("_fusion_int64_1_1", np.ones(2, np.int64))
+            one = self.constant("_fusion_int64_1", np.ones(1, np.int64))
+            self.nodes += [helper.make_node("Cast", ["attention_mask"], ["_fusion_keep"], to=9),
+                           helper.make_node("Unsqueeze", ["_fusion_keep", self.constant(
+                               "_fusion_axes_1_2", np.array([1, 2], np.int64))], ["_fusion_keep4"]),
+                           helper.make_node("Where", ["_fusion_keep4", *self.float_limits()], ["_fusion_pad_bias"]),
+                           helper.make_node("Concat", [ones, "_fusion_new", one], ["_fusion_bias_shape"], axis=0),
+                           helper.make_node("Expand", ["_fusion_pad_bias", "_fusion_bias_shape"],
+                                            ["_fusion_padding_bias"])]
+            self.made["padding_bias"] = "_fusion_padding_bias"
+        return "_fusion_padding_bias"
 
     def tables(self, rotary: Rotary) -> tuple[str, str]:
         """cos/sin caches [max_positions, D/2] of the model's own angles, in float32 as the graph computes them."""
@@ -410,6 +437,20 @@ class Shared:
         scale = np.float32(rotary.scale)
         return (self.constant(f"{key}_cos_cache", (np.cos(angles) * scale).astype(np.float32)),
                 self.constant(f"{key}_sin_cache", (np.sin(angles) * scale).astype(np.float32)))
+
+
+def value_inputs(g: Graph, name: str) -> set[str]:
+    """The graph inputs whose values `name` is computed from (an input read only through Shape is not one)."""
+    found, seen, todo = set(), set(), [name]
+    while todo:
+        value = todo.pop()
+        node = g.producer.get(value)
+        if value in g.inputs:
+            found.add(value)
+        elif node is not None and id(node) not in seen and node.op_type != "Shape":
+            seen.add(id(node))
+            todo += [i for i in node.input if i]
+    return found
 
 
 # ONNX Runtime 1.32's CPU GroupQueryAttention rotates only head sizes that are multiples of 16 (its error
@@ -426,7 +467,7 @@ def attention_nodes(att: Attention, shared: Shared) -> list[Any]:
 
     cos, sin = shared.tables(att.rotary)
     seqlens_k, total, query_seqlens = shared.lengths()
-    bias = att.mask if att.additive_mask else shared.bias(att.mask)
+    bias = shared.bias(att.mask, att.additive_mask)
     q, k, rotate, rotary_inputs = att.q3, att.k3, [], [cos, sin, "position_ids"]
     if att.head_dim % ROTARY_INSIDE_HEAD_MULTIPLE:
         q, k, rotary_inputs = f"{att.q3}_rotary", f"{att.k3}_rotary", ["", "", ""]
@@ -561,6 +602,7 @@ def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], li
         if norm.residual is not None:  # without one, ONNX Runtime's SimplifiedLayerNormFusion takes it
             new.append(skip_norm_node(g, norm))
             removed += [mul, norm.residual]
+    near += shared.near
     if not new:
         return {}, near
     for node in removed:
@@ -662,9 +704,24 @@ def keep_if_equal(path: str, candidate: str, feeds: Sequence[dict[str, np.ndarra
 
 
 def run_file(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ONNX Runtime's outputs of the file at `path`, each at the positions attention_mask keeps: a pad's row is
+    read by no real row, and its value differs between attention forms (HF's zeros, GroupQueryAttention's
+    average over float-min scores)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    mask = feeds.get("attention_mask")
+    kept = []
+    for output, value in zip(session.get_outputs(), session.run(None, feeds)):
+        if mask is None or value.ndim < 2 or len(value) != len(mask):
+            kept.append(value)
+        elif output.name.startswith("present") and value.ndim == 4 and value.shape[2] == mask.shape[1]:
+            kept += [row[:, keep != 0] for row, keep in zip(value, mask)]  # [B, heads, T, D]
+        elif not output.name.startswith("present"):  # [B, S, ...]: logits
+            kept += [row[keep[-value.shape[1]:] != 0] for row, keep in zip(value, mask)]
+        else:  # cross-attention K/V (Whisper's), positions not attention_mask's
+            kept.append(value)
+    return kept
 
 
 def relative_difference(got: list[np.ndarray], want: list[np.ndarray]) -> float:

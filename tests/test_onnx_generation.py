@@ -151,7 +151,9 @@ def test_folder_layout_and_passes(exported) -> None:
     packed = 0 if "RotaryEmbedding" in fused_ops else 1
     assert graph.matched("onnx_contrib_fusion") == (sum(fused_ops.values()) + 2 + packed) * hf_tiny.LAYERS, report
     assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Split") == (2 - packed) * hf_tiny.LAYERS
-    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 1  # a length in the mask's shape
+    # HF's mask (Range, GatherND, a Reshape, ...) gone: attention_bias is attention_mask's pads alone
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 0
+    assert not [n for n in report.graphs[0].passes if n.name == "onnx_contrib_fusion"][0].near_misses
 
 
 def fused_op_count(path: str, op_type: str) -> int:
@@ -256,6 +258,27 @@ def test_fusion_leaves_near_misses_alone(portable, tmp_path) -> None:
     assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 1
     assert fuse_contrib_ops(proto.graph, 64) == ({}, near[:1])  # idempotent; the near-miss stays
     assert linears_on_3d_inputs(proto.graph) == (0, near[1:])
+
+
+def test_only_a_mask_of_attention_mask_alone_becomes_the_padding_bias() -> None:
+    """HF's mask, whose values come from attention_mask alone (other inputs through their shapes), is replaced
+    by attention_mask's pads (GroupQueryAttention masks causally itself); a mask that also reads another
+    input's values is kept whole as the bias, with the reason."""
+    from onnx import TensorProto, helper
+    from mmaccel.compiler.onnx_fusions import Graph, Shared
+
+    node = helper.make_node
+    nodes = [node("Cast", ["attention_mask"], ["keep"], to=TensorProto.BOOL), node("Shape", ["input_ids"], ["n"]),
+             node("Expand", ["keep", "n"], ["hf_mask"]),  # attention_mask's values, input_ids' shape
+             node("Cast", ["input_ids"], ["ids_bool"], to=TensorProto.BOOL),
+             node("And", ["hf_mask", "ids_bool"], ["other_mask"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "T"]) for n in
+              ("attention_mask", "input_ids", "position_ids")]
+    graph = helper.make_graph(nodes, "g", inputs, [])
+    shared = Shared(Graph(graph), 64)
+    assert shared.bias("hf_mask", additive=False) == "_fusion_padding_bias"
+    assert shared.bias("other_mask", additive=False) == "other_mask_bias" and not shared.near[:-1]
+    assert "reads ['attention_mask', 'input_ids']" in shared.near[0], shared.near
 
 
 def test_generation_past_the_rotary_tables_is_refused(exported) -> None:
