@@ -7,10 +7,12 @@ Llama, random weights), same prompt, 2 threads; fp32 and int4.
 
     python bench/onnx_fusion_peers.py                # 125M Llama, fp32 and int4, 5 rounds
     python bench/onnx_fusion_peers.py --size tiny    # a quick check
+    python bench/onnx_fusion_peers.py --precisions fp32 --rounds 9   # the fp32 rows alone
 
 Per row: first-token ms and ms per new token (onnx_peers.timings, one call each per round; the median over
 rounds), the folder's bytes, tokens equal to HF eager's (fp32), and from ONNX Runtime's profile of one decode
-step after 80 past positions (onnx_decode_step.kernel_profile): nodes run and kernel ms, matmuls and the rest.
+step after 80 past positions (onnx_decode_step.kernel_profile): nodes run (and of which ops) and kernel ms,
+matmuls and the rest.
 GenAI's rows need onnxruntime-genai (pip install -e '.[bench]'). JSON under bench/results/ (or $OUT).
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import mmaccel
 
 from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
 from onnx_decode_step import kernel_profile
-from onnx_generate import SIZES, build
+from onnx_generate import add_model_arguments, build, past_shape
 from onnx_peers import folder_bytes, genai_build, genai_loop, same_tokens, save_for_peers, timings
 
 INT4 = {"quantize": "int4_weight_only", "accuracy_budget": 0.5}  # bench/onnx_generate.py's int4 rows
@@ -75,12 +77,9 @@ def interleaved(runs: dict[str, tuple[Callable[[int], Any], str]], new: int, rou
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "int4"), default=["fp32", "int4"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build(args.size)
@@ -89,11 +88,11 @@ def main() -> None:
     with torch.no_grad():
         reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                    do_sample=False, eos_token_id=[], pad_token_id=0)
-    past = (80, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    past = past_shape(config, 80)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as work:
         save_for_peers(model, os.path.join(work, "hf"))
-        for precision in ("fp32", "int4"):
+        for precision in args.precisions:
             runs = loops(model, ids, precision, work, args.threads)
             load_before = os.getloadavg()
             for name, row in interleaved(runs, args.new, args.rounds).items():
