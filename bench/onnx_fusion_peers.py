@@ -10,8 +10,9 @@ Llama, random weights), same prompt, 2 threads; fp32 and int4.
     python bench/onnx_fusion_peers.py --precisions fp32 --rounds 9   # the fp32 rows alone
 
 Per row: first-token ms and ms per new token (onnx_peers.timings, one call each per round; the median over
-rounds), the folder's bytes, tokens equal to HF eager's (fp32), and from ONNX Runtime's profile of one decode
-step after 80 past positions (onnx_decode_step.kernel_profile): nodes run (and of which ops) and kernel ms,
+rounds; "/ last": the median over rounds of its ms per token over the precision's last row's, GenAI's), the
+folder's bytes, tokens equal to HF eager's (fp32), and from ONNX Runtime's profile of one decode step after 80
+past positions (onnx_decode_step.kernel_profile): nodes run (and of which ops) and kernel ms,
 matmuls and the rest.
 GenAI's rows need onnxruntime-genai (pip install -e '.[bench]'). JSON under bench/results/ (or $OUT).
 """
@@ -66,12 +67,18 @@ def our_loop(folder: str, ids: torch.Tensor, threads: int, spin_us: int | None) 
 
 
 def interleaved(runs: dict[str, tuple[Callable[[int], Any], str]], new: int, rounds: int) -> dict[str, dict]:
-    """Each loop's medians over `rounds` rounds, the loops taking turns each round."""
+    """Each loop's medians over `rounds` rounds, the loops taking turns each round, its ms per token in each
+    round, and the median over rounds of its ms per token over the last loop's of the same round (GenAI's when
+    it is there): the load of this shared machine changes between rounds, less within one."""
     times: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (generate, _) in runs.items():
             times[name].append(timings(generate, new, 1))
-    return {name: {key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]}
+    last = list(runs)[-1]
+    return {name: {**{key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]},
+                   "ms_per_token_rounds": [r["ms_per_token"] for r in rows],
+                   f"ms_per_token_over_{last}": round(statistics.median(
+                       r["ms_per_token"] / o["ms_per_token"] for r, o in zip(rows, times[last])), 3)}
             for name, rows in times.items()}
 
 
@@ -101,10 +108,13 @@ def main() -> None:
                               "file_bytes": folder_bytes(os.path.dirname(path)),
                               "tokens_equal_hf": same_tokens(np.asarray(generate(args.new)), reference),
                               **kernel_profile(path, past, args.threads)}
-    print(f"{'decoder':56} {'first ms':>9} {'ms/token':>9} {'MB':>7} {'nodes':>6} {'matmul ms':>10} {'other':>6}")
+    print(f"{'decoder':52} {'first ms':>9} {'ms/token':>9} {'/ last':>7} {'MB':>6} {'nodes':>6} {'matmul ms':>10} "
+          f"{'other':>6}")
     for name, row in rows.items():
-        print(f"{name:56} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {row['file_bytes'] / 1e6:>7.1f} "
-              f"{row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} {row['kernel_ms_other']:>6.2f}")
+        ratio = next(v for k, v in row.items() if k.startswith("ms_per_token_over_"))
+        print(f"{name:52} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {ratio:>7.3f} "
+              f"{row['file_bytes'] / 1e6:>6.1f} {row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} "
+              f"{row['kernel_ms_other']:>6.2f}")
     path = args.out or default_out(f"onnx_fusion_peers_cpu_{args.size}.json")
     write_json(path, {"environment": environment("cpu", threads=args.threads, size=args.size, prompt=args.prompt,
                                                  new_tokens=args.new, rounds=args.rounds),
