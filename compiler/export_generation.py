@@ -230,8 +230,8 @@ def _onnxruntime_rewrites(spec: GraphSpec, path: str, inputs: Any, reference: li
     """The decoder's contrib-op fusion (compiler/onnx_fusions.py; checked against the unfused file while the
     MatMulNBits still run the exact kernel: int8 activations turn 1e-7 differences into 2e-2 on the 125M Llama),
     then int8 activations in MatMulNBits if ONNX Runtime's error allows (export_accuracy_level.py), measured on
-    inputs the file takes: GroupQueryAttention takes several new tokens in a batch only without a past, so a
-    fused decoder's error is measured on one decode step after the trace past, the step int8 activations speed up."""
+    the trace inputs, or for a fused decoder on one decode step after the trace past, the step int8 activations
+    speed up."""
     fused = False
     if spec.name == "decoder" and fuse_positions:
         feeds = decoder_feeds(spec)
