@@ -400,10 +400,10 @@ class Shared:
         reads = value_inputs(self.g, mask)
         if reads == {"attention_mask"}:
             return self.padding_bias()
-        self.near.append(f"mask {mask} reads {sorted(reads)}, not attention_mask alone: kept whole as the bias")
         name = f"{mask}_bias"
-        if not additive and name not in self.made:
-            self.nodes.append(helper.make_node("Where", [mask, *self.float_limits()], [name]))
+        if name not in self.made:  # once per mask, which every layer reads
+            self.near.append(f"mask {mask} reads {sorted(reads)}, not attention_mask alone: kept whole as the bias")
+            self.nodes += [] if additive else [helper.make_node("Where", [mask, *self.float_limits()], [name])]
             self.made[name] = name
         return mask if additive else name
 

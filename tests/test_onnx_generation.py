@@ -283,8 +283,10 @@ def test_only_a_mask_of_attention_mask_alone_becomes_the_padding_bias() -> None:
     graph = helper.make_graph(nodes, "g", inputs, [])
     shared = Shared(Graph(graph), 64)
     assert shared.bias("hf_mask", additive=False) == "_fusion_padding_bias"
-    assert shared.bias("other_mask", additive=False) == "other_mask_bias" and not shared.near[:-1]
-    assert "reads ['attention_mask', 'input_ids']" in shared.near[0], shared.near
+    for _ in range(2):  # every layer reads it: one Where, one reason
+        assert shared.bias("other_mask", additive=False) == "other_mask_bias"
+    assert len(shared.near) == 1 and "reads ['attention_mask', 'input_ids']" in shared.near[0], shared.near
+    assert sum(n.op_type == "Where" for n in shared.nodes) == 2  # the padding bias's and other_mask's
 
 
 def test_generation_past_the_rotary_tables_is_refused(exported) -> None:
