@@ -24,7 +24,7 @@ import torch
 import mmaccel
 
 from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
-from onnx_generate import SIZES, build
+from onnx_generate import add_model_arguments, build, past_shape
 from onnx_peers import genai_build, save_for_peers
 
 
@@ -51,7 +51,8 @@ def step_session(path: str, past: tuple[int, int, int], threads: int,
 
 
 def kernel_profile(path: str, past: tuple[int, int, int], threads: int, runs: int = 10) -> dict[str, Any]:
-    """Nodes run per step and the sum of each node's median kernel time (ms): the matmuls and the rest."""
+    """Nodes run per step, how many of each op, and the sum of each node's median kernel time (ms): the matmuls
+    and the rest."""
     session, feeds = step_session(path, past, threads, profile=True)
     for _ in range(runs):
         session.run(None, feeds)
@@ -64,8 +65,11 @@ def kernel_profile(path: str, past: tuple[int, int, int], threads: int, runs: in
         per_node.setdefault((e["name"], e["args"]["op_name"]), []).append(e["dur"] / 1e3)
     matmul = sum(statistics.median(v) for (_, op), v in per_node.items() if "MatMul" in op)
     rest = sum(statistics.median(v) for (_, op), v in per_node.items() if "MatMul" not in op)
+    ops: dict[str, int] = {}
+    for _, op in per_node:  # which ops make the node count (issue 18: ours against GenAI's)
+        ops[op] = ops.get(op, 0) + 1
     return {"nodes_per_step": len(events) // runs, "kernel_ms_matmul": round(matmul, 2),
-            "kernel_ms_other": round(rest, 2)}
+            "kernel_ms_other": round(rest, 2), "ops_per_step": dict(sorted(ops.items(), key=lambda o: -o[1]))}
 
 
 def interleaved_ms(paths: dict[str, str], past: tuple[int, int, int], threads: int, rounds: int, calls: int) -> dict[str, dict]:
@@ -95,17 +99,14 @@ def export_pair(model: torch.nn.Module, hf_folder: str, work: str, precision: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
+    add_model_arguments(parser, generation=False)
     parser.add_argument("--past", type=int, default=80, help="past positions (bench/onnx_generate.py: 64 + 32)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build(args.size)
-    config = model.config
-    past = (args.past, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    past = past_shape(model.config, args.past)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as work:
         hf_folder = os.path.join(work, "hf")

@@ -7,10 +7,13 @@ Llama, random weights), same prompt, 2 threads; fp32 and int4.
 
     python bench/onnx_fusion_peers.py                # 125M Llama, fp32 and int4, 5 rounds
     python bench/onnx_fusion_peers.py --size tiny    # a quick check
+    python bench/onnx_fusion_peers.py --precisions fp32 --rounds 9   # the fp32 rows alone
 
 Per row: first-token ms and ms per new token (onnx_peers.timings, one call each per round; the median over
-rounds), the folder's bytes, tokens equal to HF eager's (fp32), and from ONNX Runtime's profile of one decode
-step after 80 past positions (onnx_decode_step.kernel_profile): nodes run and kernel ms, matmuls and the rest.
+rounds; "/ last": the median over rounds of its ms per token over the precision's last row's, GenAI's), the
+folder's bytes, tokens equal to HF eager's (fp32), and from ONNX Runtime's profile of one decode step after 80
+past positions (onnx_decode_step.kernel_profile): nodes run (and of which ops) and kernel ms,
+matmuls and the rest.
 GenAI's rows need onnxruntime-genai (pip install -e '.[bench]'). JSON under bench/results/ (or $OUT).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import mmaccel
 
 from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
 from onnx_decode_step import kernel_profile
-from onnx_generate import SIZES, build
+from onnx_generate import add_model_arguments, build, past_shape
 from onnx_peers import folder_bytes, genai_build, genai_loop, same_tokens, save_for_peers, timings
 
 INT4 = {"quantize": "int4_weight_only", "accuracy_budget": 0.5}  # bench/onnx_generate.py's int4 rows
@@ -64,23 +67,26 @@ def our_loop(folder: str, ids: torch.Tensor, threads: int, spin_us: int | None) 
 
 
 def interleaved(runs: dict[str, tuple[Callable[[int], Any], str]], new: int, rounds: int) -> dict[str, dict]:
-    """Each loop's medians over `rounds` rounds, the loops taking turns each round."""
+    """Each loop's medians over `rounds` rounds, the loops taking turns each round, its ms per token in each
+    round, and the median over rounds of its ms per token over the last loop's of the same round (GenAI's when
+    it is there): the load of this shared machine changes between rounds, less within one."""
     times: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, (generate, _) in runs.items():
             times[name].append(timings(generate, new, 1))
-    return {name: {key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]}
+    last = list(runs)[-1]
+    return {name: {**{key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]},
+                   "ms_per_token_rounds": [r["ms_per_token"] for r in rows],
+                   f"ms_per_token_over_{last}": round(statistics.median(
+                       r["ms_per_token"] / o["ms_per_token"] for r, o in zip(rows, times[last])), 3)}
             for name, rows in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "int4"), default=["fp32", "int4"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build(args.size)
@@ -89,11 +95,11 @@ def main() -> None:
     with torch.no_grad():
         reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                    do_sample=False, eos_token_id=[], pad_token_id=0)
-    past = (80, config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    past = past_shape(config, 80)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as work:
         save_for_peers(model, os.path.join(work, "hf"))
-        for precision in ("fp32", "int4"):
+        for precision in args.precisions:
             runs = loops(model, ids, precision, work, args.threads)
             load_before = os.getloadavg()
             for name, row in interleaved(runs, args.new, args.rounds).items():
@@ -102,10 +108,13 @@ def main() -> None:
                               "file_bytes": folder_bytes(os.path.dirname(path)),
                               "tokens_equal_hf": same_tokens(np.asarray(generate(args.new)), reference),
                               **kernel_profile(path, past, args.threads)}
-    print(f"{'decoder':56} {'first ms':>9} {'ms/token':>9} {'MB':>7} {'nodes':>6} {'matmul ms':>10} {'other':>6}")
+    print(f"{'decoder':52} {'first ms':>9} {'ms/token':>9} {'/ last':>7} {'MB':>6} {'nodes':>6} {'matmul ms':>10} "
+          f"{'other':>6}")
     for name, row in rows.items():
-        print(f"{name:56} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {row['file_bytes'] / 1e6:>7.1f} "
-              f"{row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} {row['kernel_ms_other']:>6.2f}")
+        ratio = next(v for k, v in row.items() if k.startswith("ms_per_token_over_"))
+        print(f"{name:52} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {ratio:>7.3f} "
+              f"{row['file_bytes'] / 1e6:>6.1f} {row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} "
+              f"{row['kernel_ms_other']:>6.2f}")
     path = args.out or default_out(f"onnx_fusion_peers_cpu_{args.size}.json")
     write_json(path, {"environment": environment("cpu", threads=args.threads, size=args.size, prompt=args.prompt,
                                                  new_tokens=args.new, rounds=args.rounds),

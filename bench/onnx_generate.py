@@ -52,6 +52,23 @@ def build(size: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, generation: bool = True) -> None:
+    """The arguments the ONNX benches here share: model size, threads, output path; with `generation`, the
+    prompt's length and the new tokens."""
+    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
+    if generation:
+        parser.add_argument("--prompt", type=int, default=64)
+        parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    parser.add_argument("--out", default=None)
+
+
+def past_shape(config: LlamaConfig, positions: int) -> tuple[int, int, int]:
+    """(positions, KV heads, head dim): the past K/V of one decode step (bench/onnx_decode_step.step_session)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return positions, config.num_key_value_heads, head_dim
+
+
 def onnx_row(model: LlamaForCausalLM, ids: torch.Tensor, options: dict[str, Any], reference: torch.Tensor,
              args: argparse.Namespace) -> dict[str, Any]:
     """Export with `options`, then time onnx_generate on the folder."""
@@ -113,17 +130,13 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
+    add_model_arguments(parser)
     parser.add_argument("--tiny", action="store_true", help="same as --size tiny")
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--int4", action="store_true", help="also int4 weights as MatMulNBits")
     parser.add_argument("--spinning-too", action="store_true",
                         help="also time mmaccel's rows with ONNX Runtime's default spinning (the loop before), "
                              "and Optimum's with OnnxGenerator's 20 us")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     size = "tiny" if args.tiny else args.size
     torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ import mmaccel
 from mmaccel.compiler.export_accuracy_level import set_accuracy_level
 
 from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
-from onnx_generate import SIZES, build
+from onnx_generate import add_model_arguments, build
 from onnx_peers import folder_bytes, timings
 
 EXACT, LEVEL4 = "accuracy_level 0 (exact kernel)", "accuracy_level 4"
@@ -60,12 +60,8 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="130m")
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=32)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build(args.size)

@@ -54,7 +54,8 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[Any] | dict[str
     LLaVA as a folder at `path`: decoder with past/present key-value tensors (and LLaVA's vision and
     embedding graphs) plus manifest.json, which mmaccel.onnx_generate runs (compiler/export_generation.py);
     its dynamic dims are fixed by the layout, so dynamic_shapes does not apply; its decoder uses ONNX Runtime's
-    contrib ops (GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization) unless portable=True."""
+    contrib ops (GroupQueryAttention, SkipSimplifiedLayerNormalization; RotaryEmbedding for heads not a multiple
+    of 16) unless portable=True."""
     if not generation:
         return export_file(model, example_inputs, path, dynamic_shapes=dynamic_shapes, **options)
     if dynamic_shapes is not None:

@@ -230,8 +230,8 @@ def _onnxruntime_rewrites(spec: GraphSpec, path: str, inputs: Any, reference: li
     """The decoder's contrib-op fusion (compiler/onnx_fusions.py; checked against the unfused file while the
     MatMulNBits still run the exact kernel: int8 activations turn 1e-7 differences into 2e-2 on the 125M Llama),
     then int8 activations in MatMulNBits if ONNX Runtime's error allows (export_accuracy_level.py), measured on
-    inputs the file takes: GroupQueryAttention takes several new tokens in a batch only without a past, so a
-    fused decoder's error is measured on one decode step after the trace past, the step int8 activations speed up."""
+    the trace inputs, or for a fused decoder on one decode step after the trace past, the step int8 activations
+    speed up."""
     fused = False
     if spec.name == "decoder" and fuse_positions:
         feeds = decoder_feeds(spec)
@@ -246,8 +246,8 @@ def _onnxruntime_rewrites(spec: GraphSpec, path: str, inputs: Any, reference: li
 
 
 def decoder_feeds(spec: GraphSpec) -> list[dict[str, Any]]:
-    """The decoder's inputs for a prompt (no past) and for one step after the trace past, from its example:
-    the two calls onnx_generate makes (GroupQueryAttention takes no past with several new tokens in a batch)."""
+    """The decoder's inputs for a prompt (no past) and for one step after the trace past, from its example (the
+    two calls onnx_generate makes), and both again left-padded."""
     example = dict(zip(spec.inputs, (t.detach().cpu().numpy() for t in spec.example)))
     tokens, mask = example[spec.inputs[0]], example["attention_mask"]
     batch, sequence = tokens.shape[:2]
@@ -257,7 +257,16 @@ def decoder_feeds(spec: GraphSpec) -> list[dict[str, Any]]:
               **{n: v[:, :, :0] for n, v in example.items() if n in grows}}
     step = {**example, spec.inputs[0]: tokens[:, :1], "attention_mask": np.ones((batch, TRACE_PAST + 1), mask.dtype),
             "position_ids": np.full((batch, 1), TRACE_PAST)}
-    return [prompt, step]
+    return [prompt, step, *(left_padded(feeds) for feeds in (prompt, step) if feeds["attention_mask"].shape[1] > 1)]
+
+
+def left_padded(feeds: dict[str, Any]) -> dict[str, Any]:
+    """`feeds` with the first half of row 0's positions pads, position_ids as HF's generate() gives them (1 at
+    pads): so that the fusions are checked on left-padded batches too."""
+    mask = feeds["attention_mask"].copy()
+    mask[0, :mask.shape[1] // 2] = 0
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)[:, -feeds["position_ids"].shape[1]:]
+    return {**feeds, "attention_mask": mask, "position_ids": positions.astype(feeds["position_ids"].dtype)}
 
 
 def eager_outputs(spec: GraphSpec, inputs: Any = None) -> list[torch.Tensor]:

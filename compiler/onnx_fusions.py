@@ -1,6 +1,7 @@
 """ONNX Runtime's fused contrib ops in an exported decoder (issue 18): each Llama-style layer's attention with
-its past K/V becomes com.microsoft RotaryEmbedding (q and k) + GroupQueryAttention, each residual add followed
-by an RMSNorm one com.microsoft SkipSimplifiedLayerNormalization, and each linear reads its 3D input
+its past K/V becomes one com.microsoft GroupQueryAttention that rotates q and k itself and reads them packed
+(packed_qkv; heads not a multiple of 16: RotaryEmbedding nodes before it), each residual add followed by an
+RMSNorm one com.microsoft SkipSimplifiedLayerNormalization, and each linear reads its 3D input
 (linears_on_3d_inputs).
 
 Why: ONNX Runtime GenAI's builder writes these ops; our standard-op decoder ran 799 nodes per step against its
@@ -17,13 +18,14 @@ attention_fusion), each piece checked, a failed check kept as a near-miss with i
     out = Reshape(Transpose(MatMul([Where(any,] Softmax(scores) [, 0)], V), [0, 2, 1, 3]), [B, S, H*D])
                                                                   K, V: the presents, repeated per group
 becomes
-    out, present.i.key, present.i.value = GroupQueryAttention(RotaryEmbedding(q3), RotaryEmbedding(k3), v3,
-        past key, past value, seqlens_k = T - 1, T, attention_bias = Where(mask, 0, float min) | float mask)
+    out, present.i.key, present.i.value = GroupQueryAttention(q3, k3, v3, past key, past value,
+        seqlens_k = T - 1, T, cos, sin, position_ids, attention_bias = Where(mask, 0, float min) | float mask,
+        query_seqlens = S, do_rotary=1)                 (q3, k3, v3: then one packed value, when one Split made them)
 The mask (causal and padding, as HF built it) is kept whole as attention_bias, so left-padded batches attend
 as before: GroupQueryAttention's own causal mask is the same one (query s sits at position past + s), and its
 seqlens_k counts every position, pads included. float min, not -inf: a pad query row sees no position, and
 with -inf its softmax is NaN, which the next layer's K/V would carry into every row; with float min that row
-averages (finite, and never read), and real rows give masked positions exp(min - max) = 0. RotaryEmbedding
+averages (finite, and never read), and real rows give masked positions exp(min - max) = 0. The rotation
 reads cos/sin tables [positions, D/2] computed here from the graph's own inv_freq (and scale) for
 `max_positions` positions (the config's max_position_embeddings); the loop refuses to go past them
 (compiler/onnx_generate.py).
@@ -197,6 +199,7 @@ class Attention:
     scale: float
     heads: int
     kv_heads: int
+    head_dim: int
     rotary: Rotary
     removed: list[Any]  # the nodes whose outputs the fused nodes now make
 
@@ -224,7 +227,7 @@ def attention_at(g: Graph, softmax: Any) -> Attention:
     need((k_rotary.cos, k_rotary.sin) == (rotary.cos, rotary.sin), f"{k_add.name}: k rotated by another table")
     need(v_heads == kv_heads and heads % kv_heads == 0, f"{qk.name}: {heads} query heads, {kv_heads}/{v_heads} kv")
     return Attention(q3, k3, v3, (past_k, past_v), (present_k, present_v), out.output[0], mask, additive, scale,
-                     heads, kv_heads, rotary, [concat_k, concat_v, out])
+                     heads, kv_heads, width, rotary, [concat_k, concat_v, out])
 
 
 def masked_scores(g: Graph, scores: str) -> tuple[Any, str, bool]:
@@ -357,7 +360,7 @@ class Shared:
     rotary tables."""
 
     def __init__(self, g: Graph, max_positions: int) -> None:
-        self.g, self.max_positions, self.nodes, self.made = g, max_positions, [], {}
+        self.g, self.max_positions, self.nodes, self.made, self.near = g, max_positions, [], {}, []
 
     def constant(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -367,8 +370,9 @@ class Shared:
             self.made[name] = name
         return name
 
-    def lengths(self) -> tuple[str, str]:
-        """(seqlens_k int32 [B] = T - 1 for every row, T int32 scalar), T = attention_mask's length."""
+    def lengths(self) -> tuple[str, str, str]:
+        """(seqlens_k int32 [B] = T - 1 for every row, T int32 scalar, query_seqlens int32 [B] = S for every
+        row), T = attention_mask's length, S = position_ids'."""
         from onnx import helper
 
         need("attention_mask" in self.g.inputs, "no attention_mask input")
@@ -380,21 +384,51 @@ class Shared:
                            helper.make_node("Gather", ["_fusion_mask_shape", self.constant(
                                "_fusion_int64_0", np.array([0], np.int64))], ["_fusion_batch"], axis=0),
                            helper.make_node("Sub", ["_fusion_total", one], ["_fusion_last"]),
-                           helper.make_node("Expand", ["_fusion_last", "_fusion_batch"], ["_fusion_seqlens_k"])]
+                           helper.make_node("Expand", ["_fusion_last", "_fusion_batch"], ["_fusion_seqlens_k"]),
+                           helper.make_node("Shape", ["position_ids"], ["_fusion_new"], start=1, end=2),
+                           helper.make_node("Cast", ["_fusion_new"], ["_fusion_new32"], to=6),
+                           helper.make_node("Expand", ["_fusion_new32", "_fusion_batch"], ["_fusion_query_seqlens"])]
             self.made["seqlens_k"] = "_fusion_seqlens_k"
-        return "_fusion_seqlens_k", "_fusion_total"
+        return "_fusion_seqlens_k", "_fusion_total", "_fusion_query_seqlens"
 
-    def bias(self, mask: str) -> str:
-        """Where(mask, 0, float min): the additive form of HF's boolean mask (float min: module docstring)."""
+    def bias(self, mask: str, additive: bool) -> str:
+        """attention_bias for HF's `mask`: padding_bias() when the mask's values come from attention_mask's alone
+        (HF's causal + padding mask: the causal part is GroupQueryAttention's own), else the mask itself in
+        additive form, Where(mask, 0, float min) for a boolean one (float min: module docstring)."""
         from onnx import helper
 
+        reads = value_inputs(self.g, mask)
+        if reads == {"attention_mask"}:
+            return self.padding_bias()
         name = f"{mask}_bias"
-        if name not in self.made:
-            zero = self.constant("_fusion_float_0", np.array(0.0, np.float32))
-            lowest = self.constant("_fusion_float_min", np.array(np.finfo(np.float32).min, np.float32))
-            self.nodes.append(helper.make_node("Where", [mask, zero, lowest], [name]))
+        if name not in self.made:  # once per mask, which every layer reads
+            self.near.append(f"mask {mask} reads {sorted(reads)}, not attention_mask alone: kept whole as the bias")
+            self.nodes += [] if additive else [helper.make_node("Where", [mask, *self.float_limits()], [name])]
             self.made[name] = name
-        return name
+        return mask if additive else name
+
+    def float_limits(self) -> tuple[str, str]:
+        return (self.constant("_fusion_float_0", np.array(0.0, np.float32)),
+                self.constant("_fusion_float_min", np.array(np.finfo(np.float32).min, np.float32)))
+
+    def padding_bias(self) -> str:
+        """[B, 1, S, T]: 0 where attention_mask is nonzero, float min at pads; 5 nodes where HF's mask took 33
+        per step (125M Llama; its causal part is the query's position past + s, as GroupQueryAttention's)."""
+        from onnx import helper
+
+        self.lengths()  # _fusion_new: [S]
+        if "padding_bias" not in self.made:
+            ones = self.constant("_fusion_int64_1_1", np.ones(2, np.int64))
+            one = self.constant("_fusion_int64_1", np.ones(1, np.int64))
+            self.nodes += [helper.make_node("Cast", ["attention_mask"], ["_fusion_keep"], to=9),
+                           helper.make_node("Unsqueeze", ["_fusion_keep", self.constant(
+                               "_fusion_axes_1_2", np.array([1, 2], np.int64))], ["_fusion_keep4"]),
+                           helper.make_node("Where", ["_fusion_keep4", *self.float_limits()], ["_fusion_pad_bias"]),
+                           helper.make_node("Concat", [ones, "_fusion_new", one], ["_fusion_bias_shape"], axis=0),
+                           helper.make_node("Expand", ["_fusion_pad_bias", "_fusion_bias_shape"],
+                                            ["_fusion_padding_bias"])]
+            self.made["padding_bias"] = "_fusion_padding_bias"
+        return "_fusion_padding_bias"
 
     def tables(self, rotary: Rotary) -> tuple[str, str]:
         """cos/sin caches [max_positions, D/2] of the model's own angles, in float32 as the graph computes them."""
@@ -405,19 +439,45 @@ class Shared:
                 self.constant(f"{key}_sin_cache", (np.sin(angles) * scale).astype(np.float32)))
 
 
+def value_inputs(g: Graph, name: str) -> set[str]:
+    """The graph inputs whose values `name` is computed from (an input read only through Shape is not one)."""
+    found, seen, todo = set(), set(), [name]
+    while todo:
+        value = todo.pop()
+        node = g.producer.get(value)
+        if value in g.inputs:
+            found.add(value)
+        elif node is not None and id(node) not in seen and node.op_type != "Shape":
+            seen.add(id(node))
+            todo += [i for i in node.input if i]
+    return found
+
+
+# ONNX Runtime 1.32's CPU GroupQueryAttention rotates only head sizes that are multiples of 16 (its error
+# otherwise: "head_size shall be a multiple of 16"); other sizes get RotaryEmbedding nodes before it
+ROTARY_INSIDE_HEAD_MULTIPLE = 16
+
+
 def attention_nodes(att: Attention, shared: Shared) -> list[Any]:
+    """GroupQueryAttention rotating q and k itself at the positions position_ids gives each query row (a
+    RotaryEmbedding node per q and k first where it cannot). query_seqlens (S for every row) is what makes ONNX
+    Runtime read position_ids per row on a prompt too: without it a prompt's rows all start at
+    position_ids[0, 0], wrong for left-padded rows (measured, ONNX Runtime 1.32)."""
     from onnx import helper
 
     cos, sin = shared.tables(att.rotary)
-    seqlens_k, total = shared.lengths()
-    bias = att.mask if att.additive_mask else shared.bias(att.mask)
-    q, k = f"{att.q3}_rotary", f"{att.k3}_rotary"
-    rotate = [helper.make_node("RotaryEmbedding", [x3, "position_ids", cos, sin], [x], domain=MS,
-                               name=f"{x}_node", interleaved=0) for x3, x in ((att.q3, q), (att.k3, k))]
+    seqlens_k, total, query_seqlens = shared.lengths()
+    bias = shared.bias(att.mask, att.additive_mask)
+    q, k, rotate, rotary_inputs = att.q3, att.k3, [], [cos, sin, "position_ids"]
+    if att.head_dim % ROTARY_INSIDE_HEAD_MULTIPLE:
+        q, k, rotary_inputs = f"{att.q3}_rotary", f"{att.k3}_rotary", ["", "", ""]
+        rotate = [helper.make_node("RotaryEmbedding", [x3, "position_ids", cos, sin], [x], domain=MS,
+                                   name=f"{x}_node", interleaved=0) for x3, x in ((att.q3, q), (att.k3, k))]
     return [*rotate, helper.make_node(
-        "GroupQueryAttention", [q, k, att.v3, *att.past, seqlens_k, total, "", "", "", bias],
+        "GroupQueryAttention", [q, k, att.v3, *att.past, seqlens_k, total, *rotary_inputs, bias, *[""] * 5,
+                                query_seqlens],
         [att.out, *att.present], domain=MS, name=f"{att.out}_group_query_attention", num_heads=att.heads,
-        kv_num_heads=att.kv_heads, scale=att.scale)]
+        kv_num_heads=att.kv_heads, scale=att.scale, do_rotary=int(not rotate), rotary_interleaved=0)]
 
 
 LINEARS = {("", "MatMul"), ("com.microsoft", "MatMulNBits")}
@@ -478,6 +538,34 @@ def unflatten_plan(g: Graph, linear: Any, x_shape: list[Any]) -> tuple[Any, Any,
     return linear, last, split, [r[0] for r in reshapes]
 
 
+def packed_qkv(graph: Any) -> tuple[int, list[str]]:
+    """GroupQueryAttention(q, k, v) where q, k, v are the parts of one Split on the last dim, in that order and
+    read by it alone -> GroupQueryAttention(the split value): ONNX Runtime splits packed QKV itself, as ONNX
+    Runtime GenAI's builder writes it (one Split node fewer per layer, 12 of the 69 nodes per step our 125M Llama
+    ran beyond GenAI's). Run after linears_on_3d_inputs (the parts are 3D then). Returns (packed, near-misses)."""
+    g, packed, near = Graph(graph), 0, []
+    for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS]:
+        q, k, v = attention.input[:3]
+        split = g.producer.get(q)
+        heads, kv_heads = g.attr(attention, "num_heads"), g.attr(attention, "kv_num_heads")
+        if not k or split is None or split.op_type != "Split":
+            continue
+        sizes = g.ints(split.input[1]) if len(split.input) > 1 else None
+        width = (sizes or [0])[0] // heads
+        reason = ("parts not q, k, v in order" if list(split.output) != [q, k, v]
+                  else f"split on dim {g.attr(split, 'axis', 0)}" if g.attr(split, "axis", 0) != -1
+                  else f"split sizes {sizes}" if sizes != [heads * width, kv_heads * width, kv_heads * width]
+                  else "a part read elsewhere" if any(len(g.readers.get(x, [])) != 1 or x in g.outputs
+                                                      for x in (q, k, v)) else None)
+        if reason is not None:
+            near.append(f"packed QKV at {attention.name} left alone: {reason}")
+            continue
+        attention.input[:3] = [split.input[0], "", ""]
+        graph.node.remove(split)
+        packed += 1
+    return packed, near
+
+
 def set_attr(node: Any, name: str, value: Any) -> None:
     from onnx import helper
 
@@ -514,6 +602,7 @@ def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], li
         if norm.residual is not None:  # without one, ONNX Runtime's SimplifiedLayerNormFusion takes it
             new.append(skip_norm_node(g, norm))
             removed += [mul, norm.residual]
+    near += shared.near
     if not new:
         return {}, near
     for node in removed:
@@ -525,8 +614,10 @@ def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], li
     for node in new:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     linears, linear_near = linears_on_3d_inputs(graph)
+    packed, packed_near = packed_qkv(graph)
     counts.update({"3D linear groups": linears} if linears else {})
-    return counts, near + linear_near
+    counts.update({"packed QKV": packed} if packed else {})
+    return counts, near + linear_near + packed_near
 
 
 def is_rms_norm_end(g: Graph, mul: Any) -> bool:
@@ -599,7 +690,8 @@ def keep_if_equal(path: str, candidate: str, feeds: Sequence[dict[str, np.ndarra
                   result: PassResult) -> None:
     fused = ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
     try:
-        error = max(relative_difference(run_file(candidate, f), run_file(path, f)) for f in feeds)
+        error = max(relative_difference(got, want) for got, want in zip(run_file(candidate, feeds),
+                                                                         run_file(path, feeds)))
         measured = f"ONNX Runtime's outputs {error:.1e} from the unfused file's (relative, max over outputs)"
     except Exception as failure:  # noqa: BLE001 (any ONNX Runtime refusal of the fused file: keep the unfused one)
         error, measured = float("nan"), f"ONNX Runtime failed on the fused file: {str(failure)[-300:]}"
@@ -612,10 +704,31 @@ def keep_if_equal(path: str, candidate: str, feeds: Sequence[dict[str, np.ndarra
         result.changes = [f"rolled back: {measured} (tolerance {TOLERANCE:g})"]
 
 
-def run_file(path: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_file(path: str, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """ONNX Runtime's outputs of the file at `path` for each of `feeds` (one session: ~1 s to load the 125M
+    Llama), at the positions attention_mask keeps."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return [kept_positions(session, feed) for feed in feeds]
+
+
+def kept_positions(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The session's outputs, each at the positions attention_mask keeps: a pad's row is read by no real row,
+    and its value differs between attention forms (HF's zeros, GroupQueryAttention's average over float-min
+    scores)."""
+    mask = feeds.get("attention_mask")
+    kept = []
+    for output, value in zip(session.get_outputs(), session.run(None, feeds)):
+        if mask is None or value.ndim < 2 or len(value) != len(mask):
+            kept.append(value)
+        elif output.name.startswith("present") and value.ndim == 4 and value.shape[2] == mask.shape[1]:
+            kept += [row[:, keep != 0] for row, keep in zip(value, mask)]  # [B, heads, T, D]
+        elif not output.name.startswith("present"):  # [B, S, ...]: logits
+            kept += [row[keep[-value.shape[1]:] != 0] for row, keep in zip(value, mask)]
+        else:  # cross-attention K/V (Whisper's), positions not attention_mask's
+            kept.append(value)
+    return kept
 
 
 def relative_difference(got: list[np.ndarray], want: list[np.ndarray]) -> float:

@@ -102,7 +102,8 @@ class OnnxGenerator:
             past.update(present)
             token = np.where(done, pad, choose_tokens(logits[:, -1, :], sampling, rng))
             new_tokens.append(token)
-            done |= np.isin(token, stop)
+            if stop:  # np.isin costs ~70 us even with no stop ids (125M Llama: 0.5% of a step)
+                done |= np.isin(token, stop)
             if done.all():
                 break
             step_input = self._token_input(token[:, None])
@@ -196,7 +197,7 @@ def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any = No
 
 def choose_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
     """logits [B, V] -> token ids [B]: argmax, or a sample after temperature, top-k and top-p (Gumbel-max)."""
-    logits = logits.astype(np.float32)
+    logits = np.asarray(logits, dtype=np.float32)  # no copy of fp32 logits (32000 of them: ~30 us a step)
     if not sampling.do_sample:
         return logits.argmax(-1)
     scores = logits / sampling.temperature

@@ -49,11 +49,12 @@ def bert(impl: str) -> BertModel:
     return inference(BertModel(config))
 
 
-def llama(impl: str, use_cache: bool = False, max_positions: int = 64) -> LlamaForCausalLM:
+def llama(impl: str, use_cache: bool = False, max_positions: int = 64, head_dim: int = 8) -> LlamaForCausalLM:
     """Grouped-query attention (4 query heads, 2 KV heads), as in Llama 2/3."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=max_positions,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=use_cache,
                          attn_implementation=impl)
     return inference(LlamaForCausalLM(config))

@@ -36,11 +36,21 @@ SDPA = torch.ops.aten.scaled_dot_product_attention
 # (attn_implementation="eager"), which attention_fusion must turn into SDPA on the decoder with a past.
 # One export takes 15-45 s on the 2-core CI machine, so the default run exports Llama only; the others run
 # with -m coverage (the opt-in set of tests/test_hf_coverage.py).
-MODELS = {"llama": lambda: hf_tiny.llama("sdpa", use_cache=True), "qwen2": hf_tiny.qwen2,
+# Llama's heads of 16: ONNX Runtime's GroupQueryAttention rotates q and k itself (the default path); Qwen2's and
+# eager Llama's of 8: RotaryEmbedding nodes before it (compiler/onnx_fusions.py).
+MODELS = {"llama": lambda: hf_tiny.llama("sdpa", use_cache=True, head_dim=16), "qwen2": hf_tiny.qwen2,
           "llama_eager_attention": lambda: hf_tiny.llama("eager", use_cache=True)}
 DEFAULT_SET = ("llama",)
-# ONNX Runtime contrib ops the default export writes per decoder layer (compiler/onnx_fusions.py)
-FUSED_PER_LAYER = {"GroupQueryAttention": 1, "RotaryEmbedding": 2, "SkipSimplifiedLayerNormalization": 2}
+
+
+def head_dim_of(model: torch.nn.Module) -> int:
+    return getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+
+
+def fused_per_layer(head_dim: int) -> dict[str, int]:
+    """ONNX Runtime contrib ops the default export writes per decoder layer (compiler/onnx_fusions.py)."""
+    rotary = {"RotaryEmbedding": 2} if head_dim % 16 else {}
+    return {"GroupQueryAttention": 1, "SkipSimplifiedLayerNormalization": 2, **rotary}
 
 
 @pytest.fixture(scope="module", params=[name if name in DEFAULT_SET else pytest.param(name, marks=pytest.mark.coverage)
@@ -109,8 +119,10 @@ def test_folder_layout_and_passes(exported) -> None:
     model, folder, report = exported
     manifest = json.load(open(os.path.join(folder, "manifest.json")))
     config = manifest["config"]
-    assert config == {**config, "num_layers": hf_tiny.LAYERS, "num_kv_heads": 2, "head_dim": 8, "vocab_size": 100,
-                      "dtype": "float32", "eos_token_id": [2], "pad_token_id": 0}
+    head_dim = head_dim_of(model)
+    fused_ops = fused_per_layer(head_dim)
+    assert config == {**config, "num_layers": hf_tiny.LAYERS, "num_kv_heads": 2, "head_dim": head_dim,
+                      "vocab_size": 100, "dtype": "float32", "eos_token_id": [2], "pad_token_id": 0}
     decoder = manifest["graphs"]["decoder"]
     inputs = {i["name"]: i["shape"] for i in decoder["inputs"]}
     outputs = {o["name"]: o["shape"] for o in decoder["outputs"]}
@@ -119,13 +131,13 @@ def test_folder_layout_and_passes(exported) -> None:
     assert outputs["logits"] == ["batch_size", "sequence_length", 100]
     for layer in range(hf_tiny.LAYERS):
         for kind in ("key", "value"):
-            assert inputs[f"past_key_values.{layer}.{kind}"] == ["batch_size", 2, "past_sequence_length", 8]
+            assert inputs[f"past_key_values.{layer}.{kind}"] == ["batch_size", 2, "past_sequence_length", head_dim]
             assert outputs[f"present.{layer}.{kind}"][2] in ("past_sequence_length + sequence_length",
                                                              "sequence_length + past_sequence_length")
     decoder = onnx.load(os.path.join(folder, "decoder.onnx"), load_external_data=False)
     contrib = {f"{n.domain}::{n.op_type}" for n in decoder.graph.node if n.domain not in ("", "ai.onnx")}
-    assert contrib == {f"com.microsoft::{op}" for op in FUSED_PER_LAYER}, contrib
-    for op, per_layer in FUSED_PER_LAYER.items():  # compiler/onnx_fusions.py fired on every layer
+    assert contrib == {f"com.microsoft::{op}" for op in fused_ops}, contrib
+    for op, per_layer in fused_ops.items():  # compiler/onnx_fusions.py fired on every layer
         assert sum(n.op_type == op for n in decoder.graph.node) == per_layer * hf_tiny.LAYERS, op
     assert config["max_positions"] == model.config.max_position_embeddings
     graph = report.graphs[0]
@@ -138,9 +150,14 @@ def test_folder_layout_and_passes(exported) -> None:
     # SkipSimplifiedLayerNormalization, the first one ONNX Runtime fuses at session start
     assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
     assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 1
-    # and per layer 2 linear groups (q/k/v, gate/up) on 3D inputs, their Reshapes gone
-    assert graph.matched("onnx_contrib_fusion") == (sum(FUSED_PER_LAYER.values()) + 2) * hf_tiny.LAYERS, f"\n{report}"
-    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 1  # a length in the mask's shape
+    # and per layer 2 linear groups (q/k/v, gate/up) on 3D inputs, their Reshapes gone; q/k/v packed into
+    # GroupQueryAttention where it rotates them, their Split gone
+    packed = 0 if "RotaryEmbedding" in fused_ops else 1
+    assert graph.matched("onnx_contrib_fusion") == (sum(fused_ops.values()) + 2 + packed) * hf_tiny.LAYERS, report
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Split") == (2 - packed) * hf_tiny.LAYERS
+    # HF's mask (Range, GatherND, a Reshape, ...) gone: attention_bias is attention_mask's pads alone
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 0
+    assert not [n for n in report.graphs[0].passes if n.name == "onnx_contrib_fusion"][0].near_misses
 
 
 def fused_op_count(path: str, op_type: str) -> int:
@@ -216,7 +233,7 @@ def test_portable_export_is_standard_and_the_fusion_matches_it(portable, exporte
     assert_standard_onnx(os.path.join(folder, "decoder.onnx"))
     assert "max_positions" not in json.load(open(os.path.join(folder, "manifest.json")))["config"]
     fused = os.path.join(exported[1], "decoder.onnx")
-    for lengths, past in (([6, 3], 0), ([1, 1], 5), ([3], 4)):  # GQA: a batch takes several new tokens only without a past
+    for lengths, past in (([6, 3], 0), ([1, 1], 5), ([3], 4), ([4, 2], 3)):  # a batch of several new tokens after a past too
         for got, want in zip(decoder_outputs(fused, lengths, past),
                              decoder_outputs(os.path.join(folder, "decoder.onnx"), lengths, past)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -238,13 +255,38 @@ def test_fusion_leaves_near_misses_alone(portable, tmp_path) -> None:
     proto.graph.node.append(onnx.helper.make_node("Identity", [gate_up.output[0]], ["read_twice"]))
     proto.graph.output.append(onnx.helper.make_empty_tensor_value_info("read_twice"))
     counts, near = fuse_contrib_ops(proto.graph, 64)
-    assert counts == {"GroupQueryAttention": hf_tiny.LAYERS - 1, "RotaryEmbedding": 2 * (hf_tiny.LAYERS - 1),
-                      "SkipSimplifiedLayerNormalization": 2 * hf_tiny.LAYERS,
+    attention = {op: n * (hf_tiny.LAYERS - 1) for op, n in fused_per_layer(head_dim_of(portable[0])).items()
+                 if op != "SkipSimplifiedLayerNormalization"}
+    packed = {} if "RotaryEmbedding" in attention else {"packed QKV": hf_tiny.LAYERS - 1}
+    assert counts == {**attention, **packed, "SkipSimplifiedLayerNormalization": 2 * hf_tiny.LAYERS,
                       "3D linear groups": 2 * hf_tiny.LAYERS - 1}, counts
     assert len(near) == 2 and "not rotate_half" in near[0] and "read 2 times" in near[1], near
     assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 1
     assert fuse_contrib_ops(proto.graph, 64) == ({}, near[:1])  # idempotent; the near-miss stays
     assert linears_on_3d_inputs(proto.graph) == (0, near[1:])
+
+
+def test_only_a_mask_of_attention_mask_alone_becomes_the_padding_bias() -> None:
+    """HF's mask, whose values come from attention_mask alone (other inputs through their shapes), is replaced
+    by attention_mask's pads (GroupQueryAttention masks causally itself); a mask that also reads another
+    input's values is kept whole as the bias, with the reason."""
+    from onnx import TensorProto, helper
+    from mmaccel.compiler.onnx_fusions import Graph, Shared
+
+    node = helper.make_node
+    nodes = [node("Cast", ["attention_mask"], ["keep"], to=TensorProto.BOOL), node("Shape", ["input_ids"], ["n"]),
+             node("Expand", ["keep", "n"], ["hf_mask"]),  # attention_mask's values, input_ids' shape
+             node("Cast", ["input_ids"], ["ids_bool"], to=TensorProto.BOOL),
+             node("And", ["hf_mask", "ids_bool"], ["other_mask"])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "T"]) for n in
+              ("attention_mask", "input_ids", "position_ids")]
+    graph = helper.make_graph(nodes, "g", inputs, [])
+    shared = Shared(Graph(graph), 64)
+    assert shared.bias("hf_mask", additive=False) == "_fusion_padding_bias"
+    for _ in range(2):  # every layer reads it: one Where, one reason
+        assert shared.bias("other_mask", additive=False) == "other_mask_bias"
+    assert len(shared.near) == 1 and "reads ['attention_mask', 'input_ids']" in shared.near[0], shared.near
+    assert sum(n.op_type == "Where" for n in shared.nodes) == 2  # the padding bias's and other_mask's
 
 
 def test_generation_past_the_rotary_tables_is_refused(exported) -> None:
