@@ -27,10 +27,10 @@ from ..passes.cleanup import drop_unused_constants
 from ..passes.contract import PassResult
 from ..passes.graph import clone_module
 from ..passes.lossy import pooled_relative_error, run_graph
-from ..passes.patterns import add_constant, constant_value, is_constant, layer_name
+from ..passes.patterns import add_constant, constant_value, is_constant
+from ..passes.quantize import EMBEDDING, token_embeddings
 from .errors import warn_once
 
-EMBEDDING = torch.ops.aten.embedding.default
 NAME = "quantize_embedding"
 
 
@@ -68,27 +68,11 @@ def quantize_embeddings(gm: fx.GraphModule, inputs: Sequence[Any], reference: li
 
 
 def _tables(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The frozen floating-point tables that embeddings read and nothing else reads (any constant sharing the
-    table's storage counts as the table), by constant name; near-misses for the others."""
-    readers: dict[int, list[fx.Node]] = {}
-    for node in gm.graph.find_nodes(op="get_attr"):
-        value = constant_value(gm, node.target)
-        if isinstance(value, torch.Tensor):
-            readers.setdefault(value.untyped_storage().data_ptr(), []).extend(node.users)
-    tables, near_misses = {}, []
-    for node in gm.graph.find_nodes(op="call_function", target=EMBEDDING):
-        weight = node.args[0]
-        table = constant_value(gm, weight.target) if is_constant(weight) else None
-        if table is None or not table.is_floating_point() or table.dim() != 2:
-            continue
-        others = [u for u in readers[table.untyped_storage().data_ptr()] if u.target is not EMBEDDING]
-        if others:
-            near_misses.append(f"quantize_embedding: {layer_name(node)} table {tuple(table.shape)} left fp32: "
-                               f"{others[0].name} ({layer_name(others[0])}) reads it in fp32 too (a tied lm_head the "
-                               "quantize pass kept), so an int8 copy would add bytes beside it")
-        else:
-            tables[weight.target] = table
-    return tables, near_misses
+    """The frozen floating-point tables that embeddings read and nothing else reads (a tied lm_head the quantize
+    pass kept would still read it: an int8 copy would add bytes beside it), by constant name; near-misses for
+    the others. The quantize lever's own rule (passes/quantize.py token_embeddings)."""
+    nodes, near_misses = token_embeddings(gm)
+    return {node.args[0].target: constant_value(gm, node.args[0].target) for node in nodes}, near_misses
 
 
 def _rewrite(gm: fx.GraphModule, made: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:

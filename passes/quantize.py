@@ -164,7 +164,7 @@ def _linears(gm: fx.GraphModule) -> list[fx.Node]:
             if is_constant(node.args[1]) and constant_value(gm, node.args[1].target).is_floating_point()]
 
 
-def _embeddings(gm: fx.GraphModule) -> tuple[list[fx.Node], list[str]]:
+def token_embeddings(gm: fx.GraphModule) -> tuple[list[fx.Node], list[str]]:
     """The embeddings of a frozen floating-point table that only embeddings read (any constant sharing its
     storage counts as the table), and near-misses for the tables something else reads too."""
     readers: dict[int, list[fx.Node]] = {}
@@ -213,7 +213,7 @@ class QuantizeLever:
         if sites:
             self._warn_slow_scheme(w.device)
         if ctx.released is not None:  # a smaller table saves memory only once the original is freed
-            embeddings, self.near_misses = _embeddings(gm)
+            embeddings, self.near_misses = token_embeddings(gm)
             for node in embeddings:
                 table = constant_value(gm, node.args[0].target)
                 self.candidates.cheapest[node.name] = EMBEDDING_OPTIONS[0]
@@ -240,7 +240,7 @@ class QuantizeLever:
         """Each linear whose weight an earlier graph quantized under this scheme (and weights="release" then
         freed), rebuilt from that graph's quantized weights: same precision, same tensors, nothing measured."""
         rebuilt = 0
-        for node in [*_linears(gm), *_embeddings(gm)[0]]:
+        for node in [*_linears(gm), *token_embeddings(gm)[0]]:
             made = released.recall(constant_value(gm, _weight_node(node).target), self.label)
             if made is not None:
                 option, op, tensors = made
