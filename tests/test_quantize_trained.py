@@ -54,8 +54,11 @@ def minilm_sentences(minilm_model):
 
 
 @pytest.mark.slow
-# dynamic=False (one static graph per length, 46 s on the CI machine's 2 cores) is in the opt-in long set
-@pytest.mark.parametrize("dynamic", [pytest.param(False, marks=pytest.mark.coverage), True])
+# Both in the opt-in long set (-m coverage; CI time): dynamic=False (one static graph per length, 46 s on the CI
+# machine's 2 cores) and dynamic=True (11 s; test_int8_minilm_compile_with_sentences_of_several_lengths runs
+# the same weights and lengths through the backend by default)
+@pytest.mark.parametrize("dynamic", [pytest.param(False, marks=pytest.mark.coverage),
+                                     pytest.param(True, marks=pytest.mark.coverage)])
 def test_int8_minilm_export_with_sentences_of_several_lengths(minilm_model, minilm_sentences, dynamic, tmp_path):
     """Issue 19: export_onnx with calibration sentences of their own lengths quantizes (it used to fail on the
     second length, skip the pass and write an fp32-sized file); ONNX Runtime gives the measured error on them."""
