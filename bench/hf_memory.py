@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mmaccel
-from common import default_out, environment, write_json
+from common import default_out, environment, memory_row, start_memory, write_json
 from mmaccel.compiler._torch_internals import recording_cuda_allocations
 from mmaccel.timing import median_ms
 
@@ -40,6 +40,8 @@ def memory_only(outputs, references) -> float:
     option. (With the relative output error under a loose 0.5 budget, random weights at 8 layers made the
     solver keep one layer's linears in bf16: int4 released 0.847 of the weights, not all of its linears.)"""
     return 0.0
+
+
 VARIANTS = ("eager", "inductor", "mmaccel", *(f"mmaccel_{k}{r}" for k in LOSSY for r in ("", "_release")))
 
 
@@ -131,9 +133,7 @@ def _measure(variant: str, args: argparse.Namespace, device: str, allocations=No
         torch.cuda.empty_cache()
     model = build(args.tiny, args.layers, device)
     weights = storage_bytes([*model.parameters(), *model.buffers()])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    start_memory(device)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
     with torch.no_grad(), mmaccel.collect_reports() as report:
         fn = compiled(variant, model)
@@ -142,19 +142,14 @@ def _measure(variant: str, args: argparse.Namespace, device: str, allocations=No
         del out
         gc.collect()
         row = {"variant": variant, "weight_bytes": weights,
-               "released_bytes": sum(g.released_bytes for g in report.graphs)}
-        if cuda:
-            torch.cuda.synchronize()
-            row["steady_bytes"] = torch.cuda.memory_allocated()
-            row["peak_bytes"] = torch.cuda.max_memory_allocated()
-            if allocations is not None:
-                graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
-                reachable = [*model.parameters(), *model.buffers(), *(t for g in graphs for t in graph_tensors(g))]
-                row.update(explain(allocations, reachable))
-        else:
-            graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
+               "released_bytes": sum(g.released_bytes for g in report.graphs), **memory_row(device)}
+        graphs = [g.final_graph for g in report.graphs if g.final_graph is not None]
+        if not cuda:
             row["steady_bytes"] = storage_bytes([*model.parameters(), *model.buffers(),
                                                  *(b for g in graphs for b in g.buffers())])
+        elif allocations is not None:
+            reachable = [*model.parameters(), *model.buffers(), *(t for g in graphs for t in graph_tensors(g))]
+            row.update(explain(allocations, reachable))
         row["ms"] = median_ms(lambda: fn(ids), repeats=args.repeats, device=device)
     del fn, model, report
     return row

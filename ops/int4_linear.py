@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .fused_linear import _activate
-from .registry import OpSpec, by_rows, register, row_runs
+from .registry import OpSpec, by_output_rows, by_rows, register
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -50,12 +50,10 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                           bias: Optional[torch.Tensor], activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    # A large weight is dequantized a run of output rows at a time (ops/registry.py row_runs), so the reference
-    # never holds it whole in float32
-    runs = row_runs(packed.shape[0], 2 * packed.shape[1])
-    y = torch.cat([F.linear(x, dequantize_int4(packed[r], scale[r], zero[r], group).to(x.dtype),
-                            None if bias is None else bias[r]) for r in runs], dim=-1) if len(runs) > 1 else \
-        F.linear(x, dequantize_int4(packed, scale, zero, group).to(x.dtype), bias)
+    # A large weight is dequantized a run of output rows at a time, so the reference never holds it whole in
+    # float32
+    y = by_output_rows(lambda r: F.linear(x, dequantize_int4(packed[r], scale[r], zero[r], group).to(x.dtype),
+                                          None if bias is None else bias[r]), packed.shape[0], 2 * packed.shape[1])
     y = _activate(y, activation)
     return y if residual is None else y + residual
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .fused_linear import linear_epilogue
-from .registry import OpSpec, by_rows, register, row_runs
+from .registry import OpSpec, by_output_rows, by_rows, register
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,9 +28,8 @@ def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                           activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
-    runs = row_runs(*qweight.shape)  # a large weight a run of output rows at a time (no whole converted copy)
-    y = torch.cat([F.linear(x, qweight[r].to(x.dtype)) for r in runs], dim=-1) if len(runs) > 1 else \
-        F.linear(x, qweight.to(x.dtype))
+    # a large weight a run of output rows at a time (no whole converted copy)
+    y = by_output_rows(lambda r: F.linear(x, qweight[r].to(x.dtype)), *qweight.shape)
     return linear_epilogue(y * scale, bias, activation, residual)
 
 

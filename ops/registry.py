@@ -61,3 +61,11 @@ def by_rows(quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], weight
         for out, part in zip(outputs, quantize(weight[run])):
             out[run] = part
     return outputs
+
+
+def by_output_rows(linear: Callable[[slice], torch.Tensor], rows: int, row_elements: int) -> torch.Tensor:
+    """linear(every row) for a reference linear whose weight has `rows` output rows of `row_elements` values,
+    computed on row_runs (linear(run): the outputs of those rows, concatenated on the last dim), so it never
+    converts the whole weight at once."""
+    runs = row_runs(rows, row_elements)
+    return linear(slice(None)) if len(runs) == 1 else torch.cat([linear(run) for run in runs], dim=-1)
