@@ -76,6 +76,7 @@ def build(name: str, tiny: bool, device: str, dtype: torch.dtype,
         else:
             config = whisper_config(tiny)
             config.decoder_layers = layers or config.decoder_layers
+            config.encoder_layers = layers or config.encoder_layers  # issue 13's Whisper: 8 encoder + 8 decoder
             model = WhisperForConditionalGeneration(config)
             frames = 2 * config.max_source_positions
             inputs = {"input_features": torch.randn(1, config.num_mel_bins, frames, dtype=dtype)}
@@ -205,7 +206,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 (8 with --tiny)")
     parser.add_argument("--repeats", type=int, default=None, help="default 3 (2 with --tiny)")
     parser.add_argument("--budget-s", type=float, default=450, help="skip what is left past this many seconds")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the config's)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers, and Whisper's encoder layers (default: all of the config's)")
     parser.add_argument("--lengths", type=int, default=0, metavar="N",
                         help="instead: N generate() calls of random prompt lengths and max_new_tokens per variant "
                              "(Llama only), counting graphs compiled after the first two calls")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -219,16 +220,24 @@ def _in_kernel_layout(graph: fx.Graph, sdpa: fx.Node, kernel: fx.Node) -> fx.Nod
     contiguous: on the H200 (transformers 5.17) 'Cannot view a tensor ... as (2, 16, 32)' rolled the pass back
     on every HF Llama prefill. Where the layouts differ, one copy makes the kernel's; None: a layout this cannot
     make (the kernel call is then left as it is)."""
-    val = next((u.meta.get("val") for u in kernel.users), None)
+    return _with_layout(graph, sdpa, next((u.meta.get("val") for u in kernel.users), None))
+
+
+def _fake_output(sdpa: fx.Node) -> torch.Tensor | None:
+    """The aten op's output as FakeTensor propagation lays it out, for the arguments `sdpa` has now."""
     try:
-        canonical = sdpa.target(*(a.meta.get("val") if isinstance(a, fx.Node) else a for a in sdpa.args),
-                                **{k: a.meta.get("val") if isinstance(a, fx.Node) else a
-                                   for k, a in sdpa.kwargs.items()})
+        return sdpa.target(*(a.meta.get("val") if isinstance(a, fx.Node) else a for a in sdpa.args),
+                           **{k: a.meta.get("val") if isinstance(a, fx.Node) else a for k, a in sdpa.kwargs.items()})
     except Exception:  # no fake values to compare: validation after the pass checks the graph as it is
+        return None
+
+
+def _with_layout(graph: fx.Graph, sdpa: fx.Node, want: Any) -> fx.Node | None:
+    """The node giving `sdpa`'s output laid out as `want` (`sdpa` itself, or a copy after it)."""
+    canonical = _fake_output(sdpa)
+    if canonical is None or not isinstance(want, torch.Tensor) or want.dim() != 4 or canonical.stride() == want.stride():
         return sdpa
-    if not isinstance(val, torch.Tensor) or val.dim() != 4 or canonical.stride() == val.stride():
-        return sdpa
-    if not (canonical.is_contiguous() and val.transpose(1, 2).is_contiguous()):
+    if not (canonical.is_contiguous() and want.transpose(1, 2).is_contiguous()):
         return None
     sdpa.meta["val"] = canonical  # later matches in this pass read its shape (replace_uses says why)
     with graph.inserting_after(sdpa):
@@ -237,6 +246,26 @@ def _in_kernel_layout(graph: fx.Graph, sdpa: fx.Node, kernel: fx.Node) -> fx.Nod
         copy = graph.call_function(aten.clone.default, (heads_inner,), {"memory_format": torch.contiguous_format})
     with graph.inserting_after(copy):
         return graph.call_function(aten.transpose.int, (copy, 1, 2))
+
+
+def _share_kv(graph: fx.Graph, sdpa: fx.Node, key: fx.Node, value: fx.Node) -> bool:
+    """Let `sdpa` read K/V's shared heads (enable_gqa) and keep the layout its users saw. On CUDA the op with
+    repeated K/V runs the efficient kernel ([B, S, H, D] storage, which HF's view after it relies on) while with
+    enable_gqa and a mask it runs the math path (contiguous): on the H200 'Cannot view a tensor with shape
+    [2, 5, 4, 8] ... as (2, 5, 32)' rolled the pass back on tiny grouped-query Llamas. False: left repeated."""
+    before = _fake_output(sdpa)
+    args, kwargs = sdpa.args, sdpa.kwargs
+    sdpa.args = (sdpa.args[0], key, value, *sdpa.args[3:])
+    sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": True}
+    users = list(sdpa.users)
+    output = _with_layout(graph, sdpa, before)
+    if output is None:
+        sdpa.args, sdpa.kwargs = args, kwargs
+        return False
+    if output is not sdpa:
+        for user in users:
+            user.replace_input_with(sdpa, output)
+    return True
 
 
 def _head_repeat(node: fx.Node) -> tuple[fx.Node, object] | str | None:
@@ -297,10 +326,10 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     fused = [_rewrite(gm.graph, att) for att in found]
     grouped = [(node, m) for node in gm.graph.find_nodes(op="call_function", target=_SDPA)
                if (m := _match_grouped_kv(node)) is not None]
-    shared = {sdpa: m for sdpa, m in grouped if not isinstance(m, Miss)}
-    for sdpa, (key, value) in shared.items():
-        sdpa.args = (sdpa.args[0], key, value, *sdpa.args[3:])
-        sdpa.kwargs = {**sdpa.kwargs, "enable_gqa": True}
+    shared = {sdpa: m for sdpa, m in grouped if not isinstance(m, Miss) and _share_kv(gm.graph, sdpa, *m)}
+    grouped = [(sdpa, m if isinstance(m, Miss) or sdpa in shared else
+                Miss(sdpa, "K/V stay repeated: the shared-head op's output layout differs from what the graph "
+                           "after it reads")) for sdpa, m in grouped]
     drop_dead_nodes(gm.graph)
     misses = [m for m in matches if isinstance(m, Miss)] + [m for _, m in grouped if isinstance(m, Miss)]
     return PassResult(matched=len({*canonical, *fused, *shared}), changes=_changes(canonical, found, shared),

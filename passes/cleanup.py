@@ -14,13 +14,36 @@ from .contract import PassContext, PassResult
 def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Remove nodes whose values nobody uses (in-place writes to inputs are kept), then unused constants."""
     before = len(gm.graph.nodes)
+    skipped = drop_empty_cat_inputs(gm.graph)
     drop_dead_nodes(gm.graph)
     freed = drop_unused_constants(gm)
     removed = before - len(gm.graph.nodes)
     changes = [f"removed {removed} dead node(s)"] if removed else []
     if freed:
         changes.append(f"released {freed} unused constant(s)")
-    return PassResult(matched=removed, changes=changes)
+    if skipped:
+        changes.append(f"dropped {skipped} empty 1-D cat input(s)")
+    return PassResult(matched=removed + skipped, changes=changes)
+
+
+def drop_empty_cat_inputs(graph: fx.Graph) -> int:
+    """Drop the inputs of shape (0,) that aten.cat skips anyway (its legacy rule). HF's DynamicCache starts a
+    layer as `torch.tensor([])`, on the CPU whatever the model's device, and concatenates onto it: on CUDA
+    that host operand stopped CUDA-graph capture (tiny HF Mistral on an H200: "Cannot copy between CPU and
+    CUDA tensors during CUDA graph capture")."""
+    dropped = 0
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.cat.default):
+        tensors = list(node.args[0])
+        kept = [t for t in tensors if not _empty_1d(t)]
+        if kept and len(kept) < len(tensors):
+            node.args = (kept, *node.args[1:])
+            dropped += len(tensors) - len(kept)
+    return dropped
+
+
+def _empty_1d(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and tuple(val.shape) == (0,)
 
 
 def drop_unused_constants(gm: fx.GraphModule) -> int:
@@ -86,7 +109,7 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     outputs = set(gm.graph.output_node().all_input_nodes)
     folded = Counter()
     for node in list(gm.graph.nodes):
-        if not _foldable(node, values) or node in outputs:
+        if not _foldable(node, values) or node in outputs and not _to_device(node, values):
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
         with torch.no_grad():
@@ -95,8 +118,11 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(add_constant(gm, "_folded", result))
+            # an output gets its own copy of the constant, made on the device
+            kept = gm.graph.call_function(torch.ops.aten.clone.default, (const,)) if node in outputs else const
         const.meta = dict(node.meta)
-        node.replace_all_uses_with(const)
+        kept.meta = dict(node.meta)
+        node.replace_all_uses_with(kept)
         gm.graph.erase_node(node)
         values[const] = result
         folded[_op_name(node)] += 1
@@ -105,6 +131,17 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     total = sum(folded.values())
     changes = [f"folded {total} node(s) on constants: " + _summary(folded)] if total else []
     return PassResult(matched=total, changes=changes)
+
+
+def _to_device(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    """A copy of a host constant to the GPU, returned: folded even so (into a device constant and a device
+    copy of it), since a host-to-device copy cannot be recorded in a CUDA graph. HF Mistral's cache returns
+    its sliding window as `torch.tensor(window).to(device)`: 'Cannot copy between CPU and CUDA tensors during
+    CUDA graph capture' on an H200."""
+    val = node.meta.get("val")
+    return (isinstance(val, torch.Tensor) and val.device.type != "cpu"
+            and any(isinstance(values.get(n), torch.Tensor) and values[n].device.type == "cpu"
+                    for n in node.all_input_nodes))
 
 
 def _foldable(node: fx.Node, values: dict[fx.Node, Any]) -> bool:

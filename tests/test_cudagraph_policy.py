@@ -47,6 +47,37 @@ def test_auto_records_static_graphs_at_once_and_symbolic_ones_on_the_second_call
     assert calls_before_recording(False, _graph(symbolic=False)) is None
 
 
+def test_graphs_reading_host_tensors_beside_cuda_ones_are_not_recorded():
+    """A CPU input is read at capture time only (a replay would reuse its old value) and a CPU tensor's copy to
+    the GPU cannot be captured (tiny HF Mistral on an H200); a 0-dim CPU constant is a number and stays."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from mmaccel.backends.triton.cudagraphs import host_tensors
+
+    def with_vals(*devices_and_shapes):
+        gm = _graph(symbolic=False)
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            vals = [torch.empty(shape, device=device) for device, shape in devices_and_shapes]
+        for node, val in zip(gm.graph.nodes, vals):
+            node.meta["val"] = val
+        return gm
+
+    assert host_tensors(with_vals(("cpu", (2, 3)), ("cpu", (2, 3)))) == []  # a CPU graph: nothing is "host"
+    assert host_tensors(with_vals(("cuda", (2, 3)), ("cpu", ()), ("cuda", (2,)))) == []
+    assert host_tensors(with_vals(("cuda", (2, 3)), ("cpu", (0,)), ("cuda", (2,)))) == ["mul"]
+    graph = fx.Graph()
+    scalar = graph.placeholder("scalar")
+    graph.output(graph.call_function(torch.ops.aten._to_copy.default, (scalar,), {"device": "cuda"}))
+    copied = fx.GraphModule(torch.nn.Module(), graph)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        scalar.meta["val"] = torch.empty(())
+        copied.graph.output_node().args[0].meta["val"] = torch.empty((), device="cuda")
+    assert host_tensors(copied) == ["scalar", "_to_copy_default"]
+    mixed = with_vals(("cpu", (2, 3)), ("cuda", (2, 3)), ("cuda", (2,)))
+    assert host_tensors(mixed) == ["x_1"]
+    assert calls_before_recording("auto", mixed) is None
+
+
 def test_a_symbolic_graph_records_a_length_seen_twice_never_one_seen_once():
     runner = _StubRunner(_graph(symbolic=True), record_after=2)
     for length in (5, 6, 7):  # prefills: each prompt length once

@@ -292,6 +292,44 @@ def test_cse_dce_and_constant_folding():
     assert g.count(aten.relu) == 1 and g.count(aten.mul) == 0
 
 
+def test_empty_1d_cat_inputs_are_dropped_other_empties_left():
+    """HF's DynamicCache starts a layer as torch.tensor([]) and concatenates onto it; aten.cat skips inputs of
+    shape (0,), and so does the pass (on CUDA that CPU operand stopped CUDA-graph capture). A [0, 8] input is
+    an ordinary operand (not the legacy rule) and stays."""
+    def fn(x):
+        legacy = torch.cat([torch.tensor([]), x], dim=-1)
+        ordinary = torch.cat([x.new_zeros(0, 8), x], dim=0)
+        return legacy, ordinary
+
+    _, report = compile_and_check(fn, torch.randn(3, 8))
+    g = report.graphs[0]
+    assert "dropped 1 empty 1-D cat input(s)" in [c for r in g.passes for c in r.changes]
+    assert g.count(aten.cat) == 2
+
+
+def test_a_returned_host_constant_copied_to_the_device_is_folded():
+    """HF Mistral's cache returns `torch.tensor(window).to(device)`: a host-to-device copy at run time, which a
+    CUDA graph cannot record. It is folded into a device constant, returned as a copy of it ("meta" stands in
+    for the GPU here); an ordinary returned value of constants is still never folded."""
+    from mmaccel.passes.cleanup import fold_constants
+    from mmaccel.passes.patterns import add_constant
+
+    graph = torch.fx.Graph()
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    const = graph.get_attr(add_constant(gm, "_tensor_constant", torch.tensor(4096)))
+    lifted = graph.call_function(aten.lift_fresh_copy.default, (const,))
+    on_device = graph.call_function(aten._to_copy.default, (lifted,), {"device": torch.device("meta")})
+    doubled = graph.call_function(aten.mul.Tensor, (lifted, 2))
+    graph.output((on_device, doubled))
+    for node, val in ((on_device, torch.empty((), dtype=torch.long, device="meta")), (doubled, torch.tensor(8192))):
+        node.meta["val"] = val
+    fold_constants(gm, None)
+    returned = gm.graph.output_node().args[0]
+    assert returned[0].target is aten.clone.default and returned[0].args[0].op == "get_attr"
+    assert getattr(gm, returned[0].args[0].target).device.type == "meta"
+    assert returned[1].target is aten.mul.Tensor
+
+
 def test_dead_attention_dropped_outside_dynamo():
     """One dead-code rule with or without Dynamo's TracingContext (mmaccel.compile optimizes outside it once its
     calibration samples ran, where FX keeps every unread nondeterministic_seeded op): an unread attention at
@@ -365,6 +403,56 @@ def test_failing_pass_is_rolled_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(out, model(x))
     result = compiled.mmaccel_report.graphs[0].pass_result("linear_epilogue_fusion")
     assert result.error and "planted failure" in result.error
+
+
+def test_shared_kv_heads_keep_the_layout_the_view_after_them_reads(monkeypatch):
+    """On CUDA the op with repeated K/V (HF's repeat_kv, a mask) runs the efficient kernel, laid out
+    [B, S, H, D], and HF's view after it relies on that; with enable_gqa it runs the math path (contiguous).
+    Found on an H200: the view failed and the pass was rolled back on grouped-query Llamas. Simulated here
+    (CPU fake propagation is contiguous both ways): sharing the heads now adds the copy the view needs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from mmaccel.compiler.options import CompileOptions
+    from mmaccel.passes import attention
+    from mmaccel.passes.contract import PassContext
+    from mmaccel.passes.meta import propagate_fake
+
+    real = attention._fake_output
+
+    def as_on_cuda(sdpa):
+        out = real(sdpa)
+        return out if sdpa.kwargs.get("enable_gqa") else out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(attention, "_fake_output", as_on_cuda)
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(name) for name in "qkv")
+
+    def repeat_kv(x):  # [2, 2, 16, 8] -> [2, 4, 16, 8], head h reads x's head h // 2
+        expanded = graph.call_function(aten.expand.default, (graph.call_function(aten.unsqueeze.default, (x, 2)),
+                                                              [2, 2, 2, 16, 8]))
+        return graph.call_function(aten.view.default, (graph.call_function(aten.clone.default, (expanded,)),
+                                                       [2, 4, 16, 8]))
+
+    kernel = graph.call_function(aten._scaled_dot_product_efficient_attention.default,
+                                 (q, repeat_kv(k), repeat_kv(v), None, False))
+    heads_inner = graph.call_function(aten.transpose.int, (graph.call_function(operator.getitem, (kernel, 0)), 1, 2))
+    graph.output((graph.call_function(aten.view.default, (heads_inner, [2, 16, 32])),))
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    fake = FakeTensorMode()
+    for node, heads in zip(gm.graph.find_nodes(op="placeholder"), (4, 2, 2)):
+        node.meta["val"] = fake.from_tensor(torch.randn(2, heads, 16, 8))
+    propagate_fake(gm, fake)
+    gm.graph.find_nodes(op="call_function", target=operator.getitem)[0].meta["val"] = as_on_cuda(
+        gm.graph.call_function(SDPA, (q, kernel.args[1], kernel.args[2])))  # the kernel's own layout
+    drop_dead_nodes(gm.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rolled-back pass warns
+        result = run_pass(gm, PassContext(options=CompileOptions(), fake_mode=fake), "attention_fusion")
+    assert result.error is None
+    sdpa = gm.graph.find_nodes(op="call_function", target=SDPA)[0]
+    assert sdpa.kwargs.get("enable_gqa") and [n.target for n in sdpa.users] == [aten.transpose.int]
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(gm(q, k, v)[0], expected.transpose(1, 2).reshape(2, 16, 32))
 
 
 def test_cuda_sdpa_kernel_keeps_its_output_layout_for_the_view_after_it():

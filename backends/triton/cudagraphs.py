@@ -32,6 +32,7 @@ import torch.fx as fx
 from ...compiler.errors import warn_once
 
 MAX_RECORDINGS = 8
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy.default, torch.ops.aten.copy_.default)
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # the warm-up and capture stream of each device
 
 
@@ -50,7 +51,26 @@ def calls_before_recording(option: Any, gm: fx.GraphModule) -> int | None:
     (issue 13). The price is memory: recorded shapes keep their activations in one private pool."""
     if option is False:
         return None
+    host = host_tensors(gm)
+    if host:
+        warn_once(f"mmaccel: a graph that reads host (CPU) tensors beside CUDA ones ({', '.join(host[:3])}) runs "
+                  "without CUDA graphs: a recording would replay their values from the capture, or fail copying "
+                  "them; it runs correctly, with a launch per kernel")
+        return None
     return 2 if option == "auto" and has_symbolic_sizes(gm) else 1
+
+
+def host_tensors(gm: fx.GraphModule) -> list[str]:
+    """Nodes of a CUDA graph that a recording cannot replay: a CPU input (read at capture time only), a CPU
+    tensor with dimensions or a copy of a CPU tensor to the GPU (a host-to-device copy cannot be captured). A
+    0-dim CPU constant that ops read as a number (a scalar the graph was traced with) stays."""
+    vals = [(node, node.meta.get("val")) for node in gm.graph.nodes]
+    vals = [(node, val) for node, val in vals if isinstance(val, torch.Tensor)]
+    if not any(val.device.type == "cuda" for _, val in vals):
+        return []
+    host = {node for node, val in vals if val.device.type == "cpu"}
+    return [node.name for node, val in vals if node in host and (node.op == "placeholder" or val.dim())
+            or node not in host and node.target in _COPIES and any(n in host for n in node.all_input_nodes)]
 
 
 def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
