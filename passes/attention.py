@@ -330,10 +330,43 @@ def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     grouped = [(sdpa, m if isinstance(m, Miss) or sdpa in shared else
                 Miss(sdpa, "K/V stay repeated: the shared-head op's output layout differs from what the graph "
                            "after it reads")) for sdpa, m in grouped]
+    drop_dead_nodes(gm.graph)  # the replaced kernel calls, which still read the query
+    scaled = [sdpa for sdpa in gm.graph.find_nodes(op="call_function", target=_SDPA)
+              if _absorb_query_scale(gm.graph, sdpa)]
     drop_dead_nodes(gm.graph)
     misses = [m for m in matches if isinstance(m, Miss)] + [m for _, m in grouped if isinstance(m, Miss)]
-    return PassResult(matched=len({*canonical, *fused, *shared}), changes=_changes(canonical, found, shared),
+    changes = _changes(canonical, found, shared)
+    if scaled:
+        changes.append(f"{len(scaled)} attention(s) take the query's scaling as SDPA's scale (one kernel fewer each)")
+    return PassResult(matched=len({*canonical, *fused, *shared, *scaled}), changes=changes,
                       near_misses=[str(m) for m in misses])
+
+
+# Ops a multiplication by a number commutes with: moving the factor past them changes no value.
+_LAYOUT_OPS = (*VIEW_OPS, aten.transpose.int, aten.permute.default, aten.clone.default)
+
+
+def _absorb_query_scale(graph: fx.Graph, sdpa: fx.Node) -> bool:
+    """sdpa(layout(q * c), k, v, scale=s) -> sdpa(layout(q), k, v, scale=c * s). HF Whisper and BART scale the
+    query by head_dim ** -0.5 themselves and call SDPA with scale=1.0: in a decode step that multiply is a
+    kernel of its own per attention (two per Whisper decoder layer, of about 19). Only when the scaled query
+    feeds this SDPA alone, through layout ops."""
+    node = sdpa.args[0]
+    while is_op(node, *_LAYOUT_OPS) and single_user(node):
+        node = node.args[0]
+    if not (is_op(node, aten.mul.Tensor, aten.mul.Scalar) and single_user(node) and isinstance(node.args[0], fx.Node)):
+        return False
+    query, source = sdpa.args[0].meta.get("val"), node.args[0].meta.get("val")
+    factor, scale = scalar_arg(node, 1), sdpa.kwargs.get("scale")
+    if (factor is None or not math.isfinite(factor) or factor == 0 or not isinstance(query, torch.Tensor)
+            or not isinstance(query.shape[-1], int) or not isinstance(source, torch.Tensor)
+            or source.dtype != query.dtype):  # a multiply that also promotes its input stays
+        return False
+    head_dim = query.shape[-1]
+    node.replace_all_uses_with(node.args[0])
+    graph.erase_node(node)
+    sdpa.kwargs = {**sdpa.kwargs, "scale": factor * (head_dim ** -0.5 if scale is None else scale)}
+    return True
 
 
 def _changes(canonical: list[fx.Node], found: list[Attention], shared: dict) -> list[str]:

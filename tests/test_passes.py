@@ -455,6 +455,37 @@ def test_shared_kv_heads_keep_the_layout_the_view_after_them_reads(monkeypatch):
     torch.testing.assert_close(gm(q, k, v)[0], expected.transpose(1, 2).reshape(2, 16, 32))
 
 
+class ScaledQuery(nn.Module):
+    """HF Whisper's self-attention: q_proj(x) * head_dim ** -0.5, then SDPA with scale=1.0; `shared` also
+    returns the scaled query (a near-miss: the multiply must stay)."""
+
+    def __init__(self, factor: float = 8 ** -0.5, shared: bool = False) -> None:
+        super().__init__()
+        self.factor, self.shared = factor, shared
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        scaled = self.q(x) * self.factor
+        q = heads(scaled, 2).contiguous()
+        out = F.scaled_dot_product_attention(q, heads(self.k(x), 2), heads(self.v(x), 2), scale=1.0)
+        out = out.transpose(1, 2).reshape(x.shape)
+        return (out, scaled) if self.shared else out
+
+
+@pytest.mark.parametrize("factor", [8 ** -0.5, 0.3])
+def test_query_scaling_becomes_sdpa_scale(factor):
+    _, report = compile_and_check(ScaledQuery(factor).eval(), torch.randn(2, 5, 16))
+    g = report.graphs[0]
+    assert g.count(aten.mul) == 0 and g.count(SDPA) == 1
+    assert any("query's scaling" in c for c in g.pass_result("attention_fusion").changes)
+
+
+def test_query_scaling_read_elsewhere_stays():
+    _, report = compile_and_check(ScaledQuery(shared=True).eval(), torch.randn(2, 5, 16))
+    g = report.graphs[0]
+    assert g.count(aten.mul) == 1 and g.count(SDPA) == 1
+
+
 def test_cuda_sdpa_kernel_keeps_its_output_layout_for_the_view_after_it():
     """The CUDA kernels write [B, H, S, D] laid out as [B, S, H, D]; HF's transpose(1, 2) + view(B, S, H * D)
     relies on it (no copy in the traced graph). The canonical op gets that layout back with one copy, so the
