@@ -15,6 +15,8 @@ too, and position embeddings interpolated to a coarser grid are what CLIP's inte
 The side is chosen once per session under accuracy_budget: the relative error of the first new token's
 logits (or the user's metric) against the full-resolution model, eager, on the calibration samples or else
 the first call's inputs; the fewest tokens within budget wins; over budget: full resolution, one warning.
+That choice is ImageTokenLever's, here, shared with tokens="prune" (compiler/token_pruning.py): one mechanism
+for the levers that rewrite a LLaVA prompt, as passes/lossy.py is one for the levers that rewrite a graph.
 """
 from __future__ import annotations
 

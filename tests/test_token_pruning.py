@@ -31,14 +31,14 @@ def reference_prompt(model, ids, mask, pixels, keep: int) -> tuple[torch.Tensor,
     model.set_attn_implementation("sdpa")
     scores = out.attentions[SCORE_LAYER - 1][:, :, -1].mean(1)  # [B, L]
     rows = []
-    for row_ids, row_scores, embeds in zip(ids, scores, out.hidden_states[0]):
+    for row_ids, row_mask, row_scores, embeds in zip(ids, mask, scores, out.hidden_states[0]):
         image = (row_ids == TOKEN).nonzero()[:, 0]
-        best = image[row_scores[image].topk(keep).indices.sort().values]
+        best = image[row_scores[image].topk(keep).indices]
         kept = torch.cat([(row_ids != TOKEN).nonzero()[:, 0], best]).sort().values
-        rows.append((embeds[kept], (row_ids[kept] != 0) | (kept >= (row_ids == 0).sum())))
+        rows.append((embeds[kept], row_mask[kept]))
     length = max(len(e) for e, _ in rows)
     embeds = torch.stack([torch.cat([e.new_zeros(length - len(e), e.shape[1]), e]) for e, _ in rows])
-    mask = torch.stack([torch.cat([m.new_zeros(length - len(m)), m]) for _, m in rows]).long()
+    mask = torch.stack([torch.cat([m.new_zeros(length - len(m)), m]) for _, m in rows])
     return embeds, mask
 
 
@@ -71,6 +71,30 @@ def test_kept_tokens_equal_the_reference_and_generate_equals_hf_on_them() -> Non
     again = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=NEW, pad_token_id=0,
                              options=chosen)
     assert torch.equal(again, out) and len(report.compile.graphs) == graphs == 3
+    shorter = mmaccel.generate(model, ids[:, 2:], mask[:, 2:], pixel_values=pixels, max_new_tokens=NEW,
+                               pad_token_id=0, options=chosen)  # 22 positions: the same buckets
+    assert shorter.shape[1] == 22 + NEW and len(report.compile.graphs) == 3
+
+
+@pytest.mark.coverage
+def test_triton_target_and_a_layer_draft_equal_eager() -> None:
+    """The scoring pass, prefill and decode on the Triton target (CPU: TRITON_INTERPRET), and speculative
+    decoding with draft="layers:1" (it shares the target's pruned prompt and cache), give the eager target's
+    tokens. About 25 s on CPU: in the coverage set."""
+    model = hf_tiny.llava()
+    ids, mask = prompts(16)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    chosen = {"tokens": {"prune": 0.5}, "accuracy_budget": 0.99}
+    expected = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=4, pad_token_id=0,
+                                options={"target": "eager", **chosen})
+    triton = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=4, pad_token_id=0,
+                              options={"target": "triton", **chosen})
+    assert torch.equal(triton, expected)
+    report = mmaccel.generation_report(model, target="triton", **chosen)
+    assert {(g.status, g.target) for g in report.compile.graphs} == {("optimized", "triton")}
+    drafted = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=4, pad_token_id=0,
+                               options={"target": "eager", **chosen}, draft="layers:1")
+    assert torch.equal(drafted, expected)
 
 
 def test_a_language_model_it_cannot_score_is_left_alone() -> None:
