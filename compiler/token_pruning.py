@@ -75,6 +75,11 @@ class PruneLever(ImageTokenLever):
 
     def prepared(self, model, layout, ids, mask, inputs) -> tuple:
         """The prompt scored: (ids, mask, other inputs, embeddings [B, L, D], scores [B, L])."""
+        found, images, full = int((ids == layout.image_token_id).sum()), len(inputs["pixel_values"]), \
+            layout.tokens(layout.image_size)
+        if found != images * full:  # masked_scatter would fail inside the graph, or fill only the first ones
+            raise ValueError(f"mmaccel.generate: the prompt holds {found} image placeholder tokens (id "
+                             f"{layout.image_token_id}) for {images} image(s) of {full} features each")
         embeds, scores = bucket_scored(self.scorer, model, ids, mask, inputs["pixel_values"])
         return ids, mask, {k: v for k, v in inputs.items() if k != "pixel_values"}, embeds, scores
 

@@ -117,6 +117,10 @@ def test_bad_input() -> None:
                          ({"fastv": 0.5}, "the dict form"), ("fastv", "not valid")):
         with pytest.raises(ValueError, match=message):
             mmaccel.generate(model, ids, pixel_values=pixels, max_new_tokens=2, options=options(tokens=bad))
+    extra = torch.cat([ids, torch.tensor([[TOKEN]])], dim=1)  # transformers says so on a first call; later:
+    lever = PruneLever(0.9, None, None)
+    with pytest.raises(ValueError, match="holds 17 image placeholder tokens"):
+        lever.prepared(model, lever.layout(model), extra, torch.ones_like(extra), {"pixel_values": pixels})
     with pytest.raises(ValueError, match="only mmaccel.generate rewrites"):
         mmaccel.compile(model, tokens="prune")
     with pytest.raises(ValueError, match="not yet chosen jointly"):
