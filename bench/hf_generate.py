@@ -13,11 +13,16 @@ docs require for CUDA graphs) and with backend="mmaccel"; and `mmaccel.generate`
     python bench/hf_generate.py --models llama --variants eager mmaccel.generate
     python bench/hf_generate.py --models llava --layers 8 --variants mmaccel.generate mmaccel.generate@280px \
         mmaccel.generate@224px mmaccel.generate@168px    # issue 15: tokens={"resolution": side}, fewer image tokens
+    python bench/hf_generate.py --models llava --variants mmaccel.generate mmaccel.generate@keep50 \
+        mmaccel.generate@keep25    # issue 15: tokens={"prune": fraction kept}, FastV-style image-token pruning
 
 A variant `mmaccel.generate@<side>px` runs the image at side x side pixels (compiler/resolution.py): the prompt
-holds (side / patch)^2 image placeholders instead of 576, so prefill and KV cache shrink. Random weights make
-the first token's error meaningless as accuracy, so the side is forced (a metric that records the relative
-error of the first token's logits, reported as first_token_error, and lets every side through the budget).
+holds (side / patch)^2 image placeholders instead of 576, so prefill and KV cache shrink. A variant
+`mmaccel.generate@keep<percent>` keeps that percentage of each image's tokens, the ones the last prompt position
+attends to most at the language model's layer 2 (compiler/token_pruning.py; its scoring pass is in the first
+token's time). Random weights make the first token's error meaningless as accuracy, so the setting is forced
+(a metric that records the relative error of the first token's logits, reported as first_token_error, and lets
+every setting through the budget).
 
 Timing: after one warm-up call (which compiles), the median of --repeats calls, with CUDA events on a GPU
 (mmaccel/timing.py's wall clock on CPU). first-token = generate(max_new_tokens=1); ms/token = (end-to-end -
@@ -121,23 +126,25 @@ _GENERATE_OPTIONS: dict[str, dict[str, Any]] = {}
 
 def generate_options(variant: str) -> dict[str, Any]:
     """mmaccel.generate's options for `variant`: "mmaccel.generate" none, "mmaccel.generate@224px" the image
-    at 224px (one options dict per variant, so that its session and report are found again)."""
+    at 224px, "mmaccel.generate@keep50" 50% of each image's tokens kept (tokens="prune"); one options dict per
+    variant, so that its session and report are found again."""
     if "@" not in variant:
         return {}
-    side = int(variant.split("@")[1].removesuffix("px"))
-    return _GENERATE_OPTIONS.setdefault(variant, {"tokens": {"resolution": side}, "metric": RecordedError(),
-                                                  "accuracy_budget": 1.0})
+    setting = variant.split("@")[1]
+    tokens = {"prune": int(setting.removeprefix("keep")) / 100} if setting.startswith("keep") else \
+        {"resolution": int(setting.removesuffix("px"))}
+    return _GENERATE_OPTIONS.setdefault(variant, {"tokens": tokens, "metric": RecordedError(), "accuracy_budget": 1.0})
 
 
-def resolution_row(model: torch.nn.Module, options: dict[str, Any], inputs: dict[str, Any],
-                   new: int) -> dict[str, Any]:
+def tokens_row(model: torch.nn.Module, options: dict[str, Any], inputs: dict[str, Any],
+               new: int) -> dict[str, Any]:
     """Image tokens, prompt positions (the prefill; the KV cache at the end holds `new` more) and the first
-    token's error of a resolution variant run with `options`."""
+    token's error of a variant with fewer image tokens (resolution or prune) run with `options`."""
     if "tokens" not in options:
         return {}
     tokens = mmaccel.generation_report(model, **options).tokens or {"left untouched": "no image"}
     if "image tokens per image" not in tokens:
-        return {"resolution_left_untouched": tokens["left untouched"], "tokens_match_eager": None}
+        return {"tokens_left_untouched": tokens["left untouched"], "tokens_match_eager": None}
     full, kept = tokens["image tokens per image"]
     prompt = inputs["input_ids"].shape[1] - full + kept
     return {"image_tokens": f"{full} -> {kept}", "prompt_positions": prompt, "kv_positions_at_end": prompt + new,
@@ -195,7 +202,7 @@ def bench_variant(name: str, variant: str, model, inputs, new: int, repeats: int
     return {"model": name, "variant": variant, "first_token_ms": first, "ms_per_token": (e2e - first) / (new - 1),
             "end_to_end_ms": e2e, "graphs": graphs, "setup_s": setup_s,
             "tokens_match_eager": bool(torch.equal(tokens.cpu(), reference.cpu())),
-            **memory, **resolution_row(model, generate_options(variant), inputs, new)}
+            **memory, **tokens_row(model, generate_options(variant), inputs, new)}
 
 
 def main() -> int:
@@ -308,7 +315,7 @@ def print_row(row: dict) -> None:
         return
     match = {True: "yes", False: "NO", None: "lossy"}[row["tokens_match_eager"]]
     kv = f"prompt {row['prompt_positions']} ({row['image_tokens']}), error {row['first_token_error']:.3f}" \
-        if "prompt_positions" in row else row.get("resolution_left_untouched", "")
+        if "prompt_positions" in row else row.get("tokens_left_untouched", "")
     print(f"{head} {row['first_token_ms']:9.2f} {row['ms_per_token']:9.3f} {row['end_to_end_ms']:9.1f} "
           f"{row['graphs']:6d} {row['floor_fraction']:6.2f} {row['setup_s']:8.1f} "
           f"{match} {kv}", flush=True)

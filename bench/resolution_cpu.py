@@ -1,8 +1,11 @@
-"""tokens="resolution" on CPU (issue 15): first-token and per-token CPU time of mmaccel.generate on a mid-sized
-LLaVA-1.5 layout (CLIP 336px in 14px patches: 576 image tokens, + 64 text tokens; a small tower and a 4-layer,
-1024-wide Llama decoder, vocab 32064, fp32, random weights), lossless against each image side.
+"""tokens="resolution" and "prune" on CPU (issue 15): first-token and per-token CPU time of mmaccel.generate on a
+mid-sized LLaVA-1.5 layout (CLIP 336px in 14px patches: 576 image tokens, + 64 text tokens; a small tower and a
+4-layer, 1024-wide Llama decoder, vocab 32064, fp32, random weights), lossless against each image side and
+each fraction of the image tokens kept.
 
     python bench/resolution_cpu.py            # about 2 minutes on 1 thread; bench/results/resolution_cpu.json
+    python bench/resolution_cpu.py --variants mmaccel.generate mmaccel.generate@keep50 \
+        mmaccel.generate@keep25 --out bench/results/token_pruning_cpu
 
 CPU time (time.process_time), one thread, sides interleaved, median of 3: on a shared machine wall time
 measures the neighbours. The GPU run at LLaVA-1.5-7B dims is bench/hf_generate.py's @<side>px variants.
@@ -19,9 +22,10 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mmaccel
-from hf_generate import RESULTS, environment, generate_options, resolution_row  # bench/ is on sys.path here
+from hf_generate import RESULTS, environment, generate_options, tokens_row  # bench/ is on sys.path here
 
 SIDES = ("mmaccel.generate", "mmaccel.generate@280px", "mmaccel.generate@224px", "mmaccel.generate@168px")
+# tokens={"prune": fraction kept}, hf_generate.py's names: mmaccel.generate@keep75, @keep50, @keep25
 
 
 def mid_llava() -> tuple[torch.nn.Module, dict]:
@@ -48,30 +52,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", default=os.path.join(RESULTS, "resolution_cpu"))
+    parser.add_argument("--variants", nargs="+", default=list(SIDES))
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, inputs = mid_llava()
     new = args.new_tokens
 
-    options = {v: {"target": "eager", **generate_options(v)} for v in SIDES}
+    variants = args.variants
+    options = {v: {"target": "eager", **generate_options(v)} for v in variants}
 
     def run(variant: str, n: int) -> torch.Tensor:
         return mmaccel.generate(model, **inputs, max_new_tokens=n, eos_token_id=[], pad_token_id=0,
                                 options=options[variant])
-    times = {v: {"first": [], "e2e": []} for v in SIDES}
+    times = {v: {"first": [], "e2e": []} for v in variants}
     with torch.no_grad():
         model(**inputs)  # transformers 5.2x installs its output-capturing hooks on the first eager call
-        for variant in SIDES:  # compiles
+        for variant in variants:  # compiles
             run(variant, 1), run(variant, new)
         for _ in range(3):
-            for variant in SIDES:
+            for variant in variants:
                 times[variant]["first"].append(cpu_ms(lambda: run(variant, 1)))
                 times[variant]["e2e"].append(cpu_ms(lambda: run(variant, new)))
     rows = []
-    for variant in SIDES:
+    for variant in variants:
         first, e2e = statistics.median(times[variant]["first"]), statistics.median(times[variant]["e2e"])
         rows.append({"variant": variant, "first_token_cpu_ms": first, "cpu_ms_per_token": (e2e - first) / (new - 1),
-                     **resolution_row(model, options[variant], inputs, new)})
+                     **tokens_row(model, options[variant], inputs, new)})
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"environment": environment("cpu", torch.float32, 0.0, False), "results": rows}, f, indent=2)

@@ -33,9 +33,10 @@ from .buckets import generation_buckets
 from .errors import warn_once
 from .options import CompileOptions
 from .report import CompileReport
-from .resolution import ResolutionLever, image_tokens_per_image
+from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image
 from .sampling import Sampler, choose_tokens
 from .step_graphs import StepGraph, record
+from .token_pruning import PruneLever, image_attention
 
 # A host sync per STOP_CHECK_EVERY tokens to stop once every row has finished: each check waits for the
 # device, so checking every token would put back the per-token host round trip this loop removes; 8 tokens
@@ -59,7 +60,8 @@ class GenerationReport:
     graphs: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (kind, key, why new)
     # Speculative decoding's last call (compiler/speculative.py): draft, k used, acceptance rate, tokens/round.
     speculative: dict[str, Any] | None = None
-    # tokens="resolution" (compiler/resolution.py): the side chosen, image tokens kept, measured error.
+    # tokens="resolution" / "prune" (compiler/resolution.py, token_pruning.py): the setting chosen (side,
+    # fraction kept), image tokens kept, measured error.
     tokens: dict[str, Any] | None = None
 
     @property
@@ -150,16 +152,19 @@ def _session(model: torch.nn.Module, options: dict[str, Any]) -> "_Session":
     return per_model[key]
 
 
-def _resolution_lever(options: CompileOptions) -> tuple[ResolutionLever | None, CompileOptions]:
-    """tokens="resolution" rewrites the prompt before the steps (compiler/resolution.py), so the steps' own
-    backend compiles losslessly: it gets the options without the lever, its metric and its calibration."""
-    if options.tokens != "resolution":
+def _token_lever(options: CompileOptions) -> tuple[ImageTokenLever | None, CompileOptions]:
+    """tokens="resolution" / "prune" rewrite the prompt before the steps (compiler/resolution.py,
+    token_pruning.py), so the steps' own backend compiles losslessly: it gets the options without the lever,
+    its metric and its calibration."""
+    levers = {"resolution": (ResolutionLever, options.token_sides), "prune": (PruneLever, options.token_keep)}
+    if options.tokens not in levers:
         return None, options
     if options.quantize or options.prune:
-        raise ValueError("mmaccel.generate: tokens='resolution' is not yet chosen jointly with quantize / prune "
-                         "under one accuracy_budget; ask for one of them")
-    lever = ResolutionLever(options.accuracy_budget, options.metric, options.calibration, options.token_sides)
-    return lever, dataclasses.replace(options, tokens=None, token_sides=None, metric=None, calibration=None)
+        raise ValueError(f"mmaccel.generate: tokens={options.tokens!r} is not yet chosen jointly with quantize / "
+                         "prune under one accuracy_budget; ask for one of them")
+    lever, settings = levers[options.tokens]
+    return lever(options.accuracy_budget, options.metric, options.calibration, settings), dataclasses.replace(
+        options, tokens=None, token_sides=None, token_keep=None, metric=None, calibration=None)
 
 
 def _with_weights_default(options: dict[str, Any]) -> dict[str, Any]:
@@ -178,8 +183,10 @@ class _Session:
         # Weakly: the session is the value of a WeakKeyDictionary keyed by the model, so a strong reference
         # here would keep the model (and its caches) alive forever.
         self._model = weakref.ref(model)
-        self.resolution, options = _resolution_lever(options)
+        self.token_lever, options = _token_lever(options)
         self.backend = Backend(options)
+        if isinstance(self.token_lever, PruneLever):  # its scoring pass runs on every call: compiled as a step
+            self.token_lever.scorer = torch.compile(image_attention, backend=self.backend, dynamic=False)
         self.backend.guard_model(model)
         self.report = GenerationReport(self.backend.report)
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
@@ -239,12 +246,13 @@ class _Session:
 
     def fewer_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict[str, Any],
                            config: _Config) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """tokens="resolution": the prompt with fewer image placeholders, the image resized to match (a shorter
-        prefill and cache). The tokens returned still start with the prompt as the user passed it."""
-        if self.resolution is None:
+        """tokens="resolution" / "prune": the prompt with fewer image tokens (a shorter prefill and cache): fewer
+        placeholders and the image resized to match, or the prompt's embeddings at the kept positions. The
+        tokens returned still start with the prompt as the user passed it."""
+        if self.token_lever is None:
             return input_ids, attention_mask, model_inputs
-        out = self.resolution.apply(self.model, input_ids, attention_mask, model_inputs, config.pad_id)
-        self.report.tokens = self.resolution.choice.summary() if self.resolution.choice else None
+        out = self.token_lever.apply(self.model, input_ids, attention_mask, model_inputs, config.pad_id)
+        self.report.tokens = self.token_lever.choice.summary() if self.token_lever.choice else None
         return out
 
     def _prefill(self, input_ids, attention_mask, model_inputs, config, prompt, cache_len,
@@ -261,8 +269,7 @@ class _Session:
         position_ids = position_ids + _POSITION_OFFSET.get(getattr(self.model.config, "model_type", None), 0)
         if getattr(self.model.config, "model_type", None) in _PREFIX_LM:
             model_inputs.setdefault("token_type_ids", torch.zeros_like(input_ids))
-        model_inputs = {name: torch.nn.functional.pad(value, (pad, 0), value=_PER_POSITION_INPUTS[name])
-                        if name in _PER_POSITION_INPUTS else value for name, value in model_inputs.items()}
+        model_inputs = {name: _left_padded(name, value, pad) for name, value in model_inputs.items()}
         cache = self._cache(batch, cache_len, dtype, device)
         state = _StepState(self.model, cache, mask, _sampling_tensors(config, device),
                            torch.tensor(config.stop_ids or [-1], device=device),
@@ -425,6 +432,8 @@ def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: to
     prefix = "decoder_" if state.encoder_decoder else ""
     kwargs = {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": state.mask,
               f"{prefix}position_ids": position_ids, **extra}
+    if "inputs_embeds" in extra:  # tokens="prune": the prompt as its embeddings, the ids only give its shape
+        del kwargs["input_ids"]
     if state.encoder_outputs is not None:
         kwargs["encoder_outputs"] = state.encoder_outputs
     if state.pass_cache_position:
@@ -535,6 +544,17 @@ _POSITION_OFFSET = {"paligemma": 1}
 # Per-position inputs a model takes beside input_ids, padded on the left like the prompt: PaliGemma's
 # token_type_ids (0: prefix, attended bidirectionally; 1: suffix); padded positions are masked out anyway.
 _PER_POSITION_INPUTS = {"token_type_ids": 1}
+
+
+def _left_padded(name: str, value: Any, pad: int) -> Any:
+    """A model input padded on the left like the prompt, if it is per position (else as it is)."""
+    if name == "inputs_embeds":  # [B, L, D]
+        return torch.nn.functional.pad(value, (0, 0, pad, 0))
+    if name in _PER_POSITION_INPUTS:
+        return torch.nn.functional.pad(value, (pad, 0), value=_PER_POSITION_INPUTS[name])
+    return value
+
+
 # PaliGemma is a prefix LM: image and prompt attend to each other both ways. Its processor returns
 # token_type_ids (all 0 for a prompt) saying so; without them transformers 5.24 attends bidirectionally when
 # the attention mask has no padding and causally when it has (tiny PaliGemma: earlier logits move by 1.4 when

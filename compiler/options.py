@@ -21,10 +21,12 @@ PRUNE_FRACTIONS = ("mlp_channels", "heads")
 # What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
 WEIGHTS = ("keep", "release")
 # Lossy, opt-in: fewer tokens. "merge" (passes/tokens.py) in vision towers; "resolution" (compiler/resolution.py)
-# fewer image tokens in a LLaVA prompt, mmaccel.generate only. "prune" and "auto" are named by issue 15 but not
-# built yet: refused.
-TOKENS = (None, "merge", "resolution")
-TOKENS_NOT_YET = ("prune", "auto")
+# and "prune" (compiler/token_pruning.py): fewer image tokens in a LLaVA prompt, mmaccel.generate only. "auto" is
+# named by issue 15 but not built yet: refused.
+TOKENS = (None, "merge", "resolution", "prune")
+TOKENS_NOT_YET = ("auto",)
+# The levers that rewrite the prompt, which only mmaccel.generate can do (a compiled graph's inputs are fixed).
+PROMPT_TOKENS = ("resolution", "prune")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
 # that belong to the Triton target, so they are refused rather than silently ignored.
 MODES = (None, "default")
@@ -63,6 +65,8 @@ class CompileOptions:
     tokens: str | None = None
     # tokens={"resolution": 224} (or a list of sides): the image sides in pixels offered, instead of the usual ones.
     token_sides: tuple[int, ...] | None = None
+    # tokens={"prune": 0.5} (or a list): the fractions of each image's tokens kept offered, instead of the usual.
+    token_keep: tuple[float, ...] | None = None
     accuracy_budget: float = 0.01
     # Inputs to measure the error of lossy passes on: samples of the model's arguments (validated here; mapped
     # to each graph's inputs by mmaccel.compile / export_onnx).
@@ -103,7 +107,7 @@ class CompileOptions:
         if quantize not in QUANTIZE:
             raise InvalidOptionError(f"option 'quantize'={quantize!r} is not valid; choose one of {list(QUANTIZE)}")
         prune, prune_fractions = _validate_prune(options.get("prune"))
-        tokens, token_sides = _validate_tokens(options.get("tokens"))
+        tokens, token_sides, token_keep = _validate_tokens(options.get("tokens"))
         metric = _validate_metric(options.get("metric"), quantize or prune or tokens)
         budget = _validate_budget(options.get("accuracy_budget", 0.01), metric)
         calibration = _validate_calibration(options.get("calibration"), quantize or prune or tokens)
@@ -120,7 +124,7 @@ class CompileOptions:
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, prune=prune,
                    prune_fractions=prune_fractions, tokens=tokens, token_sides=token_sides,
-                   accuracy_budget=float(budget),
+                   token_keep=token_keep,                    accuracy_budget=float(budget),
                    calibration=calibration, metric=metric, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:
@@ -170,36 +174,55 @@ def _validate_weights(value: Any, lossy: str | None) -> str:
     return value
 
 
-def _validate_tokens(value: Any) -> tuple[str | None, tuple[int, ...] | None]:
+def _validate_tokens(value: Any) -> tuple[str | None, tuple[int, ...] | None, tuple[float, ...] | None]:
+    """A lever name, or {"resolution": side(s)} / {"prune": fraction(s) kept} -> (lever, sides, fractions)."""
     if isinstance(value, Mapping):
-        return "resolution", _validate_sides(value)
+        if len(value) != 1 or not set(value) <= set(PROMPT_TOKENS):
+            raise InvalidOptionError(f"option 'tokens'={dict(value)!r}: the dict form is {{'resolution': side}} "
+                                     "(pixels, or a list of sides to choose from) or {'prune': fraction} (of each "
+                                     "image's tokens kept, or a list of fractions)")
+        lever, given = next(iter(value.items()))
+        settings = tuple(given) if isinstance(given, (list, tuple)) else (given,)
+        if lever == "resolution":
+            return lever, _validate_sides(settings, given), None
+        return lever, None, _validate_keep(settings, given)
     if value in TOKENS_NOT_YET:
         raise InvalidOptionError(f"option 'tokens'={value!r} is not built yet; tokens='merge' (token merging in vision "
-                                 "towers) and tokens='resolution' (mmaccel.generate, LLaVA) work today")
+                                 "towers), 'resolution' and 'prune' (mmaccel.generate, LLaVA) work today")
     if not isinstance(value, (str, type(None))) or value not in TOKENS:
-        raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)} or "
-                                 "{'resolution': side in pixels, or a list of sides}")
-    return value, None
+        raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)}, "
+                                 "{'resolution': side in pixels, or a list of sides} or {'prune': fraction kept}")
+    return value, None, None
 
 
-def _validate_sides(value: Mapping[str, Any]) -> tuple[int, ...]:
-    if set(value) != {"resolution"}:
-        raise InvalidOptionError(f"option 'tokens'={dict(value)!r}: the dict form is {{'resolution': side}} (pixels, "
-                                 "or a list of sides to choose from)")
-    sides = value["resolution"]
-    sides = tuple(sides) if isinstance(sides, (list, tuple)) else (sides,)
+def _validate_sides(sides: tuple, given: Any) -> tuple[int, ...]:
     if not sides or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
-        raise InvalidOptionError(f"option tokens={{'resolution': {value['resolution']!r}}}: give image sides in "
-                                 "pixels, positive ints")
+        raise InvalidOptionError(f"option tokens={{'resolution': {given!r}}}: give image sides in pixels, "
+                                 "positive ints")
     return sides
 
 
+def _validate_keep(fractions: tuple, given: Any) -> tuple[float, ...]:
+    if not fractions or any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in fractions):
+        raise InvalidOptionError(f"option tokens={{'prune': {given!r}}}: give the fraction of each image's tokens "
+                                 "kept, a number in (0, 1), or a list of them")
+    for fraction in fractions:
+        if fraction <= 0:
+            raise InvalidOptionError(f"option tokens={{'prune': {given!r}}}: keeping {fraction} of each image's "
+                                     "tokens removes every image token; keep a fraction in (0, 1)")
+        if fraction >= 1:
+            raise InvalidOptionError(f"option tokens={{'prune': {given!r}}}: keeping {fraction} of each image's "
+                                     "tokens prunes nothing; keep a fraction in (0, 1), or drop tokens=")
+    return tuple(float(f) for f in fractions)
+
+
 def refuse_outside_generate(options: CompileOptions) -> None:
-    """tokens="resolution" rewrites the prompt (its image placeholder count), which one compiled graph cannot."""
-    if options.tokens == "resolution":
-        raise InvalidOptionError("option tokens='resolution' changes how many image placeholders the prompt holds, "
+    """tokens="resolution" / "prune" rewrite the prompt (how many image tokens it holds), which one compiled
+    graph cannot."""
+    if options.tokens in PROMPT_TOKENS:
+        raise InvalidOptionError(f"option tokens={options.tokens!r} changes how many image tokens the prompt holds, "
                                  "an input of the model that only mmaccel.generate rewrites: use mmaccel.generate("
-                                 "model, **inputs, options={'tokens': 'resolution'}), or tokens='merge' here")
+                                 f"model, **inputs, options={{'tokens': {options.tokens!r}}}), or tokens='merge' here")
 
 
 def _validate_budget(budget: Any, metric: Any) -> float:

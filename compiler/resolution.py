@@ -15,9 +15,12 @@ too, and position embeddings interpolated to a coarser grid are what CLIP's inte
 The side is chosen once per session under accuracy_budget: the relative error of the first new token's
 logits (or the user's metric) against the full-resolution model, eager, on the calibration samples or else
 the first call's inputs; the fewest tokens within budget wins; over budget: full resolution, one warning.
+That choice is ImageTokenLever's, here, shared with tokens="prune" (compiler/token_pruning.py): one mechanism
+for the levers that rewrite a LLaVA prompt, as passes/lossy.py is one for the levers that rewrite a graph.
 """
 from __future__ import annotations
 
+import abc
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -46,8 +49,9 @@ class ImageLayout:
         return (side // self.patch_size) ** 2 + self.class_token
 
 
-def image_layout(model: torch.nn.Module) -> ImageLayout | str:
-    """The layout tokens="resolution" can follow, or why it cannot (a reason for the report)."""
+def llava_layout(model: torch.nn.Module) -> ImageLayout | str:
+    """The image-token layout of a LLaVA-1.5-style model (tokens="resolution" and "prune" follow it), or why
+    it cannot be followed (a reason for the report)."""
     config = model.config
     vision = getattr(config, "vision_config", None)
     if type(config).__name__ != "LlavaConfig":
@@ -55,11 +59,18 @@ def image_layout(model: torch.nn.Module) -> ImageLayout | str:
                 "are followed")
     if getattr(config, "image_token_id", None) is None or not hasattr(vision, "patch_size"):
         return "the config names no image_token_id or vision patch_size"
-    tower = _vision_tower(model)
-    if tower is None or "interpolate_pos_encoding" not in inspect.signature(tower.forward).parameters:
-        return f"the vision tower {type(tower).__name__} cannot interpolate its position embeddings"
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     return ImageLayout(config.image_token_id, vision.image_size, vision.patch_size, strategy == "full")
+
+
+def image_layout(model: torch.nn.Module) -> ImageLayout | str:
+    """The layout tokens="resolution" can follow (the tower must interpolate its position embeddings)."""
+    layout = llava_layout(model)
+    tower = _vision_tower(model)
+    if isinstance(layout, ImageLayout) and (
+            tower is None or "interpolate_pos_encoding" not in inspect.signature(tower.forward).parameters):
+        return f"the vision tower {type(tower).__name__} cannot interpolate its position embeddings"
+    return layout
 
 
 def image_tokens_per_image(config: Any, side: int | None = None) -> int | None:
@@ -102,21 +113,37 @@ def shrunk_prompt(ids: torch.Tensor, mask: torch.Tensor, layout: ImageLayout, ke
                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor] | str:
     """The prompt with each image's run of N placeholders cut to its first `keep`, rows left-padded again to
     the longest; or why the layout cannot be followed (placeholders not in runs of N)."""
+    ranks = image_ranks(ids, layout)
+    if isinstance(ranks, str):
+        return ranks
+    kept = (ids != layout.image_token_id) | (ranks < keep)
+    return left_packed(kept, (ids, pad_id), (mask, 0))
+
+
+def image_ranks(ids: torch.Tensor, layout: ImageLayout) -> torch.Tensor | str:
+    """[B, L]: each image placeholder's index within its image (0 .. N-1; 0 elsewhere), or why the layout
+    cannot be followed (placeholders not in runs of N, the features of whole images)."""
     full = layout.tokens(layout.image_size)
-    kept_rows = []
+    ranks = []
     for row in ids == layout.image_token_id:
         rank, run_lengths = _runs(row)
         if bool((run_lengths % full).any()):
             return f"the prompt's image placeholders are not in runs of {full} per image ({run_lengths.tolist()})"
-        kept_rows.append(~row | ((rank % full) < keep))
-    length = max(int(k.sum()) for k in kept_rows)
-    new_ids = ids.new_full((ids.shape[0], length), pad_id)
-    new_mask = mask.new_zeros((mask.shape[0], length))
-    for i, kept in enumerate(kept_rows):
-        n = int(kept.sum())
-        new_ids[i, length - n:] = ids[i][kept]
-        new_mask[i, length - n:] = mask[i][kept]
-    return new_ids, new_mask
+        ranks.append(rank % full)
+    return torch.stack(ranks)
+
+
+def left_packed(kept: torch.Tensor, *tensors: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, ...]:
+    """Each (tensor [B, L, ...], fill) at the positions `kept` [B, L] marks, in order, rows left-filled to the
+    longest: the shape of a left-padded prompt."""
+    length = int(kept.sum(-1).max())
+    out = []
+    for tensor, fill in tensors:
+        packed = tensor.new_full((tensor.shape[0], length, *tensor.shape[2:]), fill)
+        for i, row in enumerate(kept):
+            packed[i, length - int(row.sum()):] = tensor[i][row]
+        out.append(packed)
+    return tuple(out)
 
 
 def _runs(is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,78 +184,146 @@ def _vision_tower(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @dataclass
-class ResolutionChoice:
-    """What tokens="resolution" chose for one model (GenerationReport.tokens)."""
-    side: int | None = None  # pixels; None: full resolution (over budget, or the layout not followed)
+class TokenChoice:
+    """What a tokens= lever of mmaccel.generate chose for one model (GenerationReport.tokens)."""
+    lever: str  # "resolution", "prune"
+    setting_name: str  # what its setting is: "side", "keep"
+    setting: Any = None  # the lever's setting chosen; None: the prompt as given (over budget, layout not followed)
+    label: str = ""  # the setting as the report prints it ("16px", "50%")
     tokens: tuple[int, int] | None = None  # image tokens per image: (full, kept)
     error: float | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=list)  # side, tokens, error per candidate
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # setting, tokens, error per candidate
     reason: str | None = None  # why the prompt is left as it is
 
     def summary(self) -> dict[str, Any]:
-        if self.side is None:
-            return {"lever": "resolution", "left untouched": self.reason, "candidates": self.candidates}
-        return {"lever": "resolution", "side": f"{self.side}px", "image tokens per image": list(self.tokens),
+        if self.setting is None:
+            return {"lever": self.lever, "left untouched": self.reason, "candidates": self.candidates}
+        return {"lever": self.lever, self.setting_name: self.label, "image tokens per image": list(self.tokens),
                 "measured error": self.error, "candidates": self.candidates}
 
 
-class ResolutionLever:
-    """tokens="resolution" in one generate session: chooses the side on first use, then rewrites each call's
-    prompt and pixel_values."""
+class ImageTokenLever(abc.ABC):
+    """A tokens= lever of mmaccel.generate: a lossy rewrite of a LLaVA prompt before the steps (fewer image
+    tokens), its setting chosen once per session under accuracy_budget, then applied to each call's prompt.
+    The one choice mechanism of these levers: each setting's error is the first new token's logits' against
+    the untouched model's (or the user's metric), eager, on the calibration samples or else the first call's
+    inputs; the fewest tokens within budget wins; none within: the prompt as given, one warning.
+
+    A lever says: its layout (or why none), its candidate settings (fewest tokens first, validated), the image
+    tokens per image a setting keeps, what a prompt needs for any setting (`prepared`: the prune lever's scores,
+    computed once for all settings) and the rewrite of a prepared prompt at one setting."""
+    name: str
+    setting_name: str
 
     def __init__(self, budget: float, metric: Callable | None, calibration: Sequence[Sample] | None,
-                 sides: Sequence[int] | None = None) -> None:
-        self.budget, self.metric, self.calibration, self.sides = budget, metric, calibration, sides
-        self.choice: ResolutionChoice | None = None
+                 settings: Sequence[Any] | None = None) -> None:
+        self.budget, self.metric, self.calibration, self.settings = budget, metric, calibration, settings
+        self.choice: TokenChoice | None = None
+
+    @abc.abstractmethod
+    def layout(self, model: torch.nn.Module) -> ImageLayout | str:
+        ...
+
+    @abc.abstractmethod
+    def candidates(self, layout: ImageLayout) -> list[Any]:
+        ...
+
+    @abc.abstractmethod
+    def tokens(self, layout: ImageLayout, setting: Any) -> int:
+        ...
+
+    @abc.abstractmethod
+    def label(self, setting: Any) -> str:
+        ...
+
+    @abc.abstractmethod
+    def prepared(self, model: torch.nn.Module, layout: ImageLayout, ids: torch.Tensor, mask: torch.Tensor,
+                 inputs: dict[str, Any]) -> Any:
+        ...
+
+    @abc.abstractmethod
+    def rewrite(self, layout: ImageLayout, prepared: Any, setting: Any,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | str:
+        ...
 
     def apply(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any],
               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """(input_ids, attention_mask, model inputs) at the chosen resolution; unchanged without an image."""
+        """(input_ids, attention_mask, model inputs) with the chosen setting; unchanged without an image."""
         if inputs.get("pixel_values") is None:
             return ids, mask, inputs
         if self.choice is None:
             self.choice = self._choose(model, ids, mask, inputs, pad_id)
-        if self.choice.side is None:
+        if self.choice.setting is None:
             return ids, mask, inputs
-        layout = image_layout(model)
-        prompt = shrunk_prompt(ids, mask, layout, self.choice.tokens[1], pad_id)
+        layout = self.layout(model)
+        prompt = self.rewrite(layout, self.prepared(model, layout, ids, mask, inputs), self.choice.setting, pad_id)
         if isinstance(prompt, str):
-            warn_once(f"mmaccel.generate tokens='resolution': this prompt left at full resolution: {prompt}")
+            warn_once(f"mmaccel.generate tokens={self.name!r}: this prompt left as given: {prompt}")
             return ids, mask, inputs
-        return *prompt, {**inputs, "pixel_values": resized(inputs["pixel_values"], self.choice.side)}
+        return prompt
 
-    def _choose(self, model, ids, mask, inputs, pad_id) -> ResolutionChoice:
-        layout = image_layout(model)
+    def _choose(self, model, ids, mask, inputs, pad_id) -> TokenChoice:
+        layout = self.layout(model)
         if isinstance(layout, str):
-            return ResolutionChoice(reason=layout)
-        sides = list(self.sides) if self.sides is not None else candidate_sides(layout)
-        for side in sides:
-            validate_side(layout, side)
-        interpolating_tower(model)
+            return TokenChoice(self.name, self.setting_name, reason=layout)
+        settings = self.candidates(layout)
         samples = _samples(self.calibration) if self.calibration else [(ids, mask, inputs)]
         references = [[first_token_logits(model, *sample)] for sample in samples]
+        prepared = [self.prepared(model, layout, *sample) for sample in samples]
         measured = []
-        for side in sides:
+        for setting in settings:
             outputs = []
-            for sample_ids, sample_mask, sample_inputs in samples:
-                prompt = shrunk_prompt(sample_ids, sample_mask, layout, layout.tokens(side), pad_id)
+            for sample in prepared:
+                prompt = self.rewrite(layout, sample, setting, pad_id)
                 if isinstance(prompt, str):
-                    return ResolutionChoice(reason=prompt)
-                outputs.append([first_token_logits(model, *prompt, {
-                    **sample_inputs, "pixel_values": resized(sample_inputs["pixel_values"], side)})])
+                    return TokenChoice(self.name, self.setting_name, reason=prompt)
+                outputs.append([first_token_logits(model, *prompt)])
             error = (self.metric or pooled_relative_error)(outputs, references)
-            measured.append({"side": side, "tokens": layout.tokens(side), "error": float(error)})
+            measured.append({self.setting_name: setting, "tokens": self.tokens(layout, setting),
+                             "error": float(error)})
         return self._cheapest(layout, measured)
 
-    def _cheapest(self, layout: ImageLayout, measured: list[dict[str, Any]]) -> ResolutionChoice:
+    def _cheapest(self, layout: ImageLayout, measured: list[dict[str, Any]]) -> TokenChoice:
         within = [m for m in measured if m["error"] <= self.budget]
         if not within:
-            reason = f"every side measured over accuracy_budget {self.budget}: full resolution kept"
-            warn_once(f"mmaccel.generate tokens='resolution': {reason} ({measured})")
-            return ResolutionChoice(reason=reason, candidates=measured)
+            reason = f"every setting measured over accuracy_budget {self.budget}: all image tokens kept"
+            warn_once(f"mmaccel.generate tokens={self.name!r}: {reason} ({measured})")
+            return TokenChoice(self.name, self.setting_name, reason=reason, candidates=measured)
         best = min(within, key=lambda m: m["tokens"])
-        return ResolutionChoice(best["side"], (layout.tokens(layout.image_size), best["tokens"]), best["error"],
-                                measured)
+        setting = best[self.setting_name]
+        return TokenChoice(self.name, self.setting_name, setting, self.label(setting),
+                           (layout.tokens(layout.image_size), best["tokens"]), best["error"], measured)
+
+
+class ResolutionLever(ImageTokenLever):
+    """tokens="resolution": the image at a smaller side in whole patches, its placeholders cut to match."""
+    name, setting_name = "resolution", "side"
+
+    def layout(self, model: torch.nn.Module) -> ImageLayout | str:
+        return image_layout(model)
+
+    def candidates(self, layout: ImageLayout) -> list[int]:
+        sides = list(self.settings) if self.settings is not None else candidate_sides(layout)
+        for side in sides:
+            validate_side(layout, side)
+        return sides
+
+    def tokens(self, layout: ImageLayout, side: int) -> int:
+        return layout.tokens(side)
+
+    def label(self, side: int) -> str:
+        return f"{side}px"
+
+    def prepared(self, model, layout, ids, mask, inputs) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        interpolating_tower(model)
+        return ids, mask, inputs
+
+    def rewrite(self, layout, prepared, side, pad_id) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | str:
+        ids, mask, inputs = prepared
+        prompt = shrunk_prompt(ids, mask, layout, layout.tokens(side), pad_id)
+        if isinstance(prompt, str):
+            return prompt
+        return *prompt, {**inputs, "pixel_values": resized(inputs["pixel_values"], side)}
 
 
 def first_token_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
@@ -236,6 +331,7 @@ def first_token_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
     """The model's logits for the first new token [B, V] (float32), eager, positions from the mask as
     mmaccel.generate and HF's generate derive them for left-padded rows."""
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    ids = None if "inputs_embeds" in inputs else ids  # tokens="prune": the prompt's embeddings, pruned
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **inputs)
     return out.logits[:, -1].float()

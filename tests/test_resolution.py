@@ -1,6 +1,9 @@
 """tokens="resolution" (compiler/resolution.py): a LLaVA image at fewer patches, the prompt with fewer image
-placeholders, against a hand-written reference on tiny HF LLaVA (32px images in 8px patches: 16 image tokens)."""
+placeholders, against a hand-written reference on tiny HF LLaVA (32px images in 8px patches: 16 image tokens).
+The over-budget and near-miss tests cover tokens="prune" too (tests/test_token_pruning.py: the rest of it)."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 import mmaccel
 from mmaccel.compiler.options import CompileOptions
 from mmaccel.compiler.resolution import ImageLayout, ResolutionLever, shrunk_prompt
+from mmaccel.compiler.token_pruning import PruneLever
 from tests import hf_tiny
 from tests.conftest import relative_error
 from tests.test_generation import one_thread  # noqa: F401 (autouse: tiny matmuls on one thread)
@@ -85,19 +89,24 @@ def test_fewer_image_tokens_equal_the_hand_written_reference() -> None:
     assert torch.equal(again, out) and len(report.compile.graphs) == graphs == 2
 
 
-def test_over_budget_keeps_full_resolution_with_one_warning() -> None:
-    """The prompt as given (tokens equal HF eager's at full resolution), the reason in the report."""
+@pytest.mark.parametrize("setting", [{"resolution": 16}, {"prune": 0.25}])
+def test_over_budget_keeps_every_image_token_with_one_warning(setting) -> None:
+    """Both prompt levers: the prompt as given (tokens equal HF eager's), the reason in the report, one warning
+    for two calls."""
     model = hf_tiny.llava()
     ids, pixels = hf_tiny.llava_prompt(3, 5)
     with torch.no_grad():
         lossless = model.generate(ids, pixel_values=pixels, max_new_tokens=1, do_sample=False, pad_token_id=0)
-    with pytest.warns(UserWarning, match="over accuracy_budget"):
-        out = mmaccel.generate(model, ids, pixel_values=pixels, max_new_tokens=1, options=options(
-            tokens={"resolution": 16}, accuracy_budget=1e-6))
-    assert torch.equal(out, lossless)
-    report = mmaccel.generation_report(model, **options(tokens={"resolution": 16}, accuracy_budget=1e-6))
+    chosen = options(tokens=setting, accuracy_budget=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [mmaccel.generate(model, ids, pixel_values=pixels, max_new_tokens=1, options=chosen) for _ in "ab"]
+    assert all(torch.equal(out, lossless) for out in outs)
+    assert len([w for w in caught if "over accuracy_budget" in str(w.message)]) == 1
+    report = mmaccel.generation_report(model, **chosen)
     assert "over accuracy_budget" in report.tokens["left untouched"]
-    assert [c["side"] for c in report.tokens["candidates"]] == [16]
+    [(name, value)] = setting.items()
+    assert [c[{"resolution": "side", "prune": "keep"}[name]] for c in report.tokens["candidates"]] == [value]
     assert report.graphs[0][1]["prompt"] == 24
 
 
@@ -107,7 +116,7 @@ def test_the_cheapest_side_within_budget_wins_and_the_metric_replaces_the_error(
     measured = [{"side": 168, "tokens": 144, "error": 0.5}, {"side": 224, "tokens": 256, "error": 0.2},
                 {"side": 280, "tokens": 400, "error": 0.1}]
     choice = lever._cheapest(layout, measured)
-    assert (choice.side, choice.tokens, choice.error) == (224, (576, 256), 0.2)
+    assert (choice.setting, choice.tokens, choice.error) == (224, (576, 256), 0.2)
     assert ImageLayout(TOKEN, 336, 14, class_token=True).tokens(224) == 257  # strategy "full": + the class token
     model = hf_tiny.llava()
     ids, pixels = hf_tiny.llava_prompt(3, 5)
@@ -124,28 +133,29 @@ def test_the_cheapest_side_within_budget_wins_and_the_metric_replaces_the_error(
     samples = CompileOptions.from_user(options(calibration=[{"input_ids": ids, "pixel_values": pixels}] * 3,
                                                metric=metric)).calibration
     calls.clear()
-    lever = ResolutionLever(1.0, metric, samples, sides=[24])
+    lever = ResolutionLever(1.0, metric, samples, settings=[24])
     lever.apply(model, ids, torch.ones_like(ids), {"pixel_values": pixels}, 0)
     assert calls == [(3, torch.Size([1, hf_tiny.VOCAB]))]  # the calibration samples, not the call's inputs
 
 
-def test_near_misses_are_left_alone() -> None:
-    """A prompt whose image run is split in two, a text-only prompt, a model that is not LLaVA: the prompt
-    as given, the reason recorded."""
+@pytest.mark.parametrize("lever", [ResolutionLever, PruneLever])
+def test_near_misses_are_left_alone(lever) -> None:
+    """Both prompt levers (tokens="resolution", "prune"): a prompt whose image run is split in two, a text-only
+    prompt, a model that is not LLaVA: the prompt as given, the reason recorded."""
     model = hf_tiny.llava()
     ids, pixels = hf_tiny.llava_prompt(3, 5)
     mask = torch.ones_like(ids)
     split = torch.cat([ids[:, :10], torch.tensor([[7]]), ids[:, 10:]], dim=1)
-    lever = ResolutionLever(0.9, None, None)
-    assert lever.apply(model, split, torch.ones_like(split), {"pixel_values": pixels}, 0)[0] is split
-    assert "not in runs of 16" in lever.choice.summary()["left untouched"]
+    chooser = lever(0.9, None, None)
+    assert chooser.apply(model, split, torch.ones_like(split), {"pixel_values": pixels}, 0)[0] is split
+    assert "not in runs of 16" in chooser.choice.summary()["left untouched"]
     text = ids[:, :3]
-    assert lever.apply(model, text, mask[:, :3], {}, 0)[0] is text
+    assert chooser.apply(model, text, mask[:, :3], {}, 0)[0] is text
     paligemma = hf_tiny.paligemma()
     ids, pixels = hf_tiny.vlm_inputs()
-    lever = ResolutionLever(0.9, None, None)
-    assert lever.apply(paligemma, ids, torch.ones_like(ids), {"pixel_values": pixels}, 0)[0] is ids
-    assert "only LLaVA-1.5-style" in lever.choice.summary()["left untouched"]
+    chooser = lever(0.9, None, None)
+    assert chooser.apply(paligemma, ids, torch.ones_like(ids), {"pixel_values": pixels}, 0)[0] is ids
+    assert "only LLaVA-1.5-style" in chooser.choice.summary()["left untouched"]
 
 
 def test_bad_input() -> None:
