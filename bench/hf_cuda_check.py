@@ -1,0 +1,114 @@
+"""GPU correctness check of the paths users take, at the sizes where CPU tests cannot see CUDA's own behaviour
+(kernel output layouts, CUDA-graph capture rules):
+A. every tiny HF text decoder of tests/hf_tiny.py, fp32 and bf16, `torch.compile(model, backend="mmaccel")` on
+   the Triton target at four prompt lengths (the second one makes the length symbolic), with the mmaccel warnings
+   each raised (a rolled-back pass, a graph run without CUDA graphs);
+B. HF Llama at 7B dims (2 layers, bf16) compiled with the defaults at three lengths;
+C. mmaccel.generate on a tiny HF Llama (fp32) across prompt/cache buckets: tokens vs HF eager, memory after each.
+
+    python bench/hf_cuda_check.py                         # CUDA, ~5 min; JSON under $OUT (or /tmp)
+    ARCHS=mistral,qwen2 PARTS=A python bench/hf_cuda_check.py
+
+Found on an H200 (bench/results/hf_tiny_triton_cuda_check_h200.json): grouped-query attention_fusion rolled back
+on CUDA's layouts, HF Mistral crashing in CUDA-graph capture (both fixed)."""
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mmaccel  # noqa: E402
+from tests import hf_tiny  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+dev = os.environ.get("DEV", "cuda")
+res = {"archs": [], "llama7b": [], "generate": []}
+torch.manual_seed(0)
+
+
+def rel(a, b):
+    a = a.last_hidden_state if hasattr(a, "last_hidden_state") else (a.logits if hasattr(a, "logits") else a)
+    b = b.last_hidden_state if hasattr(b, "last_hidden_state") else (b.logits if hasattr(b, "logits") else b)
+    if isinstance(a, (tuple, list)):
+        a, b = a[0], b[0]
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# A: every tiny text decoder, fp32 and bf16, torch.compile(backend="mmaccel") on the triton target, 3 lengths
+import warnings  # noqa: E402
+ONLY = set(os.environ.get("ARCHS", "").split(",")) - {""}
+for arch in hf_tiny.ARCHITECTURES:
+    if not arch.family.startswith("decoder") or ONLY and arch.name not in ONLY:
+        continue
+    for dtype in (torch.float32, torch.bfloat16):
+        row = {"arch": arch.name, "dtype": str(dtype)}
+        try:
+            torch._dynamo.reset()
+            model = arch.build().to(dev, dtype)
+            from mmaccel.compiler import errors
+            errors._warned.clear()
+            compiled = torch.compile(model, backend="mmaccel", options={"target": "triton"})
+            errs = []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for n in (5, 13, 29, 13):
+                    ids = torch.randint(1, hf_tiny.VOCAB - 1, (2, n), device=dev)
+                    with torch.no_grad():
+                        errs.append(rel(compiled(ids), model(ids)))
+            row.update(errs=errs, ok=max(errs) < (1e-4 if dtype == torch.float32 else 3e-2),
+                       warnings=sorted({str(w.message)[:200] for w in caught if "mmaccel" in str(w.message)}))
+        except Exception as e:  # noqa: BLE001
+            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500], tb=traceback.format_exc()[-1500:])
+        res["archs"].append(row)
+        print(row.get("arch"), row.get("dtype"), row.get("ok"), row.get("errs"), row.get("error", ""), row.get("warnings"), flush=True)
+
+PARTS = os.environ.get("PARTS", "A,B,C").split(",")
+if "B" not in PARTS and "C" not in PARTS:
+    json.dump(res, open(os.path.join(OUT, "hf_cuda_check.json"), "w"), indent=1)
+    sys.exit(0)
+# B: HF Llama at 7B dims (2 layers), bf16, torch.compile at three lengths
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+torch._dynamo.reset()
+cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32000)
+with torch.device(dev):
+    big = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+compiled = torch.compile(big, backend="mmaccel")
+for n in (17, 64, 300):
+    ids = torch.randint(0, 32000, (1, n), device=dev)
+    try:
+        with torch.no_grad():
+            e = rel(compiled(ids), big(ids))
+        res["llama7b"].append({"n": n, "err": e})
+    except Exception as ex:  # noqa: BLE001
+        res["llama7b"].append({"n": n, "error": f"{type(ex).__name__}: {ex}"[:500], "tb": traceback.format_exc()[-1500:]})
+    print("llama7b", res["llama7b"][-1], flush=True)
+del big, compiled
+torch.cuda.empty_cache()
+
+# C: mmaccel.generate on a tiny HF Llama (fp32) across buckets: tokens vs HF eager, memory after each call
+torch._dynamo.reset()
+small = hf_tiny.llama("sdpa", use_cache=True, max_positions=1024).to(dev).eval()
+for plen, new in ((7, 8), (40, 20), (100, 33), (7, 8), (250, 60), (40, 20)):
+    ids = torch.randint(1, hf_tiny.VOCAB - 1, (1, plen), device=dev)
+    mask = torch.ones_like(ids)
+    try:
+        t0 = time.perf_counter()
+        got = mmaccel.generate(small, input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        dt = time.perf_counter() - t0
+        with torch.no_grad():
+            ref = small.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        same = bool(torch.equal(got.cpu() if isinstance(got, torch.Tensor) else got.sequences.cpu(), ref.cpu()))
+        row = {"prompt": plen, "new": new, "same": same, "s": round(dt, 2),
+               "allocated_mib": torch.cuda.memory_allocated() / 2**20,
+               "reserved_mib": torch.cuda.memory_reserved() / 2**20}
+    except Exception as ex:  # noqa: BLE001
+        row = {"prompt": plen, "new": new, "error": f"{type(ex).__name__}: {ex}"[:500], "tb": traceback.format_exc()[-1500:]}
+    res["generate"].append(row)
+    print("generate", row, flush=True)
+
+json.dump(res, open(os.path.join(OUT, "hf_cuda_check.json"), "w"), indent=1)
