@@ -7,7 +7,7 @@ B. HF Llama at 7B dims (2 layers, bf16) compiled with the defaults at three leng
 C. mmaccel.generate on a tiny HF Llama (fp32) across prompt/cache buckets: tokens vs HF eager, memory after each.
 
     python bench/hf_cuda_check.py                         # CUDA, ~5 min; JSON under $OUT (or /tmp)
-    ARCHS=mistral,qwen2 PARTS=A python bench/hf_cuda_check.py
+    ARCHS=mistral,qwen2 PARTS=A python bench/hf_cuda_check.py     # these architectures only, in this order
 
 Found on an H200 (bench/results/hf_tiny_triton_cuda_check_h200.json): grouped-query attention_fusion rolled back
 on CUDA's layouts, HF Mistral crashing in CUDA-graph capture (both fixed)."""
@@ -37,33 +37,45 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-# A: every tiny text decoder, fp32 and bf16, torch.compile(backend="mmaccel") on the triton target, 3 lengths
+# A: every tiny HF architecture, fp32 and bf16, torch.compile(backend="mmaccel") on the triton target; text
+# decoders at four prompt lengths, the others on their inputs twice (the second call replays a CUDA graph)
 import warnings  # noqa: E402
-ONLY = set(os.environ.get("ARCHS", "").split(",")) - {""}
-for arch in hf_tiny.ARCHITECTURES:
-    if not arch.family.startswith("decoder") or ONLY and arch.name not in ONLY:
-        continue
+
+from mmaccel.compiler import errors  # noqa: E402
+
+
+def calls(arch, dtype):
+    """The input tuples to call with, on the device (floating inputs in `dtype`)."""
+    if arch.family.startswith("decoder"):
+        return [(torch.randint(1, hf_tiny.VOCAB - 1, (2, n), device=dev),) for n in (5, 13, 29, 13)]
+    inputs = tuple(t.to(dev, dtype) if t.is_floating_point() else t.to(dev) for t in arch.inputs())
+    return [inputs, inputs]
+
+
+NAMED = {arch.name: arch for arch in hf_tiny.ARCHITECTURES}
+ORDER = [name.strip() for name in os.environ.get("ARCHS", "").split(",") if name.strip() in NAMED]
+for arch in [NAMED[name] for name in ORDER] or hf_tiny.ARCHITECTURES:  # ARCHS: these, in this order; else all
     for dtype in (torch.float32, torch.bfloat16):
         row = {"arch": arch.name, "dtype": str(dtype)}
         try:
             torch._dynamo.reset()
             model = arch.build().to(dev, dtype)
-            from mmaccel.compiler import errors
+            reference = torch.compile(model, backend="eager") if arch.dynamo_reference else model
             errors._warned.clear()
             compiled = torch.compile(model, backend="mmaccel", options={"target": "triton"})
             errs = []
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                for n in (5, 13, 29, 13):
-                    ids = torch.randint(1, hf_tiny.VOCAB - 1, (2, n), device=dev)
+                for args in calls(arch, dtype):
                     with torch.no_grad():
-                        errs.append(rel(compiled(ids), model(ids)))
+                        errs.append(rel(compiled(*args), reference(*args)))
             row.update(errs=errs, ok=max(errs) < (1e-4 if dtype == torch.float32 else 3e-2),
                        warnings=sorted({str(w.message)[:200] for w in caught if "mmaccel" in str(w.message)}))
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500], tb=traceback.format_exc()[-1500:])
         res["archs"].append(row)
-        print(row.get("arch"), row.get("dtype"), row.get("ok"), row.get("errs"), row.get("error", ""), row.get("warnings"), flush=True)
+        print(row.get("arch"), row.get("dtype"), row.get("ok"), row.get("errs"), row.get("error", ""),
+              row.get("warnings"), flush=True)
 
 PARTS = os.environ.get("PARTS", "A,B,C").split(",")
 if "B" not in PARTS and "C" not in PARTS:
