@@ -1,6 +1,6 @@
 """Memory a compiled Hugging Face decoder holds, steady and at its peak, beside its latency (issue 21): eager,
 Inductor, mmaccel bf16, int8 and int4 weight-only, pruned MLPs (prune="mlp_channels"), the lossy ones with and
-without weights="release", on a LlamaForCausalLM at 7B dims (random weights).
+without weights="release", on a LlamaForCausalLM at 7B dims or (`--model llava`) LLaVA-1.5-7B dims (random weights).
 
 On CUDA: "steady" is GPU memory allocated after compiling and running a `--seq`-token forward twice (the model
 included, activations freed), "peak" the most allocated meanwhile (compile included), both against the bf16
@@ -9,6 +9,7 @@ distinct tensor storages reachable from the module and the compiled graphs (no a
 
     python bench/hf_memory.py --layers 8 --out $OUT/hf_memory_h200.json     # GPU, ~5 min
     python bench/hf_memory.py --tiny                                        # CPU check, ~1 min
+    python bench/hf_memory.py --model llava --layers 32 --variants eager,mmaccel,mmaccel_int8_release,mmaccel_int4_release
     python bench/hf_memory.py --variants mmaccel_int4_release --explain    # GPU: what the steady bytes are
 
 --explain (CUDA, one variant per run: a second variant in the same process was seen holding the first's
@@ -43,6 +44,19 @@ def memory_only(outputs, references) -> float:
 
 
 VARIANTS = ("eager", "inductor", "mmaccel", *(f"mmaccel_{k}{r}" for k in LOSSY for r in ("", "_release")))
+
+
+def build_model(name: str, tiny: bool, layers: int, device: str, seq: int) -> tuple[torch.nn.Module, dict]:
+    """(model in bf16, forward inputs): the Llama decoder below, or LLaVA-1.5-7B dims (CLIP ViT-L/14@336 tower,
+    projector, the same decoder; one image + 64 text tokens), built as bench/hf_generate.py builds it."""
+    if name == "llama":
+        model = build(tiny, layers, device)
+        return model, {"input_ids": torch.randint(0, model.config.vocab_size, (1, seq), device=device)}
+    from hf_generate import build as build_generate
+
+    model, inputs, _ = build_generate("llava", tiny, "cpu", torch.bfloat16, layers)
+    inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    return model.to(device), {k: v.to(device) for k, v in inputs.items()}
 
 
 def build(tiny: bool, layers: int, device: str) -> LlamaForCausalLM:
@@ -131,14 +145,13 @@ def _measure(variant: str, args: argparse.Namespace, device: str, allocations=No
     cuda = device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-    model = build(args.tiny, args.layers, device)
+    model, inputs = build_model(args.model, args.tiny, args.layers, device, args.seq)
     weights = storage_bytes([*model.parameters(), *model.buffers()])
     start_memory(device)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device=device)
     with torch.no_grad(), mmaccel.collect_reports() as report:
         fn = compiled(variant, model)
         for _ in range(2):
-            out = fn(ids).logits
+            out = fn(**inputs).logits
         del out
         gc.collect()
         row = {"variant": variant, "weight_bytes": weights,
@@ -150,7 +163,7 @@ def _measure(variant: str, args: argparse.Namespace, device: str, allocations=No
         elif allocations is not None:
             reachable = [*model.parameters(), *model.buffers(), *(t for g in graphs for t in graph_tensors(g))]
             row.update(explain(allocations, reachable))
-        row["ms"] = median_ms(lambda: fn(ids), repeats=args.repeats, device=device)
+        row["ms"] = median_ms(lambda: fn(**inputs), repeats=args.repeats, device=device)
     del fn, model, report
     return row
 
@@ -158,6 +171,8 @@ def _measure(variant: str, args: argparse.Namespace, device: str, allocations=No
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="2-layer toy config on CPU (storage accounting)")
+    p.add_argument("--model", choices=("llama", "llava"), default="llama",
+                   help="llava: LLaVA-1.5-7B dims, one image + 64 text tokens (--seq is the Llama's prompt only)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=10)
@@ -178,7 +193,8 @@ def main() -> None:
         print_row(rows[-1])
     out = args.out or default_out("hf_memory_tiny.json" if args.tiny else "hf_memory.json")
     print(f"bf16 weights: {rows[0]['weight_bytes'] / 2**30:.3f} GiB")
-    write_json(out, {"environment": environment(device, layers=args.layers, seq=args.seq), "rows": rows})
+    write_json(out, {"environment": environment(device, model=args.model, layers=args.layers, seq=args.seq),
+                     "rows": rows})
     print(f"wrote {out}")
 
 
