@@ -16,6 +16,14 @@ bench/code_model_eval.py takes its prompts from those files. The target is also 
 without that loss an intermediate layer's state is not meant for the head and self-speculation would be
 measured on a model never asked to do it.
 
+The draft is distilled from the target by default (--distill 1.0: KL divergence from the target's next-byte
+distribution, the target trained earlier in the run or read from --out): a greedy draft's token is accepted when
+its argmax is the target's, and the data's cross-entropy does not ask for that. Tiny models on CPU, 250 steps each,
+same target: the draft's argmax agreed with the target's on 0.680 of held-out bytes with cross-entropy alone,
+0.792 at --distill 0.5, 0.846 at 1.0 (its own held-out loss on the data 2.198 -> 2.232 -> 2.349 nats/byte). Each
+draft step also runs the target forward (no gradient), so a GPU time budget buys the draft fewer steps.
+training.json records the agreement (held_out_agreement) beside the loss.
+
 Writes DIR/<name>/ (save_pretrained, fp32) and DIR/<name>/training.json (loss curve, tokens seen, tokens/s,
 held-out loss per byte) for name in (target, draft); DIR defaults to ~/.cache/mmaccel/code_models[_tiny].
 Seeded: the same data order and initial weights each run. A GPU run stops at its time budget, so what it learns
@@ -83,12 +91,21 @@ def batches(data: torch.Tensor, batch: int, window: int, seed: int):
         yield torch.stack([data[s:s + window + 1] for s in starts.tolist()])
 
 
-def losses(model: LlamaForCausalLM, windows: torch.Tensor, early_exit: int | None) -> tuple[torch.Tensor, ...]:
+def losses(model: LlamaForCausalLM, windows: torch.Tensor, early_exit: int | None,
+           teacher: LlamaForCausalLM | None = None) -> tuple[torch.Tensor, ...]:
     """Next-byte cross-entropy of the last layer and, with `early_exit`, of that layer's hidden state through the
-    model's own final norm and head (the self-speculation draft's path)."""
+    model's own final norm and head (the self-speculation draft's path); with `teacher`, also the KL divergence
+    from the teacher's next-byte distribution (distillation: a draft's greedy proposal is accepted when its
+    argmax is the target's, so it learns the target's distribution, not only the data's)."""
     inputs, labels = windows[:, :-1], windows[:, 1:]
     out = model(input_ids=inputs, output_hidden_states=early_exit is not None)
-    main = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten())
+    logits = out.logits.flatten(0, 1).float()
+    main = torch.nn.functional.cross_entropy(logits, labels.flatten())
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(input_ids=inputs).logits.flatten(0, 1).float().log_softmax(-1)
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+        return main, kl
     if early_exit is None:
         return (main,)
     early_logits = model.lm_head(model.model.norm(out.hidden_states[early_exit]))
@@ -111,9 +128,28 @@ def held_out_loss(model: LlamaForCausalLM, data: torch.Tensor, window: int, batc
     return [t / count for t in totals]
 
 
+@torch.no_grad()
+def held_out_agreement(model: LlamaForCausalLM, teacher: LlamaForCausalLM, data: torch.Tensor, window: int,
+                       batch: int, device: str, max_windows: int = 64) -> float:
+    """How often the model's next-byte argmax is the teacher's over held-out windows: a greedy draft's
+    per-token acceptance rate, teacher-forced."""
+    model.eval()
+    count = min(max_windows, (len(data) - 1) // (window + 1))
+    windows = data[:count * (window + 1)].view(count, window + 1)[:, :-1]
+    same = 0
+    for chunk in windows.split(batch):
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            ids = chunk.to(device)
+            same += (model(input_ids=ids).logits.argmax(-1) == teacher(input_ids=ids).logits.argmax(-1)).sum().item()
+    model.train()
+    return same / windows.numel()
+
+
 def train(size: str, data: torch.Tensor, held_out: torch.Tensor, args: argparse.Namespace, device: str,
-          early_exit: int | None, budget_s: float) -> tuple[LlamaForCausalLM, dict[str, Any]]:
-    """AdamW (bf16 autocast on CUDA), linear warm-up then cosine decay over `budget_s` of wall time."""
+          early_exit: int | None, budget_s: float,
+          teacher: LlamaForCausalLM | None = None) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """AdamW (bf16 autocast on CUDA), linear warm-up then cosine decay over `budget_s` of wall time. With
+    `teacher`, the loss is (1 - w) * cross-entropy + w * KL from the teacher, w = --distill."""
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config(size, args.window)).to(device).train()
     fused = device == "cuda"
@@ -130,8 +166,11 @@ def train(size: str, data: torch.Tensor, held_out: torch.Tensor, args: argparse.
         for group in optimizer.param_groups:
             group["lr"] = args.lr * max(scale, 0.05)
         with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            parts = losses(model, windows.to(device, non_blocking=True), early_exit)
-        loss = parts[0] + (args.early_exit_weight * parts[1] if early_exit is not None else 0)
+            parts = losses(model, windows.to(device, non_blocking=True), early_exit, teacher)
+        if teacher is not None:
+            loss = (1 - args.distill) * parts[0] + args.distill * parts[1]
+        else:
+            loss = parts[0] + (args.early_exit_weight * parts[1] if early_exit is not None else 0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -145,12 +184,16 @@ def train(size: str, data: torch.Tensor, held_out: torch.Tensor, args: argparse.
                   f"{seen / record['s']:,.0f} tokens/s", flush=True)
     train_s = time.perf_counter() - start
     held = held_out_loss(model, held_out, args.window, args.batch, early_exit, device)
+    agreement = None if teacher is None else held_out_agreement(model, teacher, held_out, args.window, args.batch,
+                                                                device)
     summary = {"size": size, "config": SIZES[size], "parameters": sum(p.numel() for p in model.parameters()),
                "steps": step, "tokens_seen": seen, "train_s": round(train_s, 1), "tokens_per_s": round(seen / train_s),
                "held_out_loss_nats": [round(v, 4) for v in held], "early_exit_layer": early_exit,
-               "final_loss": curve[-1]["loss"] if curve else None, "curve": curve}
+               "final_loss": curve[-1]["loss"] if curve else None, "curve": curve,
+               "distill": args.distill if teacher is not None else 0.0, "held_out_agreement": agreement}
     print(f"{size:12} {summary['parameters'] / 1e6:.1f}M parameters, {seen:,} tokens in {train_s:.0f} s, held-out "
-          f"loss {summary['held_out_loss_nats']} nats/byte", flush=True)
+          f"loss {summary['held_out_loss_nats']} nats/byte"
+          + (f", argmax agrees with the target's on {agreement:.3f} of held-out bytes" if agreement else ""), flush=True)
     return model.eval(), summary
 
 
@@ -174,6 +217,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (50; 10 with --tiny)")
     p.add_argument("--early-exit-layer", type=int, default=None, help="target layer trained to exit (4; 1 tiny)")
     p.add_argument("--early-exit-weight", type=float, default=0.5)
+    p.add_argument("--distill", type=float, default=1.0, help="the draft's loss weight on the KL divergence from "
+                   "the target (trained in this run, or read from --out), the rest on the data's cross-entropy; 0: "
+                   "cross-entropy alone (how the drafts of the GPU runs up to run 5 were trained)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -199,18 +245,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data, held_out = encode(train_files), encode(held_files)
     print(f"stdlib: {len(train_files)} files ({len(data):,} bytes) to train on, {len(held_files)} held out "
           f"({len(held_out):,} bytes); device {device}", flush=True)
-    summaries = {}
+    summaries, teacher = {}, None
     for name in args.models:
         size = f"{name}_tiny" if args.tiny else name
         early_exit = args.early_exit_layer if name == "target" else None
         budget_s = args.budget_s if name == "target" else args.draft_budget_s
-        model, summary = train(size, data, held_out, args, device, early_exit, budget_s)
+        if name == "draft" and teacher is None and (args.out / "target").exists():
+            teacher = LlamaForCausalLM.from_pretrained(args.out / "target").to(device).eval()
+        model, summary = train(size, data, held_out, args, device, early_exit, budget_s,
+                               teacher if name == "draft" and args.distill > 0 else None)
         summary.update(train_files=len(train_files), held_out_files=len(held_files), train_bytes=len(data),
                        device=device, batch=args.batch, window=args.window, lr=args.lr, seed=args.seed)
         folder = args.out / name
         model.save_pretrained(folder)
         (folder / "training.json").write_text(json.dumps(summary, indent=1))
         summaries[name] = summary
+        if name == "draft" and teacher is not None and summary["held_out_agreement"] is None:
+            summary["held_out_agreement"] = held_out_agreement(model, teacher, held_out, args.window, args.batch,
+                                                               device)
+            (folder / "training.json").write_text(json.dumps(summary, indent=1))
+        teacher = model.requires_grad_(False) if name == "target" else teacher
         del model
     return summaries
 
