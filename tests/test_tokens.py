@@ -11,6 +11,7 @@ import torch.nn as nn
 import mmaccel
 from mmaccel.models.vit import ViTBlock, ViTConfig
 from mmaccel.ops.token_merge import token_merge_reference
+from mmaccel.passes.tokens import AUTO_ON_ONE_GRAPH
 from mmaccel.ops.token_unmerge import token_unmerge_reference
 
 import hf_tiny
@@ -71,16 +72,19 @@ def _lossy_pass(compiled):
     return next(p for g in compiled.mmaccel_report.graphs for p in g.passes if p.lossy)
 
 
-def test_clip_equals_hand_written_tome() -> None:
-    """Budget wide enough for the cheapest option everywhere (r = 16% of 17 tokens = 3 per layer)."""
+@pytest.mark.parametrize("tokens", ["merge", "auto"])
+def test_clip_equals_hand_written_tome(tokens: str) -> None:
+    """Budget wide enough for the cheapest option everywhere (r = 16% of 17 tokens = 3 per layer). tokens="auto"
+    on one graph is "merge" (the prompt levers need mmaccel.generate), and the report says so."""
     model = hf_tiny.clip_vision("sdpa")
-    compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.99)
+    compiled = mmaccel.compile(model, target="eager", tokens=tokens, accuracy_budget=0.99)
     with torch.no_grad():
         out = compiled(pixel_values=PIXELS)
         reference = model(pixel_values=PIXELS)
         last, pooled = _hand_tome_clip(model, PIXELS, r=3)
     result = _lossy_pass(compiled)
     assert result.matched == 2 and "r16% x2" in result.changes[0]
+    assert result.near_misses == ([AUTO_ON_ONE_GRAPH] if tokens == "auto" else [])
     assert out.last_hidden_state.shape == reference.last_hidden_state.shape  # unmerged for the consumer
     assert_matches_eager(out.last_hidden_state, last)
     assert_matches_eager(out.pooler_output, pooled)
@@ -192,7 +196,7 @@ def test_near_misses_left_alone(case: str) -> None:
 
 
 @pytest.mark.parametrize("value, message", [("resolution", "only mmaccel.generate rewrites"),
-                                            ("prune", "only mmaccel.generate rewrites"), ("auto", "not built yet"),
+                                            ("prune", "only mmaccel.generate rewrites"),
                                             ("tome", "not valid"), (True, "not valid")])
 def test_bad_options(value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
