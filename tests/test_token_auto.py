@@ -80,6 +80,30 @@ def test_the_chosen_prompt_is_the_explicit_options() -> None:
                                                               for k in expected[2])
 
 
+@pytest.mark.coverage
+def test_timed_through_the_sessions_prefill() -> None:
+    """No injected times: each candidate's first token runs through the session's compiled prefill (a graph per
+    prompt bucket and input kind), the choice's tokens equal its explicit option's. About 25 s on CPU: in the
+    coverage set."""
+    model = hf_tiny.llava()
+    ids, mask = prompts(16)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    auto = {"target": "eager", "tokens": "auto", "accuracy_budget": 0.99}
+    out = mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=4, pad_token_id=0, options=auto)
+    report = mmaccel.generation_report(model, **auto)
+    candidates = report.tokens["candidates"]
+    assert [c["label"] for c in candidates] == LABELS and all(c["first_token_ms"] > 0 for c in candidates)
+    prefills = {(key["prompt"], tuple(key["inputs"])) for kind, key, _ in report.graphs if kind == "prefill"}
+    assert prefills == {(24, ("pixel_values",)), (16, ("pixel_values",)), (16, ("inputs_embeds",)),
+                        (24, ("inputs_embeds",))}
+    chosen = next(c for c in candidates if c["chosen"])
+    name, value = chosen["setting"]
+    explicit = {"target": "eager", "tokens": {name: value}, "accuracy_budget": 0.99} if value is not None else {
+        "target": "eager"}
+    assert torch.equal(out, mmaccel.generate(model, ids, mask, pixel_values=pixels, max_new_tokens=4,
+                                             pad_token_id=0, options=explicit))
+
+
 def test_choice_rules() -> None:
     """Within budget the fastest wins, even with more tokens; the prompt as given wins when fastest (no warning);
     over budget everywhere: the prompt as given and one warning. The Pareto front of (error, ms)."""
