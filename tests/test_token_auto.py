@@ -4,6 +4,7 @@ are injected through the lever's timing seam (time_ms) where the choice must be 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from tests.test_resolution import prompts
 LABELS = ["lossless", "resolution 16px", "resolution 24px", "prune 25%", "prune 50%", "prune 75%"]
 
 
-def injected(ms: dict[str, float], seen: list) -> callable:
+def injected(ms: dict[str, float], seen: list) -> Callable:
     """A time_ms seam: each label's ms from `ms` (100 for the others), the labels asked for kept in `seen`."""
     def time_ms(runs: dict, device: torch.device) -> dict[str, float]:
         seen.append(list(runs))
