@@ -15,6 +15,8 @@ docs require for CUDA graphs) and with backend="mmaccel"; and `mmaccel.generate`
         mmaccel.generate@224px mmaccel.generate@168px    # issue 15: tokens={"resolution": side}, fewer image tokens
     python bench/hf_generate.py --models llava --variants mmaccel.generate mmaccel.generate@keep50 \
         mmaccel.generate@keep25    # issue 15: tokens={"prune": fraction kept}, FastV-style image-token pruning
+    python bench/hf_generate.py --models llava --variants mmaccel.generate mmaccel.generate@auto \
+        --out $OUT/hf_generate_auto    # issue 15: tokens="auto", its Pareto table in the JSON, plotted beside it
 
 A variant `mmaccel.generate@<side>px` runs the image at side x side pixels (compiler/resolution.py): the prompt
 holds (side / patch)^2 image placeholders instead of 576, so prefill and KV cache shrink. A variant
@@ -22,7 +24,11 @@ holds (side / patch)^2 image placeholders instead of 576, so prefill and KV cach
 attends to most at the language model's layer 2 (compiler/token_pruning.py; its scoring pass is in the first
 token's time). Random weights make the first token's error meaningless as accuracy, so the setting is forced
 (a metric that records the relative error of the first token's logits, reported as first_token_error, and lets
-every setting through the budget).
+every setting through the budget). A variant `mmaccel.generate@auto` runs tokens="auto" (every side and fraction
+kept, and the prompt as given, each timed on the first call; the fastest within budget wins), its budget on the
+same relative error: unbounded (`@auto`: the fastest of all) or `@auto<budget>` (`@auto0.5`); its row holds the
+setting chosen and every candidate (tokens_candidates: error, first-token ms, Pareto front), printed as a table
+and plotted beside the JSON (<stem>_pareto.png, bench/plot.py plot_pareto).
 
 Timing: after one warm-up call (which compiles), the median of --repeats calls, with CUDA events on a GPU
 (mmaccel/timing.py's wall clock on CPU). first-token = generate(max_new_tokens=1); ms/token = (end-to-end -
@@ -44,10 +50,12 @@ from transformers import (GenerationMixin, LlamaForCausalLM, LlavaForConditional
                           WhisperForConditionalGeneration)
 
 import mmaccel
-from common import memory_row, start_memory
+from common import memory_row, start_memory, write_png as write_plot
+from mmaccel.compiler.resolution import pareto_table
 from mmaccel.passes.lossy import pooled_relative_error
 from mmaccel.models.hf_configs import llama_config, llava_config, whisper_config
 from mmaccel.timing import median_ms
+from plot import plot_pareto
 
 # The comparisons the issue is about first: a variant past the time budget is skipped.
 VARIANTS = ["eager", "mmaccel.generate", "inductor-reduce-overhead", "mmaccel (HF recipe)", "inductor"]
@@ -126,11 +134,16 @@ _GENERATE_OPTIONS: dict[str, dict[str, Any]] = {}
 
 def generate_options(variant: str) -> dict[str, Any]:
     """mmaccel.generate's options for `variant`: "mmaccel.generate" none, "mmaccel.generate@224px" the image
-    at 224px, "mmaccel.generate@keep50" 50% of each image's tokens kept (tokens="prune"); one options dict per
-    variant, so that its session and report are found again."""
+    at 224px, "mmaccel.generate@keep50" 50% of each image's tokens kept (tokens="prune"), "mmaccel.generate@auto"
+    tokens="auto" (budget unbounded; "@auto0.5": 0.5); one options dict per variant, so that its session and
+    report are found again."""
     if "@" not in variant:
         return {}
     setting = variant.split("@")[1]
+    if setting.startswith("auto"):  # the metric is the default's relative error: the budget may be any number
+        budget = float(setting.removeprefix("auto") or 1e9)
+        return _GENERATE_OPTIONS.setdefault(variant, {"tokens": "auto", "metric": pooled_relative_error,
+                                                      "accuracy_budget": budget})
     tokens = {"prune": int(setting.removeprefix("keep")) / 100} if setting.startswith("keep") else \
         {"resolution": int(setting.removesuffix("px"))}
     return _GENERATE_OPTIONS.setdefault(variant, {"tokens": tokens, "metric": RecordedError(), "accuracy_budget": 1.0})
@@ -139,16 +152,20 @@ def generate_options(variant: str) -> dict[str, Any]:
 def tokens_row(model: torch.nn.Module, options: dict[str, Any], inputs: dict[str, Any],
                new: int) -> dict[str, Any]:
     """Image tokens, prompt positions (the prefill; the KV cache at the end holds `new` more) and the first
-    token's error of a variant with fewer image tokens (resolution or prune) run with `options`."""
+    token's error of a variant with fewer image tokens (resolution, prune or auto) run with `options`; auto's
+    setting chosen and every candidate measured."""
     if "tokens" not in options:
         return {}
     tokens = mmaccel.generation_report(model, **options).tokens or {"left untouched": "no image"}
-    if "image tokens per image" not in tokens:
-        return {"tokens_left_untouched": tokens["left untouched"], "tokens_match_eager": None}
+    auto = {"tokens_setting": tokens.get("setting", "lossless"), "tokens_candidates": tokens.get("candidates")} \
+        if options["tokens"] == "auto" else {}
+    if "image tokens per image" not in tokens:  # the prompt as given: the tokens' match with eager stands
+        return {"tokens_left_untouched": tokens["left untouched"], **auto}
     full, kept = tokens["image tokens per image"]
     prompt = inputs["input_ids"].shape[1] - full + kept
+    error = tokens["measured error"] if auto else options["metric"].error
     return {"image_tokens": f"{full} -> {kept}", "prompt_positions": prompt, "kv_positions_at_end": prompt + new,
-            "first_token_error": options["metric"].error, "tokens_match_eager": None}
+            "first_token_error": error, "tokens_match_eager": None, **auto}
 
 
 def reset_model(model: torch.nn.Module) -> None:
@@ -245,7 +262,7 @@ def main() -> int:
             write_json(stem, rows, env)  # after every row: a run cut short keeps what it measured
         del model
         torch.cuda.empty_cache() if device == "cuda" else None
-    write_png(stem, rows)
+    write_png(stem, rows, env)
     return 0
 
 
@@ -316,9 +333,12 @@ def print_row(row: dict) -> None:
     match = {True: "yes", False: "NO", None: "lossy"}[row["tokens_match_eager"]]
     kv = f"prompt {row['prompt_positions']} ({row['image_tokens']}), error {row['first_token_error']:.3f}" \
         if "prompt_positions" in row else row.get("tokens_left_untouched", "")
+    chose = f", tokens='auto' chose {row['tokens_setting']}" if "tokens_setting" in row else ""
     print(f"{head} {row['first_token_ms']:9.2f} {row['ms_per_token']:9.3f} {row['end_to_end_ms']:9.1f} "
           f"{row['graphs']:6d} {row['floor_fraction']:6.2f} {row['setup_s']:8.1f} "
-          f"{match} {kv}", flush=True)
+          f"{match} {kv}{chose}", flush=True)
+    if row.get("tokens_candidates"):
+        print("\n".join("    " + line for line in pareto_table(row["tokens_candidates"]).splitlines()), flush=True)
 
 
 def environment(device: str, dtype: torch.dtype, bandwidth: float, tiny: bool) -> dict[str, Any]:
@@ -334,13 +354,16 @@ def write_json(stem: str, rows: list[dict], env: dict[str, Any]) -> None:
         json.dump({"environment": env, "results": rows}, f, indent=2)
 
 
-def write_png(stem: str, rows: list[dict]) -> None:
+def write_png(stem: str, rows: list[dict], env: dict[str, Any]) -> None:
     print(f"wrote {stem}.json")
     try:
         plot(rows, stem + ".png")
         print(f"wrote {stem}.png")
     except ImportError:
         print("matplotlib not installed: no PNG")
+    if any(row.get("tokens_candidates") for row in rows):
+        write_plot(plot_pareto, {"environment": env, "results": rows}, stem + "_pareto.png",
+                   f"python bench/plot.py {stem}.json --out {stem}_pareto.png")
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -4,6 +4,7 @@ scale, lower is faster, labelled with its ms; the case's roofline floor is a das
 Needs matplotlib; works from the JSON alone, so any machine can draw it.
 
     python bench/plot.py bench/results/gpu_triton.json [--out bench/results/gpu_triton.png]
+    python bench/plot.py bench/results/token_auto_cpu.json    # tokens="auto" rows: the Pareto plot (plot_pareto)
 """
 from __future__ import annotations
 
@@ -66,14 +67,50 @@ def plot_results(data: dict[str, Any], png_path: str) -> None:
     plt.close(fig)
 
 
+def plot_pareto(data: dict[str, Any], png_path: str) -> None:
+    """tokens="auto" rows (bench/hf_generate.py, resolution_cpu.py: `tokens_candidates`): per row, each candidate's
+    first-token error against its first-token ms, labelled, the Pareto front joined, the one chosen circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r.get("tokens_candidates")]
+    fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4.5), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        candidates = row["tokens_candidates"]
+        for c in candidates:
+            ax.scatter(c["first_token_ms"], c["error"], color="C0" if c["pareto"] else "C7", zorder=2)
+            ax.annotate(f"{c['label']} ({c['tokens']})", (c["first_token_ms"], c["error"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        front = sorted((c["first_token_ms"], c["error"]) for c in candidates if c["pareto"])
+        ax.plot(*zip(*front), color="C0", linestyle="--", zorder=1, label="Pareto front")
+        chosen = next(c for c in candidates if c["chosen"])
+        ax.scatter(chosen["first_token_ms"], chosen["error"], s=200, facecolors="none", edgecolors="C3",
+                   linewidths=2, zorder=3, label=f"chosen: {chosen['label']}")
+        ax.set_xlabel("first-token ms (median)")
+        ax.set_ylabel("first-token error (relative, vs lossless)")
+        ax.set_title(f"{row.get('model', '')} {row['variant']}".strip(), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.3, y=0.1)  # room for the labels right of the points
+        ax.legend(fontsize=7)
+    env = data.get("environment", {})
+    fig.suptitle(f"tokens='auto': candidates (image tokens per image)\n{env.get('device', '?')}, "
+                 f"{env.get('dtype', '')}, weights {env.get('weights', '?')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=150)
+    plt.close(fig)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description="Plot bench/gpu_triton.py's JSON as a PNG.")
+    p = argparse.ArgumentParser(description="Plot bench/gpu_triton.py's JSON (or tokens='auto' rows) as a PNG.")
     p.add_argument("json_path")
     p.add_argument("--out", help="PNG path (default: the JSON path with .png)")
     args = p.parse_args()
     with open(args.json_path) as f:
         data = json.load(f)
-    if write_png(plot_results, data, args.out or png_beside(args.json_path), "pip install matplotlib") is None:
+    plot = plot_pareto if any(r.get("tokens_candidates") for r in data["results"]) else plot_results
+    if write_png(plot, data, args.out or png_beside(args.json_path), "pip install matplotlib") is None:
         raise SystemExit(1)
 
 

@@ -6,9 +6,13 @@ each fraction of the image tokens kept.
     python bench/resolution_cpu.py            # about 2 minutes on 1 thread; bench/results/resolution_cpu.json
     python bench/resolution_cpu.py --variants mmaccel.generate mmaccel.generate@keep50 \
         mmaccel.generate@keep25 --out bench/results/token_pruning_cpu
+    python bench/resolution_cpu.py --variants mmaccel.generate mmaccel.generate@auto \
+        --out bench/results/token_auto_cpu    # tokens="auto": its Pareto table printed, plotted to <out>.png
 
 CPU time (time.process_time), one thread, sides interleaved, median of 3: on a shared machine wall time
 measures the neighbours. The GPU run at LLaVA-1.5-7B dims is bench/hf_generate.py's @<side>px variants.
+tokens="auto" times its candidates itself, on the first call, by wall clock (mmaccel/timing.py, the one the
+library uses on CPU): its table's ms are that, the rows' CPU ms are this script's.
 """
 from __future__ import annotations
 
@@ -22,7 +26,10 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import mmaccel
+from common import write_png
 from hf_generate import RESULTS, environment, generate_options, tokens_row  # bench/ is on sys.path here
+from mmaccel.compiler.resolution import pareto_table
+from plot import plot_pareto
 
 SIDES = ("mmaccel.generate", "mmaccel.generate@280px", "mmaccel.generate@224px", "mmaccel.generate@168px")
 # tokens={"prune": fraction kept}, hf_generate.py's names: mmaccel.generate@keep75, @keep50, @keep25
@@ -78,9 +85,14 @@ def main() -> int:
         first, e2e = statistics.median(times[variant]["first"]), statistics.median(times[variant]["e2e"])
         rows.append({"variant": variant, "first_token_cpu_ms": first, "cpu_ms_per_token": (e2e - first) / (new - 1),
                      **tokens_row(model, options[variant], inputs, new)})
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()
+               if k != "tokens_candidates"}, flush=True)
+        print(pareto_table(rows[-1]["tokens_candidates"]) if rows[-1].get("tokens_candidates") else "", flush=True)
+    data = {"environment": environment("cpu", torch.float32, 0.0, False), "results": rows}
     with open(args.out + ".json", "w") as f:
-        json.dump({"environment": environment("cpu", torch.float32, 0.0, False), "results": rows}, f, indent=2)
+        json.dump(data, f, indent=2)
+    if any(row.get("tokens_candidates") for row in rows):
+        write_png(plot_pareto, data, args.out + ".png", f"python bench/plot.py {args.out}.json")
     return 0
 
 

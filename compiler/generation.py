@@ -33,9 +33,10 @@ from .buckets import generation_buckets
 from .errors import warn_once
 from .options import CompileOptions
 from .report import CompileReport
-from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image
+from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image, pareto_table
 from .sampling import Sampler, choose_tokens
 from .step_graphs import StepGraph, record
+from .token_auto import AutoLever
 from .token_pruning import PruneLever, image_attention
 
 # A host sync per STOP_CHECK_EVERY tokens to stop once every row has finished: each check waits for the
@@ -60,8 +61,8 @@ class GenerationReport:
     graphs: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (kind, key, why new)
     # Speculative decoding's last call (compiler/speculative.py): draft, k used, acceptance rate, tokens/round.
     speculative: dict[str, Any] | None = None
-    # tokens="resolution" / "prune" (compiler/resolution.py, token_pruning.py): the setting chosen (side,
-    # fraction kept), image tokens kept, measured error.
+    # tokens="resolution" / "prune" / "auto" (compiler/resolution.py, token_pruning.py, token_auto.py): the
+    # setting chosen (side, fraction kept), image tokens kept, measured error, every candidate measured.
     tokens: dict[str, Any] | None = None
 
     @property
@@ -77,7 +78,11 @@ class GenerationReport:
         if self.speculative:
             lines.append("  speculative: " + ", ".join(f"{k}={v}" for k, v in self.speculative.items()))
         if self.tokens:
-            lines.append("  tokens: " + ", ".join(f"{k}={v}" for k, v in self.tokens.items()))
+            candidates = self.tokens.get("candidates", [])
+            timed = bool(candidates) and "first_token_ms" in candidates[0]
+            shown = {k: v for k, v in self.tokens.items() if not (timed and k == "candidates")}
+            lines.append("  tokens: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+            lines += ["    " + line for line in pareto_table(candidates).splitlines()] if timed else []
         return "\n".join(lines)
 
 
@@ -153,10 +158,11 @@ def _session(model: torch.nn.Module, options: dict[str, Any]) -> "_Session":
 
 
 def _token_lever(options: CompileOptions) -> tuple[ImageTokenLever | None, CompileOptions]:
-    """tokens="resolution" / "prune" rewrite the prompt before the steps (compiler/resolution.py,
-    token_pruning.py), so the steps' own backend compiles losslessly: it gets the options without the lever,
-    its metric and its calibration."""
-    levers = {"resolution": (ResolutionLever, options.token_sides), "prune": (PruneLever, options.token_keep)}
+    """tokens="resolution" / "prune" / "auto" rewrite the prompt before the steps (compiler/resolution.py,
+    token_pruning.py, token_auto.py), so the steps' own backend compiles losslessly: it gets the options without
+    the lever, its metric and its calibration."""
+    levers = {"resolution": (ResolutionLever, options.token_sides), "prune": (PruneLever, options.token_keep),
+              "auto": (AutoLever, None)}
     if options.tokens not in levers:
         return None, options
     if options.quantize or options.prune:
@@ -185,8 +191,9 @@ class _Session:
         self._model = weakref.ref(model)
         self.token_lever, options = _token_lever(options)
         self.backend = Backend(options)
-        if isinstance(self.token_lever, PruneLever):  # its scoring pass runs on every call: compiled as a step
-            self.token_lever.scorer = torch.compile(image_attention, backend=self.backend, dynamic=False)
+        for lever in self.token_lever.parts() if self.token_lever else ():
+            if isinstance(lever, PruneLever):  # its scoring pass runs on every call: compiled as a step
+                lever.scorer = torch.compile(image_attention, backend=self.backend, dynamic=False)
         self.backend.guard_model(model)
         self.report = GenerationReport(self.backend.report)
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
@@ -251,9 +258,18 @@ class _Session:
         tokens returned still start with the prompt as the user passed it."""
         if self.token_lever is None:
             return input_ids, attention_mask, model_inputs
+        if self.token_lever.timed:  # tokens="auto" times each candidate's first token through the compiled prefill
+            self.token_lever.first_token = lambda model, ids, mask, inputs: self.first_token(ids, mask, inputs, config)
         out = self.token_lever.apply(self.model, input_ids, attention_mask, model_inputs, config.pad_id)
         self.report.tokens = self.token_lever.choice.summary() if self.token_lever.choice else None
         return out
+
+    def first_token(self, ids: torch.Tensor, mask: torch.Tensor, model_inputs: dict[str, Any],
+                    config: _Config) -> torch.Tensor:
+        """The compiled prefill alone on a prompt: its first new token [B, 1] (what a call's first token costs)."""
+        prompt, cache_len = generation_buckets(ids.shape[1], config.max_new_tokens, self.limit)
+        with torch.no_grad(), recompile_limit_at_least(MAX_GRAPHS_PER_STEP):
+            return self._prefill(ids, mask, dict(model_inputs), config, prompt, cache_len).token
 
     def _prefill(self, input_ids, attention_mask, model_inputs, config, prompt, cache_len,
                  scored: bool = False) -> "_StepState":

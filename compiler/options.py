@@ -21,10 +21,11 @@ PRUNE_FRACTIONS = ("mlp_channels", "heads")
 # What happens to the full-precision parameters a quantized / pruned graph no longer reads (compiler/release.py).
 WEIGHTS = ("keep", "release")
 # Lossy, opt-in: fewer tokens. "merge" (passes/tokens.py) in vision towers; "resolution" (compiler/resolution.py)
-# and "prune" (compiler/token_pruning.py): fewer image tokens in a LLaVA prompt, mmaccel.generate only. "auto" is
-# named by issue 15 but not built yet: refused.
-TOKENS = (None, "merge", "resolution", "prune")
-TOKENS_NOT_YET = ("auto",)
+# and "prune" (compiler/token_pruning.py): fewer image tokens in a LLaVA prompt, mmaccel.generate only. "auto"
+# (compiler/token_auto.py): in mmaccel.generate, the fastest first token within accuracy_budget among every
+# setting of the prompt levers; on one graph (torch.compile, mmaccel.compile, export_onnx) the levers that can
+# work there, which is "merge" alone today.
+TOKENS = (None, "merge", "resolution", "prune", "auto")
 # The levers that rewrite the prompt, which only mmaccel.generate can do (a compiled graph's inputs are fixed).
 PROMPT_TOKENS = ("resolution", "prune")
 # torch.compile(mode=...) values we accept; the others promise things (CUDA graphs, autotuning)
@@ -186,9 +187,6 @@ def _validate_tokens(value: Any) -> tuple[str | None, tuple[int, ...] | None, tu
         if lever == "resolution":
             return lever, _validate_sides(settings, given), None
         return lever, None, _validate_keep(settings, given)
-    if value in TOKENS_NOT_YET:
-        raise InvalidOptionError(f"option 'tokens'={value!r} is not built yet; tokens='merge' (token merging in vision "
-                                 "towers), 'resolution' and 'prune' (mmaccel.generate, LLaVA) work today")
     if not isinstance(value, (str, type(None))) or value not in TOKENS:
         raise InvalidOptionError(f"option 'tokens'={value!r} is not valid; choose one of {list(TOKENS)}, "
                                  "{'resolution': side in pixels, or a list of sides} or {'prune': fraction kept}")

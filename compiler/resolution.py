@@ -21,7 +21,9 @@ for the levers that rewrite a LLaVA prompt, as passes/lossy.py is one for the le
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
+import statistics
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -29,12 +31,18 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..passes.lossy import pooled_relative_error
+from ..timing import interleaved_times_ms
 from .errors import InvalidOptionError, warn_once
 from .options import Sample
 
 # Candidate grids as fractions of the model's grid side: LLaVA-1.5's 24x24 -> 20x20 (280px, 69% of the
 # tokens), 16x16 (224px, 44%), 12x12 (168px, 25%): from a small loss to a quarter of the image tokens.
 GRID_FRACTIONS = (5 / 6, 2 / 3, 1 / 2)
+# A timed lever (tokens="auto") times each candidate's first token: 2 warm-up calls (the first compiles that
+# prompt bucket's prefill; on the Triton target the second records its CUDA graph), then the median of 3, the
+# candidates interleaved (mmaccel/timing.py). 3 and not more: 7 candidates at LLaVA-1.5-7B dims are 35 first
+# tokens, about 1 s at the 26 ms lossless first token measured on an H200, on the first call only.
+TIMING_WARMUP, TIMING_REPEATS = 2, 3
 
 
 @dataclass(frozen=True)
@@ -192,14 +200,43 @@ class TokenChoice:
     label: str = ""  # the setting as the report prints it ("16px", "50%")
     tokens: tuple[int, int] | None = None  # image tokens per image: (full, kept)
     error: float | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=list)  # setting, tokens, error per candidate
+    # setting, tokens, error per candidate; a timed lever's also: label, first_token_ms, pareto, chosen
+    candidates: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None  # why the prompt is left as it is
+    first_token_ms: float | None = None  # a timed lever's (tokens="auto"), of the setting chosen
 
     def summary(self) -> dict[str, Any]:
         if self.setting is None:
             return {"lever": self.lever, "left untouched": self.reason, "candidates": self.candidates}
+        timed = {} if self.first_token_ms is None else {"first-token ms": self.first_token_ms}
         return {"lever": self.lever, self.setting_name: self.label, "image tokens per image": list(self.tokens),
-                "measured error": self.error, "candidates": self.candidates}
+                "measured error": self.error, **timed, "candidates": self.candidates}
+
+
+def pareto_table(candidates: list[dict[str, Any]]) -> str:
+    """A timed lever's candidates as the report prints them: setting, image tokens, error, first-token ms, on the
+    Pareto front of (error, ms) or not, the one chosen."""
+    lines = [f"{'setting':18} {'image tokens':>12} {'error':>9} {'first-token ms':>14}  Pareto front"]
+    for c in candidates:
+        mark = ("yes" if c["pareto"] else "no") + ("  <- chosen" if c.get("chosen") else "")
+        lines.append(f"{c['label']:18} {c['tokens']:12d} {c['error']:9.4g} {c['first_token_ms']:14.2f}  {mark}")
+    return "\n".join(lines)
+
+
+def on_pareto_front(candidates: list[dict[str, Any]]) -> list[bool]:
+    """Whether each candidate is on the front of (error, first-token ms): no other is as good in both and better
+    in one."""
+    def dominates(a: dict, b: dict) -> bool:
+        return a["error"] <= b["error"] and a["first_token_ms"] <= b["first_token_ms"] and (
+            a["error"] < b["error"] or a["first_token_ms"] < b["first_token_ms"])
+    return [not any(dominates(other, c) for other in candidates) for c in candidates]
+
+
+def first_token_times(runs: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
+    """Median ms of each candidate's first token (mmaccel/timing.py, interleaved: load from other processes
+    falls on all alike)."""
+    times = interleaved_times_ms(runs, TIMING_REPEATS, TIMING_WARMUP, device)
+    return {label: statistics.median(ms) for label, ms in times.items()}
 
 
 class ImageTokenLever(abc.ABC):
@@ -207,18 +244,27 @@ class ImageTokenLever(abc.ABC):
     tokens), its setting chosen once per session under accuracy_budget, then applied to each call's prompt.
     The one choice mechanism of these levers: each setting's error is the first new token's logits' against
     the untouched model's (or the user's metric), eager, on the calibration samples or else the first call's
-    inputs; the fewest tokens within budget wins; none within: the prompt as given, one warning.
+    inputs; the fewest tokens within budget wins; none within: the prompt as given, one warning. A timed lever
+    (tokens="auto": settings of several levers, whose cost is not their token count alone: prune's scoring pass
+    costs time that resolution's resize does not) also times each setting's first token on the first call's
+    prompt, and the fastest within budget wins, the prompt as given among the candidates.
 
     A lever says: its layout (or why none), its candidate settings (fewest tokens first, validated), the image
     tokens per image a setting keeps, what a prompt needs for any setting (`prepared`: the prune lever's scores,
     computed once for all settings) and the rewrite of a prepared prompt at one setting."""
     name: str
     setting_name: str
+    timed = False
 
     def __init__(self, budget: float, metric: Callable | None, calibration: Sequence[Sample] | None,
                  settings: Sequence[Any] | None = None) -> None:
         self.budget, self.metric, self.calibration, self.settings = budget, metric, calibration, settings
         self.choice: TokenChoice | None = None
+        # A timed lever's: the first token of a prompt, first_token(model, ids, mask, inputs) (mmaccel.generate
+        # sets its compiled prefill; else the eager model), and the timing of the candidates' runs, a seam that
+        # tests replace: time_ms({label: run}, device) -> {label: ms}.
+        self.first_token: Callable = first_token_logits
+        self.time_ms: Callable[[dict[str, Callable[[], object]], torch.device], dict[str, float]] = first_token_times
 
     @abc.abstractmethod
     def layout(self, model: torch.nn.Module) -> ImageLayout | str:
@@ -246,6 +292,19 @@ class ImageTokenLever(abc.ABC):
                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | str:
         ...
 
+    def rewritten(self, model: torch.nn.Module, layout: ImageLayout, prompt: tuple, setting: Any,
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]] | str:
+        """A prompt (ids, mask, inputs) prepared and rewritten at `setting`: what each call with that setting runs."""
+        return self.rewrite(layout, self.prepared(model, layout, *prompt), setting, pad_id)
+
+    def lossless(self, setting: Any) -> bool:
+        """Whether `setting` is the prompt as given (a timed lever's candidate, to compare the others with)."""
+        return False
+
+    def parts(self) -> list["ImageTokenLever"]:
+        """The levers whose rewrites this one makes (itself; tokens="auto": each lever it chooses among)."""
+        return [self]
+
     def apply(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any],
               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """(input_ids, attention_mask, model inputs) with the chosen setting; unchanged without an image."""
@@ -255,8 +314,7 @@ class ImageTokenLever(abc.ABC):
             self.choice = self._choose(model, ids, mask, inputs, pad_id)
         if self.choice.setting is None:
             return ids, mask, inputs
-        layout = self.layout(model)
-        prompt = self.rewrite(layout, self.prepared(model, layout, ids, mask, inputs), self.choice.setting, pad_id)
+        prompt = self.rewritten(model, self.layout(model), (ids, mask, inputs), self.choice.setting, pad_id)
         if isinstance(prompt, str):
             warn_once(f"mmaccel.generate tokens={self.name!r}: this prompt left as given: {prompt}")
             return ids, mask, inputs
@@ -281,18 +339,59 @@ class ImageTokenLever(abc.ABC):
             error = (self.metric or pooled_relative_error)(outputs, references)
             measured.append({self.setting_name: setting, "tokens": self.tokens(layout, setting),
                              "error": float(error)})
+        if self.timed:
+            reason = self._timed(model, layout, (ids, mask, inputs), measured, pad_id)
+            if reason is not None:
+                return TokenChoice(self.name, self.setting_name, reason=reason)
         return self._cheapest(layout, measured)
 
+    def _timed(self, model: torch.nn.Module, layout: ImageLayout, prompt: tuple, measured: list[dict[str, Any]],
+               pad_id: int) -> str | None:
+        """Add to each candidate its label, first-token ms on `prompt` (the first call's: the shapes the session
+        runs) from its rewrite (prune's scoring pass included) through the first token, and whether it is on the
+        Pareto front; or say why `prompt` cannot be rewritten."""
+        runs = {}
+        for m in measured:
+            setting = m[self.setting_name]
+            probe = self.rewritten(model, layout, prompt, setting, pad_id)
+            if isinstance(probe, str):
+                return probe
+            m["label"] = self.label(setting)
+            runs[m["label"]] = functools.partial(self._first_token_of, model, layout, prompt, setting, pad_id)
+        times = self.time_ms(runs, prompt[0].device)
+        for m in measured:
+            m["first_token_ms"] = float(times[m["label"]])
+        for m, front in zip(measured, on_pareto_front(measured)):
+            m["pareto"] = front
+        return None
+
+    def _first_token_of(self, model, layout, prompt, setting, pad_id) -> object:
+        return self.first_token(model, *self.rewritten(model, layout, prompt, setting, pad_id))
+
     def _cheapest(self, layout: ImageLayout, measured: list[dict[str, Any]]) -> TokenChoice:
-        within = [m for m in measured if m["error"] <= self.budget]
+        """The fewest tokens within budget; a timed lever's: the fastest first token within budget (the prompt as
+        given too). None within (the prompt as given aside): the prompt as given, one warning."""
+        within = [m for m in measured if m["error"] <= self.budget and not self.lossless(m[self.setting_name])]
         if not within:
             reason = f"every setting measured over accuracy_budget {self.budget}: all image tokens kept"
             warn_once(f"mmaccel.generate tokens={self.name!r}: {reason} ({measured})")
+            best = None
+        elif self.timed:
+            given = [m for m in measured if self.lossless(m[self.setting_name])]
+            best = min(within + given, key=lambda m: m["first_token_ms"])
+            reason = "the prompt as given measured fastest"
+        else:
+            best = min(within, key=lambda m: m["tokens"])
+        if self.timed:
+            chosen = best or next(m for m in measured if self.lossless(m[self.setting_name]))
+            for m in measured:
+                m["chosen"] = m is chosen
+        if best is None or self.lossless(best[self.setting_name]):
             return TokenChoice(self.name, self.setting_name, reason=reason, candidates=measured)
-        best = min(within, key=lambda m: m["tokens"])
         setting = best[self.setting_name]
         return TokenChoice(self.name, self.setting_name, setting, self.label(setting),
-                           (layout.tokens(layout.image_size), best["tokens"]), best["error"], measured)
+                           (layout.tokens(layout.image_size), best["tokens"]), best["error"], measured,
+                           first_token_ms=best.get("first_token_ms"))
 
 
 class ResolutionLever(ImageTokenLever):

@@ -198,8 +198,9 @@ class _Speculation:
         if self.shared_layers:
             return _shared_draft_state(state, self.draft.model, self.shared_layers)
         if "inputs_embeds" in model_inputs:
-            raise ValueError("mmaccel.generate: tokens='prune' gives the target its prompt as embeddings, which a "
-                             "separate draft model cannot read; use draft='layers:N' or no draft")
+            raise ValueError("mmaccel.generate: tokens='prune' (or 'auto', having chosen it) gives the target its "
+                             "prompt as embeddings, which a separate draft model cannot read; use draft='layers:N' "
+                             "or no draft")
         draft_inputs = {k: v for k, v in model_inputs.items() if k in self.draft.forward_args}
         with _draft_failures():
             return self.draft._prefill(input_ids, attention_mask, draft_inputs, config, prompt, cache_len)

@@ -448,25 +448,32 @@ def _tower_refusal(gm: fx.GraphModule, tower: Tower, r: int) -> str | None:
     return f"no attention over dim 1 of the stream in {missing[0]}" if missing else None
 
 
+# tokens="auto" on one graph: its other levers change how many image tokens a prompt holds, an input of the graph.
+AUTO_ON_ONE_GRAPH = ("tokens='auto' on one graph is tokens='merge': 'resolution' and 'prune' rewrite a LLaVA prompt, "
+                     "which only mmaccel.generate does (there 'auto' chooses among them by first-token time)")
+
+
 class MergeLever(UnrecordedOnRelease):
     """The token lever of the lossy mechanism: each block input of each vision tower is a site, its options the
     tokens to merge there (cheapest first), then ORIGINAL. Cost: token-blocks."""
     name, noun, unit, cost_unit = "tokens", "token merging", "block(s) merging tokens", "token-blocks"
 
     def __init__(self, scheme: str) -> None:
-        if scheme != "merge":
-            raise NotImplementedError(f"tokens={scheme!r} has no lever (options validation should have refused it); "
-                                      "tokens='merge' is the one built")
-        self.label = scheme
+        if scheme not in ("merge", "auto"):
+            raise NotImplementedError(f"tokens={scheme!r} has no graph lever (options validation should have refused "
+                                      "it); tokens='merge' (and 'auto', which means it on one graph) is the one built")
+        self.label = "merge"
+        self.scheme = scheme
         self.near_misses: list[str] = []
         self.info: dict[str, tuple[Tower, dict[str, int], int]] = {}  # site node -> tower, option -> r, depth
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
-        self.near_misses, self.info = [], {}
+        self.near_misses, self.info = ([AUTO_ON_ONE_GRAPH] if self.scheme == "auto" else []), {}
         if gm.graph.find_nodes(op="call_function", target=MERGE):
             return []  # merged already: a second run changes nothing
         sites = []
-        towers, self.near_misses = find_towers(gm)
+        towers, missed = find_towers(gm)
+        self.near_misses += missed
         for tower in towers:
             options = self._options(tower.tokens)
             reason = _tower_refusal(gm, tower, max(options.values(), default=0)) if options else \

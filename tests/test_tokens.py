@@ -11,6 +11,7 @@ import torch.nn as nn
 import mmaccel
 from mmaccel.models.vit import ViTBlock, ViTConfig
 from mmaccel.ops.token_merge import token_merge_reference
+from mmaccel.passes.tokens import AUTO_ON_ONE_GRAPH
 from mmaccel.ops.token_unmerge import token_unmerge_reference
 
 import hf_tiny
@@ -88,6 +89,19 @@ def test_clip_equals_hand_written_tome() -> None:
         result.measured_error, rel=1e-4)  # the error reported is the error given (one output, one sample)
     rows = result.details["layers"]
     assert [row["unit"] for row in rows] == ["token-blocks"] * 2 and rows[0]["cost"] == (17 - 3) * 2
+
+
+def test_auto_on_one_graph_is_merge() -> None:
+    """tokens="auto" outside mmaccel.generate is the merge lever alone (the prompt levers rewrite a prompt, which
+    only mmaccel.generate does), and the report says so. A graph without a tower: the lever is the one tested
+    above, 2 s of CLIP compile saved."""
+    model = nn.Linear(4, 4)
+    compiled = mmaccel.compile(model, target="eager", tokens="auto", accuracy_budget=0.5)
+    with torch.no_grad():
+        assert_matches_eager(compiled(torch.ones(2, 4)), model(torch.ones(2, 4)))
+    result = _lossy_pass(compiled)
+    assert result.name == "tokens" and result.changes == ["merge: nothing to change"]
+    assert result.near_misses[0] == AUTO_ON_ONE_GRAPH
 
 
 def test_calibrated_graph_merges() -> None:
@@ -192,7 +206,7 @@ def test_near_misses_left_alone(case: str) -> None:
 
 
 @pytest.mark.parametrize("value, message", [("resolution", "only mmaccel.generate rewrites"),
-                                            ("prune", "only mmaccel.generate rewrites"), ("auto", "not built yet"),
+                                            ("prune", "only mmaccel.generate rewrites"),
                                             ("tome", "not valid"), (True, "not valid")])
 def test_bad_options(value, message: str) -> None:
     with pytest.raises(ValueError, match=message):
