@@ -194,11 +194,16 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
         """The cost as a fraction of its unit's whole: what the solver compares across levers."""
         return cost(site, option) / max(whole[by_name[site.lever].cost_unit], 1)
 
-    cheapest = {site.key: site.options[0] for site in sites}
-    error = cheapest_error = measure(cheapest)
-    chosen, rounds, measured_sites = cheapest, 1, False
-    if not error <= budget:  # NaN counts as over budget
+    # Two options of one site at the same cost (prune_heads.BY_REFIT) are told apart by their measured errors
+    measured_sites = any(len({cost(site, p) for p in site.options}) < len(site.options) for site in sites)
+    if measured_sites:
         measure_sensitivities(sites, measure)
+    cheapest = {site.key: _undominated(site, cost)[0] if measured_sites else site.options[0] for site in sites}
+    error = cheapest_error = measure(cheapest)
+    chosen, rounds = cheapest, 1
+    if not error <= budget:  # NaN counts as over budget
+        if not measured_sites:
+            measure_sensitivities(sites, measure)
         measured_sites = True
         target = budget
         for rounds in range(1, MAX_ROUNDS + 1):
@@ -285,11 +290,13 @@ def measure_sensitivities(sites: list[Site], measure: Callable[[dict[tuple[str, 
 
 def solve(sites: list[Site], cost: Callable[[Site, str], float], target: float) -> dict[tuple[str, str], str]:
     """Cheapest options, then upgrades by squared error removed per cost added until the root of the summed
-    squared sensitivities is within target."""
+    squared sensitivities is within target. An option that costs no less than another of its site and measured
+    no better is never chosen (two ways to keep the same heads, prune_heads.BY_REFIT)."""
+    options = {site.key: _undominated(site, cost) for site in sites}
     level = {site.key: 0 for site in sites}
 
     def err2(site: Site) -> float:
-        e = site.sensitivity[site.options[level[site.key]]]
+        e = site.sensitivity[options[site.key][level[site.key]]]
         return e * e if math.isfinite(e) else math.inf
 
     total = sum(err2(site) for site in sites)
@@ -299,10 +306,10 @@ def solve(sites: list[Site], cost: Callable[[Site, str], float], target: float) 
         # bad must not hide the step after it
         best, best_gain = None, -math.inf
         for site in sites:
-            i = level[site.key]
-            for j in range(i + 1, len(site.options)):
-                removed = err2(site) - site.sensitivity[site.options[j]] ** 2
-                added = max(cost(site, site.options[j]) - cost(site, site.options[i]), 1e-12)
+            i, ladder = level[site.key], options[site.key]
+            for j in range(i + 1, len(ladder)):
+                removed = err2(site) - site.sensitivity[ladder[j]] ** 2
+                added = max(cost(site, ladder[j]) - cost(site, ladder[i]), 1e-12)
                 if removed / added > best_gain:
                     best, best_gain = (site, j), removed / added
         if best is None:
@@ -313,7 +320,19 @@ def solve(sites: list[Site], cost: Callable[[Site, str], float], target: float) 
         total += err2(site)
         if not math.isfinite(total):
             total = sum(err2(site) for site in sites)
-    return {site.key: site.options[level[site.key]] for site in sites}
+    return {site.key: options[site.key][level[site.key]] for site in sites}
+
+
+def _undominated(site: Site, cost: Callable[[Site, str], float]) -> list[str]:
+    """The site's options (cheapest first) less those with another option no dearer and no worse measured, the
+    earlier one kept where two tie."""
+    def error(option: str) -> float:
+        e = site.sensitivity[option]
+        return e if math.isfinite(e) else math.inf
+
+    return [p for i, p in enumerate(site.options)
+            if not any(cost(site, q) <= cost(site, p) and error(q) <= error(p) and (error(q) < error(p) or j < i)
+                       for j, q in enumerate(site.options) if q != p)]
 
 
 def report_table(sites: list[Site], cost: Callable[[Site, str], int], levers: dict[str, Lever],

@@ -338,27 +338,41 @@ class Attention(nn.Module):
         return x + self.o(self.merged(x))
 
 
-def _hand_pruned_attention(model: Attention, keep: int) -> Attention:
+def _hand_pruned_attention(model: Attention, keep: int, by_refit: bool = False) -> Attention:
     """The smaller attention built by hand: the `keep` K/V groups whose heads add most to o_proj's output on the
-    calibration samples (||h_g W_o[:, g]^T||), their rows of q/k/v, o_proj refit by ridge least squares
+    calibration samples (||h_g W_o[:, g]^T||), or with `by_refit` those left after dropping, one at a time, the
+    group whose loss leaves the least refit residual; their rows of q/k/v, o_proj refit by ridge least squares
     (torch.linalg.lstsq on the stacked system) over their columns."""
     group, width = model.heads // model.kv_heads, model.heads // model.kv_heads * 8
     h = torch.cat([model.merged(s).reshape(-1, model.heads * 8) for s in SAMPLES]).double()
     w = model.o.weight.double()
-    scores = [(h[:, g * width:(g + 1) * width] @ w[:, g * width:(g + 1) * width].T).norm()
-              for g in range(model.kv_heads)]
-    kept = torch.stack(scores).topk(keep).indices.sort().values
+    target = h @ w.T + (model.o.bias.double() if model.o.bias is not None else 0)
+
+    def columns(groups: list[int], per_group: int) -> torch.Tensor:
+        return torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in groups])
+
+    def refit(groups: list[int]) -> tuple[torch.Tensor, float]:
+        hk = h[:, columns(groups, width)]
+        if model.o.bias is not None:
+            hk = torch.cat([hk, hk.new_ones(len(hk), 1)], dim=1)
+        ridge = RIDGE * float(hk[:, :len(groups) * width].pow(2).sum(0).mean())
+        stacked = torch.cat([hk, ridge ** 0.5 * torch.eye(hk.shape[1], dtype=hk.dtype)])
+        solution = torch.linalg.lstsq(stacked, torch.cat([target, target.new_zeros(hk.shape[1], 32)])).solution
+        return solution, float((hk @ solution - target).pow(2).sum())
+
+    if by_refit:
+        kept = list(range(model.kv_heads))
+        while len(kept) > keep:
+            kept.remove(min(kept, key=lambda g: refit([k for k in kept if k != g])[1]))
+    else:
+        scores = [(h[:, g * width:(g + 1) * width] @ w[:, g * width:(g + 1) * width].T).norm()
+                  for g in range(model.kv_heads)]
+        kept = torch.stack(scores).topk(keep).indices.sort().values.tolist()
+    solution, _ = refit(kept)
 
     def rows(per_group: int) -> torch.Tensor:
-        return torch.cat([torch.arange(g * per_group, (g + 1) * per_group) for g in kept.tolist()])
+        return columns(kept, per_group)
 
-    target = h @ w.T + (model.o.bias.double() if model.o.bias is not None else 0)
-    hk = h[:, rows(width)]
-    if model.o.bias is not None:
-        hk = torch.cat([hk, hk.new_ones(len(hk), 1)], dim=1)
-    ridge = RIDGE * float(hk[:, :keep * width].pow(2).sum(0).mean())
-    stacked = torch.cat([hk, ridge ** 0.5 * torch.eye(hk.shape[1], dtype=hk.dtype)])
-    solution = torch.linalg.lstsq(stacked, torch.cat([target, target.new_zeros(hk.shape[1], 32)])).solution
     small = Attention(keep * group, keep, model.rotary, model.o.bias is not None).eval().requires_grad_(False)
     for name, per_group in (("q", width), ("k", 8), ("v", 8)):
         getattr(small, name).weight.copy_(getattr(model, name).weight[rows(per_group)])
@@ -379,9 +393,12 @@ def test_pruned_heads_are_the_smaller_attention_built_by_hand(heads, kv_heads, r
     model = Attention(heads, kv_heads, rotary, bias).eval().requires_grad_(False)
     compiled, result = _compile(model, target=target, prune="heads")
     (row,) = result.details["layers"]
-    assert result.matched == 1 and row["lever"] == "prune:heads" and row["precision"] == "keep_50"
+    # the same heads kept two ways (by output, by refit): the one that measured the lower error
+    sensitivity = row["sensitivity"]
+    assert row["precision"] == min(("keep_50", "keep_50+refit"), key=lambda option: sensitivity[option])
+    assert result.matched == 1 and row["lever"] == "prune:heads"
     assert row["bytes"] < row["original_bytes"] and row["shape"] == [heads, kv_heads]
-    hand = _hand_pruned_attention(model, kv_heads // 2)
+    hand = _hand_pruned_attention(model, kv_heads // 2, by_refit=row["precision"].endswith("+refit"))
     with torch.no_grad():
         for x in (*SAMPLES, torch.randn(2, 128, 32)):  # a held-out input too
             torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
@@ -406,8 +423,8 @@ def test_a_fixed_fraction_of_heads_is_the_smaller_attention():
     model = Attention(4, 4, False, True).eval().requires_grad_(False)
     compiled, result = _compile(model, prune={"heads": 0.75}, budget=0.99)
     (row,) = result.details["layers"]
-    assert row["lever"] == "prune:heads" and row["precision"] == "keep_25%"
-    hand, x = _hand_pruned_attention(model, 1), torch.randn(2, 128, 32)
+    assert row["lever"] == "prune:heads" and row["precision"].removesuffix("+refit") == "keep_25%"
+    hand, x = _hand_pruned_attention(model, 1, by_refit=row["precision"].endswith("+refit")), torch.randn(2, 128, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), hand(x), rtol=1e-4, atol=1e-4)
 
