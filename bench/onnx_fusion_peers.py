@@ -11,7 +11,8 @@ Llama, random weights), same prompt, 2 threads; fp32 and int4.
     python bench/onnx_fusion_peers.py --precisions fp32 --rounds 9   # the fp32 rows alone
 
 Per row: first-token ms and ms per new token (onnx_peers.timings, one call each per round; the median over
-rounds; "/ last": the median over rounds of its ms per token over the precision's last row's, GenAI's), the
+rounds; "/ last": the median over rounds of its ms per token over the precision's last row's, GenAI's;
+"quiet": the same over the rounds other jobs left alone, QUIET_CORES; 0 when none were), the
 folder's bytes, tokens equal to HF eager's (fp32), for our loops the ms per token spent outside ONNX
 Runtime's runs (outside_run_ms), and from ONNX Runtime's profile of one decode step after 80
 past positions (onnx_decode_step.kernel_profile): nodes run (and of which ops) and kernel ms,
@@ -32,7 +33,7 @@ import torch
 
 import mmaccel
 
-from common import default_out, environment, write_json  # bench/ is on sys.path when a script here runs
+from common import default_out, environment, other_jobs_cores, other_jobs_start, write_json  # bench/ is on sys.path when a script here runs
 from onnx_decode_step import kernel_profile
 from onnx_generate import add_model_arguments, build, past_shape
 from onnx_peers import folder_bytes, genai_build, genai_loop, same_tokens, save_for_peers, timings
@@ -101,19 +102,34 @@ def outside_run_ms(generate: Callable[[int], Any], new: int, repeats: int = 5) -
     return {"ms_per_token_outside_run": round(statistics.median(per_token), 3)}
 
 
+# A round is "quiet" when other processes kept less than this many of the 2 cores busy during it
+# (common.other_jobs_cores). 2026-11-30: 0.00-0.02 in every round of a run alone on this machine; 2.0 with two
+# other jobs running. It sees processes only: this VM's rounds still spread 11-14 ms per token when all read 0.
+QUIET_CORES = 0.25
+
+
 def interleaved(runs: dict[str, tuple[Callable[[int], Any], str]], new: int, rounds: int) -> dict[str, dict]:
     """Each loop's medians over `rounds` rounds, the loops taking turns each round, its ms per token in each
     round, and the median over rounds of its ms per token over the last loop's of the same round (GenAI's when
-    it is there): the load of this shared machine changes between rounds, less within one."""
+    it is there): the load of this shared machine changes between rounds, less within one. Also the cores
+    other jobs kept busy in each round, and the ratio over the quiet rounds alone."""
     times: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    others = []
     for _ in range(rounds):
+        start = other_jobs_start()
         for name, (generate, _) in runs.items():
             times[name].append(timings(generate, new, 1))
-    last = list(runs)[-1]
+        others.append(other_jobs_cores(start))
+    last, quiet = list(runs)[-1], [i for i, cores in enumerate(others) if cores < QUIET_CORES]
+
+    def over_last(rows: list[dict[str, float]], kept: list[int]) -> float | None:
+        ratios = [rows[i]["ms_per_token"] / times[last][i]["ms_per_token"] for i in kept]
+        return round(statistics.median(ratios), 3) if ratios else None
+
     return {name: {**{key: round(statistics.median(r[key] for r in rows), 2) for key in rows[0]},
-                   "ms_per_token_rounds": [r["ms_per_token"] for r in rows],
-                   f"ms_per_token_over_{last}": round(statistics.median(
-                       r["ms_per_token"] / o["ms_per_token"] for r, o in zip(rows, times[last])), 3)}
+                   "ms_per_token_rounds": [r["ms_per_token"] for r in rows], "other_jobs_cores_rounds": others,
+                   f"ms_per_token_over_{last}": over_last(rows, list(range(rounds))),
+                   f"ms_per_token_over_{last}_quiet_rounds": over_last(rows, quiet)}
             for name, rows in times.items()}
 
 
@@ -144,11 +160,12 @@ def main() -> None:
                               "tokens_equal_hf": same_tokens(np.asarray(generate(args.new)), reference),
                               **(outside_run_ms(generate, args.new) if hasattr(generate, "generator") else {}),
                               **kernel_profile(path, past, args.threads)}
-    print(f"{'decoder':52} {'first ms':>9} {'ms/token':>9} {'/ last':>7} {'outside':>8} {'MB':>6} {'nodes':>6} "
-          f"{'matmul ms':>10} {'other':>6}")
+    print(f"{'decoder':52} {'first ms':>9} {'ms/token':>9} {'/ last':>7} {'quiet':>6} {'outside':>8} {'MB':>6} "
+          f"{'nodes':>6} {'matmul ms':>10} {'other':>6}")
     for name, row in rows.items():
         ratio = next(v for k, v in row.items() if k.startswith("ms_per_token_over_"))
-        print(f"{name:52} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {ratio:>7.3f} "
+        quiet = next(v for k, v in row.items() if k.endswith("_quiet_rounds"))
+        print(f"{name:52} {row['first_token_ms']:>9.1f} {row['ms_per_token']:>9.2f} {ratio:>7.3f} {quiet or 0:>6.3f} "
               f"{row.get('ms_per_token_outside_run', float('nan')):>8.3f} {row['file_bytes'] / 1e6:>6.1f} "
               f"{row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} {row['kernel_ms_other']:>6.2f}")
     path = args.out or default_out(f"onnx_fusion_peers_cpu_{args.size}.json")
