@@ -53,8 +53,8 @@ class OnnxGenerator:
         """spin_us: how long an idle intra-op worker spins for work before it sleeps (0: never spins; None: ONNX
         Runtime's default spinning). share_buffer: one K/V buffer for past and present (SharedCache) where the
         manifest says the decoder takes it; False: the past grows by concatenation every step (GrowingCache).
-        max_length: that buffer's positions (prompt + new tokens), as ONNX Runtime GenAI's max_length; a call
-        needing more is refused; None: each call's buffer is as long as it needs."""
+        max_length: that buffer's positions (prompt + new tokens - 1), as ONNX Runtime GenAI's max_length; a
+        call needing more is refused (growing loops too); None: each call's buffer is as long as it needs."""
         import onnxruntime as ort
 
         self.folder = os.fspath(folder)
@@ -123,12 +123,12 @@ class OnnxGenerator:
     def _cache(self, batch: int, length: int, input_features: Any) -> "SharedCache | GrowingCache":
         """The decoder's K/V for one call whose last step attends to `length` positions."""
         session, inputs, outputs = self.sessions["decoder"], self.decoder_inputs, self.decoder_outputs
-        if not (self.share_buffer and self.config.get("past_present_share_buffer")):
-            return GrowingCache(session, inputs, outputs, self._initial_past(batch, input_features))
         if self.max_length is not None and length > self.max_length:
             raise ValueError(f"onnx_generate: the K/V buffer holds max_length={self.max_length} positions; this call "
                              f"needs {length} (prompt + max_new_tokens - 1): ask OnnxGenerator for a larger "
                              "max_length, or for fewer new tokens")
+        if not (self.share_buffer and self.config.get("past_present_share_buffer")):
+            return GrowingCache(session, inputs, outputs, self._initial_past(batch, input_features))
         shape = (batch, self.config["num_kv_heads"], self.max_length or length, self.config["head_dim"])
         return SharedCache(session, inputs, outputs, shape, np.dtype(self.config["dtype"]))
 
@@ -215,9 +215,10 @@ class SharedCache:
     so no step concatenates or copies the cache, and a step binds only its tokens, mask and positions; a step's
     logits land in a buffer bound once too. ONNX Runtime GenAI's loop runs its builder's decoders so on CPU.
     Only for decoders whose every present is a GroupQueryAttention's output, checked at export (the manifest's
-    past_present_share_buffer; compiler/onnx_fusions.py). 125M Llama, fp32, 2 threads: 0.1 ms per token
-    outside ONNX Runtime's run where GrowingCache spends 0.46, and 2-4% less per token in all
-    (bench/onnx_fusion_peers.py)."""
+    past_present_share_buffer; compiler/onnx_fusions.py). Runs after the first take one token per row.
+    125M Llama, 2 threads (bench/onnx_fusion_peers.py, interleaved rounds): 0.15 ms per token outside ONNX
+    Runtime's run where GrowingCache spends 0.44 (fp32; int4 0.09 against 0.41), and 4% less per token in all
+    in fp32 (13.22 against 13.53 ms), 15% in int4 (2.28 against 2.68)."""
 
     def __init__(self, session: Any, inputs: list[str], outputs: list[str], shape: tuple[int, ...],
                  dtype: np.dtype) -> None:

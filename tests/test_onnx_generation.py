@@ -329,14 +329,15 @@ def test_shared_buffer_loop_equals_the_growing_loop(exported, portable) -> None:
 
 def test_a_full_buffer_is_refused_naming_max_length(exported) -> None:
     """OnnxGenerator(max_length=...) holds that many positions; a call that needs more is refused before any
-    run, one that fits gives the same tokens."""
+    run (the growing loop's too), one that fits gives the same tokens."""
     _, folder, _ = exported
     ids, mask = left_padded_batch([7, 4], seed=2)
     bounded = mmaccel.OnnxGenerator(folder, max_length=11)
     want = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=5, eos_token_id=[])
     assert np.array_equal(mmaccel.onnx_generate(bounded, ids, mask, max_new_tokens=5, eos_token_id=[]), want)
-    with pytest.raises(ValueError, match=r"holds max_length=11 positions; this call needs 12"):
-        mmaccel.onnx_generate(bounded, ids, mask, max_new_tokens=6)
+    for generator in (bounded, mmaccel.OnnxGenerator(folder, share_buffer=False, max_length=11)):
+        with pytest.raises(ValueError, match=r"holds max_length=11 positions; this call needs 12"):
+            mmaccel.onnx_generate(generator, ids, mask, max_new_tokens=6)
 
 
 RUN_WITHOUT_TORCH = textwrap.dedent("""
