@@ -212,10 +212,10 @@ class SharedCache:
     """The decoder's K/V in one buffer per layer's key and value, `shape` [B, kv heads, positions, head dim],
     bound once as both the past input and the present output: GroupQueryAttention then writes each run's new
     positions in place (ONNX Runtime's past_present_share_buffer mode, taken when the two are the same memory),
-    so no step concatenates or copies the cache, and a step binds only its tokens, mask and positions; a step's
-    logits land in a buffer bound once too. ONNX Runtime GenAI's loop runs its builder's decoders so on CPU.
+    so no step concatenates or copies the cache; a step's token, position and logits are buffers bound once
+    too, and only its mask is bound anew. ONNX Runtime GenAI's loop runs its builder's decoders so on CPU.
     Only for decoders whose every present is a GroupQueryAttention's output, checked at export (the manifest's
-    past_present_share_buffer; compiler/onnx_fusions.py). Runs after the first take one token per row.
+    past_present_share_buffer; compiler/onnx_fusions.py).
     125M Llama, 2 threads (bench/onnx_fusion_peers.py, interleaved rounds): 0.15 ms per token outside ONNX
     Runtime's run where GrowingCache spends 0.44 (fp32; int4 0.09 against 0.41), and 4% less per token in all
     in fp32 (13.22 against 13.53 ms), 15% in int4 (2.28 against 2.68)."""
@@ -232,21 +232,34 @@ class SharedCache:
         for name in outputs[1:]:
             self.binding.bind_ortvalue_input(past_name(name), self.values[past_name(name)])
             self.binding.bind_ortvalue_output(name, self.values[past_name(name)])
-        self.step_logits, self.step_value = None, None  # after the prompt: [B, 1, V], bound as the logits
+        self.step: dict[str, np.ndarray] | None = None  # after the prompt: one token per row, bound once
+        self.step_values: dict[str, Any] = {}  # their ONNX Runtime values, which the binding reads
 
     def run(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One decoder run: its logits [B, S, V] (after the first run, a view the next run overwrites)."""
+        """One decoder run: its logits [B, S, V]. After the first run (the prompt), the token and position are
+        written into buffers bound once, only the mask (one position longer each step) is bound anew, and the
+        logits returned are a buffer the next run overwrites."""
+        if self.step is None:
+            return self._prompt(tokens, mask, positions)
+        self.step["tokens"][...] = tokens
+        self.step["positions"][...] = positions
+        self.binding.bind_cpu_input(self.inputs[1], np.ascontiguousarray(mask))
+        self.session.run_with_iobinding(self.binding)
+        return self.step["logits"]
+
+    def _prompt(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
         for name, value in zip(self.inputs, (tokens, mask, positions)):
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.session.run_with_iobinding(self.binding)
-        if self.step_logits is not None:
-            return self.step_logits
         logits = self.binding.get_outputs()[0].numpy()
-        self.step_logits = np.empty((logits.shape[0], 1, logits.shape[2]), logits.dtype)  # every step's
-        self.step_value = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
-        self.binding.bind_ortvalue_output(self.logits_name, self.step_value)
+        self.step = {"tokens": np.empty_like(tokens[:, -1:]), "positions": np.empty_like(positions[:, -1:]),
+                     "logits": np.empty((logits.shape[0], 1, logits.shape[2]), logits.dtype)}
+        self.step_values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self.step.items()}
+        self.binding.bind_ortvalue_input(self.inputs[0], self.step_values["tokens"])
+        self.binding.bind_ortvalue_input(self.inputs[2], self.step_values["positions"])
+        self.binding.bind_ortvalue_output(self.logits_name, self.step_values["logits"])
         return logits
 
 
