@@ -116,6 +116,32 @@ def memory_row(device: torch.device | str) -> dict[str, int]:
     return {"steady_bytes": torch.cuda.memory_allocated(), "peak_bytes": torch.cuda.max_memory_allocated()}
 
 
+def other_jobs_start() -> tuple[float, float, float]:
+    """Begin an other_jobs_cores interval."""
+    own = os.times()
+    return _busy_cpu_seconds(), own.user + own.system, time.perf_counter()
+
+
+def other_jobs_cores(start: tuple[float, float, float]) -> float:
+    """How many cores other processes kept busy since `start` (other_jobs_start): the machine's busy CPU time
+    less this process's (all its threads), over the wall time. On a shared machine it tells the interleaved
+    rounds that ran alone (near 0) from those beside another job (the 1-minute load average lags by minutes)."""
+    busy, own, wall = start
+    now = os.times()
+    other = (_busy_cpu_seconds() - busy) - (now.user + now.system - own)
+    return round(max(other, 0.0) / max(time.perf_counter() - wall, 1e-9), 2)
+
+
+def _busy_cpu_seconds() -> float:
+    """Seconds all cores have spent neither idle nor waiting for I/O, from /proc/stat (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def default_out(filename: str) -> str:
     """$OUT/<filename> when OUT is set (the GPU machine sends back what lands there), else bench/results/."""
     return os.path.join(os.environ.get("OUT") or RESULTS_DIR, filename)

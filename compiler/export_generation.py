@@ -187,8 +187,11 @@ def export_generation(model: torch.nn.Module, example_inputs: Any, folder: str |
                                  target_reason="export_onnx(generation=True)")
             start = time.perf_counter()
             manifest["graphs"][spec.name] = _export_graph(spec, staged, opts, record, export_id, fuse_positions)
-            if any(p.name == FUSION and p.matched for p in record.passes):  # the rotary tables end there
+            fusion = next((p for p in record.passes if p.name == FUSION and p.matched), None)
+            if fusion is not None:  # the rotary tables end there
                 manifest["config"]["max_positions"] = fuse_positions
+            if fusion is not None and fusion.details["past_present_share_buffer"]:  # onnx_generate's SharedCache
+                manifest["config"]["past_present_share_buffer"] = True
             record.status, record.compile_seconds = "optimized", time.perf_counter() - start
             report.graphs.append(record)
         with open(os.path.join(staged, MANIFEST), "w") as f:

@@ -690,41 +690,91 @@ def keep_if_equal(path: str, candidate: str, feeds: Sequence[dict[str, np.ndarra
                   result: PassResult) -> None:
     fused = ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
     try:
-        error = max(relative_difference(got, want) for got, want in zip(run_file(candidate, feeds),
-                                                                         run_file(path, feeds)))
+        want = run_file(path, feeds)
+        error = max(relative_difference(got, w) for got, w in zip(run_file(candidate, feeds), want))
         measured = f"ONNX Runtime's outputs {error:.1e} from the unfused file's (relative, max over outputs)"
     except Exception as failure:  # noqa: BLE001 (any ONNX Runtime refusal of the fused file: keep the unfused one)
         error, measured = float("nan"), f"ONNX Runtime failed on the fused file: {str(failure)[-300:]}"
     if error <= TOLERANCE:  # NaN is not
+        shared = share_buffer_check(candidate, feeds, want)
         os.replace(candidate, path)
-        result.matched, result.changes = sum(counts.values()), [f"{fused}; {measured}"]
+        result.matched, result.changes = sum(counts.values()), [f"{fused}; {measured}; {shared}"]
+        result.details = {"past_present_share_buffer": shared.startswith(SHARES)}
     else:
         warn_once(f"mmaccel: ONNX Runtime contrib fusion rolled back ({fused}): {measured} (tolerance {TOLERANCE:g})")
         result.nodes_after = result.nodes_before
         result.changes = [f"rolled back: {measured} (tolerance {TOLERANCE:g})"]
 
 
+SHARES = "past and present share one buffer"
+
+
+def share_buffer_check(path: str, feeds: Sequence[dict[str, np.ndarray]], want: list[list[np.ndarray]]) -> str:
+    """Whether onnx_generate may run the fused file at `path` with one K/V buffer for past and present
+    (compiler/onnx_generate.py SharedCache): every present must be a GroupQueryAttention's output, and ONNX
+    Runtime's outputs so, on each of `feeds` (their past copied into a buffer 2 positions longer than the
+    step needs), must equal `want`, the unfused file's. SHARES and the measured difference, or why not."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    presents = [o.name for o in graph.output if o.name.startswith("present")]
+    if not presents or any(producer.get(name) != "GroupQueryAttention" for name in presents):
+        return "past and present apart: a present is not a GroupQueryAttention's output"
+    try:
+        error = max(relative_difference(got, w) for got, w in zip(run_shared(path, feeds), want))
+    except Exception as failure:  # noqa: BLE001 (ONNX Runtime refusing the shared buffer: the loop grows the past)
+        return f"past and present apart: ONNX Runtime failed with them in one buffer: {str(failure)[-300:]}"
+    if not error <= TOLERANCE:  # NaN included
+        return f"past and present apart: their outputs in one buffer {error:.1e} from the unfused file's"
+    return f"{SHARES} ({error:.1e} from the unfused file's)"
+
+
 def run_file(path: str, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """ONNX Runtime's outputs of the file at `path` for each of `feeds` (one session: ~1 s to load the 125M
     Llama), at the positions attention_mask keeps."""
+    session = _session(path)
+    names = [o.name for o in session.get_outputs()]
+    return [kept_positions(names, session.run(None, feed), feed) for feed in feeds]
+
+
+def run_shared(path: str, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """run_file's outputs, each feed run as onnx_generate's SharedCache runs a step: its past copied into the
+    buffer's first positions, the presents read back from it."""
+    from .onnx_generate import SharedCache, past_name
+
+    session = _session(path)
+    inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    runs = []
+    for feed in feeds:
+        total, past = feed["attention_mask"].shape[1], feed[inputs[3]]
+        cache = SharedCache(session, inputs, outputs, (*past.shape[:2], total + 2, past.shape[3]), past.dtype)
+        for name, buffer in cache.buffers.items():
+            buffer[:, :, :past.shape[2]] = feed[name]
+        logits = cache.run(*(feed[name] for name in inputs[:3]))
+        presents = [cache.buffers[past_name(name)][:, :, :total] for name in outputs[1:]]
+        runs.append(kept_positions(outputs, [logits, *presents], feed))
+    return runs
+
+
+def _session(path: str) -> Any:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return [kept_positions(session, feed) for feed in feeds]
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def kept_positions(session: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The session's outputs, each at the positions attention_mask keeps: a pad's row is read by no real row,
-    and its value differs between attention forms (HF's zeros, GroupQueryAttention's average over float-min
-    scores)."""
+def kept_positions(names: list[str], values: list[np.ndarray], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Output `values` (named `names`), each at the positions attention_mask keeps: a pad's row is read by no
+    real row, and its value differs between attention forms (HF's zeros, GroupQueryAttention's average over
+    float-min scores)."""
     mask = feeds.get("attention_mask")
     kept = []
-    for output, value in zip(session.get_outputs(), session.run(None, feeds)):
+    for name, value in zip(names, values):
         if mask is None or value.ndim < 2 or len(value) != len(mask):
             kept.append(value)
-        elif output.name.startswith("present") and value.ndim == 4 and value.shape[2] == mask.shape[1]:
+        elif name.startswith("present") and value.ndim == 4 and value.shape[2] == mask.shape[1]:
             kept += [row[:, keep != 0] for row, keep in zip(value, mask)]  # [B, heads, T, D]
-        elif not output.name.startswith("present"):  # [B, S, ...]: logits
+        elif not name.startswith("present"):  # [B, S, ...]: logits
             kept += [row[keep[-value.shape[1]:] != 0] for row, keep in zip(value, mask)]
         else:  # cross-attention K/V (Whisper's), positions not attention_mask's
             kept.append(value)

@@ -140,6 +140,7 @@ def test_folder_layout_and_passes(exported) -> None:
     for op, per_layer in fused_ops.items():  # compiler/onnx_fusions.py fired on every layer
         assert sum(n.op_type == op for n in decoder.graph.node) == per_layer * hf_tiny.LAYERS, op
     assert config["max_positions"] == model.config.max_position_embeddings
+    assert config["past_present_share_buffer"] is True  # onnx_generate's SharedCache
     graph = report.graphs[0]
     assert graph.status == "optimized" and not [p for p in graph.passes if p.error], f"\n{report}"
     assert graph.count(SDPA) == hf_tiny.LAYERS and graph.count(torch.ops.aten._softmax) == 0, f"\n{report}"
@@ -231,7 +232,8 @@ def test_portable_export_is_standard_and_the_fusion_matches_it(portable, exporte
     the portable one, for left-padded prompts and for steps after a past (pads' K/V rows aside: masked)."""
     model, folder = portable
     assert_standard_onnx(os.path.join(folder, "decoder.onnx"))
-    assert "max_positions" not in json.load(open(os.path.join(folder, "manifest.json")))["config"]
+    config = json.load(open(os.path.join(folder, "manifest.json")))["config"]
+    assert "max_positions" not in config and "past_present_share_buffer" not in config
     fused = os.path.join(exported[1], "decoder.onnx")
     for lengths, past in (([6, 3], 0), ([1, 1], 5), ([3], 4), ([4, 2], 3)):  # a batch of several new tokens after a past too
         for got, want in zip(decoder_outputs(fused, lengths, past),
@@ -296,6 +298,46 @@ def test_generation_past_the_rotary_tables_is_refused(exported) -> None:
     assert mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=5).shape == (1, 65)  # last position fed: 63
     with pytest.raises(ValueError, match="position 64 is past the 64 positions"):
         mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6)
+
+
+def test_shared_buffer_loop_equals_the_growing_loop(exported, portable) -> None:
+    """The fused decoder runs with one K/V buffer per key and value, written in place by GroupQueryAttention
+    (SharedCache): tokens equal the loop that grows the past (share_buffer=False), left-padded, greedy and
+    sampled; the portable decoder (presents from Concat) is never run so, as the export's check says."""
+    from mmaccel.compiler.onnx_fusions import share_buffer_check
+    from mmaccel.compiler.onnx_generate import GrowingCache, SharedCache
+
+    _, folder, report = exported
+    fusion = next(p for p in report.graphs[0].passes if p.name == "onnx_contrib_fusion")
+    assert "past and present share one buffer" in fusion.changes[0], fusion.changes
+    shared, growing = mmaccel.OnnxGenerator(folder), mmaccel.OnnxGenerator(folder, share_buffer=False)
+    assert isinstance(shared._cache(2, 9, None), SharedCache)
+    assert isinstance(growing._cache(2, 9, None), GrowingCache)
+    for lengths, options in (([7, 4], {}), ([5], {}), ([6, 6], dict(do_sample=True, top_k=20, seed=3))):
+        ids, mask = left_padded_batch(lengths, seed=len(lengths))
+        tokens = [mmaccel.onnx_generate(g, ids, mask, max_new_tokens=7, eos_token_id=[], **options)
+                  for g in (shared, growing)]
+        assert np.array_equal(*tokens), tokens
+    ids, mask = left_padded_batch([5], seed=1)  # the prompt's 5 positions written in place, the rest untouched
+    cache = shared._cache(1, 8, None)
+    cache.run(ids.numpy(), mask.numpy(), np.arange(5)[None])
+    assert all(np.abs(b[:, :, :5]).min() > 0 and not b[:, :, 5:].any() for b in cache.buffers.values())
+    assert mmaccel.OnnxGenerator(portable[1])._cache(1, 8, None).__class__ is GrowingCache
+    assert share_buffer_check(os.path.join(portable[1], "decoder.onnx"), [], []) == \
+        "past and present apart: a present is not a GroupQueryAttention's output"
+
+
+def test_a_full_buffer_is_refused_naming_max_length(exported) -> None:
+    """OnnxGenerator(max_length=...) holds that many positions; a call that needs more is refused before any
+    run (the growing loop's too), one that fits gives the same tokens."""
+    _, folder, _ = exported
+    ids, mask = left_padded_batch([7, 4], seed=2)
+    bounded = mmaccel.OnnxGenerator(folder, max_length=11)
+    want = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=5, eos_token_id=[])
+    assert np.array_equal(mmaccel.onnx_generate(bounded, ids, mask, max_new_tokens=5, eos_token_id=[]), want)
+    for generator in (bounded, mmaccel.OnnxGenerator(folder, share_buffer=False, max_length=11)):
+        with pytest.raises(ValueError, match=r"holds max_length=11 positions; this call needs 12"):
+            mmaccel.onnx_generate(generator, ids, mask, max_new_tokens=6)
 
 
 RUN_WITHOUT_TORCH = textwrap.dedent("""
