@@ -11,7 +11,6 @@ C. mmaccel.generate on a tiny HF Llama (fp32) across prompt/cache buckets: token
 
 Found on an H200 (bench/results/hf_tiny_triton_cuda_check_h200.json): grouped-query attention_fusion rolled back
 on CUDA's layouts, HF Mistral crashing in CUDA-graph capture (both fixed)."""
-import json
 import os
 import sys
 import time
@@ -21,11 +20,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmaccel  # noqa: E402
+from common import environment, write_json  # noqa: E402
 from tests import hf_tiny  # noqa: E402
 
-OUT = os.environ.get("OUT", "/tmp")
+OUT = os.path.join(os.environ.get("OUT", "/tmp"), "hf_cuda_check.json")
 dev = os.environ.get("DEV", "cuda")
-res = {"archs": [], "llama7b": [], "generate": []}
+res = {"environment": environment(dev), "archs": [], "llama7b": [], "generate": []}
 torch.manual_seed(0)
 
 
@@ -74,12 +74,13 @@ for arch in [NAMED[name] for name in ORDER] or hf_tiny.ARCHITECTURES:  # ARCHS: 
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500], tb=traceback.format_exc()[-1500:])
         res["archs"].append(row)
+        write_json(OUT, res)  # after every row: a run cut off by its time limit keeps what it measured
         print(row.get("arch"), row.get("dtype"), row.get("ok"), row.get("errs"), row.get("error", ""),
               row.get("warnings"), flush=True)
 
 PARTS = os.environ.get("PARTS", "A,B,C").split(",")
 if "B" not in PARTS and "C" not in PARTS:
-    json.dump(res, open(os.path.join(OUT, "hf_cuda_check.json"), "w"), indent=1)
+    write_json(OUT, res)
     sys.exit(0)
 # B: HF Llama at 7B dims (2 layers), bf16, torch.compile at three lengths
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -123,4 +124,4 @@ for plen, new in ((7, 8), (40, 20), (100, 33), (7, 8), (250, 60), (40, 20)):
     res["generate"].append(row)
     print("generate", row, flush=True)
 
-json.dump(res, open(os.path.join(OUT, "hf_cuda_check.json"), "w"), indent=1)
+write_json(OUT, res)
