@@ -1,5 +1,5 @@
 """Token merging's accuracy on a trained tower where tokens matter: the 64x64 digits ViT (models/digits_canvas.py: HF
-ViTForImageClassification, 65 tokens, 6 blocks, a digit on a mostly blank canvas), test accuracy against the share of
+ViTForImageClassification, 65 tokens, 6 blocks: a digit among three distractors), test accuracy against the share of
 token-blocks kept (the speed proxy: on an H200, CLIP ViT-L/14@336 with r16% kept 12% of them and ran 1.87x faster
 than lossless, r8% 25% and 1.15x; README "Token merging").
 
@@ -9,7 +9,7 @@ Rows (eager target: accuracy only, CPU latency on a shared machine would say lit
   beyond them, pinned the same way, to reach the token-block shares of ViT-L/14's schedules on a 6-block tower;
 - err@b: tokens="merge" at accuracy_budget b, the default metric (relative error of the logits);
 - agree@b: the same with `metric` = the share of calibration argmaxes that change (bench/prune_accuracy.py's);
-calibration: training digits on the canvas (places never used for testing), CALIBRATION batches of 90.
+calibration: training digits with their own distractors (never tested on), CALIBRATION batches of 90.
 Then "similarity" rows, eager PyTorch (merged_logits): at each pinned r, the similarity measured on the block input
 (the pass's choice; equal to the compiled rows), on the keys of the block before, and ToMe's own placement (merge
 between attention and MLP on that block's keys): whether building keys into the pass would buy accuracy.

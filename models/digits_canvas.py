@@ -1,15 +1,15 @@
-"""A vision task where tokens matter, for token merging's accuracy (issue 15): each scikit-learn digit enlarged 3x,
-4x or 5x (24 to 40 pixels) and placed anywhere on a blank 64x64 canvas, read by an HF ViTForImageClassification in
-8x8 patches: 64 patch tokens and a class token, of which the digit covers 9 to 36 (up to 25 without straddling
-patch borders) and the rest is background. The digits ViT (models/digits.py) has 17 tokens, too few for merging to
-mean anything.
+"""A vision task where tokens matter, for token merging's accuracy (issue 15): four scikit-learn digits enlarged 4x
+(32x32) in the quadrants of a 64x64 canvas, the label that of the top-left one; read by an HF
+ViTForImageClassification in 8x8 patches: 64 patch tokens and a class token, 16 of the digit to classify and 48 of
+three other digits (distractors, like a photo's clutter: not blank, so merging them is not free). The digits ViT
+(models/digits.py) has 17 tokens, too few for merging to mean anything.
 
     model = load_classifier()                  # trained by bench/train_digits_vit64.py, cached outside the repo
-    pixels, labels = load_canvas("test")       # 1080 images: the 360 test digits, 3 placements each
+    pixels, labels = load_canvas("test")       # 1080 images: the 360 test digits, 3 sets of distractors each
     digits.accuracy(logits_of(model), pixels, labels)
 
 An HF model built from its config (nothing downloaded), so the token-merging lever meets the tower it follows in
-real checkpoints (vit.encoder.layer.N). transformers is imported here, not by mmaccel.models.
+real checkpoints (vit.layers.N). transformers is imported here, not by mmaccel.models.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from transformers import ViTConfig, ViTForImageClassification
 from .digits import DIGIT_NAMES, load_digits
 
 CANVAS = 64
-SCALES = (3, 4, 5)  # digit side 24, 32, 40 pixels: 3x3 to 5x5 patches of digit, 28 to 55 of background
-TEST_PLACEMENTS = 3  # each test digit at 3 seeded places: 1080 images, a point is 10.8 of them
-# ~1.4 MB of fp32 weights; cached, not committed: bench/train_digits_vit64.py writes it in ~10 min on 2 cores
+SCALE = 4  # a digit's 8x8 pixels -> 32x32: 4x4 patches, each 2x2 of its pixels (the digits ViT's patches)
+TEST_SETS = 3  # each test digit with 3 seeded sets of distractors: 1080 images, a point is 10.8 of them
+# 3.3 MB of fp32 weights; cached, not committed: bench/train_digits_vit64.py writes it
 CHECKPOINT = Path.home() / ".cache" / "mmaccel" / "digits_vit64.pt"
 
 
@@ -37,30 +37,26 @@ def vit64_config() -> ViTConfig:
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
 
 
-def place_on_canvas(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """[B, 1, 8, 8] digits -> [B, 1, 64, 64]: each enlarged (bilinear) by a random scale of SCALES and put at a
-    random place, zeros around it."""
+def compose(pixels: torch.Tensor, distractors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[B, 1, 8, 8] digits -> [B, 1, 64, 64]: each enlarged (bilinear) in the top-left quadrant, three digits drawn
+    from `distractors` [M, 1, 8, 8] in the others."""
     B = pixels.shape[0]
-    canvas = torch.zeros(B, 1, CANVAS, CANVAS)
-    scales = torch.tensor(SCALES)[torch.randint(0, len(SCALES), (B,), generator=generator)]
-    for scale in SCALES:
-        rows = (scales == scale).nonzero().flatten()
-        side = 8 * scale
-        enlarged = F.interpolate(pixels[rows], size=(side, side), mode="bilinear", align_corners=False)
-        corners = torch.randint(0, CANVAS - side + 1, (len(rows), 2), generator=generator)
-        for image, (y, x), row in zip(enlarged, corners.tolist(), rows.tolist()):
-            canvas[row, :, y:y + side, x:x + side] = image
-    return canvas
+    others = distractors[torch.randint(0, len(distractors), (B, 3), generator=generator)]  # [B, 3, 1, 8, 8]
+    quadrants = torch.cat([pixels[:, None], others], dim=1).flatten(0, 1)
+    side = 8 * SCALE
+    enlarged = F.interpolate(quadrants, size=(side, side), mode="bilinear", align_corners=False)
+    # [B * 4, 1, 32, 32] -> [B, 1, 64, 64]: quadrants in reading order (top-left, top-right, bottom-left, ...)
+    return enlarged.view(B, 2, 2, side, side).permute(0, 1, 3, 2, 4).reshape(B, 1, CANVAS, CANVAS)
 
 
-def load_canvas(split: Literal["train", "test"], placements: int = TEST_PLACEMENTS,
+def load_canvas(split: Literal["train", "test"], sets: int = TEST_SETS,
                 seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The digits split of models/digits.py, each digit placed `placements` times (seeded): pixels [N, 1, 64, 64]
-    in [0, 1], labels [N]. Training draws new places each step instead (bench/train_digits_vit64.py)."""
+    """The digits split of models/digits.py, each digit composed `sets` times with distractors of the same split
+    (seeded): pixels [N, 1, 64, 64] in [0, 1], labels [N]. Training draws new distractors each step instead
+    (bench/train_digits_vit64.py)."""
     pixels, labels = load_digits(split)
     generator = torch.Generator().manual_seed(seed)
-    return (torch.cat([place_on_canvas(pixels, generator) for _ in range(placements)]),
-            labels.repeat(placements))
+    return torch.cat([compose(pixels, pixels, generator) for _ in range(sets)]), labels.repeat(sets)
 
 
 def build() -> ViTForImageClassification:

@@ -1,10 +1,11 @@
 """The 64x64 digits task of mmaccel.models.digits_canvas (token merging's accuracy, issue 15): each canvas holds its
-digit enlarged once, at one place, zeros around it; and, with the trained weights cached by
+digit enlarged in the top-left quadrant and three distractors in the others; and, with the trained weights cached by
 bench/train_digits_vit64.py (opt-in, -m coverage), the model's accuracy and token merging's cost on it."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmaccel
 
@@ -14,27 +15,28 @@ pytest.importorskip("transformers")
 from mmaccel.models import digits, digits_canvas  # noqa: E402
 
 
-def test_each_canvas_holds_one_square_of_its_digit_at_a_scale():
-    """A blank-free digit (all ones) enlarges to a square of ones: one per canvas, of a side in SCALES, in bounds."""
-    canvas = digits_canvas.place_on_canvas(torch.ones(32, 1, 8, 8), torch.Generator().manual_seed(0))
-    assert canvas.shape == (32, 1, 64, 64)
-    sides, corners = set(), set()
-    for image in canvas[:, 0]:
-        lit = image.nonzero()
-        (top, left), (bottom, right) = lit.min(0).values.tolist(), lit.max(0).values.tolist()
-        side = bottom - top + 1
-        assert side == right - left + 1 and side // 8 in digits_canvas.SCALES and side % 8 == 0
-        assert len(lit) == side * side and torch.allclose(image[top:bottom + 1, left:right + 1], torch.ones(side, side))
-        sides.add(side)
-        corners.add((top, left))
-    assert len(sides) == len(digits_canvas.SCALES) and len(corners) > 16  # random scales and places
+def test_top_left_quadrant_is_the_digit_and_the_others_come_from_the_pool():
+    pixels, _ = digits.load_digits("test")
+    pool = pixels[100:103]
+    canvas = digits_canvas.compose(pixels[:8], pool, torch.Generator().manual_seed(0))
+    assert canvas.shape == (8, 1, 64, 64)
+
+    def enlarge(d: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(d, size=(32, 32), mode="bilinear", align_corners=False)
+
+    torch.testing.assert_close(canvas[:, :, :32, :32], enlarge(pixels[:8]))
+    candidates = enlarge(pool)
+    for image in canvas:
+        for quadrant in (image[:, :32, 32:], image[:, 32:, :32], image[:, 32:, 32:]):
+            assert any(torch.equal(quadrant, c) for c in candidates)
 
 
 def test_test_split_is_seeded():
-    a_pixels, a_labels = digits_canvas.load_canvas("test", placements=2)
-    b_pixels, b_labels = digits_canvas.load_canvas("test", placements=2)
+    a_pixels, a_labels = digits_canvas.load_canvas("test", sets=2)
+    b_pixels, b_labels = digits_canvas.load_canvas("test", sets=2)
     assert a_pixels.shape == (720, 1, 64, 64) and torch.equal(a_pixels, b_pixels) and torch.equal(a_labels, b_labels)
     assert torch.equal(a_labels[:360], a_labels[360:]) and not torch.equal(a_pixels[:360], a_pixels[360:])
+    torch.testing.assert_close(a_pixels[:360, :, :32, :32], a_pixels[360:, :, :32, :32])  # distractors differ
 
 
 def test_missing_checkpoint_names_the_training_script(tmp_path):
