@@ -7,8 +7,9 @@ Rows (eager target: accuracy only, CPU latency on a shared machine would say lit
 - mmaccel: lossless;
 - r16%, r8%, r4%: every block merges that share of the tower's tokens (the lever's options); r24%, r32%, r40%:
   beyond them, pinned the same way, to reach the token-block shares of ViT-L/14's schedules on a 6-block tower;
-- err@b: tokens="merge" at accuracy_budget b, the default metric (relative error of the logits);
-- agree@b: the same with `metric` = the share of calibration argmaxes that change (bench/prune_accuracy.py's);
+- agree@b: tokens="merge" at accuracy_budget b, `metric` = the share of calibration argmaxes that change
+  (bench/prune_accuracy.py's): the classification decision;
+- err@b: the same with the default metric (relative error of the logits);
 calibration: training digits with their own distractors (never tested on), CALIBRATION batches of 90.
 Then "similarity" rows, eager PyTorch (merged_logits): at each pinned r, the similarity measured on the block input
 (the pass's choice; equal to the compiled rows), on the keys of the block before, and ToMe's own placement (merge
@@ -47,9 +48,9 @@ def pinned_settings() -> list[tuple[str, dict[str, Any]]]:
 
 def solver_settings() -> list[tuple[str, dict[str, Any]]]:
     calibration = [(p,) for p in digits_canvas.load_canvas("train", 1, seed=2)[0][:CALIBRATION * BATCH].split(BATCH)]
-    return [*((f"err@{b:g}", {"budget": b, "calibration": calibration}) for b in ERROR_BUDGETS),
-            *((f"agree@{b:g}", {"budget": b, "calibration": calibration, "metric": argmax_disagreement})
-              for b in AGREE_BUDGETS)]
+    return [*((f"agree@{b:g}", {"budget": b, "calibration": calibration, "metric": argmax_disagreement})
+              for b in AGREE_BUDGETS),
+            *((f"err@{b:g}", {"budget": b, "calibration": calibration}) for b in ERROR_BUDGETS)]
 
 
 def merged_per_block(result: Any, tokens: int, r: str | None, blocks: int) -> list[int]:
