@@ -38,7 +38,7 @@ BATCH = 90  # test (1080 images: 12 calls) and calibration batches share it: one
 CALIBRATION = 4  # 360 training images: agree@0.01 lets 3 of their argmaxes change
 PINNED = ("r4%", "r8%", "r16%", "r24%", "r32%", "r40%")
 ERROR_BUDGETS = (0.1, 0.3)
-SIMILARITIES = ("input", "keys", "tome")
+SIMILARITIES = ("input", "keys", "late", "tome")
 AGREE_BUDGETS = (0.01, 0.03)  # agree@0.01: the issue's 1-point cost, on calibration images
 
 
@@ -109,15 +109,16 @@ def _merge(x: torch.Tensor, size: torch.Tensor | None, r: int,
 def merged_logits(model: torch.nn.Module, pixels: torch.Tensor, r: int, similarity: str) -> torch.Tensor:
     """The HF ViT run block by block in eager PyTorch with r tokens merged per block (size-weighted attention through
     the mask, as the pass does), similarity measured on: "input" each block's input (what the pass does: these rows
-    check it), "keys" the keys of the block before averaged over heads (its input for the first block), "tome" inside
-    each block between attention and MLP on that block's keys (ToMe's own placement: attention runs unmerged)."""
+    check it), "keys" the keys of the block before averaged over heads (its input for the first block), "late" as
+    "input" but nothing merged before the first block, "tome" inside each block between attention and MLP on that
+    block's keys (ToMe's own placement: attention runs unmerged)."""
     vit, heads = model.vit, model.config.num_attention_heads
     keys: list[torch.Tensor] = []
     hooks = [layer.attention.k_proj.register_forward_hook(lambda m, i, out: keys.append(out)) for layer in vit.layers]
     x, size = vit.embeddings(pixels), None
     try:
         for layer in vit.layers:
-            if similarity != "tome":
+            if similarity != "tome" and (keys or similarity != "late"):
                 metric = keys[-1].unflatten(-1, (heads, -1)).mean(2) if similarity == "keys" and keys else None
                 x, size = _merge(x, size, r, metric)
             bias = None if size is None else size.log()[:, None, None, :]
@@ -133,20 +134,28 @@ def merged_logits(model: torch.nn.Module, pixels: torch.Tensor, r: int, similari
     return model.classifier(vit.layernorm(x)[:, 0])
 
 
+def _similarity_token_blocks(tokens: int, r: int, blocks: int, similarity: str) -> float:
+    """Token-blocks kept: "late" merges before blocks 2.., "tome" runs each attention on the tokens before its
+    block's merge and each MLP after it (half a block each)."""
+    every, late = token_blocks(tokens, [r] * blocks)[1], token_blocks(tokens, [0] + [r] * (blocks - 1))[1]
+    return {"late": late, "tome": (late + every) / 2}.get(similarity, every)
+
+
 def similarity_rows(model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor],
                     lossless: float) -> list[dict[str, Any]]:
     """Test accuracy of each similarity at each pinned r (eager PyTorch, merged_logits)."""
     pixels, labels = test
     tokens, rows = (model.config.image_size // model.config.patch_size) ** 2 + 1, []
+    blocks = model.config.num_hidden_layers
     for r in PINNED:
         for similarity in SIMILARITIES:
             merged = round(tokens * fraction_of(r))
             predicted = torch.cat([merged_logits(model, p, merged, similarity).argmax(-1) for p in pixels.split(BATCH)])
             accuracy = float((predicted == labels).float().mean())
-            rows.append({"r": r, "similarity": similarity, "accuracy": accuracy,
-                         "points_lost": 100 * (lossless - accuracy)})
-            print(f"  {r:>5} similarity {similarity:>5}: accuracy {accuracy:.4f} ({-rows[-1]['points_lost']:+.2f})",
-                  flush=True)
+            rows.append({"r": r, "similarity": similarity, "token_blocks": _similarity_token_blocks(tokens, merged,
+                         blocks, similarity), "accuracy": accuracy, "points_lost": 100 * (lossless - accuracy)})
+            print(f"  {r:>5} similarity {similarity:>5}: token-blocks {rows[-1]['token_blocks']:4.0%}  accuracy "
+                  f"{accuracy:.4f} ({-rows[-1]['points_lost']:+.2f})", flush=True)
     return rows
 
 
