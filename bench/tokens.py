@@ -53,8 +53,8 @@ def clip_vision(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
 def compiled(model: Callable, r: str | None = None, budget: float | None = None,
              **options: Any) -> tuple[Callable, Callable[..., Any]]:
     """(the compiled model, its first call: compiles and returns the lossy pass's result or None). `r`: every block
-    merges that r: the lever's options narrowed to it and the budget check switched off (the mechanism's metric
-    reads 0), so the row times that r everywhere; its error is what this script measures on a held-out batch.
+    merges that r (an option's name, or "r24%": a fraction beyond the lever's options): the lever's options narrowed
+    to it and the budget check switched off (the mechanism's metric reads 0), so the row times that r everywhere; its error is what this script measures on a held-out batch.
     `budget`: tokens="merge" at that accuracy_budget, the solver's choice."""
     if r is None and budget is None:
         fn = mmaccel.compile(model, **options)
@@ -64,21 +64,26 @@ def compiled(model: Callable, r: str | None = None, budget: float | None = None,
     def first_call(*args: Any) -> Any:
         with contextlib.ExitStack() as pins:
             if r is not None:
-                pins.enter_context(mock.patch.dict(token_pass.FRACTIONS, {r: token_pass.FRACTIONS[r]}, clear=True))
+                pins.enter_context(mock.patch.dict(token_pass.FRACTIONS, {r: fraction_of(r)}, clear=True))
                 pins.enter_context(mock.patch.object(lossy, "pooled_relative_error", lambda out, ref: 0.0))
             fn(*args)
         return next((p for g in fn.mmaccel_report.graphs for p in g.passes if p.lossy), None)
     return fn, first_call
 
 
-def token_blocks(tokens: int, layers: int, fraction: float | None) -> tuple[int, float]:
-    """(tokens entering the last block, token-blocks as a fraction of the unmerged tower's) when every block
-    merges round(fraction * tokens), clamped as the pass clamps it."""
+def fraction_of(r: str) -> float:
+    """A pinned row's r as a fraction of the tower's tokens: "r16%" -> 0.16."""
+    return token_pass.FRACTIONS.get(r) or float(r.removeprefix("r").removesuffix("%")) / 100
+
+
+def token_blocks(tokens: int, merged: list[int]) -> tuple[int, float]:
+    """(tokens entering the last block, token-blocks as a fraction of the unmerged tower's) when block i merges
+    merged[i] tokens before it, clamped as the pass clamps it."""
     counts, n = [], tokens
-    for _ in range(layers):
-        n -= min(round(tokens * fraction), (n - 1) // 2) if fraction else 0
+    for r in merged:
+        n -= min(r, (n - 1) // 2)
         counts.append(n)
-    return counts[-1], sum(counts) / (tokens * layers)
+    return counts[-1], sum(counts) / (tokens * len(merged))
 
 
 def clip_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -106,8 +111,9 @@ def clip_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             out = fn(held_out)
             ms = median_ms(lambda: fn(held_out), args.repeats, 2, args.device)
         config = CONFIGS[args.model]
-        last, share = token_blocks((config["image_size"] // config["patch_size"]) ** 2 + 1,
-                                   config["num_hidden_layers"], token_pass.FRACTIONS.get(name.removeprefix("merge ")))
+        tokens = (config["image_size"] // config["patch_size"]) ** 2 + 1
+        fraction = token_pass.FRACTIONS.get(name.removeprefix("merge "), 0.0)
+        last, share = token_blocks(tokens, [round(tokens * fraction)] * config["num_hidden_layers"])
         rows.append({"setting": name, "ms": ms, "compile_s": compile_s, "tokens_last_block": last,
                      "token_blocks": share,
                      "error_tokens": rel_err(out.last_hidden_state, reference.last_hidden_state),

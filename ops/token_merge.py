@@ -27,11 +27,14 @@ def _start(x: torch.Tensor, size: Optional[torch.Tensor], index: Optional[torch.
     return size, index
 
 
-def token_merge_reference(x: torch.Tensor, size: Optional[torch.Tensor], index: Optional[torch.Tensor],
-                          r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_merge_reference(x: torch.Tensor, size: Optional[torch.Tensor], index: Optional[torch.Tensor], r: int,
+                          metric: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`metric` [B, N, M]: what the similarity is the cosine of; None (the op): the tokens x themselves. ToMe's
+    choice, the attention keys averaged over heads, is measured through it by bench/token_merge_accuracy.py."""
     size, index = _start(x, size, index)
     batch, tokens, width = x.shape
-    metric = x / x.norm(dim=-1, keepdim=True)
+    metric = x if metric is None else metric
+    metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
     scores[:, 0] = -math.inf  # the first token is never merged
     best, match = scores.max(dim=-1)  # [B, Na]: each A token's most similar B token

@@ -20,12 +20,14 @@ from conftest import assert_matches_eager, relative_error
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def tome_loop(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, r: int):
-    """ToMe, one image at a time: even tokens (but the first) each point at their most similar odd token (cosine);
-    the r best-matched are averaged into it, weighted by size; kept even tokens first, in order, then the odd."""
+def tome_loop(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, r: int, metric: torch.Tensor | None = None):
+    """ToMe, one image at a time: even tokens (but the first) each point at their most similar odd token (cosine of
+    `metric`, by default the tokens); the r best-matched are averaged into it, weighted by size; kept even tokens
+    first, in order, then the odd."""
     outs = []
     for b in range(x.shape[0]):
-        unit = x[b] / x[b].norm(dim=-1, keepdim=True)
+        unit = (x if metric is None else metric)[b]
+        unit = unit / unit.norm(dim=-1, keepdim=True)
         odd = list(range(1, x.shape[1], 2))
         match = {a: max(odd, key=lambda j: float(unit[a] @ unit[j])) for a in range(2, x.shape[1], 2)}
         merged = sorted(match, key=lambda a: -float(unit[a] @ unit[match[a]]))[:r]
@@ -52,6 +54,18 @@ def test_merge_op_is_tome(tokens: int) -> None:
     restored = token_unmerge_reference(merged[0], merged[2])
     assert restored.shape == x.shape
     torch.testing.assert_close(restored[:, 0], x[:, 0])  # the first token is never merged
+
+
+def test_merge_matches_on_the_metric_given() -> None:
+    """ToMe's similarity on other features than the tokens (its attention keys, averaged over heads): matched on
+    the metric, averaged on the tokens; bench/token_merge_accuracy.py measures it on a trained tower."""
+    x = torch.randn(2, 17, 8, generator=torch.Generator().manual_seed(0))
+    keys = torch.randn(2, 17, 4, generator=torch.Generator().manual_seed(1))
+    state = (torch.ones(2, 17), torch.arange(17).expand(2, 17))
+    merged = token_merge_reference(x, None, None, 5, keys)
+    for actual, want in zip(merged, tome_loop(x, *state, 5, keys)):
+        torch.testing.assert_close(actual, want.to(actual.dtype))
+    assert not torch.equal(merged[2], token_merge_reference(x, None, None, 5)[2])  # other matches than on x
 
 
 def _hand_tome_clip(model, pixels: torch.Tensor, r: int):
