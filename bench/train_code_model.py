@@ -112,30 +112,34 @@ def losses(model: LlamaForCausalLM, windows: torch.Tensor, early_exit: int | Non
     return main, torch.nn.functional.cross_entropy(early_logits.flatten(0, 1).float(), labels.flatten())
 
 
+def held_out_windows(data: torch.Tensor, window: int, max_windows: int = 64) -> torch.Tensor:
+    """Up to `max_windows` consecutive windows [count, window + 1] of the held-out bytes."""
+    count = min(max_windows, (len(data) - 1) // (window + 1))
+    return data[:count * (window + 1)].view(count, window + 1)
+
+
 @torch.no_grad()
 def held_out_loss(model: LlamaForCausalLM, data: torch.Tensor, window: int, batch: int, early_exit: int | None,
-                  device: str, max_windows: int = 64) -> list[float]:
-    """Mean next-byte loss (nats) over up to `max_windows` consecutive windows of the held-out bytes."""
+                  device: str) -> list[float]:
+    """Mean next-byte loss (nats) over held_out_windows."""
     model.eval()
-    count = min(max_windows, (len(data) - 1) // (window + 1))
-    windows = data[:count * (window + 1)].view(count, window + 1)
+    windows = held_out_windows(data, window)
     totals = None
     for chunk in windows.split(batch):
         with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
             values = [v.item() * len(chunk) for v in losses(model, chunk.to(device), early_exit)]
         totals = values if totals is None else [a + b for a, b in zip(totals, values)]
     model.train()
-    return [t / count for t in totals]
+    return [t / len(windows) for t in totals]
 
 
 @torch.no_grad()
 def held_out_agreement(model: LlamaForCausalLM, teacher: LlamaForCausalLM, data: torch.Tensor, window: int,
-                       batch: int, device: str, max_windows: int = 64) -> float:
-    """How often the model's next-byte argmax is the teacher's over held-out windows: a greedy draft's
+                       batch: int, device: str) -> float:
+    """How often the model's next-byte argmax is the teacher's over held_out_windows: a greedy draft's
     per-token acceptance rate, teacher-forced."""
     model.eval()
-    count = min(max_windows, (len(data) - 1) // (window + 1))
-    windows = data[:count * (window + 1)].view(count, window + 1)[:, :-1]
+    windows = held_out_windows(data, window)[:, :-1]
     same = 0
     for chunk in windows.split(batch):
         with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
@@ -149,7 +153,9 @@ def train(size: str, data: torch.Tensor, held_out: torch.Tensor, args: argparse.
           early_exit: int | None, budget_s: float,
           teacher: LlamaForCausalLM | None = None) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """AdamW (bf16 autocast on CUDA), linear warm-up then cosine decay over `budget_s` of wall time. With
-    `teacher`, the loss is (1 - w) * cross-entropy + w * KL from the teacher, w = --distill."""
+    `teacher` (the draft's target), the held-out agreement with it is measured, and with --distill w > 0 the
+    loss is (1 - w) * cross-entropy + w * KL from it."""
+    distilled = teacher if args.distill > 0 else None
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config(size, args.window)).to(device).train()
     fused = device == "cuda"
@@ -166,8 +172,8 @@ def train(size: str, data: torch.Tensor, held_out: torch.Tensor, args: argparse.
         for group in optimizer.param_groups:
             group["lr"] = args.lr * max(scale, 0.05)
         with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            parts = losses(model, windows.to(device, non_blocking=True), early_exit, teacher)
-        if teacher is not None:
+            parts = losses(model, windows.to(device, non_blocking=True), early_exit, distilled)
+        if distilled is not None:
             loss = (1 - args.distill) * parts[0] + args.distill * parts[1]
         else:
             loss = parts[0] + (args.early_exit_weight * parts[1] if early_exit is not None else 0)
@@ -190,10 +196,10 @@ def train(size: str, data: torch.Tensor, held_out: torch.Tensor, args: argparse.
                "steps": step, "tokens_seen": seen, "train_s": round(train_s, 1), "tokens_per_s": round(seen / train_s),
                "held_out_loss_nats": [round(v, 4) for v in held], "early_exit_layer": early_exit,
                "final_loss": curve[-1]["loss"] if curve else None, "curve": curve,
-               "distill": args.distill if teacher is not None else 0.0, "held_out_agreement": agreement}
+               "distill": args.distill if distilled is not None else 0.0, "held_out_agreement": agreement}
     print(f"{size:12} {summary['parameters'] / 1e6:.1f}M parameters, {seen:,} tokens in {train_s:.0f} s, held-out "
           f"loss {summary['held_out_loss_nats']} nats/byte"
-          + (f", argmax agrees with the target's on {agreement:.3f} of held-out bytes" if agreement else ""), flush=True)
+          + (f", argmax agrees with the target's on {agreement:.3f} of held-out bytes" if teacher else ""), flush=True)
     return model.eval(), summary
 
 
@@ -253,17 +259,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if name == "draft" and teacher is None and (args.out / "target").exists():
             teacher = LlamaForCausalLM.from_pretrained(args.out / "target").to(device).eval()
         model, summary = train(size, data, held_out, args, device, early_exit, budget_s,
-                               teacher if name == "draft" and args.distill > 0 else None)
+                               teacher if name == "draft" else None)
         summary.update(train_files=len(train_files), held_out_files=len(held_files), train_bytes=len(data),
                        device=device, batch=args.batch, window=args.window, lr=args.lr, seed=args.seed)
         folder = args.out / name
         model.save_pretrained(folder)
         (folder / "training.json").write_text(json.dumps(summary, indent=1))
         summaries[name] = summary
-        if name == "draft" and teacher is not None and summary["held_out_agreement"] is None:
-            summary["held_out_agreement"] = held_out_agreement(model, teacher, held_out, args.window, args.batch,
-                                                               device)
-            (folder / "training.json").write_text(json.dumps(summary, indent=1))
         teacher = model.requires_grad_(False) if name == "target" else teacher
         del model
     return summaries
