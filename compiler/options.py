@@ -125,7 +125,7 @@ class CompileOptions:
         return cls(target=target, passes=passes, debug_dir=None if debug_dir is None else os.fspath(debug_dir),
                    cuda_graphs=cuda_graphs, quantize=quantize, prune=prune,
                    prune_fractions=prune_fractions, tokens=tokens, token_sides=token_sides,
-                   token_keep=token_keep,                    accuracy_budget=float(budget),
+                   token_keep=token_keep, accuracy_budget=float(budget),
                    calibration=calibration, metric=metric, lossy_fallback=lossy_fallback, weights=weights)
 
     def pass_enabled(self, name: str, default: bool = True) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .patterns import add_constant, constant_value, drop_dead_nodes, is_constant
+from .patterns import add_constant, constant_value, drop_dead_nodes, is_constant, val
 from .contract import PassContext, PassResult
 
 
@@ -42,8 +42,8 @@ def drop_empty_cat_inputs(graph: fx.Graph) -> int:
 
 
 def _empty_1d(node: Any) -> bool:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(val, torch.Tensor) and tuple(val.shape) == (0,)
+    value = val(node)
+    return isinstance(value, torch.Tensor) and tuple(value.shape) == (0,)
 
 
 def drop_unused_constants(gm: fx.GraphModule) -> int:
@@ -138,8 +138,8 @@ def _to_device(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
     copy of it), since a host-to-device copy cannot be recorded in a CUDA graph. HF Mistral's cache returns
     its sliding window as `torch.tensor(window).to(device)`: 'Cannot copy between CPU and CUDA tensors during
     CUDA graph capture' on an H200."""
-    val = node.meta.get("val")
-    return (isinstance(val, torch.Tensor) and val.device.type != "cpu"
+    value = val(node)
+    return (isinstance(value, torch.Tensor) and value.device.type != "cpu"
             and any(isinstance(values.get(n), torch.Tensor) and values[n].device.type == "cpu"
                     for n in node.all_input_nodes))
 

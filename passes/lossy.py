@@ -204,7 +204,7 @@ def apply_levers(gm: fx.GraphModule, ctx: PassContext, levers: Sequence[Lever], 
     if not error <= budget:  # NaN counts as over budget
         if not measured_sites:
             measure_sensitivities(sites, measure)
-        measured_sites = True
+            measured_sites = True
         target = budget
         for rounds in range(1, MAX_ROUNDS + 1):
             chosen = solve(sites, share, target)
