@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytest.importorskip("triton")
 
-from mmaccel.backends.triton.decode_attention import decode_attention, supports  # noqa: E402
+from mmaccel.backends.triton.decode_attention import decode_attention, plan, supports  # noqa: E402
 
 from conftest import assert_matches_eager  # noqa: E402
 
@@ -70,6 +70,18 @@ def test_masks_and_gqa(dtype, mask_kind, Hkv):
     B, Lq, Lk = 2, 3, 100
     mask = padding_mask(B, Lq, Lk) if mask_kind == "bool" else causal_float_mask(Lq, Lk, dtype)
     check(*qkv(B=B, Hkv=Hkv, Lq=Lq, Lk=Lk, D=64, dtype=dtype), mask, enable_gqa=Hkv != 4)
+
+
+@pytest.mark.parametrize("Lq,heads", [(1, 8), (16, 4)])
+def test_grouped_heads_share_a_program_with_per_head_masks(Lq, heads):
+    """Grouped-query attention: one program takes as many query heads of a K/V head as fit its 64 rows (all 8
+    at Lq 1; 4 of 8 at Lq 16, so two programs share a K/V head), each row with its own head's mask."""
+    torch.manual_seed(0)
+    q, k, v = qkv(B=2, H=16, Hkv=2, Lq=Lq, Lk=50, D=16, dtype=torch.float16)
+    assert plan(q, k).heads == heads
+    mask = torch.rand(2, 16, Lq, 50, device=DEVICE) > 0.3
+    mask[..., 0] = True
+    check(q, k, v, mask, enable_gqa=True)
 
 
 @pytest.mark.parametrize("layout", ["cache", "bshd"])

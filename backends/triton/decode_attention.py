@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -35,16 +35,21 @@ MAX_HEAD_DIM = 256
 @triton.jit
 def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
-                     H, group, Lq, Lk, D, split_len, scale,
+                     H, group, heads, Lq, Lk, D, split_len, scale,
                      HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh, split = tl.program_id(0), tl.program_id(1)
+    """One program: `heads` query heads that share one K/V head (grouped-query attention reads each K/V block
+    once for its whole group instead of once per query head), all their Lq query rows as the rows of one tile
+    (row r: head r // Lq, query r % Lq), and one split of the keys."""
+    pid, split = tl.program_id(0), tl.program_id(1)
     # int64 batch/head offsets: a KV cache can hold more than 2**31 elements
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    kvh = h // group
-    offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
-    row_ok, d_ok = offs_m < Lq, offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    b = (pid // (H // heads)).to(tl.int64)
+    head0 = ((pid % (H // heads)) * heads).to(tl.int64)
+    kvh = head0 // group
+    offs_r, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    row_ok, d_ok = offs_r < heads * Lq, offs_d < D
+    h, m = head0 + offs_r // Lq, offs_r % Lq
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -57,7 +62,7 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
         n_ok = offs_n < end
         bias = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_MASK:
-            mv = tl.load(Mask + b * smb + h * smh + offs_m[:, None] * smm + offs_n[None, :] * smn,
+            mv = tl.load(Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn,
                          mask=row_ok[:, None] & n_ok[None, :], other=0)
             if MASK_IS_BOOL:
                 bias = tl.where(mv, bias, float("-inf"))
@@ -68,9 +73,13 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
         # generation most of the cache is never read (finite masks, finfo.min, are read: exact arithmetic)
         live = tl.max(tl.where(row_ok[:, None] & n_ok[None, :] & (bias > float("-inf")), 1, 0))
         if live > 0:
-            # K is read transposed ([D, N]) so the dot needs no shuffle; D is the contiguous dim either way
+            # K is read transposed ([D, N]) so the dot needs no shuffle; D is the contiguous dim either way.
+            # V is loaded before the scores are computed, so both loads are in flight at once: a decode
+            # program does one or two blocks, and serial K-then-V latency was most of its time
             kt = tl.load(K + b * skb + kvh * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale + bias
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -79,12 +88,10 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + kvh * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-    part = (bh * tl.num_programs(1) + split) * Lq + offs_m  # scratch row of (bh, split, query row)
+    part = ((b * H + h) * tl.num_programs(1) + split) * Lq + m  # scratch row of (batch, head, split, query row)
     tl.store(M_part + part, m_i, mask=row_ok)
     tl.store(L_part + part, l_i, mask=row_ok)
     tl.store(Acc_part + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
@@ -134,45 +141,67 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optio
         return False
 
 
-def _split_plan(q: torch.Tensor, Lk: int, block_n: int) -> tuple[int, int]:
-    """(keys per split, number of splits): about 3 programs per SM on CUDA, so every SM has loads in flight,
-    at most 64 splits so the merge's [splits, D] tile stays in registers; 4 splits on the interpreter, enough
-    to exercise the merge. Each split is a whole number of blocks."""
-    B, H = q.shape[:2]
+class Plan(NamedTuple):
+    """How one call is cut into programs: `heads` query heads of one K/V head per program (their Lq rows
+    together), keys in splits of `split_len` (a whole number of `block_n` blocks)."""
+    heads: int
+    block_n: int
+    split_len: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+MAX_TILE_ROWS = 64  # query rows of one program (heads x Lq): the q, score and output tiles stay in registers
+# CUDA defaults (H200 sweep: bench/decode_attention_sweep.py, bench/results/decode_attention_sweep_h200.json)
+PROGRAMS_PER_SM, BLOCK_N, NUM_WARPS, NUM_STAGES = 3, 64, 4, 3
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, programs_per_sm: Optional[int] = None, block_n: Optional[int] = None,
+         num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> Plan:
+    """The launch plan; the keyword arguments override the CUDA defaults (the sweep's knobs). Heads: the most of
+    a K/V group that fit MAX_TILE_ROWS rows. Splits: about `programs_per_sm` programs per SM on CUDA, so every SM
+    has loads in flight, at most 64 splits so the merge's [splits, D] tile stays in registers; 4 splits on the
+    interpreter (small blocks too), so small test shapes still span several blocks and splits and the merge."""
+    B, H, Lq, D = q.shape
+    Lk, group = k.shape[2], H // k.shape[1]
+    heads = max(d for d in range(1, group + 1) if group % d == 0 and d * Lq <= max(MAX_TILE_ROWS, Lq))
+    programs = B * H // heads
     if q.is_cuda:
-        target = min(64, triton.cdiv(3 * sm_count(q.device), B * H))
+        block_n = block_n or (BLOCK_N if D <= 128 else BLOCK_N // 2)
+        target = min(64, triton.cdiv((programs_per_sm or PROGRAMS_PER_SM) * sm_count(q.device), programs))
+        num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
     else:
-        target = 4
+        block_n, target, num_warps, num_stages = block_n or 16, 4, num_warps or 4, num_stages or 1
     split_len = triton.cdiv(triton.cdiv(Lk, target), block_n) * block_n
-    return split_len, triton.cdiv(Lk, split_len)
+    return Plan(heads, block_n, split_len, triton.cdiv(Lk, split_len), num_warps, num_stages)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+                     scale: Optional[float] = None, enable_gqa: bool = False, launch: Optional[Plan] = None) -> torch.Tensor:
     """scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa) for the shapes
     `supports` accepts, as a new contiguous [B, H, Lq, D] tensor. k, v and the mask are read through their
-    strides (a broadcast mask is never expanded in memory)."""
+    strides (a broadcast mask is never expanded in memory). `launch`: a plan other than `plan`'s (the sweep)."""
     assert supports(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa), "decode_attention: unsupported inputs"
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    # Small blocks on the interpreter, so small test shapes still span several blocks and splits
-    block_n = (64 if D <= 128 else 32) if q.is_cuda else 16
-    split_len, num_splits = _split_plan(q, Lk, block_n)
-    m_part = torch.empty(B * H * num_splits * Lq, device=q.device, dtype=torch.float32)
+    cut = launch or plan(q, k)
+    m_part = torch.empty(B * H * cut.num_splits * Lq, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * H * num_splits * Lq * D, device=q.device, dtype=torch.float32)
+    acc_part = torch.empty(B * H * cut.num_splits * Lq * D, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     mask = q if attn_mask is None else attn_mask  # any pointer does when there is no mask
     mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.broadcast_to(B, H, Lq, Lk).stride()
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
-        _split_kv_kernel[(B * H, num_splits)](
+        _split_kv_kernel[(B * H // cut.heads, cut.num_splits)](
             q, k, v, mask, m_part, l_part, acc_part, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            H, H // k.shape[1], Lq, Lk, D, split_len, 1.0 / math.sqrt(D) if scale is None else scale,
+            H, H // k.shape[1], cut.heads, Lq, Lk, D, cut.split_len, 1.0 / math.sqrt(D) if scale is None else scale,
             HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask.dtype == torch.bool,
             # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_M=max(16, triton.next_power_of_2(Lq)), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-        _combine_kernel[(B * H, Lq)](m_part, l_part, acc_part, out, num_splits, Lq, D,
-                                     BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d)
+            BLOCK_M=max(16, triton.next_power_of_2(cut.heads * Lq)), BLOCK_N=cut.block_n, BLOCK_D=block_d,
+            num_warps=cut.num_warps, num_stages=cut.num_stages)
+        _combine_kernel[(B * H, Lq)](m_part, l_part, acc_part, out, cut.num_splits, Lq, D,
+                                     BLOCK_S=triton.next_power_of_2(cut.num_splits), BLOCK_D=block_d)
     return out
