@@ -101,12 +101,12 @@ def gemv_part(args, device, dtype) -> list[dict]:
         if not args.dry:
             us = _time_us(lambda: x @ weight.T, reps=args.reps)
             rows.append({**base, "kernel": "cublas (plain)", "us": us, "gb_s": gb_per_s(moved, us)})
-        default = gemv._config(1, N, K, x.device, dtype)
-        for (rows_pp, row_bytes, warps), with_fusion in itertools.product(
-                itertools.product(args.rows_per_program, args.row_bytes, args.warps), (False, True)):
+        default = gemv._config(1, N, K, x.device, dtype, norm=fused.norm_weight is not None)
+        for (rows_pp, row_bytes, warps), with_fusion, x1d in itertools.product(
+                itertools.product(args.rows_per_program, args.row_bytes, args.gemv_warps), (False, True), (False, True)):
             block_k = row_bytes // dtype.itemsize
             # one split: these shapes give every SM programs without one, and the fused epilogue runs in place
-            cfg = gemv.GemvConfig(rows_pp, block_k, -(-K // block_k) * block_k, 1, warps, 1)
+            cfg = gemv.GemvConfig(rows_pp, block_k, -(-K // block_k) * block_k, 1, warps, 1, x1d)
             fusion = fused if with_fusion else gemv.Fusion()
             n_out = N if with_fusion else weight.shape[0]
 
@@ -117,10 +117,12 @@ def gemv_part(args, device, dtype) -> list[dict]:
             expected = gemv.fused_reference(x, weight, None, fusion)
             err = rel_err(fn().float(), expected)
             us = _time_us(fn, reps=args.reps) if not args.dry else float("nan")
-            rows.append({**base, "kernel": "triton row" + (" fused" if with_fusion else ""), "fused": with_fusion,
+            kernel = "triton row" + (" fused" if with_fusion else "") + (" x1d" if x1d else "")
+            rows.append({**base, "kernel": kernel, "fused": with_fusion, "x1d": x1d,
                          "rows_per_program": rows_pp, "row_bytes": row_bytes, "warps": warps, "us": us,
                          "gb_s": gb_per_s(moved, us), "rel_err": err,
-                         "default": (rows_pp, block_k, warps) == (default.block_n, default.block_k, default.num_warps)})
+                         "default": (rows_pp, block_k, warps, x1d) == (default.block_n, default.block_k,
+                                                                       default.num_warps, default.x1d)})
         _print_best(rows, name)
     return rows
 
@@ -130,9 +132,10 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["attention", "gemv"], choices=["attention", "gemv"])
     p.add_argument("--pps", type=int, nargs="+", default=[3, 6, 12, 24, 48], help="attention: programs per SM")
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128], help="attention: keys per block")
-    p.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8], help="attention: warps per program")
+    p.add_argument("--gemv-warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="attention: pipeline stages")
-    p.add_argument("--rows-per-program", type=int, nargs="+", default=[1, 2, 4], help="gemv: weight rows per program")
+    p.add_argument("--rows-per-program", type=int, nargs="+", default=[1, 2, 4, 8], help="gemv: weight rows per program")
     p.add_argument("--row-bytes", type=int, nargs="+", default=[2048, 4096], help="gemv: bytes of a row per step")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dry", action="store_true", help="CPU (TRITON_INTERPRET=1): tiny shapes, correctness only")
@@ -142,7 +145,7 @@ def main() -> None:
     dtype = torch.float16 if args.dry else torch.bfloat16  # bf16 loads are wrong under the interpreter
     if args.dry:
         args.pps, args.block_n, args.warps, args.stages = [3], [16], [4], [1]
-        args.rows_per_program, args.row_bytes = [1, 2], [64]
+        args.rows_per_program, args.row_bytes, args.gemv_warps = [1, 2], [64], [4]
     start = time.time()
     results = {}
     for part in args.parts:

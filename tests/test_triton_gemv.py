@@ -95,3 +95,15 @@ def test_the_fused_tests_cover_both_the_split_and_the_whole_k_path(M):
     """A fused GEMV splits K where the plain one does (the finishing kernel applies what rides along)."""
     assert _config(M, 17, 33, torch.device("cpu"), torch.float32).splits > 1
     assert _config(M, 130, 100, torch.device("cpu"), torch.float32).splits == 1
+
+
+@pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])
+@pytest.mark.parametrize("parts", ["norm", "norm+glu", "bias+norm+residual"])
+def test_norm_with_x_as_one_vector_matches_the_reference(monkeypatch, N, K, parts):
+    """MMACCEL_GEMV_NORM_ROWS (gemv.NORM_ROWS): a fused RMSNorm at M = 1 loads x and the norm weight once per
+    step as a vector over 2 weight rows (N = 17 leaves a partial last block), split K or not."""
+    from mmaccel.backends.triton import gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "NORM_ROWS", 2)
+    assert _config(1, N, K, torch.device(DEVICE), torch.float16, norm=True).x1d
+    test_fused_prologue_and_epilogues_match_the_unfused_reference(torch.float16, 1, N, K, parts)

@@ -153,8 +153,12 @@ class Plan(NamedTuple):
 
 
 MAX_TILE_ROWS = 64  # query rows of one program (heads x Lq): the q, score and output tiles stay in registers
-# CUDA defaults (H200 sweep: bench/decode_attention_sweep.py, bench/results/decode_attention_sweep_h200.json)
-PROGRAMS_PER_SM, BLOCK_N, NUM_WARPS, NUM_STAGES = 3, 64, 4, 3
+# CUDA defaults from the H200 sweep (bench/decode_kernels_sweep.py, bench/results/decode_kernels_sweep_h200.json;
+# 135 plans on 5 decode shapes): the plan with the lowest geometric mean over the shapes of its time against each
+# shape's best, 1.08x, where the former plan (3 programs per SM, 4 warps, 3 stages) was 1.20x: 11.8 -> 10.4 us at
+# 640 live keys, 16.6 -> 14.3 at 1025, 40.1 -> 30.2 at 4096 (MHA, 32 heads of 128). More programs keep more loads
+# in flight; a program does one or two blocks, so pipeline stages buy nothing.
+PROGRAMS_PER_SM, BLOCK_N, NUM_WARPS, NUM_STAGES = 6, 64, 4, 1
 
 
 def plan(q: torch.Tensor, k: torch.Tensor, programs_per_sm: Optional[int] = None, block_n: Optional[int] = None,

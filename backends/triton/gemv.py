@@ -45,10 +45,12 @@ BLOCK_M = 16
 @triton.jit
 def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X1D: tl.constexpr):
     """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end.
     FINAL (one split): the fused prologue and epilogues (NORM, GLU, HAS_RESIDUAL: see `gemv`) here; split K:
-    the fp32 partial sums of x * norm weight against the rows (gate and up), the rest in _finish_splits_kernel."""
+    the fp32 partial sums of x * norm weight against the rows (gate and up), the rest in _finish_splits_kernel.
+    X1D: x (and the norm weight) loaded once per step as a [BLOCK_K] vector and broadcast over the tile's rows,
+    where the default loads them in the tile's shape (see the module docstring)."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
@@ -56,19 +58,32 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
     w_ptrs = W + w_rows[:, None].to(tl.int64) * K + offs_k[None, :]
     u_ptrs = W + (w_rows + N)[:, None].to(tl.int64) * K + offs_k[None, :]  # GLU: the up half's rows
     # x's one row, repeated to the weight tile's shape so that both loads get the same register layout
-    x_ptrs = X + (offs_n * 0)[:, None] + offs_k[None, :]
-    g_ptrs = G + (offs_n * 0)[:, None] + offs_k[None, :]
+    if X1D:
+        x_ptrs = X + offs_k
+        g_ptrs = G + offs_k
+        squares = tl.zeros([BLOCK_K], tl.float32)
+    else:
+        x_ptrs = X + (offs_n * 0)[:, None] + offs_k[None, :]
+        g_ptrs = G + (offs_n * 0)[:, None] + offs_k[None, :]
+        squares = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    squares = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k in range(0, k_per_split, BLOCK_K):
         k_ok = (offs_k < K - k)[None, :]
         w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
-        x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
-            squares += x * x
-            x *= tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-            g_ptrs += BLOCK_K
+        if X1D:
+            xv = tl.load(x_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
+                squares += xv * xv
+                xv *= tl.load(g_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
+                g_ptrs += BLOCK_K
+            x = xv[None, :]
+        else:
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x *= tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                g_ptrs += BLOCK_K
         acc += w.to(tl.float32) * x
         if GLU:
             u = tl.load(u_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")
@@ -84,7 +99,10 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
             tl.store(Out + split * width + N + offs_n, tl.sum(up, axis=1), mask=offs_n < N)
     else:
         if NORM:
-            scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+            if X1D:
+                scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            else:
+                scale = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
             out *= scale
         if HAS_BIAS:
             out += tl.load(Bias + w_rows).to(tl.float32)
@@ -218,9 +236,16 @@ class GemvConfig(NamedTuple):
     splits: int
     num_warps: int
     num_stages: int
+    x1d: bool = False  # M = 1: x as a [BLOCK_K] vector broadcast over the rows (_gemv_row_kernel's X1D)
 
 
-def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) -> GemvConfig:
+# M = 1 with RMSNorm in front on CUDA: weight rows per program with x and the norm weight loaded as one vector
+# (X1D); 0 keeps the tile-shaped loads of a plain GEMV, which re-read x and the norm weight for every weight row
+# (H200 sweep: fused qkv 35.8 vs 29.9 us plain, LM head 85 vs 68). A measurement switch until the step decides.
+NORM_ROWS = int(os.environ.get("MMACCEL_GEMV_NORM_ROWS", "0"))
+
+
+def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, norm: bool = False) -> GemvConfig:
     """Block sizes and the K split. On CUDA, from the sweep, in bytes of a weight row so that fp32 gets the
     same tile bytes as bf16: M = 1 takes one row and 2 KiB of it per step, 4 warps (one 16-byte load per
     thread). M > 1 takes 64 rows x 256 bytes with 3 stages when N gives at least one such program per SM,
@@ -237,10 +262,12 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype) ->
             block_n, block_k, num_warps, num_stages = 16, 1024 // dtype.itemsize, 2, 4
     else:
         sms, block_k, block_n, num_warps, num_stages = 8, 32, 4 if M == 1 else 16, 1, 1
+    x1d = M == 1 and norm and NORM_ROWS > 0
+    block_n = triton.next_power_of_2(NORM_ROWS) if x1d else block_n
     n_blocks = triton.cdiv(N, block_n)
     splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages)
+    return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages, x1d)
 
 
 class Fusion(NamedTuple):
@@ -262,7 +289,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     (M, K), N = x.shape, weight.shape[0] // (2 if fusion.glu else 1)
     assert bias is None or (bias.shape == (N,) and bias.device == x.device), "gemv: bias must be [N]"
     assert not (fusion.glu and (bias is not None or weight.shape[0] % 2)), "gemv: GLU takes an even weight, no bias"
-    cfg = _config(M, N, K, x.device, weight.dtype)
+    cfg = _config(M, N, K, x.device, weight.dtype, norm=fusion.norm_weight is not None)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     # Split K: fp32 partials (gate and up for GLU), finished by one more kernel: sum, norm scale, bias, GLU,
     # residual. A fused GEMV that could not split lost 0.34 ms of a 16-layer decode step on an H200 (GEMV time
@@ -299,7 +326,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     final = cfg.splits == 1
     if M == 1:
         _gemv_row_kernel[grid](x, weight, bias_arg, part, g_arg, res_arg, N, K, cfg.k_per_split, fusion.eps, **flags,
-                               FINAL=final, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                               FINAL=final, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X1D=cfg.x1d,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _gemv_kernel[grid](
