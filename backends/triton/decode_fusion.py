@@ -69,13 +69,14 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
 
 
 def _max_rows(device: torch.device) -> int:
-    # Off by default: on an H200 the fused 16-layer decode step took 2.713 ms against 2.525 unfused (same run,
-    # bench/results/gpu_triton_decode_fusedsplit_h200.json): 49 fewer launches, but the fused GEMVs spend 0.34
-    # ms more (1.74 -> 2.08 ms of GEMV time, split-K or not), most likely because each program re-reads the
-    # norm weight beside x; folding the norm weight into the weight matrix is the next thing to try
-    switch = os.environ.get(SWITCH, "0")
+    # On by default since the RMSNorm prologue loads x and the norm weight once per step for 4 weight rows
+    # (gemv.NORM_ROWS): on an H200 the fused GEMVs then cost what plain ones do (LM head 69.0 vs 68.4 us, qkv
+    # 29.5 vs 29.9; bench/results/decode_kernels_sweep_gemv_h200.json) and the 16-layer decode step took 2.400 ms
+    # against 2.646 with the tile-shaped loads. Before, fused lost: 2.713 against 2.525 unfused, the fused GEMVs
+    # 0.34 ms slower from re-reading x and the norm weight for every weight row.
+    switch = os.environ.get(SWITCH, "1")
     if not switch.isdigit():
-        raise ValueError(f"{SWITCH}={switch!r}: use 0 (off, the default), 1 (on) or a row count up to "
+        raise ValueError(f"{SWITCH}={switch!r}: use 0 (off), 1 (on, the default) or a row count up to "
                          f"{gemv.MAX_ROWS}")
     if device.type != "cuda":
         return min(int(switch), 1) * gemv.MAX_ROWS

@@ -239,10 +239,12 @@ class GemvConfig(NamedTuple):
     x1d: bool = False  # M = 1: x as a [BLOCK_K] vector broadcast over the rows (_gemv_row_kernel's X1D)
 
 
-# M = 1 with RMSNorm in front on CUDA: weight rows per program with x and the norm weight loaded as one vector
-# (X1D); 0 keeps the tile-shaped loads of a plain GEMV, which re-read x and the norm weight for every weight row
-# (H200 sweep: fused qkv 35.8 vs 29.9 us plain, LM head 85 vs 68). A measurement switch until the step decides.
-NORM_ROWS = int(os.environ.get("MMACCEL_GEMV_NORM_ROWS", "0"))
+# M = 1 with RMSNorm in front: weight rows per program, x and the norm weight loaded once per step as a vector
+# (X1D); 0 keeps the tile-shaped loads of a plain GEMV, which re-read x and the norm weight for every weight row.
+# H200 sweep (bench/results/decode_kernels_sweep_gemv_h200.json): fused qkv 36.6 us tile-shaped, 29.5-30.3 with
+# 8 or 4 rows (plain 29.9), gate/up + SiLU*up 105.7 -> 97.1, LM head 86.4 -> 69.0 (plain 68.4); the 16-layer
+# decode step 2.646 -> 2.400 ms at 4 rows, 2.414 at 8. MMACCEL_GEMV_NORM_ROWS overrides it for measurements.
+NORM_ROWS = int(os.environ.get("MMACCEL_GEMV_NORM_ROWS", "4"))
 
 
 def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, norm: bool = False) -> GemvConfig:
