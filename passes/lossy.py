@@ -45,9 +45,11 @@ from .patterns import add_constant, constant_value, writes_in_place
 
 ORIGINAL = "original"
 MAX_ROUNDS = 4
-# measurements of mixes in context (improve_in_context) before giving up: the digits tower's 6 blocks x 6 merge
-# options take 36 a step, about 15 s a step on 2 CPU threads
-MAX_IN_CONTEXT = 200
+# mixes measured in context (improve_in_context) before giving up, per sensitivity measured (site x option): a
+# step measures about as many mixes as the sensitivities did (the digits tower's 6 blocks x 6 merge options: 36
+# sensitivities, 32 moves in the step it needed at budget 0.01, 15 s on 2 CPU threads), so 2 allows about two
+# steps and at most triples what a compile spends measuring
+IN_CONTEXT_PER_SENSITIVITY = 2
 # (outputs per sample, reference outputs per sample) -> the model's error; lower is better, NaN is over budget
 Metric = Callable[[list[list[torch.Tensor]], list[list[torch.Tensor]]], float]
 Cleanup = Callable[[fx.GraphModule, PassContext], Any]
@@ -345,13 +347,14 @@ def improve_in_context(sites: list[Site], chosen: dict[tuple[str, str], str], er
     each step measures every site moved to each of its higher options (all of them: an option that measured no
     better alone may measure better here) with the rest of the mix as it is, and takes the one that removes the
     most error per cost added, or where none removes any, the lowest error, until within budget; at most
-    MAX_IN_CONTEXT measurements. Returns the mix, its measured error and the steps taken."""
+    IN_CONTEXT_PER_SENSITIVITY measurements per sensitivity. Returns the mix, its measured error and the steps."""
     from ..compiler.progress import progress
 
     chosen, steps, spent = dict(chosen), 0, 0
+    limit = IN_CONTEXT_PER_SENSITIVITY * sum(len(site.options) - 1 for site in sites)
     while not error <= budget:
         moves = [(site, p) for site in sites for p in site.options[site.options.index(chosen[site.key]) + 1:]]
-        if not moves or spent + len(moves) > MAX_IN_CONTEXT:
+        if not moves or spent + len(moves) > limit:
             break
         spent += len(moves)
         measured = [(measure({**chosen, site.key: p}), site, p)

@@ -47,7 +47,8 @@ def test_a_mix_over_budget_is_upgraded_by_errors_measured_in_context() -> None:
 
 
 def test_in_context_gives_up_past_its_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Five moves to measure, one allowed: the mix comes back as it was, over budget (apply_levers rolls back)."""
-    monkeypatch.setattr(lossy, "MAX_IN_CONTEXT", 1)
+    """Five moves to measure, three allowed (half the six sensitivities): the mix comes back as it was, over budget
+    (apply_levers rolls back)."""
+    monkeypatch.setattr(lossy, "IN_CONTEXT_PER_SENSITIVITY", 0.5)
     alone = solve(_sites(), _cost, 0.01)
     assert improve_in_context(_sites(), alone, 0.011, 0.01, _cost, _measure) == (alone, 0.011, 0)
