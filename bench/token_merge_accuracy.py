@@ -5,10 +5,13 @@ than lossless, r8% 25% and 1.15x; README "Token merging").
 
 Rows (eager target: accuracy only, CPU latency on a shared machine would say little):
 - mmaccel: lossless;
-- r16%, r8%, r4%: every block merges that share of the tower's tokens (the lever's options); r24%, r32%, r40%:
-  beyond them, pinned the same way, to reach the token-block shares of ViT-L/14's schedules on a 6-block tower;
+- r4% ... r40%: every block merges that share of the tower's tokens, one of the lever's options pinned on every
+  block (merged_per_block: the r each block's option asks for; token-blocks and tokens_last_block: what ToMe's
+  clamp r <= (N - 1) // 2 leaves of it);
 - agree@b: tokens="merge" at accuracy_budget b, `metric` = the share of calibration argmaxes that change
-  (bench/prune_accuracy.py's): the classification decision;
+  (bench/prune_accuracy.py's): the classification decision; the solver chooses an option per block, and where
+  the mix chosen from each block's error alone measures over budget, upgrades it by errors measured in context
+  (passes/lossy.py improve_in_context: "step(s) measured in context" in the mix);
 - err@b: the same with the default metric (relative error of the logits);
 calibration: training digits with their own distractors (never tested on), CALIBRATION batches of 90.
 Then "similarity" rows, eager PyTorch (merged_logits): at each pinned r, the similarity measured on the block input

@@ -2,8 +2,8 @@
 (built from its config, nothing downloaded), and the trained digits ViT classifier's test accuracy against r.
 
 Rows: HF eager; Inductor (torch.compile default, --baselines); mmaccel lossless; mmaccel tokens="merge" with one r
-for every block (r16%, r8%, r4% of the tower's tokens, clamped by ToMe's rule to (N - 1) // 2 of the tokens that
-reach a block). A row pins its r by narrowing the lever's options to one (passes/tokens.py FRACTIONS) and switching
+for every block (each of the lever's options, r40% to r4% of the tower's tokens, clamped by ToMe's rule to
+(N - 1) // 2 of the tokens that reach a block; README's tables predate r24-40%: r16%, r8%, r4%). A row pins its r by narrowing the lever's options to one (passes/tokens.py FRACTIONS) and switching
 the budget check off; a user chooses through accuracy_budget instead (the digits rows "merge@budget" show the
 solver's choice). Random weights make every token unlike its neighbours, so the errors of the CLIP rows are an upper
 bound of what a trained tower gives; the digits accuracy is the trained model's. Error: ||out - eager|| / ||eager||

@@ -13,6 +13,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("transformers")
 
 from mmaccel.models import digits, digits_canvas  # noqa: E402
+from mmaccel.passes.tokens import MergeLever  # noqa: E402
 
 
 def test_top_left_quadrant_is_the_digit_and_the_others_come_from_the_pool():
@@ -44,18 +45,31 @@ def test_missing_checkpoint_names_the_training_script(tmp_path):
         digits_canvas.load_classifier(tmp_path / "absent.pt")
 
 
+def _argmax_disagreement(outputs: list[list[torch.Tensor]], references: list[list[torch.Tensor]]) -> float:
+    """The share of calibration argmaxes that change: the classification decision, as a `metric`."""
+    changed = sum(int((out[0].argmax(-1) != ref[0].argmax(-1)).sum()) for out, ref in zip(outputs, references))
+    return changed / sum(ref[0].shape[0] for ref in references)
+
+
 @pytest.mark.coverage
 @pytest.mark.skipif(not digits_canvas.CHECKPOINT.exists(), reason="python bench/train_digits_vit64.py caches it")
-def test_trained_model_and_merging_r8_on_every_block():
-    """Lossless accuracy as trained (0.885 after 30 epochs), and r8% on every block, compiled, within a point of it
-    (measured: +0.09 points, bench/results/token_merge_digits64_cpu.json)."""
+def test_trained_model_and_the_solvers_merging_within_a_point():
+    """Lossless accuracy as trained (0.885 after 30 epochs), and the solver's merging at 1% of calibration argmaxes
+    changed, compiled, within a point of it at under half the token-blocks (measured: r4% before the first block,
+    r40% after, 35% of the token-blocks, +0.19 points; bench/results/token_merge_digits64_cpu.json). 40 s on CPU."""
     model = digits_canvas.load_classifier()
     pixels, labels = digits_canvas.load_canvas("test")
+    calibration = [(p,) for p in digits_canvas.load_canvas("train", 1, seed=2)[0][:360].split(90)]
     lossless = digits.accuracy(digits_canvas.logits_of(model), pixels, labels)
     assert lossless >= 0.88
-    compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.5)
-    with torch.no_grad():
-        merged = digits.accuracy(digits_canvas.logits_of(compiled), pixels, labels)
+    compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.01, calibration=calibration,
+                               metric=_argmax_disagreement)
+    with torch.no_grad():  # in the calibration's batches: one static shape
+        predicted = torch.cat([compiled(p).logits.argmax(-1) for p in pixels.split(90)])
     report = next(p for g in compiled.mmaccel_report.graphs for p in g.passes if p.lossy)
-    assert "6 of 6" in report.changes[0], report.changes
-    assert merged >= lossless - 0.01
+    assert "6 of 6" in report.changes[0] and "step(s) measured in context" in report.changes[0], report.changes
+    options, tokens = MergeLever._options(65), [65]
+    for row in report.details["layers"]:  # tokens entering each block, clamped as the pass clamps
+        tokens.append(tokens[-1] - min(options.get(row["precision"], 0), (tokens[-1] - 1) // 2))
+    assert sum(tokens[1:]) / (65 * 6) < 0.5
+    assert float((predicted == labels).float().mean()) >= lossless - 0.01

@@ -11,7 +11,8 @@ import torch.nn as nn
 import mmaccel
 from mmaccel.models.vit import ViTBlock, ViTConfig
 from mmaccel.ops.token_merge import token_merge_reference
-from mmaccel.passes.tokens import AUTO_ON_ONE_GRAPH
+from mmaccel.passes.lossy import ORIGINAL
+from mmaccel.passes.tokens import AUTO_ON_ONE_GRAPH, MergeLever
 from mmaccel.ops.token_unmerge import token_unmerge_reference
 
 import hf_tiny
@@ -87,22 +88,23 @@ def _lossy_pass(compiled):
 
 
 def test_clip_equals_hand_written_tome() -> None:
-    """Budget wide enough for the cheapest option everywhere (r = 16% of 17 tokens = 3 per layer)."""
+    """Budget wide enough for the cheapest option everywhere: r40% of 17 tokens = 7 per layer, clamped by ToMe's
+    rule to 4 of the 10 tokens reaching the second."""
     model = hf_tiny.clip_vision("sdpa")
     compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.99)
     with torch.no_grad():
         out = compiled(pixel_values=PIXELS)
         reference = model(pixel_values=PIXELS)
-        last, pooled = _hand_tome_clip(model, PIXELS, r=3)
+        last, pooled = _hand_tome_clip(model, PIXELS, r=7)
     result = _lossy_pass(compiled)
-    assert result.matched == 2 and "r16% x2" in result.changes[0]
+    assert result.matched == 2 and "r40% x2" in result.changes[0]
     assert out.last_hidden_state.shape == reference.last_hidden_state.shape  # unmerged for the consumer
     assert_matches_eager(out.last_hidden_state, last)
     assert_matches_eager(out.pooler_output, pooled)
     assert relative_error(out.last_hidden_state, reference.last_hidden_state) == pytest.approx(
         result.measured_error, rel=1e-4)  # the error reported is the error given (one output, one sample)
     rows = result.details["layers"]
-    assert [row["unit"] for row in rows] == ["token-blocks"] * 2 and rows[0]["cost"] == (17 - 3) * 2
+    assert [row["unit"] for row in rows] == ["token-blocks"] * 2 and rows[0]["cost"] == (17 - 7) * 2
 
 
 def test_auto_on_one_graph_is_merge() -> None:
@@ -126,7 +128,7 @@ def test_calibrated_graph_merges() -> None:
     compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.99, calibration=[pixels])
     with torch.no_grad():
         out = compiled(pixels)
-        last, pooled = _hand_tome_clip(model, pixels, r=3)
+        last, pooled = _hand_tome_clip(model, pixels, r=7)
     graphs = compiled.mmaccel_report.graphs
     result = _lossy_pass(compiled)
     assert len(graphs) == 1 and result.matched == 2 and not result.near_misses
@@ -197,6 +199,28 @@ class _Tower(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+
+@pytest.mark.parametrize("tokens, options", [
+    (65, {"r40%": 26, "r32%": 21, "r24%": 16, "r16%": 10, "r8%": 5, "r4%": 3}),  # the trained digits tower
+    (17, {"r40%": 7, "r32%": 5, "r24%": 4, "r16%": 3, "r8%": 1}),  # r4% is 1 token too: one name per r
+    (4, {"r32%": 1}),  # r40% = 2 tokens would break ToMe's rule, r <= (N - 1) // 2
+    (2, {})])
+def test_options_keep_tomes_rule(tokens: int, options: dict[str, int]) -> None:
+    assert MergeLever._options(tokens) == options
+
+
+def test_block_left_no_token_to_merge_runs_as_it_was() -> None:
+    """3 tokens, 2 blocks: r40% (1 token) before the first leaves 2, of which ToMe's rule merges none before the
+    second: that site is reported as it was, and the output is within the error reported."""
+    torch.manual_seed(0)
+    model, x = _Tower(ViTBlock).eval().requires_grad_(False), torch.randn(2, 3, 32)
+    compiled = mmaccel.compile(model, target="eager", tokens="merge", accuracy_budget=0.99)
+    with torch.no_grad():
+        out, reference = compiled(x), model(x)
+    result = _lossy_pass(compiled)
+    assert result.matched == 1 and [row["precision"] for row in result.details["layers"]] == ["r40%", ORIGINAL]
+    assert out.shape == reference.shape and relative_error(out, reference) <= result.measured_error * (1 + 1e-4)
 
 
 # dynamic=True takes 11 s to compile here, over the suite's budget: in the opt-in coverage set
