@@ -12,10 +12,15 @@ CUDA-graph recording whose private pool holds that graph's activations):
   more per token (+7.5%), and at caches up to 1024 positions padding costs under 2%. Powers of two bound
   that overhead at 2x of a term that is small next to the weights, with one graph per doubling:
   CACHE_MIN, then powers of two, capped at the model's limit.
-- Prefill runs once per call and its time grows with the padded prompt (matmuls are compute-bound there),
-  so a power-of-two step could double the first-token time (LLaVA-1.5's 576 image tokens + 64 text = 640
-  would pad to 1024). Two buckets per octave (16, 24, 32, 48, 64, 96, ...) bound prefill padding at 1.5x
-  (640 -> 768) for twice the graphs of powers of two; all are multiples of 8 for aligned matmuls.
+- Prefill runs once per call. Its matmuls read every weight once whatever the prompt, and do 2 * M FLOPs per
+  weight element for M positions: below the GPU's ridge point (an H200: ~790 TFLOP/s over ~4.1 TB/s, about
+  190 FLOPs per byte, M ~ 190 in bf16) a prefill costs its weight bytes and padding is nearly free; above it
+  the time grows with the padded prompt, so a power-of-two step could double the first-token time (LLaVA-1.5's
+  576 image tokens + 64 text = 640 would pad to 1024). Hence two buckets per octave up to 256 positions (16,
+  24, 32, 48, 64, 96, 128, 192, 256: padding at most 1.5x where it is cheap) and four per octave from there
+  (320, 384, 448, 512, 640, 768, 896, 1024, 1280, ...: at most 1.25x where it costs; LLaVA's 640 runs as
+  640, where two per octave padded it to 768 and an H200 spent 29.8 ms on its first token); all are
+  multiples of 8 for aligned matmuls.
 - Prefill graphs are keyed by (prompt bucket, cache bucket), since prefill writes the cache; decode graphs by
   the cache bucket alone. Batch size is not bucketed: a new batch size is a new graph.
 Nothing here has been tuned on a GPU yet: the constants follow from the byte counts above.
@@ -23,14 +28,19 @@ Nothing here has been tuned on a GPU yet: the constants follow from the byte cou
 from __future__ import annotations
 
 PROMPT_MIN = 16
+FINE_FROM = 256  # prompt buckets four per octave from here (compute-bound prefill), two below
 CACHE_MIN = 64
 
 
 def prompt_bucket(length: int) -> int:
-    """The smallest of 16, 24, 32, 48, 64, 96, ... (two per octave) holding `length`."""
+    """The smallest of 16, 24, 32, 48, ..., 192, 256 (two per octave), then 320, 384, 448, 512, 640, ... (four
+    per octave) holding `length`."""
     bucket = PROMPT_MIN
     while bucket < length:
-        bucket = bucket * 3 // 2 if _is_power_of_two(bucket) else bucket * 4 // 3
+        if bucket >= FINE_FROM:
+            bucket += (1 << (bucket.bit_length() - 1)) // 4  # a quarter of the octave's start
+        else:
+            bucket = bucket * 3 // 2 if _is_power_of_two(bucket) else bucket * 4 // 3
     return bucket
 
 

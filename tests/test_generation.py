@@ -119,9 +119,10 @@ def test_too_long_names_the_limit() -> None:
 
 
 def test_buckets() -> None:
-    assert [prompt_bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 600)] == [16, 16, 24, 32, 48, 64, 96, 768]
+    assert [prompt_bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 200, 257, 600, 641, 1025)] == \
+        [16, 16, 24, 32, 48, 64, 96, 256, 320, 640, 768, 1280]
     assert [cache_bucket(n, 4096) for n in (1, 64, 65, 900, 5000)] == [64, 64, 128, 1024, 4096]
-    assert generation_buckets(640, 256, 4096) == (768, 1024)
+    assert generation_buckets(640, 256, 4096) == (640, 1024)
     assert generation_buckets(50, 14, 64) == (50, 64)  # near the limit the prompt pads less
 
 
