@@ -107,3 +107,25 @@ def test_norm_with_x_as_one_vector_matches_the_reference(monkeypatch, N, K, part
     monkeypatch.setattr(gemv_module, "NORM_ROWS", 2)
     assert _config(1, N, K, torch.device(DEVICE), torch.float16, norm=True).x1d
     test_fused_prologue_and_epilogues_match_the_unfused_reference(torch.float16, 1, N, K, parts)
+
+
+@pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # K split at 17, whole at 130
+@pytest.mark.parametrize("parts", ["layernorm", "layernorm+bias+gelu", "bias+gelu_tanh+residual", "layernorm+residual"])
+def test_layer_norm_prologue_and_gelu_epilogue_match_the_reference(N, K, parts):
+    """Whisper's and CLIP's decode layers: LayerNorm in front (statistics in two passes over x before the main
+    loop, x normalized as it is loaded), bias + GELU after; x far from zero mean, as a residual stream is."""
+    torch.manual_seed(0)
+    dtype = torch.float16
+    x = torch.randn(1, K, device=DEVICE, dtype=dtype) * 3 + 5
+    weight = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    layer_norm = "layernorm" in parts
+    fusion = Fusion(norm_weight=torch.randn(K, device=DEVICE, dtype=dtype) if layer_norm else None,
+                    norm_bias=torch.randn(K, device=DEVICE, dtype=dtype) if layer_norm else None, eps=1e-5,
+                    activation="gelu_tanh" if "gelu_tanh" in parts else "gelu" if "gelu" in parts else "none",
+                    residual=torch.randn(1, N, device=DEVICE, dtype=dtype) if "residual" in parts else None)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype) if "bias" in parts else None
+    out = gemv(x, weight, bias, fusion)
+    expected = fused_reference(x, weight, bias, fusion)
+    assert out.shape == (1, N)
+    torch.testing.assert_close(out, expected.to(dtype), rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+    assert _config(1, N, K, torch.device(DEVICE), dtype, norm=layer_norm, layer_norm=layer_norm).x1d == layer_norm

@@ -43,14 +43,30 @@ BLOCK_M = 16
 
 
 @triton.jit
-def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
+def _activation(y, ACT: tl.constexpr):
+    """ACT 1: GELU, 0.5 y (1 + erf(y / sqrt 2)); 2: GELU's tanh form; else y (fp32 in, fp32 out)."""
+    if ACT == 1:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        e = tl.exp(-2.0 * tl.abs(inner))  # tanh(t) = sign(t) (1 - e) / (1 + e), e = exp(-2|t|): never overflows
+        y = 0.5 * y * (1.0 + tl.where(inner < 0, -1.0, 1.0) * (1.0 - e) / (1.0 + e))
+    return y
+
+
+@triton.jit
+def _gemv_row_kernel(X, W, Bias, Out, G, Beta, Res, N, K, k_per_split, eps,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X1D: tl.constexpr):
+                     FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X1D: tl.constexpr,
+                     LAYER_NORM: tl.constexpr, ACT: tl.constexpr):
     """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end.
     FINAL (one split): the fused prologue and epilogues (NORM, GLU, HAS_RESIDUAL: see `gemv`) here; split K:
     the fp32 partial sums of x * norm weight against the rows (gate and up), the rest in _finish_splits_kernel.
     X1D: x (and the norm weight) loaded once per step as a [BLOCK_K] vector and broadcast over the tile's rows,
-    where the default loads them in the tile's shape (see the module docstring)."""
+    where the default loads them in the tile's shape (see the module docstring). LAYER_NORM (with NORM, X1D):
+    LayerNorm instead of RMSNorm; its mean and variance come from two passes over x's row before the main loop
+    (as eager computes them: the variance of the centred values), x is normalized as it is loaded (* G + Beta),
+    so nothing is left to scale at the end. ACT: 1 GELU (erf), 2 GELU (tanh), after the bias."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
@@ -68,12 +84,30 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
         squares = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    mean, rstd = 0.0, 1.0
+    if LAYER_NORM:  # the whole row's statistics first (split K too): K values, against BLOCK_N weight rows of K
+        cols = tl.arange(0, BLOCK_K)
+        total = tl.zeros([BLOCK_K], tl.float32)
+        for k in range(0, K, BLOCK_K):
+            total += tl.load(X + k + cols, mask=cols < K - k, other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=0) / K
+        total = tl.zeros([BLOCK_K], tl.float32)
+        for k in range(0, K, BLOCK_K):
+            d = tl.where(cols < K - k, tl.load(X + k + cols, mask=cols < K - k, other=0.0).to(tl.float32) - mean, 0.0)
+            total += d * d
+        rstd = tl.rsqrt(tl.sum(total, axis=0) / K + eps)
+        b_ptrs = Beta + offs_k
     for k in range(0, k_per_split, BLOCK_K):
         k_ok = (offs_k < K - k)[None, :]
         w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
         if X1D:
             xv = tl.load(x_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
+            if LAYER_NORM:  # masked columns: (0 - mean) * rstd * 0 + 0
+                xv = (xv - mean) * rstd * tl.load(g_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32) \
+                    + tl.load(b_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
+                g_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            elif NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
                 squares += xv * xv
                 xv *= tl.load(g_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
                 g_ptrs += BLOCK_K
@@ -98,7 +132,7 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
         if GLU:
             tl.store(Out + split * width + N + offs_n, tl.sum(up, axis=1), mask=offs_n < N)
     else:
-        if NORM:
+        if NORM and not LAYER_NORM:
             if X1D:
                 scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
             else:
@@ -111,6 +145,7 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Res, N, K, k_per_split, eps,
             if NORM:
                 up_out *= scale
             out = out * tl.sigmoid(out) * up_out
+        out = _activation(out, ACT)
         if HAS_RESIDUAL:
             out += tl.load(Res + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
@@ -179,7 +214,8 @@ def _gemv_kernel(X, W, Bias, Out, G, Res, M, N, K, stride_xm, stride_rm, k_per_s
 @triton.jit
 def _finish_splits_kernel(Part, X, Bias, G, Res, Out, N, K, num_splits, stride_xm, stride_rm, eps,
                           HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, LAYER_NORM: tl.constexpr,
+                          ACT: tl.constexpr):
     """Split K, grid (M, N blocks): sums one row's partials in a fixed order (the result does not depend on
     scheduling), then what the fused GEMV does after its dot products: RMSNorm's row scale (its statistics
     from x's row, read here once per program: K values against the weight's N x K), bias, SiLU(gate) * up,
@@ -195,7 +231,7 @@ def _finish_splits_kernel(Part, X, Bias, G, Res, Out, N, K, num_splits, stride_x
         acc += tl.load(row + offs, mask=ok, other=0.0)
         if GLU:
             up += tl.load(row + N + offs, mask=ok, other=0.0)
-    if NORM:
+    if NORM and not LAYER_NORM:  # LayerNorm's partials are of normalized x already
         squares = tl.zeros([BLOCK], tl.float32)
         for k in range(0, K, BLOCK):
             xk = tl.load(X + m * stride_xm + k + tl.arange(0, BLOCK), mask=k + tl.arange(0, BLOCK) < K,
@@ -208,6 +244,7 @@ def _finish_splits_kernel(Part, X, Bias, G, Res, Out, N, K, num_splits, stride_x
         acc += tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)
     if GLU:
         acc = acc * tl.sigmoid(acc) * up
+    acc = _activation(acc, ACT)
     if HAS_RESIDUAL:
         acc += tl.load(Res + m * stride_rm + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(Out + m * N + offs, acc.to(Out.dtype.element_ty), mask=ok)
@@ -247,7 +284,8 @@ class GemvConfig(NamedTuple):
 NORM_ROWS = int(os.environ.get("MMACCEL_GEMV_NORM_ROWS", "4"))
 
 
-def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, norm: bool = False) -> GemvConfig:
+def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, norm: bool = False,
+            layer_norm: bool = False) -> GemvConfig:
     """Block sizes and the K split. On CUDA, from the sweep, in bytes of a weight row so that fp32 gets the
     same tile bytes as bf16: M = 1 takes one row and 2 KiB of it per step, 4 warps (one 16-byte load per
     thread). M > 1 takes 64 rows x 256 bytes with 3 stages when N gives at least one such program per SM,
@@ -264,22 +302,30 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, no
             block_n, block_k, num_warps, num_stages = 16, 1024 // dtype.itemsize, 2, 4
     else:
         sms, block_k, block_n, num_warps, num_stages = 8, 32, 4 if M == 1 else 16, 1, 1
-    x1d = M == 1 and norm and NORM_ROWS > 0
-    block_n = triton.next_power_of_2(NORM_ROWS) if x1d else block_n
+    # LayerNorm in front needs X1D (its statistics come before the main loop): 4 rows if NORM_ROWS says 0
+    x1d = M == 1 and norm and (NORM_ROWS > 0 or layer_norm)
+    block_n = triton.next_power_of_2(NORM_ROWS or 4) if x1d else block_n
     n_blocks = triton.cdiv(N, block_n)
     splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages, x1d)
 
 
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+
+
 class Fusion(NamedTuple):
     """What rides along a GEMV: RMSNorm of x in front (x * rsqrt(mean(x**2) + eps) * norm_weight, in fp32
-    without rounding in between), SiLU(gate) * up after (the weight's first half of rows is gate, the second
-    up: the output has half the rows' width), and + residual ([M, N], after the bias)."""
+    without rounding in between), or LayerNorm when norm_bias is given ((x - mean) * rsqrt(var + eps) *
+    norm_weight + norm_bias; one activation row); SiLU(gate) * up after (the weight's first half of rows is gate,
+    the second up: the output has half the rows' width); an activation after the bias (ACTIVATIONS; one
+    activation row); and + residual ([M, N], after the bias and activation)."""
     norm_weight: Optional[torch.Tensor] = None
     eps: float = 0.0
     glu: bool = False
     residual: Optional[torch.Tensor] = None
+    norm_bias: Optional[torch.Tensor] = None
+    activation: str = "none"
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -291,7 +337,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     (M, K), N = x.shape, weight.shape[0] // (2 if fusion.glu else 1)
     assert bias is None or (bias.shape == (N,) and bias.device == x.device), "gemv: bias must be [N]"
     assert not (fusion.glu and (bias is not None or weight.shape[0] % 2)), "gemv: GLU takes an even weight, no bias"
-    cfg = _config(M, N, K, x.device, weight.dtype, norm=fusion.norm_weight is not None)
+    layer_norm = fusion.norm_bias is not None
+    assert not layer_norm or (fusion.norm_weight is not None and not fusion.glu), "gemv: LayerNorm takes its weight, no GLU"
+    assert M == 1 or not (layer_norm or fusion.activation != "none"), "gemv: LayerNorm and activations take one row"
+    cfg = _config(M, N, K, x.device, weight.dtype, norm=fusion.norm_weight is not None, layer_norm=layer_norm)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     # Split K: fp32 partials (gate and up for GLU), finished by one more kernel: sum, norm scale, bias, GLU,
     # residual. A fused GEMV that could not split lost 0.34 ms of a 16-layer decode step on an H200 (GEMV time
@@ -304,14 +353,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
 
 
 def fused_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fusion: Fusion) -> torch.Tensor:
-    """What gemv computes, unfused and in fp32: RMSNorm, matmul, + bias, SiLU(gate) * up, + residual."""
+    """What gemv computes, unfused and in fp32: RMSNorm or LayerNorm, matmul, + bias, SiLU(gate) * up,
+    activation, + residual."""
     x = x.float()
-    if fusion.norm_weight is not None:
+    if fusion.norm_bias is not None:
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], fusion.norm_weight.float(), fusion.norm_bias.float(),
+                                           fusion.eps)
+    elif fusion.norm_weight is not None:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fusion.eps) * fusion.norm_weight.float()
     y = x @ weight.float().T + (0 if bias is None else bias.float())
     if fusion.glu:
         gate, up = y.chunk(2, dim=-1)
         y = gate * torch.sigmoid(gate) * up
+    if fusion.activation != "none":
+        y = torch.nn.functional.gelu(y, approximate="tanh" if fusion.activation == "gelu_tanh" else "none")
     return y if fusion.residual is None else y + fusion.residual.float()
 
 
@@ -323,13 +378,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     assert norm is None or norm.shape == (K,), "gemv: the norm weight must be [K]"
     assert residual is None or residual.shape == (M, N), "gemv: the residual must be [M, N]"
     flags = dict(HAS_BIAS=bias is not None, NORM=norm is not None, GLU=fusion.glu, HAS_RESIDUAL=residual is not None)
+    epilogue = dict(LAYER_NORM=fusion.norm_bias is not None, ACT=ACTIVATIONS[fusion.activation])
+    assert not epilogue["LAYER_NORM"] or (M == 1 and cfg.x1d), "gemv: LayerNorm runs in the one-row X1D kernel"
     # Absent operands are passed as x: a pointer the kernel never reads
-    bias_arg, g_arg, res_arg = (x if t is None else t.contiguous() for t in (bias, norm, residual))
+    bias_arg, g_arg, beta_arg, res_arg = (x if t is None else t.contiguous()
+                                          for t in (bias, norm, fusion.norm_bias, residual))
     final = cfg.splits == 1
     if M == 1:
-        _gemv_row_kernel[grid](x, weight, bias_arg, part, g_arg, res_arg, N, K, cfg.k_per_split, fusion.eps, **flags,
-                               FINAL=final, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X1D=cfg.x1d,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _gemv_row_kernel[grid](x, weight, bias_arg, part, g_arg, beta_arg, res_arg, N, K, cfg.k_per_split,
+                               fusion.eps, **flags, **epilogue, FINAL=final, BLOCK_N=cfg.block_n,
+                               BLOCK_K=cfg.block_k, X1D=cfg.x1d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _gemv_kernel[grid](
             x, weight, bias_arg, part, g_arg, res_arg, M, N, K, x.stride(0), res_arg.stride(0), cfg.k_per_split,
@@ -342,7 +400,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         block = 1024 if x.is_cuda else 64
         _finish_splits_kernel[(M, triton.cdiv(N, block))](
             part, x, bias_arg, g_arg, res_arg, out, N, K, cfg.splits, x.stride(0), res_arg.stride(0), fusion.eps,
-            **flags, BLOCK=block)
+            **flags, **epilogue, BLOCK=block)
 
 
 def benchmark(M: int = 1, N: int = 4096, K: int = 4096, dtype: torch.dtype = torch.bfloat16) -> dict:
