@@ -33,7 +33,8 @@ def check_training(training, folder: Path) -> None:
     assert summary["steps"] == 20 and summary["tokens_seen"] == 20 * 8 * 128 and summary["early_exit_layer"] == 1
     assert len(summary["held_out_loss_nats"]) == 2 and summary["curve"][0]["loss"][0] > summary["curve"][-1]["loss"][0]
     draft = json.loads((folder / "draft" / "training.json").read_text())
-    assert draft["distill"] == 1.0 and 0 <= draft["held_out_agreement"] <= 1  # distilled from the target by default
+    # cross-entropy by default (distillation bought less per GPU second); the agreement is measured anyway
+    assert draft["distill"] == 0.0 and 0 <= draft["held_out_agreement"] <= 1
 
 
 def check_generate(training, target) -> None:

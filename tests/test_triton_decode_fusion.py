@@ -1,4 +1,5 @@
-"""Decode GEMVs with RMSNorm, SiLU(gate) * up and residual adds fused in (backends/triton/decode_fusion.py):
+"""Decode GEMVs with RMSNorm or LayerNorm, SiLU(gate) * up, bias + GELU and residual adds fused in
+(backends/triton/decode_fusion.py):
 it fires on a decoder layer, the output matches eager, near-misses are left alone with their reason. Kernels
 run under Triton's interpreter on CPU (fp32/fp16; bf16 loads are wrong there), with 1, 3 and 8 rows."""
 from __future__ import annotations
@@ -81,6 +82,44 @@ def test_decode_step_layers_are_gemvs_rotary_and_attention(kv_heads, rotary_kern
     (stats,) = _fusions(report)
     layers = config.text.layers
     assert stats["gemv_fusions"] == 4 * layers + 1 and stats["kernels"] == 1 + rotary_kernels * layers, stats
+
+
+class PreNormLayer(nn.Module):
+    """Whisper's / CLIP's decoder MLP half: h = x + o(LayerNorm(x)); h + fc2(GELU(fc1(LayerNorm(h)))), all
+    linears with biases; approximate picks GELU's form."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        for norm in (self.norm1, self.norm2):
+            nn.init.normal_(norm.weight)
+            nn.init.normal_(norm.bias)
+        self.o, self.fc1, self.fc2 = nn.Linear(DIM, DIM), nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.o(self.norm1(x))
+        return h + self.fc2(F.gelu(self.fc1(self.norm2(h)), approximate=self.approximate))
+
+
+@pytest.mark.parametrize("approximate,dtype", [("none", torch.float32), ("tanh", torch.float16)])
+def test_pre_norm_layer_fuses_layer_norms_bias_gelu_and_residuals(approximate, dtype):
+    """One row: o takes LayerNorm + bias + residual, fc1 LayerNorm + bias + GELU, fc2 bias + residual; nothing
+    is left to generate. The input sits far from zero mean, as a residual stream does."""
+    torch.manual_seed(0)
+    layer = PreNormLayer(approximate).to(DEVICE, dtype)
+    _, report = compile_and_check(layer, torch.randn(1, 1, DIM, device=DEVICE, dtype=dtype) * 2 + 3, target="triton")
+    (stats,) = _fusions(report)
+    assert stats["gemv_fusions"] == 3 and stats["kernels"] == 0, stats
+
+
+def test_layer_norm_of_several_rows_is_left_to_its_own_kernel():
+    torch.manual_seed(0)
+    _, report = compile_and_check(PreNormLayer().to(DEVICE), torch.randn(3, 1, DIM, device=DEVICE), target="triton")
+    (stats,) = _fusions(report)
+    assert any("LayerNorm in front of a GEMV of more than one row" in why for why in stats["gemv_near_misses"]), stats
+    # o and fc2 take bias + residual, fc1 its bias; the norms and GELU stay generated kernels
+    assert stats["gemv_fusions"] == 3 and stats["kernels"] == 3, stats
 
 
 def test_norm_read_elsewhere_stays_materialized():

@@ -6,12 +6,17 @@ A Llama decoder layer on this target was 4 GEMVs, 5 generated kernels (rotary q;
 residual add + RMSNorm, twice; SiLU * mul) and attention. Each kernel boundary costs a launch gap and a
 drain even under CUDA graphs, and the small kernels are pure latency at batch 1: with the norms,
 SiLU * up and residual adds fused, a layer is 4 GEMVs, the rotary kernel(s) and attention (prepare.hoist_views
-lets Q's and K's rotary share one kernel when they have as many heads).
+lets Q's and K's rotary share one kernel when they have as many heads). Pre-LayerNorm decoders (Whisper,
+BART-style) take their LayerNorms, fc1's bias + GELU and the biases before residual adds the same way: a
+tiny Whisper decoder step went from 44 generated kernels and 4 plain GEMVs to 31 and none.
 
 Matched on the graph after route_linears (matmul.linear nodes), over views (reshape) and dtype casts:
     norm:     linear(reshape(g * cast(hf * rsqrt(mean(hf ** 2, -1, keepdim) + eps))))  hf = cast(h)
+    layernorm (one row): linear(cast(c * rsqrt(mean(c * c, -1, keepdim) + eps) * g + beta)), c = hf - mean(hf)
     glu:      mul(silu(split(linear(...))[0]), split(linear(...))[1])   the two halves of one output
-    residual: add(linear(...), r)   r of the add's shape and dtype (no broadcasting)
+    bias:     add(linear(...), b), b an [N] constant (a fused_linear's bias after its matmul); at one row then
+              optionally gelu(., approximate="none" | "tanh")
+    residual: add(linear(...) or the bias / GELU above, r)   r of the add's shape and dtype (no broadcasting)
 The fused GEMV rounds once, where eager rounds the norm, the linear and the epilogue each to the activation
 dtype: results differ by rounding only. MMACCEL_GEMV_FUSION in the environment of the compile is a switch for
 measurements: 0 turns the rewrite off (bench/profile_decode.py profiles both in one run), a row count above 1
@@ -39,9 +44,10 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   norm_weight: Optional[torch.Tensor], eps: float, glu: bool,
-                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+                  residual: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor] = None,
+                  activation: str = "none") -> torch.Tensor:
     """The fused GEMV; inputs it does not take at run time (strides, devices) get the unfused reference."""
-    fusion = gemv.Fusion(norm_weight, eps, glu, residual)
+    fusion = gemv.Fusion(norm_weight, eps, glu, residual, norm_bias, activation)
     if gemv.supports(x, weight):
         return gemv.gemv(x, weight, bias, fusion)
     return gemv.fused_reference(x, weight, bias, fusion).to(x.dtype)
@@ -59,10 +65,11 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
             continue
         norm, why_not_norm = _match_norm(node, max_rows)
         glu, why_not_glu = _match_glu(node)
-        residual, why_not_residual = (None, None) if glu else _match_residual(node)
+        epilogue = None if glu else _match_bias_activation(node)
+        residual, why_not_residual = (None, None) if glu else _match_residual(epilogue[0] if epilogue else node)
         near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_glu, why_not_residual) if why]
-        if norm or glu or residual:
-            _rewrite(gm.graph, node, norm, glu, residual)
+        if norm or glu or epilogue or residual:
+            _rewrite(gm.graph, node, norm, glu, epilogue, residual)
             fused += 1
     drop_dead_nodes(gm.graph)
     return {"gemv_fusions": fused, "gemv_near_misses": near_misses}
@@ -113,24 +120,26 @@ def _after_views(node: fx.Node) -> fx.Node:
 
 
 def _match_norm(linear: fx.Node, max_rows: int) -> tuple[Optional[tuple], Optional[str]]:
-    """(h, norm weight, eps) when the linear reads RMSNorm(h) over its K; else a reason when it nearly does."""
+    """(h, norm weight, eps, norm bias) when the linear reads RMSNorm(h) (norm bias None) or, at one row,
+    LayerNorm(h) over its K; else a reason when it nearly does."""
     y = _through_views(linear.args[0])
-    if not is_op(y, aten.mul.Tensor):
-        return None, None
-    parts = _rms_parts(y)
+    rms = _rms_parts(y) if is_op(y, aten.mul.Tensor) else None
+    parts = (*rms, None) if rms else _layer_norm_parts(y)
     if parts is None:
         return None, None
-    h, g, eps = parts
+    h, g, eps, beta = parts
     K = val(linear.args[1]).shape[1]
     if val(h).shape[-1] != K or val(g).shape != (K,) or val(h).dtype != val(linear.args[0]).dtype:
-        return None, "RMSNorm over another width or dtype than the linear's"
+        return None, "the norm is over another width or dtype than the linear's"
+    if beta is not None and (val(beta).shape != (K,) or val(linear.args[0]).shape[0] != 1):
+        return None, "LayerNorm in front of a GEMV of more than one row (the one-row kernel takes it)"
     for user in y.users:
         reader = user
         while _is_view(reader):
             reader = next(iter(reader.users))
         if not (is_op(reader, matmul.linear) and _through_views(reader.args[0]) is y and _rows_fit(reader, max_rows)):
-            return None, "RMSNorm's output has another consumer, which needs it materialized"
-    return (h, g, eps), None
+            return None, "the norm's output has another consumer, which needs it materialized"
+    return (h, g, eps, beta), None
 
 
 def _rms_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float]]:
@@ -148,6 +157,57 @@ def _rms_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float]]:
                 upcast = is_op(hf, aten._to_copy.default) and len(hf.users) == 2 and val(hf.args[0]).dtype in _FLOATS
                 return hf.args[0] if upcast else hf, g, eps
     return None
+
+
+def _layer_norm_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float, fx.Node]]:
+    """cast(c * rstd * g + beta) with c = hf - mean(hf, [-1], keepdim), rstd = rsqrt(mean(c * c, [-1], keepdim) +
+    eps), hf h or h's upcast: the Triton target's own writing-out of native_layer_norm (prepare._layer_norm),
+    each node read only by the next (c by both of its readers). (h, g, eps, beta)."""
+    add = y.args[0] if is_op(y, aten._to_copy.default) and set(y.kwargs) <= {"dtype"} and single_user(y.args[0]) else y
+    if not (is_op(add, aten.add.Tensor) and len(add.args) == 2):
+        return None
+    for scaled, beta in (add.args, reversed(add.args)):
+        if not (is_op(scaled, aten.mul.Tensor) and single_user(scaled) and isinstance(beta, fx.Node)
+                and beta.op == "get_attr"):
+            continue
+        for normed, g in (scaled.args, reversed(scaled.args)):
+            if not (is_op(normed, aten.mul.Tensor) and single_user(normed) and isinstance(g, fx.Node)
+                    and g.op == "get_attr"):
+                continue
+            for c, r in (normed.args, reversed(normed.args)):
+                eps = _rsqrt_of_centred_variance(r, c)
+                if eps is None:
+                    continue
+                hf = c.args[0]
+                upcast = is_op(hf, aten._to_copy.default) and len(hf.users) == 2 and val(hf.args[0]).dtype in _FLOATS
+                return hf.args[0] if upcast else hf, g, eps, beta
+    return None
+
+
+def _rsqrt_of_centred_variance(r: Any, c: Any) -> Optional[float]:
+    """eps when r = rsqrt(mean(c * c, [-1], keepdim=True) + eps) and c = hf - mean(hf, [-1], keepdim=True), c
+    read only by the variance's square and the normalization (hf may have other readers: the residual stream)."""
+    if not (is_op(c, aten.sub.Tensor) and len(c.users) == 2 and is_op(r, aten.rsqrt.default) and single_user(r)):
+        return None
+    hf, mean = c.args
+    if not (_is_last_dim_mean(mean, hf) and single_user(mean)):
+        return None
+    add = r.args[0]
+    if not (is_op(add, aten.add.Tensor) and single_user(add) and isinstance(add.args[1], float)):
+        return None
+    var = add.args[0]
+    if not (is_op(var, aten.mean.dim) and single_user(var)):
+        return None
+    square = var.args[0]
+    if not (is_op(square, aten.mul.Tensor) and single_user(square) and square.args == (c, c)
+            and _is_last_dim_mean(var, square)):
+        return None
+    return add.args[1]
+
+
+def _is_last_dim_mean(mean: Any, x: Any) -> bool:
+    return (is_op(mean, aten.mean.dim) and mean.args[0] is x and list(mean.args[1]) in ([-1], [val(x).dim() - 1])
+            and bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)))
 
 
 def _rsqrt_of_mean_square(r: Any, hf: Any) -> Optional[float]:
@@ -193,8 +253,32 @@ def _match_glu(linear: fx.Node) -> tuple[Optional[fx.Node], Optional[str]]:
     return mul, None
 
 
+def _match_bias_activation(linear: fx.Node) -> Optional[tuple[fx.Node, fx.Node, str]]:
+    """(last node, bias, activation) when a linear without a bias of its own only feeds add(., b), b a [N]
+    constant of its dtype (a fused_linear's bias, written out after the matmul), then, at one row, optionally
+    GELU (the one-row kernel's epilogue)."""
+    n = val(linear).shape[-1]
+    if linear.args[2] is not None:
+        return None
+    end = _after_views(linear)
+    add = next(iter(end.users)) if single_user(end) else None
+    if not (is_op(add, aten.add.Tensor) and not add.kwargs and len(add.args) == 2):
+        return None
+    b = add.args[1] if add.args[0] is end else add.args[0]
+    if not (isinstance(b, fx.Node) and b.op == "get_attr" and tuple(val(b).shape) == (n,)
+            and val(b).dtype == val(add).dtype == val(linear).dtype and same_shape(val(add).shape, val(end).shape)):
+        return None
+    gelu = next(iter(add.users)) if single_user(add) else None
+    if is_op(gelu, aten.gelu.default) and val(gelu).dtype == val(add).dtype and val(linear.args[0]).shape[0] == 1:
+        approximate = gelu.kwargs.get("approximate", gelu.args[1] if len(gelu.args) > 1 else "none")
+        if approximate in ("none", "tanh"):
+            return gelu, b, "gelu" if approximate == "none" else "gelu_tanh"
+    return add, b, "none"
+
+
 def _match_residual(linear: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
-    """(add, r) when the linear's output only feeds add(., r) with r of the add's shape and dtype."""
+    """(add, r) when the linear's output (or the end of its bias / activation epilogue) only feeds add(., r)
+    with r of the add's shape and dtype."""
     end = _after_views(linear)
     add = next(iter(end.users)) if single_user(end) else None
     if not (is_op(add, aten.add.Tensor) and not add.kwargs and len(add.args) == 2):
@@ -210,16 +294,18 @@ def _match_residual(linear: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
 
 
 def _rewrite(graph: fx.Graph, linear: fx.Node, norm: Optional[tuple], glu: Optional[fx.Node],
-             residual: Optional[tuple]) -> None:
-    anchor = glu or (residual[0] if residual else linear)
+             epilogue: Optional[tuple], residual: Optional[tuple]) -> None:
+    anchor = glu or (residual[0] if residual else epilogue[0] if epilogue else linear)
     x, weight, bias = linear.args
+    bias, activation = (epilogue[1], epilogue[2]) if epilogue else (bias, "none")
     rows, width = val(x).shape[0], val(linear).shape[1] // (2 if glu else 1)
     with graph.inserting_before(anchor):
         if norm:
             x = emit(graph, aten.reshape.default, norm[0], [rows, val(x).shape[1]])
         r = emit(graph, aten.reshape.default, residual[1], [rows, width]) if residual else None
         call = graph.call_function(decode_linear, (x, weight, bias, norm[1] if norm else None,
-                                                   norm[2] if norm else 0.0, glu is not None, r))
+                                                   norm[2] if norm else 0.0, glu is not None, r,
+                                                   norm[3] if norm else None, activation))
         call.meta["val"] = val(x).new_empty((rows, width))
         out = call if anchor is linear else emit(graph, aten.reshape.default, call, list(val(anchor).shape))
     anchor.replace_all_uses_with(out)
