@@ -30,7 +30,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from ...passes.patterns import cast_source, drop_dead_nodes, is_op, same_shape, single_user, strip_noop_views, val
+from ...passes.patterns import (add_constant, cast_source, constant_value, drop_dead_nodes, is_op, same_shape,
+                                single_user, strip_noop_views, val)
 from . import gemv, matmul
 from .prepare import emit
 
@@ -39,9 +40,9 @@ SWITCH = "MMACCEL_GEMV_FUSION"
 # LayerNorm in front of a one-row GEMV: off unless this is 1. On an H200, Whisper large-v3 dims (8 + 8 layers)
 # decoded at 0.592 ms/token with it (and bias + GELU) against 0.572 before, in another run
 # (bench/results/hf_generate_whisper8_lnfused_h200.json): 3 kernels fewer per layer bought nothing, most likely
-# because each program reads x's row twice for the statistics before its first weight load, latency that a
-# 2.5 us GEMV cannot hide (RMSNorm gathers its one statistic inside the main loop instead). Statistics in the
-# main loop with W @ g and W @ beta computed once at compile time would remove that; not built yet.
+# because each program then read x's row twice for the statistics before its first weight load, latency that a
+# 2.5 us GEMV cannot hide. Since, the statistics ride along the main loop as RMSNorm's do, with W @ g and
+# W @ beta computed here once (gemv.layer_norm_folds); not measured on a GPU yet, so still off by default.
 LAYER_NORM_SWITCH = "MMACCEL_GEMV_LAYERNORM"
 # One activation row on CUDA: matmul.choose keeps wider decode batches on cuBLAS (H200, batch 8: 3.50 ms with
 # the padded-dot GEMV, 3.30 ms with cuBLAS), and a fused GEMV has no cuBLAS twin. The interpreter takes every
@@ -53,9 +54,12 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   norm_weight: Optional[torch.Tensor], eps: float, glu: bool,
                   residual: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor] = None,
-                  activation: str = "none") -> torch.Tensor:
-    """The fused GEMV; inputs it does not take at run time (strides, devices) get the unfused reference."""
-    fusion = gemv.Fusion(norm_weight, eps, glu, residual, norm_bias, activation)
+                  activation: str = "none", norm_wg: Optional[torch.Tensor] = None,
+                  norm_wb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused GEMV; inputs it does not take at run time (strides, devices) get the unfused reference.
+    norm_wg, norm_wb: a LayerNorm's gemv.layer_norm_folds, constants computed when the graph was compiled."""
+    folds = None if norm_wg is None else (norm_wg, norm_wb)
+    fusion = gemv.Fusion(norm_weight, eps, glu, residual, norm_bias, activation, folds)
     if gemv.supports(x, weight):
         return gemv.gemv(x, weight, bias, fusion)
     return gemv.fused_reference(x, weight, bias, fusion).to(x.dtype)
@@ -77,7 +81,7 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
         residual, why_not_residual = (None, None) if glu else _match_residual(epilogue[0] if epilogue else node)
         near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_glu, why_not_residual) if why]
         if norm or glu or epilogue or residual:
-            _rewrite(gm.graph, node, norm, glu, epilogue, residual)
+            _rewrite(gm, node, norm, glu, epilogue, residual)
             fused += 1
     drop_dead_nodes(gm.graph)
     return {"gemv_fusions": fused, "gemv_near_misses": near_misses}
@@ -303,8 +307,9 @@ def _match_residual(linear: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
     return (add, r), None
 
 
-def _rewrite(graph: fx.Graph, linear: fx.Node, norm: Optional[tuple], glu: Optional[fx.Node],
+def _rewrite(gm: fx.GraphModule, linear: fx.Node, norm: Optional[tuple], glu: Optional[fx.Node],
              epilogue: Optional[tuple], residual: Optional[tuple]) -> None:
+    graph = gm.graph
     anchor = glu or (residual[0] if residual else epilogue[0] if epilogue else linear)
     x, weight, bias = linear.args
     bias, activation = (epilogue[1], epilogue[2]) if epilogue else (bias, "none")
@@ -313,9 +318,15 @@ def _rewrite(graph: fx.Graph, linear: fx.Node, norm: Optional[tuple], glu: Optio
         if norm:
             x = emit(graph, aten.reshape.default, norm[0], [rows, val(x).shape[1]])
         r = emit(graph, aten.reshape.default, residual[1], [rows, width]) if residual else None
+        folds = []
+        if norm and norm[3] is not None:  # LayerNorm: W @ g and W @ beta, once, here
+            for name, t in zip(("_ln_wg", "_ln_wb"), gemv.layer_norm_folds(
+                    *(constant_value(gm, n.target) for n in (weight, norm[1], norm[3])))):
+                folds.append(graph.get_attr(add_constant(gm, name, t)))
+                folds[-1].meta["val"] = t
         call = graph.call_function(decode_linear, (x, weight, bias, norm[1] if norm else None,
                                                    norm[2] if norm else 0.0, glu is not None, r,
-                                                   norm[3] if norm else None, activation))
+                                                   norm[3] if norm else None, activation, *folds))
         call.meta["val"] = val(x).new_empty((rows, width))
         out = call if anchor is linear else emit(graph, aten.reshape.default, call, list(val(anchor).shape))
     anchor.replace_all_uses_with(out)

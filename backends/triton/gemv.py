@@ -55,7 +55,7 @@ def _activation(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_row_kernel(X, W, Bias, Out, G, Beta, Res, N, K, k_per_split, eps,
+def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X1D: tl.constexpr,
                      LAYER_NORM: tl.constexpr, ACT: tl.constexpr):
@@ -64,9 +64,11 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Beta, Res, N, K, k_per_split, eps,
     the fp32 partial sums of x * norm weight against the rows (gate and up), the rest in _finish_splits_kernel.
     X1D: x (and the norm weight) loaded once per step as a [BLOCK_K] vector and broadcast over the tile's rows,
     where the default loads them in the tile's shape (see the module docstring). LAYER_NORM (with NORM, X1D):
-    LayerNorm instead of RMSNorm; its mean and variance come from two passes over x's row before the main loop
-    (as eager computes them: the variance of the centred values), x is normalized as it is loaded (* G + Beta),
-    so nothing is left to scale at the end. ACT: 1 GELU (erf), 2 GELU (tanh), after the bias."""
+    LayerNorm instead of RMSNorm, in one pass as RMSNorm is: W . ((x - mean) * rstd * g + beta) =
+    rstd * (W . (x * g) - mean * (W . g)) + W . beta, with W . g and W . beta per row (WG, WB, fp32) computed
+    once when the graph is compiled, and x's sum and sum of squares gathered in the main loop (a first pass
+    over x for the statistics put two L2 round trips before the first weight load, which a GEMV of a few
+    microseconds cannot hide). ACT: 1 GELU (erf), 2 GELU (tanh), after the bias."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
@@ -84,30 +86,15 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Beta, Res, N, K, k_per_split, eps,
         squares = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    mean, rstd = 0.0, 1.0
-    if LAYER_NORM:  # the whole row's statistics first (split K too): K values, against BLOCK_N weight rows of K
-        cols = tl.arange(0, BLOCK_K)
-        total = tl.zeros([BLOCK_K], tl.float32)
-        for k in range(0, K, BLOCK_K):
-            total += tl.load(X + k + cols, mask=cols < K - k, other=0.0).to(tl.float32)
-        mean = tl.sum(total, axis=0) / K
-        total = tl.zeros([BLOCK_K], tl.float32)
-        for k in range(0, K, BLOCK_K):
-            d = tl.where(cols < K - k, tl.load(X + k + cols, mask=cols < K - k, other=0.0).to(tl.float32) - mean, 0.0)
-            total += d * d
-        rstd = tl.rsqrt(tl.sum(total, axis=0) / K + eps)
-        b_ptrs = Beta + offs_k
+    sums = tl.zeros([BLOCK_K], tl.float32)  # LayerNorm's sum of x
     for k in range(0, k_per_split, BLOCK_K):
         k_ok = (offs_k < K - k)[None, :]
         w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
         if X1D:
             xv = tl.load(x_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
-            if LAYER_NORM:  # masked columns: (0 - mean) * rstd * 0 + 0
-                xv = (xv - mean) * rstd * tl.load(g_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32) \
-                    + tl.load(b_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
-                g_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-            elif NORM:  # RMSNorm's statistics ride along the loop; its row scale is applied once at the end
+            if NORM:  # the norm's statistics ride along the loop; its row scale is applied once at the end
+                if LAYER_NORM:
+                    sums += xv
                 squares += xv * xv
                 xv *= tl.load(g_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
                 g_ptrs += BLOCK_K
@@ -132,7 +119,11 @@ def _gemv_row_kernel(X, W, Bias, Out, G, Beta, Res, N, K, k_per_split, eps,
         if GLU:
             tl.store(Out + split * width + N + offs_n, tl.sum(up, axis=1), mask=offs_n < N)
     else:
-        if NORM and not LAYER_NORM:
+        if LAYER_NORM:  # one split: the loop saw all of x
+            mean = tl.sum(sums, axis=0) / K
+            rstd = tl.rsqrt(tl.maximum(tl.sum(squares, axis=0) / K - mean * mean, 0.0) + eps)
+            out = rstd * (out - mean * tl.load(WG + w_rows)) + tl.load(WB + w_rows)
+        elif NORM:
             if X1D:
                 scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
             else:
@@ -212,7 +203,7 @@ def _gemv_kernel(X, W, Bias, Out, G, Res, M, N, K, stride_xm, stride_rm, k_per_s
 
 
 @triton.jit
-def _finish_splits_kernel(Part, X, Bias, G, Res, Out, N, K, num_splits, stride_xm, stride_rm, eps,
+def _finish_splits_kernel(Part, X, Bias, G, WG, WB, Res, Out, N, K, num_splits, stride_xm, stride_rm, eps,
                           HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                           HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, LAYER_NORM: tl.constexpr,
                           ACT: tl.constexpr):
@@ -231,15 +222,22 @@ def _finish_splits_kernel(Part, X, Bias, G, Res, Out, N, K, num_splits, stride_x
         acc += tl.load(row + offs, mask=ok, other=0.0)
         if GLU:
             up += tl.load(row + N + offs, mask=ok, other=0.0)
-    if NORM and not LAYER_NORM:  # LayerNorm's partials are of normalized x already
+    if NORM:
         squares = tl.zeros([BLOCK], tl.float32)
+        sums = tl.zeros([BLOCK], tl.float32)
         for k in range(0, K, BLOCK):
             xk = tl.load(X + m * stride_xm + k + tl.arange(0, BLOCK), mask=k + tl.arange(0, BLOCK) < K,
                          other=0.0).to(tl.float32)
             squares += xk * xk
-        scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        acc *= scale
-        up *= scale
+            sums += xk
+        if LAYER_NORM:
+            mean = tl.sum(sums, axis=0) / K
+            rstd = tl.rsqrt(tl.maximum(tl.sum(squares, axis=0) / K - mean * mean, 0.0) + eps)
+            acc = rstd * (acc - mean * tl.load(WG + offs, mask=ok, other=0.0)) + tl.load(WB + offs, mask=ok, other=0.0)
+        else:
+            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            acc *= scale
+            up *= scale
     if HAS_BIAS:
         acc += tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)
     if GLU:
@@ -326,6 +324,18 @@ class Fusion(NamedTuple):
     residual: Optional[torch.Tensor] = None
     norm_bias: Optional[torch.Tensor] = None
     activation: str = "none"
+    norm_folds: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # LayerNorm: layer_norm_folds, computed once
+
+
+def layer_norm_folds(weight: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W @ g, W @ beta) in fp32, [N] each: what a LayerNorm in front of the GEMV leaves per output row once its
+    statistics are known (see _gemv_row_kernel). In blocks of rows, so an LM head's weight is never copied whole
+    to fp32."""
+    g, beta = norm_weight.float(), norm_bias.float()
+    parts = [rows.float() @ torch.stack([g, beta], dim=1) for rows in weight.split(4096)]
+    both = torch.cat(parts)
+    return both[:, 0].contiguous(), both[:, 1].contiguous()
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -381,11 +391,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     epilogue = dict(LAYER_NORM=fusion.norm_bias is not None, ACT=ACTIVATIONS[fusion.activation])
     assert not epilogue["LAYER_NORM"] or (M == 1 and cfg.x1d), "gemv: LayerNorm runs in the one-row X1D kernel"
     # Absent operands are passed as x: a pointer the kernel never reads
-    bias_arg, g_arg, beta_arg, res_arg = (x if t is None else t.contiguous()
-                                          for t in (bias, norm, fusion.norm_bias, residual))
+    bias_arg, g_arg, res_arg = (x if t is None else t.contiguous() for t in (bias, norm, residual))
+    folds = (x, x)
+    if epilogue["LAYER_NORM"]:  # the graph's call passes them, computed when it was compiled
+        folds = fusion.norm_folds or layer_norm_folds(weight, norm, fusion.norm_bias)
     final = cfg.splits == 1
     if M == 1:
-        _gemv_row_kernel[grid](x, weight, bias_arg, part, g_arg, beta_arg, res_arg, N, K, cfg.k_per_split,
+        _gemv_row_kernel[grid](x, weight, bias_arg, part, g_arg, *folds, res_arg, N, K, cfg.k_per_split,
                                fusion.eps, **flags, **epilogue, FINAL=final, BLOCK_N=cfg.block_n,
                                BLOCK_K=cfg.block_k, X1D=cfg.x1d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
@@ -399,8 +411,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     if not final:
         block = 1024 if x.is_cuda else 64
         _finish_splits_kernel[(M, triton.cdiv(N, block))](
-            part, x, bias_arg, g_arg, res_arg, out, N, K, cfg.splits, x.stride(0), res_arg.stride(0), fusion.eps,
-            **flags, **epilogue, BLOCK=block)
+            part, x, bias_arg, g_arg, *folds, res_arg, out, N, K, cfg.splits, x.stride(0), res_arg.stride(0),
+            fusion.eps, **flags, **epilogue, BLOCK=block)
 
 
 def benchmark(M: int = 1, N: int = 4096, K: int = 4096, dtype: torch.dtype = torch.bfloat16) -> dict:
