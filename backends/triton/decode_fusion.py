@@ -140,7 +140,7 @@ def _match_norm(linear: fx.Node, max_rows: int) -> tuple[Optional[tuple], Option
     if parts is None:
         return None, None
     if parts[3] is not None and os.environ.get(LAYER_NORM_SWITCH, "0") != "1":
-        return None, f"LayerNorm in front: off unless {LAYER_NORM_SWITCH}=1 (measured no faster on an H200)"
+        return None, f"LayerNorm in front: off unless {LAYER_NORM_SWITCH}=1 (not yet measured faster on a GPU)"
     h, g, eps, beta = parts
     K = val(linear.args[1]).shape[1]
     if val(h).shape[-1] != K or val(g).shape != (K,) or val(h).dtype != val(linear.args[0]).dtype:

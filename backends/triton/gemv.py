@@ -300,7 +300,7 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, no
             block_n, block_k, num_warps, num_stages = 16, 1024 // dtype.itemsize, 2, 4
     else:
         sms, block_k, block_n, num_warps, num_stages = 8, 32, 4 if M == 1 else 16, 1, 1
-    # LayerNorm in front needs X1D (its statistics come before the main loop): 4 rows if NORM_ROWS says 0
+    # LayerNorm in front runs on the X1D path only (x's sum is gathered on the vector): 4 rows if NORM_ROWS says 0
     x1d = M == 1 and norm and (NORM_ROWS > 0 or layer_norm)
     block_n = triton.next_power_of_2(NORM_ROWS or 4) if x1d else block_n
     n_blocks = triton.cdiv(N, block_n)
