@@ -8,8 +8,9 @@ floor near 0.07 ms) and the GEMV fusions (RMSNorm in front, SiLU(gate)*up and th
 Part "attention": for decode shapes (batch 1, 32 heads, head dim 128; MHA and 8 K/V heads; bool masks whose live
 prefix is what a static cache holds), every plan of (programs per SM, keys per block, warps, stages) and, for
 grouped-query attention, heads per program 1 vs the whole group, against ATen's SDPA on the same inputs. Part
-"gemv": the 7B decoder's five linears at M = 1, plain and with the fusion the decode step gives them, at several
-(rows per program, bytes of a row per step, warps). Times: GPU time inside a CUDA graph with L2 flushed before
+"gemv": the 7B decoder's five linears and three of Whisper large-v3's decoder (LayerNorm in front, one pass) at
+M = 1, plain and with the fusion the decode step gives them, at several (rows per program, bytes of a row per
+step, warps), x and the norm weight loaded in the weight tile's shape or once as a vector (X1D). Times: GPU time inside a CUDA graph with L2 flushed before
 each call (backends/triton/matmul.py `_time_us`, as the target's own autotuner measures); GB/s over the bytes a
 call must read.
 
@@ -37,7 +38,10 @@ ATTENTION = [("mha 640/1024", 32, 32, 128, 1024, 640), ("mha 1025/2048", 32, 32,
 # (name, N, K, fusion): a Llama-7B decoder layer's linears and its LM head
 GEMV = [("qkv+norm", 12288, 4096, "norm"), ("o+residual", 4096, 4096, "residual"),
         ("gate_up+norm+glu", 22016, 4096, "norm_glu"), ("down+residual", 4096, 11008, "residual"),
-        ("lm_head+norm", 32000, 4096, "norm")]
+        ("lm_head+norm", 32000, 4096, "norm"),
+        # Whisper large-v3's decoder (d_model 1280): LayerNorm prologues (the one-pass form, MMACCEL_GEMV_LAYERNORM)
+        ("wh qkv+ln", 3840, 1280, "layernorm"), ("wh fc1+ln+gelu", 5120, 1280, "layernorm_gelu"),
+        ("wh fc2+residual", 1280, 5120, "residual")]
 
 
 def attention_part(args, device, dtype) -> list[dict]:
@@ -88,22 +92,31 @@ def _print_best(rows: list[dict], shape: str) -> None:
 
 def gemv_part(args, device, dtype) -> list[dict]:
     rows = []
-    for name, N, K, fusion_kind in GEMV if not args.dry else [("tiny", 40, 96, "norm_glu"), ("tiny", 40, 96, "residual")]:
+    tiny = [("tiny", 40, 96, "norm_glu"), ("tiny", 40, 96, "residual"), ("tiny ln", 40, 96, "layernorm_gelu")]
+    for name, N, K, fusion_kind in GEMV if not args.dry else tiny:
         torch.manual_seed(0)
         glu = "glu" in fusion_kind
         x = torch.randn(1, K, device=device, dtype=dtype)
         weight = torch.randn(N * (2 if glu else 1), K, device=device, dtype=dtype) / K ** 0.5
-        fused = gemv.Fusion(norm_weight=torch.rand(K, device=device, dtype=dtype) + 0.5 if "norm" in fusion_kind else None,
+        layer_norm = fusion_kind.startswith("layernorm")
+        normed = "norm" in fusion_kind
+        fused = gemv.Fusion(norm_weight=torch.rand(K, device=device, dtype=dtype) + 0.5 if normed else None,
                             eps=1e-6, glu=glu,
-                            residual=torch.randn(1, N, device=device, dtype=dtype) if fusion_kind == "residual" else None)
+                            residual=torch.randn(1, N, device=device, dtype=dtype) if fusion_kind == "residual" else None,
+                            norm_bias=torch.randn(K, device=device, dtype=dtype) if layer_norm else None,
+                            activation="gelu" if fusion_kind.endswith("gelu") else "none")
+        if layer_norm:  # computed once at compile time in the Triton target
+            fused = fused._replace(norm_folds=gemv.layer_norm_folds(weight, fused.norm_weight, fused.norm_bias))
         moved = weight.numel() * dtype.itemsize
         base = {"shape": name, "N": N, "K": K, "bytes": moved}
         if not args.dry:
             us = _time_us(lambda: x @ weight.T, reps=args.reps)
             rows.append({**base, "kernel": "cublas (plain)", "us": us, "gb_s": gb_per_s(moved, us)})
-        default = gemv._config(1, N, K, x.device, dtype, norm=fused.norm_weight is not None)
+        default = gemv._config(1, N, K, x.device, dtype, norm=normed, layer_norm=layer_norm)
         for (rows_pp, row_bytes, warps), with_fusion, x1d in itertools.product(
                 itertools.product(args.rows_per_program, args.row_bytes, args.gemv_warps), (False, True), (False, True)):
+            if with_fusion and layer_norm and not x1d:
+                continue  # LayerNorm runs on the X1D path only
             block_k = row_bytes // dtype.itemsize
             # one split: these shapes give every SM programs without one, and the fused epilogue runs in place
             cfg = gemv.GemvConfig(rows_pp, block_k, -(-K // block_k) * block_k, 1, warps, 1, x1d)
