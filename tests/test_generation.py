@@ -211,9 +211,9 @@ def test_hf_static_cache_recipe_through_the_backend() -> None:
 
 def test_triton_target_runs_the_steps(monkeypatch) -> None:
     """The step graphs on the Triton target (interpreted on CPU; CUDA graphs on a GPU): greedy equals HF
-    eager, and the hash-seeded sampling draws the same tokens as on the eager target; with the decode GEMV
-    fusions switched on (opt-in), they fire on HF Llama's step."""
-    monkeypatch.setenv("MMACCEL_GEMV_FUSION", "1")
+    eager, and the hash-seeded sampling draws the same tokens as on the eager target; the decode GEMV fusions
+    (on by default) fire on HF Llama's step."""
+    monkeypatch.delenv("MMACCEL_GEMV_FUSION", raising=False)
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([7, 5])
     expected = hf_generate(model, ids, mask, max_new_tokens=4, do_sample=False)
