@@ -226,3 +226,16 @@ def test_regression_masked_load_of_a_one_element_input():
         return torch.cat([x, y], dim=-1) + 1
 
     _check(fn, torch.randn(1, 1, 1, device=DEVICE), torch.randn(1, 1, 5, device=DEVICE))
+
+
+def test_programmatic_dependent_launch_needs_the_switch_and_a_hopper_gpu(monkeypatch):
+    """MMACCEL_PDL=1 (unmeasured, off by default) only applies to CUDA devices of compute capability 9 or more:
+    on the interpreter the kernels keep their plain launches."""
+    from mmaccel.backends.triton import device
+
+    monkeypatch.delenv(device.PDL_SWITCH, raising=False)
+    assert not device.pdl(torch.device("cpu"))
+    monkeypatch.setenv(device.PDL_SWITCH, "1")
+    assert not device.pdl(torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert device.pdl(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)

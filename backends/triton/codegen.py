@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
+from .device import pdl
 
 aten = torch.ops.aten
 MAX_ROW = 16384  # longest row a rows kernel holds in registers
@@ -458,7 +459,9 @@ class Writer:
             params.extend(f"{name}_st{d}" for d in self.strides[node])
         params += [f"out{i}" for i in range(len(self.k.roots))] + self.k.symbols
         params.append("RBLOCK: tl.constexpr" if self.k.rows else "XBLOCK: tl.constexpr")
-        body = "\n".join("    " + line for line in self.lines)
+        # programmatic dependent launch (device.pdl): wait for the previous kernel's writes before any load
+        self.pdl = pdl(_val(self.k.roots[0]).device)
+        body = "\n".join("    " + line for line in (["tl.extra.cuda.gdc_wait()"] if self.pdl else []) + self.lines)
         self.k.source = f"@triton.jit\ndef {self.k.name}({', '.join(params)}):\n{body}\n"
         self.k.launcher = self.launcher()
 
@@ -492,6 +495,8 @@ class Writer:
             grid = f"triton.cdiv({work}, {block})"
             call.append(f"XBLOCK={block}, num_warps={4 if block >= 512 else 1}")
         lines.append(f"    if {work} > 0:")
+        if self.pdl:
+            call.append("launch_pdl=True")
         lines.append(f"        {k.name}[({grid},)]({', '.join(call)})")
         lines.append(f"    return ({''.join(f'out{i}, ' for i in range(len(k.roots)))})")
         return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import sm_count
+from .device import pdl, sm_count
 
 MAX_QUERY_ROWS = 16  # one padded tl.dot tile of query rows; longer queries are prefill, not decode
 MAX_HEAD_DIM = 256
@@ -37,10 +37,12 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                      H, group, heads, Lq, Lk, D, split_len, scale,
                      HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
     """One program: `heads` query heads that share one K/V head (grouped-query attention reads each K/V block
     once for its whole group instead of once per query head), all their Lq query rows as the rows of one tile
     (row r: head r // Lq, query r % Lq), and one split of the keys."""
+    if USE_GDC:  # launched with programmatic dependent launch (device.pdl): the previous kernel's writes first
+        tl.extra.cuda.gdc_wait()
     pid, split = tl.program_id(0), tl.program_id(1)
     # int64 batch/head offsets: a KV cache can hold more than 2**31 elements
     b = (pid // (H // heads)).to(tl.int64)
@@ -99,7 +101,9 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
 
 @triton.jit
 def _combine_kernel(M_part, L_part, Acc_part, Out, num_splits, Lq, D,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
     bh, row = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     s_ok, d_ok = offs_s < num_splits, offs_d < D
@@ -197,6 +201,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     mask = q if attn_mask is None else attn_mask  # any pointer does when there is no mask
     mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.broadcast_to(B, H, Lq, Lk).stride()
+    use_gdc = pdl(q.device)
+    launch = dict(USE_GDC=use_gdc, **({"launch_pdl": True} if use_gdc else {}))
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         _split_kv_kernel[(B * H // cut.heads, cut.num_splits)](
             q, k, v, mask, m_part, l_part, acc_part, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
@@ -205,7 +211,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
             # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_M=max(16, triton.next_power_of_2(cut.heads * Lq)), BLOCK_N=cut.block_n, BLOCK_D=block_d,
-            num_warps=cut.num_warps, num_stages=cut.num_stages)
+            num_warps=cut.num_warps, num_stages=cut.num_stages, **launch)
         _combine_kernel[(B * H, Lq)](m_part, l_part, acc_part, out, cut.num_splits, Lq, D,
-                                     BLOCK_S=triton.next_power_of_2(cut.num_splits), BLOCK_D=block_d)
+                                     BLOCK_S=triton.next_power_of_2(cut.num_splits), BLOCK_D=block_d, **launch)
     return out

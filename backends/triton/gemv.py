@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import sm_count
+from .device import pdl, sm_count
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
@@ -58,7 +58,7 @@ def _activation(y, ACT: tl.constexpr):
 def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
                      HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      FINAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, X1D: tl.constexpr,
-                     LAYER_NORM: tl.constexpr, ACT: tl.constexpr):
+                     LAYER_NORM: tl.constexpr, ACT: tl.constexpr, USE_GDC: tl.constexpr):
     """M = 1: elementwise products accumulated in an fp32 [BLOCK_N, BLOCK_K] tile, one reduction at the end.
     FINAL (one split): the fused prologue and epilogues (NORM, GLU, HAS_RESIDUAL: see `gemv`) here; split K:
     the fp32 partial sums of x * norm weight against the rows (gate and up), the rest in _finish_splits_kernel.
@@ -69,6 +69,8 @@ def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
     once when the graph is compiled, and x's sum and sum of squares gathered in the main loop (a first pass
     over x for the statistics put two L2 round trips before the first weight load, which a GEMV of a few
     microseconds cannot hide). ACT: 1 GELU (erf), 2 GELU (tanh), after the bias."""
+    if USE_GDC:  # launched with programmatic dependent launch (device.pdl): the previous kernel's writes first
+        tl.extra.cuda.gdc_wait()
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
@@ -146,7 +148,9 @@ def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
 def _gemv_kernel(X, W, Bias, Out, G, Res, M, N, K, stride_xm, stride_rm, k_per_split, eps,
                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,11 +210,13 @@ def _gemv_kernel(X, W, Bias, Out, G, Res, M, N, K, stride_xm, stride_rm, k_per_s
 def _finish_splits_kernel(Part, X, Bias, G, WG, WB, Res, Out, N, K, num_splits, stride_xm, stride_rm, eps,
                           HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
                           HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, LAYER_NORM: tl.constexpr,
-                          ACT: tl.constexpr):
+                          ACT: tl.constexpr, USE_GDC: tl.constexpr):
     """Split K, grid (M, N blocks): sums one row's partials in a fixed order (the result does not depend on
     scheduling), then what the fused GEMV does after its dot products: RMSNorm's row scale (its statistics
     from x's row, read here once per program: K values against the weight's N x K), bias, SiLU(gate) * up,
     residual."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -389,6 +395,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     assert residual is None or residual.shape == (M, N), "gemv: the residual must be [M, N]"
     flags = dict(HAS_BIAS=bias is not None, NORM=norm is not None, GLU=fusion.glu, HAS_RESIDUAL=residual is not None)
     epilogue = dict(LAYER_NORM=fusion.norm_bias is not None, ACT=ACTIVATIONS[fusion.activation])
+    use_gdc = pdl(x.device)
+    launch = dict(USE_GDC=use_gdc, **({"launch_pdl": True} if use_gdc else {}))
     assert not epilogue["LAYER_NORM"] or (M == 1 and cfg.x1d), "gemv: LayerNorm runs in the one-row X1D kernel"
     # Absent operands are passed as x: a pointer the kernel never reads
     bias_arg, g_arg, res_arg = (x if t is None else t.contiguous() for t in (bias, norm, residual))
@@ -398,7 +406,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     final = cfg.splits == 1
     if M == 1:
         _gemv_row_kernel[grid](x, weight, bias_arg, part, g_arg, *folds, res_arg, N, K, cfg.k_per_split,
-                               fusion.eps, **flags, **epilogue, FINAL=final, BLOCK_N=cfg.block_n,
+                               fusion.eps, **flags, **epilogue, **launch, FINAL=final, BLOCK_N=cfg.block_n,
                                BLOCK_K=cfg.block_k, X1D=cfg.x1d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _gemv_kernel[grid](
@@ -406,13 +414,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             fusion.eps, **flags, FINAL=final,
             # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **launch,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not final:
         block = 1024 if x.is_cuda else 64
         _finish_splits_kernel[(M, triton.cdiv(N, block))](
             part, x, bias_arg, g_arg, *folds, res_arg, out, N, K, cfg.splits, x.stride(0), res_arg.stride(0),
-            fusion.eps, **flags, **epilogue, BLOCK=block)
+            fusion.eps, **flags, **epilogue, **launch, BLOCK=block)
 
 
 def benchmark(M: int = 1, N: int = 4096, K: int = 4096, dtype: torch.dtype = torch.bfloat16) -> dict:
