@@ -3,10 +3,13 @@
 In decode a few query tokens attend to a long KV cache, so the cost is reading K and V once. ATen's SDPA
 kernels give each (batch, head) one program: B*H = 32 programs for a 32-head model at batch 1, on an H100
 with 132 SMs, leaves most of the memory bandwidth idle. Here the KV length is split over programs too:
-  phase 1, grid (B*H, num_splits): each program runs an online softmax over its chunk of keys and writes
-           the partial (row max, row sum, unnormalized output) to fp32 scratch;
+  phase 1, grid (B*H / heads, num_splits): each program runs an online softmax over its chunk of keys for
+           `heads` query heads that share a K/V head (grouped-query attention: each K/V block is read once per
+           group, not once per query head; 1 for multi-head attention) and writes the partials (row max, row
+           sum, unnormalized output) to fp32 scratch;
   phase 2, grid (B*H, Lq): merges the splits of one query row with a log-sum-exp rescale.
-The scratch holds Lq*D floats per split, small next to the chunk of cache each split reads.
+The scratch holds Lq*D floats per split, small next to the chunk of cache each split reads. The launch plan
+(`plan`) comes from an H200 sweep (bench/decode_kernels_sweep.py).
 
 Semantics are those of torch.nn.functional.scaled_dot_product_attention (bool mask: True attends; float
 mask: added to the scaled scores, in fp32). A row whose every key is masked (all False, or all -inf) gives
