@@ -311,6 +311,10 @@ def _rewrite(gm: fx.GraphModule, linear: fx.Node, norm: Optional[tuple], glu: Op
              epilogue: Optional[tuple], residual: Optional[tuple]) -> None:
     graph = gm.graph
     anchor = glu or (residual[0] if residual else epilogue[0] if epilogue else linear)
+    if epilogue and not residual:
+        # through the views after the activation too: a copy left there (HF Whisper's dropout in eval is a clone)
+        # would otherwise be a generated kernel of its own, which the GELU kernel used to absorb
+        anchor = _after_views(anchor)
     x, weight, bias = linear.args
     bias, activation = (epilogue[1], epilogue[2]) if epilogue else (bias, "none")
     rows, width = val(x).shape[0], val(linear).shape[1] // (2 if glu else 1)
