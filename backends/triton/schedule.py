@@ -107,9 +107,13 @@ def _group(gm: fx.GraphModule, fusible: dict[fx.Node, str], stored: set[fx.Node]
             everything = members[id(k)] | inline
             users_after = all(position[u] > position[root] for r in k.roots + [root] for u in r.users
                               if u not in everything)
-            # Inputs must exist before the kernel's first node; its own roots are computed in it.
+            # Inputs must exist before the kernel's launch, which `rewrite` places after its last root (this
+            # one); its own roots are computed in it. (Before the first node, as this asked, kept a decode
+            # layer's V-cache write out of the K rotary + K-write kernel whenever V's view came later in the
+            # graph: one kernel more per grouped-query layer.) users_after keeps every reader of the earlier
+            # roots after that launch.
             ready = max((placed.get(a, position[a]) for a in external if a not in k.roots), default=-1)
-            if ready < first[id(k)] and users_after:
+            if ready < position[root] and users_after:
                 joined = k
                 break
         if joined is None:
