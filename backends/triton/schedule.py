@@ -93,40 +93,31 @@ def _group(gm: fx.GraphModule, fusible: dict[fx.Node, str], stored: set[fx.Node]
            unmergeable: set[tuple]) -> list[Kernel]:
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     kernels: list[Kernel] = []
-    placed: dict[fx.Node, int] = {}  # root -> position of its kernel's launch
-    first: dict[int, int] = {}  # kernel id -> lowest position of a node it computes
     members: dict[int, set[fx.Node]] = {}
     for root in sorted(stored, key=position.__getitem__):
         inline = _inline_set(root, fusible, stored)
         shape, rows = _space(root, inline, fusible)
-        external = {a for n in inline for a in n.all_input_nodes if a not in inline}
         joined = None
         for k in reversed(kernels[-MERGE_WINDOW:]):
             if not _fits(k, root, shape, rows) or any(set(k.roots + [root]) >= set(pair) for pair in unmergeable):
                 continue
             everything = members[id(k)] | inline
-            users_after = all(position[u] > position[root] for r in k.roots + [root] for u in r.users
-                              if u not in everything)
-            # Inputs must exist before the kernel's launch, which `rewrite` places after its last root (this
-            # one); its own roots are computed in it. (Before the first node, as this asked, kept a decode
-            # layer's V-cache write out of the K rotary + K-write kernel whenever V's view came later in the
-            # graph: one kernel more per grouped-query layer.) users_after keeps every reader of the earlier
-            # roots after that launch.
-            ready = max((placed.get(a, position[a]) for a in external if a not in k.roots), default=-1)
-            if ready < position[root] and users_after:
+            # `rewrite` launches a kernel after its last root, this one: every input of the root is ready by
+            # then (an ancestor, or a root of a kernel launched at an earlier root), so what decides is that no
+            # reader of the kernel's roots comes before that launch. (Asking the inputs to exist before the
+            # kernel's first node kept a decode layer's V-cache write out of the K rotary + K-write kernel
+            # whenever V's view came later in the graph: one kernel more per grouped-query layer.)
+            if all(position[u] > position[root] for r in k.roots + [root] for u in r.users if u not in everything):
                 joined = k
                 break
         if joined is None:
             joined = Kernel(name=f"k{len(kernels)}", roots=[], shape=shape, rows=rows)
             kernels.append(joined)
-            members[id(joined)], first[id(joined)] = set(), min(position[n] for n in inline)
+            members[id(joined)] = set()
         elif rows and not joined.rows:
             joined.shape, joined.rows = shape, True
         joined.roots.append(root)
         members[id(joined)] |= inline
-        first[id(joined)] = min(first[id(joined)], min(position[n] for n in inline))
-        for r in joined.roots:
-            placed[r] = position[root]
     return kernels
 
 
