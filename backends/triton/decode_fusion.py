@@ -165,18 +165,18 @@ def _rms_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float]]:
         if not (is_op(n, aten.mul.Tensor) and single_user(n)):
             continue
         for hf, r in (n.args, reversed(n.args)):
-            eps = _rsqrt_of_mean_square(r, hf)
-            if eps is not None:
-                # hf: h itself, or h's upcast that only the norm reads (the square and the scaling)
-                upcast = is_op(hf, aten._to_copy.default) and len(hf.users) == 2 and val(hf.args[0]).dtype in _FLOATS
-                return hf.args[0] if upcast else hf, g, eps
+            found = _rsqrt_of_last_dim_mean(r)
+            square = found[0] if found else None
+            if is_op(square, aten.pow.Tensor_Scalar) and single_user(square) and square.args == (hf, 2):
+                return _norm_input(hf), g, found[1]
     return None
 
 
 def _layer_norm_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float, fx.Node]]:
     """cast(c * rstd * g + beta) with c = hf - mean(hf, [-1], keepdim), rstd = rsqrt(mean(c * c, [-1], keepdim) +
     eps), hf h or h's upcast: the Triton target's own writing-out of native_layer_norm (prepare._layer_norm),
-    each node read only by the next (c by both of its readers). (h, g, eps, beta)."""
+    each node read only by the next (c by both of its readers; hf may have other readers: the residual stream).
+    (h, g, eps, beta)."""
     add = y.args[0] if is_op(y, aten._to_copy.default) and set(y.kwargs) <= {"dtype"} and single_user(y.args[0]) else y
     if not (is_op(add, aten.add.Tensor) and len(add.args) == 2):
         return None
@@ -189,56 +189,40 @@ def _layer_norm_parts(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, float, fx.
                     and g.op == "get_attr"):
                 continue
             for c, r in (normed.args, reversed(normed.args)):
-                eps = _rsqrt_of_centred_variance(r, c)
-                if eps is None:
+                if not (is_op(c, aten.sub.Tensor) and len(c.users) == 2):
                     continue
-                hf = c.args[0]
-                upcast = is_op(hf, aten._to_copy.default) and len(hf.users) == 2 and val(hf.args[0]).dtype in _FLOATS
-                return hf.args[0] if upcast else hf, g, eps, beta
+                hf, mean = c.args
+                found = _rsqrt_of_last_dim_mean(r)
+                square = found[0] if found else None
+                if (_is_last_dim_mean(mean, hf) and single_user(mean) and is_op(square, aten.mul.Tensor)
+                        and single_user(square) and square.args == (c, c)):
+                    return _norm_input(hf), g, found[1], beta
     return None
 
 
-def _rsqrt_of_centred_variance(r: Any, c: Any) -> Optional[float]:
-    """eps when r = rsqrt(mean(c * c, [-1], keepdim=True) + eps) and c = hf - mean(hf, [-1], keepdim=True), c
-    read only by the variance's square and the normalization (hf may have other readers: the residual stream)."""
-    if not (is_op(c, aten.sub.Tensor) and len(c.users) == 2 and is_op(r, aten.rsqrt.default) and single_user(r)):
-        return None
-    hf, mean = c.args
-    if not (_is_last_dim_mean(mean, hf) and single_user(mean)):
-        return None
-    add = r.args[0]
-    if not (is_op(add, aten.add.Tensor) and single_user(add) and isinstance(add.args[1], float)):
-        return None
-    var = add.args[0]
-    if not (is_op(var, aten.mean.dim) and single_user(var)):
-        return None
-    square = var.args[0]
-    if not (is_op(square, aten.mul.Tensor) and single_user(square) and square.args == (c, c)
-            and _is_last_dim_mean(var, square)):
-        return None
-    return add.args[1]
+def _norm_input(hf: fx.Node) -> fx.Node:
+    """h of a norm over hf: h itself, or h's upcast that only the norm reads (its two readers in the norm)."""
+    upcast = is_op(hf, aten._to_copy.default) and len(hf.users) == 2 and val(hf.args[0]).dtype in _FLOATS
+    return hf.args[0] if upcast else hf
 
 
-def _is_last_dim_mean(mean: Any, x: Any) -> bool:
-    return (is_op(mean, aten.mean.dim) and mean.args[0] is x and list(mean.args[1]) in ([-1], [val(x).dim() - 1])
-            and bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)))
-
-
-def _rsqrt_of_mean_square(r: Any, hf: Any) -> Optional[float]:
-    """eps when r = rsqrt(mean(hf ** 2, [-1], keepdim=True) + eps), each node read only by the next."""
+def _rsqrt_of_last_dim_mean(r: Any) -> Optional[tuple[fx.Node, float]]:
+    """(x, eps) when r = rsqrt(mean(x, [-1], keepdim=True) + eps), each node read only by the next: the statistic
+    both norms share (x the square of RMSNorm's input, or of LayerNorm's centred input)."""
     if not (is_op(r, aten.rsqrt.default) and single_user(r)):
         return None
     add = r.args[0]
     if not (is_op(add, aten.add.Tensor) and single_user(add) and isinstance(add.args[1], float)):
         return None
     mean = add.args[0]
-    if not (is_op(mean, aten.mean.dim) and single_user(mean) and list(mean.args[1]) in ([-1], [val(hf).dim() - 1])
-            and (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))):
+    if not (is_op(mean, aten.mean.dim) and _is_last_dim_mean(mean, mean.args[0]) and single_user(mean)):
         return None
-    square = mean.args[0]
-    if not (is_op(square, aten.pow.Tensor_Scalar) and single_user(square) and square.args == (hf, 2)):
-        return None
-    return add.args[1]
+    return mean.args[0], add.args[1]
+
+
+def _is_last_dim_mean(mean: Any, x: Any) -> bool:
+    return (is_op(mean, aten.mean.dim) and mean.args[0] is x and list(mean.args[1]) in ([-1], [val(x).dim() - 1])
+            and bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)))
 
 
 def _match_glu(linear: fx.Node) -> tuple[Optional[fx.Node], Optional[str]]:
