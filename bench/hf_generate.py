@@ -168,6 +168,44 @@ def tokens_row(model: torch.nn.Module, options: dict[str, Any], inputs: dict[str
             "first_token_error": error, "tokens_match_eager": None, **auto}
 
 
+def divergence(model: torch.nn.Module, inputs: dict[str, Any], tokens: torch.Tensor,
+               reference: torch.Tensor) -> dict[str, Any]:
+    """Where `tokens` first leave eager's `reference`, and whether that is a near-tie rounding broke the other
+    way: the logits at that step (teacher-forced on eager's prefix) of eager in the run's dtype and of the same
+    weights in fp32, with the margin of eager's token over the variant's relative to the largest logit. In
+    bf16 a step's logits carry ~0.4-0.8% relative error, so eager's own choice is a tie when fp32 prefers the
+    variant's token or separates the two by under 1%; otherwise a kernel is wrong. Empty when tokens match."""
+    if tokens.shape != reference.shape or torch.equal(tokens.cpu(), reference.cpu()):
+        return {}
+    row, step = [int(i) for i in (tokens.cpu() != reference.cpu()).nonzero()[0]]
+    prefix = reference[row:row + 1, :step]
+    chosen, best = int(tokens[row, step]), int(reference[row, step])
+
+    def last_logits() -> torch.Tensor:
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            if "input_features" in inputs:
+                out = model(input_features=inputs["input_features"][row:row + 1].to(dtype), decoder_input_ids=prefix)
+            else:
+                extra = {k: v[row:row + 1].to(dtype) for k, v in inputs.items() if k == "pixel_values"}
+                out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), **extra)
+        return out.logits[0, -1].float()
+
+    def margin(logits: torch.Tensor) -> float:
+        return float(logits[best] - logits[chosen]) / float(logits.abs().max())
+
+    dtype = next(model.parameters()).dtype
+    low = margin(last_logits())
+    model.float()  # bf16 -> fp32 -> bf16 is exact: the model is unchanged afterwards
+    try:
+        high = margin(last_logits())
+    finally:
+        model.to(dtype)
+    return {"first_divergence": {"row": row, "step": step, "eager_token": best, "variant_token": chosen,
+                                 "relative_margin": low, "fp32_relative_margin": high,
+                                 "near_tie": high < 0.01}}
+
+
 def reset_model(model: torch.nn.Module) -> None:
     model.__dict__.pop("forward", None)
     torch._dynamo.reset()
@@ -219,6 +257,7 @@ def bench_variant(name: str, variant: str, model, inputs, new: int, repeats: int
     return {"model": name, "variant": variant, "first_token_ms": first, "ms_per_token": (e2e - first) / (new - 1),
             "end_to_end_ms": e2e, "graphs": graphs, "setup_s": setup_s,
             "tokens_match_eager": bool(torch.equal(tokens.cpu(), reference.cpu())),
+            **(divergence(model, inputs, tokens, reference) if "tokens" not in generate_options(variant) else {}),
             **memory, **tokens_row(model, generate_options(variant), inputs, new)}
 
 
@@ -331,6 +370,10 @@ def print_row(row: dict) -> None:
         print(f"{head} {row.get('skipped') or 'FAILED ' + row['error'][:120]}", flush=True)
         return
     match = {True: "yes", False: "NO", None: "lossy"}[row["tokens_match_eager"]]
+    if "first_divergence" in row:  # a bf16 near-tie broken the other way, or a real difference
+        d = row["first_divergence"]
+        match += (f" (step {d['step']}: {'near tie' if d['near_tie'] else 'NOT a tie'}, margin {d['relative_margin']:.2%}"
+                  f", fp32 {d['fp32_relative_margin']:.2%})")
     kv = f"prompt {row['prompt_positions']} ({row['image_tokens']}), error {row['first_token_error']:.3f}" \
         if "prompt_positions" in row else row.get("tokens_left_untouched", "")
     chose = f", tokens='auto' chose {row['tokens_setting']}" if "tokens_setting" in row else ""

@@ -112,8 +112,8 @@ def test_norm_with_x_as_one_vector_matches_the_reference(monkeypatch, N, K, part
 @pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # K split at 17, whole at 130
 @pytest.mark.parametrize("parts", ["layernorm", "layernorm+bias+gelu", "bias+gelu_tanh+residual", "layernorm+residual"])
 def test_layer_norm_prologue_and_gelu_epilogue_match_the_reference(N, K, parts):
-    """Whisper's and CLIP's decode layers: LayerNorm in front (statistics in two passes over x before the main
-    loop, x normalized as it is loaded), bias + GELU after; x far from zero mean, as a residual stream is."""
+    """Whisper's and CLIP's decode layers: LayerNorm in front (statistics gathered in the main loop, W @ g and
+    W @ beta folded), bias + GELU after; x far from zero mean, as a residual stream is."""
     torch.manual_seed(0)
     dtype = torch.float16
     x = torch.randn(1, K, device=DEVICE, dtype=dtype) * 3 + 5
@@ -129,3 +129,17 @@ def test_layer_norm_prologue_and_gelu_epilogue_match_the_reference(N, K, parts):
     assert out.shape == (1, N)
     torch.testing.assert_close(out, expected.to(dtype), rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
     assert _config(1, N, K, torch.device(DEVICE), dtype, norm=layer_norm, layer_norm=layer_norm).x1d == layer_norm
+
+
+@pytest.mark.parametrize("N,K", [(17, 33), (130, 100)])  # K split at 17, whole at 130
+def test_layer_norm_prologue_keeps_a_row_whose_mean_dwarfs_its_spread(N, K):
+    """x = 1000 +- 0.1 in fp32: var = E[x^2] - E[x]^2 loses every digit there (1e6 against 0.01), so the
+    statistics are of x - x[0]; the output must still equal LayerNorm's to fp32 rounding."""
+    torch.manual_seed(0)
+    x = 1000 + 0.1 * torch.randn(1, K, device=DEVICE)
+    weight = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    fusion = Fusion(norm_weight=torch.randn(K, device=DEVICE), norm_bias=torch.randn(K, device=DEVICE), eps=1e-5)
+    out = gemv(x, weight, None, fusion)
+    expected = torch.nn.functional.layer_norm(x.double(), (K,), fusion.norm_weight.double(),
+                                              fusion.norm_bias.double(), 1e-5) @ weight.double().t()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

@@ -46,6 +46,7 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
     (row r: head r // Lq, query r % Lq), and one split of the keys."""
     if USE_GDC:  # launched with programmatic dependent launch (device.pdl): the previous kernel's writes first
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid, split = tl.program_id(0), tl.program_id(1)
     # int64 batch/head offsets: a KV cache can hold more than 2**31 elements
     b = (pid // (H // heads)).to(tl.int64)
@@ -107,6 +108,7 @@ def _combine_kernel(M_part, L_part, Acc_part, Out, num_splits, Lq, D,
                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bh, row = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     s_ok, d_ok = offs_s < num_splits, offs_d < D

@@ -7,9 +7,9 @@ residual add + RMSNorm, twice; SiLU * mul) and attention. Each kernel boundary c
 drain even under CUDA graphs, and the small kernels are pure latency at batch 1: with the norms,
 SiLU * up and residual adds fused, a layer is 4 GEMVs, the rotary kernel(s) and attention (prepare.hoist_views
 lets Q's and K's rotary share one kernel when they have as many heads). Pre-LayerNorm decoders (Whisper,
-BART-style) take fc1's bias + GELU and the biases before residual adds the same way, and with
-MMACCEL_GEMV_LAYERNORM=1 their LayerNorms (off by default: see LAYER_NORM_SWITCH): a tiny Whisper decoder
-step went from 44 generated kernels and 4 plain GEMVs to 31 and none with it.
+BART-style) take fc1's bias + GELU, the biases before residual adds and their LayerNorms the same way
+(MMACCEL_GEMV_LAYERNORM=0 leaves the LayerNorms out: see LAYER_NORM_SWITCH): a tiny Whisper decoder step went
+from 44 generated kernels and 4 plain GEMVs to 31 and none.
 
 Matched on the graph after route_linears (matmul.linear nodes), over views (reshape) and dtype casts:
     norm:     linear(reshape(g * cast(hf * rsqrt(mean(hf ** 2, -1, keepdim) + eps))))  hf = cast(h)
@@ -37,12 +37,11 @@ from .prepare import emit
 
 aten = torch.ops.aten
 SWITCH = "MMACCEL_GEMV_FUSION"
-# LayerNorm in front of a one-row GEMV: off unless this is 1. On an H200, Whisper large-v3 dims (8 + 8 layers)
-# decoded at 0.592 ms/token with it (and bias + GELU) against 0.572 before, in another run
-# (bench/results/hf_generate_whisper8_lnfused_h200.json): 3 kernels fewer per layer bought nothing, most likely
-# because each program then read x's row twice for the statistics before its first weight load, latency that a
-# 2.5 us GEMV cannot hide. Since, the statistics ride along the main loop as RMSNorm's do, with W @ g and
-# W @ beta computed here once (gemv.layer_norm_folds); not measured on a GPU yet, so still off by default.
+# LayerNorm in front of a one-row GEMV: on unless this is 0. Its first form (two passes over x's row for the
+# statistics before the first weight load) measured no faster on an H200 (Whisper large-v3 dims, 8 + 8 layers:
+# 0.592 ms/token against 0.572 in another run); the statistics now ride along the main loop as RMSNorm's do,
+# with W @ g and W @ beta computed here once (gemv.layer_norm_folds), and in one run that form decoded at
+# 0.533 ms/token against 0.554 without it (bench/results/pdl_h200.json, call 3; tokens equal eager with it).
 LAYER_NORM_SWITCH = "MMACCEL_GEMV_LAYERNORM"
 # One activation row on CUDA: matmul.choose keeps wider decode batches on cuBLAS (H200, batch 8: 3.50 ms with
 # the padded-dot GEMV, 3.30 ms with cuBLAS), and a fused GEMV has no cuBLAS twin. The interpreter takes every
@@ -139,8 +138,8 @@ def _match_norm(linear: fx.Node, max_rows: int) -> tuple[Optional[tuple], Option
     parts = (*rms, None) if rms else _layer_norm_parts(y)
     if parts is None:
         return None, None
-    if parts[3] is not None and os.environ.get(LAYER_NORM_SWITCH, "0") != "1":
-        return None, f"LayerNorm in front: off unless {LAYER_NORM_SWITCH}=1 (not yet measured faster on a GPU)"
+    if parts[3] is not None and os.environ.get(LAYER_NORM_SWITCH, "1") == "0":
+        return None, f"LayerNorm in front: switched off by {LAYER_NORM_SWITCH}=0"
     h, g, eps, beta = parts
     K = val(linear.args[1]).shape[1]
     if val(h).shape[-1] != K or val(g).shape != (K,) or val(h).dtype != val(linear.args[0]).dtype:

@@ -65,18 +65,25 @@ def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
     X1D: x (and the norm weight) loaded once per step as a [BLOCK_K] vector and broadcast over the tile's rows,
     where the default loads them in the tile's shape (see the module docstring). LAYER_NORM (with NORM, X1D):
     LayerNorm instead of RMSNorm, in one pass as RMSNorm is: W . ((x - mean) * rstd * g + beta) =
-    rstd * (W . (x * g) - mean * (W . g)) + W . beta, with W . g and W . beta per row (WG, WB, fp32) computed
-    once when the graph is compiled, and x's sum and sum of squares gathered in the main loop (a first pass
+    rstd * (W . (d * g) - E[d] * (W . g)) + W . beta, d = x - x[0], with W . g and W . beta per row (WG, WB,
+    fp32) computed once when the graph is compiled, and d's sum and sum of squares gathered in the main loop
+    (the shift by x[0] keeps |E[d]| near std, where x's own mean would cancel in fp32; a first pass
     over x for the statistics put two L2 round trips before the first weight load, which a GEMV of a few
     microseconds cannot hide). ACT: 1 GELU (erf), 2 GELU (tanh), after the bias."""
-    if USE_GDC:  # launched with programmatic dependent launch (device.pdl): the previous kernel's writes first
-        tl.extra.cuda.gdc_wait()
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = split * k_per_split + tl.arange(0, BLOCK_K)
     w_rows = offs_n % N  # rows past N wrap to valid rows (see _gemv_kernel)
     w_ptrs = W + w_rows[:, None].to(tl.int64) * K + offs_k[None, :]
     u_ptrs = W + (w_rows + N)[:, None].to(tl.int64) * K + offs_k[None, :]  # GLU: the up half's rows
+    if USE_GDC:  # programmatic dependent launch (device.pdl): this program may start while the previous kernel
+        # drains. The weights are constants, so the first weight tile is read now, overlapping that kernel's
+        # tail; x, the norm weight's product and the residual are read after the wait for its writes.
+        w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        if GLU:
+            u = tl.load(u_ptrs, mask=(offs_k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel launches now and waits for this one's writes
     # x's one row, repeated to the weight tile's shape so that both loads get the same register layout
     if X1D:
         x_ptrs = X + offs_k
@@ -88,16 +95,24 @@ def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
         squares = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    sums = tl.zeros([BLOCK_K], tl.float32)  # LayerNorm's sum of x
+    sums = tl.zeros([BLOCK_K], tl.float32)  # LayerNorm's sum of x - shift
+    # LayerNorm works on d = x - shift, shift = x's first element: var = E[x^2] - E[x]^2 and the fold
+    # W . (x g) - mean W . g both cancel catastrophically in fp32 when |mean| >> std (a row of 1000 +- 0.1),
+    # and with d in both (W . ((x - mean) g) = W . (d g) - E[d] W . g) the cancelling terms are of std's size
+    shift = tl.load(X).to(tl.float32) if LAYER_NORM else 0.0
     for k in range(0, k_per_split, BLOCK_K):
         k_ok = (offs_k < K - k)[None, :]
-        w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
+        if not USE_GDC:  # (with USE_GDC, w is this tile, loaded one iteration ahead: see the loop's end)
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")  # read once; measured faster
         if X1D:
             xv = tl.load(x_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
             if NORM:  # the norm's statistics ride along the loop; its row scale is applied once at the end
                 if LAYER_NORM:
+                    xv = tl.where(offs_k < K - k, xv - shift, 0.0)
                     sums += xv
-                squares += xv * xv
+                    squares += xv * xv
+                else:
+                    squares += xv * xv
                 xv *= tl.load(g_ptrs, mask=offs_k < K - k, other=0.0).to(tl.float32)
                 g_ptrs += BLOCK_K
             x = xv[None, :]
@@ -109,11 +124,17 @@ def _gemv_row_kernel(X, W, Bias, Out, G, WG, WB, Res, N, K, k_per_split, eps,
                 g_ptrs += BLOCK_K
         acc += w.to(tl.float32) * x
         if GLU:
-            u = tl.load(u_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")
+            if not USE_GDC:
+                u = tl.load(u_ptrs, mask=k_ok, other=0.0, eviction_policy="evict_first")
             up += u.to(tl.float32) * x
             u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+        if USE_GDC:  # the next tile, one iteration ahead (the first was read before gdc_wait); none past the split
+            next_ok = (offs_k < K - k - BLOCK_K)[None, :] & (k + BLOCK_K < k_per_split)
+            w = tl.load(w_ptrs, mask=next_ok, other=0.0, eviction_policy="evict_first")
+            if GLU:
+                u = tl.load(u_ptrs, mask=next_ok, other=0.0, eviction_policy="evict_first")
     out = tl.sum(acc, axis=1)
     if not FINAL:  # partials [splits, 1, N or 2N]: gate (or the plain output), then up
         width = 2 * N if GLU else N
@@ -151,6 +172,7 @@ def _gemv_kernel(X, W, Bias, Out, G, Res, M, N, K, stride_xm, stride_rm, k_per_s
                  BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr):
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n, split = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,6 +239,7 @@ def _finish_splits_kernel(Part, X, Bias, G, WG, WB, Res, Out, N, K, num_splits, 
     residual."""
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -231,9 +254,12 @@ def _finish_splits_kernel(Part, X, Bias, G, WG, WB, Res, Out, N, K, num_splits, 
     if NORM:
         squares = tl.zeros([BLOCK], tl.float32)
         sums = tl.zeros([BLOCK], tl.float32)
+        shift = tl.load(X + m * stride_xm).to(tl.float32) if LAYER_NORM else 0.0  # as the partials (row kernel)
         for k in range(0, K, BLOCK):
-            xk = tl.load(X + m * stride_xm + k + tl.arange(0, BLOCK), mask=k + tl.arange(0, BLOCK) < K,
-                         other=0.0).to(tl.float32)
+            k_ok = k + tl.arange(0, BLOCK) < K
+            xk = tl.load(X + m * stride_xm + k + tl.arange(0, BLOCK), mask=k_ok, other=0.0).to(tl.float32)
+            if LAYER_NORM:
+                xk = tl.where(k_ok, xk - shift, 0.0)
             squares += xk * xk
             sums += xk
         if LAYER_NORM:
