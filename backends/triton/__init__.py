@@ -100,7 +100,8 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     module = load_source(source, device)
     launchers = {k.name: getattr(module, f"launch_{k.name}") for k in kernels}
     for k in kernels:  # which arguments a launcher writes in place (KV caches), for the CUDA graph runner
-        launchers[k.name].writes_inputs = [k.inputs.index(r.args[0]) for r in k.roots if fusible[r] == "scatter"]
+        launchers[k.name].writes_inputs = [k.inputs.index(r.args[0]) for r in k.roots
+                                           if fusible[r] in ("scatter", "writeback")]
     rewrite(gm, kernels, fusible, launchers, sym_nodes)
     gm.graph.lint()
     gm.recompile()

@@ -117,6 +117,8 @@ def op_kind(node: fx.Node) -> str | None:
         return "cat"
     if t is aten.index_copy_.default and _plain_scatter(node):
         return "scatter"
+    if t is aten.copy_.default and _plain_writeback(node):
+        return "writeback"
     if t in ops.REDUCTIONS:
         x = node.args[0]
         dims = node.args[1] if len(node.args) > 1 else None
@@ -137,6 +139,33 @@ def _plain_scatter(node: fx.Node) -> bool:
             and _val(src).dtype == _val(cache).dtype)
 
 
+def _plain_writeback(node: fx.Node) -> bool:
+    """copy_(input, value) that functionalization leaves at a graph's end for an in-place update of a graph
+    input (HF's StaticLayer advances `cumulative_length` once per layer and step): the kernel that computes
+    `value` stores it into the input, instead of a copy of its own (H200, Whisper 8 + 8 layers: 8 of the ~9
+    memcpy kernels a decode step ran). Same shape only (no broadcasting), no users; fusible_kinds checks that
+    every other reader of the input comes earlier in the graph, plan() that they are launched earlier."""
+    if len(node.args) != 2 or node.kwargs.get("non_blocking") or node.users:
+        return False
+    dest, src = node.args
+    return (dest.op == "placeholder" and isinstance(src, fx.Node) and isinstance(_val(src), torch.Tensor)
+            and same_shape(_val(src).shape, _val(dest).shape) and _val(src).device == _val(dest).device)
+
+
+def input_aliases(node: fx.Node) -> set[fx.Node]:
+    """`node` and every view of it (ops whose schema returns an alias of their input), transitively: what
+    reads the memory a write-back writes."""
+    found, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            schema = getattr(user.target, "_schema", None)
+            if (user not in found and user.args and user.args[0] in found and schema is not None
+                    and not schema.is_mutable and schema.returns and schema.returns[0].alias_info is not None):
+                found.add(user)
+                stack.append(user)
+    return found
+
+
 def space_shape(node: fx.Node) -> tuple:
     """The shape a root is computed over: a scatter's source, any other node's own."""
     return tuple(_val(node.args[3] if node.target is aten.index_copy_.default else node).shape)
@@ -150,12 +179,19 @@ def _plain_copy(node: fx.Node) -> bool:
     return device is None or torch.device(device) == _val(node).device
 
 
-def fusible_kinds(gm: fx.GraphModule, device: torch.device) -> dict[fx.Node, str]:
-    """Nodes the generator may fuse. A view of a non-fusible value stays an ATen view."""
+def fusible_kinds(gm: fx.GraphModule, device: torch.device,
+                  plain: frozenset[fx.Node] = frozenset()) -> dict[fx.Node, str]:
+    """Nodes the generator may fuse. A view of a non-fusible value stays an ATen view. `plain`: write-backs
+    that planning found it cannot order safely, left as ATen copies."""
     fusible: dict[fx.Node, str] = {}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
+        if node.target is aten.copy_.default and (node in plain or any(
+                position[u] > position[node] for a in input_aliases(node.args[0]) for u in a.users
+                if u is not node)):
+            continue  # a write-back may only follow every other reader of the input it writes
         v = _val(node)
         if not isinstance(v, torch.Tensor) or v.dtype not in ops.TL_DTYPES or v.device != device:
             continue
@@ -175,7 +211,7 @@ def fusible_kinds(gm: fx.GraphModule, device: torch.device) -> dict[fx.Node, str
 def materialize(gm: fx.GraphModule, fusible: dict[fx.Node, str], forced: set[fx.Node]) -> set[fx.Node]:
     """Decide what is stored. Mutates `fusible`: views that feed library ops leave it (they become ATen
     views of their stored source)."""
-    stored = {n for n in forced if n in fusible} | {n for n, kind in fusible.items() if kind == "scatter"}
+    stored = {n for n in forced if n in fusible} | {n for n, kind in fusible.items() if kind in ("scatter", "writeback")}
     changed = True
     while changed:
         changed = False
@@ -208,6 +244,7 @@ class Writer:
         self.count = 0
         self.home: dict[fx.Node, tuple[str, ...]] = {}
         self.reads: dict[fx.Node, bool] = {}
+        self.read_offsets: dict[fx.Node, set[str]] = {}
 
     # ---- iteration space
     def coords(self) -> tuple[str, ...]:
@@ -305,6 +342,7 @@ class Writer:
         self.reads[node] = True
         name = self.register(node)
         offset = " + ".join(f"{index[d]} * {name}_st{d}" for d in self.strides[node] if index[d] != "0") or "0"
+        self.read_offsets.setdefault(node, set()).add(offset)
         mask = self.mask(index, guard)
         if mask is not None and not VECTOR.search(offset):
             offset = f"{offset} + {self.lane_zero}"  # a masked load needs a pointer per lane
@@ -427,17 +465,24 @@ class Writer:
     # ---- the kernel
     def write(self) -> None:
         self.base = self.coords()
-        stores = []
+        stores, writebacks = [], []
         for i, root in enumerate(self.k.roots):
             index = self.home_index(root)
             if self.fusible[root] == "scatter":
                 stores.append(self.scatter(root, index))
                 continue
-            name, _ = self.value(root, index)
-            out = f"out{i}"
-            shape = _val(root).shape
-            strides = contiguous_strides([self.size(s) for s in shape])
-            offset = " + ".join(f"{c} * {st}" for c, st, s in zip(index, strides, shape) if c != "0" and not is_one(s)) or "0"
+            if self.fusible[root] == "writeback":  # into the input it updates, at the input's strides
+                dest, src = root.args
+                name, _ = self.value(src, index)
+                out = self.register(dest)
+                offset = " + ".join(f"{index[d]} * {out}_st{d}" for d in self.strides[dest] if index[d] != "0") or "0"
+                writebacks.append((dest, src, offset))
+            else:
+                name, _ = self.value(root, index)
+                out = f"out{i}"
+                shape = _val(root).shape
+                strides = contiguous_strides([self.size(s) for s in shape])
+                offset = " + ".join(f"{c} * {st}" for c, st, s in zip(index, strides, shape) if c != "0" and not is_one(s)) or "0"
             mask = self.mask(index, None)
             if self.k.rows and not any("rindex" in c for c in index):
                 mask = "rmask & (rindex == 0)"  # one value per row: one lane stores it
@@ -447,7 +492,13 @@ class Writer:
             value = f"{name}.to({dtype})" if _val(root).dtype != torch.bool else f"({name} != 0).to(tl.int1)"
             stores.append(f"tl.store({out} + ({offset}), {value}" + (f", mask={mask})" if mask else ")"))
         self.lines.extend(stores)
-        written = [self.inputs[r.args[0]] for r in self.k.roots if self.fusible[r] == "scatter"]
+        for dest, src, offset in writebacks:
+            if any(o != offset for o in self.read_offsets.get(dest, ())) or any(
+                    a in self.inputs for a in input_aliases(dest) if a is not dest):
+                # the kernel reads the input at other elements than it writes (or through a view of it),
+                # which another program may have written already: the value gets a kernel of its own first
+                raise CannotMerge(self.k.roots) if len(self.k.roots) > 1 else NeedMaterialize(src)
+        written = [self.inputs[r.args[0]] for r in self.k.roots if self.fusible[r] in ("scatter", "writeback")]
         if len(set(written)) != len(written) or any(self.reads.get(r.args[0]) for r in self.k.roots
                                                     if self.fusible[r] == "scatter"):
             raise CannotMerge(self.k.roots)  # two writes to one cache, or a read of a cache being written
@@ -461,7 +512,7 @@ class Writer:
         params.append("RBLOCK: tl.constexpr" if self.k.rows else "XBLOCK: tl.constexpr")
         # programmatic dependent launch (device.pdl): wait for the previous kernel's writes before any load
         self.pdl = pdl(_val(self.k.roots[0]).device)
-        body = "\n".join("    " + line for line in (["tl.extra.cuda.gdc_wait()"] if self.pdl else []) + self.lines)
+        body = "\n".join("    " + line for line in (["tl.extra.cuda.gdc_wait()", "tl.extra.cuda.gdc_launch_dependents()"] if self.pdl else []) + self.lines)
         self.k.source = f"@triton.jit\ndef {self.k.name}({', '.join(params)}):\n{body}\n"
         self.k.launcher = self.launcher()
 
@@ -472,7 +523,7 @@ class Writer:
         lines = [f"def launch_{k.name}({', '.join(args)}):"]
         for i, root in enumerate(k.roots):
             v = _val(root)
-            if self.fusible[root] == "scatter":
+            if self.fusible[root] in ("scatter", "writeback"):
                 lines.append(f"    out{i} = {self.inputs[root.args[0]]}  # written in place")
                 continue
             shape = ", ".join(self.size(s) for s in v.shape)

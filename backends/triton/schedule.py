@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .codegen import CannotMerge, space_shape, Kernel, NeedMaterialize, Writer, _val, fusible_kinds, materialize, root_index, same_shape
+from .codegen import (CannotMerge, space_shape, Kernel, NeedMaterialize, Writer, _val, fusible_kinds, input_aliases,
+                      materialize, root_index, same_shape)
 
 aten = torch.ops.aten
 MERGE_WINDOW = 4  # recent kernels a new root may join
@@ -70,8 +71,9 @@ def _space(root: fx.Node, inline: set[fx.Node], fusible: dict[fx.Node, str]) -> 
 def plan(gm: fx.GraphModule, device: torch.device) -> tuple[list[Kernel], dict[fx.Node, str]]:
     forced: set[fx.Node] = set()
     unmergeable: set[tuple] = set()
+    plain: set[fx.Node] = set()  # write-backs left as ATen copies (see _late_readers)
     for _ in range(len(gm.graph.nodes) + 1):
-        fusible = fusible_kinds(gm, device)
+        fusible = fusible_kinds(gm, device, frozenset(plain))
         stored = materialize(gm, fusible, forced)
         store_shared(fusible, stored)
         try:
@@ -79,6 +81,15 @@ def plan(gm: fx.GraphModule, device: torch.device) -> tuple[list[Kernel], dict[f
             owner = {r: k for k in kernels for r in k.roots}
             for k in kernels:
                 Writer(k, fusible, stored, owner).write()
+            late = _late_readers(gm, kernels, fusible)
+            for w in late:  # a later kernel recomputing the new value from the old input reads it stored
+                src = w.args[1]  # instead; if that was tried already, the update stays an ATen copy
+                if fusible.get(src) not in (None, "view") and src not in forced:
+                    forced.add(src)
+                else:
+                    plain.add(w)
+            if late:
+                continue
             return kernels, fusible
         except NeedMaterialize as e:
             if e.node in forced:
@@ -87,6 +98,24 @@ def plan(gm: fx.GraphModule, device: torch.device) -> tuple[list[Kernel], dict[f
         except CannotMerge as e:
             unmergeable.add(e.roots)
     raise NotImplementedError("kernel planning did not converge")
+
+
+def _late_readers(gm: fx.GraphModule, kernels: list[Kernel], fusible: dict[fx.Node, str]) -> set[fx.Node]:
+    """Write-backs whose kernel would launch before another kernel that reads the input they write (kernels
+    launch after their last root, so a reader of the old value can land after the write); ATen readers
+    always come first (fusible_kinds)."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    launch = {id(k): max(position[r] for r in k.roots) for k in kernels}
+    late = set()
+    for k in kernels:
+        for root in k.roots:
+            if fusible[root] != "writeback":
+                continue
+            memory = input_aliases(root.args[0])  # the input and its views
+            if any(other is not k and launch[id(other)] >= launch[id(k)] and memory & set(other.inputs)
+                   for other in kernels):
+                late.add(root)
+    return late
 
 
 def _group(gm: fx.GraphModule, fusible: dict[fx.Node, str], stored: set[fx.Node],
