@@ -111,6 +111,8 @@ def op_kind(node: fx.Node) -> str | None:
         return "pointwise"
     if t in ops.FACTORIES:
         return "pointwise"
+    if t in ops.ARANGES and all(isinstance(a, (int, float)) for a in ops.arange_start_step(node)):
+        return "pointwise"
     if t in ops.VIEWS:
         return "view"
     if t is ops.CAT:
@@ -370,6 +372,15 @@ class Writer:
             name = self.tmp()
             self.lines.append(f"{name} = tl.full([], {expr}, {ops.TL_DTYPES[torch.float32 if out_dtype.is_floating_point else out_dtype]})")
             return ops.cast(name, torch.float32, out_dtype) if out_dtype in ops.HALF else name, compute
+        if t in ops.ARANGES:
+            start, step = ops.arange_start_step(node)
+            kind = ops.TL_DTYPES[compute]
+            name = self.tmp()
+            # a vector even for one element (the coordinate "0"): masks built from it (a cache row) must be
+            # vectors, which the interpreter needs (see scatter)
+            coord = index[0] if index[0] != "0" else self.lane_zero
+            self.lines.append(f"{name} = tl.full([], {ops.literal(start)}, {kind}) + ({coord}).to({kind}) * {ops.literal(step)}")
+            return ops.cast(name, torch.float32, out_dtype) if out_dtype in ops.HALF else name, compute
 
         def arg(a: Any) -> Any:
             if isinstance(a, fx.Node):
@@ -486,8 +497,8 @@ class Writer:
             mask = self.mask(index, None)
             if self.k.rows and not any("rindex" in c for c in index):
                 mask = "rmask & (rindex == 0)"  # one value per row: one lane stores it
-            if mask is not None and not VECTOR.search(offset):
-                offset = f"{offset} + {self.lane_zero}"  # a masked store needs a pointer per lane
+            if not VECTOR.search(offset):  # a pointer per lane: a masked store needs it, and a value computed
+                offset = f"{offset} + {self.lane_zero}"  # from a vector (an arange of one) is a vector
             dtype = ops.TL_DTYPES[_val(root).dtype]
             value = f"{name}.to({dtype})" if _val(root).dtype != torch.bool else f"({name} != 0).to(tl.int1)"
             stores.append(f"tl.store({out} + ({offset}), {value}" + (f", mask={mask})" if mask else ")"))

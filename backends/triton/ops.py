@@ -111,6 +111,9 @@ POINTWISE: dict[Any, Pointwise] = {
     aten.ge.Tensor: lambda a, b: f"({a} >= {b})", aten.ge.Scalar: lambda a, b: f"({a} >= {literal(b)})",
     aten.logical_and.default: lambda a, b: f"({a} & {b})",
     aten.logical_or.default: lambda a, b: f"({a} | {b})",
+    # integer and bool only (ATen refuses floats): HF's masks combine their parts with & and |
+    aten.bitwise_and.Tensor: lambda a, b: f"({a} & {b})",
+    aten.bitwise_or.Tensor: lambda a, b: f"({a} | {b})",
 }
 # Ops whose expression depends on the output dtype: (args, dtype) -> expression.
 TYPED: dict[Any, Callable[..., str]] = {
@@ -121,7 +124,9 @@ TYPED: dict[Any, Callable[..., str]] = {
 CASTS = {aten._to_copy.default, prims.convert_element_type.default, aten.clone.default, aten.alias.default,
          aten.detach.default, aten.lift_fresh_copy.default}
 FACTORIES = {aten.full.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
-             aten.scalar_tensor.default}
+             aten.scalar_tensor.default, aten.new_ones.default, aten.new_zeros.default, aten.new_full.default}
+# start + coordinate * step along the one dimension: HF's mask builders make them every step
+ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 REDUCTIONS = {aten.sum.dim_IntList: "sum", aten.mean.dim: "mean", aten.amax.default: "max", aten.amin.default: "min"}
 VIEWS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
          aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
@@ -146,6 +151,17 @@ def factory_value(node: Any) -> Any:
     """The constant a factory node fills its output with."""
     if node.target is aten.zeros_like.default:
         return 0
-    if node.target is aten.ones_like.default:
+    if node.target in (aten.ones_like.default, aten.new_ones.default):
         return 1
+    if node.target is aten.new_zeros.default:
+        return 0
+    if node.target is aten.new_full.default:
+        return node.args[2]
     return node.args[1] if node.target in (aten.full.default, aten.full_like.default) else node.args[0]
+
+
+def arange_start_step(node: Any) -> tuple[Any, Any]:
+    """(start, step) of an arange node (its end is the output's length)."""
+    if node.target is aten.arange.default:
+        return 0, 1
+    return node.args[0], node.args[2] if node.target is aten.arange.start_step and len(node.args) > 2 else 1
