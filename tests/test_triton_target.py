@@ -249,7 +249,8 @@ def test_a_kernel_takes_roots_whose_inputs_come_later_than_its_first_node():
     attention (2 layers), a decode step's V-cache write joins the K rotary + K-write kernel. Generated kernels
     per step went 18 -> 14 (prefill 18 -> 15, then 14 once the cache's length counters were written by the
     kernels computing them instead of ATen copies; decode 12 once the mask's aranges and bitwise ops were
-    generated too); tokens equal HF eager."""
+    generated too, then 13 and 15 with the token embedding's row read a generated kernel instead of ATen's
+    embedding); tokens equal HF eager."""
     import hf_tiny
     from test_generation import hf_generate
 
@@ -259,7 +260,7 @@ def test_a_kernel_takes_roots_whose_inputs_come_later_than_its_first_node():
     expected = hf_generate(model, ids, mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=3, options={"target": "triton"}), expected)
     report = mmaccel.generation_report(model, target="triton")
-    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == [12, 14], report
+    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == [13, 15], report
 
 
 def _aten_copies(debug_dir) -> int:
@@ -328,3 +329,24 @@ def test_mask_building_ops_are_generated_not_aten(tmp_path):
     graphs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith("triton_graph.py")]
     source = "".join(open(g).read() for g in graphs)
     assert graphs and not any(f"aten.{op}." in source for op in ("arange", "new_ones", "bitwise_and", "bitwise_or"))
+
+
+def test_table_rows_read_by_ids_are_generated(tmp_path):
+    """embedding(table, ids) and table[ids] (one index, first dimension; negative ids from the end) read the
+    rows inside the kernel that uses them (HF's token and position embeddings, an ATen kernel each per decode
+    step before); the near-miss, two index tensors, stays ATen."""
+    def embed(ids, positions, table, pos_table, picks):
+        h = torch.nn.functional.embedding(ids, table) + pos_table[positions]
+        return h * 2, pos_table[picks[:, None], picks[None, :2]]
+
+    table, pos_table = torch.randn(50, 24), torch.randn(16, 24)
+    ids = torch.tensor([[3, 49, 0, 7]])
+    positions = torch.tensor([[0, 1, -1, 15]])
+    picks = torch.tensor([2, -3, 5])
+    args = (ids, positions, table, pos_table, picks)
+    for got, expected in zip(mmaccel.compile(embed, target="triton", debug_dir=str(tmp_path))(*args), embed(*args)):
+        torch.testing.assert_close(got, expected)
+    graphs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith("triton_graph.py")]
+    code = [line for g in graphs for line in open(g) if not line.strip().startswith("#")]
+    assert graphs and not any("aten.embedding." in line for line in code)
+    assert sum("aten.index.Tensor(" in line for line in code) == 1  # the two-index read

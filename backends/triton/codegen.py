@@ -117,6 +117,8 @@ def op_kind(node: fx.Node) -> str | None:
         return "view"
     if t is ops.CAT:
         return "cat"
+    if _gather_parts(node) is not None:
+        return "gather"
     if t is aten.index_copy_.default and _plain_scatter(node):
         return "scatter"
     if t is aten.copy_.default and _plain_writeback(node):
@@ -139,6 +141,22 @@ def _plain_scatter(node: fx.Node) -> bool:
     return (cache.op == "placeholder" and isinstance(dim, int) and isinstance(_val(index), torch.Tensor)
             and _val(index).dim() == 1 and not _val(index).is_floating_point() and isinstance(_val(src), torch.Tensor)
             and _val(src).dtype == _val(cache).dtype)
+
+
+def _gather_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(table, ids) of a read of a table's rows by integer ids: embedding(table, ids) (a token embedding) or
+    table[ids] (index.Tensor with one index, on the first dimension: a position embedding); out[i..., rest] =
+    table[ids[i...], rest]. HF decoders run both every decode step, each an ATen kernel of its own."""
+    if node.target is aten.embedding.default:
+        table, ids = node.args[0], node.args[1]
+    elif node.target is aten.index.Tensor and len(node.args[1]) == 1 and isinstance(node.args[1][0], fx.Node):
+        table, ids = node.args[0], node.args[1][0]
+    else:
+        return None
+    if not (isinstance(table, fx.Node) and isinstance(_val(table), torch.Tensor) and _val(table).dim() >= 1
+            and isinstance(_val(ids), torch.Tensor) and _val(ids).dtype in (torch.int32, torch.int64)):
+        return None
+    return table, ids
 
 
 def _plain_writeback(node: fx.Node) -> bool:
@@ -324,7 +342,25 @@ class Writer:
             return self.cat(node, index, guard)
         if kind == "reduction":
             return self.reduce(node, index)
+        if kind == "gather":
+            return self.gather(node, index, guard)
         return self.pointwise(node, index, guard)
+
+    def gather(self, node: fx.Node, index: tuple[str, ...], guard: str | None) -> tuple[str, torch.dtype]:
+        """The table's row that the id at these coordinates names (negative ids count from the end, as
+        index.Tensor's do; ids outside the table read nothing, where eager would raise)."""
+        table, ids = _gather_parts(node)
+        if self.fusible.get(table) in ("reduction", "cat") and table not in self.stored:
+            raise NeedMaterialize(table)  # a row chosen by data cannot steer a fused reduction's rows
+        lead = _val(ids).dim()
+        ident, _ = self.value(ids, tuple(index[:lead]), guard)
+        size = self.size(_val(table).shape[0])
+        row = self.tmp()
+        # a vector even when one id serves every lane: the masks built from it must be (see scatter)
+        self.lines.append(f"{row} = {ident}.to(tl.int64) + {self.lane_zero}")
+        self.lines.append(f"{row} = tl.where({row} < 0, {row} + {size}, {row})")
+        inside = f"({row} >= 0) & ({row} < {size})"
+        return self.value(table, (row, *index[lead:]), inside if guard is None else f"{guard} & {inside}")
 
     def home_index(self, node: fx.Node) -> tuple[str, ...]:
         if node not in self.home:
