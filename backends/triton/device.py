@@ -30,8 +30,8 @@ def pdl(device: torch.device) -> bool:
     (0.493 with the final form). Waiting only, without the early launch and weight read, changed nothing
     measurable (2.308 vs 2.302 ms), and a branch selecting the pre-read tile inside the K loop cost 17% (3.071
     vs 2.618 ms): the loop now reads each tile one iteration ahead. MMACCEL_PDL=0 turns it off."""
-    return (os.environ.get(PDL_SWITCH, "1") != "0" and device.type == "cuda"
-            and _capability(device)[0] >= 9)
+    return (os.environ.get(PDL_SWITCH, "1") != "0" and device.type == "cuda" and torch.version.hip is None
+            and _capability(device)[0] >= 9)  # ROCm reports capabilities too; gdc_* are NVIDIA instructions
 
 
 @lru_cache(maxsize=None)
