@@ -39,3 +39,25 @@ def reinplace_input_updates(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(copy)
             count += 1
     return count
+
+
+def is_view(node: fx.Node) -> bool:
+    """An op whose result aliases its first argument (its schema says so) and writes nothing."""
+    schema = getattr(node.target, "_schema", None)
+    return (node.op == "call_function" and schema is not None and not schema.is_mutable and bool(node.args)
+            and bool(schema.returns) and schema.returns[0].alias_info is not None)
+
+
+def views_of_inputs(gm: fx.GraphModule) -> list[int]:
+    """Positions of the graph's outputs that are views of a graph input (a chain of view ops from a
+    placeholder). AOTAutograd rebuilds such an output from the caller's input with the size, stride and
+    offset of what the compiled graph returned, so a target must return it as that view, not as a copy."""
+    found = []
+    for i, out in enumerate(gm.graph.output_node().args[0]):
+        node = out
+        while isinstance(node, fx.Node) and is_view(node):
+            node = node.args[0]
+        if isinstance(node, fx.Node) and node.op == "placeholder" and node is not out:
+            found.append(i)
+    return found
+

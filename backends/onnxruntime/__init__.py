@@ -19,6 +19,7 @@ from torch.export import Dim
 from ...compiler._torch_internals import outside_dynamo_compile
 from ...ops import OPS
 from ...passes.graph import clone_module
+from ..common import views_of_inputs
 
 aten = torch.ops.aten
 OPSET = 18
@@ -257,6 +258,22 @@ def source_line(node: fx.Node) -> str:
     return f", from {path}, line {line}: {code.strip()}"
 
 
+def _input_views(gm: fx.GraphModule) -> tuple[list[int], fx.GraphModule] | None:
+    """(positions, a graph computing just those outputs) for the outputs that are views of graph inputs.
+    ONNX Runtime returns a fresh tensor for them, which AOTAutograd would read as if it had the view's
+    strides (as_strided on the caller's input): a strided input [2, 2, 1] came back as the first four
+    elements of its storage. The views are cheap, so they are taken in PyTorch from the inputs."""
+    positions = views_of_inputs(gm)
+    if not positions:
+        return None
+    view_gm = clone_module(gm)
+    output = view_gm.graph.output_node()
+    output.args = ([output.args[0][i] for i in positions],)
+    view_gm.graph.eliminate_dead_code()
+    view_gm.recompile()
+    return positions, view_gm
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[[list[Any]], Any]:
     """Raises Unsupported when the graph cannot run on ONNX Runtime."""
     import onnxruntime as ort
@@ -267,6 +284,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
             if isinstance(val, torch.Tensor) and (val.device.type != "cpu" or val.dtype not in allowed):
                 raise Unsupported(f"{node.name} is {val.dtype} on {val.device}; the ONNX Runtime target runs CPU "
                                   f"tensors of {sorted(str(d).removeprefix('torch.') for d in _NUMPY_DTYPES)}")
+    views = _input_views(gm)
     gm = clone_module(gm)  # on Unsupported the caller falls back with the untouched graph
     num_outputs = len(gm.graph.output_node().args[0])
     kept, mutated = _functionalize(gm)
@@ -299,6 +317,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable
         results = [torch.from_numpy(np.asarray(o)) for o in binding.copy_outputs_to_cpu()]
         for i, new_value in zip(mutated, results[num_outputs:]):
             args[i].copy_(new_value)
+        if views is not None:  # outputs that are views of inputs: the views themselves (see _input_views)
+            positions, view_gm = views
+            for position, value in zip(positions, view_gm(*args)):
+                results[position] = value
         return tuple(results[:num_outputs])
 
     return run
