@@ -181,13 +181,13 @@ def divergence(model: torch.nn.Module, inputs: dict[str, Any], tokens: torch.Ten
     prefix = reference[row:row + 1, :step]
     chosen, best = int(tokens[row, step]), int(reference[row, step])
 
-    def last_logits() -> torch.Tensor:
-        dtype = next(model.parameters()).dtype
+    def last_logits() -> torch.Tensor:  # in the model's dtype at the call (the run's, then fp32)
+        current = next(model.parameters()).dtype
         with torch.no_grad():
             if "input_features" in inputs:
-                out = model(input_features=inputs["input_features"][row:row + 1].to(dtype), decoder_input_ids=prefix)
+                out = model(input_features=inputs["input_features"][row:row + 1].to(current), decoder_input_ids=prefix)
             else:
-                extra = {k: v[row:row + 1].to(dtype) for k, v in inputs.items() if k == "pixel_values"}
+                extra = {k: v[row:row + 1].to(current) for k, v in inputs.items() if k == "pixel_values"}
                 out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), **extra)
         return out.logits[0, -1].float()
 

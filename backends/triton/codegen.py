@@ -24,6 +24,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ..common import is_view
 from . import ops
 from .device import pdl
 
@@ -178,9 +179,7 @@ def input_aliases(node: fx.Node) -> set[fx.Node]:
     found, stack = {node}, [node]
     while stack:
         for user in stack.pop().users:
-            schema = getattr(user.target, "_schema", None)
-            if (user not in found and user.args and user.args[0] in found and schema is not None
-                    and not schema.is_mutable and schema.returns and schema.returns[0].alias_info is not None):
+            if user not in found and is_view(user) and user.args[0] in found:
                 found.add(user)
                 stack.append(user)
     return found
@@ -263,8 +262,7 @@ class Writer:
         self.symbols: set[str] = set()
         self.count = 0
         self.home: dict[fx.Node, tuple[str, ...]] = {}
-        self.reads: dict[fx.Node, bool] = {}
-        self.read_offsets: dict[fx.Node, set[str]] = {}
+        self.read_offsets: dict[fx.Node, set[str]] = {}  # each input node read: the offsets it was read at
 
     # ---- iteration space
     def coords(self) -> tuple[str, ...]:
@@ -377,7 +375,6 @@ class Writer:
         v = _val(node)
         if self.fusible.get(node) == "scatter":
             node = node.args[0]
-        self.reads[node] = True
         name = self.register(node)
         offset = " + ".join(f"{index[d]} * {name}_st{d}" for d in self.strides[node] if index[d] != "0") or "0"
         self.read_offsets.setdefault(node, set()).add(offset)
@@ -546,7 +543,7 @@ class Writer:
                 # which another program may have written already: the value gets a kernel of its own first
                 raise CannotMerge(self.k.roots) if len(self.k.roots) > 1 else NeedMaterialize(src)
         written = [self.inputs[r.args[0]] for r in self.k.roots if self.fusible[r] in ("scatter", "writeback")]
-        if len(set(written)) != len(written) or any(self.reads.get(r.args[0]) for r in self.k.roots
+        if len(set(written)) != len(written) or any(r.args[0] in self.read_offsets for r in self.k.roots
                                                     if self.fusible[r] == "scatter"):
             raise CannotMerge(self.k.roots)  # two writes to one cache, or a read of a cache being written
         self.k.inputs = list(self.inputs)

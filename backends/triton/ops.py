@@ -149,12 +149,10 @@ def cast(value: str, src: torch.dtype, dst: torch.dtype) -> str:
 
 def factory_value(node: Any) -> Any:
     """The constant a factory node fills its output with."""
-    if node.target is aten.zeros_like.default:
+    if node.target in (aten.zeros_like.default, aten.new_zeros.default):
         return 0
     if node.target in (aten.ones_like.default, aten.new_ones.default):
         return 1
-    if node.target is aten.new_zeros.default:
-        return 0
     if node.target is aten.new_full.default:
         return node.args[2]
     return node.args[1] if node.target in (aten.full.default, aten.full_like.default) else node.args[0]
