@@ -133,13 +133,19 @@ _GENERATE_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 def generate_options(variant: str) -> dict[str, Any]:
-    """mmaccel.generate's options for `variant`: "mmaccel.generate" none, "mmaccel.generate@224px" the image
+    """mmaccel.generate's options for `variant`: "mmaccel.generate" none, "@int4" / "@int8" / "@fp8" every linear
+    weight quantized (int4 group 128 / int8 per channel weight-only, fp8), "mmaccel.generate@224px" the image
     at 224px, "mmaccel.generate@keep50" 50% of each image's tokens kept (tokens="prune"), "mmaccel.generate@auto"
     tokens="auto" (budget unbounded; "@auto0.5": 0.5); one options dict per variant, so that its session and
     report are found again."""
     if "@" not in variant:
         return {}
     setting = variant.split("@")[1]
+    if setting in ("int4", "int8", "fp8"):  # every linear quantized (random weights: the error is recorded, not bounded)
+        scheme = {"int4": "int4_weight_only", "int8": "int8_weight_only", "fp8": "fp8"}[setting]
+        # weights kept: the bench runs the model eagerly again after this variant
+        return _GENERATE_OPTIONS.setdefault(variant, {"quantize": scheme, "metric": RecordedError(), "weights": "keep",
+                                                      "accuracy_budget": 1.0})
     if setting.startswith("auto"):  # the metric is the default's relative error: the budget may be any number
         budget = float(setting.removeprefix("auto") or 1e9)
         return _GENERATE_OPTIONS.setdefault(variant, {"tokens": "auto", "metric": pooled_relative_error,
