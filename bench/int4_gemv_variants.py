@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ import mmaccel  # noqa: E402,F401
 from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
-from mmaccel.ops.int4_linear import quantize_int4_groupwise  # noqa: E402
+from mmaccel.ops.int4_linear import dequantize_int4, quantize_int4_groupwise  # noqa: E402
 
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 PHASE1 = [(22016, 4096), (4096, 4096)]
@@ -107,24 +108,31 @@ def main() -> None:
     grid = list(itertools.product([4, 8, 16], [4, 8, 16], [2, 4], [1, 3]))  # block_n, steps, warps, stages
 
     def variants():
-        for cfg in [(1, 4, 512, 2, 1), (1, 8, 512, 4, 1), (1, 4, 1024, 4, 1), (1, 16, 512, 4, 1)]:
+        for cfg in [(1, 4, 512, 2, 1), (1, 8, 512, 4, 1), (1, 4, 1024, 4, 1)]:
             c = qm.QuantConfig(*cfg)
             yield "current", cfg, lambda x, p, s, z, c=c: qm.linear(x, p, s, z, bits=4, group=GROUP, config=c)
-        for name, (bn, st, wp, sg) in itertools.product(modes, grid):
-            if bn * st * GROUP // 2 > 16384:
+        for name, cfg in [("loadonly", (4, 8, 4, 1)), ("magic", (4, 4, 2, 3))]:  # last run's best of each
+            yield name, cfg, lambda x, p, s, z, m=modes[name], a=cfg: lanes(x, p, s, z, m, *a)
+        for cfg in itertools.product([4, 8, 16], [2, 4, 8], [2, 4], [1, 3]):  # block_n, steps, warps, stages
+            yield "v2", cfg, lambda x, p, s, z, a=cfg: v2(x, p, s, z, *a)
+        for bn, warps, stages, magic in itertools.chain(itertools.product([32, 64, 128], [4, 8], [1, 2, 3, 4], [True]),
+                                                        [(64, 4, 3, False), (128, 4, 3, False)]):
+            if bn == 32 and warps == 8:
                 continue
-            yield name, (bn, st, wp, sg), lambda x, p, s, z, m=modes[name], a=(bn, st, wp, sg): lanes(x, p, s, z, m, *a)
+            yield "dot" if magic else "dot_f32", (bn, warps, stages), \
+                lambda x, p, s, z, a=(bn, magic, warps, stages): dot(x, p, s, z, *a)
 
     def measure(name, cfg, fn, N, K, data):
         w, (p, s, z), nbytes = data
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         try:
             out = fn(x, p, s, z)
-            err = None if name == "loadonly" else rel_err(out, x.float() @ w.float().T)
+            exact = x.float() @ dequantize_int4(p, s, z, GROUP).float().T  # the op's reference weight
+            err = None if name == "loadonly" else rel_err(out, exact)
             us = min(_time_us(lambda: fn(x, p, s, z)) for _ in range(2))
         except Exception as e:
             return {"variant": name, "cfg": cfg, "N": N, "K": K, "error": f"{type(e).__name__}: {e}"[:300]}
-        return {"variant": name, "cfg": cfg, "N": N, "K": K, "us": us, "gbps": gb_per_s(nbytes, us), "err_vs_bf16": err}
+        return {"variant": name, "cfg": cfg, "N": N, "K": K, "us": us, "gbps": gb_per_s(nbytes, us), "err_vs_reference": err}
 
     data = {shape: weights(*shape) for shape in SHAPES}
     for (N, K) in SHAPES:  # the bf16 weight through cuBLAS, for scale
@@ -140,7 +148,7 @@ def main() -> None:
             results["phase1"].append(measure(name, cfg, fn, N, K, data[(N, K)]))
     print(f"{'variant':9} {'cfg':22} " + " ".join(f"{n}x{k:>5}" for n, k in PHASE1))
     best = {}
-    for name in ["current", *modes]:
+    for name in ["current", "loadonly", "magic", "v2", "dot", "dot_f32"]:
         by_cfg = {}
         for r in results["phase1"]:
             if r["variant"] == name and "us" in r:
@@ -158,10 +166,96 @@ def main() -> None:
     for name in best:
         rows = [r for r in results["best"] if r["variant"] == name]
         print(f"{name:9} " + " ".join(f"{r.get('us', float('nan')):6.1f}/{r.get('gbps', 0):4.0f}" for r in rows)
-              + "  err " + " ".join(f"{r.get('err_vs_bf16') or 0:.3f}" for r in rows))
+              + "  err " + " ".join(f"{r.get('err_vs_reference') or 0:.1e}" for r in rows))
     print("cublas   " + " ".join(f"{r['us']:6.1f}/{r['gbps']:4.0f}" for r in results["cublas_bf16"]))
     write_json(args.out, results)
 
 
 if __name__ == "__main__":
     main()
+
+
+@triton.jit
+def _int4_gemv_v2(X, W, Scale, Zero, Out, N, KW, n_groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  STEPS: tl.constexpr, NUM_STAGES: tl.constexpr):
+    half: tl.constexpr = GROUP // 2
+    chunks: tl.constexpr = half // 8
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    offs_g = tl.arange(0, STEPS)
+    offs_c = tl.arange(0, chunks)
+    offs_e = tl.arange(0, 8)
+    in_step = (offs_g[:, None, None] * half + offs_c[None, :, None] * 8 + offs_e[None, None, :])  # [S, C, 8]
+    w_ptrs = W + rows[:, None, None, None].to(tl.int64) * KW + in_step[None, :, :, :]
+    x_off = offs_g[:, None, None] * GROUP + offs_c[None, :, None] * 8 + offs_e[None, None, :]
+    acc = tl.zeros([BLOCK_N, STEPS, chunks], tl.float32)
+    for g0 in tl.range(0, n_groups, STEPS, num_stages=NUM_STAGES):
+        b = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.int32)
+        x_low = tl.load(X + g0 * GROUP + x_off).to(tl.float32)
+        x_high = tl.load(X + g0 * GROUP + half + x_off).to(tl.float32) * 0.0625
+        sz = rows[:, None] * n_groups + (g0 + offs_g)[None, :]
+        s = tl.load(Scale + sz).to(tl.float32)
+        z = tl.load(Zero + sz).to(tl.float32)
+        lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)[:, :, None, None]
+        hi = ((b & 240) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 16.0 * z)[:, :, None, None]
+        t = tl.sum(lo * x_low[None, :, :, :] + hi * x_high[None, :, :, :], axis=3)  # within each lane
+        acc += s[:, :, None] * t
+        w_ptrs += STEPS * half
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
+
+
+def v2(x, p, s, z, block_n, steps, warps, stages):
+    N, KW = p.shape
+    n_groups = KW * 2 // GROUP
+    steps = math.gcd(steps, n_groups)  # whole steps: the kernel has no masks
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    _int4_gemv_v2[(triton.cdiv(N, block_n),)](x, p, s, z, out, N, KW, n_groups, GROUP=GROUP, BLOCK_N=block_n,
+                                              STEPS=steps, NUM_STAGES=stages, num_warps=warps, num_stages=stages)
+    return out
+
+
+@triton.jit
+def _int4_gemv_dot(X, W, Scale, Zero, Out, N, KW, n_groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_STAGES: tl.constexpr, BF16_MAGIC: tl.constexpr):
+    """Tensor cores for one activation row: the row padded to 16 (rows 1-15 zero), the weight tile dequantized
+    to bf16 in registers, one group per step (a dot over its low-nibble and one over its high-nibble channels).
+    BF16_MAGIC: (q | 0x4300) as bf16 is 128 + q, minus (128 + z) exactly, times s in bf16: one rounding, as the
+    reference's fp32 product rounded to bf16."""
+    half: tl.constexpr = GROUP // 2
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    offs_m = tl.arange(0, 16)
+    offs_i = tl.arange(0, half)
+    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    w_ptrs = W + rows[:, None].to(tl.int64) * KW + offs_i[None, :]
+    for g in tl.range(0, n_groups, num_stages=NUM_STAGES):
+        x_ptrs = X + g * GROUP + offs_i[None, :] + offs_m[:, None] * 0
+        x_low = tl.load(x_ptrs, mask=offs_m[:, None] == 0, other=0.0)
+        x_high = tl.load(x_ptrs + half, mask=offs_m[:, None] == 0, other=0.0)
+        b = tl.load(w_ptrs, eviction_policy="evict_first")
+        s = tl.load(Scale + rows * n_groups + g)[:, None]
+        z = tl.load(Zero + rows * n_groups + g)[:, None]
+        if BF16_MAGIC:
+            zb = (z.to(tl.float32) + 128.0).to(tl.bfloat16)
+            w_low = (((b & 15).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - zb) * s
+            w_high = (((b >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - zb) * s
+        else:
+            w_low = (((b & 15).to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(x_low.dtype)
+            w_high = (((b >> 4).to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(x_low.dtype)
+        acc = tl.dot(w_low, tl.trans(x_low), acc)
+        acc = tl.dot(w_high, tl.trans(x_high), acc)
+        w_ptrs += half
+    out = tl.sum(acc, axis=1)  # columns 1-15 are zero
+    tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
+
+
+def dot(x, p, s, z, block_n, magic, warps, stages):
+    N, KW = p.shape
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    _int4_gemv_dot[(triton.cdiv(N, block_n),)](x, p, s, z, out, N, KW, KW * 2 // GROUP, GROUP=GROUP, BLOCK_N=block_n,
+                                               NUM_STAGES=stages, BF16_MAGIC=magic, num_warps=warps, num_stages=stages)
+    return out
+
