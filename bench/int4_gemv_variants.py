@@ -171,9 +171,6 @@ def main() -> None:
     write_json(args.out, results)
 
 
-if __name__ == "__main__":
-    main()
-
 
 @triton.jit
 def _int4_gemv_v2(X, W, Scale, Zero, Out, N, KW, n_groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -259,3 +256,6 @@ def dot(x, p, s, z, block_n, magic, warps, stages):
                                                NUM_STAGES=stages, BF16_MAGIC=magic, num_warps=warps, num_stages=stages)
     return out
 
+
+if __name__ == "__main__":
+    main()
