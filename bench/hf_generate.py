@@ -230,12 +230,22 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
-def floor_ms_per_token(model: torch.nn.Module, inputs: dict[str, Any], new: int, bandwidth: float) -> float:
-    """Decoder weights + K/V at the mean cache length, read once per token, at `bandwidth`."""
+# Bytes per bf16 weight byte of a linear weight under each quantized variant: int4 group 128 packs 0.5 byte per
+# weight plus a bf16 scale and a uint8 zero point per 128; int8 and fp8 one byte plus a per-row scale.
+QUANTIZED_BYTES = {"int4": (0.5 + 3 / 128) / 2, "int8": 0.5, "fp8": 0.5}
+
+
+def floor_ms_per_token(model: torch.nn.Module, inputs: dict[str, Any], new: int, bandwidth: float,
+                       variant: str = "") -> float:
+    """Decoder weights + K/V at the mean cache length, read once per token, at `bandwidth`; the linear weights
+    at their quantized size for the "@int4" / "@int8" / "@fp8" variants."""
     prompt = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
     text = model.config.get_text_config(decoder=True)
     skip = ("vision_tower", "encoder.", "multi_modal_projector")
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not any(s in n for s in skip))
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    ratio = QUANTIZED_BYTES.get(variant.split("@")[-1], 1.0) if "@" in variant else 1.0
+    weights = sum(p.numel() * p.element_size() * (ratio if n in linear else 1.0)
+                  for n, p in model.named_parameters() if not any(s in n for s in skip))
     layers = getattr(text, "decoder_layers", None) or text.num_hidden_layers
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -299,7 +309,7 @@ def main() -> int:
         model, inputs, what = build(name, args.tiny, device, dtype, args.layers)
         for row in bench_model(name, model, inputs, args.variants, new, repeats, deadline):
             if "ms_per_token" in row:
-                floor = floor_ms_per_token(model, inputs, new, bandwidth)
+                floor = floor_ms_per_token(model, inputs, new, bandwidth, row["variant"])
                 row.update(prompt=what, new_tokens=new, floor_ms_per_token=floor,
                            floor_fraction=floor / row["ms_per_token"])
             rows.append(row)
