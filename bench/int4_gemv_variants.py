@@ -1,5 +1,6 @@
 """Why the int4 decode GEMV (backends/triton/quant_matmul.py `_wq_gemv_kernel`) reads its packed weight at
-~1.2 TB/s on an H200 while the int8 and bf16 GEMVs reach 2.3-2.9 TB/s: one GPU run that separates the causes.
+~1.5 TB/s on an H200 while the int8 and bf16 GEMVs reach 2.3-3.3 TB/s: one GPU run (about a minute) that
+puts the candidate causes side by side.
 
     python bench/int4_gemv_variants.py [--out $OUT/int4_gemv_variants.json] [--budget-s 300]
 
@@ -10,10 +11,23 @@ Variants, one activation row against an int4 weight (group 128, packing of ops/i
   magic     as acc, nibbles converted without I2F: (q | 0x4B000000) as float32 is 2**23 + q, so one integer
             LOP3 plus one float subtraction (of 2**23 + z, folding the zero point in) gives q - z exactly;
             the high nibble is kept in place (16q) and the activation it meets is pre-divided by 16 (exact);
-  loadonly  the same loads, integer sums only: the ceiling of this access pattern.
-Each over BLOCK_N rows x bytes per step x warps x pipeline stages, on 22016x4096 and 4096x4096, then the best
-of each on a LLaVA-7B decoder's five shapes. Times: GPU time per call in a CUDA graph, L2 flushed before
-each (backends/triton/matmul._time_us); GB/s counts packed weight + scales + zero points + activation."""
+  v2        magic with each lane's 8 bytes summed within the lane, then scaled per group, no masks;
+  prefetch  current's arithmetic with the packed weight read one or two steps before it is used;
+  dot       tensor cores: the row padded to 16, the weight tile dequantized to bf16 by (q | 0x4300) - (128 + z)
+            (exact) times s (one rounding, as the reference), one group per step; dot_f32: dequantized in fp32;
+  loadonly  the same weight loads, integer sums only: the ceiling of this access pattern.
+Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/matmul._time_us); GB/s counts
+packed weight + scales + zero points + activation. Errors against the op's reference (dequantize_int4).
+
+Measured (H200, runs 1-3, bench/results/int4_gemv_variants_run*_h200.json), 22016x4096 in us:
+current 31.3-33.5, acc 35.1, magic 33.8-35.0, v2 32.5, prefetch 33.1, dot 39.1, dot_f32 51.6, loadonly 9.6-14.9
+(3.2-4.9 TB/s), cuBLAS on the bf16 weight 53-55. Static SASS counts (sm_90, offline) had predicted otherwise:
+14.3 instructions per weight byte for current, 8.1 for dot. So neither the arithmetic (I2F or not, lane
+reductions or not, tensor cores), nor pipelining, nor reading ahead is what holds the kernel near 1.5 TB/s;
+what every computing variant shares and loadonly lacks is the activation, scale and zero-point loads of
+each program (as many activation bytes per program as weight bytes, from L1/L2). That is the next thing
+to test (activation staged once per program in shared memory, or a split-K order that keeps an activation
+chunk in registers across many weight rows)."""
 from __future__ import annotations
 
 import argparse
@@ -105,17 +119,22 @@ def main() -> None:
     started = time.time()
     results = {**environment("cuda"), "phase1": [], "best": []}
     modes = {"acc": 0, "magic": 1, "loadonly": 2}
-    grid = list(itertools.product([4, 8, 16], [4, 8, 16], [2, 4], [1, 3]))  # block_n, steps, warps, stages
 
     def variants():
+        # each variant's best configurations over runs 1-3 (bench/results/int4_gemv_variants_run*_h200.json)
         for cfg in [(1, 4, 512, 2, 1), (1, 8, 512, 4, 1)]:
             c = qm.QuantConfig(*cfg)
             yield "current", cfg, lambda x, p, s, z, c=c: qm.linear(x, p, s, z, bits=4, group=GROUP, config=c)
-        yield "loadonly", (4, 8, 4, 1), lambda x, p, s, z: lanes(x, p, s, z, 2, 4, 8, 4, 1)
-        for cfg in itertools.product([2, 4, 8], [2, 4, 8], [1, 2, 4], [1, 2]):  # block_n, steps, warps, ahead
-            if cfg[0] * cfg[1] * GROUP // 2 // (32 * cfg[2]) >= 8:  # at least 8 bytes per lane and step
-                yield "prefetch", cfg, lambda x, p, s, z, a=cfg: prefetch(x, p, s, z, *a)
-        # last run (bench/results/int4_gemv_variants_h200.json): v2 and dot measured, both slower than current
+        for name, cfg in [("loadonly", (4, 8, 4, 1)), ("acc", (4, 4, 2, 3)), ("magic", (4, 4, 2, 3)),
+                          ("magic", (8, 4, 4, 1))]:
+            yield name, cfg, lambda x, p, s, z, m=modes[name], a=cfg: lanes(x, p, s, z, m, *a)
+        for cfg in [(8, 4, 2, 1), (8, 8, 4, 1)]:
+            yield "v2", cfg, lambda x, p, s, z, a=cfg: v2(x, p, s, z, *a)
+        for cfg in [(8, 4, 4, 1), (4, 8, 4, 1), (4, 8, 2, 2)]:
+            yield "prefetch", cfg, lambda x, p, s, z, a=cfg: prefetch(x, p, s, z, *a)
+        for (bn, warps, stages), magic in itertools.product([(64, 4, 3), (64, 4, 4), (128, 8, 3)], [True, False]):
+            yield "dot" if magic else "dot_f32", (bn, warps, stages), \
+                lambda x, p, s, z, a=(bn, magic, warps, stages): dot(x, p, s, z, *a)
 
     def measure(name, cfg, fn, N, K, data):
         w, (p, s, z), nbytes = data
@@ -143,7 +162,7 @@ def main() -> None:
             results["phase1"].append(measure(name, cfg, fn, N, K, data[(N, K)]))
     print(f"{'variant':9} {'cfg':22} " + " ".join(f"{n}x{k:>5}" for n, k in PHASE1))
     best = {}
-    for name in ["current", "loadonly", "prefetch"]:
+    for name in ["current", "loadonly", "acc", "magic", "v2", "prefetch", "dot", "dot_f32"]:
         by_cfg = {}
         for r in results["phase1"]:
             if r["variant"] == name and "us" in r:
