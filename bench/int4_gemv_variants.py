@@ -26,8 +26,8 @@ current 31.3-33.5, acc 35.1, magic 33.8-35.0, v2 32.5, prefetch 33.1, dot 39.1, 
 reductions or not, tensor cores), nor pipelining, nor reading ahead is what holds the kernel near 1.5 TB/s;
 what every computing variant shares and loadonly lacks is the activation, scale and zero-point loads of
 each program (as many activation bytes per program as weight bytes, from L1/L2). That is the next thing
-to test (activation staged once per program in shared memory, or a split-K order that keeps an activation
-chunk in registers across many weight rows)."""
+to test: `splitk` (not yet measured) keeps an activation chunk in registers across many weight rows and adds
+the chunks' float32 partial sums after."""
 from __future__ import annotations
 
 import argparse
@@ -132,6 +132,8 @@ def main() -> None:
             yield "v2", cfg, lambda x, p, s, z, a=cfg: v2(x, p, s, z, *a)
         for cfg in [(8, 4, 4, 1), (4, 8, 4, 1), (4, 8, 2, 2)]:
             yield "prefetch", cfg, lambda x, p, s, z, a=cfg: prefetch(x, p, s, z, *a)
+        for cfg in itertools.product([8, 16], [2, 4, 8], [4, 8, 16], [2, 4]):  # block_n, steps, row tiles, warps
+            yield "splitk", cfg, lambda x, p, s, z, a=cfg: splitk(x, p, s, z, *a)
         for (bn, warps, stages), magic in itertools.product([(64, 4, 3), (64, 4, 4), (128, 8, 3)], [True, False]):
             yield "dot" if magic else "dot_f32", (bn, warps, stages), \
                 lambda x, p, s, z, a=(bn, magic, warps, stages): dot(x, p, s, z, *a)
@@ -162,7 +164,7 @@ def main() -> None:
             results["phase1"].append(measure(name, cfg, fn, N, K, data[(N, K)]))
     print(f"{'variant':9} {'cfg':22} " + " ".join(f"{n}x{k:>5}" for n, k in PHASE1))
     best = {}
-    for name in ["current", "loadonly", "acc", "magic", "v2", "prefetch", "dot", "dot_f32"]:
+    for name in ["current", "loadonly", "acc", "magic", "v2", "prefetch", "dot", "dot_f32", "splitk"]:
         by_cfg = {}
         for r in results["phase1"]:
             if r["variant"] == name and "us" in r:
@@ -323,6 +325,47 @@ def prefetch(x, p, s, z, block_n, steps, warps, ahead):
                                                     BLOCK_N=block_n, STEPS=steps, AHEAD=ahead, num_warps=warps,
                                                     num_stages=1)
     return out
+
+
+@triton.jit
+def _int4_gemv_splitk(X, W, Scale, Zero, Part, N, KW, n_groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      STEPS: tl.constexpr, ROW_TILES: tl.constexpr):
+    """Split-K order: program (k, n) takes STEPS groups of the activation once, into registers (with their
+    sums), then walks ROW_TILES tiles of BLOCK_N weight rows over that K chunk, writing float32 partial sums
+    Part[k, row]; the caller adds them over k. Each activation byte is read once per ROW_TILES * BLOCK_N rows
+    instead of once per BLOCK_N (the shipped kernel): the hypothesis left by the variants above."""
+    half: tl.constexpr = GROUP // 2
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g0 = pid_k * STEPS
+    offs_g = tl.arange(0, STEPS)
+    offs_i = tl.arange(0, half)
+    k_low = (g0 + offs_g)[:, None] * GROUP + offs_i[None, :]
+    x_low = tl.load(X + k_low).to(tl.float32)
+    x_high = tl.load(X + k_low + half).to(tl.float32)
+    x_sum = tl.sum(x_low + x_high, axis=1)
+    in_step = (g0 * half + offs_g[:, None] * half + offs_i[None, :])
+    for t in range(ROW_TILES):
+        offs_n = (pid_n * ROW_TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n % N
+        b = tl.load(W + rows[:, None, None].to(tl.int64) * KW + in_step[None, :, :], eviction_policy="evict_first")
+        qx = (b & 15).to(tl.float32) * x_low[None, :, :] + (b >> 4).to(tl.float32) * x_high[None, :, :]
+        sz = rows[:, None] * n_groups + (g0 + offs_g)[None, :]
+        s = tl.load(Scale + sz).to(tl.float32)
+        z = tl.load(Zero + sz).to(tl.float32)
+        part = tl.sum(s * (tl.sum(qx, axis=2) - z * x_sum[None, :]), axis=1)
+        tl.store(Part + pid_k * N + offs_n, part, mask=offs_n < N)
+
+
+def splitk(x, p, s, z, block_n, steps, row_tiles, warps):
+    N, KW = p.shape
+    n_groups = KW * 2 // GROUP
+    steps = math.gcd(steps, n_groups)
+    part = torch.empty(n_groups // steps, N, device=x.device, dtype=torch.float32)
+    grid = (n_groups // steps, triton.cdiv(N, block_n * row_tiles))
+    _int4_gemv_splitk[grid](x, p, s, z, part, N, KW, n_groups, GROUP=GROUP, BLOCK_N=block_n, STEPS=steps,
+                            ROW_TILES=row_tiles, num_warps=warps, num_stages=1)
+    return part.sum(0, keepdim=True).to(x.dtype)  # the combine: one more kernel, N float32 per K chunk
 
 
 if __name__ == "__main__":
