@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import pdl, sm_count
+from .device import pdl_launch, sm_count
 
 MAX_QUERY_ROWS = 16  # one padded tl.dot tile of query rows; longer queries are prefill, not decode
 MAX_HEAD_DIM = 256
@@ -206,8 +206,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
     mask = q if attn_mask is None else attn_mask  # any pointer does when there is no mask
     mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.broadcast_to(B, H, Lq, Lk).stride()
-    use_gdc = pdl(q.device)
-    launch = dict(USE_GDC=use_gdc, **({"launch_pdl": True} if use_gdc else {}))
+    launch = pdl_launch(q.device)
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         _split_kv_kernel[(B * H // cut.heads, cut.num_splits)](
             q, k, v, mask, m_part, l_part, acc_part, *q.stride(), *k.stride(), *v.stride(), *mask_strides,

@@ -34,6 +34,12 @@ def pdl(device: torch.device) -> bool:
             and _capability(device)[0] >= 9)  # ROCm reports capabilities too; gdc_* are NVIDIA instructions
 
 
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """The launch keywords of a kernel with a USE_GDC constexpr: USE_GDC, and launch_pdl when pdl(device)."""
+    use_gdc = pdl(device)
+    return {"USE_GDC": use_gdc, "launch_pdl": True} if use_gdc else {"USE_GDC": False}
+
+
 @lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import pdl, sm_count
+from .device import pdl_launch, sm_count
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
@@ -421,8 +421,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     assert residual is None or residual.shape == (M, N), "gemv: the residual must be [M, N]"
     flags = dict(HAS_BIAS=bias is not None, NORM=norm is not None, GLU=fusion.glu, HAS_RESIDUAL=residual is not None)
     epilogue = dict(LAYER_NORM=fusion.norm_bias is not None, ACT=ACTIVATIONS[fusion.activation])
-    use_gdc = pdl(x.device)
-    launch = dict(USE_GDC=use_gdc, **({"launch_pdl": True} if use_gdc else {}))
+    launch = pdl_launch(x.device)
     assert not epilogue["LAYER_NORM"] or (M == 1 and cfg.x1d), "gemv: LayerNorm runs in the one-row X1D kernel"
     # Absent operands are passed as x: a pointer the kernel never reads
     bias_arg, g_arg, res_arg = (x if t is None else t.contiguous() for t in (bias, norm, residual))
