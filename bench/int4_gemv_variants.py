@@ -108,7 +108,7 @@ def lanes(x, p, s, z, mode, block_n, steps, warps, stages):
 def weights(N, K):
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
     p, s, z = quantize_int4_groupwise(w, GROUP)
-    return w, (p, s, z), p.numel() + s.numel() * 2 + z.numel() + K * 2
+    return w, (p, s, z), p.numel() + s.numel() * 2 + z.numel() + K * 2, dequantize_int4(p, s, z, GROUP).float()
 
 
 def main() -> None:
@@ -139,12 +139,11 @@ def main() -> None:
                 lambda x, p, s, z, a=(bn, magic, warps, stages): dot(x, p, s, z, *a)
 
     def measure(name, cfg, fn, N, K, data):
-        w, (p, s, z), nbytes = data
+        w, (p, s, z), nbytes, exact_weight = data
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         try:
             out = fn(x, p, s, z)
-            exact = x.float() @ dequantize_int4(p, s, z, GROUP).float().T  # the op's reference weight
-            err = None if name == "loadonly" else rel_err(out, exact)
+            err = None if name == "loadonly" else rel_err(out, x.float() @ exact_weight.T)  # the op's reference
             us = min(_time_us(lambda: fn(x, p, s, z)) for _ in range(2))
         except Exception as e:
             return {"variant": name, "cfg": cfg, "N": N, "K": K, "error": f"{type(e).__name__}: {e}"[:300]}
@@ -276,10 +275,11 @@ def dot(x, p, s, z, block_n, magic, warps, stages):
 @triton.jit
 def _int4_gemv_prefetch(X, W, Scale, Zero, Out, N, KW, n_groups, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                         STEPS: tl.constexpr, AHEAD: tl.constexpr):
-    """The shipped kernel's arithmetic with the packed weight read AHEAD (1 or 2) steps before it is used. The
-    shipped kernel holds ~89 registers per lane, so ~11 programs per SM and ~22 KB of weight reads in flight
-    per SM, ~2.9 MB over the GPU: at ~2 us loaded latency that caps it near 1.5 TB/s (Little's law; the int8
-    kernel, 74 registers, ~2.3 TB/s). Raw bytes cost 4 registers per 16, their unpacked floats 16."""
+    """The shipped kernel's arithmetic (quant_matmul.int4_group_sums) with the packed weight read AHEAD (1 or 2)
+    steps before it is used. The hypothesis it tested: the shipped kernel holds ~89 registers per lane, so ~11
+    programs per SM and ~22 KB of weight reads in flight per SM, ~2.9 MB over the GPU, which at ~2 us loaded
+    latency would cap it near 1.5 TB/s (Little's law); raw bytes cost 4 registers per 16, their unpacked floats
+    16. Measured (run 3): no faster, so that is not the cap."""
     half: tl.constexpr = GROUP // 2
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -304,15 +304,7 @@ def _int4_gemv_prefetch(X, W, Scale, Zero, Out, N, KW, n_groups, GROUP: tl.const
         else:
             b_a = tl.load(w_ptrs + STEPS * half, mask=(offs_g < n_groups - g0 - STEPS)[None, :, None], other=0,
                           eviction_policy="evict_first")
-        k_low = (g0 + offs_g)[:, None] * GROUP + offs_i[None, :]
-        x_low = tl.load(X + k_low, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        x_high = tl.load(X + k_low + half, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        qx = (b & 15).to(tl.float32) * x_low[None, :, :] + (b >> 4).to(tl.float32) * x_high[None, :, :]
-        sz = rows[:, None] * n_groups + (g0 + offs_g)[None, :]
-        s = tl.load(Scale + sz, mask=g_ok[None, :], other=0.0).to(tl.float32)
-        z = tl.load(Zero + sz, mask=g_ok[None, :], other=0).to(tl.float32)
-        x_sum = tl.sum(x_low + x_high, axis=1)
-        acc += s * (tl.sum(qx, axis=2) - z * x_sum[None, :])
+        acc += qm.int4_group_sums(b, X, Scale, Zero, rows, g0, offs_g, offs_i, g_ok, n_groups, GROUP)
         w_ptrs += STEPS * half
     out = tl.sum(acc, axis=1)
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)

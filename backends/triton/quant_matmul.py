@@ -40,6 +40,22 @@ def _s8_to_f32(b):
 
 
 @triton.jit
+def int4_group_sums(b, X, Scale, Zero, rows, g0, offs_g, offs_i, g_ok, n_groups, GROUP: tl.constexpr):
+    """[BLOCK_N, steps]: each row's dot product with the activation over groups g0 + offs_g (g_ok: groups that
+    exist), from their packed bytes b [BLOCK_N, steps, GROUP // 2]: s * (sum(q * x) - z * sum(x)) per group."""
+    half: tl.constexpr = GROUP // 2
+    k_low = (g0 + offs_g)[:, None] * GROUP + offs_i[None, :]  # byte i: channels i and half + i
+    x_low = tl.load(X + k_low, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    x_high = tl.load(X + k_low + half, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    qx = (b & 15).to(tl.float32) * x_low[None, :, :] + (b >> 4).to(tl.float32) * x_high[None, :, :]
+    sz = rows[:, None] * n_groups + (g0 + offs_g)[None, :]
+    s = tl.load(Scale + sz, mask=g_ok[None, :], other=0.0).to(tl.float32)
+    z = tl.load(Zero + sz, mask=g_ok[None, :], other=0).to(tl.float32)
+    x_sum = tl.sum(x_low + x_high, axis=1)
+    return s * (tl.sum(qx, axis=2) - z * x_sum[None, :])
+
+
+@triton.jit
 def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -74,15 +90,7 @@ def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
         for g0 in range(0, n_groups, steps):
             g_ok = offs_g < n_groups - g0
             b = tl.load(w_ptrs, mask=g_ok[None, :, None], other=0, eviction_policy="evict_first")
-            k_low = (g0 + offs_g)[:, None] * GROUP + offs_i[None, :]  # byte i: channels i and half + i
-            x_low = tl.load(X + k_low, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            x_high = tl.load(X + k_low + half, mask=g_ok[:, None], other=0.0).to(tl.float32)
-            qx = (b & 15).to(tl.float32) * x_low[None, :, :] + (b >> 4).to(tl.float32) * x_high[None, :, :]
-            sz = rows[:, None] * n_groups + (g0 + offs_g)[None, :]
-            s = tl.load(Scale + sz, mask=g_ok[None, :], other=0.0).to(tl.float32)
-            z = tl.load(Zero + sz, mask=g_ok[None, :], other=0).to(tl.float32)
-            x_sum = tl.sum(x_low + x_high, axis=1)
-            acc += s * (tl.sum(qx, axis=2) - z * x_sum[None, :])
+            acc += int4_group_sums(b, X, Scale, Zero, rows, g0, offs_g, offs_i, g_ok, n_groups, GROUP)
             w_ptrs += steps * half
         out = tl.sum(acc, axis=1)
     if HAS_BIAS:
