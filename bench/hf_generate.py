@@ -243,7 +243,7 @@ def floor_ms_per_token(model: torch.nn.Module, inputs: dict[str, Any], new: int,
     text = model.config.get_text_config(decoder=True)
     skip = ("vision_tower", "encoder.", "multi_modal_projector")
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    ratio = QUANTIZED_BYTES.get(variant.split("@")[-1], 1.0) if "@" in variant else 1.0
+    ratio = QUANTIZED_BYTES.get(variant.partition("@")[2], 1.0)
     weights = sum(p.numel() * p.element_size() * (ratio if n in linear else 1.0)
                   for n, p in model.named_parameters() if not any(s in n for s in skip))
     layers = getattr(text, "decoder_layers", None) or text.num_hidden_layers
