@@ -4,7 +4,7 @@ puts the candidate causes side by side.
 
     python bench/int4_gemv_variants.py [--out $OUT/int4_gemv_variants.json] [--budget-s 300]
 
-Variants, one activation row against an int4 weight (group 128, packing of ops/int4_linear.py):
+Variants, one activation row against an int4 weight (group 128, packing of ops/int4_linear.py unless noted):
   current   the shipped kernel: per step, each group's sum is reduced across lanes (shuffles), then scaled;
   acc       no per-step reduction: every lane keeps its own running sums, s * ((q - z) * x) per element,
             reduced once after the K loop; nibbles converted with I2F;
@@ -19,15 +19,36 @@ Variants, one activation row against an int4 weight (group 128, packing of ops/i
 Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/matmul._time_us); GB/s counts
 packed weight + scales + zero points + activation. Errors against the op's reference (dequantize_int4).
 
-Measured (H200, runs 1-3, bench/results/int4_gemv_variants_run*_h200.json), 22016x4096 in us:
-current 31.3-33.5, acc 35.1, magic 33.8-35.0, v2 32.5, prefetch 33.1, dot 39.1, dot_f32 51.6, loadonly 9.6-14.9
-(3.2-4.9 TB/s), cuBLAS on the bf16 weight 53-55. Static SASS counts (sm_90, offline) had predicted otherwise:
-14.3 instructions per weight byte for current, 8.1 for dot. So neither the arithmetic (I2F or not, lane
-reductions or not, tensor cores), nor pipelining, nor reading ahead is what holds the kernel near 1.5 TB/s;
-what every computing variant shares and loadonly lacks is the activation, scale and zero-point loads of
-each program (as many activation bytes per program as weight bytes, from L1/L2). That is the next thing
-to test: `splitk` (not yet measured) keeps an activation chunk in registers across many weight rows and adds
-the chunks' float32 partial sums after."""
+  splitk    an activation chunk held in registers across many weight rows, float32 partials added after;
+  words     the weight repacked as int32 words (pack_words: nibble t of word j is channel t * GROUP/8 + j), so a
+            thread's 4 words meet 8 runs of 4 consecutive activations; each nibble becomes fp32 1 + q/128 by one
+            PRMT under exponent byte 0x3F, then one FMA; scale and zero point applied per thread (no cross-thread
+            reduction per step); words_p1s1 reads the next step's weight ahead, words_p0s2/s3 Triton's pipeliner;
+  words_t   words with the tile ordered [groups, rows, quads, words], so a warp's threads span rows and quads.
+Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/matmul._time_us); GB/s counts
+packed weight + scales + zero points + activation. Errors against the op's reference (dequantize_int4).
+
+Measured (H200, bench/results/int4_gemv_variants_run*_h200.json), 22016x4096 in us:
+current 31.3-33.6, acc 35.1, magic 33.8-35.0, v2 32.5, prefetch 33.1, dot 39.1-42.7, dot_f32 51.6, splitk 40.4
+(run 4, with its combine kernel), words 31.0-32.4 (run 5, 7), words_p1s1 31.7, words_p0s2/s3 185-203,
+words_t 27.1-27.5 (run 8; 32000x4096 35.1 against current's 46.6, but 4096x4096 15.6 against 9.5),
+loadonly 9.6-15.4 (3.0-4.9 TB/s), cuBLAS on the bf16 weight 52-56.
+What decided what (sm_90 SASS offline; ncu on the H200, bench/results/int4_gemv_ncu*_h200.txt, run through
+bench/int4_gemv_profile.py):
+- Instruction count is not the limit: words halves it (7.1-7.9 instructions per weight byte against current's
+  14.3, no shared-memory layout conversion and no barrier in the K loop, where current has 11) and is as slow.
+- Ablations of words (run 6): without the activation loads 28.3-29.6 us, without the scale and zero-point loads
+  27.3-30.1, without both 23.7-24.6: the extra loads cost about 4 us each, and the arithmetic that waits on
+  the weight costs the rest over loadonly's 15 (no overlap of load and arithmetic at this occupancy).
+- ncu: current is issue-bound (SM 72%, 0.78 instructions per scheduler per cycle, DRAM 24%); words is bound
+  by L1 (L1/TEX 86%, DRAM 24%): a warp's activation load is eight 32-byte runs 256 bytes apart; words_t makes
+  it one run shared by the warp's rows and is 18-24% faster on the wide shapes, but still L1/TEX 79% and
+  long-scoreboard stalls at 9 warps per SM. Reading ahead (prefetch, words_p1s1) buys nothing because the
+  registers it needs cost occupancy; Triton's pipeliner stages the activation through shared memory per row.
+- Not shipped: a win on two of five shapes needs the repacked layout in the prefill kernel too, and is still
+  1.7-1.9 TB/s. What is left is the tinygemm/Marlin design: dequantize to bf16 pairs (one LOP3 and one HFMA2
+  per two weights) straight into tensor-core fragments, the activation as the B fragment, so the FMA work
+  leaves the FP32 pipe and the activation leaves L1."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=default_out("int4_gemv_variants.json"))
     parser.add_argument("--budget-s", type=float, default=300)
+    parser.add_argument("--variants", nargs="*", help="only these variants (and current, for scale)")
     args = parser.parse_args()
     started = time.time()
     results = {**environment("cuda"), "phase1": [], "best": []}
@@ -134,9 +156,24 @@ def main() -> None:
             yield "prefetch", cfg, lambda x, p, s, z, a=cfg: prefetch(x, p, s, z, *a)
         for cfg in itertools.product([8, 16], [2, 4, 8], [4, 8, 16], [2, 4]):  # block_n, steps, row tiles, warps
             yield "splitk", cfg, lambda x, p, s, z, a=cfg: splitk(x, p, s, z, *a)
+        for cfg in itertools.product([8, 16, 32, 64], [2, 4, 8], [2, 4, 8]):  # block_n, groups per step, warps
+            yield "words", cfg, lambda x, p, s, z, a=cfg: words(x, packed_words(p), s, z, *a)
+        for cfg in itertools.product([8, 16, 32, 64], [1, 2, 4], [1, 2, 4]):  # block_n, groups per step, warps
+            yield "words_t", cfg, lambda x, p, s, z, a=cfg: words_t(x, packed_words(p), s, z, *a)
+        for (prefetch, stages), cfg in itertools.product([(1, 1), (0, 2), (0, 3)],
+                                                         [(16, 8, 4), (8, 8, 4), (8, 4, 4), (16, 4, 4), (8, 8, 2)]):
+            yield f"words_p{prefetch}s{stages}", cfg, \
+                lambda x, p, s, z, a=cfg, b=(prefetch, stages): words(x, packed_words(p), s, z, *a, *b)
         for (bn, warps, stages), magic in itertools.product([(64, 4, 3), (64, 4, 4), (128, 8, 3)], [True, False]):
             yield "dot" if magic else "dot_f32", (bn, warps, stages), \
                 lambda x, p, s, z, a=(bn, magic, warps, stages): dot(x, p, s, z, *a)
+
+    repacked = {}
+
+    def packed_words(p):  # the words variant's layout, made once per weight (outside the timed call)
+        if p.data_ptr() not in repacked:
+            repacked[p.data_ptr()] = pack_words(p, GROUP)
+        return repacked[p.data_ptr()]
 
     def measure(name, cfg, fn, N, K, data):
         w, (p, s, z), nbytes, exact_weight = data
@@ -156,6 +193,8 @@ def main() -> None:
         us = _time_us(lambda: x @ w.T)
         results.setdefault("cublas_bf16", []).append({"N": N, "K": K, "us": us, "gbps": gb_per_s(N * K * 2, us)})
     for name, cfg, fn in variants():
+        if args.variants and name not in args.variants + ["current"]:
+            continue
         if time.time() - started > args.budget_s * 0.7:
             results["phase1"].append({"variant": name, "cfg": cfg, "skipped": "budget"})
             continue
@@ -163,7 +202,8 @@ def main() -> None:
             results["phase1"].append(measure(name, cfg, fn, N, K, data[(N, K)]))
     print(f"{'variant':9} {'cfg':22} " + " ".join(f"{n}x{k:>5}" for n, k in PHASE1))
     best = {}
-    for name in ["current", "loadonly", "acc", "magic", "v2", "prefetch", "dot", "dot_f32", "splitk"]:
+    for name in ["current", "loadonly", "acc", "magic", "v2", "prefetch", "dot", "dot_f32", "splitk", "words",
+                 "words_p1s1", "words_p0s2", "words_p0s3", "words_t"]:
         by_cfg = {}
         for r in results["phase1"]:
             if r["variant"] == name and "us" in r:
@@ -358,6 +398,163 @@ def splitk(x, p, s, z, block_n, steps, row_tiles, warps):
     _int4_gemv_splitk[grid](x, p, s, z, part, N, KW, n_groups, GROUP=GROUP, BLOCK_N=block_n, STEPS=steps,
                             ROW_TILES=row_tiles, num_warps=warps, num_stages=1)
     return part.sum(0, keepdim=True).to(x.dtype)  # the combine: one more kernel, N float32 per K chunk
+
+
+# One 32-bit word holds 8 nibbles of one group; nibble t of word j is channel t * (GROUP // 8) + j, so the activation
+# of nibble t over a thread's 4 consecutive words is 4 consecutive channels (one 8-byte load, in the weight tile's
+# own layout: no shared-memory layout conversion) and shared by every row the thread holds.
+def pack_words(p, group):
+    """The ops/int4_linear.py packing (byte i of a group: channels i and group/2 + i) as int32 words [N, K/8]."""
+    N, wpg = p.shape[0], group // 8
+    b = p.reshape(N, -1, group // 2)
+    nib = torch.cat([b & 15, b >> 4], -1).reshape(N, b.shape[1], 8, wpg).transpose(2, 3)  # [N, groups, j, t]
+    return (nib[..., 0::2] | (nib[..., 1::2] << 4)).contiguous().view(torch.int32).reshape(N, -1)
+
+
+@triton.jit
+def _nibble_f32(v, k: tl.constexpr, magic, USE_ASM: tl.constexpr):
+    """fp32 1 + q/128 from byte k of v (each byte 0x80 | q): the byte placed under the sign-and-exponent byte 0x3F
+    of `magic` (0x3F000000), one PRMT. magic is a kernel argument because with an immediate ptxas puts the
+    selector in a register and reloads it before every PRMT (sm_90 SASS: 9.5 instead of 7.9 instructions per
+    weight byte)."""
+    if USE_ASM:
+        c = tl.full(v.shape, 0, tl.int32) + magic
+        if k == 0:
+            r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7044;", "=r,r,r", [v, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        elif k == 1:
+            r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7144;", "=r,r,r", [v, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        elif k == 2:
+            r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7244;", "=r,r,r", [v, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:
+            r = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7344;", "=r,r,r", [v, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+    else:  # the interpreter has no inline PTX
+        r = (((v >> (8 * k)) & 0xFF) << 16) | magic
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _words_step(acc, b, x_ptrs, s, z, magic, WPG: tl.constexpr, USE_ASM: tl.constexpr):
+    lo = (b & 0x0F0F0F0F) | -2139062144  # 0x80808080: each byte 0x80 | q
+    hi = ((b >> 4) & 0x0F0F0F0F) | -2139062144
+    x0 = tl.load(x_ptrs).to(tl.float32)
+    x1 = tl.load(x_ptrs + WPG).to(tl.float32)
+    x2 = tl.load(x_ptrs + 2 * WPG).to(tl.float32)
+    x3 = tl.load(x_ptrs + 3 * WPG).to(tl.float32)
+    x4 = tl.load(x_ptrs + 4 * WPG).to(tl.float32)
+    x5 = tl.load(x_ptrs + 5 * WPG).to(tl.float32)
+    x6 = tl.load(x_ptrs + 6 * WPG).to(tl.float32)
+    x7 = tl.load(x_ptrs + 7 * WPG).to(tl.float32)
+    # one expression: one FMUL and seven FMAs per word (a zero-initialized sum adds an FADD per term)
+    p = (x0 * _nibble_f32(lo, 0, magic, USE_ASM) + x1 * _nibble_f32(hi, 0, magic, USE_ASM)
+         + x2 * _nibble_f32(lo, 1, magic, USE_ASM) + x3 * _nibble_f32(hi, 1, magic, USE_ASM)
+         + x4 * _nibble_f32(lo, 2, magic, USE_ASM) + x5 * _nibble_f32(hi, 2, magic, USE_ASM)
+         + x6 * _nibble_f32(lo, 3, magic, USE_ASM) + x7 * _nibble_f32(hi, 3, magic, USE_ASM))
+    xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    return acc + s.to(tl.float32) * (128.0 * tl.sum(p, axis=3, keep_dims=True)
+                                     - (128.0 + z.to(tl.float32)) * tl.sum(xs, axis=3, keep_dims=True))
+
+
+@triton.jit
+def _words_k_loop(acc, w_ptrs, x_ptrs, s_ptrs, z_ptrs, n_groups, magic, G: tl.constexpr, GROUP: tl.constexpr,
+                  USE_ASM: tl.constexpr, NS: tl.constexpr):
+    WPG: tl.constexpr = GROUP // 8
+    for g0 in tl.range(0, n_groups, G, num_stages=NS):
+        b = tl.load(w_ptrs, eviction_policy="evict_first")
+        acc = _words_step(acc, b, x_ptrs, tl.load(s_ptrs), tl.load(z_ptrs), magic, WPG, USE_ASM)
+        w_ptrs += G * WPG
+        x_ptrs += G * GROUP
+        s_ptrs += G
+        z_ptrs += G
+    return acc
+
+
+@triton.jit
+def _int4_gemv_words(X, W, Scale, Zero, Out, N, KW4, n_groups, magic, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     G: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr = 0, NS: tl.constexpr = 1):
+    """Tile [BLOCK_N rows, G groups, quads, 4 words]; each thread loads 4 words of a row (16 bytes) and the 8
+    activation runs those words need (loaded once for all the rows it holds). Per word: two masks, eight PRMTs
+    and eight FMAs; the group's s * (128 * sum(x * (1 + q/128)) - (128 + z) * sum(x)) is applied per thread before
+    any cross-thread reduction, so the scale and zero point load in the tile's own layout.
+    PREFETCH: the next step's loads are issued before this step's arithmetic (registers); NS: Triton's pipeliner.
+    The caller picks G dividing n_groups: no masks (masked activation loads were not shared across rows)."""
+    WPG: tl.constexpr = GROUP // 8
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    og = tl.arange(0, G)[:, None, None]
+    oq = tl.arange(0, WPG // 4)[None, :, None]
+    oe = tl.arange(0, 4)[None, None, :]
+    w_ptrs = W + rows[:, None, None, None].to(tl.int64) * KW4 + (og * WPG + oq * 4 + oe)[None]
+    # rows * 0: the activation pointer has the weight tile's shape, so its load gets the tile's layout; the
+    # compiler loads it once per thread, not once per row (checked in the SASS)
+    x_ptrs = X + (rows * 0)[:, None, None, None] + (og * GROUP + oq * 4 + oe)[None]
+    sz = rows[:, None, None, None] * n_groups + (og + oq * 0)[None]
+    acc = tl.zeros([BLOCK_N, G, WPG // 4, 1], tl.float32)
+    if PREFETCH:  # the weight, scale and zero point only: a carried activation is kept once per row
+        b = tl.load(w_ptrs, eviction_policy="evict_first")
+        s, z = tl.load(Scale + sz), tl.load(Zero + sz)
+        for g0 in range(0, n_groups, G):
+            step = tl.where(g0 + G < n_groups, G, 0)  # the last step re-reads its own tile instead of past the end
+            nb = tl.load(w_ptrs + step * WPG, eviction_policy="evict_first")
+            ns, nz = tl.load(Scale + sz + step), tl.load(Zero + sz + step)
+            acc = _words_step(acc, b, x_ptrs, s, z, magic, WPG, USE_ASM)
+            b, s, z = nb, ns, nz
+            w_ptrs += step * WPG
+            x_ptrs += G * GROUP
+            sz += step
+    else:
+        acc = _words_k_loop(acc, w_ptrs, x_ptrs, Scale + sz, Zero + sz, n_groups, magic, G, GROUP, USE_ASM, NS)
+    out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _int4_gemv_words_t(X, W, Scale, Zero, Out, N, KW4, n_groups, magic, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, G: tl.constexpr, USE_ASM: tl.constexpr):
+    """words with the tile as [G groups, BLOCK_N rows, quads, 4 words]: a warp's threads span quads and rows
+    (not quads and groups), so each activation load of a warp is one 32-byte run shared by its rows (one L1
+    wavefront) instead of eight runs 256 bytes apart (ncu, words 8x8x4 on the H200: L1/TEX 86% busy, DRAM 24%)."""
+    WPG: tl.constexpr = GROUP // 8
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N
+    og = tl.arange(0, G)[:, None, None, None]
+    orow = rows[None, :, None, None]
+    oq = tl.arange(0, WPG // 4)[None, None, :, None]
+    oe = tl.arange(0, 4)[None, None, None, :]
+    w_ptrs = W + orow.to(tl.int64) * KW4 + og * WPG + oq * 4 + oe
+    x_ptrs = X + orow * 0 + og * GROUP + oq * 4 + oe
+    sz = orow * n_groups + og + oq * 0
+    acc = tl.zeros([G, BLOCK_N, WPG // 4, 1], tl.float32)
+    acc = _words_k_loop(acc, w_ptrs, x_ptrs, Scale + sz, Zero + sz, n_groups, magic, G, GROUP, USE_ASM, 1)
+    out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
+    tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
+
+
+def words_t(x, w32, s, z, block_n, g, warps):
+    N, KW4 = w32.shape
+    n_groups = KW4 * 8 // GROUP
+    g = math.gcd(g, n_groups)
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    _int4_gemv_words_t[(triton.cdiv(N, block_n),)](x, w32, s, z, out, N, KW4, n_groups, 0x3F000000, GROUP=GROUP,
+                                                   BLOCK_N=block_n, G=g, USE_ASM=x.is_cuda, num_warps=warps,
+                                                   num_stages=1)
+    return out
+
+
+def words(x, w32, s, z, block_n, g, warps, prefetch=0, stages=1):
+    N, KW4 = w32.shape
+    n_groups = KW4 * 8 // GROUP
+    g = math.gcd(g, n_groups)
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    _int4_gemv_words[(triton.cdiv(N, block_n),)](x, w32, s, z, out, N, KW4, n_groups, 0x3F000000, GROUP=GROUP,
+                                                 BLOCK_N=block_n, G=g, USE_ASM=x.is_cuda, PREFETCH=prefetch, NS=stages, num_warps=warps,
+                                                 num_stages=1)
+    return out
 
 
 if __name__ == "__main__":

@@ -160,3 +160,27 @@ def test_w8a8_gemv_quantizes_the_token_as_the_reference(granularity, kind):
     out = qm.w8a8_gemv(x, q, s, bias, granularity)
     expected = w8a8_linear_reference(x, q, s, bias, "none", None, granularity)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_bench_int4_word_variants_match_reference():
+    """bench/int4_gemv_variants.py's repacked-word GEMVs (a diagnosis, not shipped) compute the op: the repacking
+    keeps every nibble, and both tile orders match the reference, with a step count that does not divide the
+    groups (gcd fallback) and rows that do not fill the last tile."""
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        import int4_gemv_variants as V
+    finally:
+        sys.path.remove(bench)
+    torch.manual_seed(0)
+    for N, K, cfg in [(33, 384, (8, 2, 2)), (40, 512, (16, 4, 4))]:
+        w = torch.randn(N, K, device=DEVICE) / K ** 0.5
+        p, s, z = quantize_int4_groupwise(w.to(torch.float16), V.GROUP)
+        x = torch.randn(1, K, device=DEVICE, dtype=torch.float16)
+        w32 = V.pack_words(p, V.GROUP)
+        assert w32.dtype == torch.int32 and w32.shape == (N, K // 8)
+        ref = x.float() @ dequantize_int4(p, s, z, V.GROUP).float().T
+        for fn in (V.words, V.words_t):
+            _close(fn(x, w32, s, z, *cfg), ref, torch.float16)
