@@ -34,20 +34,25 @@ from mmaccel.backends.triton.matmul import _time_us
 # (name, heads, kv heads, head dim, cache length, live keys)
 ATTENTION = [("mha 640/1024", 32, 32, 128, 1024, 640), ("mha 1025/2048", 32, 32, 128, 2048, 1025),
              ("mha 4096/4096", 32, 32, 128, 4096, 4096), ("gqa8 1025/2048", 32, 8, 128, 2048, 1025),
-             ("gqa8 4096/4096", 32, 8, 128, 4096, 4096)]
+             ("gqa8 4096/4096", 32, 8, 128, 4096, 4096),
+             # Whisper large-v3's decoder: self-attention over a short static cache, cross-attention over the
+             # encoder's 1500 positions
+             ("wh self 70/256", 20, 20, 64, 256, 70), ("wh cross 1500", 20, 20, 64, 1500, 1500)]
 # (name, N, K, fusion): a Llama-7B decoder layer's linears and its LM head
 GEMV = [("qkv+norm", 12288, 4096, "norm"), ("o+residual", 4096, 4096, "residual"),
         ("gate_up+norm+glu", 22016, 4096, "norm_glu"), ("down+residual", 4096, 11008, "residual"),
         ("lm_head+norm", 32000, 4096, "norm"),
         # Whisper large-v3's decoder (d_model 1280): LayerNorm prologues (the one-pass form, MMACCEL_GEMV_LAYERNORM)
         ("wh qkv+ln", 3840, 1280, "layernorm"), ("wh fc1+ln+gelu", 5120, 1280, "layernorm_gelu"),
-        ("wh fc2+residual", 1280, 5120, "residual")]
+        ("wh fc2+residual", 1280, 5120, "residual"), ("wh o+residual", 1280, 1280, "residual"),
+        ("wh cross-q+ln", 1280, 1280, "layernorm"), ("wh lm_head+ln", 51866, 1280, "layernorm")]
 
 
 def attention_part(args, device, dtype) -> list[dict]:
     rows = []
     grid = list(itertools.product(args.pps, args.block_n, args.warps, args.stages))
-    for name, H, Hkv, D, Lk, live in ATTENTION if not args.dry else [("tiny gqa", 8, 2, 16, 64, 40)]:
+    shapes = [a for a in ATTENTION if not args.shapes or any(a[0].startswith(prefix) for prefix in args.shapes)]
+    for name, H, Hkv, D, Lk, live in shapes if not args.dry else [("tiny gqa", 8, 2, 16, 64, 40)]:
         torch.manual_seed(0)
         q = torch.randn(1, H, 1, D, device=device, dtype=dtype)
         k, v = (torch.randn(1, Hkv, Lk, D, device=device, dtype=dtype) for _ in range(2))
@@ -93,7 +98,8 @@ def _print_best(rows: list[dict], shape: str) -> None:
 def gemv_part(args, device, dtype) -> list[dict]:
     rows = []
     tiny = [("tiny", 40, 96, "norm_glu"), ("tiny", 40, 96, "residual"), ("tiny ln", 40, 96, "layernorm_gelu")]
-    for name, N, K, fusion_kind in GEMV if not args.dry else tiny:
+    shapes = [g for g in GEMV if not args.shapes or any(g[0].startswith(prefix) for prefix in args.shapes)]
+    for name, N, K, fusion_kind in shapes if not args.dry else tiny:
         torch.manual_seed(0)
         glu = "glu" in fusion_kind
         x = torch.randn(1, K, device=device, dtype=dtype)
@@ -150,6 +156,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="attention: pipeline stages")
     p.add_argument("--rows-per-program", type=int, nargs="+", default=[1, 2, 4, 8], help="gemv: weight rows per program")
     p.add_argument("--row-bytes", type=int, nargs="+", default=[2048, 4096], help="gemv: bytes of a row per step")
+    p.add_argument("--shapes", nargs="+", default=None, help="only the shapes whose name starts so (e.g. wh)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dry", action="store_true", help="CPU (TRITON_INTERPRET=1): tiny shapes, correctness only")
     p.add_argument("--out", default=default_out("decode_kernels_sweep_h200.json"))

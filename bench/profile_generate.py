@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rows", type=int, default=12)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU: checks the script runs")
+    p.add_argument("--step", action="store_true", help="also list one decode step's kernels in launch order (the "
+                   "ones between the last two argmax kernels); with MMACCEL_PDL=0 their times are their own, with "
+                   "PDL each includes its wait for the kernel before")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -69,9 +72,24 @@ def main() -> None:
           f"launches, {row['kernel_launches']} kernel launches from the host")
     for key, n, ms in row["top_kernels"]:
         print(f"  {ms:9.3f} ms {n:6d}x  {key}")
+    if args.step:
+        row["step"] = decode_step(prof)
+        print(f"one decode step: {len(row['step'])} kernels, {sum(us for _, us in row['step']):.1f} us of kernel time")
+        for key, us in row["step"]:
+            print(f"  {us:8.2f} us  {key}")
     if args.out:
         write_json(args.out, {"environment": environment(device, layers=args.layers), "rows": [row]})
         print(f"wrote {args.out}")
+
+
+def decode_step(prof) -> list[tuple[str, float]]:
+    """(kernel, us) of the GPU kernels between the last two argmax kernels, in start order."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    ends = [i for i, e in enumerate(kernels) if "ArgMax" in e.name]
+    if len(ends) < 2:
+        return []
+    return [(e.name[:80], round(e.time_range.elapsed_us(), 2)) for e in kernels[ends[-2] + 1:ends[-1] + 1]]
 
 
 if __name__ == "__main__":

@@ -143,3 +143,63 @@ def test_layer_norm_prologue_keeps_a_row_whose_mean_dwarfs_its_spread(N, K):
     expected = torch.nn.functional.layer_norm(x.double(), (K,), fusion.norm_weight.double(),
                                               fusion.norm_bias.double(), 1e-5) @ weight.double().t()
     torch.testing.assert_close(out.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("parts", ["layernorm+bias+gelu", "norm+glu", "bias+residual"])
+def test_every_tuning_candidate_matches_the_reference(parts):
+    """Each config the one-row autotuner may pick (gemv.CANDIDATES, as real CUDA sizes: fp16 steps of 256 to
+    2048 elements, 1 to 16 rows, X1D with or without a norm) computes the fused GEMV, split K or not: the
+    tuner times them on the GPU and must be free to take any."""
+    from mmaccel.backends.triton import gemv as gemv_module
+
+    torch.manual_seed(0)
+    dtype, (N, K) = torch.float16, (40, 2 * 1024 + 96)  # K covers whole and partial steps of every size
+    x = torch.randn(1, K, device=DEVICE, dtype=dtype) * 3 + 5
+    glu = "glu" in parts
+    weight = torch.randn(N * (2 if glu else 1), K, device=DEVICE, dtype=dtype) / K ** 0.5
+    fusion = Fusion(norm_weight=torch.rand(K, device=DEVICE, dtype=dtype) + 0.5 if "norm" in parts else None,
+                    norm_bias=torch.randn(K, device=DEVICE, dtype=dtype) if "layernorm" in parts else None,
+                    eps=1e-5, glu=glu, activation="gelu" if "gelu" in parts else "none",
+                    residual=torch.randn(1, N, device=DEVICE, dtype=dtype) if "residual" in parts else None)
+    bias = torch.randn(N, device=DEVICE, dtype=dtype) if "bias" in parts else None
+    expected = fused_reference(x, weight, bias, fusion).to(dtype)
+    # the static config as CUDA would build it (no GPU here, so by hand), 132 SMs
+    static = gemv_module._split(gemv_module.GemvConfig(1, 1024, 0, 0, 4, 1, fusion.norm_weight is not None), N, K, 132)
+    options = gemv_module.candidates(N, K, dtype, fusion, static, sms=8)
+    assert options[0] == static and len(set(options)) == len(options) > 4
+    assert {cfg.splits > 1 for cfg in options} == {True, False}
+    assert fusion.norm_weight is None or all(cfg.x1d for cfg in options)
+    for cfg in options:
+        out = torch.empty(1, N, device=DEVICE, dtype=dtype)
+        part = out if cfg.splits == 1 else torch.empty(cfg.splits, 1, N * (2 if glu else 1), device=DEVICE,
+                                                         dtype=torch.float32)
+        gemv_module._launch(x, weight, bias, part, out, fusion, cfg, N)
+        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()),
+                                   msg=lambda m, cfg=cfg: f"{cfg}: {m}")
+
+
+def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_path, monkeypatch):
+    """pick: best of two rounds per option; the static config (first) stays on a near tie; the choice is
+    written to the cache folder and read back by a fresh process's table; no measuring off CUDA."""
+    from mmaccel.backends.triton import gemv as gemv_module
+    from mmaccel.backends.triton.tuning import Choices
+
+    monkeypatch.setenv("MMACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gemv_module, "_tuned", Choices("gemv_configs.json"))
+    a, b, c = (gemv_module.GemvConfig(rows, 512, 512, 1, 4, 1, True) for rows in (1, 2, 4))
+    calls = []
+
+    def measure(times):
+        def fn(cfg):
+            calls.append(cfg)
+            return times[cfg]
+        return fn
+
+    assert gemv_module.pick("near", [a, b, c], measure({a: 10.0, b: 9.8, c: 11.0})) == a  # 2% faster: kept
+    assert gemv_module.pick("far", [a, b, c], measure({a: 10.0, b: 9.0, c: 11.0})) == b
+    assert calls == [a, b, c] * 4  # two interleaved rounds per pick
+    assert Choices("gemv_configs.json").get("far") == list(b)
+    x, w = torch.randn(1, 64), torch.randn(8, 64)
+    static = _config(1, 8, 64, x.device, x.dtype)
+    assert gemv_module._tuned_config(x, w, None, Fusion(), 8, static) == static  # CPU: static, nothing timed
+    assert len(calls) == 12

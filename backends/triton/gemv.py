@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import pdl_launch, sm_count
+from .device import device_name, pdl_launch, sm_count
+from .tuning import Choices, time_us
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
@@ -321,7 +322,8 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, no
     thread). M > 1 takes 64 rows x 256 bytes with 3 stages when N gives at least one such program per SM,
     else 16 rows x 1 KiB with 2 warps and 4 stages (more programs, still deep pipelines). K is split when the
     column blocks alone leave SMs idle, aiming at 2 programs per SM. On the interpreter: small blocks and a
-    pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and split-K."""
+    pretend 8 SMs, so small test shapes still cover several blocks, partial tiles and split-K. (M = 1 on CUDA:
+    `gemv` then measures its candidates per shape, see _tuned_config.)"""
     if device.type == "cuda":
         sms = sm_count(device)
         if M == 1:  # 2 KiB of a weight row per step
@@ -335,10 +337,84 @@ def _config(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, no
     # LayerNorm in front runs on the X1D path only (x's sum is gathered on the vector): 4 rows if NORM_ROWS says 0
     x1d = M == 1 and norm and (NORM_ROWS > 0 or layer_norm)
     block_n = triton.next_power_of_2(NORM_ROWS or 4) if x1d else block_n
-    n_blocks = triton.cdiv(N, block_n)
-    splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, block_k))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    return GemvConfig(block_n, block_k, k_per_split, triton.cdiv(K, k_per_split), num_warps, num_stages, x1d)
+    return _split(GemvConfig(block_n, block_k, 0, 0, num_warps, num_stages, x1d), N, K, sms)
+
+
+def _split(cfg: GemvConfig, N: int, K: int, sms: int) -> GemvConfig:
+    """cfg with K split when its column blocks alone leave SMs idle (about 2 programs per SM)."""
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    splits = 1 if n_blocks >= sms else min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(K, cfg.block_k))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), cfg.block_k) * cfg.block_k
+    return cfg._replace(k_per_split=k_per_split, splits=triton.cdiv(K, k_per_split))
+
+
+# One activation row on CUDA: the config is measured per shape and fusion (tuning.time_us: in a CUDA graph, L2
+# flushed) among the static one and these (rows per program, bytes of a weight row per step, warps, X1D), the
+# winners of the H200 sweeps, and kept on disk. Whisper large-v3's decoder (K = 1280, which 2 KiB steps of
+# bf16 cover as 1024 + a quarter-used 256) ran 1.2-1.8x faster with 512 or 256 elements per step: qkv+LayerNorm
+# 9.64 -> 5.93 us, fc1+LayerNorm+GELU 10.09 -> 7.86, fc2+residual 8.22 -> 5.53, LM head+LayerNorm 71.6 -> 40.2
+# (bench/results/decode_kernels_sweep_whisper_h200.json); the 7B decoder's shapes were within 2% of the static
+# choice (decode_kernels_sweep_gemv_h200.json). A candidate must beat the static config by 3% to replace it.
+# MMACCEL_GEMV_TUNE=0 keeps the static config (measurements).
+TUNE_SWITCH = "MMACCEL_GEMV_TUNE"
+CANDIDATES = [(16, 1024, 8, True), (4, 1024, 2, True), (8, 1024, 2, True), (4, 4096, 8, True), (2, 4096, 8, True),
+              (8, 512, 2, True), (16, 512, 4, True), (2, 2048, 2, True), (4, 2048, 4, True), (8, 2048, 4, True),
+              (1, 2048, 4, False), (1, 4096, 4, False)]
+_tuned = Choices("gemv_configs.json")
+
+
+def candidates(N: int, K: int, dtype: torch.dtype, fusion: "Fusion", static: GemvConfig, sms: int
+               ) -> list[GemvConfig]:
+    """The static config first, then CANDIDATES as configs for this shape (a norm in front takes X1D ones:
+    LayerNorm runs only there, and RMSNorm's tile-shaped loads re-read x per row), without repeats."""
+    out = [static]
+    for rows, row_bytes, warps, x1d in CANDIDATES:
+        if fusion.norm_weight is not None and not x1d:
+            continue
+        cfg = _split(GemvConfig(rows, row_bytes // dtype.itemsize, 0, 0, warps, 1, x1d), N, K, sms)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def pick(key: str, options: list[GemvConfig], measure) -> GemvConfig:
+    """The option `measure` (config -> us) times fastest, best of two interleaved rounds (a GPU clock still
+    ramping up would favour whichever ran last); options[0], the static config, unless another beats it by 3%.
+    Kept under `key`."""
+    times: dict[GemvConfig, float] = {}
+    for _ in range(2):
+        for cfg in options:
+            times[cfg] = min(times.get(cfg, float("inf")), measure(cfg))
+    best = min(options, key=times.__getitem__)
+    if times[best] > 0.97 * times[options[0]]:
+        best = options[0]
+    _tuned.set(key, list(best))
+    return best
+
+
+def _tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fusion: "Fusion", N: int,
+                  static: GemvConfig) -> GemvConfig:
+    """The measured config of this one-row shape and fusion on CUDA (static elsewhere, while a CUDA graph is
+    being captured before any measurement, or with MMACCEL_GEMV_TUNE=0)."""
+    if not x.is_cuda or x.shape[0] != 1 or os.environ.get(TUNE_SWITCH, "1") == "0":
+        return static
+    K = x.shape[1]
+    norm = "none" if fusion.norm_weight is None else "layernorm" if fusion.norm_bias is not None else "rmsnorm"
+    key = (f"v1|{device_name(x.device)}|{x.dtype}|1x{N}x{K}|{norm}|glu={fusion.glu}|"
+           f"residual={fusion.residual is not None}|bias={bias is not None}|{fusion.activation}")
+    known = _tuned.get(key)
+    if known is not None:
+        return GemvConfig(*known)
+    if torch.cuda.is_current_stream_capturing():
+        return static
+
+    def measure(cfg: GemvConfig) -> float:
+        out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+        part = out if cfg.splits == 1 else torch.empty(cfg.splits, 1, N * (2 if fusion.glu else 1),
+                                                         device=x.device, dtype=torch.float32)
+        return time_us(lambda: _launch(x, weight, bias, part, out, fusion, cfg, N))
+
+    return pick(key, candidates(N, K, x.dtype, fusion, static, sm_count(x.device)), measure)
 
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -383,6 +459,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     assert not layer_norm or (fusion.norm_weight is not None and not fusion.glu), "gemv: LayerNorm takes its weight, no GLU"
     assert M == 1 or not (layer_norm or fusion.activation != "none"), "gemv: LayerNorm and activations take one row"
     cfg = _config(M, N, K, x.device, weight.dtype, norm=fusion.norm_weight is not None, layer_norm=layer_norm)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        cfg = _tuned_config(x, weight, bias, fusion, N, cfg)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     # Split K: fp32 partials (gate and up for GLU), finished by one more kernel: sum, norm scale, bias, GLU,
     # residual. A fused GEMV that could not split lost 0.34 ms of a 16-layer decode step on an H200 (GEMV time

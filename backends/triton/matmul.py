@@ -7,77 +7,22 @@ during capture, or on the CPU interpreter, no timing is possible and the choice 
 the library call (interpreter: the Triton kernel, so the tests run it)."""
 from __future__ import annotations
 
-import json
-import os
-import statistics
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from . import gemv as gemv_kernel
-from .cache import cache_dir
 from .device import device_name
+from .tuning import Choices, time_us
 
 aten = torch.ops.aten
-_choices: dict[str, str] | None = None
-
-
-def _cache_path() -> str:
-    return os.path.join(cache_dir(), "matmul_choices.json")
-
-
-def _load() -> dict[str, str]:
-    global _choices
-    if _choices is None:
-        try:
-            with open(_cache_path()) as f:
-                _choices = json.load(f)
-        except (OSError, ValueError):
-            _choices = {}
-    return _choices
-
-
-def _save() -> None:
-    path = _cache_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_choices, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+_choices = Choices("matmul_choices.json")
+_time_us = time_us  # the name bench/ scripts import
 
 
 def _library(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-
-
-def _time_us(fn: Callable[[], Any], reps: int = 10) -> float:
-    """GPU time of one call, L2 flushed before each (a decode step reads each weight once, from HBM).
-
-    Timed inside a CUDA graph, so host launch cost is left out: the first call of a compiled graph runs
-    under Dynamo's frame hooks, where a Python launcher looked 3-6x slower than its kernel (H200: a 31 us
-    GEMV timed at 108 us), and CUDA graph replay is how the Triton target runs such shapes anyway."""
-    flush = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")  # 256 MiB, over any L2
-    fn()
-    elapsed = {}
-    for with_fn in (False, True):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                flush.zero_()
-                if with_fn:
-                    fn()
-        graph.replay()
-        times = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        elapsed[with_fn] = statistics.median(times)
-    return max(elapsed[True] - elapsed[False], 0.0) * 1000 / reps
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> str:
@@ -88,18 +33,16 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     if not x.is_cuda:
         return "triton_gemv"
     key = f"{device_name(x.device)}|{x.dtype}|{x.shape[0]}x{weight.shape[0]}x{weight.shape[1]}|{bias is not None}"
-    choices = _load()
-    if key not in choices:
+    if _choices.get(key) is None:
         if torch.cuda.is_current_stream_capturing():
             return "library"
         # Interleaved rounds, best of each: the first timings of a process run while the GPU clock is still
         # ramping up (seen on an H200: 108 vs 31 us for the same kernel), which would favour whichever ran last.
-        rounds = [(_time_us(lambda: gemv_kernel.gemv(x, weight, bias)), _time_us(lambda: _library(x, weight, bias)))
+        rounds = [(time_us(lambda: gemv_kernel.gemv(x, weight, bias)), time_us(lambda: _library(x, weight, bias)))
                   for _ in range(3)]
         triton_us, library_us = min(r[0] for r in rounds), min(r[1] for r in rounds)
-        choices[key] = "triton_gemv" if triton_us < library_us else "library"
-        _save()
-    return choices[key]
+        _choices.set(key, "triton_gemv" if triton_us < library_us else "library")
+    return _choices.get(key)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
