@@ -199,6 +199,14 @@ def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_pa
     assert gemv_module.pick("far", [a, b, c], measure({a: 10.0, b: 9.0, c: 11.0})) == b
     assert calls == [a, b, c] * 4  # two interleaved rounds per pick
     assert Choices("gemv_configs.json").get("far") == list(b)
+
+    def refuses_b(cfg):
+        if cfg == b:
+            raise RuntimeError("out of resources")
+        return {a: 10.0, c: 9.0}[cfg]
+    assert gemv_module.pick("refused", [a, b, c], refuses_b) == c  # measured once, then left out
+    with pytest.raises(RuntimeError):
+        gemv_module.pick("static refused", [b, a], refuses_b)
     x, w = torch.randn(1, 64), torch.randn(8, 64)
     static = _config(1, 8, 64, x.device, x.dtype)
     assert gemv_module._tuned_config(x, w, None, Fusion(), 8, static) == static  # CPU: static, nothing timed

@@ -380,11 +380,19 @@ def candidates(N: int, K: int, dtype: torch.dtype, fusion: "Fusion", static: Gem
 def pick(key: str, options: list[GemvConfig], measure) -> GemvConfig:
     """The option `measure` (config -> us) times fastest, best of two interleaved rounds (a GPU clock still
     ramping up would favour whichever ran last); options[0], the static config, unless another beats it by 3%.
-    Kept under `key`."""
+    A candidate whose measurement raises (a launch the GPU refuses) is dropped. Kept under `key`."""
     times: dict[GemvConfig, float] = {}
     for _ in range(2):
         for cfg in options:
-            times[cfg] = min(times.get(cfg, float("inf")), measure(cfg))
+            if times.get(cfg) == float("inf"):
+                continue
+            try:
+                us = measure(cfg)
+            except Exception:  # noqa: BLE001 - a candidate the compiler or the GPU refuses (resources) is skipped
+                if cfg == options[0]:
+                    raise  # the static config is what runs without tuning: its failure is a real error
+                us = float("inf")
+            times[cfg] = min(times.get(cfg, float("inf")), us)
     best = min(options, key=times.__getitem__)
     if times[best] > 0.97 * times[options[0]]:
         best = options[0]
