@@ -21,7 +21,7 @@ import torch.fx as fx
 from ...ops import OPS
 from ...passes.graph import clone_module
 from ..common import lower_custom_ops, reinplace_input_updates
-from . import attention, decode_fusion, matmul, prepare
+from . import argmax, attention, decode_fusion, matmul, prepare
 from .cache import load_source
 from .cudagraphs import CudaGraphRunner, calls_before_recording
 from .schedule import plan, rewrite, symbol_nodes
@@ -86,6 +86,7 @@ def generate(gm: fx.GraphModule, device: torch.device, dump: Callable[[str, Any]
     if prepare.stride_dependent_nodes(gm):
         raise NotImplementedError("the graph reads eager's strides (as_strided), which generated kernels do not keep")
     attention.route_attention(gm)
+    argmax.route_argmax(gm)
     matmul.route_linears(gm)
     lower_custom_ops(gm)
     fusions = decode_fusion.fuse_decode_linears(gm, device)
