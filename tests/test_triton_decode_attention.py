@@ -182,3 +182,29 @@ def test_finite_masks_are_read_as_eager_reads_them():
     mask = torch.zeros(1, 1, 1, 100, device=DEVICE)
     mask[..., 60:] = torch.finfo(torch.float32).min
     assert torch.isnan(decode_attention(q, k, v, mask)).all()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "all_masked_row"])
+def test_every_tuning_candidate_and_the_one_split_plan_match(mask_kind):
+    """Each plan the decode tuner may pick (decode_attention.CANDIDATES, built for this shape) gives the
+    reference, including the one-split plans whose kernel writes the output itself (no merge kernel): a row
+    with every key masked gives 0 there too, grouped-query heads, a float mask."""
+    from mmaccel.backends.triton import decode_attention as da
+
+    torch.manual_seed(0)
+    q, k, v = qkv(B=2, H=8, Hkv=2, Lq=2, Lk=70, D=16, dtype=torch.float16)
+    mask = None if mask_kind == "none" else padding_mask(2, 2, 70)
+    if mask_kind == "float":
+        mask = torch.zeros(mask.shape, dtype=torch.float16, device=DEVICE).masked_fill(~mask, float("-inf"))
+    if mask_kind == "all_masked_row":
+        mask[0, :, 1, :] = False
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+    options = da.candidates(q, k)
+    assert options[0] == plan(q, k) and len(set(options)) == len(options)
+    assert {cut.num_splits == 1 for cut in options} == {True, False}
+    for cut in options:
+        out = decode_attention(q, k, v, mask, enable_gqa=True, launch=cut)
+        assert_matches_eager(out, expected)
+        if mask_kind == "all_masked_row":
+            assert (out[0, :, 1] == 0).all()

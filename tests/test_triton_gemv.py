@@ -179,10 +179,11 @@ def test_every_tuning_candidate_matches_the_reference(parts):
 
 
 def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_path, monkeypatch):
-    """pick: best of two rounds per option; the static config (first) stays on a near tie; the choice is
-    written to the cache folder and read back by a fresh process's table; no measuring off CUDA."""
+    """tuning.pick (the GEMV's and decode attention's): best of two rounds per option; the static config
+    (first) stays on a near tie; the choice is written to the cache folder and read back by a fresh process's
+    table; no measuring off CUDA."""
     from mmaccel.backends.triton import gemv as gemv_module
-    from mmaccel.backends.triton.tuning import Choices
+    from mmaccel.backends.triton.tuning import Choices, pick
 
     monkeypatch.setenv("MMACCEL_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(gemv_module, "_tuned", Choices("gemv_configs.json"))
@@ -195,8 +196,8 @@ def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_pa
             return times[cfg]
         return fn
 
-    assert gemv_module.pick("near", [a, b, c], measure({a: 10.0, b: 9.8, c: 11.0})) == a  # 2% faster: kept
-    assert gemv_module.pick("far", [a, b, c], measure({a: 10.0, b: 9.0, c: 11.0})) == b
+    assert pick(gemv_module._tuned, "near", [a, b, c], measure({a: 10.0, b: 9.8, c: 11.0})) == a  # 2% faster: kept
+    assert pick(gemv_module._tuned, "far", [a, b, c], measure({a: 10.0, b: 9.0, c: 11.0})) == b
     assert calls == [a, b, c] * 4  # two interleaved rounds per pick
     assert Choices("gemv_configs.json").get("far") == list(b)
 
@@ -204,9 +205,9 @@ def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_pa
         if cfg == b:
             raise RuntimeError("out of resources")
         return {a: 10.0, c: 9.0}[cfg]
-    assert gemv_module.pick("refused", [a, b, c], refuses_b) == c  # measured once, then left out
+    assert pick(gemv_module._tuned, "refused", [a, b, c], refuses_b) == c  # measured once, then left out
     with pytest.raises(RuntimeError):
-        gemv_module.pick("static refused", [b, a], refuses_b)
+        pick(gemv_module._tuned, "static refused", [b, a], refuses_b)
     x, w = torch.randn(1, 64), torch.randn(8, 64)
     static = _config(1, 8, 64, x.device, x.dtype)
     assert gemv_module._tuned_config(x, w, None, Fusion(), 8, static) == static  # CPU: static, nothing timed

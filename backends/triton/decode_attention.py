@@ -8,8 +8,9 @@ with 132 SMs, leaves most of the memory bandwidth idle. Here the KV length is sp
            group, not once per query head; 1 for multi-head attention) and writes the partials (row max, row
            sum, unnormalized output) to fp32 scratch;
   phase 2, grid (B*H, Lq): merges the splits of one query row with a log-sum-exp rescale.
-The scratch holds Lq*D floats per split, small next to the chunk of cache each split reads. The launch plan
-(`plan`) comes from an H200 sweep (bench/decode_kernels_sweep.py).
+The scratch holds Lq*D floats per split, small next to the chunk of cache each split reads; a plan of one split
+writes the output directly, without phase 2. The default launch plan (`plan`) comes from an H200 sweep
+(bench/decode_kernels_sweep.py); on CUDA each decode shape's plan is measured on first use (`_tuned_plan`).
 
 Semantics are those of torch.nn.functional.scaled_dot_product_attention (bool mask: True attends; float
 mask: added to the scaled scores, in fp32). A row whose every key is masked (all False, or all -inf) gives
@@ -29,21 +30,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import pdl_launch, sm_count
+from .device import device_name, pdl_launch, sm_count
+from .tuning import Choices, pick, time_us
 
 MAX_QUERY_ROWS = 16  # one padded tl.dot tile of query rows; longer queries are prefill, not decode
 MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
+def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part, Out,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                      H, group, heads, Lq, Lk, D, split_len, scale,
                      HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FINAL: tl.constexpr,
+                     USE_GDC: tl.constexpr):
     """One program: `heads` query heads that share one K/V head (grouped-query attention reads each K/V block
     once for its whole group instead of once per query head), all their Lq query rows as the rows of one tile
-    (row r: head r // Lq, query r % Lq), and one split of the keys."""
+    (row r: head r // Lq, query r % Lq), and one split of the keys. FINAL (one split): the normalized output
+    straight to Out, as _combine_kernel would write it (no scratch, no second kernel)."""
     if USE_GDC:  # launched with programmatic dependent launch (device.pdl): the previous kernel's writes first
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -97,10 +101,15 @@ def _split_kv_kernel(Q, K, V, Mask, M_part, L_part, Acc_part,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-    part = ((b * H + h) * tl.num_programs(1) + split) * Lq + m  # scratch row of (batch, head, split, query row)
-    tl.store(M_part + part, m_i, mask=row_ok)
-    tl.store(L_part + part, l_i, mask=row_ok)
-    tl.store(Acc_part + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    if FINAL:  # every key masked: acc and l_i are 0, and the output 0 as SDPA gives (a NaN sum still propagates)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(Out + ((b * H + h) * Lq + m)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = ((b * H + h) * tl.num_programs(1) + split) * Lq + m  # scratch row of (batch, head, split, query row)
+        tl.store(M_part + part, m_i, mask=row_ok)
+        tl.store(L_part + part, l_i, mask=row_ok)
+        tl.store(Acc_part + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -171,11 +180,12 @@ PROGRAMS_PER_SM, BLOCK_N, NUM_WARPS, NUM_STAGES = 6, 64, 4, 1
 
 
 def plan(q: torch.Tensor, k: torch.Tensor, programs_per_sm: Optional[int] = None, block_n: Optional[int] = None,
-         num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> Plan:
+         num_warps: Optional[int] = None, num_stages: Optional[int] = None, splits: Optional[int] = None) -> Plan:
     """The launch plan; the keyword arguments override the CUDA defaults (the sweep's knobs). Heads: the most of
     a K/V group that fit MAX_TILE_ROWS rows. Splits: about `programs_per_sm` programs per SM on CUDA, so every SM
     has loads in flight, at most 64 splits so the merge's [splits, D] tile stays in registers; 4 splits on the
-    interpreter (small blocks too), so small test shapes still span several blocks and splits and the merge."""
+    interpreter (small blocks too), so small test shapes still span several blocks and splits and the merge;
+    `splits` asks for that many instead (1: no merge kernel)."""
     B, H, Lq, D = q.shape
     Lk, group = k.shape[2], H // k.shape[1]
     heads = max(d for d in range(1, group + 1) if group % d == 0 and d * Lq <= max(MAX_TILE_ROWS, Lq))
@@ -186,6 +196,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, programs_per_sm: Optional[int] = None
         num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
     else:
         block_n, target, num_warps, num_stages = block_n or 16, 4, num_warps or 4, num_stages or 1
+    target = splits or target
     split_len = triton.cdiv(triton.cdiv(Lk, target), block_n) * block_n
     return Plan(heads, block_n, split_len, triton.cdiv(Lk, split_len), num_warps, num_stages)
 
@@ -194,28 +205,77 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
                      scale: Optional[float] = None, enable_gqa: bool = False, launch: Optional[Plan] = None) -> torch.Tensor:
     """scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa) for the shapes
     `supports` accepts, as a new contiguous [B, H, Lq, D] tensor. k, v and the mask are read through their
-    strides (a broadcast mask is never expanded in memory). `launch`: a plan other than `plan`'s (the sweep)."""
+    strides (a broadcast mask is never expanded in memory). `launch`: a plan other than the measured one (the
+    sweep)."""
     assert supports(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa), "decode_attention: unsupported inputs"
+    B, H, Lq, D = q.shape
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        cut = launch or _tuned_plan(q, k, v, attn_mask, scale)
+        out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+        _launch(q, k, v, attn_mask, scale, cut, out)
+    return out
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+            scale: Optional[float], cut: Plan, out: torch.Tensor) -> None:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     block_d = max(16, triton.next_power_of_2(D))
-    cut = launch or plan(q, k)
-    m_part = torch.empty(B * H * cut.num_splits * Lq, device=q.device, dtype=torch.float32)
+    final = cut.num_splits == 1
+    m_part = torch.empty(0 if final else B * H * cut.num_splits * Lq, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B * H * cut.num_splits * Lq * D, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    acc_part = torch.empty(0 if final else B * H * cut.num_splits * Lq * D, device=q.device, dtype=torch.float32)
     mask = q if attn_mask is None else attn_mask  # any pointer does when there is no mask
     mask_strides = (0, 0, 0, 0) if attn_mask is None else attn_mask.broadcast_to(B, H, Lq, Lk).stride()
     launch = pdl_launch(q.device)
-    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
-        _split_kv_kernel[(B * H // cut.heads, cut.num_splits)](
-            q, k, v, mask, m_part, l_part, acc_part, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            H, H // k.shape[1], cut.heads, Lq, Lk, D, cut.split_len, 1.0 / math.sqrt(D) if scale is None else scale,
-            HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask.dtype == torch.bool,
-            # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_M=max(16, triton.next_power_of_2(cut.heads * Lq)), BLOCK_N=cut.block_n, BLOCK_D=block_d,
-            num_warps=cut.num_warps, num_stages=cut.num_stages, **launch)
+    _split_kv_kernel[(B * H // cut.heads, cut.num_splits)](
+        q, k, v, mask, m_part, l_part, acc_part, out, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+        H, H // k.shape[1], cut.heads, Lq, Lk, D, cut.split_len, 1.0 / math.sqrt(D) if scale is None else scale,
+        HAS_MASK=attn_mask is not None, MASK_IS_BOOL=mask.dtype == torch.bool,
+        # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=max(16, triton.next_power_of_2(cut.heads * Lq)), BLOCK_N=cut.block_n, BLOCK_D=block_d,
+        FINAL=final, num_warps=cut.num_warps, num_stages=cut.num_stages, **launch)
+    if not final:
         _combine_kernel[(B * H, Lq)](m_part, l_part, acc_part, out, cut.num_splits, Lq, D,
                                      BLOCK_S=triton.next_power_of_2(cut.num_splits), BLOCK_D=block_d, **launch)
+
+
+# The plan is measured per decode shape on CUDA (tuning.pick: the default plan first, kept unless another is 3%
+# faster; the choice kept on disk; MMACCEL_ATTENTION_TUNE=0 keeps the default). Candidates: (programs per SM,
+# keys per block, warps, stages, splits or None) from the H200 sweeps' per-shape winners
+# (decode_kernels_sweep_h200.json, decode_kernels_sweep_whisper_h200.json): 640 live keys (24, 64, 4, 1) 10.4
+# against the default's 11.8 us, 4096 keys (3, 64, 2, 1) 30.2 against 40.1 at the time's default, grouped-query
+# 1025 keys (6, 32, 2, 1) 7.9 against 9.3, Whisper's cross-attention over 1500 positions (12, 128, 2, 1) 6.73
+# against 7.66; and one split, which needs no merge kernel (Whisper's self-attention: a short cache, 20 heads).
+TUNE_SWITCH = "MMACCEL_ATTENTION_TUNE"
+CANDIDATES = [(24, 64, 4, 1, None), (6, 64, 8, 1, None), (3, 64, 2, 1, None), (6, 32, 2, 1, None),
+              (6, 64, 4, 3, None), (12, 128, 2, 1, None), (1, 64, 8, 1, None), (6, 64, 4, 1, 1), (6, 128, 4, 1, 1)]
+_tuned = Choices("decode_attention_plans.json")
+
+
+def candidates(q: torch.Tensor, k: torch.Tensor) -> list[Plan]:
+    """The default plan first, then CANDIDATES as plans for this shape, without repeats."""
+    out = [plan(q, k)]
+    for pps, block_n, warps, stages, splits in CANDIDATES:
+        cut = plan(q, k, pps, block_n, warps, stages, splits)
+        if cut not in out:
+            out.append(cut)
     return out
+
+
+def _tuned_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                scale: Optional[float]) -> Plan:
+    """The measured plan of this shape on CUDA; the default elsewhere, while a CUDA graph is being captured
+    before any measurement, or with MMACCEL_ATTENTION_TUNE=0."""
+    if not q.is_cuda or os.environ.get(TUNE_SWITCH, "1") == "0":
+        return plan(q, k)
+    mask = "none" if attn_mask is None else f"{attn_mask.dtype}{tuple(attn_mask.shape)}"
+    key = f"v1|{device_name(q.device)}|{q.dtype}|q{tuple(q.shape)}|k{tuple(k.shape)}|mask {mask}"
+    known = _tuned.get(key)
+    if known is not None:
+        return Plan(*known)
+    if torch.cuda.is_current_stream_capturing():
+        return plan(q, k)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return pick(_tuned, key, candidates(q, k), lambda cut: time_us(lambda: _launch(q, k, v, attn_mask, scale, cut, out)))

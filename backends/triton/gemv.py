@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .device import device_name, pdl_launch, sm_count
-from .tuning import Choices, time_us
+from .tuning import Choices, pick, time_us
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
@@ -377,29 +377,6 @@ def candidates(N: int, K: int, dtype: torch.dtype, fusion: "Fusion", static: Gem
     return out
 
 
-def pick(key: str, options: list[GemvConfig], measure) -> GemvConfig:
-    """The option `measure` (config -> us) times fastest, best of two interleaved rounds (a GPU clock still
-    ramping up would favour whichever ran last); options[0], the static config, unless another beats it by 3%.
-    A candidate whose measurement raises (a launch the GPU refuses) is dropped. Kept under `key`."""
-    times: dict[GemvConfig, float] = {}
-    for _ in range(2):
-        for cfg in options:
-            if times.get(cfg) == float("inf"):
-                continue
-            try:
-                us = measure(cfg)
-            except Exception:  # noqa: BLE001 - a candidate the compiler or the GPU refuses (resources) is skipped
-                if cfg == options[0]:
-                    raise  # the static config is what runs without tuning: its failure is a real error
-                us = float("inf")
-            times[cfg] = min(times.get(cfg, float("inf")), us)
-    best = min(options, key=times.__getitem__)
-    if times[best] > 0.97 * times[options[0]]:
-        best = options[0]
-    _tuned.set(key, list(best))
-    return best
-
-
 def _tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], fusion: "Fusion", N: int,
                   static: GemvConfig) -> GemvConfig:
     """The measured config of this one-row shape and fusion on CUDA (static elsewhere, while a CUDA graph is
@@ -422,7 +399,7 @@ def _tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                                          device=x.device, dtype=torch.float32)
         return time_us(lambda: _launch(x, weight, bias, part, out, fusion, cfg, N))
 
-    return pick(key, candidates(N, K, x.dtype, fusion, static, sm_count(x.device)), measure)
+    return pick(_tuned, key, candidates(N, K, x.dtype, fusion, static, sm_count(x.device)), measure)
 
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -71,3 +71,30 @@ class Choices:
         with open(tmp, "w") as f:
             json.dump(self._data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
+
+
+T = TypeVar("T")
+
+
+def pick(table: Choices, key: str, options: Sequence[T], measure: Callable[[T], float], margin: float = 0.03) -> T:
+    """The option `measure` (option -> us) times fastest, best of two interleaved rounds (a GPU clock still
+    ramping up would favour whichever ran last); options[0], the static choice, unless another beats it by
+    `margin`. An option whose measurement raises (a launch the GPU refuses) is dropped; options[0]'s failure is
+    raised, since it is what runs untuned. The winner is kept in `table` under `key` (as a list)."""
+    times: dict[Any, float] = {}
+    for _ in range(2):
+        for option in options:
+            if times.get(option) == float("inf"):
+                continue
+            try:
+                us = measure(option)
+            except Exception:  # noqa: BLE001 - see the docstring
+                if option == options[0]:
+                    raise
+                us = float("inf")
+            times[option] = min(times.get(option, float("inf")), us)
+    best = min(options, key=times.__getitem__)
+    if times[best] > (1 - margin) * times[options[0]]:
+        best = options[0]
+    table.set(key, list(best))
+    return best
