@@ -18,7 +18,8 @@ import int4_gemv_variants as V  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 
 VARIANTS = {
-    "current": lambda x, p, s, z, w32: qm.linear(x, p, s, z, bits=4, group=V.GROUP, config=qm.QuantConfig(1, 4, 512, 2, 1)),
+    "current": lambda x, p, s, z, w32: qm.linear(x, p, s, z, bits=4, group=V.GROUP,
+                                                  config=qm.QuantConfig(1, 4, 512, 2, 1)),
     "loadonly": lambda x, p, s, z, w32: V.lanes(x, p, s, z, 2, 4, 8, 4, 1),
     "words": lambda x, p, s, z, w32: V.words(x, w32, s, z, 16, 8, 4),
     "words_8_8_4": lambda x, p, s, z, w32: V.words(x, w32, s, z, 8, 8, 4),

@@ -552,8 +552,8 @@ def words(x, w32, s, z, block_n, g, warps, prefetch=0, stages=1):
     g = math.gcd(g, n_groups)
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     _int4_gemv_words[(triton.cdiv(N, block_n),)](x, w32, s, z, out, N, KW4, n_groups, 0x3F000000, GROUP=GROUP,
-                                                 BLOCK_N=block_n, G=g, USE_ASM=x.is_cuda, PREFETCH=prefetch, NS=stages, num_warps=warps,
-                                                 num_stages=1)
+                                                 BLOCK_N=block_n, G=g, USE_ASM=x.is_cuda, PREFETCH=prefetch, NS=stages,
+                                                 num_warps=warps, num_stages=1)
     return out
 
 

@@ -278,4 +278,8 @@ def _tuned_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
     if torch.cuda.is_current_stream_capturing():
         return plan(q, k)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return pick(_tuned, key, candidates(q, k), lambda cut: time_us(lambda: _launch(q, k, v, attn_mask, scale, cut, out)))
+
+    def measure(cut: Plan) -> float:
+        return time_us(lambda: _launch(q, k, v, attn_mask, scale, cut, out))
+
+    return pick(_tuned, key, candidates(q, k), measure)
