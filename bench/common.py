@@ -94,6 +94,8 @@ def environment(device: torch.device | str = "cpu", **extra: Any) -> dict[str, A
         "python": platform.python_version(),
         "mmaccel": mmaccel.__version__,
         "git_commit": _command_output(["git", "-C", BENCH_DIR, "rev-parse", "HEAD"]),
+        # the measurement switches (MMACCEL_PDL=0, MMACCEL_GEMV_TUNE=0, ...): an A/B pair of runs says which is which
+        "switches": {name: value for name, value in sorted(os.environ.items()) if name.startswith("MMACCEL_")},
         **extra,
     }
 

@@ -61,8 +61,10 @@ def test_interleaved_rounds_time_each_function_once_per_round(monkeypatch) -> No
     assert times == {"a": pytest.approx([1.0] * 3), "b": pytest.approx([2.0] * 3)}
 
 
-def test_environment_records_versions_device_and_commit() -> None:
+def test_environment_records_versions_device_and_commit(monkeypatch) -> None:
+    monkeypatch.setenv("MMACCEL_GEMV_TUNE", "0")
     env = common.environment("cpu", threads=2)
+    assert env["switches"].get("MMACCEL_GEMV_TUNE") == "0"
     for field in ("date", "device", "cpu_count", "torch", "triton", "onnxruntime", "transformers", "python",
                   "mmaccel", "git_commit"):
         assert field in env, field
