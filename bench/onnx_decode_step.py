@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build(args.size)
+    model = build(args.size, args.arch)
     past = past_shape(model.config, args.past)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as work:

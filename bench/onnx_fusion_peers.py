@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "int4"), default=["fp32", "int4"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build(args.size)
+    model = build(args.size, args.arch)
     config = model.config
     ids = torch.randint(3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -169,7 +169,8 @@ def main() -> None:
               f"{row.get('ms_per_token_outside_run', float('nan')):>8.3f} {row['file_bytes'] / 1e6:>6.1f} "
               f"{row['nodes_per_step']:>6} {row['kernel_ms_matmul']:>10.2f} {row['kernel_ms_other']:>6.2f}")
     path = args.out or default_out(f"onnx_fusion_peers_cpu_{args.size}.json")
-    write_json(path, {"environment": environment("cpu", threads=args.threads, size=args.size, prompt=args.prompt,
+    write_json(path, {"environment": environment("cpu", threads=args.threads, arch=args.arch, size=args.size,
+                                                 prompt=args.prompt,
                                                  new_tokens=args.new, rounds=args.rounds),
                       "results": rows})
     print(f"wrote {path}")

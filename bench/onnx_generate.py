@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import mmaccel
 
@@ -43,19 +43,27 @@ SIZES = {  # (hidden, layers, heads, kv heads, intermediate, vocab)
 }
 
 
-def build(size: str) -> LlamaForCausalLM:
+ARCHS = {"llama": (LlamaConfig, LlamaForCausalLM),
+         # Qwen2 at the same dimensions: q/k/v projections with biases and a tied LM head, as Qwen2 ships them
+         "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def build(size: str, arch: str = "llama") -> LlamaForCausalLM:
     hidden, layers, heads, kv_heads, intermediate, vocab = SIZES[size]
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    config_class, model_class = ARCHS[arch]
+    config = config_class(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                          **({"tie_word_embeddings": True} if arch == "qwen2" else {}))
+    return model_class(config).eval().requires_grad_(False)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, generation: bool = True) -> None:
     """The arguments the ONNX benches here share: model size, threads, output path; with `generation`, the
     prompt's length and the new tokens."""
     parser.add_argument("--size", choices=sorted(SIZES), default="130m")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="llama", help="the decoder's family")
     if generation:
         parser.add_argument("--prompt", type=int, default=64)
         parser.add_argument("--new", type=int, default=32)
@@ -140,10 +148,10 @@ def main() -> None:
     args = parser.parse_args()
     size = "tiny" if args.tiny else args.size
     torch.set_num_threads(args.threads)
-    model = build(size)
+    model = build(size, args.arch)
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     params = sum(p.numel() for p in model.parameters())
-    print(f"Llama {size}: {params / 1e6:.0f}M parameters, prompt {args.prompt}, {args.new} new tokens, "
+    print(f"{args.arch} {size}: {params / 1e6:.0f}M parameters, prompt {args.prompt}, {args.new} new tokens, "
           f"{args.threads} threads")
 
     def hf(new: int) -> torch.Tensor:
@@ -160,7 +168,8 @@ def main() -> None:
     print_table(rows)
     path = args.out or default_out(f"onnx_generate_cpu_{size}.json")
     # the load average says how busy the (shared) CPU was while the timings ran
-    write_json(path, {"environment": environment("cpu", threads=args.threads, size=size, parameters=params,
+    write_json(path, {"environment": environment("cpu", threads=args.threads, arch=args.arch, size=size,
+                                                 parameters=params,
                                                  prompt=args.prompt, new_tokens=args.new, repeats=args.repeats,
                                                  load_average=os.getloadavg()),
                       "results": rows})
