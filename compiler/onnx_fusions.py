@@ -53,22 +53,44 @@ MS = "com.microsoft"
 TOLERANCE = 1e-4
 
 
-class Graph:
-    """An onnx GraphProto with its producers, readers, constants and value shapes indexed."""
+class Constants(dict):
+    """name -> numpy value of a graph's initializers and Constant nodes, each read when first asked for: a
+    decoder's weights are most of them and the patterns read only small ones (a norm's weight, a shape), and
+    weights stored beside the model (external data, a model over 1.8 GB) resolve against `base_dir`."""
 
-    def __init__(self, graph: Any) -> None:
+    def __init__(self, graph: Any, base_dir: str) -> None:
+        super().__init__()
+        self.tensors = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.tensors[node.output[0]] = node.attribute[0].t
+        self.base_dir = base_dir
+
+    def __missing__(self, name: str) -> Any:
         from onnx import numpy_helper
 
+        self[name] = value = numpy_helper.to_array(self.tensors[name], self.base_dir)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self.tensors else default
+
+
+class Graph:
+    """An onnx GraphProto with its producers, readers, constants and value shapes indexed; `base_dir`: the
+    folder external data resolves against (the file's own)."""
+
+    def __init__(self, graph: Any, base_dir: str = "") -> None:
         self.graph = graph
         self.producer = {out: node for node in graph.node for out in node.output}
         self.readers: dict[str, list[Any]] = {}
         for node in graph.node:
             for name in node.input:
                 self.readers.setdefault(name, []).append(node)
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.constants = Constants(graph, base_dir)
         self.shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                        for v in [*graph.value_info, *graph.input, *graph.output]}
         self.inputs = {v.name for v in graph.input}
@@ -483,13 +505,13 @@ def attention_nodes(att: Attention, shared: Shared) -> list[Any]:
 LINEARS = {("", "MatMul"), ("com.microsoft", "MatMulNBits")}
 
 
-def linears_on_3d_inputs(graph: Any) -> tuple[int, list[str]]:
+def linears_on_3d_inputs(graph: Any, base_dir: str = "") -> tuple[int, list[str]]:
     """Reshape(x [B, S, K], [-1, K]) -> MatMul | MatMulNBits [-> Add(bias)] -> Split(dim 1) -> each part
     Reshape(d, [B, S, n]) (or one Reshape): the matmul reads x itself and splits its last dim, so the Reshapes
     go. torch.onnx flattens every linear's input so; those Reshapes were 85 of the 288 nodes a 125M Llama int4
     step ran after the fusions, 0.38 of its 5.0 ms of kernels (ONNX Runtime's profile). Same arithmetic: a
     MatMul flattens leading dims itself. Returns (groups rewritten, near-misses)."""
-    g, rewritten, near, reshaped = Graph(graph), 0, [], set()
+    g, rewritten, near, reshaped = Graph(graph, base_dir), 0, [], set()
     for flatten in [n for n in graph.node if n.op_type == "Reshape" and n.domain in ("", "ai.onnx")]:
         x_shape, target = g.shapes.get(flatten.input[0], []), g.ints(flatten.input[1])
         if len(x_shape) != 3 or target != [-1, x_shape[2]]:
@@ -538,12 +560,12 @@ def unflatten_plan(g: Graph, linear: Any, x_shape: list[Any]) -> tuple[Any, Any,
     return linear, last, split, [r[0] for r in reshapes]
 
 
-def packed_qkv(graph: Any) -> tuple[int, list[str]]:
+def packed_qkv(graph: Any, base_dir: str = "") -> tuple[int, list[str]]:
     """GroupQueryAttention(q, k, v) where q, k, v are the parts of one Split on the last dim, in that order and
     read by it alone -> GroupQueryAttention(the split value): ONNX Runtime splits packed QKV itself, as ONNX
     Runtime GenAI's builder writes it (one Split node fewer per layer, 12 of the 69 nodes per step our 125M Llama
     ran beyond GenAI's). Run after linears_on_3d_inputs (the parts are 3D then). Returns (packed, near-misses)."""
-    g, packed, near = Graph(graph), 0, []
+    g, packed, near = Graph(graph, base_dir), 0, []
     for attention in [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS]:
         q, k, v = attention.input[:3]
         split = g.producer.get(q)
@@ -581,10 +603,10 @@ def drop_value_info(graph: Any, names: set[str]) -> None:
     graph.value_info.extend(kept)
 
 
-def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], list[str]]:
+def fuse_contrib_ops(graph: Any, max_positions: int, base_dir: str = "") -> tuple[dict[str, int], list[str]]:
     """Rewrite every matching attention and RMSNorm of an onnx GraphProto in place: (fused op -> count,
-    near-misses with their reasons)."""
-    g, removed, new, near = Graph(graph), [], [], []
+    near-misses with their reasons). base_dir: where its external data is (the file's folder)."""
+    g, removed, new, near = Graph(graph, base_dir), [], [], []
     shared = Shared(g, max_positions)
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         try:
@@ -613,8 +635,8 @@ def fuse_contrib_ops(graph: Any, max_positions: int) -> tuple[dict[str, int], li
     counts: dict[str, int] = {}
     for node in new:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    linears, linear_near = linears_on_3d_inputs(graph)
-    packed, packed_near = packed_qkv(graph)
+    linears, linear_near = linears_on_3d_inputs(graph, base_dir)
+    packed, packed_near = packed_qkv(graph, base_dir)
     counts.update({"3D linear groups": linears} if linears else {})
     counts.update({"packed QKV": packed} if packed else {})
     return counts, near + linear_near + packed_near
@@ -670,7 +692,7 @@ def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_
     start = time.perf_counter()
     proto = onnx.load(path, load_external_data=False)  # the weights stay in their external file, untouched
     result = PassResult(name=NAME, nodes_before=len(proto.graph.node))
-    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions)
+    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions, os.path.dirname(os.path.abspath(path)))
     result.nodes_after = len(proto.graph.node)
     if counts:
         if MS not in {o.domain for o in proto.opset_import}:

@@ -38,3 +38,89 @@ def divide_by_square_roots(graph: Any) -> int:
         graph.node.remove(reciprocal)
         rewritten += 1
     return rewritten
+
+
+def share_tied_embedding(graph: Any, base_dir: str) -> list[str]:
+    """A tied LM head (Qwen2, Gemma, GPT-2, ...) reaches the file twice: the embedding's Gather reads the table W
+    [V, D] and torch.onnx folds the head's MatMul(x, Transpose(W)) into a second initializer W^T (a 125M Qwen2:
+    499 MB where ONNX Runtime GenAI's builder writes 402). Gather(W, ids) -> Transpose(Gather(W^T, ids, axis=1)),
+    and W leaves the file: the same values (compared exactly before the rewrite), one table. The Transpose moves
+    one [D, tokens] slice per call. Returns what was shared, one line each. Tensors stored beside the model
+    (external data) are read from `base_dir`; the caller compacts that file (compact_external_data)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    shared = []
+    for gather in [n for n in graph.node if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
+        table = initializers.get(gather.input[0])
+        axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
+        if table is None or axis != 0 or len(table.dims) != 2 or len(readers.get(table.name, [])) != 1:
+            continue
+        vocab, width = table.dims
+        candidates = [t for t in graph.initializer if list(t.dims) == [width, vocab] and t.data_type == table.data_type
+                      and t.name != table.name]
+        if not candidates:
+            continue
+        values = numpy_helper.to_array(table, base_dir)
+        twin = next((t for t in candidates if np.array_equal(numpy_helper.to_array(t, base_dir), values.T)), None)
+        if twin is None:
+            continue
+        ids = next((v for v in list(graph.input) + list(graph.value_info) if v.name == gather.input[1]), None)
+        if ids is None or not ids.type.tensor_type.HasField("shape"):
+            continue  # the ids' rank decides the Transpose: left as it was where the graph does not say it
+        rank = len(ids.type.tensor_type.shape.dim)
+        columns = f"{gather.output[0]}_columns"
+        at = list(graph.node).index(gather)
+        graph.node.insert(at, onnx.helper.make_node("Gather", [twin.name, gather.input[1]], [columns], axis=1,
+                                                    name=f"{gather.name}_from_tied_head"))
+        graph.node.insert(at + 1, onnx.helper.make_node("Transpose", [columns], list(gather.output),  # [D, *ids]
+                                                        perm=[*range(1, rank + 1), 0],  # -> [*ids, D]
+                                                        name=f"{gather.name}_transpose"))
+        graph.node.remove(gather)
+        graph.initializer.remove(table)
+        for i, value in enumerate(list(graph.input)):
+            if value.name == table.name:
+                del graph.input[i]
+        shared.append(f"embedding table {table.name} [{vocab}, {width}] read from the tied head's {twin.name}")
+    return shared
+
+
+def compact_external_data(model: Any, base_dir: str, alignment: int = 4096) -> int:
+    """Rewrite each external data file of `model` (an onnx ModelProto loaded without its data) with only the
+    tensors the model still references, in order, each at an offset aligned to `alignment` (ONNX's own writer
+    aligns large tensors so they can be memory-mapped); the references are updated in place. Streams tensor by
+    tensor. Returns the bytes the files shrank by."""
+    import os
+
+    from onnx.external_data_helper import uses_external_data
+
+    by_file: dict[str, list[Any]] = {}
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            by_file.setdefault(location, []).append(tensor)
+    saved = 0
+    for location, tensors in by_file.items():
+        path = os.path.join(base_dir, location)
+        before = os.path.getsize(path)
+        with open(path, "rb") as source, open(path + ".compact", "wb") as target:
+            for tensor in tensors:
+                info = {e.key: e for e in tensor.external_data}
+                source.seek(int(info["offset"].value) if "offset" in info else 0)
+                data = source.read(int(info["length"].value))
+                target.write(b"\0" * (-target.tell() % alignment))
+                offset = target.tell()
+                target.write(data)
+                if "offset" in info:
+                    info["offset"].value = str(offset)
+                else:
+                    tensor.external_data.add(key="offset", value=str(offset))
+        os.replace(path + ".compact", path)
+        saved += before - os.path.getsize(path)
+    return saved

@@ -147,6 +147,8 @@ def test_folder_layout_and_passes(exported) -> None:
     if model.config._attn_implementation == "eager":
         assert graph.matched("attention_fusion") == hf_tiny.LAYERS, f"\n{report}"
     assert graph.matched("parallel_linear_fusion") >= hf_tiny.LAYERS
+    # the embedding table read from the head's only where the head is tied (Qwen2's; Llama's is its own)
+    assert graph.matched("onnx_share_tied_embedding") == int(model.config.tie_word_embeddings), f"\n{report}"
     # every RMSNorm (2 per layer + the final one) as Div(x, Sqrt); those after a residual add become
     # SkipSimplifiedLayerNormalization, the first one ONNX Runtime fuses at session start
     assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
@@ -620,6 +622,30 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
     ids, _ = hf_tiny.token_batch(1, 6, seed=5)
     tokens = mmaccel.onnx_generate(tmp_path / "exact", ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(torch.from_numpy(tokens), greedy_with_graph(graph.final_graph, ids, 8))
+
+
+def test_a_tied_head_and_its_embedding_share_one_table_in_the_file(tmp_path, monkeypatch) -> None:
+    """Qwen2 ties lm_head to the token embedding: the fp32 file holds the table once (the Gather reads the head's
+    transposed copy, axis 1, then a Transpose), also when the weights are stored beside the model, whose data
+    file then drops the table's bytes; greedy tokens still equal HF eager's."""
+    monkeypatch.setattr(export_generation, "EXTERNAL_DATA_BYTES", 0)  # external data, as a model over 1.8 GB
+    model = hf_tiny.qwen2()
+    ids, mask = left_padded_batch([7, 4])
+    folder = tmp_path / "onnx"
+    report = mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True)
+    assert report.graphs[0].matched("onnx_share_tied_embedding") == 1, f"\n{report}"
+    decoder = onnx.load(folder / "decoder.onnx", load_external_data=False)
+    tables = [i for i in decoder.graph.initializer if sorted(i.dims) == sorted([hf_tiny.VOCAB, 32])]
+    assert len(tables) == 1 and list(tables[0].dims) == [32, hf_tiny.VOCAB], [list(t.dims) for t in tables]
+    data = [f for f in os.listdir(folder) if f.endswith(".data")]
+    referenced = sum(int(next(e.value for e in t.external_data if e.key == "length"))
+                     for t in decoder.graph.initializer if t.external_data)
+    assert data and os.path.getsize(folder / data[0]) < referenced + 4096 * len(decoder.graph.initializer)
+    onnx.checker.check_model(str(folder / "decoder.onnx"))
+    ids, mask = left_padded_batch([6, 3], seed=2)
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(torch.from_numpy(mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6, pad_token_id=0)),
+                       expected)
 
 
 # ------------------------------------------------------------------------------------ refusals, staging
