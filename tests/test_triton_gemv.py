@@ -208,6 +208,13 @@ def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_pa
     assert pick(gemv_module._tuned, "refused", [a, b, c], refuses_b) == c  # measured once, then left out
     with pytest.raises(RuntimeError):
         pick(gemv_module._tuned, "static refused", [b, a], refuses_b)
+    # tuning.tuned: a kept choice is restored; while a CUDA graph is captured, the static option, nothing kept
+    from mmaccel.backends.triton.tuning import tuned
+    assert tuned(gemv_module._tuned, "far", lambda: [a, c], measure({}), lambda known: gemv_module.GemvConfig(*known)) == b
+    with monkeypatch.context() as capturing:
+        capturing.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+        assert tuned(gemv_module._tuned, "new", lambda: [c, a], measure({}), lambda known: None) == c
+    assert Choices("gemv_configs.json").get("new") is None
     x, w = torch.randn(1, 64), torch.randn(8, 64)
     static = _config(1, 8, 64, x.device, x.dtype)
     assert gemv_module._tuned_config(x, w, None, Fusion(), 8, static) == static  # CPU: static, nothing timed

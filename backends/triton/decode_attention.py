@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .device import device_name, pdl_launch, sm_count
-from .tuning import Choices, pick, time_us
+from .tuning import Choices, time_us, tuned
 
 MAX_QUERY_ROWS = 16  # one padded tl.dot tile of query rows; longer queries are prefill, not decode
 MAX_HEAD_DIM = 256
@@ -272,14 +272,9 @@ def _tuned_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Op
         return plan(q, k)
     mask = "none" if attn_mask is None else f"{attn_mask.dtype}{tuple(attn_mask.shape)}"
     key = f"v1|{device_name(q.device)}|{q.dtype}|q{tuple(q.shape)}|k{tuple(k.shape)}|mask {mask}"
-    known = _tuned.get(key)
-    if known is not None:
-        return Plan(*known)
-    if torch.cuda.is_current_stream_capturing():
-        return plan(q, k)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
 
     def measure(cut: Plan) -> float:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         return time_us(lambda: _launch(q, k, v, attn_mask, scale, cut, out))
 
-    return pick(_tuned, key, candidates(q, k), measure)
+    return tuned(_tuned, key, lambda: candidates(q, k), measure, lambda known: Plan(*known))

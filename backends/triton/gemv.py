@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .device import device_name, pdl_launch, sm_count
-from .tuning import Choices, pick, time_us
+from .tuning import Choices, time_us, tuned
 
 MAX_ROWS = 16  # one padded tl.dot tile of activation rows; more rows is prefill, where cuBLAS wins
 BLOCK_M = 16
@@ -387,11 +387,6 @@ def _tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     norm = "none" if fusion.norm_weight is None else "layernorm" if fusion.norm_bias is not None else "rmsnorm"
     key = (f"v1|{device_name(x.device)}|{x.dtype}|1x{N}x{K}|{norm}|glu={fusion.glu}|"
            f"residual={fusion.residual is not None}|bias={bias is not None}|{fusion.activation}")
-    known = _tuned.get(key)
-    if known is not None:
-        return GemvConfig(*known)
-    if torch.cuda.is_current_stream_capturing():
-        return static
 
     def measure(cfg: GemvConfig) -> float:
         out = torch.empty(1, N, device=x.device, dtype=x.dtype)
@@ -399,7 +394,8 @@ def _tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                                          device=x.device, dtype=torch.float32)
         return time_us(lambda: _launch(x, weight, bias, part, out, fusion, cfg, N))
 
-    return pick(_tuned, key, candidates(N, K, x.dtype, fusion, static, sm_count(x.device)), measure)
+    return tuned(_tuned, key, lambda: candidates(N, K, x.dtype, fusion, static, sm_count(x.device)), measure,
+                 lambda known: GemvConfig(*known))
 
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}

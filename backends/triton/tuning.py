@@ -76,6 +76,19 @@ class Choices:
 T = TypeVar("T")
 
 
+def tuned(table: Choices, key: str, options: Callable[[], Sequence[T]], measure: Callable[[T], float],
+          restore: Callable[[list], T]) -> T:
+    """The choice kept under `key` (`restore` rebuilds it from its list); else measured now among `options()`
+    (pick), unless a CUDA graph is being captured: then options()[0], the static choice, and nothing kept, so
+    the next call outside a capture measures."""
+    known = table.get(key)
+    if known is not None:
+        return restore(known)
+    if torch.cuda.is_current_stream_capturing():
+        return options()[0]
+    return pick(table, key, options(), measure)
+
+
 def pick(table: Choices, key: str, options: Sequence[T], measure: Callable[[T], float], margin: float = 0.03) -> T:
     """The option `measure` (option -> us) times fastest, best of two interleaved rounds (a GPU clock still
     ramping up would favour whichever ran last); options[0], the static choice, unless another beats it by
