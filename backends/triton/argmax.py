@@ -8,6 +8,7 @@ Semantics are torch.argmax's: a NaN is the maximum (the first NaN's index), ties
 int64 indices. Other argmax calls (other dims, no dim, short rows, many rows) keep ATen's kernel."""
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import Optional
 
@@ -25,17 +26,17 @@ aten = torch.ops.aten
 MIN_LENGTH = 4096
 MAX_ROWS = 64
 BLOCK = 4096  # entries per program in the first kernel (16 KB of fp32 logits)
-_BIG = 2**31 - 1
+NONE = tl.constexpr(2**31 - 1)  # the index of an empty candidate (past the row's end)
 
 
 @triton.jit
 def _best(val, idx, nan):
     """(value, index, is-NaN) of the first maximum of candidate lists: a NaN beats every number, the earliest
-    index breaks ties (an index of _BIG marks an empty candidate)."""
-    nan_idx = tl.min(tl.where(nan, idx, 2**31 - 1), axis=0)
+    index breaks ties (an index of NONE marks an empty candidate)."""
+    nan_idx = tl.min(tl.where(nan, idx, NONE), axis=0)
     top = tl.max(tl.where(nan, float("-inf"), val), axis=0)
-    top_idx = tl.min(tl.where((val == top) & ~nan, idx, 2**31 - 1), axis=0)
-    has_nan = nan_idx < 2**31 - 1
+    top_idx = tl.min(tl.where((val == top) & ~nan, idx, NONE), axis=0)
+    has_nan = nan_idx < NONE
     return tl.where(has_nan, float("nan"), top), tl.where(has_nan, nan_idx, top_idx), has_nan
 
 
@@ -48,7 +49,7 @@ def _argmax_blocks_kernel(X, Val, Idx, Nan, V, stride_x, blocks, BLOCK: tl.const
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < V
     x = tl.load(X + row.to(tl.int64) * stride_x + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    val, idx, nan = _best(x, tl.where(ok, offs, 2**31 - 1), (x != x) & ok)
+    val, idx, nan = _best(x, tl.where(ok, offs, NONE), (x != x) & ok)
     tl.store(Val + row * blocks + blk, val)
     tl.store(Idx + row * blocks + blk, idx)
     tl.store(Nan + row * blocks + blk, nan.to(tl.int8))
@@ -63,7 +64,7 @@ def _argmax_rows_kernel(Val, Idx, Nan, Out, blocks, BLOCKS: tl.constexpr, USE_GD
     offs = tl.arange(0, BLOCKS)
     ok = offs < blocks
     val = tl.load(Val + row * blocks + offs, mask=ok, other=float("-inf"))
-    idx = tl.load(Idx + row * blocks + offs, mask=ok, other=2**31 - 1)
+    idx = tl.load(Idx + row * blocks + offs, mask=ok, other=NONE)
     nan = tl.load(Nan + row * blocks + offs, mask=ok, other=0) != 0
     _, best, _ = _best(val, idx, nan)
     tl.store(Out + row, best.to(tl.int64))
@@ -77,13 +78,7 @@ def supports(x: torch.Tensor, dim: Optional[int]) -> bool:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     return (x.shape[-1] >= MIN_LENGTH and 1 <= rows <= MAX_ROWS and x.stride(-1) == 1
-            and (x.dim() == 1 or x.reshape(-1, x.shape[-1]).stride(-1) == 1)
-            and (x.is_cuda or (x.device.type == "cpu" and _interpreting())))
-
-
-def _interpreting() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET") == "1"
+            and (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
 
 
 def argmax(x: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) -> torch.Tensor:
@@ -91,7 +86,7 @@ def argmax(x: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) ->
     if not supports(x, dim):
         return aten.argmax.default(x, dim, keepdim)
     V = x.shape[-1]
-    rows = x.reshape(-1, V)  # a view: supports checked the rows' layout
+    rows = x.reshape(-1, V)  # a view when the rows are evenly strided (HF's last-position slice is), else a copy
     n, blocks = rows.shape[0], triton.cdiv(V, BLOCK)
     val = torch.empty(n, blocks, device=x.device, dtype=torch.float32)
     idx = torch.empty(n, blocks, device=x.device, dtype=torch.int32)
