@@ -36,6 +36,9 @@ def main() -> None:
     p.add_argument("--step", action="store_true", help="also list one decode step's kernels in launch order (the "
                    "ones between the last two argmax kernels); with MMACCEL_PDL=0 their times are their own, with "
                    "PDL each includes its wait for the kernel before")
+    p.add_argument("--host", action="store_true", help="also profile the host side of the first token alone "
+                   "(max_new_tokens=1, warm): its median wall ms over 10 calls, and the Python functions where those "
+                   "calls spend their time (cProfile, cumulative)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -77,16 +80,50 @@ def main() -> None:
         print(f"one decode step: {len(row['step'])} kernels, {sum(us for _, us in row['step']):.1f} us of kernel time")
         for key, us in row["step"]:
             print(f"  {us:8.2f} us  {key}")
+    if args.host:
+        row["host"] = host_profile(model, inputs, device, args.rows * 3)
     if args.out:
         write_json(args.out, {"environment": environment(device, layers=args.layers), "rows": [row]})
         print(f"wrote {args.out}")
+
+
+def host_profile(model, inputs, device: str, rows: int) -> dict:
+    """First token alone, warm: median wall ms (synchronized) and cProfile's top functions by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+    import statistics
+
+    def first() -> None:
+        mmaccel.generate(model, **inputs, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        first()
+    walls = []
+    for _ in range(10):
+        start = time.perf_counter()
+        first()
+        walls.append((time.perf_counter() - start) * 1000)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(10):
+        first()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(rows)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    print(f"first token alone: median {statistics.median(walls):.2f} ms wall over 10 calls; cProfile of 10 calls:")
+    print("\n".join(lines))
+    return {"first_token_ms": round(statistics.median(walls), 3), "cprofile_10_calls": lines}
 
 
 def decode_step(prof) -> list[tuple[str, float]]:
     """(kernel, us) of the GPU kernels between the last two argmax kernels, in start order."""
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
-    ends = [i for i, e in enumerate(kernels) if "ArgMax" in e.name]
+    ends = [i for i, e in enumerate(kernels) if "ArgMax" in e.name or "_argmax_rows_kernel" in e.name]
     if len(ends) < 2:
         return []
     return [(e.name[:80], round(e.time_range.elapsed_us(), 2)) for e in kernels[ends[-2] + 1:ends[-1] + 1]]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import itertools
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -199,11 +198,14 @@ class _Session:
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
         self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
         self.caches: dict[tuple, Any] = {}
-        self.scores: dict[tuple, torch.Tensor] = {}  # scored calls' running sums, per (batch, device)
+        self.scores: dict[tuple, torch.Tensor] = {}
+        self.constants: dict[tuple, tuple] = {}  # per-call constant tensors by value (see _constants)  # scored calls' running sums, per (batch, device)
         self.blocks: dict[tuple, StepGraph | None] = {}  # recorded decode blocks; None: could not be recorded
         # Recorded speculative rounds (compiler/speculative.py), per draft session: they hold its addresses.
         self.rounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.weights_seen: tuple = ()
+        # (module table, name, value) of every submodule, parameter and buffer (forget_stale_recordings)
+        self.entries: list[tuple[dict, str, Any]] | None = None
         self.cuda_graphs = options.cuda_graphs is not False
         self.limit = _position_limit(model)
         self.forward_args = set(inspect.signature(model.forward).parameters)
@@ -232,6 +234,7 @@ class _Session:
         with torch.no_grad(), recompile_limit_at_least(MAX_GRAPHS_PER_STEP):
             state = self._prefill(ids, mask, model_inputs, config, prompt, cache_len, scored)
             tokens = self._decode(state, config, prompt, cache_len)
+        self.note_weights()
         out = torch.cat([input_ids, _trim_after_all_stopped(tokens, config.stop_ids)], dim=1)
         if not scored:
             return out
@@ -240,16 +243,35 @@ class _Session:
     def forget_stale_recordings(self) -> bool:
         """Recorded blocks and rounds hold the weights' addresses and skip the check each compiled step makes
         that its frozen weights are unchanged (compiler/lowering.py): after any weight changed, drop them (the
-        steps then run one call each, see the change and warn). True when some were dropped."""
-        seen = tuple((id(t), t._version, t.data_ptr()) for t in itertools.chain(self.model.parameters(),
-                                                                                  self.model.buffers()))
-        if seen == self.weights_seen:
+        steps then run one call each, see the change and warn). True when some were dropped.
+
+        Changed: a parameter, buffer or submodule that its module's table no longer holds (replaced by setattr,
+        or put into the table directly as accelerate does), or a weight's version (in-place update) or address
+        (.data swapped) moved. The tables' entries are listed once and again only after such a replacement:
+        walking model.parameters() and buffers() each call took 0.64 ms on Whisper's 8 + 8 layers (323
+        tensors), reading the listed entries ~0.1."""
+        moved, seen = self._weights()
+        if not moved and seen == self.weights_seen:
             return False
         stale = bool(self.blocks or len(self.rounds))
         self.blocks.clear()
         self.rounds.clear()
         self.weights_seen = seen
         return stale
+
+    def _weights(self) -> tuple[bool, tuple]:
+        """(whether a table entry was replaced since the last listing, each weight's (version, address))."""
+        moved = self.entries is None or any(table.get(name) is not value for table, name, value in self.entries)
+        if moved:
+            self.entries = [(table, name, value) for m in self.model.modules()
+                            for table in (m._modules, m._parameters, m._buffers) for name, value in table.items()]
+        return moved, tuple((t._version, t.data_ptr()) for _, _, t in self.entries if isinstance(t, torch.Tensor))
+
+    def note_weights(self) -> None:
+        """After a call: the weights its recordings were made with. A first compile moves weights into the
+        compiled graphs' storage (weights="share"/"release"), which the next call would otherwise take for a
+        change and drop the recordings just made."""
+        self.weights_seen = self._weights()[1]
 
     def fewer_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model_inputs: dict[str, Any],
                            config: _Config) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -287,9 +309,8 @@ class _Session:
             model_inputs.setdefault("token_type_ids", torch.zeros_like(input_ids))
         model_inputs = {name: _left_padded(name, value, pad) for name, value in model_inputs.items()}
         cache = self._cache(batch, cache_len, dtype, device)
-        state = _StepState(self.model, cache, mask, _sampling_tensors(config, device),
-                           torch.tensor(config.stop_ids or [-1], device=device),
-                           torch.tensor(config.pad_id, device=device), config.sampler,
+        sampling, stop_ids, pad_id = self._constants(config, device)
+        state = _StepState(self.model, cache, mask, sampling, stop_ids, pad_id, config.sampler,
                            "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args,
                            self.encoder_decoder, self.lossy,
                            score=self._score(batch, device) if scored else None)
@@ -299,7 +320,8 @@ class _Session:
             state.token, state.done, state.encoder_outputs, _ = self.prefill(
                 state, ids, position_ids, torch.arange(prompt, device=device), model_inputs)
         state.position_ids = position_ids[:, -1:] + 1
-        state.cache_position = torch.tensor([prompt], device=device)
+        # A fill kernel: torch.tensor([prompt], device=cuda) is a blocking copy from the host
+        state.cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
         return state
 
     def _decode(self, state: "_StepState", config: _Config, prompt: int, cache_len: int) -> torch.Tensor:
@@ -315,7 +337,7 @@ class _Session:
                 blocks[size] = self._block(state, size) if self.cuda_graphs else None
             block = blocks.get(size)
             if block is None:
-                if step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
+                if config.stop_ids and step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
                     break
                 # The first step checks every guard; later steps repeat it with the same objects and shapes.
                 with guards_checked_once() if step > 1 else contextlib.nullcontext():
@@ -327,7 +349,9 @@ class _Session:
             tokens.append(block.replay(state_tensors(state)).clone())
             adopt_tensors(state, block.buffers)  # the block left the new state in its buffers
             step += size
-            if bool(state.done.all()):
+            # No stop ids: no row can stop, and the check's host sync leaves the device idle until the next
+            # block is launched
+            if config.stop_ids and bool(state.done.all()):
                 break
         return torch.cat(tokens, dim=1)
 
@@ -363,6 +387,22 @@ class _Session:
         cache = self.caches[key]
         cache.reset()
         return cache
+
+    def _constants(self, config: _Config, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
+                                                                        torch.Tensor]:
+        """The call's sampling tensors, stop ids and pad id on the device, made once per distinct values: each
+        torch.tensor(value, device=cuda) is a blocking copy from the host, and six of them per call were ~2 ms
+        of a 5.3 ms Whisper first token (H200, cProfile). The steps only read them (a recorded block copies
+        them into its own buffers)."""
+        key = (config.temperature, config.top_p, config.seed, config.stop_ids, config.pad_id, device)
+        if key not in self.constants:
+            if len(self.constants) >= 64:  # a seed per call would otherwise grow this without bound
+                self.constants.clear()
+            sampling = (torch.tensor(config.temperature, device=device), torch.tensor(config.top_p, device=device),
+                        torch.tensor(config.seed, device=device))
+            self.constants[key] = (sampling, torch.tensor(config.stop_ids or [-1], device=device),
+                                   torch.tensor(config.pad_id, device=device))
+        return self.constants[key]
 
     def _score(self, batch: int, device: torch.device) -> torch.Tensor:
         """A scored call's running sums [B, 1], zeroed: one buffer per (batch, device) and session. The steps
@@ -469,8 +509,20 @@ def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: t
         state.score.add_(chosen if done is None else torch.where(done, 0.0, chosen))
     if done is not None:
         token = torch.where(done, state.pad_id, token)
-    stopped = torch.isin(token, state.stop_ids)
+    stopped = is_stop(token, state.stop_ids)
     return token, stopped if done is None else done | stopped
+
+
+def is_stop(token: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """torch.isin(token, stop_ids), for a few stop ids as an OR of equalities: pointwise ops that the Triton
+    target fuses into the step's last kernel, where ATen's isin ran four kernels of its own every step (H200,
+    Whisper's decode step: fill, compare and two copies, ~4 us of 378)."""
+    if stop_ids.shape[0] > 16:
+        return torch.isin(token, stop_ids)
+    stopped = token == stop_ids[0]
+    for i in range(1, stop_ids.shape[0]):
+        stopped = stopped | (token == stop_ids[i])
+    return stopped
 
 
 def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
@@ -486,11 +538,6 @@ def _decode_step(state: _StepState, token, done, position_ids, cache_position):
 
 def _measured(state: _StepState, logits: torch.Tensor) -> torch.Tensor | None:
     return logits if state.returns_logits else None
-
-
-def _sampling_tensors(config: _Config, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return (torch.tensor(config.temperature, device=device), torch.tensor(config.top_p, device=device),
-            torch.tensor(config.seed, device=device))
 
 
 def _decoder_prompt(model: torch.nn.Module, model_inputs: dict[str, Any], input_ids: torch.Tensor | None,

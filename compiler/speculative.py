@@ -176,6 +176,8 @@ class _Speculation:
             state = self.target._prefill(ids, mask, model_inputs, config, prompt, cache_len)
             draft_state = self._draft_prefill(state, ids, mask, model_inputs, config, prompt, cache_len)
             tokens = self._rounds(state, draft_state, config.max_new_tokens, cache_len)
+        self.target.note_weights()
+        self.draft.note_weights()
         # The tokens the rounds added (the first came from the prefill).
         self.target.report.speculative = self.policy.summary(self.draft_name, tokens.shape[1] - 1)
         tokens = generation._trim_after_all_stopped(tokens[:, :config.max_new_tokens], config.stop_ids)
@@ -436,7 +438,7 @@ def _accept_sampled(state: Any, logits: torch.Tensor, tokens: torch.Tensor, draf
 def _stops_within(state: Any, emitted: torch.Tensor, kept: torch.Tensor, done: torch.Tensor):
     """Within a round as across steps: tokens after a row's stop token (or of a row already done) are padding,
     and a stop token among the kept ones ends its row."""
-    stop = torch.isin(emitted, state.stop_ids) & kept
+    stop = generation.is_stop(emitted, state.stop_ids) & kept
     stopped_before = (stop.cumsum(-1) - stop.int()) > 0
     emitted = torch.where(done | stopped_before, state.pad_id, emitted)
     return emitted, done | stop.any(-1, keepdim=True)

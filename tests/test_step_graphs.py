@@ -51,6 +51,37 @@ def test_changed_weights_drop_the_recordings() -> None:
     assert torch.equal(actual, expected)
 
 
+def test_every_kind_of_weight_change_drops_the_recordings() -> None:
+    """The check lists the module tables' weights once and again only after a registration (hooks count them):
+    an unchanged model keeps its recordings; a parameter replaced by setattr, one put into its module's table
+    directly (as accelerate does), a buffer's storage swapped and a replaced submodule each drop them."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([5])
+    head = model.lm_head
+
+    def swap_param():
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+
+    def swap_table():
+        head._parameters["weight"] = torch.nn.Parameter(head.weight.detach().clone())
+
+    def swap_buffer_storage():
+        rotary = model.model.rotary_emb
+        rotary.inv_freq.data = rotary.inv_freq.clone()
+
+    def swap_module():
+        old = model.model.layers[0].mlp.down_proj
+        model.model.layers[0].mlp.down_proj = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+
+    for change in (swap_param, swap_table, swap_buffer_storage, swap_module):
+        mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[], options=EAGER)
+        session = generation._session(model, EAGER)
+        assert session.blocks and not session.forget_stale_recordings()  # unchanged: kept
+        change()
+        assert session.forget_stale_recordings(), change.__name__
+        assert not session.blocks
+
+
 def test_a_capture_that_fails_warns_once_and_runs_the_steps(monkeypatch) -> None:
     def broken(self, run, inputs):
         raise RuntimeError("operation not permitted when stream is capturing")

@@ -250,7 +250,9 @@ def test_a_kernel_takes_roots_whose_inputs_come_later_than_its_first_node():
     per step went 18 -> 14 (prefill 18 -> 15, then 14 once the cache's length counters were written by the
     kernels computing them instead of ATen copies; decode 12 once the mask's aranges and bitwise ops were
     generated too, then 13 and 15 with the token embedding's row read a generated kernel instead of ATen's
-    embedding); tokens equal HF eager."""
+    embedding; then 10 and 11 with HF's padding-mask read mask[batch_idx, kv_idx] a generated gather, which
+    let the cache positions' arange + counter be recomputed where read instead of stored, and the stop check
+    an OR of equalities instead of ATen's isin); tokens equal HF eager."""
     import hf_tiny
     from test_generation import hf_generate
 
@@ -260,7 +262,7 @@ def test_a_kernel_takes_roots_whose_inputs_come_later_than_its_first_node():
     expected = hf_generate(model, ids, mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=3, options={"target": "triton"}), expected)
     report = mmaccel.generation_report(model, target="triton")
-    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == [13, 15], report
+    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == [10, 11], report
 
 
 def _aten_copies(debug_dir) -> int:
@@ -332,21 +334,24 @@ def test_mask_building_ops_are_generated_not_aten(tmp_path):
 
 
 def test_table_rows_read_by_ids_are_generated(tmp_path):
-    """embedding(table, ids) and table[ids] (one index, first dimension; negative ids from the end) read the
-    rows inside the kernel that uses them (HF's token and position embeddings, an ATen kernel each per decode
-    step before); the near-miss, two index tensors, stays ATen."""
-    def embed(ids, positions, table, pos_table, picks):
+    """embedding(table, ids), table[ids] (one index, first dimension; negative ids from the end) and
+    table[ids0, ids1] (an index per leading dimension, broadcast together: HF's padding mask read as
+    mask[batch_idx, kv_idx]) read the entries inside the kernel that uses them (an ATen kernel each per decode
+    step before); the near-miss, an index behind a full slice (table[:, ids]), stays ATen."""
+    def embed(ids, positions, table, pos_table, picks, mask):
         h = torch.nn.functional.embedding(ids, table) + pos_table[positions]
-        return h * 2, pos_table[picks[:, None], picks[None, :2]]
+        return (h * 2, pos_table[picks[:, None], picks[None, :2]] + 1, pos_table[:, picks] - 1,
+                mask[picks[:1, None], picks[None, :]] & (picks >= 0))
 
     table, pos_table = torch.randn(50, 24), torch.randn(16, 24)
     ids = torch.tensor([[3, 49, 0, 7]])
     positions = torch.tensor([[0, 1, -1, 15]])
     picks = torch.tensor([2, -3, 5])
-    args = (ids, positions, table, pos_table, picks)
+    mask = torch.rand(8, 8) > 0.5
+    args = (ids, positions, table, pos_table, picks, mask)
     for got, expected in zip(mmaccel.compile(embed, target="triton", debug_dir=str(tmp_path))(*args), embed(*args)):
         torch.testing.assert_close(got, expected)
     graphs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith("triton_graph.py")]
     code = [line for g in graphs for line in open(g) if not line.strip().startswith("#")]
     assert graphs and not any("aten.embedding." in line for line in code)
-    assert sum("aten.index.Tensor(" in line for line in code) == 1  # the two-index read
+    assert sum("aten.index.Tensor(" in line for line in code) == 1  # the read behind a slice

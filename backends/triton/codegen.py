@@ -144,18 +144,21 @@ def _plain_scatter(node: fx.Node) -> bool:
             and _val(src).dtype == _val(cache).dtype)
 
 
-def _gather_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(table, ids) of a read of a table's rows by integer ids: embedding(table, ids) (a token embedding) or
-    table[ids] (index.Tensor with one index, on the first dimension: a position embedding); out[i..., rest] =
-    table[ids[i...], rest]. HF decoders run both every decode step, each an ATen kernel of its own."""
+def _gather_parts(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(table, ids) of a read of a table's entries by integer ids: embedding(table, ids) (a token embedding),
+    table[ids] (index.Tensor with one index, on the first dimension: a position embedding), or
+    table[ids0, ids1, ...] (one integer index per leading dimension, broadcast together: HF's padding mask
+    read as mask[batch_idx, kv_idx] in every decode step); out[i..., rest] = table[ids0[i...], ..., rest].
+    Each was an ATen kernel of its own."""
     if node.target is aten.embedding.default:
-        table, ids = node.args[0], node.args[1]
-    elif node.target is aten.index.Tensor and len(node.args[1]) == 1 and isinstance(node.args[1][0], fx.Node):
-        table, ids = node.args[0], node.args[1][0]
+        table, ids = node.args[0], [node.args[1]]
+    elif (node.target is aten.index.Tensor and node.args[1]
+          and all(isinstance(i, fx.Node) for i in node.args[1])):
+        table, ids = node.args[0], list(node.args[1])
     else:
         return None
-    if not (isinstance(table, fx.Node) and isinstance(_val(table), torch.Tensor) and _val(table).dim() >= 1
-            and isinstance(_val(ids), torch.Tensor) and _val(ids).dtype in (torch.int32, torch.int64)):
+    if not (isinstance(table, fx.Node) and isinstance(_val(table), torch.Tensor) and _val(table).dim() >= len(ids)
+            and all(isinstance(_val(i), torch.Tensor) and _val(i).dtype in (torch.int32, torch.int64) for i in ids)):
         return None
     return table, ids
 
@@ -345,20 +348,24 @@ class Writer:
         return self.pointwise(node, index, guard)
 
     def gather(self, node: fx.Node, index: tuple[str, ...], guard: str | None) -> tuple[str, torch.dtype]:
-        """The table's row that the id at these coordinates names (negative ids count from the end, as
+        """The table's entry that the ids at these coordinates name (negative ids count from the end, as
         index.Tensor's do; ids outside the table read nothing, where eager would raise)."""
         table, ids = _gather_parts(node)
         if self.fusible.get(table) in ("reduction", "cat") and table not in self.stored:
             raise NeedMaterialize(table)  # a row chosen by data cannot steer a fused reduction's rows
-        lead = _val(ids).dim()
-        ident, _ = self.value(ids, tuple(index[:lead]), guard)
-        size = self.size(_val(table).shape[0])
-        row = self.tmp()
-        # a vector even when one id serves every lane: the masks built from it must be (see scatter)
-        self.lines.append(f"{row} = {ident}.to(tl.int64) + {self.lane_zero}")
-        self.lines.append(f"{row} = tl.where({row} < 0, {row} + {size}, {row})")
-        inside = f"({row} >= 0) & ({row} < {size})"
-        return self.value(table, (row, *index[lead:]), inside if guard is None else f"{guard} & {inside}")
+        lead = len(_val(node).shape) - (_val(table).dim() - len(ids))  # the ids' broadcast rank
+        rows, inside = [], []
+        for d, i in enumerate(ids):
+            ident, _ = self.value(i, broadcast_index(index[:lead], _val(node).shape[:lead], _val(i).shape), guard)
+            size = self.size(_val(table).shape[d])
+            row = self.tmp()
+            # a vector even when one id serves every lane: the masks built from it must be (see scatter)
+            self.lines.append(f"{row} = {ident}.to(tl.int64) + {self.lane_zero}")
+            self.lines.append(f"{row} = tl.where({row} < 0, {row} + {size}, {row})")
+            rows.append(row)
+            inside.append(f"({row} >= 0) & ({row} < {size})")
+        inside = " & ".join(inside)
+        return self.value(table, (*rows, *index[lead:]), inside if guard is None else f"{guard} & {inside}")
 
     def home_index(self, node: fx.Node) -> tuple[str, ...]:
         if node not in self.home:
