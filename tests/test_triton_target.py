@@ -252,17 +252,20 @@ def test_a_kernel_takes_roots_whose_inputs_come_later_than_its_first_node():
     generated too, then 13 and 15 with the token embedding's row read a generated kernel instead of ATen's
     embedding; then 10 and 11 with HF's padding-mask read mask[batch_idx, kv_idx] a generated gather, which
     let the cache positions' arange + counter be recomputed where read instead of stored, and the stop check
-    an OR of equalities instead of ATen's isin); tokens equal HF eager."""
+    an OR of equalities instead of ATen's isin); tokens equal HF eager. On the model's device (these tests ran
+    on CPU tensors before, which a GPU machine sends to the eager path: four failed there)."""
     import hf_tiny
     from test_generation import hf_generate
 
-    model = hf_tiny.llama("sdpa", use_cache=True)
-    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    model = hf_tiny.llama("sdpa", use_cache=True).to(DEVICE)
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     mask = torch.ones_like(ids)
     expected = hf_generate(model, ids, mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=3, options={"target": "triton"}), expected)
     report = mmaccel.generation_report(model, target="triton")
-    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == [10, 11], report
+    # On CUDA the prefill's linears are library matmuls rather than the interpreter's row kernels, and the
+    # pointwise work between them takes more kernels: 16 (H200, torch 2.11); the decode step is the same 10.
+    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == ([10, 16] if CUDA else [10, 11]), report
 
 
 def _aten_copies(debug_dir) -> int:
@@ -280,8 +283,8 @@ def test_an_input_update_is_stored_by_the_kernel_that_computes_it(tmp_path):
         state.mul_(0.5).add_(h)
         return h * 2 + counter
 
-    h = torch.randn(4000)
-    eager_c, eager_s = torch.zeros((), dtype=torch.long), torch.randn(4000)
+    h = torch.randn(4000, device=DEVICE)
+    eager_c, eager_s = torch.zeros((), dtype=torch.long, device=DEVICE), torch.randn(4000, device=DEVICE)
     c, s = eager_c.clone(), eager_s.clone()
     compiled = mmaccel.compile(step, target="triton", debug_dir=str(tmp_path))
     for _ in range(3):
@@ -320,12 +323,13 @@ def test_mask_building_ops_are_generated_not_aten(tmp_path):
     Whisper step's 13 ATen kernels, with the input updates above) fuse into generated kernels; an arange
     of float step and one starting at an offset too. Values equal eager's."""
     def mask(x, limit):
-        idx = torch.arange(x.shape[-1])
+        idx = torch.arange(x.shape[-1], device=x.device)
         keep = (x.new_ones((), dtype=torch.bool) & (idx < limit)) | (idx == 0)
-        ramp = torch.arange(3, 3 + x.shape[-1]) * 0.5 + torch.arange(0.0, x.shape[-1] * 0.25, 0.25)
+        ramp = (torch.arange(3, 3 + x.shape[-1], device=x.device) * 0.5
+                + torch.arange(0.0, x.shape[-1] * 0.25, 0.25, device=x.device))
         return torch.where(keep, x + ramp, 0.0)
 
-    x, limit = torch.randn(2, 40), torch.tensor(17)
+    x, limit = torch.randn(2, 40, device=DEVICE), torch.tensor(17, device=DEVICE)
     got = mmaccel.compile(mask, target="triton", debug_dir=str(tmp_path))(x, limit)
     torch.testing.assert_close(got, mask(x, limit))
     graphs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith("triton_graph.py")]
@@ -348,7 +352,7 @@ def test_table_rows_read_by_ids_are_generated(tmp_path):
     positions = torch.tensor([[0, 1, -1, 15]])
     picks = torch.tensor([2, -3, 5])
     mask = torch.rand(8, 8) > 0.5
-    args = (ids, positions, table, pos_table, picks, mask)
+    args = tuple(a.to(DEVICE) for a in (ids, positions, table, pos_table, picks, mask))
     for got, expected in zip(mmaccel.compile(embed, target="triton", debug_dir=str(tmp_path))(*args), embed(*args)):
         torch.testing.assert_close(got, expected)
     graphs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith("triton_graph.py")]
