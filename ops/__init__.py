@@ -14,7 +14,7 @@ A new op is one file in ops/, imported below, plus one row in the Triton target'
 from __future__ import annotations
 
 from .registry import OPS, OpSpec
-from . import (fp8_linear, fused_linear, int4_linear, int4_matmul_nbits, int8_embedding, int8_linear,  # noqa: F401
-               token_merge, token_unmerge, w8a8_linear)  # (registers the ops)
+from . import (fp8_linear, fused_linear, int4_embedding_nbits, int4_linear, int4_matmul_nbits,  # noqa: F401
+               int8_embedding, int8_linear, token_merge, token_unmerge, w8a8_linear)  # (registers the ops)
 
 __all__ = ["OPS", "OpSpec"]

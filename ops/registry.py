@@ -16,8 +16,8 @@ class OpSpec:
     # Plain-Python implementation the eager target calls directly (no dispatcher round trip).
     eager: Callable[..., torch.Tensor]
     # ONNX Script translation for torch.onnx's custom_translation_table: standard ONNX ops, except the export-only
-    # int4_matmul_nbits, which names ONNX Runtime's com.microsoft::MatMulNBits (no pass inserts it elsewhere;
-    # the export-only int8_embedding is standard ONNX).
+    # int4_matmul_nbits and int4_embedding_nbits, which name ONNX Runtime's com.microsoft::MatMulNBits and
+    # GatherBlockQuantized (no pass inserts them elsewhere; the export-only int8_embedding is standard ONNX).
     onnx: Callable[..., object] | None = None
     # The lowest ONNX opset the translation is valid at (a graph holding the op is exported at it or later).
     onnx_opset: int = 18

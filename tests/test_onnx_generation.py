@@ -586,12 +586,12 @@ def greedy_with_graph(gm: torch.fx.GraphModule, ids: torch.Tensor, new: int) -> 
     return tokens
 
 
-def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> None:
-    """Qwen2 ties lm_head to the token embedding: the head stays MatMulNBits, the embedding Gather reads its own
-    int8 copy (no fp32 table left in the file, nor in ONNX Runtime's optimized graph: the Gather reads the ids,
-    so nothing folds it back), its error is in the report; the MatMulNBits take int8 activations (accuracy_level
-    4, ONNX Runtime's error measured and in the report), and with that level reset to 0 ONNX Runtime's outputs
-    and greedy tokens are the quantized graph's own."""
+def test_int4_export_with_a_tied_head_reads_the_embedding_from_the_head(tmp_path) -> None:
+    """Qwen2 ties lm_head to the token embedding: the head stays MatMulNBits and the embedding reads the head's own
+    4-bit weights through GatherBlockQuantized (the table once in the file, as ONNX Runtime GenAI's builder stores
+    it; no fp32 or int8 table left, nor in ONNX Runtime's optimized graph), its error in the report; the
+    MatMulNBits take int8 activations (accuracy_level 4, ONNX Runtime's error measured and in the report), and
+    with that level reset to 0 ONNX Runtime's outputs and greedy tokens are the quantized graph's own."""
     import onnxruntime as ort
     from mmaccel.compiler.export_accuracy_level import NAME as LEVEL_PASS
 
@@ -599,9 +599,10 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
                                  generation=True, quantize="int4_weight_only", accuracy_budget=0.5)
     graph = report.graphs[0]
     assert graph.count(torch.ops.mmaccel.int4_matmul_nbits) == 9, f"\n{report}"  # 4 per layer + the tied head
-    assert graph.count(torch.ops.mmaccel.int8_embedding) == 1 and graph.count(torch.ops.aten.embedding) == 0
+    assert graph.count(torch.ops.mmaccel.int4_embedding_nbits) == 1 and graph.count(torch.ops.aten.embedding) == 0
+    assert graph.count(torch.ops.mmaccel.int8_embedding) == 0
     embedding = next(p for p in graph.passes if p.name == "quantize_embedding")
-    assert embedding.lossy and 0 < embedding.measured_error <= 0.5 and "int8 per row" in embedding.changes[0]
+    assert embedding.lossy and 0 < embedding.measured_error <= 0.5 and "tied int4 head" in embedding.changes[0]
     level = next(p for p in graph.passes if p.name == LEVEL_PASS)
     assert level.lossy and level.matched == 9 and 0 < level.measured_error <= 0.5, level.changes
     assert accuracy_levels(tmp_path / "onnx" / "decoder.onnx") == [4] * 9
@@ -610,9 +611,10 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(path, options)
     for proto in (onnx.load(path), onnx.load(options.optimized_model_filepath)):
-        tables = {i.name: i.data_type for i in proto.graph.initializer if list(i.dims) == [hf_tiny.VOCAB, 32]}
-        assert list(tables.values()) == [onnx.TensorProto.INT8], tables
-        assert any(n.op_type == "Gather" and n.input[0] in tables for n in proto.graph.node)
+        assert not [i.name for i in proto.graph.initializer if list(i.dims) == [hf_tiny.VOCAB, 32]]
+        gather = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+        heads = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and list(n.input[1:2]) == gather[0].input[:1]]
+        assert len(gather) == 1 and len(heads) == 1  # the one packed table both read
     inputs = one_step(graph.context.example_inputs)
     with torch.no_grad():
         expected = graph.final_graph(*inputs)
@@ -622,6 +624,21 @@ def test_int4_export_with_a_tied_head_stores_the_embedding_int8(tmp_path) -> Non
     ids, _ = hf_tiny.token_batch(1, 6, seed=5)
     tokens = mmaccel.onnx_generate(tmp_path / "exact", ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(torch.from_numpy(tokens), greedy_with_graph(graph.final_graph, ids, 8))
+
+    # Near-miss: a budget below the shared table's error but above the int8 rows' gives the int8 rows (the first
+    # candidate's error in the report); no tie (Llama's own head) gives them without trying the head's bits
+    tighter = embedding.measured_error * 0.99
+    report = mmaccel.export_onnx(hf_tiny.qwen2(), {"input_ids": left_padded_batch([7, 4])[0]}, tmp_path / "int8",
+                                 generation=True, quantize="int4_weight_only", accuracy_budget=tighter)
+    graph = report.graphs[0]
+    embedding = next(p for p in graph.passes if p.name == "quantize_embedding")
+    assert graph.count(torch.ops.mmaccel.int8_embedding) == 1, embedding.changes
+    assert "int8 per row" in embedding.changes[0] and "tried first, over budget" in embedding.changes[1]
+    assert embedding.measured_error <= tighter
+    report = mmaccel.export_onnx(hf_tiny.llama("sdpa", use_cache=True), {"input_ids": left_padded_batch([7, 4])[0]},
+                                 tmp_path / "llama", generation=True, quantize="int4_weight_only", accuracy_budget=0.5)
+    embedding = next(p for p in report.graphs[0].passes if p.name == "quantize_embedding")
+    assert report.graphs[0].count(torch.ops.mmaccel.int8_embedding) == 1 and len(embedding.changes) == 1
 
 
 def test_a_tied_head_and_its_embedding_share_one_table_in_the_file(tmp_path, monkeypatch) -> None:

@@ -161,10 +161,11 @@ COMPOSITES = {
     torch.ops.mmaccel.fused_linear.default: _fused_linear,
     torch.ops.mmaccel.token_merge.default: _token_reduction,
     torch.ops.mmaccel.token_unmerge.default: _token_reduction,
-    # Export-only (ONNX Runtime's MatMulNBits layout and the int8 token embedding, inserted by
-    # export_onnx(generation=True)): should a graph holding them reach this target, None leaves each op to its
-    # reference implementation.
+    # Export-only (ONNX Runtime's MatMulNBits layout, the token embedding reading it and the int8 token
+    # embedding, inserted by export_onnx(generation=True)): should a graph holding them reach this target, None
+    # leaves each op to its reference implementation.
     torch.ops.mmaccel.int4_matmul_nbits.default: lambda graph, node: None,
+    torch.ops.mmaccel.int4_embedding_nbits.default: lambda graph, node: None,
     torch.ops.mmaccel.int8_embedding.default: lambda graph, node: None,
 }
 
