@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .int4_matmul_nbits import MSFT_DOMAIN
+from .int4_matmul_nbits import contrib_op
 from .registry import OpSpec, register
 
 
@@ -52,30 +52,16 @@ def _int4_embedding_nbits_fake(ids, b, scales, zero_points):
 def int4_embedding_nbits_onnx(ids, b, scales, zero_points):
     """com.microsoft::GatherBlockQuantized on b as it is (rank 3), then Reshape to [*ids, K]."""
     from onnxscript import opset18 as op
-    from onnxscript import values
 
     _, blocks, half = b.shape
-    gather = values.Op(values.Opset(MSFT_DOMAIN, 1), "GatherBlockQuantized", _schema())
+    gather = contrib_op("GatherBlockQuantized", [("data", "T1"), ("indices", "Tind"), ("scales", "T2"),
+                                                 ("zero_points", "T1")], ("output", "T2"),
+                        {"T1": ["tensor(uint8)"], "T2": ["tensor(float)", "tensor(float16)"],
+                         "Tind": ["tensor(int32)", "tensor(int64)"]},
+                        ("gather_axis", "quantize_axis", "block_size", "bits"))
     rows = gather(b, ids, scales, zero_points, gather_axis=0, quantize_axis=2, block_size=2 * half, bits=4)
     shape = op.Concat(op.Shape(ids), op.Constant(value_ints=[blocks * 2 * half]), axis=0)
     return op.Reshape(rows, shape)
-
-
-def _schema():
-    """The part of ONNX Runtime's GatherBlockQuantized schema this op uses (onnx knows no contrib op; the ONNX
-    Script tracer builds nodes from a schema)."""
-    from onnx.defs import OpSchema
-
-    io = OpSchema.FormalParameter
-    attr = OpSchema.Attribute
-    return OpSchema(
-        "GatherBlockQuantized", MSFT_DOMAIN, 1,
-        inputs=[io("data", "T1"), io("indices", "Tind"), io("scales", "T2"), io("zero_points", "T1")],
-        outputs=[io("output", "T2")],
-        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", ["tensor(float)", "tensor(float16)"], ""),
-                          ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
-        attributes=[attr(name, OpSchema.AttrType.INT, "")
-                    for name in ("gather_axis", "quantize_axis", "block_size", "bits")])
 
 
 register(OpSpec(name="int4_embedding_nbits", op=torch.ops.mmaccel.int4_embedding_nbits.default,

@@ -62,28 +62,26 @@ def _int4_matmul_nbits_fake(x, b, scales, zero_points, bias, activation, residua
 def int4_matmul_nbits_onnx(x, b, scales, zero_points, bias=None, activation: str = "none", residual=None):
     """com.microsoft::MatMulNBits (ONNX Runtime's contrib op: not a standard ONNX file), then + bias, activation,
     + residual in standard ops. N, K and the block size are static: b's shape."""
-    from onnxscript import values
-
     n, groups, half = b.shape
-    matmul_nbits = values.Op(values.Opset(MSFT_DOMAIN, 1), "MatMulNBits", _matmul_nbits_schema())
+    matmul_nbits = contrib_op("MatMulNBits", [("A", "T1"), ("B", "T2"), ("scales", "T1"), ("zero_points", "T3")],
+                              ("Y", "T1"), {"T1": ["tensor(float)", "tensor(float16)"], "T2": ["tensor(uint8)"],
+                                            "T3": ["tensor(uint8)"]}, ("K", "N", "bits", "block_size"))
     y = matmul_nbits(x, b, scales, zero_points, K=groups * 2 * half, N=n, bits=4, block_size=2 * half)
     return linear_epilogue_onnx(y, bias, activation, residual)
 
 
-def _matmul_nbits_schema():
-    """The part of ONNX Runtime's MatMulNBits schema this op uses: onnx knows no contrib op, and the ONNX Script
-    tracer builds nodes from a schema."""
+def contrib_op(name: str, inputs: list[tuple[str, str]], output: tuple[str, str], types: dict[str, list[str]],
+               int_attributes: tuple[str, ...]):
+    """An ONNX Script op of ONNX Runtime's com.microsoft domain, from the part of its schema an op here uses (onnx
+    knows no contrib op, and the ONNX Script tracer builds nodes from a schema)."""
     from onnx.defs import OpSchema
+    from onnxscript import values
 
     io = OpSchema.FormalParameter
-    attr = OpSchema.Attribute
-    return OpSchema(
-        "MatMulNBits", MSFT_DOMAIN, 1,
-        inputs=[io("A", "T1"), io("B", "T2"), io("scales", "T1"), io("zero_points", "T3")],
-        outputs=[io("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
-                          ("T3", ["tensor(uint8)"], "")],
-        attributes=[attr(name, OpSchema.AttrType.INT, "") for name in ("K", "N", "bits", "block_size")])
+    schema = OpSchema(name, MSFT_DOMAIN, 1, inputs=[io(*i) for i in inputs], outputs=[io(*output)],
+                      type_constraints=[(t, allowed, "") for t, allowed in types.items()],
+                      attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in int_attributes])
+    return values.Op(values.Opset(MSFT_DOMAIN, 1), name, schema)
 
 
 register(OpSpec(name="int4_matmul_nbits", op=torch.ops.mmaccel.int4_matmul_nbits.default,
