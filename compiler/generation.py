@@ -198,8 +198,8 @@ class _Session:
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
         self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
         self.caches: dict[tuple, Any] = {}
-        self.scores: dict[tuple, torch.Tensor] = {}
-        self.constants: dict[tuple, tuple] = {}  # per-call constant tensors by value (see _constants)  # scored calls' running sums, per (batch, device)
+        self.scores: dict[tuple, torch.Tensor] = {}  # scored calls' running sums, per (batch, device)
+        self.constants: dict[tuple, tuple] = {}  # per-call constant tensors by value (see _constants)
         self.blocks: dict[tuple, StepGraph | None] = {}  # recorded decode blocks; None: could not be recorded
         # Recorded speculative rounds (compiler/speculative.py), per draft session: they hold its addresses.
         self.rounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
