@@ -1,6 +1,7 @@
 """quantize_embedding (compiler/export_embeddings.py) on toy graphs: a token embedding on a frozen table becomes
-int8 per row (it fired, output near the model's, the fp32 table gone), a table a tied fp32 head also reads is left
-alone (near-miss), an int8 table over the budget is rolled back with a warning, and a second run changes nothing."""
+int8 per row (it fired, output near the model's, the fp32 table gone) or reads a tied int4 head's bits, a table
+a tied fp32 head also reads is left alone (near-miss), an int8 table over the budget is rolled back with a
+warning, and a second run changes nothing."""
 from __future__ import annotations
 
 import pytest
@@ -81,3 +82,29 @@ def test_over_budget_is_rolled_back_with_a_warning() -> None:
         result = quantize_embeddings(gm, inputs, reference, budget=1e-6)
     assert result.matched == 0 and "rolled back, over budget" in result.changes[0]
     assert count(gm, EMBEDDING) == 1 and count(gm, INT8_EMBEDDING) == 0 and float_tables(gm) == [(VOCAB, 64)] * 2
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_int4_head_lends_the_embedding_its_bits(tied) -> None:
+    """Once the int4 head is in MatMulNBits' layout (as export_onnx(generation=True) has it), a table whose int4
+    bits are the head's reads them (int4_embedding_nbits on the head's own b constant: one copy), and its values
+    are the dequantized table's rows; a head of the same shape quantized from other weights (untied) is a
+    near-miss: the table becomes int8 rows without trying it."""
+    from mmaccel.compiler.export_generation import use_matmul_nbits
+    from mmaccel.ops.int4_linear import dequantize_int4, quantize_int4_groupwise
+
+    model = TinyLM(64, tied)
+    gm, inputs, reference = lowered(model, quantize="int4_weight_only", accuracy_budget=0.5)
+    assert use_matmul_nbits(gm) == 1
+    result = quantize_embeddings(gm, inputs, reference, budget=0.5)
+    shared = gm.graph.find_nodes(op="call_function", target=torch.ops.mmaccel.int4_embedding_nbits.default)
+    assert result.matched == 1 and len(shared) == int(tied) and count(gm, INT8_EMBEDDING) == int(not tied)
+    assert len(result.changes) == 1 and ("tied int4 head" in result.changes[0]) == tied, result.changes
+    if tied:
+        head = next(iter(gm.graph.find_nodes(op="call_function", target=torch.ops.mmaccel.int4_matmul_nbits.default)))
+        assert shared[0].args[1].target == head.args[1].target and float_tables(gm) == []
+        b, scales, zero_points = (constant_value(gm, n.target) for n in shared[0].args[1:])
+        group = 2 * b.shape[2]  # the quantize pass's choice
+        rows = torch.ops.mmaccel.int4_embedding_nbits(torch.arange(VOCAB), b, scales, zero_points)
+        table = model.embed.weight.detach()
+        assert torch.equal(rows, dequantize_int4(*quantize_int4_groupwise(table, group), group))

@@ -626,7 +626,7 @@ def test_int4_export_with_a_tied_head_reads_the_embedding_from_the_head(tmp_path
     assert torch.equal(torch.from_numpy(tokens), greedy_with_graph(graph.final_graph, ids, 8))
 
     # Near-miss: a budget below the shared table's error but above the int8 rows' gives the int8 rows (the first
-    # candidate's error in the report); no tie (Llama's own head) gives them without trying the head's bits
+    # candidate's error in the report); an untied head is tests/test_export_embeddings.py's
     tighter = embedding.measured_error * 0.99
     report = mmaccel.export_onnx(hf_tiny.qwen2(), {"input_ids": left_padded_batch([7, 4])[0]}, tmp_path / "int8",
                                  generation=True, quantize="int4_weight_only", accuracy_budget=tighter)
@@ -635,10 +635,6 @@ def test_int4_export_with_a_tied_head_reads_the_embedding_from_the_head(tmp_path
     assert graph.count(torch.ops.mmaccel.int8_embedding) == 1, embedding.changes
     assert "int8 per row" in embedding.changes[0] and "tried first, over budget" in embedding.changes[1]
     assert embedding.measured_error <= tighter
-    report = mmaccel.export_onnx(hf_tiny.llama("sdpa", use_cache=True), {"input_ids": left_padded_batch([7, 4])[0]},
-                                 tmp_path / "llama", generation=True, quantize="int4_weight_only", accuracy_budget=0.5)
-    embedding = next(p for p in report.graphs[0].passes if p.name == "quantize_embedding")
-    assert report.graphs[0].count(torch.ops.mmaccel.int8_embedding) == 1 and len(embedding.changes) == 1
 
 
 def test_a_tied_head_and_its_embedding_share_one_table_in_the_file(tmp_path, monkeypatch) -> None:
