@@ -4,11 +4,14 @@ CPU interpreter (TRITON_INTERPRET=1, set by conftest), in fp32/fp16."""
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import mmaccel
 from mmaccel.models.registry import build, example_inputs
@@ -335,6 +338,37 @@ def test_mask_building_ops_are_generated_not_aten(tmp_path):
     graphs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f.endswith("triton_graph.py")]
     source = "".join(open(g).read() for g in graphs)
     assert graphs and not any(f"aten.{op}." in source for op in ("arange", "new_ones", "bitwise_and", "bitwise_or"))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 150 passed once
+@given(st.data())
+def test_reads_by_broadcast_indices_match_eager_and_are_generated(data) -> None:
+    """table[i0, ..., ik] with 1 to rank integer indices of random broadcastable shapes (ids from -size to
+    size - 1), of a float or bool table, into a pointwise consumer: equal to eager, and no ATen index left."""
+    rank = data.draw(st.integers(2, 3), label="table rank")
+    shape = tuple(data.draw(st.integers(1, 6), label="size") for _ in range(rank))
+    lead = tuple(data.draw(st.integers(1, 4), label="index size") for _ in range(data.draw(st.integers(1, 3))))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    indices = []
+    for d in range(data.draw(st.integers(1, rank), label="indices")):
+        dropped = data.draw(st.integers(0, len(lead) - 1), label="leading dims dropped")
+        index_shape = tuple(1 if data.draw(st.booleans(), label="broadcast") else s for s in lead[dropped:])
+        indices.append(torch.randint(-shape[d], shape[d], index_shape, generator=generator).to(DEVICE))
+    boolean = data.draw(st.booleans(), label="bool table")
+    table = (torch.rand(shape, generator=generator) > 0.5 if boolean else torch.randn(shape, generator=generator))
+
+    def read(table, *ids):
+        picked = table[ids]
+        return picked & (picked.sum() >= 0) if boolean else picked * 2 + 1
+
+    args = (table.to(DEVICE), *indices)
+    with tempfile.TemporaryDirectory() as debug:
+        torch._dynamo.reset()
+        got = mmaccel.compile(read, target="triton", debug_dir=debug)(*args)
+        code = [open(os.path.join(d, f)).read() for d, _, fs in os.walk(debug) for f in fs
+                if f.endswith("triton_graph.py")]
+    torch.testing.assert_close(got, read(*args))
+    assert code and not any("aten.index.Tensor(" in c for c in code)
 
 
 def test_table_rows_read_by_ids_are_generated(tmp_path):
