@@ -385,7 +385,7 @@ class _Session:
         if key not in self.caches:
             self.caches[key] = _static_cache(self.model, batch, length, dtype, device)
         cache = self.caches[key]
-        cache.reset()
+        _reset_cache(cache)
         return cache
 
     def _constants(self, config: _Config, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
@@ -662,3 +662,32 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
         return allocate(length)
     # Cross-attention keys/values: one per encoder output position (Whisper: max_source_positions).
     return EncoderDecoderCache(allocate(length), allocate(model.config.max_source_positions))
+
+
+def _reset_cache(cache: Any) -> None:
+    """cache.reset() with the zeroing as one multi-tensor launch per dtype: transformers' StaticLayer.reset zeroes
+    keys, values and the length counter one launch each, 48 launches a call for Whisper 8 + 8 and 96 for LLaVA's
+    32 layers, each ~5 us of host time on a CUDA device before the prefill can start (H200: the warm first token
+    spent 2.8 ms of host work on 2.45 ms of GPU work; cProfile put ~0.6 ms of it in these zero_ calls). Any cache
+    or layer class whose reset is not exactly transformers' own (another version, a subclass) gets its own
+    reset()."""
+    from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
+
+    parts = [cache.self_attention_cache, cache.cross_attention_cache] if type(cache).reset is EncoderDecoderCache.reset \
+        else [cache]
+    if not all(type(c).reset is Cache.reset and isinstance(getattr(c, "layers", None), list) for c in parts) or not all(
+            type(layer).reset is StaticLayer.reset for c in parts for layer in c.layers):
+        cache.reset()
+        return
+    tensors = []
+    for layer in (layer for c in parts for layer in c.layers):
+        if layer.is_initialized:
+            tensors += [layer.keys, layer.values]
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            tensors.append(counter)
+        elif counter is not None:
+            layer.cumulative_length = 0
+    torch._foreach_zero_(tensors)
+    for index in getattr(cache, "is_updated", {}):
+        cache.is_updated[index] = False

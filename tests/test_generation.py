@@ -226,3 +226,44 @@ def test_triton_target_runs_the_steps(monkeypatch) -> None:
     if not torch.cuda.is_available():  # two rows: fused on the interpreter (on a GPU only one row is)
         # per layer q/k/v, o, gate/up, down; the lm_head through HF's last-token slice with the final norm
         assert max(g.kernels["gemv_fusions"] for g in report.compile.graphs) == 4 * hf_tiny.LAYERS + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "whisper"])
+def test_cache_reset_equals_transformers_in_one_zeroing_call(family, monkeypatch) -> None:
+    """mmaccel.generate's reset of its static cache (one multi-tensor zeroing instead of three launches per
+    layer) leaves keys, values, length counters and Whisper's is_updated flags as transformers' reset() does;
+    a layer class with a reset of its own keeps it (the fallback)."""
+    from transformers.cache_utils import StaticLayer
+
+    from mmaccel.compiler import generation
+
+    model = hf_tiny.llama("sdpa", use_cache=True) if family == "llama" else hf_tiny.whisper()
+    caches = [generation._static_cache(model, 2, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
+    layers = []
+    for cache in caches:
+        parts = [cache.self_attention_cache, cache.cross_attention_cache] if family == "whisper" else [cache]
+        layers.append([layer for part in parts for layer in part.layers])
+        for layer in layers[-1]:
+            layer.keys.normal_(), layer.values.normal_(), layer.cumulative_length.fill_(7)
+        for index in getattr(cache, "is_updated", {}):
+            cache.is_updated[index] = True
+    caches[0].reset()
+    calls = []
+    zero = torch._foreach_zero_
+    monkeypatch.setattr(torch, "_foreach_zero_", lambda tensors: calls.append(len(tensors)) or zero(tensors))
+    monkeypatch.setattr(StaticLayer, "reset", lambda self: pytest.fail("the per-layer reset ran"))
+    generation._reset_cache(caches[1])
+    assert calls == [3 * len(layers[1])]
+    for a, b in zip(*layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert torch.equal(a.cumulative_length, b.cumulative_length) and not b.cumulative_length.any()
+    assert getattr(caches[0], "is_updated", None) == getattr(caches[1], "is_updated", None)
+
+    monkeypatch.undo()
+
+    class OwnReset(StaticLayer):
+        def reset(self) -> None:
+            calls.append("own")
+    layers[1][0].__class__ = OwnReset
+    generation._reset_cache(caches[1])
+    assert calls[-1] == "own"
