@@ -11,7 +11,7 @@ grouped-query attention, heads per program 1 vs the whole group, against ATen's 
 "gemv": the 7B decoder's five linears and three of Whisper large-v3's decoder (LayerNorm in front, one pass) at
 M = 1, plain and with the fusion the decode step gives them, at several (rows per program, bytes of a row per
 step, warps), x and the norm weight loaded in the weight tile's shape or once as a vector (X1D). Times: GPU time inside a CUDA graph with L2 flushed before
-each call (backends/triton/matmul.py `_time_us`, as the target's own autotuner measures); GB/s over the bytes a
+each call (backends/triton/tuning.py `time_us`, as the target's own autotuner measures); GB/s over the bytes a
 call must read.
 
     python bench/decode_kernels_sweep.py [--parts attention gemv] [--out $OUT/decode_kernels_sweep_h200.json]
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common import default_out, environment, gb_per_s, rel_err, write_json
 from mmaccel.backends.triton import decode_attention as da
 from mmaccel.backends.triton import gemv
-from mmaccel.backends.triton.matmul import _time_us
+from mmaccel.backends.triton.tuning import time_us
 
 # (name, heads, kv heads, head dim, cache length, live keys)
 ATTENTION = [("mha 640/1024", 32, 32, 128, 1024, 640), ("mha 1025/2048", 32, 32, 128, 2048, 1025),
@@ -64,7 +64,7 @@ def attention_part(args, device, dtype) -> list[dict]:
         kr, vr = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v)) if gqa else (k, v)
         base = {"shape": name, "H": H, "Hkv": Hkv, "D": D, "Lk": Lk, "live": live, "bytes": moved}
         if not args.dry:
-            us = _time_us(lambda: F.scaled_dot_product_attention(q, kr, vr, mask), reps=args.reps)
+            us = time_us(lambda: F.scaled_dot_product_attention(q, kr, vr, mask), reps=args.reps)
             rows.append({**base, "kernel": "aten sdpa" + (" (K/V repeated)" if gqa else ""), "us": us,
                          "gb_s": gb_per_s(moved, us)})
         default = da.plan(q, k)
@@ -73,7 +73,7 @@ def attention_part(args, device, dtype) -> list[dict]:
             cut = da.plan(q, k, pps, block_n, warps, stages)._replace(heads=heads)
             fn = lambda cut=cut: da.decode_attention(q, k, v, mask, enable_gqa=gqa, launch=cut)  # noqa: E731
             err = rel_err(fn().float(), ref)
-            us = _time_us(fn, reps=args.reps) if not args.dry else float("nan")
+            us = time_us(fn, reps=args.reps) if not args.dry else float("nan")
             rows.append({**base, "kernel": "split-kv" if heads == 1 else f"split-kv {heads} heads", "programs_per_sm": pps, "block_n": block_n, "warps": warps,
                          "stages": stages, "heads": heads, "splits": cut.num_splits, "us": us,
                          "gb_s": gb_per_s(moved, us), "rel_err": err, "default": cut == default})
@@ -116,7 +116,7 @@ def gemv_part(args, device, dtype) -> list[dict]:
         moved = weight.numel() * dtype.itemsize
         base = {"shape": name, "N": N, "K": K, "bytes": moved}
         if not args.dry:
-            us = _time_us(lambda: x @ weight.T, reps=args.reps)
+            us = time_us(lambda: x @ weight.T, reps=args.reps)
             rows.append({**base, "kernel": "cublas (plain)", "us": us, "gb_s": gb_per_s(moved, us)})
         default = gemv._config(1, N, K, x.device, dtype, norm=normed, layer_norm=layer_norm)
         for (rows_pp, row_bytes, warps), with_fusion, x1d in itertools.product(
@@ -135,7 +135,7 @@ def gemv_part(args, device, dtype) -> list[dict]:
                 return out
             expected = gemv.fused_reference(x, weight, None, fusion)
             err = rel_err(fn().float(), expected)
-            us = _time_us(fn, reps=args.reps) if not args.dry else float("nan")
+            us = time_us(fn, reps=args.reps) if not args.dry else float("nan")
             kernel = "triton row" + (" fused" if with_fusion else "") + (" x1d" if x1d else "")
             rows.append({**base, "kernel": kernel, "fused": with_fusion, "x1d": x1d,
                          "rows_per_program": rows_pp, "row_bytes": row_bytes, "warps": warps, "us": us,

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmaccel  # noqa: E402,F401
 from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton.gemv import Fusion, fused_reference, gemv  # noqa: E402
-from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
+from mmaccel.backends.triton.tuning import time_us  # noqa: E402
 
 # (name, N weight rows, K, fusion): a LLaMA-2-7B layer's linears after parallel-linear fusion, and the lm_head
 LINEARS = [("qkv", 12288, 4096, "norm"), ("o_proj", 4096, 4096, "residual"), ("gate_up", 22016, 4096, "norm+glu"),
@@ -41,8 +41,8 @@ def measure(name: str, N: int, K: int, kind: str) -> dict:
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
     fusion = fusion_for(kind, N, K)
     err = rel_err(gemv(x, w, None, fusion), fused_reference(x, w, None, fusion))
-    plain = min(_time_us(lambda: gemv(x, w)) for _ in range(3))
-    fused = min(_time_us(lambda: gemv(x, w, None, fusion)) for _ in range(3))
+    plain = min(time_us(lambda: gemv(x, w)) for _ in range(3))
+    fused = min(time_us(lambda: gemv(x, w, None, fusion)) for _ in range(3))
     nbytes = N * K * w.element_size()
     return {"linear": name, "N": N, "K": K, "fusion": kind, "plain_us": plain, "fused_us": fused,
             "plain_gbps": gb_per_s(nbytes, plain), "fused_gbps": gb_per_s(nbytes, fused), "rel_err": err}

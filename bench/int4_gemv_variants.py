@@ -16,7 +16,7 @@ Variants, one activation row against an int4 weight (group 128, packing of ops/i
   dot       tensor cores: the row padded to 16, the weight tile dequantized to bf16 by (q | 0x4300) - (128 + z)
             (exact) times s (one rounding, as the reference), one group per step; dot_f32: dequantized in fp32;
   loadonly  the same weight loads, integer sums only: the ceiling of this access pattern.
-Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/matmul._time_us); GB/s counts
+Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/tuning.time_us); GB/s counts
 packed weight + scales + zero points + activation. Errors against the op's reference (dequantize_int4).
 
   splitk    an activation chunk held in registers across many weight rows, float32 partials added after;
@@ -25,7 +25,7 @@ packed weight + scales + zero points + activation. Errors against the op's refer
             PRMT under exponent byte 0x3F, then one FMA; scale and zero point applied per thread (no cross-thread
             reduction per step); words_p1s1 reads the next step's weight ahead, words_p0s2/s3 Triton's pipeliner;
   words_t   words with the tile ordered [groups, rows, quads, words], so a warp's threads span rows and quads.
-Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/matmul._time_us); GB/s counts
+Times: GPU time per call in a CUDA graph, L2 flushed before each (backends/triton/tuning.time_us); GB/s counts
 packed weight + scales + zero points + activation. Errors against the op's reference (dequantize_int4).
 
 Measured (H200, bench/results/int4_gemv_variants_run*_h200.json), 22016x4096 in us:
@@ -66,7 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmaccel  # noqa: E402,F401
 from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
-from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
+from mmaccel.backends.triton.tuning import time_us  # noqa: E402
 from mmaccel.ops.int4_linear import dequantize_int4, quantize_int4_groupwise  # noqa: E402
 
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
@@ -181,7 +181,7 @@ def main() -> None:
         try:
             out = fn(x, p, s, z)
             err = None if name == "loadonly" else rel_err(out, x.float() @ exact_weight.T)  # the op's reference
-            us = min(_time_us(lambda: fn(x, p, s, z)) for _ in range(2))
+            us = min(time_us(lambda: fn(x, p, s, z)) for _ in range(2))
         except Exception as e:
             return {"variant": name, "cfg": cfg, "N": N, "K": K, "error": f"{type(e).__name__}: {e}"[:300]}
         return {"variant": name, "cfg": cfg, "N": N, "K": K, "us": us, "gbps": gb_per_s(nbytes, us), "err_vs_reference": err}
@@ -190,7 +190,7 @@ def main() -> None:
     for (N, K) in SHAPES:  # the bf16 weight through cuBLAS, for scale
         w = data[(N, K)][0]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        us = _time_us(lambda: x @ w.T)
+        us = time_us(lambda: x @ w.T)
         results.setdefault("cublas_bf16", []).append({"N": N, "K": K, "us": us, "gbps": gb_per_s(N * K * 2, us)})
     for name, cfg, fn in variants():
         if args.variants and name not in args.variants + ["current"]:

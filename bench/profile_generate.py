@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mmaccel
+from mmaccel.timing import times_ms
 from common import environment, write_json
 from hf_generate import build  # the same models and inputs as the generation benchmark
 
@@ -99,13 +100,7 @@ def host_profile(model, inputs, device: str, rows: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(3):
-        first()
-    walls = []
-    for _ in range(10):
-        start = time.perf_counter()
-        first()
-        walls.append((time.perf_counter() - start) * 1000)
+    walls = times_ms(first, 10, warmup=3)  # wall clock (no device given): first() waits for the GPU itself
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(10):

@@ -25,7 +25,7 @@ import mmaccel  # noqa: E402,F401
 from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
 from mmaccel.backends.triton import gemv as gemv_kernel  # noqa: E402
-from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
+from mmaccel.backends.triton.tuning import time_us  # noqa: E402
 from mmaccel.ops.int4_linear import quantize_int4_groupwise  # noqa: E402
 from mmaccel.ops.int8_linear import quantize_per_channel  # noqa: E402
 
@@ -43,7 +43,7 @@ def weights(N, K, bits, group=128):
 
 
 def timed(fn):
-    return min(_time_us(fn) for _ in range(2))
+    return min(time_us(fn) for _ in range(2))
 
 
 def gemv_configs(bits):

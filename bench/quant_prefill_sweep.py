@@ -9,7 +9,7 @@ and fp8 (token quantization kernel + torch._scaled_mm). The candidate stays out 
 (bench/results/quant_prefill_sweep_h100.json) it beat dequantize+cuBLAS on 2 of 4 shapes by 6-12% and lost
 on the others by up to 2x (int4), and every int8/int4 form stayed 1.4-2.2x slower than cuBLAS on bf16. Decode (M = 1): the fp8 GEMV that quantizes the token inside
 (_fp8_gemv_kernel) against the int8 GEMV and torch._scaled_mm. Times: GPU time per call inside a CUDA graph,
-L2 flushed before each call (backends/triton/matmul.py _time_us), best of two measurements.
+L2 flushed before each call (backends/triton/tuning.py time_us), best of two measurements.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mmaccel  # noqa: E402,F401
 from common import default_out, environment, gb_per_s, rel_err, write_json  # noqa: E402
 from mmaccel.backends.triton import quant_matmul as qm  # noqa: E402
-from mmaccel.backends.triton.matmul import _time_us  # noqa: E402
+from mmaccel.backends.triton.tuning import time_us  # noqa: E402
 from mmaccel.ops.fp8_linear import quantize_fp8_weight, scaled_mm  # noqa: E402
 from mmaccel.ops.int4_linear import quantize_int4_groupwise  # noqa: E402
 from mmaccel.ops.int8_linear import quantize_per_channel  # noqa: E402
@@ -114,7 +114,7 @@ GEMM_CONFIGS = [qm.QuantConfig(*c) for c in [
 
 
 def timed(fn) -> float:
-    return min(_time_us(fn) for _ in range(2))
+    return min(time_us(fn) for _ in range(2))
 
 
 def main() -> None:

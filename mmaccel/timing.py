@@ -2,7 +2,7 @@
 calls; the median is the number reported. On a CUDA device each call is timed by CUDA events and followed by a
 synchronize, so launch overhead counts (a step's latency as a caller sees it); elsewhere by wall clock.
 
-The Triton target's matmul autotuner (backends/triton/matmul.py `_time_us`) measures differently on purpose:
+The Triton target's autotuners (backends/triton/tuning.py `time_us`) measure differently on purpose:
 GPU time inside a CUDA graph with the L2 flushed, launch cost left out; the kernel sweeps use it to agree with it.
 """
 from __future__ import annotations

@@ -52,8 +52,8 @@ def test_changed_weights_drop_the_recordings() -> None:
 
 
 def test_every_kind_of_weight_change_drops_the_recordings() -> None:
-    """The check lists the module tables' weights once and again only after a registration (hooks count them):
-    an unchanged model keeps its recordings; a parameter replaced by setattr, one put into its module's table
+    """The check lists the module tables' entries once and again only after one of them was replaced: an
+    unchanged model keeps its recordings; a parameter replaced by setattr, one put into its module's table
     directly (as accelerate does), a buffer's storage swapped and a replaced submodule each drop them."""
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([5])

@@ -18,7 +18,6 @@ from .tuning import Choices, time_us
 
 aten = torch.ops.aten
 _choices = Choices("matmul_choices.json")
-_time_us = time_us  # the name bench/ scripts import
 
 
 def _library(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
