@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 import mmaccel
 from mmaccel.timing import times_ms
 from common import environment, write_json
-from hf_generate import build  # the same models and inputs as the generation benchmark
+from hf_generate import build, variant_runner  # the same models, inputs and recipe as the generation benchmark
 
 GRAPH_LAUNCH = "cudaGraphLaunch"
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
@@ -40,6 +40,10 @@ def main() -> None:
     p.add_argument("--host", action="store_true", help="also profile the host side of the first token alone "
                    "(max_new_tokens=1, warm): its median wall ms over 10 calls, and the Python functions where those "
                    "calls spend their time (cProfile, cumulative)")
+    p.add_argument("--recipe", action="store_true", help="profile Hugging Face's compiled recipe instead of "
+                   "mmaccel.generate: model.forward = torch.compile(model.forward, backend='mmaccel'), then "
+                   "generate(cache_implementation='static') (bench/hf_generate.py's 'mmaccel (HF recipe)'); --host "
+                   "then profiles whole calls, since that recipe's host work is per token")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -47,8 +51,13 @@ def main() -> None:
     model, inputs, what = build(args.model, args.tiny, device, dtype, args.layers)
     new = min(args.new_tokens, 8) if args.tiny else args.new_tokens
 
+    if args.recipe:
+        generate = variant_runner("mmaccel (HF recipe)", model, inputs)
+    else:
+        generate = lambda n: mmaccel.generate(model, **inputs, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
+
     def call() -> torch.Tensor:
-        return mmaccel.generate(model, **inputs, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+        return generate(new)
 
     for _ in range(2):
         call()
@@ -63,7 +72,7 @@ def main() -> None:
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     count = {e.key: e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU}
     row = {
-        "model": args.model, "prompt": what, "new_tokens": new, "wall_ms": round(wall_ms, 2),
+        "model": args.model, "loop": "HF recipe" if args.recipe else "mmaccel.generate", "prompt": what, "new_tokens": new, "wall_ms": round(wall_ms, 2),
         "kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1000, 2),
         "kernels": sum(e.count for e in gpu),
         "graph_launches": count.get(GRAPH_LAUNCH, 0),
@@ -82,21 +91,22 @@ def main() -> None:
         for key, us in row["step"]:
             print(f"  {us:8.2f} us  {key}")
     if args.host:
-        row["host"] = host_profile(model, inputs, device, args.rows * 3)
+        # mmaccel.generate: the first token alone, whose host work comes before the GPU's; the recipe: whole calls
+        row["host"] = host_profile(generate, new if args.recipe else 1, device, args.rows * 3)
     if args.out:
         write_json(args.out, {"environment": environment(device, layers=args.layers), "rows": [row]})
         print(f"wrote {args.out}")
 
 
-def host_profile(model, inputs, device: str, rows: int) -> dict:
-    """First token alone, warm: median wall ms (synchronized) and cProfile's top functions by cumulative time."""
+def host_profile(generate, new: int, device: str, rows: int) -> dict:
+    """generate(new), warm: median wall ms (synchronized) and cProfile's top functions by cumulative time."""
     import cProfile
     import io
     import pstats
     import statistics
 
     def first() -> None:
-        mmaccel.generate(model, **inputs, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
+        generate(new)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -109,9 +119,9 @@ def host_profile(model, inputs, device: str, rows: int) -> dict:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(rows)
     lines = [line for line in text.getvalue().splitlines() if line.strip()]
-    print(f"first token alone: median {statistics.median(walls):.2f} ms wall over 10 calls; cProfile of 10 calls:")
+    print(f"{new} new token(s): median {statistics.median(walls):.2f} ms wall over 10 calls; cProfile of 10 calls:")
     print("\n".join(lines))
-    return {"first_token_ms": round(statistics.median(walls), 3), "cprofile_10_calls": lines}
+    return {"new_tokens": new, "wall_ms": round(statistics.median(walls), 3), "cprofile_10_calls": lines}
 
 
 def decode_step(prof) -> list[tuple[str, float]]:

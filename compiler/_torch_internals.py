@@ -52,6 +52,13 @@ def storage_id(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
+def tensors_sharing_storage(t: torch.Tensor) -> int:
+    """How many tensors (views and aliases included) hold `t`'s storage, `t` among them: 1 when nothing else
+    can see what is written there. torch counts the storage's owners; the Python storage object made to ask
+    is one of them and is left out."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+
+
 def lower_with_aot(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                    inference_compiler: Callable, decompositions: dict) -> Callable:
     """aot_autograd: Dynamo graph -> functionalized ATen inference graph handed to `inference_compiler`.

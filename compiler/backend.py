@@ -151,6 +151,9 @@ class Backend:
             # parallel_linear_fusion may have rebound parameters as views of fused weights; release freed some
             frozen.refresh()
             record.graph_weight_bytes, record.own_weight_bytes = _weight_bytes(aten_gm, owners)
+            # The report outlives the call that compiled: it keeps the inputs' layouts, not their values (it held the
+            # first call's tensors, a whole KV cache in Hugging Face's recipe, for the life of the compiled model)
+            ctx.example_inputs, ctx.calibration = _layouts_only(ctx.example_inputs), None
             record.final_graph, record.context, record.final_nodes = aten_gm, ctx, len(aten_gm.graph.nodes)
             target, record.target_reason = resolve_target(self.options.target, aten_gm, real_inputs)
             if target == "triton" and self.options.cuda_graphs is not False:
@@ -168,6 +171,14 @@ class Backend:
         graph = CalibratingGraph(optimize, unfrozen, frozen.kept)
         self.calibrating.append(graph)
         return graph
+
+
+def _layouts_only(inputs: Sequence[Any] | None) -> list[Any] | None:
+    """Meta tensors of the inputs' shapes, strides and dtypes (other values as they are)."""
+    if inputs is None:
+        return None
+    return [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor)
+            else a for a in inputs]
 
 
 def _fallback(gm: fx.GraphModule, inputs: Sequence[Any], record: GraphReport, reason: str) -> Callable:

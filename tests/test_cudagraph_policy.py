@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from mmaccel.backends.triton.cudagraphs import MAX_RECORDINGS, CudaGraphRunner, calls_before_recording
+from mmaccel.backends.triton.cudagraphs import MAX_RECORDINGS, CudaGraphRunner, _rebindable, calls_before_recording
 
 
 def _graph(symbolic: bool) -> fx.GraphModule:
@@ -105,3 +105,19 @@ def test_sightings_stay_bounded():
     for length in range(10 * MAX_RECORDINGS):
         runner([torch.randn(1, length + 1)])
     assert len(runner.sightings) <= 4 * MAX_RECORDINGS and runner.recorded == []
+
+
+def test_a_written_input_is_rebound_only_to_a_storage_nothing_else_holds():
+    """A new cache may take over a recording's storage (adopt) only when neither storage is seen by anything else:
+    the recording's alias alone on its side, the caller's tensor alone on the other, one layout."""
+    ours, theirs = torch.zeros(4, 8), torch.ones(4, 8)
+    assert _rebindable(ours, theirs)
+    held = ours.detach()  # the old cache, still held by its caller
+    assert not _rebindable(ours, theirs)
+    del held
+    view = theirs[:2]  # something else reads the new cache's storage
+    assert not _rebindable(ours, theirs) and not _rebindable(ours, view)
+    del view
+    assert not _rebindable(ours, torch.ones(64)[:32].view(4, 8))  # a view of a larger storage
+    assert not _rebindable(ours, torch.ones(5, 8)[:4])
+    assert _rebindable(ours, theirs)

@@ -209,6 +209,69 @@ def test_cuda_graph_decode_steps_write_the_kv_cache_like_eager():
         torch.testing.assert_close(a, b, msg=name)
 
 
+@needs_cuda
+def test_a_cache_at_a_new_address_takes_over_a_recording_whose_cache_is_gone(monkeypatch):
+    """Hugging Face's compiled recipe makes a new static cache in every generate() call: the new cache is rebound
+    to the storage of the recording the old one left, instead of a recording per call; a cache the caller still
+    holds is never written by a later call (that call records)."""
+    from mmaccel.backends.triton import cudagraphs
+
+    recorded = []
+    record = cudagraphs.CudaGraphRunner.record
+    monkeypatch.setattr(cudagraphs.CudaGraphRunner, "record", lambda self, key, args: recorded.append(key) or record(self, key, args))
+
+    def step(cache, x):  # a decode step's in-place cache write, and a result read from the cache
+        cache.add_(x)
+        return cache.sum(-1) * 2
+
+    compiled = mmaccel.compile(step, target="triton", cuda_graphs=True)
+    x = torch.randn(4, 8, device="cuda")
+    with torch.no_grad():
+        for call in range(4):
+            cache = torch.randn(4, 8, device="cuda")
+            expected = cache + x
+            for _ in range(2):
+                out = compiled(cache, x)
+                torch.testing.assert_close(cache, expected)
+                torch.testing.assert_close(out, expected.sum(-1) * 2)
+                expected = expected + x
+            del cache
+        assert len(recorded) == 1
+        kept = torch.randn(4, 8, device="cuda")
+        compiled(kept, x)  # adopts the recording; the caller keeps `kept`
+        kept_values = kept.clone()
+        other = torch.randn(4, 8, device="cuda")
+        expected = (other + x).sum(-1) * 2
+        torch.testing.assert_close(compiled(other, x), expected)
+        torch.testing.assert_close(kept, kept_values)
+        assert len(recorded) == 2
+
+
+@needs_cuda
+def test_hf_compiled_recipe_records_its_decode_step_a_bounded_number_of_times(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmaccel.backends.triton import cudagraphs
+
+    recorded = []
+    record = cudagraphs.CudaGraphRunner.record
+    monkeypatch.setattr(cudagraphs.CudaGraphRunner, "record", lambda self, key, args: recorded.append(key) or record(self, key, args))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).to("cuda").eval()
+    ids = torch.randint(0, 128, (1, 6), device="cuda")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="mmaccel")
+    counts = []
+    for _ in range(5):
+        assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
+        counts.append(len(recorded))
+    assert 1 <= counts[0] <= 2 and counts == counts[:1] * 5, counts  # later calls take over the first's recordings
+
+
 # ---------------------------------------------------------------- regressions found by the property tests
 
 
