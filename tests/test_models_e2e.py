@@ -16,13 +16,14 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # (name, first size, second size, which argument varies): sizes avoid the tiny models' fixed dims
 # (Dynamo would specialize a length equal to one).
 CASES = [
-    ("vit", dict(batch=2), dict(batch=3)),  # batch 1 would be specialized by Dynamo (0/1 specialization)
+    # vit and chameleon in the opt-in long set (-m coverage, 10 and 8 s; CI time): the Triton target's tests run both
+    pytest.param("vit", dict(batch=2), dict(batch=3), marks=pytest.mark.coverage),  # batch 1: 0/1 specialization
     ("vlm_prefill", dict(seq=5), dict(seq=9)),
     ("vlm_decode", dict(seq=5), dict(seq=9)),
     ("whisper_encoder", dict(seq=20), dict(seq=28)),
     # in the opt-in long set (-m coverage, 9 s; CI time): Whisper's decoder runs in tests/test_generation.py
     pytest.param("whisper_decoder", dict(seq=5), dict(seq=9), marks=pytest.mark.coverage),
-    ("chameleon", dict(seq=5), dict(seq=9)),
+    pytest.param("chameleon", dict(seq=5), dict(seq=9), marks=pytest.mark.coverage),
 ]
 
 

@@ -586,6 +586,8 @@ def greedy_with_graph(gm: torch.fx.GraphModule, ids: torch.Tensor, new: int) -> 
     return tokens
 
 
+# in the opt-in long set (-m coverage, 30 s; CI time): the rewrite itself is checked on a toy graph by default
+@pytest.mark.coverage
 def test_int4_export_with_a_tied_head_reads_the_embedding_from_the_head(tmp_path) -> None:
     """Qwen2 ties lm_head to the token embedding: the head stays MatMulNBits and the embedding reads the head's own
     4-bit weights through GatherBlockQuantized (the table once in the file, as ONNX Runtime GenAI's builder stores

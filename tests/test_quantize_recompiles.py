@@ -46,6 +46,8 @@ def unquantized_graph_count(captioner, pixels):
     return len(graphs)
 
 
+# in the opt-in long set (-m coverage, 9 s; CI time): the calibration test below checks the same graph count
+@pytest.mark.coverage
 def test_measuring_on_example_inputs_keeps_the_graph_dynamic(captioner, pixels, unquantized_graph_count):
     """Without calibration the pass measures on the compiled call's inputs, a size among them (a SymInt):
     running the graph on it used to guard it to that value, one recompile per caption length."""

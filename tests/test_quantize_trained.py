@@ -80,7 +80,8 @@ def test_int8_minilm_export_with_sentences_of_several_lengths(minilm_model, mini
     assert pooled_relative_error(outputs, references) <= result.measured_error * 1.05 + 1e-6 <= 0.05 * 1.05 + 1e-6
 
 
-@pytest.mark.slow
+# in the opt-in long set (-m coverage, 24 s; CI time): the other MiniLM tests compile it on every target
+@pytest.mark.coverage
 def test_int8_minilm_compile_with_sentences_of_several_lengths(minilm_model, minilm_sentences):
     model, samples = minilm_model[0], minilm_sentences
     torch._dynamo.reset()

@@ -53,6 +53,8 @@ def test_self_speculation_greedy_equals_plain_greedy_on_llama() -> None:
     assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2  # the target is untouched
 
 
+# in the opt-in long set (-m coverage, 14 s; CI time): tests/test_prune.py checks the pruned graph itself
+@pytest.mark.coverage
 def test_pruned_draft_greedy_equals_plain_greedy() -> None:
     """draft='pruned:0.5' (and '+int4_weight_only'): the target with half of every MLP's channels removed, in a
     session of its own; its own weights kept (weights='keep': the draft is the target itself)."""
