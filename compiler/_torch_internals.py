@@ -59,6 +59,12 @@ def tensors_sharing_storage(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
 
 
+def marked_static_address(t: torch.Tensor) -> bool:
+    """Whether `torch._dynamo.mark_static_address` marked `t`: a tensor whose address its owner keeps for the
+    life of what it holds (transformers' static cache tensors)."""
+    return getattr(t, "_dynamo_static_input_type", None) is not None
+
+
 def lower_with_aot(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                    inference_compiler: Callable, decompositions: dict) -> Callable:
     """aot_autograd: Dynamo graph -> functionalized ATen inference graph handed to `inference_compiler`.

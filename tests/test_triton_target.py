@@ -209,16 +209,22 @@ def test_cuda_graph_decode_steps_write_the_kv_cache_like_eager():
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.fixture
+def recorded(monkeypatch) -> list[tuple]:
+    """The keys of the CUDA-graph recordings made while the test runs."""
+    from mmaccel.backends.triton import cudagraphs
+
+    keys = []
+    record = cudagraphs.CudaGraphRunner.record
+    monkeypatch.setattr(cudagraphs.CudaGraphRunner, "record", lambda self, key, args: keys.append(key) or record(self, key, args))
+    return keys
+
+
 @needs_cuda
-def test_a_cache_at_a_new_address_takes_over_a_recording_whose_cache_is_gone(monkeypatch):
+def test_a_cache_at_a_new_address_takes_over_a_recording_whose_cache_is_gone(recorded):
     """Hugging Face's compiled recipe makes a new static cache in every generate() call: the new cache is rebound
     to the storage of the recording the old one left, instead of a recording per call; a cache the caller still
     holds is never written by a later call (that call records)."""
-    from mmaccel.backends.triton import cudagraphs
-
-    recorded = []
-    record = cudagraphs.CudaGraphRunner.record
-    monkeypatch.setattr(cudagraphs.CudaGraphRunner, "record", lambda self, key, args: recorded.append(key) or record(self, key, args))
 
     def step(cache, x):  # a decode step's in-place cache write, and a result read from the cache
         cache.add_(x)
@@ -248,14 +254,9 @@ def test_a_cache_at_a_new_address_takes_over_a_recording_whose_cache_is_gone(mon
 
 
 @needs_cuda
-def test_hf_compiled_recipe_records_its_decode_step_a_bounded_number_of_times(monkeypatch):
+def test_hf_compiled_recipe_records_its_decode_step_a_bounded_number_of_times(recorded):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mmaccel.backends.triton import cudagraphs
-
-    recorded = []
-    record = cudagraphs.CudaGraphRunner.record
-    monkeypatch.setattr(cudagraphs.CudaGraphRunner, "record", lambda self, key, args: recorded.append(key) or record(self, key, args))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
@@ -270,6 +271,62 @@ def test_hf_compiled_recipe_records_its_decode_step_a_bounded_number_of_times(mo
         assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), expected)
         counts.append(len(recorded))
     assert 1 <= counts[0] <= 2 and counts == counts[:1] * 5, counts  # later calls take over the first's recordings
+
+
+@needs_cuda
+def test_a_marked_cache_a_step_only_reads_is_read_in_place_and_taken_over(recorded):
+    """Like Whisper's cross-attention cache in HF's recipe: marked with mark_static_address, only read by the decode
+    step, new in every generate() call. It is read where it is (no copy per call) and a new one takes over the
+    recording; one the caller keeps is never overwritten by a later call's values."""
+
+    def marked(t):
+        torch._dynamo.mark_static_address(t)
+        return t
+
+    compiled = mmaccel.compile(lambda cache, x: (cache * x).sum(-1), target="triton", cuda_graphs=True)
+    x = torch.randn(4, 8, device="cuda")
+    with torch.no_grad():
+        for call in range(3):
+            cache = marked(torch.randn(4, 8, device="cuda"))
+            for _ in range(2):
+                torch.testing.assert_close(compiled(cache, x), (cache * x).sum(-1))
+            cache.mul_(2)  # the owner writes its cache between steps (HF's prefill does): the step reads it there
+            torch.testing.assert_close(compiled(cache, x), (cache * x).sum(-1))
+            del cache
+        assert len(recorded) == 1
+        kept = marked(torch.randn(4, 8, device="cuda"))
+        compiled(kept, x)
+        kept_values = kept.clone()
+        other = marked(torch.randn(4, 8, device="cuda"))
+        torch.testing.assert_close(compiled(other, x), (other * x).sum(-1))
+        torch.testing.assert_close(kept, kept_values)
+        torch.testing.assert_close(compiled(kept, x), (kept * x).sum(-1))
+
+
+@needs_cuda
+def test_hf_compiled_recipe_whisper_tokens_equal_eager_over_calls(recorded):
+    from transformers import GenerationMixin, WhisperForConditionalGeneration
+
+    from mmaccel.models.hf_configs import whisper_config
+
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(whisper_config(tiny=True)).to("cuda").eval()
+    features = torch.randn(1, 16, 40, device="cuda")
+    # every step's scores are compared: greedy tokens of a random tiny model repeat after a step or two
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=[], pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = GenerationMixin.generate(model, input_features=features, **kwargs)
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="mmaccel")
+        counts = []
+        for _ in range(4):
+            out = GenerationMixin.generate(model, input_features=features, cache_implementation="static", **kwargs)
+            assert torch.equal(out.sequences, expected.sequences)
+            for step, (score, reference) in enumerate(zip(out.scores, expected.scores, strict=True)):
+                torch.testing.assert_close(score, reference, rtol=1e-3, atol=1e-3, msg=f"step {step}")
+            counts.append(len(recorded))
+    assert counts == counts[:1] * 4, counts
 
 
 # ---------------------------------------------------------------- regressions found by the property tests

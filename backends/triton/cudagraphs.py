@@ -3,7 +3,9 @@ than their work; replaying one recorded graph removes that cost.
 
 Correctness rules:
 - a recording is keyed by every input's shape, strides and dtype; an input the graph writes in place
-  (a KV cache) is also keyed by its address, since the recording writes to that address;
+  (a KV cache) is also keyed by its address, since the recording writes to that address, and so is one its
+  owner marked as keeping its address (`torch._dynamo.mark_static_address`: transformers' static caches, also
+  the cross-attention cache a decode step only reads), which is then read where it is, not copied each call;
 - a written input that arrives at a new address takes over a recording whose own such storage nothing else
   holds any more, instead of recording again: its values are copied there and the caller's tensor is rebound
   to that storage (`Tensor.set_`), so what the caller holds is what the replay writes. Hugging Face's compiled
@@ -37,7 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ...compiler._torch_internals import tensors_sharing_storage
+from ...compiler._torch_internals import marked_static_address, tensors_sharing_storage
 from ...compiler.errors import warn_once
 
 MAX_RECORDINGS = 8
@@ -125,7 +127,7 @@ class CudaGraphRunner:
             if isinstance(a, torch.Tensor):
                 if a.device.type != "cuda":
                     return None
-                address = a.data_ptr() if addresses and i in self.mutated else None
+                address = a.data_ptr() if addresses and self.pinned(i, a) else None
                 parts.append((tuple(a.shape), a.stride(), a.dtype, a.device, address))
             elif isinstance(a, (int, float, bool)):
                 parts.append(a)
@@ -142,12 +144,18 @@ class CudaGraphRunner:
         if key is None:
             return self.run(args)
         entry = self.recordings.get(key)
-        if entry is None and self.mutated and self.adopt(args):
+        if entry is None and self.adopt(args):
             key = self.key(args)
             entry = self.recordings.get(key)
         if entry is None:
             if not self.due(key):
                 return self.run(args)
+            # about to record: first collect what reference cycles keep (a cache its caller dropped can sit in one
+            # until Python's collector runs; Dynamo's first call keeps its inputs so), which costs less than a recording
+            if self.adopt(args, collect=True):
+                key = self.key(args)
+                entry = self.recordings.get(key)
+        if entry is None:
             if len(self.recordings) >= MAX_RECORDINGS:
                 warn_once(f"mmaccel: {MAX_RECORDINGS} CUDA graphs recorded for one compiled graph (input shapes or "
                           "cache addresses keep changing); the least recently used ones are re-recorded as needed")
@@ -155,35 +163,37 @@ class CudaGraphRunner:
             return self.record(key, args)
         self.recordings.move_to_end(key)
         graph, static, outputs = entry
-        for i, (s, a) in enumerate(zip(static, args)):
-            if isinstance(a, torch.Tensor) and i not in self.mutated and s.data_ptr() != a.data_ptr():
+        for s, a in zip(static, args):  # pinned inputs matched the key by address: never copied here
+            if isinstance(a, torch.Tensor) and s.data_ptr() != a.data_ptr():
                 s.copy_(a)
         graph.replay()
         return _copy_out(outputs)
 
-    def adopt(self, args: list[Any]) -> bool:
-        """Rebinds the written inputs of `args` to the storages of a recording of the same shapes whose written
-        inputs nothing else holds (module docstring); whether one was found."""
+    def pinned(self, i: int, a: torch.Tensor) -> bool:
+        """Whether input `i` is read and written where it is (keyed by address, never copied in)."""
+        return i in self.mutated or marked_static_address(a)
+
+    def adopt(self, args: list[Any], collect: bool = False) -> bool:
+        """Rebinds the pinned inputs of `args` to the storages of a recording of the same shapes whose pinned
+        inputs nothing else holds (module docstring); whether one was found. `collect`: run Python's cycle
+        collector first, when there is such a recording."""
         wanted = self.key(args, addresses=False)
         candidates = [static for key, (_, static, _) in reversed(self.recordings.items())  # most recent first
                       if _without_addresses(key) == wanted]
-        for collected in (False, True):
-            for static in candidates:
-                moved = [i for i in sorted(self.mutated) if static[i].data_ptr() != args[i].data_ptr()]
-                if not all(_rebindable(static[i], args[i]) for i in moved):
-                    continue
-                try:
-                    for i in moved:
-                        static[i].copy_(args[i])
-                        args[i].set_(static[i])
-                except RuntimeError:  # e.g. an inference tensor outside inference mode; each rebind done kept its values
-                    return False
-                return True
-            if not candidates or collected:
-                return False
-            # A cache its caller dropped can sit in a reference cycle until Python's collector runs (Dynamo's
-            # first call keeps its inputs so): one collection costs less than recording again
+        if candidates and collect:
             gc.collect()
+        for static in candidates:
+            moved = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self.pinned(i, a)
+                     and static[i].data_ptr() != a.data_ptr()]
+            if not moved or not all(_rebindable(static[i], args[i]) for i in moved):
+                continue
+            try:
+                for i in moved:
+                    static[i].copy_(args[i])
+                    args[i].set_(static[i])
+            except RuntimeError:  # e.g. an inference tensor outside inference mode; each rebind done kept its values
+                return False
+            return True
         return False
 
     def due(self, key: tuple) -> bool:
@@ -202,9 +212,9 @@ class CudaGraphRunner:
         with torch.cuda.stream(stream):
             result = self.run(list(args))  # the real call: warms up kernels and libraries
         torch.cuda.current_stream().wait_stream(stream)
-        # written inputs: an alias of the caller's tensor, which keeps the storage the recording writes alive and
-        # is how adopt() sees that the caller's tensor is gone
-        static = [a if not isinstance(a, torch.Tensor) else a.detach() if i in self.mutated else a.clone()
+        # pinned inputs: an alias of the caller's tensor, which keeps the storage the recording uses alive and is
+        # how adopt() sees that the caller's tensor is gone; the others: the recording's own copy
+        static = [a if not isinstance(a, torch.Tensor) else a.detach() if self.pinned(i, a) else a.clone()
                   for i, a in enumerate(args)]
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
