@@ -892,10 +892,11 @@ def run_shared(path: str, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[n
     runs = []
     for feed in feeds:
         total, past = feed["attention_mask"].shape[1], feed[inputs[3]]
-        cache = SharedCache(session, inputs, outputs, (*past.shape[:2], total + 2, past.shape[3]), past.dtype)
+        shape = (*past.shape[:2], total + 2, past.shape[3])
+        cache = SharedCache(session, inputs, outputs, feed["attention_mask"], shape, past.dtype)
         for name, buffer in cache.buffers.items():
             buffer[:, :, :past.shape[2]] = feed[name]
-        logits = cache.run(*(feed[name] for name in inputs[:3]))
+        logits = cache.run(feed[inputs[0]], total, feed[inputs[2]])
         presents = [cache.buffers[past_name(name)][:, :, :total] for name in outputs[1:]]
         runs.append(kept_positions(outputs, [logits, *presents], feed))
     return runs

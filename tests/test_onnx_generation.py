@@ -324,18 +324,18 @@ def test_shared_buffer_loop_equals_the_growing_loop(exported, portable) -> None:
     fusion = next(p for p in report.graphs[0].passes if p.name == "onnx_contrib_fusion")
     assert "past and present share one buffer" in fusion.changes[0], fusion.changes
     shared, growing = mmaccel.OnnxGenerator(folder), mmaccel.OnnxGenerator(folder, share_buffer=False)
-    assert isinstance(shared._cache(2, 9, None), SharedCache)
-    assert isinstance(growing._cache(2, 9, None), GrowingCache)
+    assert isinstance(shared._cache(np.ones((2, 9), np.int64), None), SharedCache)
+    assert isinstance(growing._cache(np.ones((2, 9), np.int64), None), GrowingCache)
     for lengths, options in (([7, 4], {}), ([5], {}), ([6, 6], dict(do_sample=True, top_k=20, seed=3))):
         ids, mask = left_padded_batch(lengths, seed=len(lengths))
         tokens = [mmaccel.onnx_generate(g, ids, mask, max_new_tokens=7, eos_token_id=[], **options)
                   for g in (shared, growing)]
         assert np.array_equal(*tokens), tokens
     ids, mask = left_padded_batch([5], seed=1)  # the prompt's 5 positions written in place, the rest untouched
-    cache = shared._cache(1, 8, None)
-    cache.run(ids.numpy(), mask.numpy(), np.arange(5)[None])
+    cache = shared._cache(np.concatenate([mask.numpy(), np.ones((1, 3), np.int64)], 1), None)
+    cache.run(ids.numpy(), 5, np.arange(5)[None])
     assert all(np.abs(b[:, :, :5]).min() > 0 and not b[:, :, 5:].any() for b in cache.buffers.values())
-    assert mmaccel.OnnxGenerator(portable[1])._cache(1, 8, None).__class__ is GrowingCache
+    assert mmaccel.OnnxGenerator(portable[1])._cache(np.ones((1, 8), np.int64), None).__class__ is GrowingCache
     assert share_buffer_check(os.path.join(portable[1], "decoder.onnx"), [], []) == \
         "past and present apart: a present is not a GroupQueryAttention's output"
 
