@@ -44,7 +44,7 @@ from ..passes.patterns import add_constant, constant_value
 from .export import EXTERNAL_DATA_BYTES, ExportError, convert, export_options, lower_for_export
 from .export_accuracy_level import int8_activation_matmuls
 from .onnx_fusions import NAME as FUSION, fuse_for_onnxruntime
-from .onnx_rewrites import compact_external_data, divide_by_square_roots, share_tied_embedding
+from .onnx_rewrites import compact_external_data, divide_by_square_roots, drop_zero_biases, share_tied_embedding
 from .export_embeddings import quantize_embeddings
 from .onnx_generate import FORMAT, MANIFEST, VERSION
 from .options import as_sample
@@ -221,9 +221,11 @@ def _export_graph(spec: GraphSpec, staged: str, opts: Any, record: GraphReport, 
     record.passes.append(PassResult(name="onnx_divide_by_square_roots", matched=divided,
                                     changes=[f"{divided} Mul(x, Reciprocal(Sqrt)) -> Div(x, Sqrt)"] if divided else []))
     shared = share_tied_embedding(proto.graph, staged)  # a tied LM head's table once, not twice
-    if shared and external:
-        compact_external_data(proto, staged)  # the dropped table's bytes leave the data file too
+    zero = drop_zero_biases(proto.graph, staged)  # random-init models' biases (compiler/onnx_rewrites.py)
+    if (shared or zero) and external:
+        compact_external_data(proto, staged)  # the dropped tensors' bytes leave the data file too
     record.passes.append(PassResult(name="onnx_share_tied_embedding", matched=len(shared), changes=shared))
+    record.passes.append(PassResult(name="onnx_drop_zero_biases", matched=len(zero), changes=zero))
     proto.metadata_props.add(key="mmaccel.export_id", value=export_id)
     proto.metadata_props.add(key="mmaccel.graph", value=spec.name)
     onnx.save(proto, path)  # external data stays where program.save put it: only the references are rewritten

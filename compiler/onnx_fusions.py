@@ -2,7 +2,8 @@
 its past K/V becomes one com.microsoft GroupQueryAttention that rotates q and k itself and reads them packed
 (packed_qkv; heads not a multiple of 16: RotaryEmbedding nodes before it), each residual add followed by an
 RMSNorm one com.microsoft SkipSimplifiedLayerNormalization, and each linear reads its 3D input
-(linears_on_3d_inputs).
+(linears_on_3d_inputs); then a fused linear that a Split parts becomes one MatMul per part (split_linears),
+and a tied head's embedding gathers rows of a table ONNX Runtime transposes once (tied_table_rows).
 
 Why: ONNX Runtime GenAI's builder writes these ops; our standard-op decoder ran 799 nodes per step against its
 129 on the 125M Llama of bench/onnx_generate.py, and with kernel time alike (matmul-bound) the difference was the
@@ -44,6 +45,7 @@ import numpy as np
 
 from ..passes.contract import PassResult
 from .errors import warn_once
+from .onnx_rewrites import compact_external_data
 
 NAME = "onnx_contrib_fusion"
 MS = "com.microsoft"
@@ -588,6 +590,107 @@ def packed_qkv(graph: Any, base_dir: str = "") -> tuple[int, list[str]]:
     return packed, near
 
 
+def split_linears(graph: Any, base_dir: str = "") -> tuple[int, list[str]]:
+    """MatMul(x, W [K, n1 + n2 + ...]) -> Split(last dim, [n1, n2, ...]) -> one MatMul(x, W[:, part]) per
+    part, each making the value its Split output made (parallel_linear_fusion's gate/up, passes/fusion.py, and
+    q/k/v where GroupQueryAttention does not read them packed). The same products (each output column is the
+    same dot product over K), the same weight bytes read once per step, and no Split node copying the outputs
+    apart: ONNX Runtime's CPU MatMul costs what it reads, so two of them cost what the fused one did, and the
+    Split is a node per layer that ONNX Runtime GenAI's builder's decoder, which writes gate and up apart, does
+    not run (125M Qwen2, one decode step, 25 interleaved rounds: 16.34 ms median against 16.55 with the
+    Splits). Parts of a weight stored beside the model (external data) are appended to
+    its data file, which the caller then compacts (fuse_for_onnxruntime). Run after linears_on_3d_inputs (its
+    Split then splits the last dim of the 3D output). Returns (rewritten, near-misses)."""
+    from onnx import helper, numpy_helper
+
+    g, rewritten, near = Graph(graph, base_dir), 0, []
+    initializers = {t.name: t for t in graph.initializer}
+    for split in [n for n in graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]:
+        linear = g.node(split.input[0], "MatMul")
+        weight = initializers.get(linear.input[1]) if linear is not None else None
+        if weight is None or len(weight.dims) != 2:
+            continue
+        sizes = g.ints(split.input[1]) if len(split.input) > 1 else None
+        shape = g.shapes.get(linear.input[0]) or []
+        reason = ("its output read elsewhere too" if len(g.readers.get(split.input[0], [])) != 1
+                  or split.input[0] in g.outputs
+                  else f"split on dim {g.attr(split, 'axis', 0)} of rank {len(shape) or '?'}"
+                  if g.attr(split, "axis", 0) != -1 and g.attr(split, "axis", 0) != len(shape) - 1
+                  else f"split sizes {sizes} not of its {weight.dims[1]} columns"
+                  if sizes is None or sum(sizes) != weight.dims[1] or len(sizes) != len(split.output)
+                  else None)
+        if reason is not None:
+            near.append(f"linear {linear.name} split by {split.name} left fused: {reason}")
+            continue
+        columns = np.cumsum([0, *sizes])
+        values = g.constants[weight.name]
+        at = list(graph.node).index(linear)
+        for i, (part, lo, hi) in enumerate(zip(split.output, columns, columns[1:])):
+            name = f"{weight.name}_columns_{lo}_{hi}"
+            tensor = numpy_helper.from_array(np.ascontiguousarray(values[:, lo:hi]), name)
+            if weight.data_location == weight.EXTERNAL:  # beside it too (the proto stays under 2 GB)
+                append_external(tensor, base_dir, next(e.value for e in weight.external_data if e.key == "location"))
+            graph.initializer.append(tensor)
+            graph.node.insert(at + i, helper.make_node("MatMul", [linear.input[0], name], [part],
+                                                       name=f"{linear.name}_columns_{lo}_{hi}"))
+        graph.node.remove(linear)
+        graph.node.remove(split)
+        rewritten += 1
+    drop_dead_nodes(graph)  # the fused weights
+    return rewritten, near
+
+
+def append_external(tensor: Any, base_dir: str, location: str, alignment: int = 4096) -> None:
+    """Move `tensor`'s raw data to the end of the external data file `location` (in `base_dir`), at an offset
+    aligned as ONNX's own writer aligns large tensors; `tensor` then references it there."""
+    from onnx.external_data_helper import set_external_data
+
+    data = tensor.raw_data
+    with open(os.path.join(base_dir, location), "ab") as f:
+        f.write(b"\0" * (-f.tell() % alignment))
+        offset = f.tell()
+        f.write(data)
+    set_external_data(tensor, location, offset, len(data))
+    tensor.data_location = tensor.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def tied_table_rows(graph: Any) -> tuple[int, list[str]]:
+    """Gather(T [D, V], ids, axis=1) -> Transpose to [*ids, D], T an initializer (share_tied_embedding's
+    embedding of a tied head, compiler/onnx_rewrites.py) -> Gather(Transpose(T) [V, D], ids): ONNX Runtime folds
+    the Transpose of an initializer at session start (its constant folding), so a step gathers each token's row
+    of D contiguous values where it read D values 4V bytes apart, a cache and TLB miss each (125M Qwen2, V 32000:
+    the Gather 75 us of kernel time per step against 7 us for the rows; ONNX Runtime GenAI's builder writes
+    its tied embedding so). The file still holds one table; in memory ONNX Runtime holds the folded [V, D] copy
+    beside the head's weight, as it does for GenAI's file. Returns (rewritten, near-misses)."""
+    from onnx import helper
+
+    g, rewritten, near = Graph(graph), 0, []
+    initializers = {t.name: t for t in graph.initializer}
+    for gather in [n for n in graph.node if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
+        table = initializers.get(gather.input[0])
+        if table is None or len(table.dims) != 2 or g.attr(gather, "axis", 0) != 1:
+            continue
+        readers = g.readers.get(gather.output[0], [])
+        transpose = readers[0] if len(readers) == 1 else None
+        perm = g.attr(transpose, "perm") if transpose is not None and transpose.op_type == "Transpose" else None
+        if perm is None or perm != [*range(1, len(perm)), 0] or gather.output[0] in g.outputs:
+            near.append(f"tied table rows at {gather.name} left alone: its columns are not only moved last")
+            continue
+        rows = f"{table.name}_rows"
+        at = list(graph.node).index(gather)
+        if rows not in g.producer:  # one folded table for every Gather of it
+            graph.node.insert(at, helper.make_node("Transpose", [table.name], [rows], perm=[1, 0],
+                                                   name=f"{table.name}_rows_transpose"))
+            g.producer[rows] = graph.node[at]
+        gather.input[0] = rows
+        set_attr(gather, "axis", 0)
+        gather.output[0] = transpose.output[0]
+        graph.node.remove(transpose)
+        rewritten += 1
+    return rewritten, near
+
+
 def set_attr(node: Any, name: str, value: Any) -> None:
     from onnx import helper
 
@@ -637,9 +740,13 @@ def fuse_contrib_ops(graph: Any, max_positions: int, base_dir: str = "") -> tupl
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     linears, linear_near = linears_on_3d_inputs(graph, base_dir)
     packed, packed_near = packed_qkv(graph, base_dir)
+    split, split_near = split_linears(graph, base_dir)
+    rows, rows_near = tied_table_rows(graph)
     counts.update({"3D linear groups": linears} if linears else {})
     counts.update({"packed QKV": packed} if packed else {})
-    return counts, near + linear_near + packed_near
+    counts.update({"split linears": split} if split else {})
+    counts.update({"tied table rows": rows} if rows else {})
+    return counts, near + linear_near + packed_near + split_near + rows_near
 
 
 def is_rms_norm_end(g: Graph, mul: Any) -> bool:
@@ -692,7 +799,9 @@ def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_
     start = time.perf_counter()
     proto = onnx.load(path, load_external_data=False)  # the weights stay in their external file, untouched
     result = PassResult(name=NAME, nodes_before=len(proto.graph.node))
-    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions, os.path.dirname(os.path.abspath(path)))
+    base_dir = os.path.dirname(os.path.abspath(path))
+    data_bytes = external_bytes(proto, base_dir)
+    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions, base_dir)
     result.nodes_after = len(proto.graph.node)
     if counts:
         if MS not in {o.domain for o in proto.opset_import}:
@@ -704,8 +813,21 @@ def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_
         finally:
             if os.path.exists(candidate):
                 os.remove(candidate)
+            if external_bytes(proto, base_dir) != data_bytes:  # split_linears appended parts: kept or not,
+                kept = onnx.load(path, load_external_data=False)  # the data file keeps only what `path` reads
+                compact_external_data(kept, base_dir)
+                onnx.save(kept, path)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def external_bytes(proto: Any, base_dir: str) -> int:
+    """The size of the external data files `proto` references (0 when its weights are inline)."""
+    from onnx.external_data_helper import uses_external_data
+
+    files = {next(e.value for e in t.external_data if e.key == "location")
+             for t in proto.graph.initializer if uses_external_data(t)}
+    return sum(os.path.getsize(os.path.join(base_dir, f)) for f in files)
 
 
 def keep_if_equal(path: str, candidate: str, feeds: Sequence[dict[str, np.ndarray]], counts: dict[str, int],
@@ -770,10 +892,11 @@ def run_shared(path: str, feeds: Sequence[dict[str, np.ndarray]]) -> list[list[n
     runs = []
     for feed in feeds:
         total, past = feed["attention_mask"].shape[1], feed[inputs[3]]
-        cache = SharedCache(session, inputs, outputs, (*past.shape[:2], total + 2, past.shape[3]), past.dtype)
+        shape = (*past.shape[:2], total + 2, past.shape[3])
+        cache = SharedCache(session, inputs, outputs, feed["attention_mask"], shape, past.dtype)
         for name, buffer in cache.buffers.items():
             buffer[:, :, :past.shape[2]] = feed[name]
-        logits = cache.run(*(feed[name] for name in inputs[:3]))
+        logits = cache.run(feed[inputs[0]], total, feed[inputs[2]])
         presents = [cache.buffers[past_name(name)][:, :, :total] for name in outputs[1:]]
         runs.append(kept_positions(outputs, [logits, *presents], feed))
     return runs

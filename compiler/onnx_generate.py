@@ -104,33 +104,44 @@ class OnnxGenerator:
         length = ids.shape[1]
         masks = np.ones((batch, length + max_new_tokens - 1), np.int64)  # each step's mask: the first `length`
         masks[:, :length] = mask
-        cache = self._cache(batch, masks.shape[1], input_features)
-        done = np.zeros(batch, dtype=bool)
+        cache = self._cache(masks, input_features)
+        done, stopped, stops = np.zeros(batch, dtype=bool), False, set(stop)
         new_tokens = []
+        # Each numpy call between two runs costs 10-60 us, not 1-3: the run (~400 MB of fp32 weights streamed)
+        # leaves the interpreter's and numpy's code and data out of cache (125M Qwen2, 2 threads: np.where 40 us,
+        # the argmax 55, the mask's binding 45). So no call a step does not need: rows that stopped are padded
+        # only once one has, and stop ids are checked on the tokens as Python ints (np.isin ~70 us)
         for _ in range(max_new_tokens):
-            logits = cache.run(step_input, masks[:, :length], positions)
-            token = np.where(done, pad, choose_tokens(logits[:, -1, :], sampling, rng))
+            logits = cache.run(step_input, length, positions)
+            token = choose_tokens(logits[:, -1, :], sampling, rng)
+            if stopped:
+                token = np.where(done, pad, token)
             new_tokens.append(token)
-            if stop:  # np.isin and done.all() cost ~70 and ~10 us even with no stop ids (125M Llama step: 13 ms)
-                done |= np.isin(token, stop)
-                if done.all():
-                    break
+            if stops:
+                hits = [t in stops for t in token.tolist()]
+                if any(hits):
+                    done |= hits
+                    stopped = True
+                    if done.all():
+                        break
             step_input = self._token_input(token[:, None])
             length += 1
             positions = positions[:, -1:] + 1
         return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
 
-    def _cache(self, batch: int, length: int, input_features: Any) -> "SharedCache | GrowingCache":
-        """The decoder's K/V for one call whose last step attends to `length` positions."""
+    def _cache(self, masks: np.ndarray, input_features: Any) -> "SharedCache | GrowingCache":
+        """The decoder's K/V for one call whose steps' masks are prefixes of `masks` [B, positions of the last
+        step]."""
         session, inputs, outputs = self.sessions["decoder"], self.decoder_inputs, self.decoder_outputs
+        batch, length = masks.shape
         if self.max_length is not None and length > self.max_length:
             raise ValueError(f"onnx_generate: the K/V buffer holds max_length={self.max_length} positions; this call "
                              f"needs {length} (prompt + max_new_tokens - 1): ask OnnxGenerator for a larger "
                              "max_length, or for fewer new tokens")
         if not (self.share_buffer and self.config.get("past_present_share_buffer")):
-            return GrowingCache(session, inputs, outputs, self._initial_past(batch, input_features))
+            return GrowingCache(session, inputs, outputs, masks, self._initial_past(batch, input_features))
         shape = (batch, self.config["num_kv_heads"], self.max_length or length, self.config["head_dim"])
-        return SharedCache(session, inputs, outputs, shape, np.dtype(self.config["dtype"]))
+        return SharedCache(session, inputs, outputs, masks, shape, np.dtype(self.config["dtype"]))
 
     def _prompt_ids(self, input_ids: Any, input_features: Any) -> np.ndarray:
         if "encoder" not in self.sessions and input_features is not None:
@@ -185,15 +196,17 @@ class GrowingCache:
     """Past K/V that the decoder grows by concatenation (portable files, Whisper's, share_buffer=False): each
     run's present outputs stay ONNX Runtime values (never copied into numpy), bound as the next run's past."""
 
-    def __init__(self, session: Any, inputs: list[str], outputs: list[str], past: dict[str, Any]) -> None:
-        self.session, self.inputs, self.outputs, self.past = session, inputs, outputs, past
+    def __init__(self, session: Any, inputs: list[str], outputs: list[str], masks: np.ndarray,
+                 past: dict[str, Any]) -> None:
+        self.session, self.inputs, self.outputs, self.masks, self.past = session, inputs, outputs, masks, past
 
-    def run(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One decoder run: its logits [B, S, V]."""
+    def run(self, tokens: np.ndarray, length: int, positions: np.ndarray) -> np.ndarray:
+        """One decoder run attending to `length` positions (its mask: the first `length` of masks'): its logits
+        [B, S, V]."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        for name, value in zip(self.inputs[:3], (tokens, mask, positions)):
+        for name, value in zip(self.inputs[:3], (tokens, self.masks[:, :length], positions)):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.inputs[3:]:
             if isinstance(self.past[name], ort.OrtValue):
@@ -213,18 +226,22 @@ class SharedCache:
     bound once as both the past input and the present output: GroupQueryAttention then writes each run's new
     positions in place (ONNX Runtime's past_present_share_buffer mode, taken when the two are the same memory),
     so no step concatenates or copies the cache; a step's token, position and logits are buffers bound once
-    too, and only its mask is bound anew. ONNX Runtime GenAI's loop runs its builder's decoders so on CPU.
+    too, and only its mask is bound anew: for one row, an ONNX Runtime value made before the loop on that
+    prefix of `masks` (binding it costs ~30 us a step after a run where a numpy mask's costs ~45, mostly cache
+    misses: onnx_generate's loop), for several a copy of the prefix each step. ONNX Runtime GenAI's loop runs
+    its builder's decoders so on CPU.
     Only for decoders whose every present is a GroupQueryAttention's output, checked at export (the manifest's
     past_present_share_buffer; compiler/onnx_fusions.py).
     125M Llama, 2 threads (bench/onnx_fusion_peers.py, interleaved rounds): 0.15 ms per token outside ONNX
     Runtime's run where GrowingCache spends 0.44 (fp32; int4 0.09 against 0.41), and 4% less per token in all
     in fp32 (13.22 against 13.53 ms), 15% in int4 (2.28 against 2.68)."""
 
-    def __init__(self, session: Any, inputs: list[str], outputs: list[str], shape: tuple[int, ...],
-                 dtype: np.dtype) -> None:
+    def __init__(self, session: Any, inputs: list[str], outputs: list[str], masks: np.ndarray,
+                 shape: tuple[int, ...], dtype: np.dtype) -> None:
         import onnxruntime as ort
 
-        self.session, self.inputs, self.logits_name = session, inputs[:3], outputs[0]
+        self.session, self.inputs, self.logits_name, self.masks = session, inputs[:3], outputs[0], masks
+        self.mask_values: dict[int, Any] = {}  # length -> the prefix of one row's masks as an ONNX Runtime value
         self.binding = session.io_binding()
         self.binding.bind_output(outputs[0], "cpu")  # first: the prompt's logits are get_outputs()[0]
         self.buffers = {past_name(name): np.zeros(shape, dtype) for name in outputs[1:]}
@@ -235,22 +252,29 @@ class SharedCache:
         self.step: dict[str, np.ndarray] | None = None  # after the prompt: one token per row, bound once
         self.step_values: dict[str, Any] = {}  # their ONNX Runtime values, which the binding reads
 
-    def run(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """One decoder run: its logits [B, S, V]. After the first run (the prompt), the token and position are
-        written into buffers bound once, only the mask (one position longer each step) is bound anew, and the
-        logits returned are a buffer the next run overwrites."""
+    def run(self, tokens: np.ndarray, length: int, positions: np.ndarray) -> np.ndarray:
+        """One decoder run attending to `length` positions: its logits [B, S, V]. After the first run (the
+        prompt), the token and position are written into buffers bound once, only the mask (one position longer
+        each step) is bound anew, and the logits returned are a buffer the next run overwrites."""
         if self.step is None:
-            return self._prompt(tokens, mask, positions)
+            return self._prompt(tokens, length, positions)
         self.step["tokens"][...] = tokens
         self.step["positions"][...] = positions
-        self.binding.bind_cpu_input(self.inputs[1], np.ascontiguousarray(mask))
+        mask = self.mask_values.get(length)
+        if mask is None:
+            self.binding.bind_cpu_input(self.inputs[1], np.ascontiguousarray(self.masks[:, :length]))
+        else:
+            self.binding.bind_ortvalue_input(self.inputs[1], mask)
         self.session.run_with_iobinding(self.binding)
         return self.step["logits"]
 
-    def _prompt(self, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _prompt(self, tokens: np.ndarray, length: int, positions: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
-        for name, value in zip(self.inputs, (tokens, mask, positions)):
+        if len(self.masks) == 1:  # each step's mask a contiguous prefix of the row: values on it, no copies
+            self.mask_values = {n: ort.OrtValue.ortvalue_from_numpy(self.masks[:, :n])
+                                for n in range(length + 1, self.masks.shape[1] + 1)}
+        for name, value in zip(self.inputs, (tokens, self.masks[:, :length], positions)):
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.session.run_with_iobinding(self.binding)
         logits = self.binding.get_outputs()[0].numpy()

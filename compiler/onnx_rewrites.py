@@ -1,4 +1,5 @@
-"""Rewrites of an exported ONNX graph that let ONNX Runtime's own fusions match it (issue 18).
+"""Rewrites of an exported ONNX graph that let ONNX Runtime's own fusions match it, or that it runs with fewer
+nodes (issue 18).
 
 ONNX Runtime's SimplifiedLayerNormFusion (its RMSNorm kernel, applied at session start) matches
 x / Sqrt(ReduceMean(x^2) + eps) * weight. torch.onnx translates HF's RMSNorm, x * torch.rsqrt(...), as
@@ -40,12 +41,78 @@ def divide_by_square_roots(graph: Any) -> int:
     return rewritten
 
 
+def drop_zero_biases(graph: Any, base_dir: str = "") -> list[str]:
+    """A linear's bias that is all zeros, exactly, leaves: Add(MatMul(x, W [K, N]), b [N]) -> the MatMul's
+    output, and Gemm(A, B, C) -> Gemm(A, B). x + 0 is x (but for -0.0, which stays -0.0 rather than becoming
+    +0.0), so the outputs are the same values, with one node fewer per linear (the Add) at each step. Which
+    models have such biases: freshly initialized ones (Hugging Face zeroes every nn.Linear bias at init, so a
+    random-weight Qwen2's q/k/v biases are zeros, as bench/onnx_fusion_peers.py's are; ONNX Runtime GenAI's
+    builder skips them too); trained weights rarely. Also MatMulNBits (its N attribute), and a bias of one
+    value (broadcast). Returns one line per bias dropped. Tensors stored beside the model resolve against
+    `base_dir`."""
+    from onnx import numpy_helper
+
+    tensors = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {v.name for v in graph.output}
+
+    def zeros(name: str, width: int | None = None) -> bool:
+        """An initializer of zeros only; with `width`, also of shape [width] or [1] (an Add's bias that does
+        not broadcast the matmul's output wider)."""
+        tensor = tensors.get(name)
+        if tensor is None or (width is not None and list(tensor.dims) not in ([width], [1])):
+            return False
+        return not numpy_helper.to_array(tensor, base_dir).any()
+
+    def columns(node: Any) -> int | None:
+        """N of a linear's output [..., N] with a constant weight, else None."""
+        if node is None:
+            return None
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+            weight = tensors.get(node.input[1])
+            return weight.dims[1] if weight is not None and len(weight.dims) == 2 else None
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            return next((a.i for a in node.attribute if a.name == "N"), None)
+        return None
+
+    dropped, biases = [], set()
+    for node in list(graph.node):
+        if node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and len(node.input) == 3 and zeros(node.input[2]):
+            dropped.append(f"Gemm {node.name}: bias {node.input[2]} all zeros")  # C broadcasts to A B's shape
+            biases.add(node.input.pop())
+            continue
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        for x, bias in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+            linear = producers.get(x)
+            width = columns(linear)
+            # the linear's output read elsewhere too, or a graph output: it keeps its name, and the Add stays
+            if width is None or x in outputs or readers.get(x) != 1 or not zeros(bias, width):
+                continue
+            linear.output[list(linear.output).index(x)] = node.output[0]
+            producers[node.output[0]] = linear
+            graph.node.remove(node)
+            dropped.append(f"Add {node.name}: bias {bias} of {linear.name} all zeros")
+            biases.add(bias)
+            break
+    read = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name in biases - read]:
+        graph.initializer.remove(tensor)
+    return dropped
+
+
 def share_tied_embedding(graph: Any, base_dir: str) -> list[str]:
     """A tied LM head (Qwen2, Gemma, GPT-2, ...) reaches the file twice: the embedding's Gather reads the table W
     [V, D] and torch.onnx folds the head's MatMul(x, Transpose(W)) into a second initializer W^T (a 125M Qwen2:
     499 MB where ONNX Runtime GenAI's builder writes 402). Gather(W, ids) -> Transpose(Gather(W^T, ids, axis=1)),
     and W leaves the file: the same values (compared exactly before the rewrite), one table. The Transpose moves
-    one [D, tokens] slice per call. Returns what was shared, one line each. Tensors stored beside the model
+    one [D, tokens] slice per call; the column Gather reads D values 4V bytes apart, so the fused decoder gathers
+    rows of a Transpose of W^T that ONNX Runtime folds at load instead (compiler/onnx_fusions.py
+    tied_table_rows). Returns what was shared, one line each. Tensors stored beside the model
     (external data) are read from `base_dir`; the caller compacts that file (compact_external_data)."""
     import numpy as np
     import onnx

@@ -154,10 +154,16 @@ def test_folder_layout_and_passes(exported) -> None:
     assert graph.matched("onnx_divide_by_square_roots") == 2 * hf_tiny.LAYERS + 1, f"\n{report}"
     assert fused_op_count(os.path.join(folder, "decoder.onnx"), "SimplifiedLayerNormalization") == 1
     # and per layer 2 linear groups (q/k/v, gate/up) on 3D inputs, their Reshapes gone; q/k/v packed into
-    # GroupQueryAttention where it rotates them, their Split gone
+    # GroupQueryAttention where it rotates them, their Split gone; the other Splits (gate/up, q/k/v where not
+    # packed) one MatMul per part; a tied head's embedding gathers rows (ONNX Runtime folds their Transpose)
     packed = 0 if "RotaryEmbedding" in fused_ops else 1
-    assert graph.matched("onnx_contrib_fusion") == (sum(fused_ops.values()) + 2 + packed) * hf_tiny.LAYERS, report
-    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Split") == (2 - packed) * hf_tiny.LAYERS
+    tied = int(model.config.tie_word_embeddings)
+    assert graph.matched("onnx_contrib_fusion") == (sum(fused_ops.values()) + 4) * hf_tiny.LAYERS + tied, report
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Split") == 0
+    assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Transpose") == 0
+    # Qwen2's q/k/v biases are zeros at init (HF zeroes nn.Linear biases): their Adds leave
+    biased = model.config.model_type == "qwen2"
+    assert graph.matched("onnx_drop_zero_biases") == hf_tiny.LAYERS * biased, f"\n{report}"
     # HF's mask (Range, GatherND, a Reshape, ...) gone: attention_bias is attention_mask's pads alone
     assert fused_op_count(os.path.join(folder, "decoder.onnx"), "Reshape") == 0
     assert not [n for n in report.graphs[0].passes if n.name == "onnx_contrib_fusion"][0].near_misses
@@ -248,7 +254,8 @@ def test_portable_export_is_standard_and_the_fusion_matches_it(portable, exporte
 
 def test_fusion_leaves_near_misses_alone(portable, tmp_path) -> None:
     """A layer whose rotation is not HF's rotate_half is left as it was, and so is a flattened linear whose
-    output is read twice, each with the reason; the others fuse; a second run changes nothing."""
+    output is read twice (kept fused with its Split too), each with the reason; the others fuse; a second run
+    changes nothing."""
     from mmaccel.compiler.onnx_fusions import fuse_contrib_ops, linears_on_3d_inputs
 
     proto = onnx.load(os.path.join(portable[1], "decoder.onnx"))
@@ -262,12 +269,16 @@ def test_fusion_leaves_near_misses_alone(portable, tmp_path) -> None:
     attention = {op: n * (hf_tiny.LAYERS - 1) for op, n in fused_per_layer(head_dim_of(portable[0])).items()
                  if op != "SkipSimplifiedLayerNormalization"}
     packed = {} if "RotaryEmbedding" in attention else {"packed QKV": hf_tiny.LAYERS - 1}
+    # Splits made one MatMul per part: every gate/up but the one read twice, and q/k/v where not packed
+    split = hf_tiny.LAYERS - 1 + (hf_tiny.LAYERS if not packed else 1)
+    tied = {"tied table rows": 1} if portable[0].config.tie_word_embeddings else {}
     assert counts == {**attention, **packed, "SkipSimplifiedLayerNormalization": 2 * hf_tiny.LAYERS,
-                      "3D linear groups": 2 * hf_tiny.LAYERS - 1}, counts
-    assert len(near) == 2 and "not rotate_half" in near[0] and "read 2 times" in near[1], near
+                      "3D linear groups": 2 * hf_tiny.LAYERS - 1, "split linears": split, **tied}, counts
+    assert len(near) == 3 and "not rotate_half" in near[0] and "read 2 times" in near[1], near
+    assert "read elsewhere too" in near[2], near
     assert sum(n.op_type == "Softmax" for n in proto.graph.node) == 1
     assert fuse_contrib_ops(proto.graph, 64) == ({}, near[:1])  # idempotent; the near-miss stays
-    assert linears_on_3d_inputs(proto.graph) == (0, near[1:])
+    assert linears_on_3d_inputs(proto.graph) == (0, near[1:2])
 
 
 def test_only_a_mask_of_attention_mask_alone_becomes_the_padding_bias() -> None:
@@ -313,18 +324,18 @@ def test_shared_buffer_loop_equals_the_growing_loop(exported, portable) -> None:
     fusion = next(p for p in report.graphs[0].passes if p.name == "onnx_contrib_fusion")
     assert "past and present share one buffer" in fusion.changes[0], fusion.changes
     shared, growing = mmaccel.OnnxGenerator(folder), mmaccel.OnnxGenerator(folder, share_buffer=False)
-    assert isinstance(shared._cache(2, 9, None), SharedCache)
-    assert isinstance(growing._cache(2, 9, None), GrowingCache)
+    assert isinstance(shared._cache(np.ones((2, 9), np.int64), None), SharedCache)
+    assert isinstance(growing._cache(np.ones((2, 9), np.int64), None), GrowingCache)
     for lengths, options in (([7, 4], {}), ([5], {}), ([6, 6], dict(do_sample=True, top_k=20, seed=3))):
         ids, mask = left_padded_batch(lengths, seed=len(lengths))
         tokens = [mmaccel.onnx_generate(g, ids, mask, max_new_tokens=7, eos_token_id=[], **options)
                   for g in (shared, growing)]
         assert np.array_equal(*tokens), tokens
     ids, mask = left_padded_batch([5], seed=1)  # the prompt's 5 positions written in place, the rest untouched
-    cache = shared._cache(1, 8, None)
-    cache.run(ids.numpy(), mask.numpy(), np.arange(5)[None])
+    cache = shared._cache(np.concatenate([mask.numpy(), np.ones((1, 3), np.int64)], 1), None)
+    cache.run(ids.numpy(), 5, np.arange(5)[None])
     assert all(np.abs(b[:, :, :5]).min() > 0 and not b[:, :, 5:].any() for b in cache.buffers.values())
-    assert mmaccel.OnnxGenerator(portable[1])._cache(1, 8, None).__class__ is GrowingCache
+    assert mmaccel.OnnxGenerator(portable[1])._cache(np.ones((1, 8), np.int64), None).__class__ is GrowingCache
     assert share_buffer_check(os.path.join(portable[1], "decoder.onnx"), [], []) == \
         "past and present apart: a present is not a GroupQueryAttention's output"
 
