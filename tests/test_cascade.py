@@ -44,6 +44,8 @@ def test_threshold_calibration_near_misses() -> None:
         mmaccel.cascade(None, None, calibration=[], accuracy_budget=1.5)
 
 
+# in the opt-in long set (-m coverage, 8 s; CI time)
+@pytest.mark.coverage
 def test_references_measure_accuracy_not_agreement() -> None:
     """Against references, a request the small model answers right and the large one wrong pays for one the
     other way round: at a zero budget all four route (net loss 0) where agreement routes one."""

@@ -74,6 +74,8 @@ def test_compiled_captioner_matches_eager_teacher_forced(captioner, test_split, 
     assert torch.equal(actual.argmax(-1), expected.argmax(-1))
 
 
+# in the opt-in long set (-m coverage, 12 s; CI time): the teacher-forced captioner tests run its graphs by default
+@pytest.mark.coverage
 def test_compiled_captioner_greedy_captions_match_eager(captioner, test_split):
     """Greedy decoding reruns the growing prefix: one graph for the BOS-only prefix, then one dynamic in
     the text length serves every longer one. On ONNX Runtime only, whose export of the dynamic graph is the

@@ -74,8 +74,10 @@ def test_llama_prompt_forward(impl: str) -> None:
     assert report.graphs[0].pass_result("parallel_linear_fusion").matched == 2 * LAYERS
 
 
-# eager attention in the opt-in long set (-m coverage, 12 s): sdpa runs the same cache path by default (CI time)
-@pytest.mark.parametrize("impl", [pytest.param("eager", marks=pytest.mark.coverage), "sdpa"])
+# in the opt-in long set (-m coverage, 12 and 14 s; CI time): tests/test_generation.py runs HF Llama's cache path
+# against HF eager (its compiled recipe and mmaccel.generate)
+@pytest.mark.coverage
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_llama_greedy_generate_with_kv_cache(impl: str) -> None:
     """model.generate with the forward compiled: prefill, then decode steps reading and growing the
     DynamicCache. Left padding puts a real mask on every step. Tokens and per-step logits match eager,
@@ -130,7 +132,8 @@ def prompt(name: str, seq: int) -> tuple[torch.Tensor, ...]:
     return (ids, mask) if name == "bert" else (ids,)
 
 
-@pytest.mark.parametrize(("name", "impl"), [("bert", "eager"), ("llama", "sdpa")])
+# BERT in the opt-in long set (-m coverage, 12 s; CI time)
+@pytest.mark.parametrize(("name", "impl"), [pytest.param("bert", "eager", marks=pytest.mark.coverage), ("llama", "sdpa")])
 def test_dynamic_sequence_length(name: str, impl: str) -> None:
     """dynamic=True: one graph with a symbolic sequence length serves two prompt lengths."""
     model = bert(impl) if name == "bert" else llama(impl)
@@ -147,7 +150,7 @@ def test_dynamic_sequence_length(name: str, impl: str) -> None:
 
 
 # In the opt-in long set (-m coverage; BERT 10 s, Llama 28 s; CI time): test_dynamic_sequence_length compiles
-# both dynamically by default; the float-scale-as-tensor case of Llama's attention is checked here only
+# Llama dynamically by default; the float-scale-as-tensor case of Llama's attention is checked here only
 @pytest.mark.coverage
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_attention_fusion_with_dynamic_shapes(name: str) -> None:

@@ -18,7 +18,7 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 CASES = [
     # vit and chameleon in the opt-in long set (-m coverage, 10 and 8 s; CI time): the Triton target's tests run both
     pytest.param("vit", dict(batch=2), dict(batch=3), marks=pytest.mark.coverage),  # batch 1: 0/1 specialization
-    ("vlm_prefill", dict(seq=5), dict(seq=9)),
+    pytest.param("vlm_prefill", dict(seq=5), dict(seq=9), marks=pytest.mark.coverage),  # 12 s; Triton tests run it
     ("vlm_decode", dict(seq=5), dict(seq=9)),
     ("whisper_encoder", dict(seq=20), dict(seq=28)),
     # in the opt-in long set (-m coverage, 9 s; CI time): Whisper's decoder runs in tests/test_generation.py
@@ -56,6 +56,8 @@ def test_reference_model_matches_eager_across_sizes(name, first, second):
     assert g.matched("linear_epilogue_fusion") >= 4
 
 
+# in the opt-in long set (-m coverage, 11 s; CI time): tests/test_generation.py generates from HF LLaVA by default
+@pytest.mark.coverage
 def test_vlm_generate_tokens_and_logits_match_eager():
     torch.manual_seed(0)
     model, (pixels, ids, _) = build("vlm_prefill", seq=6)

@@ -56,6 +56,8 @@ def test_measuring_on_example_inputs_keeps_the_graph_dynamic(captioner, pixels, 
     assert len(dynamic_graphs(graphs)) == 1
 
 
+# in the opt-in long set (-m coverage, 28 s with its fixture; CI time): tests/test_calibration.py runs calibration
+@pytest.mark.coverage
 def test_calibration_reaches_the_dynamic_graph(captioner, pixels, unquantized_graph_count):
     """Samples sliced from one teacher-forcing batch (ids[:, :t], not contiguous) as bench/quantize_accuracy.py
     gives them: the dynamic graph is measured on the four longer prefixes, the static one on BOS alone."""

@@ -22,6 +22,8 @@ from tests.test_generation import EAGER, hf_generate, left_padded_batch, one_thr
 pytestmark = pytest.mark.filterwarnings("error::mmaccel.MmaccelFallbackWarning")
 
 
+# in the opt-in long set (-m coverage, 9 s; CI time): LLaVA's self-speculation below runs the same path by default
+@pytest.mark.coverage
 def test_self_speculation_greedy_equals_plain_greedy_on_llama() -> None:
     """draft='layers:1': the target's first layer, its norm and head, no weight or cache copied; a stop token
     inside a round pads the rest of its row as plain decoding does; draft='quantized:int4_weight_only'."""
