@@ -132,8 +132,10 @@ def prompt(name: str, seq: int) -> tuple[torch.Tensor, ...]:
     return (ids, mask) if name == "bert" else (ids,)
 
 
-# BERT in the opt-in long set (-m coverage, 12 s; CI time)
-@pytest.mark.parametrize(("name", "impl"), [pytest.param("bert", "eager", marks=pytest.mark.coverage), ("llama", "sdpa")])
+# In the opt-in long set (-m coverage, 12 and 17 s; CI time): by default, HF decoders meet new lengths in
+# tests/test_attention_gqa.py (dynamic sequence, grouped heads) and tests/test_generation.py (20 random calls)
+@pytest.mark.coverage
+@pytest.mark.parametrize(("name", "impl"), [("bert", "eager"), ("llama", "sdpa")])
 def test_dynamic_sequence_length(name: str, impl: str) -> None:
     """dynamic=True: one graph with a symbolic sequence length serves two prompt lengths."""
     model = bert(impl) if name == "bert" else llama(impl)
@@ -149,8 +151,8 @@ def test_dynamic_sequence_length(name: str, impl: str) -> None:
     assert report.graphs[0].pass_result("parallel_linear_fusion").matched >= LAYERS
 
 
-# In the opt-in long set (-m coverage; BERT 10 s, Llama 28 s; CI time): test_dynamic_sequence_length compiles
-# Llama dynamically by default; the float-scale-as-tensor case of Llama's attention is checked here only
+# In the opt-in long set (-m coverage; BERT 10 s, Llama 28 s; CI time), like test_dynamic_sequence_length; the
+# float-scale-as-tensor case of Llama's attention is checked here only
 @pytest.mark.coverage
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_attention_fusion_with_dynamic_shapes(name: str) -> None:

@@ -20,7 +20,7 @@ CASES = [
     pytest.param("vit", dict(batch=2), dict(batch=3), marks=pytest.mark.coverage),  # batch 1: 0/1 specialization
     pytest.param("vlm_prefill", dict(seq=5), dict(seq=9), marks=pytest.mark.coverage),  # 12 s; Triton tests run it
     ("vlm_decode", dict(seq=5), dict(seq=9)),
-    ("whisper_encoder", dict(seq=20), dict(seq=28)),
+    pytest.param("whisper_encoder", dict(seq=20), dict(seq=28), marks=pytest.mark.coverage),  # 9 s; CI time
     # in the opt-in long set (-m coverage, 9 s; CI time): Whisper's decoder runs in tests/test_generation.py
     pytest.param("whisper_decoder", dict(seq=5), dict(seq=9), marks=pytest.mark.coverage),
     pytest.param("chameleon", dict(seq=5), dict(seq=9), marks=pytest.mark.coverage),
