@@ -121,3 +121,45 @@ def test_a_written_input_is_rebound_only_to_a_storage_nothing_else_holds():
     assert not _rebindable(ours, torch.ones(64)[:32].view(4, 8))  # a view of a larger storage
     assert not _rebindable(ours, torch.ones(5, 8)[:4])
     assert _rebindable(ours, theirs)
+
+
+class _CpuRunner(CudaGraphRunner):
+    """The real keys and rebinding on CPU tensors; recordings are put in by hand (capture needs a GPU)."""
+    DEVICE_TYPE = "cpu"
+
+    def __init__(self) -> None:
+        super().__init__(lambda args: None, _graph(symbolic=False))
+
+    def put(self, args):
+        """A recording as record() keeps it: pinned inputs aliased, the others copied."""
+        static = [a.detach() if self.pinned(i, a) else a.clone() for i, a in enumerate(args)]
+        self.recordings[self.key(args)] = (None, static, None)
+        return static
+
+
+def _marked(t: torch.Tensor) -> torch.Tensor:
+    torch._dynamo.mark_static_address(t)
+    return t
+
+
+def test_a_new_marked_cache_takes_over_a_recording_whose_cache_is_gone_and_keeps_its_values():
+    runner = _CpuRunner()
+    x = torch.randn(3)
+    static = runner.put([_marked(torch.randn(4, 8)), x])  # the caller's cache is gone: only the alias holds it
+    new = _marked(torch.randn(4, 8))
+    values = new.clone()
+    assert runner.adopt([new, x])
+    assert new.data_ptr() == static[0].data_ptr() and torch.equal(new, values)
+    assert runner.key([new, x]) in runner.recordings
+
+
+def test_no_takeover_while_the_old_cache_is_held_or_the_recording_pinned_other_inputs():
+    runner = _CpuRunner()
+    x = torch.randn(3)
+    kept = _marked(torch.randn(4, 8))
+    runner.put([kept, x])
+    new = _marked(torch.randn(4, 8))
+    assert not runner.adopt([new, x], collect=True) and new.data_ptr() != kept.data_ptr()  # the caller holds `kept`
+    other = _CpuRunner()
+    other.put([torch.randn(4, 8), x])  # recorded with an unmarked input there: it copies that input in each replay
+    assert not other.adopt([new, x])

@@ -112,6 +112,8 @@ def mutated_inputs(gm: fx.GraphModule) -> set[int]:
 
 
 class CudaGraphRunner:
+    DEVICE_TYPE = "cuda"  # the inputs it records (tests of the keys and rebinding use CPU tensors)
+
     def __init__(self, run: Callable[[list[Any]], Any], gm: fx.GraphModule, record_after: int = 1) -> None:
         self.run = run
         self.kernels = getattr(run, "kernels", None)
@@ -125,7 +127,7 @@ class CudaGraphRunner:
         parts = []
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
-                if a.device.type != "cuda":
+                if a.device.type != self.DEVICE_TYPE:
                     return None
                 address = a.data_ptr() if addresses and self.pinned(i, a) else None
                 parts.append((tuple(a.shape), a.stride(), a.dtype, a.device, address))
@@ -178,13 +180,16 @@ class CudaGraphRunner:
         inputs nothing else holds (module docstring); whether one was found. `collect`: run Python's cycle
         collector first, when there is such a recording."""
         wanted = self.key(args, addresses=False)
-        candidates = [static for key, (_, static, _) in reversed(self.recordings.items())  # most recent first
+        candidates = [(key, static) for key, (_, static, _) in reversed(self.recordings.items())  # most recent first
                       if _without_addresses(key) == wanted]
         if candidates and collect:
             gc.collect()
-        for static in candidates:
-            moved = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self.pinned(i, a)
-                     and static[i].data_ptr() != a.data_ptr()]
+        pinned = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and self.pinned(i, a)}
+        for key, static in candidates:
+            # only a recording that pinned the same inputs: an input it copies in must never share a caller's storage
+            if pinned != {i for i, part in enumerate(key) if isinstance(part, tuple) and part[4] is not None}:
+                continue
+            moved = [i for i in sorted(pinned) if static[i].data_ptr() != args[i].data_ptr()]
             if not moved or not all(_rebindable(static[i], args[i]) for i in moved):
                 continue
             try:
