@@ -72,7 +72,8 @@ def main() -> None:
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     count = {e.key: e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU}
     row = {
-        "model": args.model, "loop": "HF recipe" if args.recipe else "mmaccel.generate", "prompt": what, "new_tokens": new, "wall_ms": round(wall_ms, 2),
+        "model": args.model, "loop": "HF recipe" if args.recipe else "mmaccel.generate", "prompt": what,
+        "new_tokens": new, "wall_ms": round(wall_ms, 2),
         "kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1000, 2),
         "kernels": sum(e.count for e in gpu),
         "graph_launches": count.get(GRAPH_LAUNCH, 0),
@@ -105,16 +106,16 @@ def host_profile(generate, new: int, device: str, rows: int) -> dict:
     import pstats
     import statistics
 
-    def first() -> None:
+    def one_call() -> None:
         generate(new)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    walls = times_ms(first, 10, warmup=3)  # wall clock (no device given): first() waits for the GPU itself
+    walls = times_ms(one_call, 10, warmup=3)  # wall clock (no device given): one_call() waits for the GPU itself
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(10):
-        first()
+        one_call()
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(rows)

@@ -131,8 +131,8 @@ class _CpuRunner(CudaGraphRunner):
         super().__init__(lambda args: None, _graph(symbolic=False))
 
     def put(self, args):
-        """A recording as record() keeps it: pinned inputs aliased, the others copied."""
-        static = [a.detach() if self.pinned(i, a) else a.clone() for i, a in enumerate(args)]
+        """A recording as record() keeps its inputs (no graph)."""
+        static = self.static_inputs(args)
         self.recordings[self.key(args)] = (None, static, None)
         return static
 

@@ -171,6 +171,13 @@ class CudaGraphRunner:
         graph.replay()
         return _copy_out(outputs)
 
+    def static_inputs(self, args: list[Any]) -> list[Any]:
+        """What a recording reads: for a pinned input an alias of the caller's tensor, which keeps the storage
+        the recording uses alive and is how adopt() sees that the caller's tensor is gone; for the others the
+        recording's own copy."""
+        return [a if not isinstance(a, torch.Tensor) else a.detach() if self.pinned(i, a) else a.clone()
+                for i, a in enumerate(args)]
+
     def pinned(self, i: int, a: torch.Tensor) -> bool:
         """Whether input `i` is read and written where it is (keyed by address, never copied in)."""
         return i in self.mutated or marked_static_address(a)
@@ -217,10 +224,7 @@ class CudaGraphRunner:
         with torch.cuda.stream(stream):
             result = self.run(list(args))  # the real call: warms up kernels and libraries
         torch.cuda.current_stream().wait_stream(stream)
-        # pinned inputs: an alias of the caller's tensor, which keeps the storage the recording uses alive and is
-        # how adopt() sees that the caller's tensor is gone; the others: the recording's own copy
-        static = [a if not isinstance(a, torch.Tensor) else a.detach() if self.pinned(i, a) else a.clone()
-                  for i, a in enumerate(args)]
+        static = self.static_inputs(args)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
