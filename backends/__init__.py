@@ -24,6 +24,8 @@ def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any
         if triton.available():
             return "triton", "auto on cuda"
         return "eager", "auto on cuda: triton is not installed (pip install 'mmaccel[triton]')"
+    if devices == {"cpu", "cuda"} and triton.available() and triton.only_host_scalars_on_cpu(gm):
+        return "triton", "auto on cuda (0-dim CPU inputs only copied to the GPU: copied before the graph)"
     if devices - {"cpu"}:
         return "eager", f"auto on {'/'.join(sorted(devices))}: eager"
     if not onnxruntime.available():
