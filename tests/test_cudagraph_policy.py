@@ -163,3 +163,67 @@ def test_no_takeover_while_the_old_cache_is_held_or_the_recording_pinned_other_i
     other = _CpuRunner()
     other.put([torch.randn(4, 8), x])  # recorded with an unmarked input there: it copies that input in each replay
     assert not other.adopt([new, x])
+
+
+class _ReplayingCpuRunner(CudaGraphRunner):
+    """The real policy on CPU tensors, with a stand-in for capture: a 'recording' reruns the graph on the inputs it
+    keeps (the caller's storage for a pinned input, its own copy otherwise), as a replay reads them."""
+    DEVICE_TYPE = "cpu"
+
+    def __init__(self) -> None:
+        fn = lambda big, x: (big * x).sum(-1)  # noqa: E731
+        super().__init__(lambda args: [fn(*args)], make_fx(fn)(torch.randn(512, 512), torch.randn(512)))
+        self.recorded: list[tuple] = []
+
+    def record(self, key, args):
+        self.recorded.append(key)
+        result = self.run(list(args))
+        static = self.static_inputs(args)
+        outputs = [r.clone() for r in result]
+        replay = type("Replay", (), {"replay": lambda _: outputs.__setitem__(slice(None), self.run(list(static)))})()
+        self.recordings[key] = (replay, static, outputs)
+        return result
+
+
+def test_a_large_input_read_at_one_address_is_pinned_then_taken_over_and_unpinned_when_held():
+    """Whisper's cross-attention cache in HF's recipe: unmarked, only read, at one address for a whole generate()
+    call. After STABLE_CALLS calls it is read in place (no copy per call); a new one takes over that recording;
+    one that arrives while the old is still held sends the input back to being copied, never recording per call."""
+    from mmaccel.backends.triton.cudagraphs import STABLE_CALLS
+
+    runner = _ReplayingCpuRunner()
+    x = torch.randn(512)
+
+    def check(big):
+        torch.testing.assert_close(runner([big, x])[0], (big * x).sum(-1))
+
+    big = torch.randn(512, 512)
+    for _ in range(STABLE_CALLS + 2):
+        check(big)
+        big.mul_(1.5)  # its owner writes it between calls: a pinned input is read where it is, with these values
+    assert runner.stable == {0} and len(runner.recorded) == 2 and len(runner.recordings) == 1
+    (_, static, _), = runner.recordings.values()
+    assert static[0].data_ptr() == big.data_ptr()  # read in place, not a copy
+    del big, static
+    new = torch.randn(512, 512)
+    values = new.clone()
+    check(new)  # a new one takes the recording over: its values copied there once, no recording
+    assert torch.equal(new, values) and len(runner.recorded) == 2
+    held = torch.randn(512, 512)
+    held_values = held.clone()
+    check(held)  # `new` is still held: back to copying, one recording, and `new` untouched
+    assert runner.stable == set() and runner.unsteady == {0} and len(runner.recorded) == 3
+    for _ in range(4):
+        check(new)
+        check(held)
+    assert len(runner.recorded) == 3 and torch.equal(held, held_values) and torch.equal(new, values)
+
+
+def test_a_small_input_is_copied_even_at_one_address():
+    from mmaccel.backends.triton.cudagraphs import STABLE_CALLS
+
+    runner = _ReplayingCpuRunner()
+    small, x = torch.randn(8, 512), torch.randn(512)
+    for _ in range(2 * STABLE_CALLS):
+        torch.testing.assert_close(runner([small, x])[0], (small * x).sum(-1))
+    assert runner.stable == set() and len(runner.recorded) == 1
