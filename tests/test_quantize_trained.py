@@ -117,3 +117,15 @@ def test_docstring_calibration_is_real_tokens_only_one_length_per_batch():
         assert ids.shape == mask.shape and ids.shape[0] > 1 and bool(mask.all())
         assert (ids[:, 0] == tokenizer.cls_token_id).all() and (ids[:, -1] == tokenizer.sep_token_id).all()
     assert len({ids.shape[1] for ids, _ in batches}) == len(batches)
+
+
+def test_vocabulary_calibration_is_whole_words_of_the_vocabulary_the_same_on_every_run():
+    """bench/prune_accuracy.py's MiniLM calibration beyond docstrings: sentences of 5 to 14 whole vocabulary words
+    (each one token, no '##' piece), the same for the same seed, others for another."""
+    _, tokenizer = minilm.load()
+    sentences = minilm.vocabulary_sentences(tokenizer, 50)
+    assert sentences == minilm.vocabulary_sentences(tokenizer, 50) != minilm.vocabulary_sentences(tokenizer, 50, 1)
+    for sentence in sentences:
+        words = sentence[:-1].lower().split()
+        assert sentence.endswith(".") and sentence[0].isupper() and 5 <= len(words) <= 14
+        assert len(tokenizer(sentence)["input_ids"]) == len(words) + 3  # [CLS], the words, '.', [SEP]
