@@ -34,11 +34,20 @@ VARIANTS = {"2 threads, ONNX Runtime's default spinning": (2, None),
             "1 thread": (1, 0)}
 
 
+def variants(spins: list[str] | None) -> dict[str, tuple[int, int | None]]:
+    """VARIANTS, or with --spin-us 2 threads at each of those spin times ("default": ONNX Runtime's own)."""
+    if not spins:
+        return VARIANTS
+    return {f"2 threads, spinning {'by default' if s == 'default' else s + ' us'}": (2, None if s == "default" else int(s))
+            for s in spins}
+
+
 def interleaved(folder: str, ids: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Each variant's medians over `rounds` rounds, the variants taking turns each round."""
+    chosen = variants(args.spin_us)
     generators = {name: mmaccel.OnnxGenerator(folder, intra_op_threads=threads, spin_us=spin_us)
-                  for name, (threads, spin_us) in VARIANTS.items()}
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+                  for name, (threads, spin_us) in chosen.items()}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     for _ in range(args.rounds):
         for name, generator in generators.items():
             def generate(new: int, generator: mmaccel.OnnxGenerator = generator) -> Any:
@@ -68,6 +77,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--spin-us", nargs="+", default=None, metavar="US",
+                        help="instead of the default variants: 2 threads at each of these spin times ('default': ONNX "
+                             "Runtime's own), e.g. --spin-us default 20 200 1000")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
