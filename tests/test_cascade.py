@@ -66,6 +66,7 @@ def test_references_measure_accuracy_not_agreement() -> None:
         mmaccel.cascade(small, large, calibration=prompts, references=smalls[:2], **args)
 
 
+@pytest.mark.coverage  # 8 s (CI time); test_cascade_routes_confident_requests_to_the_small_model runs the steps' confidence
 def test_confidence_summed_by_the_steps_equals_a_teacher_forced_forward() -> None:
     """The small model's mean log-probability of its greedy answer, as its compiled steps sum it (blocks
     included), equals the eager teacher-forced forward over prompt + answer, up to the stop token."""

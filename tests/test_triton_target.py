@@ -33,7 +33,9 @@ def _check(fn, *inputs, **options):
     return compiled, report
 
 
-@pytest.mark.parametrize("name", ["vit", "vlm_prefill", "vlm_decode", "whisper_encoder", "whisper_decoder", "chameleon"])
+# chameleon (9 s under the interpreter) in the opt-in long set (-m coverage; CI time): the VLM cases run its paths
+@pytest.mark.parametrize("name", ["vit", "vlm_prefill", "vlm_decode", "whisper_encoder", "whisper_decoder",
+                                  pytest.param("chameleon", marks=pytest.mark.coverage)])
 def test_reference_models_match_eager(name):
     torch.manual_seed(0)
     model, inputs = build(name, size="tiny", batch=2, seq=8, device=DEVICE)
