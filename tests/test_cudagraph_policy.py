@@ -219,6 +219,23 @@ def test_a_large_input_read_at_one_address_is_pinned_then_taken_over_and_unpinne
     assert len(runner.recorded) == 3 and torch.equal(held, held_values) and torch.equal(new, values)
 
 
+def test_a_stable_input_stays_pinned_when_a_call_records_for_another_held_input():
+    """The call records because a written input (a KV cache) is still held, not because of the stable one: that one
+    stays pinned (HF's recipe with past_key_values kept from the last call)."""
+    from mmaccel.backends.triton.cudagraphs import STABLE_CALLS
+
+    runner = _ReplayingCpuRunner()
+    runner.mutated = {1}  # stands for the cache the step writes
+    big, cache = torch.randn(512, 512), torch.randn(512)
+    for _ in range(STABLE_CALLS):
+        torch.testing.assert_close(runner([big, cache])[0], (big * cache).sum(-1))
+    assert runner.stable == {0}
+    recorded = len(runner.recorded)
+    other = torch.randn(512)  # a new cache while `cache` is still held
+    torch.testing.assert_close(runner([big, other])[0], (big * other).sum(-1))
+    assert runner.stable == {0} and runner.unsteady == set() and len(runner.recorded) == recorded + 1
+
+
 def test_a_small_input_is_copied_even_at_one_address():
     from mmaccel.backends.triton.cudagraphs import STABLE_CALLS
 

@@ -177,7 +177,7 @@ class CudaGraphRunner:
             if self.adopt(args, collect=True):
                 key = self.key(args)
                 entry = self.recordings.get(key)
-            elif self.unsettle(key):
+            elif self.unsettle(key, args):
                 key = self.key(args)
                 entry = self.recordings.get(key)
         if entry is None:
@@ -224,13 +224,14 @@ class CudaGraphRunner:
             promoted = True
         return promoted
 
-    def unsettle(self, key: tuple) -> bool:
-        """A call about to record because an input pinned as stable moved while its old storage is held: that
-        input goes back to being copied in, for good (recording on each such call would cost far more), and the
-        recordings that pinned it are dropped; whether one did."""
+    def unsettle(self, key: tuple, args: list[Any]) -> bool:
+        """A call about to record because an input pinned as stable moved and could not take over (its old
+        storage still held, or the new one shared): that input goes back to being copied in, for good (recording on
+        each such call would cost far more), and the recordings that pinned it are dropped; whether one did. One
+        that could have taken over stays pinned: the call records for another input (a KV cache still held)."""
         shapes = _without_addresses(key)
-        moved = {i for i in self.stable for k in self.recordings
-                 if _without_addresses(k) == shapes and k[i][4] != key[i][4]}
+        moved = {i for k, (_, static, _) in self.recordings.items() if _without_addresses(k) == shapes
+                 for i in self.stable if k[i][4] != key[i][4] and not _rebindable(static[i], args[i])}
         if not moved:
             return False
         self.stable -= moved
