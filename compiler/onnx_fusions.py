@@ -463,7 +463,8 @@ class Shared:
 
         key = f"_fusion_rotary_{rotary.cos}"
         if key not in self.made:
-            limits = [self.constant(f"_fusion_float_{v}", np.array(v, np.float32)) for v in (0.0, 1.0)]
+            # "_fusion_float_0" is float_limits()' zero too: constant() makes each name once
+            limits = [self.constant(f"_fusion_float_{v}", np.array(v, np.float32)) for v in (0, 1)]
             last = self.constant(f"_fusion_float_{self.max_positions}", np.array(self.max_positions, np.float32))
             inv_freq = self.constant(f"{key}_inv_freq", np.asarray(rotary.inv_freq, np.float32).reshape(-1))
             self.nodes += [helper.make_node("Range", [limits[0], last, limits[1]], [f"{key}_positions"]),

@@ -121,7 +121,6 @@ def _moving_host_scalars(runner: Callable[[list[Any]], Any], moved: list[int],
         return runner(args)
 
     run.kernels = getattr(runner, "kernels", None)  # type: ignore[attr-defined]
-    run.runner = runner  # type: ignore[attr-defined]
     return run
 
 

@@ -18,8 +18,9 @@ Correctness rules:
   marked one (read in place, taken over by a new one). Hugging Face's recipe creates Whisper's cross-attention
   cache inside the compiled prefill, where transformers skips mark_static_address, and the decode step copied
   all of it in every token: 27 device copies, 0.10 of 0.78 ms of GPU time per token at large-v3 dims with 8
-  decoder layers (H200, bench/profile_generate.py --recipe). One that then moves while its old storage is still
-  held goes back to being copied, for good, rather than recording on every call;
+  decoder layers (H200, bench/profile_generate.py --recipe). One that then moves and cannot take over itself
+  (its old storage still held, or the new one shared) goes back to being copied, for good, rather than recording
+  on every call;
 - the call that records runs the graph for real (on a side stream, which also warms up kernels and
   libraries) and returns those results; capturing executes nothing, so in-place writes happen once;
 - every recording warms up and captures on one stream per device: cuBLAS keeps a workspace per stream it has
@@ -133,7 +134,7 @@ class CudaGraphRunner:
         self.record_after = record_after
         self.sightings: OrderedDict[tuple, int] = OrderedDict()
         self.stable: set[int] = set()  # read-only inputs pinned after STABLE_CALLS calls at one address
-        self.unsteady: set[int] = set()  # once stable, then moved while held: copied for good
+        self.unsteady: set[int] = set()  # once stable, then moved and could not take over: copied for good
         self.watched: dict[int, tuple[int, int]] | None = None  # input -> (address, calls in a row there)
 
     def key(self, args: Sequence[Any], addresses: bool = True) -> tuple | None:
