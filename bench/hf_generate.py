@@ -289,6 +289,9 @@ def main() -> int:
     parser.add_argument("--lengths", type=int, default=0, metavar="N",
                         help="instead: N generate() calls of random prompt lengths and max_new_tokens per variant "
                              "(Llama only), counting graphs compiled after the first two calls")
+    parser.add_argument("--explain-memory", action="store_true",
+                        help="CUDA: record allocations per variant and add to its row the bytes live at its peak by "
+                             "origin (issue 21: why a variant's peak exceeds its steady memory)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.lengths:
@@ -307,7 +310,8 @@ def main() -> int:
         # Each model gets an equal share of what is left of the budget, so one slow compile cannot skip the rest.
         deadline = time.perf_counter() + (args.budget_s - (time.perf_counter() - started)) / (len(args.models) - index)
         model, inputs, what = build(name, args.tiny, device, dtype, args.layers)
-        for row in bench_model(name, model, inputs, args.variants, new, repeats, deadline):
+        for row in bench_model(name, model, inputs, args.variants, new, repeats, deadline,
+                               args.explain_memory and device == "cuda"):
             if "ms_per_token" in row:
                 floor = floor_ms_per_token(model, inputs, new, bandwidth, row["variant"])
                 row.update(prompt=what, new_tokens=new, floor_ms_per_token=floor,
@@ -321,8 +325,10 @@ def main() -> int:
     return 0
 
 
-def bench_model(name: str, model, inputs, variants: list[str], new: int, repeats: int, deadline: float):
-    """One row per variant: measured, failed (with the error) or skipped past `deadline`."""
+def bench_model(name: str, model, inputs, variants: list[str], new: int, repeats: int, deadline: float,
+                explain_memory: bool = False):
+    """One row per variant: measured, failed (with the error) or skipped past `deadline`; with `explain_memory`,
+    the allocations live at the variant's peak by origin (hf_memory.py's grouping)."""
     with torch.no_grad():
         reference = hf_generate(model, inputs, new, static=False)
     for variant in variants:
@@ -330,7 +336,17 @@ def bench_model(name: str, model, inputs, variants: list[str], new: int, repeats
             yield {"model": name, "variant": variant, "skipped": "past its share of --budget-s"}
             continue
         try:
-            yield bench_variant(name, variant, model, inputs, new, repeats, reference)
+            if not explain_memory:
+                yield bench_variant(name, variant, model, inputs, new, repeats, reference)
+                continue
+            from hf_memory import live_by_origin
+            from mmaccel.compiler._torch_internals import recording_cuda_allocations
+            with recording_cuda_allocations() as allocations:
+                row = bench_variant(name, variant, model, inputs, new, repeats, reference)
+                row["peak_gib_by_origin"] = live_by_origin(allocations.at_peak(), top=16)
+            for where, gib in row["peak_gib_by_origin"]:
+                print(f"    {gib:7.3f} GiB at the peak  {where}")
+            yield row
         except Exception as e:  # a failing variant is a result, not the end of the run
             reset_model(model)
             yield {"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:500]}

@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--out", default=default_out("int4_gemv_variants.json"))
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--variants", nargs="*", help="only these variants (and current, for scale)")
+    parser.add_argument("--batches-only", action="store_true",
+                        help="only the small-batch table: the shipped path against cuBLAS, 1-16 rows")
     args = parser.parse_args()
     started = time.time()
     results = {**environment("cuda"), "phase1": [], "best": []}
@@ -164,6 +166,12 @@ def main() -> None:
                                                          [(16, 8, 4), (8, 8, 4), (8, 4, 4), (16, 4, 4), (8, 8, 2)]):
             yield f"words_p{prefetch}s{stages}", cfg, \
                 lambda x, p, s, z, a=cfg, b=(prefetch, stages): words(x, packed_words(p), s, z, *a, *b)
+        for bn, split, (warps, stages) in itertools.product([32, 64, 128], [1, 2, 4], [(4, 3), (4, 4), (8, 3)]):
+            yield "tc", (bn, split, warps, stages), lambda x, p, s, z, c=qm.TcConfig(bn, split, warps, stages): \
+                qm.int4_tc_linear(x, p, s, z, None, GROUP, c)
+        for cfg in [(64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 8, 3)]:
+            yield "tc_noasm", cfg, lambda x, p, s, z, c=qm.TcConfig(*cfg): \
+                qm.int4_tc_linear(x, p, s, z, None, GROUP, c, use_asm=False)
         for (bn, warps, stages), magic in itertools.product([(64, 4, 3), (64, 4, 4), (128, 8, 3)], [True, False]):
             yield "dot" if magic else "dot_f32", (bn, warps, stages), \
                 lambda x, p, s, z, a=(bn, magic, warps, stages): dot(x, p, s, z, *a)
@@ -193,6 +201,8 @@ def main() -> None:
         us = time_us(lambda: x @ w.T)
         results.setdefault("cublas_bf16", []).append({"N": N, "K": K, "us": us, "gbps": gb_per_s(N * K * 2, us)})
     for name, cfg, fn in variants():
+        if args.batches_only:
+            break
         if args.variants and name not in args.variants + ["current"]:
             continue
         if time.time() - started > args.budget_s * 0.7:
@@ -203,7 +213,7 @@ def main() -> None:
     print(f"{'variant':9} {'cfg':22} " + " ".join(f"{n}x{k:>5}" for n, k in PHASE1))
     best = {}
     for name in ["current", "loadonly", "acc", "magic", "v2", "prefetch", "dot", "dot_f32", "splitk", "words",
-                 "words_p1s1", "words_p0s2", "words_p0s3", "words_t"]:
+                 "words_p1s1", "words_p0s2", "words_p0s3", "words_t", "tc", "tc_noasm"]:
         by_cfg = {}
         for r in results["phase1"]:
             if r["variant"] == name and "us" in r:
@@ -223,6 +233,26 @@ def main() -> None:
         print(f"{name:9} " + " ".join(f"{r.get('us', float('nan')):6.1f}/{r.get('gbps', 0):4.0f}" for r in rows)
               + "  err " + " ".join(f"{r.get('err_vs_reference') or 0:.1e}" for r in rows))
     print("cublas   " + " ".join(f"{r['us']:6.1f}/{r['gbps']:4.0f}" for r in results["cublas_bf16"]))
+    # Small batches (issue 17: 2-32 rows near the floor): the shipped path (the row kernel at 1, the dequantizing
+    # tl.dot GEMM up to 16), tc at its best configuration, and cuBLAS on the bf16 weight.
+    tc_key = best.get("tc") or (tuple(qm.TC_CONFIG) if args.batches_only else None)
+    for (N, K), M in itertools.product(SHAPES if args.batches_only else PHASE1, [1, 2, 3, 4, 8, 16]):
+        w, (p, s, z), nbytes, exact = data[(N, K)]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ exact.T
+        row = {"N": N, "K": K, "M": M, "cublas_us": time_us(lambda: x @ w.T),
+               "shipped_us": time_us(lambda: qm.linear(x, p, s, z, bits=4, group=GROUP)),
+               "shipped_err": rel_err(qm.linear(x, p, s, z, bits=4, group=GROUP), ref)}
+        if M > 1:  # the dequantizing tl.dot GEMM that ran 2-16 rows before the tensor-core kernel
+            row["dequant_gemm_us"] = time_us(lambda: qm.linear(x, p, s, z, bits=4, group=GROUP, config=qm.MATMUL_CONFIG))
+        if tc_key:
+            c = qm.TcConfig(*tc_key)
+            row.update(tc_us=time_us(lambda: qm.int4_tc_linear(x, p, s, z, None, GROUP, c)),
+                       tc_err=rel_err(qm.int4_tc_linear(x, p, s, z, None, GROUP, c), ref))
+        results.setdefault("batches", []).append(row)
+        print(f"M={M:2} {N}x{K}: cublas {row['cublas_us']:6.1f} shipped {row['shipped_us']:6.1f} "
+              f"(err {row['shipped_err']:.1e}) dequant-gemm {row.get('dequant_gemm_us', float('nan')):6.1f} "
+              f"tc {row.get('tc_us', float('nan')):6.1f} us  err {row.get('tc_err') or 0:.1e}")
     write_json(args.out, results)
 
 

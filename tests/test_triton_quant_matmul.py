@@ -52,6 +52,35 @@ def test_int4_matches_reference(dtype, M, N, K, group):
     _close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("M,N,K,group,block_n,split", [(1, 40, 256, 128, 16, 1), (2, 33, 256, 64, 16, 2),
+                                                     (5, 20, 128, 32, 16, 4), (16, 70, 384, 128, 32, 3),
+                                                     (7, 19, 768, 128, 16, 8)])
+def test_int4_tensor_core_kernel_matches_reference(M, N, K, group, block_n, split):
+    """The 2-16 row int4 kernel (tensor cores, nibbles unpacked as 1024 + q in fp16, scale and zero point after
+    the dot): rows and columns past the blocks, K split over programs (more splits than fit in one case: 6
+    groups into 8), each launch leaving its split buffers zero for the next (three launches agree); on a GPU
+    also bf16 and the PTX unpack against the plain-op one."""
+    torch.manual_seed(0)
+    dtypes = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+    for dtype in dtypes:
+        w = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
+        p, s, z = quantize_int4_groupwise(w, group)
+        x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+        bias = torch.randn(N, device=DEVICE, dtype=dtype)
+        expected = int4_linear_reference(x.float(), p, s.float(), z, group, bias.float(), "none", None)
+        config = qm.TcConfig(block_n, split, 1 if DEVICE == "cpu" else 4, 1 if DEVICE == "cpu" else 3)
+        runs = [qm.int4_tc_linear(x, p, s, z, bias, group, config, use_asm=False) for _ in range(3)]
+        if DEVICE == "cuda":
+            runs.append(qm.int4_tc_linear(x, p, s, z, bias, group, config, use_asm=True))
+        assert runs[0].shape == (M, N) and runs[0].dtype == dtype
+        for out in runs:
+            _close(out, expected, dtype)
+            torch.testing.assert_close(out, runs[0], rtol=0, atol=1e-2 * float(expected.abs().max()))
+        if split > 1:
+            partial, count = qm._SPLIT_BUFFERS[(x.device, N)]
+            assert not partial.any() and not count.any()
+
+
 def test_int4_quantization_round_trip():
     """Packing is lossless (dequantize(quantize(w)) is w on the grid) and the error is what 4 bits allow."""
     torch.manual_seed(0)

@@ -8,8 +8,11 @@ from memory in its quantized form once, never written back dequantized.
 One activation row (decode): `_wq_gemv_kernel`, the dot-free row kernel of gemv.py generalized to BLOCK_N
 weight rows per program. With a bf16 weight one row per program was best (gemv.py), but an int8 or int4 weight
 gives 2-4x fewer bytes per step than the activation chunk it multiplies, so a program shares each activation
-load across BLOCK_N rows (block sizes from bench/quant_gemv_sweep.py). More rows (prefill, wider decode
-batches): `_wq_matmul_kernel`, a tiled tl.dot GEMM that dequantizes each weight tile in registers.
+load across BLOCK_N rows (block sizes from bench/quant_gemv_sweep.py). int4 with 2-16 rows (batched decode,
+speculative verify steps) on a GPU: `_int4_tc_kernel`, tensor cores over weight tiles unpacked by integer logic,
+the scale and zero point applied per group after the dot, K split over programs. Other cases up to 16 rows:
+`_wq_matmul_kernel`, a tiled tl.dot GEMM that dequantizes each weight tile in registers; more rows (prefill),
+the weight dequantized once and the library matmul.
 """
 from __future__ import annotations
 
@@ -96,6 +99,113 @@ def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
     if HAS_BIAS:
         out += tl.load(Bias + rows).to(tl.float32)
     tl.store(Out + offs_n, out.to(Out.dtype.element_ty), mask=offs_n < N)
+
+
+# Nibbles to 16-bit floats with integer logic only (the trick of Marlin and tinygemm): a nibble q placed in the
+# low mantissa bits under the exponent of 128 (bf16 0x4300; fp16 0x6400, 1024) reads as 128 + q (1024 + q)
+# exactly. One PRMT, three shifts and four LOP3s turn 4 packed bytes (8 weights) into 4 registers of 16-bit
+# pairs, 2 instructions per weight byte, where the shifts, masks and I2F conversions of the row kernel cost
+# about 7. The offset stays in the tile: the group's sum then carries (128 + z) * sum(x), subtracted after the
+# tensor cores (int4_tile_sums).
+_UNPACK_ASM = """{
+.reg .b32 t, s;
+prmt.b32 t, $4, 0, 0x3120;
+lop3.b32 $0, t, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, t, 8;
+lop3.b32 $1, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, t, 4;
+lop3.b32 $2, s, 0x000F000F, MAGIC, 0xEA;
+shr.u32 s, t, 12;
+lop3.b32 $3, s, 0x000F000F, MAGIC, 0xEA;
+}"""
+UNPACK_BF16 = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x43004300"))
+UNPACK_FP16 = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x64006400"))
+
+
+@triton.jit
+def _unpack_offset(b, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """b uint8 -> (offset + low nibble, offset + high nibble) in DT (bf16: offset 128, fp16: 1024), exact."""
+    if USE_ASM:
+        if DT == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(UNPACK_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(UNPACK_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+    else:  # the same bits by plain integer ops (the interpreter runs no PTX)
+        magic: tl.constexpr = 0x4300 if DT == tl.bfloat16 else 0x6400
+        lo = ((b & 15).to(tl.int16) | magic).to(DT, bitcast=True)
+        hi = ((b >> 4).to(tl.int16) | magic).to(DT, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _int4_tc_kernel(X, W, Scale, Zero, Bias, Out, Partial, Count, M, N, KW, n_groups, stride_xm, groups_per_split,
+                    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """out[:M] = x @ dequant(W).T for M <= BLOCK_M activation rows (decode, small batches) on tensor cores.
+
+    Computed transposed, acc[BLOCK_N, BLOCK_M] (the weight tile is the register operand), one group per step:
+    the tile of 128 + q (unpacked as above, no scale or zero applied per weight) meets the group's activation
+    in two dots (low-nibble and high-nibble channels), and the group's scale and zero point apply to the
+    [BLOCK_N, BLOCK_M] result: s * (dot - (offset + z) * sum(x)). Rows of x past M are zero, so their columns
+    are dropped at the store. SPLIT > 1 splits K: each program adds its float32 partial into Partial, and the
+    last of SPLIT programs to arrive at an output element (Count, arrivals per element) writes it and puts
+    Partial and Count back to zero for the next call (so both are zeroed once, when allocated)."""
+    half: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N  # rows past N wrap to valid rows; their results are dropped at the store
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_i = tl.arange(0, half)
+    DT: tl.constexpr = X.dtype.element_ty
+    offset: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, n_groups)
+    w_ptrs = W + rows[:, None].to(tl.int64) * KW + g_start * half + offs_i[None, :]
+    x_ptrs = X + offs_m[:, None] * stride_xm + g_start * GROUP + offs_i[None, :]
+    sz_ptrs = rows * n_groups + g_start
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for _ in tl.range(g_start, g_end, num_stages=NUM_STAGES):
+        b = tl.load(w_ptrs, eviction_policy="evict_first")  # read once
+        x_low = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+        x_high = tl.load(x_ptrs + half, mask=m_ok[:, None], other=0.0)
+        lo, hi = _unpack_offset(b, DT, USE_ASM)
+        part = tl.dot(lo, tl.trans(x_low))
+        part = tl.dot(hi, tl.trans(x_high), part)
+        x_sum = tl.sum(x_low.to(tl.float32) + x_high.to(tl.float32), axis=1)
+        s = tl.load(Scale + sz_ptrs).to(tl.float32)
+        z = tl.load(Zero + sz_ptrs).to(tl.float32) + offset
+        acc += s[:, None] * (part - z[:, None] * x_sum[None, :])
+        w_ptrs += half
+        x_ptrs += GROUP
+        sz_ptrs += 1
+    n_ok = offs_n < N
+    out_ptrs = Out + offs_m[None, :] * N + offs_n[:, None]
+    ok = m_ok[None, :] & n_ok[:, None]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(Bias + rows).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=ok)
+    else:
+        # Per element, by the thread that holds it: add the partial, then count the arrival (release: the add is
+        # visible before the count); the thread that counts last (acquire: every other add is visible) reads the
+        # sum at L2 (an atomic add of zero) and puts both back to zero. No barrier and no cross-thread ordering,
+        # so no fence by other threads to rely on (a CTA-wide counter taken by one thread raced in the first
+        # GPU run: 4e-2 errors at 4 and 8 rows).
+        p_ptrs = Partial + offs_m[None, :] * N + offs_n[:, None]
+        c_ptrs = Count + offs_m[None, :] * N + offs_n[:, None]
+        tl.atomic_add(p_ptrs, acc, mask=ok, sem="relaxed")
+        arrived = tl.atomic_add(c_ptrs, 1, mask=ok, sem="acq_rel")
+        last = ok & (arrived == SPLIT - 1)
+        total = tl.atomic_add(p_ptrs, tl.zeros_like(acc), mask=last, sem="acquire")  # read at L2, after every add
+        tl.store(p_ptrs, tl.zeros_like(acc), mask=last)  # every other add has landed: plain stores suffice
+        tl.store(c_ptrs, tl.zeros_like(arrived), mask=last)
+        if HAS_BIAS:
+            total += tl.load(Bias + rows).to(tl.float32)[:, None]
+        tl.store(out_ptrs, total.to(Out.dtype.element_ty), mask=last)
 
 
 @triton.jit
@@ -235,6 +345,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Opt
     if M > MAX_KERNEL_ROWS and x.is_cuda and config is None:
         w = dequantize(weight, scale, zero, bits, group, x.dtype)
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    if bits == 4 and M > 1 and x.is_cuda and config is None and x.dtype != torch.float32 and zero is not None:
+        return int4_tc_linear(x, weight, scale, zero, bias, group, TC_CONFIG)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     interpreter = not x.is_cuda
     n_groups = K // group if bits == 4 else 1
@@ -259,6 +371,56 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Opt
                                     # fp32 inputs would otherwise be rounded to tf32 by the tensor cores
                                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages, **common)
+    return out
+
+
+class TcConfig(NamedTuple):
+    block_n: int
+    split: int
+    num_warps: int
+    num_stages: int
+
+
+# int4 with 2-16 activation rows (batched decode, speculative verify steps): `_int4_tc_kernel` at 64 weight rows
+# per program, K split in 4, 4 warps, 3 stages, the best of 27 configurations on an H200 (bench/
+# int4_gemv_variants.py, run 9): 22016x4096 31-34 us and 4096x4096 11 us at every row count from 1 to 16, where
+# the dequantizing tl.dot GEMM above took 54 and 26 us from 2 rows on (cuBLAS on the bf16 weight: 53 and 15.5).
+# One row stays on the row kernel: there the two are level (12288x4096 19.7 against 21.5 us, 4096x11008 23.0
+# against 21.4, 4096x4096 10.2 against 9.5).
+TC_CONFIG = TcConfig(64, 4, 4, 3)
+
+
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 partial sums and int32 arrival counts [16, n] of split-K launches, zeroed once: each launch
+    leaves them zero again. One pair per output width and device, shared by every launch in stream order."""
+    key = (device, n)
+    if key not in _SPLIT_BUFFERS:
+        _SPLIT_BUFFERS[key] = (torch.zeros(16, n, device=device, dtype=torch.float32),
+                               torch.zeros(16, n, device=device, dtype=torch.int32))
+    return _SPLIT_BUFFERS[key]
+
+
+def int4_tc_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bias: Optional[torch.Tensor], group: int, config: TcConfig,
+                   use_asm: Optional[bool] = None) -> torch.Tensor:
+    """x [M <= 16, K] (bf16 or fp16) @ dequant(int4 weight).T (+ bias) on tensor cores (`_int4_tc_kernel`)."""
+    (M, K), N = x.shape, weight.shape[0]
+    assert M <= 16 and x.dtype in (torch.bfloat16, torch.float16) and supports(x, weight, 4, group)
+    n_groups = K // group
+    tiles = triton.cdiv(N, config.block_n)
+    per_split = triton.cdiv(n_groups, config.split)
+    split = triton.cdiv(n_groups, per_split)
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    partial, count = _split_buffers(x.device, N) if split > 1 else (out, out)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
+        _int4_tc_kernel[(tiles, split)](
+            x, weight, scale.contiguous(), zero.contiguous(), x if bias is None else bias.contiguous(), out, partial,
+            count, M, N, weight.shape[1], n_groups, x.stride(0), per_split, GROUP=group, HAS_BIAS=bias is not None,
+            USE_ASM=x.is_cuda if use_asm is None else use_asm, SPLIT=split, BLOCK_N=config.block_n, BLOCK_M=16,
+            NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
