@@ -164,7 +164,7 @@ class Backend:
             if record.target != target:
                 record.target_reason += f"; {target} could not run it (see warning)"
             record.status = "optimized"
-            return FrozenGraph(run, frozen, unfrozen, list(aten_gm.buffers()))
+            return FrozenGraph(run, frozen, unfrozen, list(aten_gm.buffers()), record)
 
         if self.calibrating is None:
             return optimize()

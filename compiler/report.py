@@ -15,7 +15,7 @@ from .options import CompileOptions
 @dataclass
 class GraphReport:
     index: int
-    status: str = "compiling"  # "optimized" | "fallback"
+    status: str = "compiling"  # "optimized" | "fallback" | "stale" (its frozen weights changed: runs unfrozen)
     reason: str = ""  # why a graph fell back
     inputs: list[str] = field(default_factory=list)
     dynamo_nodes: int = 0
