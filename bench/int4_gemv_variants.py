@@ -139,12 +139,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", help="only these variants (and current, for scale)")
     parser.add_argument("--batches-only", action="store_true",
                         help="only the small-batch table: the shipped path against cuBLAS, 1-16 rows")
-    parser.add_argument("--int8", action="store_true",
-                        help="instead: the int8 tensor-core kernel's configurations at 8 rows, then its "
-                             "small-batch table against the shipped path and cuBLAS")
     args = parser.parse_args()
-    if args.int8:
-        return int8_batches(args)
     started = time.time()
     results = {**environment("cuda"), "phase1": [], "best": []}
     modes = {"acc": 0, "magic": 1, "loadonly": 2}
@@ -260,55 +255,6 @@ def main() -> None:
               f"tc {row.get('tc_us', float('nan')):6.1f} us  err {row.get('tc_err') or 0:.1e}")
     write_json(args.out, results)
 
-
-
-def int8_batches(args) -> None:
-    """int8 weight-only with 2-16 rows: `_int8_tc_kernel` configurations (block_n, split, warps, stages,
-    block_k) at 8 rows on two shapes, then the best against the shipped path (qm.linear) and cuBLAS bf16."""
-    from mmaccel.ops.int8_linear import quantize_per_channel
-    results = {**environment("cuda"), "configs": [], "batches": []}
-    data = {}
-    for N, K in SHAPES:
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-        q, sc = quantize_per_channel(w)
-        data[(N, K)] = (w, q, sc, (q.float() * sc.float()[:, None]))
-    configs = [(bn, split, warps, stages, bk) for bn in (64, 128) for split in (1, 2, 4)
-               for warps, stages in ((4, 3), (8, 3)) for bk in (64, 128)]
-    for cfg in configs:
-        total = 0.0
-        for N, K in PHASE1:
-            w, q, sc, exact = data[(N, K)]
-            x = torch.randn(8, K, device="cuda", dtype=torch.bfloat16)
-            c = qm.TcConfig(*cfg[:4])
-            try:
-                out = qm.int8_tc_linear(x, q, sc, None, c, cfg[4])
-                us = time_us(lambda: qm.int8_tc_linear(x, q, sc, None, c, cfg[4]))
-                results["configs"].append({"cfg": cfg, "N": N, "K": K, "us": us,
-                                           "err": rel_err(out, x.float() @ exact.T)})
-                total += us
-            except Exception as e:
-                results["configs"].append({"cfg": cfg, "N": N, "K": K, "error": f"{type(e).__name__}: {e}"[:200]})
-                total = float("inf")
-        results["configs"][-1]["total_us"] = total
-    ranked = sorted((r["total_us"], tuple(r["cfg"])) for r in results["configs"] if "total_us" in r)
-    for total, cfg in ranked[:5]:
-        print(f"int8 tc {cfg}: {total:.1f} us over {PHASE1} at 8 rows")
-    best = ranked[0][1]
-    results["best"] = best
-    for (N, K), M in itertools.product(SHAPES, [1, 2, 4, 8, 16]):
-        w, q, sc, exact = data[(N, K)]
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ exact.T
-        c = qm.TcConfig(*best[:4])
-        row = {"N": N, "K": K, "M": M, "cublas_us": time_us(lambda: x @ w.T),
-               "shipped_us": time_us(lambda: qm.linear(x, q, sc, bits=8)),
-               "shipped_err": rel_err(qm.linear(x, q, sc, bits=8), ref),
-               "tc_us": time_us(lambda: qm.int8_tc_linear(x, q, sc, None, c, best[4])),
-               "tc_err": rel_err(qm.int8_tc_linear(x, q, sc, None, c, best[4]), ref)}
-        results["batches"].append(row)
-        print(f"int8 M={M:2} {N}x{K}: cublas {row['cublas_us']:6.1f} shipped {row['shipped_us']:6.1f} "
-              f"(err {row['shipped_err']:.1e}) tc {row['tc_us']:6.1f} (err {row['tc_err']:.1e}) us")
-    write_json(args.out, results)
 
 
 @triton.jit

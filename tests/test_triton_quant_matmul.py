@@ -81,32 +81,6 @@ def test_int4_tensor_core_kernel_matches_reference(M, N, K, group, block_n, spli
             assert not partial.any() and not count.any()
 
 
-@pytest.mark.parametrize("M,N,K,block_n,split,block_k", [(2, 33, 256, 16, 2, 64), (5, 20, 200, 16, 3, 64),
-                                                        (16, 70, 384, 32, 1, 128), (1, 19, 100, 16, 4, 32)])
-def test_int8_tensor_core_kernel_matches_reference(M, N, K, block_n, split, block_k):
-    """The 2-16 row int8 kernel: each byte's q + 128 split into two nibbles on tensor cores, the row scale after;
-    K not a multiple of the step (masked tail), splits of whole steps, buffers left zero; on a GPU also bf16 and
-    the PTX unpack (with its xor) against the plain-op one."""
-    torch.manual_seed(0)
-    dtypes = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-    for dtype in dtypes:
-        w = torch.randn(N, K, device=DEVICE, dtype=dtype)
-        q, s = quantize_per_channel(w)
-        x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-        bias = torch.randn(N, device=DEVICE, dtype=dtype)
-        expected = int8_linear_reference(x.float(), q, s.float(), bias.float(), "none", None)
-        config = qm.TcConfig(block_n, split, 1 if DEVICE == "cpu" else 4, 1 if DEVICE == "cpu" else 3)
-        runs = [qm.int8_tc_linear(x, q, s, bias, config, block_k, use_asm=False) for _ in range(3)]
-        if DEVICE == "cuda":
-            runs.append(qm.int8_tc_linear(x, q, s, bias, config, block_k, use_asm=True))
-        for out in runs:
-            assert out.shape == (M, N) and out.dtype == dtype
-            _close(out, expected, dtype)
-        if split > 1:
-            partial, count = qm._SPLIT_BUFFERS[(x.device, N)]
-            assert not partial.any() and not count.any()
-
-
 def test_int4_quantization_round_trip():
     """Packing is lossless (dequantize(quantize(w)) is w on the grid) and the error is what 4 bits allow."""
     torch.manual_seed(0)

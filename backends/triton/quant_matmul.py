@@ -108,9 +108,8 @@ def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
 # about 7. The offset stays in the tile: the group's sum then carries (128 + z) * sum(x), subtracted after the
 # tensor cores (int4_tile_sums).
 _UNPACK_ASM = """{
-.reg .b32 t, s, u;
-XOR
-prmt.b32 t, u, 0, 0x3120;
+.reg .b32 t, s;
+prmt.b32 t, $4, 0, 0x3120;
 lop3.b32 $0, t, 0x000F000F, MAGIC, 0xEA;
 shr.u32 s, t, 8;
 lop3.b32 $1, s, 0x000F000F, MAGIC, 0xEA;
@@ -119,26 +118,15 @@ lop3.b32 $2, s, 0x000F000F, MAGIC, 0xEA;
 shr.u32 s, t, 12;
 lop3.b32 $3, s, 0x000F000F, MAGIC, 0xEA;
 }"""
-_PLAIN, _XOR = "mov.b32 u, $4;", "xor.b32 u, $4, 0x80808080;"  # int8: q + 128 = q ^ 0x80 per byte
-UNPACK_BF16 = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x43004300").replace("XOR", _PLAIN))
-UNPACK_FP16 = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x64006400").replace("XOR", _PLAIN))
-UNPACK_BF16_XOR = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x43004300").replace("XOR", _XOR))
-UNPACK_FP16_XOR = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x64006400").replace("XOR", _XOR))
+UNPACK_BF16 = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x43004300"))
+UNPACK_FP16 = tl.constexpr(_UNPACK_ASM.replace("MAGIC", "0x64006400"))
 
 
 @triton.jit
-def _unpack_offset(b, DT: tl.constexpr, USE_ASM: tl.constexpr, SIGNED: tl.constexpr = False):
-    """b uint8 -> (offset + low nibble, offset + high nibble) in DT (bf16: offset 128, fp16: 1024), exact.
-    SIGNED: b int8, whose q + 128 (0..255) is split instead."""
+def _unpack_offset(b, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """b uint8 -> (offset + low nibble, offset + high nibble) in DT (bf16: offset 128, fp16: 1024), exact."""
     if USE_ASM:
-        if SIGNED:
-            if DT == tl.bfloat16:
-                lo, hi = tl.inline_asm_elementwise(UNPACK_BF16_XOR, "=r,=r,=r,=r,r", [b],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-            else:
-                lo, hi = tl.inline_asm_elementwise(UNPACK_FP16_XOR, "=r,=r,=r,=r,r", [b],
-                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        elif DT == tl.bfloat16:
+        if DT == tl.bfloat16:
             lo, hi = tl.inline_asm_elementwise(UNPACK_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
                                                is_pure=True, pack=4)
         else:
@@ -146,8 +134,6 @@ def _unpack_offset(b, DT: tl.constexpr, USE_ASM: tl.constexpr, SIGNED: tl.conste
                                                is_pure=True, pack=4)
     else:  # the same bits by plain integer ops (the interpreter runs no PTX)
         magic: tl.constexpr = 0x4300 if DT == tl.bfloat16 else 0x6400
-        if SIGNED:
-            b = (b.to(tl.int16) + 128).to(tl.uint8)
         lo = ((b & 15).to(tl.int16) | magic).to(DT, bitcast=True)
         hi = ((b >> 4).to(tl.int16) | magic).to(DT, bitcast=True)
     return lo, hi
@@ -226,45 +212,6 @@ def _int4_tc_kernel(X, W, Scale, Zero, Bias, Out, Partial, Count, M, N, KW, n_gr
         w_ptrs += half
         x_ptrs += GROUP
         sz_ptrs += 1
-    _finish_rows(acc, Bias, Out, Partial, Count, rows, offs_n, offs_m, M, N, HAS_BIAS, SPLIT)
-
-
-@triton.jit
-def _int8_tc_kernel(X, W, Scale, Bias, Out, Partial, Count, M, N, K, stride_xm, k_per_split,
-                    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """out[:M] = x @ (W * scale).T for an int8 weight [N, K] with one scale per row, M <= BLOCK_M, as
-    _int4_tc_kernel: each byte's q + 128 = 16 h + l is unpacked as two nibbles (offset + l, offset + h), two
-    dots against the same activation, and sum(q * x) = D_l + 16 D_h - (17 offset + 128) * sum(x), linear in the
-    splits of K, so each split applies the row scale to its own part."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_n % N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    DT: tl.constexpr = X.dtype.element_ty
-    offset: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    w_ptrs = W + rows[:, None].to(tl.int64) * K + k_start + offs_k[None, :]
-    x_ptrs = X + offs_m[:, None] * stride_xm + k_start + offs_k[None, :]
-    acc_l = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    acc_h = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    x_sum = tl.zeros([BLOCK_M], tl.float32)
-    for k in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
-        k_ok = offs_k < k_end - k
-        b = tl.load(w_ptrs, mask=k_ok[None, :], other=-128, eviction_policy="evict_first")  # -128: nibbles 0
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        lo, hi = _unpack_offset(b, DT, USE_ASM, True)
-        acc_l = tl.dot(lo, tl.trans(x), acc_l)
-        acc_h = tl.dot(hi, tl.trans(x), acc_h)
-        x_sum += tl.sum(x.to(tl.float32), axis=1)
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    s = tl.load(Scale + rows).to(tl.float32)
-    acc = s[:, None] * (acc_l + 16.0 * acc_h - (17.0 * offset + 128.0) * x_sum[None, :])
     _finish_rows(acc, Bias, Out, Partial, Count, rows, offs_n, offs_m, M, N, HAS_BIAS, SPLIT)
 
 
@@ -481,26 +428,6 @@ def int4_tc_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, z
             count, M, N, weight.shape[1], n_groups, x.stride(0), per_split, GROUP=group, HAS_BIAS=bias is not None,
             USE_ASM=x.is_cuda if use_asm is None else use_asm, SPLIT=split, BLOCK_N=config.block_n, BLOCK_M=16,
             NUM_STAGES=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
-    return out
-
-
-def int8_tc_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-                   config: TcConfig, block_k: int = 64, use_asm: Optional[bool] = None) -> torch.Tensor:
-    """x [M <= 16, K] (bf16 or fp16) @ (int8 weight * scale).T (+ bias) on tensor cores (`_int8_tc_kernel`);
-    K is split into config.split runs of whole block_k steps."""
-    (M, K), N = x.shape, weight.shape[0]
-    assert M <= 16 and x.dtype in (torch.bfloat16, torch.float16) and supports(x, weight, 8)
-    tiles = triton.cdiv(N, config.block_n)
-    per_split = triton.cdiv(triton.cdiv(K, block_k), config.split) * block_k
-    split = triton.cdiv(K, per_split)
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    partial, count = _split_buffers(x.device, N) if split > 1 else (out, out)
-    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():
-        _int8_tc_kernel[(tiles, split)](
-            x, weight, scale.contiguous(), x if bias is None else bias.contiguous(), out, partial, count, M, N, K,
-            x.stride(0), per_split, HAS_BIAS=bias is not None, USE_ASM=x.is_cuda if use_asm is None else use_asm,
-            SPLIT=split, BLOCK_N=config.block_n, BLOCK_M=16, BLOCK_K=block_k, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
