@@ -7,8 +7,9 @@ the same storage and version counter, and otherwise runs the unfrozen graph (see
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch._decomp
@@ -83,6 +84,26 @@ def freeze_parameters(gm: fx.GraphModule, real_inputs: Sequence[Any], module_own
     return FrozenInputs(kept=kept, frozen=frozen)
 
 
+# Collectors of the compiled graphs that run while one is open (keeping_what_runs); a stack, innermost last.
+_COLLECTORS: list[set[Any]] = []
+
+
+@contextmanager
+def keeping_what_runs() -> Iterator[set[Any]]:
+    """The compiled graphs (FrozenGraph objects) called inside the block. A CUDA-graph capture of compiled steps
+    (compiler/step_graphs.py) holds them: its kernels read their constants and buffers (fused biases, folded
+    tables, quantized weights, the unfrozen graph's own), which torch._dynamo.reset() would otherwise free under
+    the recording. On an H200 a recording made while steps ran unfrozen (their weights had changed), replayed
+    after a reset, hit an illegal memory access; a replay after a reset without a weight change read freed
+    blocks the allocator had not reused yet."""
+    kept: set[Any] = set()
+    _COLLECTORS.append(kept)
+    try:
+        yield kept
+    finally:
+        _COLLECTORS.remove(kept)
+
+
 class FrozenGraph:
     """Boxed callable for aot_autograd: drops the frozen inputs and runs the optimized graph, after checking
     that no frozen weight changed since compile time. If one did (load_state_dict, an in-place update, a
@@ -108,6 +129,8 @@ class FrozenGraph:
         return True
 
     def __call__(self, args: list[Any]) -> Any:
+        if _COLLECTORS:
+            _COLLECTORS[-1].add(self)
         if not self.stale and not self._weights_unchanged(args):
             self.stale = True
             # The optimized graph holds the weights it froze (fused copies, quantized forms, or the old storage

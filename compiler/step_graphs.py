@@ -25,6 +25,7 @@ import torch
 
 from ._torch_internals import guards_checked_once
 from .errors import warn_once
+from .lowering import keeping_what_runs
 
 
 class StepGraph:
@@ -35,10 +36,11 @@ class StepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.run: Callable[..., Any] | None = run
         self.outputs: Any = None
+        self.graphs: set[Any] = set()  # the compiled graphs the capture ran: what its kernels read stays alive
         if self.buffers[0].is_cuda:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), keeping_what_runs() as self.graphs:
                 self.outputs = run(*self.buffers)
             self.graph, self.run = graph, None  # the recording holds no reference to the model
 

@@ -133,3 +133,33 @@ def test_triton_runner_launches_plainly_under_an_outer_capture(monkeypatch) -> N
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert runner([torch.ones(1)]) == "plain launch" and not runner.recordings
+
+
+def test_recordings_keep_the_compiled_graphs_they_ran_alive_through_a_reset() -> None:
+    """A recording's kernels read its compiled graphs' constants: what ran while it was captured
+    (lowering.keeping_what_runs, which StepGraph opens around its capture) stays alive after
+    torch._dynamo.reset() for as long as the recording holds it, and goes when the recording does. On an H200 a
+    decode block replayed after a reset hit an illegal memory access (bench/probe_reconvert.py); the capture
+    itself needs a GPU, so here the collector alone."""
+    import gc
+    import weakref
+
+    from mmaccel.compiler.lowering import FrozenGraph, keeping_what_runs
+
+    torch._dynamo.reset()
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids = torch.randint(3, 90, (1, 5))
+    compiled = mmaccel.compile(model, target="eager")
+    with torch.no_grad(), keeping_what_runs() as kept:
+        compiled(ids)
+        with keeping_what_runs() as inner:  # nested: the innermost collector takes them
+            compiled(ids)
+    assert inner and all(isinstance(g, FrozenGraph) for g in inner) and not kept - inner
+    refs = [weakref.ref(g) for g in inner]
+    del inner
+    torch._dynamo.reset()
+    gc.collect()
+    assert all(r() is not None for r in refs)  # held by `kept`, as a recording holds its graphs
+    del kept, compiled
+    gc.collect()
+    assert all(r() is None for r in refs)  # and freed with it
