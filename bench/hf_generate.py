@@ -38,6 +38,7 @@ mean cache length) / measured device-to-device copy bandwidth; fraction = floor 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -200,13 +201,15 @@ def divergence(model: torch.nn.Module, inputs: dict[str, Any], tokens: torch.Ten
     def margin(logits: torch.Tensor) -> float:
         return float(logits[best] - logits[chosen]) / float(logits.abs().max())
 
-    dtype = next(model.parameters()).dtype
     low = margin(last_logits())
-    model.float()  # bf16 -> fp32 -> bf16 is exact: the model is unchanged afterwards
+    # fp32 logits from a copy: converting the model itself (float() and back, exact in value) gave every
+    # parameter new storage, so the next variant's compiled graphs went stale and the old weights stayed held
+    # (the 28.9 GB "peak" of mmaccel.generate after the recipe variant, issue 21); the copy is freed on return
+    original, model = model, copy.deepcopy(model).float()
     try:
         high = margin(last_logits())
     finally:
-        model.to(dtype)
+        model = original
     return {"first_divergence": {"row": row, "step": step, "eager_token": best, "variant_token": chosen,
                                  "relative_margin": low, "fp32_relative_margin": high,
                                  "near_tie": high < 0.01}}
