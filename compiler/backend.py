@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -62,6 +63,16 @@ class Backend:
         self.report = CompileReport(self.options)
         self.debug = DebugDump(self.options.debug_dir)
         self.model_guarded = False  # weights="release": refuse_eager_calls(model) was done (guard_model)
+        self.frozen_graphs: list[weakref.ref] = []  # every FrozenGraph made (retire)
+
+    def retire(self, why: str) -> None:
+        """Every graph this backend optimized runs unfrozen from now on and lets go of what it froze (its owner
+        compiles anew: mmaccel.generate after the weights changed)."""
+        for ref in self.frozen_graphs:
+            graph = ref()
+            if graph is not None:
+                graph.retire(why)
+        self.frozen_graphs.clear()
 
     def guard_model(self, model: torch.nn.Module) -> None:
         """weights="release": eager calls of `model` raise ReleasedWeightsError once its weights are freed."""
@@ -164,7 +175,9 @@ class Backend:
             if record.target != target:
                 record.target_reason += f"; {target} could not run it (see warning)"
             record.status = "optimized"
-            return FrozenGraph(run, frozen, unfrozen, list(aten_gm.buffers()), record)
+            graph = FrozenGraph(run, frozen, unfrozen, list(aten_gm.buffers()), record)
+            self.frozen_graphs.append(weakref.ref(graph))
+            return graph
 
         if self.calibrating is None:
             return optimize()

@@ -48,6 +48,9 @@ BLOCK_STEPS = (STOP_CHECK_EVERY, 4, 2, 1)
 # Dynamo's per-function recompile limit (8) would send a ninth bucket to uncompiled eager; the bucket set is
 # bounded, so allow that many graphs for each of the two step functions.
 MAX_GRAPHS_PER_STEP = 64
+# Compiles of the steps again after their weights changed (_Session._recompile), per session: each adds a
+# backend's graphs to Dynamo's cache for the step functions, which MAX_GRAPHS_PER_STEP bounds.
+MAX_WEIGHT_RECOMPILES = 4
 
 _GENERATE_ARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
                   "pad_token_id", "generation_config", "options"}
@@ -63,6 +66,8 @@ class GenerationReport:
     # tokens="resolution" / "prune" / "auto" (compiler/resolution.py, token_pruning.py, token_auto.py): the
     # setting chosen (side, fraction kept), image tokens kept, measured error, every candidate measured.
     tokens: dict[str, Any] | None = None
+    recompiles: int = 0  # times the steps were compiled again because the weights changed
+    since: int = 0  # graphs[since:] were compiled by the current backend (after the last recompile)
 
     @property
     def buckets(self) -> dict[str, list[int]]:
@@ -72,7 +77,8 @@ class GenerationReport:
 
     def __str__(self) -> str:
         lines = [f"mmaccel.generate: {len(self.graphs)} step graphs ({len(self.compile.graphs)} compiled by "
-                 f"mmaccel), buckets {self.buckets}"]
+                 f"mmaccel), buckets {self.buckets}"
+                 + (f", compiled again after {self.recompiles} weight change(s)" if self.recompiles else "")]
         lines += [f"  {kind:8} {key}: {why}" for kind, key, why in self.graphs]
         if self.speculative:
             lines.append("  speculative: " + ", ".join(f"{k}={v}" for k, v in self.speculative.items()))
@@ -189,14 +195,8 @@ class _Session:
         # here would keep the model (and its caches) alive forever.
         self._model = weakref.ref(model)
         self.token_lever, options = _token_lever(options)
-        self.backend = Backend(options)
-        for lever in self.token_lever.parts() if self.token_lever else ():
-            if isinstance(lever, PruneLever):  # its scoring pass runs on every call: compiled as a step
-                lever.scorer = torch.compile(image_attention, backend=self.backend, dynamic=False)
-        self.backend.guard_model(model)
-        self.report = GenerationReport(self.backend.report)
-        self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
-        self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
+        self.recompiles = 0  # compiled again after the weights changed (forget_stale_recordings)
+        self._compile_steps(model, options)
         self.caches: dict[tuple, Any] = {}
         self.scores: dict[tuple, torch.Tensor] = {}  # scored calls' running sums, per (batch, device)
         self.constants: dict[tuple, tuple] = {}  # per-call constant tensors by value (see _constants)
@@ -215,6 +215,43 @@ class _Session:
     @property
     def model(self) -> torch.nn.Module:
         return self._model()
+
+    def _compile_steps(self, model: torch.nn.Module, options: CompileOptions) -> None:
+        """The compiled steps, on a backend of their own (Dynamo keeps one set of graphs per backend)."""
+        self.backend = Backend(options)
+        for lever in self.token_lever.parts() if self.token_lever else ():
+            if isinstance(lever, PruneLever):  # its scoring pass runs on every call: compiled as a step
+                lever.scorer = torch.compile(image_attention, backend=self.backend, dynamic=False)
+        self.backend.guard_model(model)
+        old = getattr(self, "report", None)
+        self.report = GenerationReport(self.backend.report, recompiles=self.recompiles)
+        if old is not None:  # the history stays; graphs from here on are this backend's (_note)
+            self.report.graphs, self.report.tokens, self.report.speculative = old.graphs, old.tokens, old.speculative
+            self.report.since = len(old.graphs)
+        self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
+        self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
+
+    def _recompile(self) -> None:
+        """The weights changed since the steps froze them (load_state_dict, a dtype round trip, a replaced
+        parameter): compile the steps again on a new backend, so that they run optimized (and quantized or
+        pruned, if asked) on the new weights; without this each step warned and ran unfrozen from then on,
+        the frozen-weight optimizations (and any quantization) lost. The old graphs are retired (they let go
+        of what they froze). Each recompile adds graphs to Dynamo's cache for the step functions, so after
+        MAX_WEIGHT_RECOMPILES the steps are left to run unfrozen (weights that change every call, a training
+        loop, would recompile every call). Not under weights="release": the released weights cannot be read
+        again."""
+        options = self.backend.options
+        if options.weights == "release":
+            return
+        if self.recompiles >= MAX_WEIGHT_RECOMPILES:
+            warn_once(f"mmaccel.generate: the weights changed again after {MAX_WEIGHT_RECOMPILES} recompiles; "
+                      "the steps now run unfrozen on the live weights (slower). Weights that change between "
+                      "every call are better served by calling the model with generate() uncompiled, or by "
+                      "torch._dynamo.reset() and a new mmaccel.generate once they settle.")
+            return
+        self.recompiles += 1
+        self.backend.retire("the weights changed since compile time: mmaccel.generate compiled the steps again")
+        self._compile_steps(self.model, options)
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: _Config, scored: bool = False) -> Any:
@@ -242,8 +279,9 @@ class _Session:
 
     def forget_stale_recordings(self) -> bool:
         """Recorded blocks and rounds hold the weights' addresses and skip the check each compiled step makes
-        that its frozen weights are unchanged (compiler/lowering.py): after any weight changed, drop them (the
-        steps then run one call each, see the change and warn). True when some were dropped.
+        that its frozen weights are unchanged (compiler/lowering.py): after any weight changed, drop them, and
+        compile the steps again (_recompile). True when the weights changed since the last call: recordings
+        elsewhere that ran these steps (a target's speculative rounds with this draft) must go too.
 
         Changed: a parameter, buffer or submodule that its module's table no longer holds (replaced by setattr,
         or put into the table directly as accelerate does), or a weight's version (in-place update) or address
@@ -253,11 +291,12 @@ class _Session:
         moved, seen = self._weights()
         if not moved and seen == self.weights_seen:
             return False
-        stale = bool(self.blocks or len(self.rounds))
         self.blocks.clear()
         self.rounds.clear()
+        if self.weights_seen:  # not the first call: the steps froze other weights
+            self._recompile()
         self.weights_seen = seen
-        return stale
+        return True
 
     def _weights(self) -> tuple[bool, tuple]:
         """(whether a table entry was replaced since the last listing, each weight's (version, address))."""
@@ -416,11 +455,12 @@ class _Session:
 
     def _note(self, kind: str, key: dict[str, Any]) -> None:
         """Record a step graph the first time its key is seen, with the fields that made it new."""
-        seen = [k for kd, k, _ in self.report.graphs if kd == kind]
-        if key in seen:
+        if key in [k for kd, k, _ in self.report.graphs[self.report.since:] if kd == kind]:
             return
+        seen = [k for kd, k, _ in self.report.graphs if kd == kind]
         new = [f"{name}={value}" for name, value in key.items() if all(k.get(name) != value for k in seen)]
-        why = "first call" if not seen else "new " + ", ".join(new) if new else "new combination of seen values"
+        why = "first call" if not seen else "compiled again: the weights changed" if key in seen else \
+            "new " + ", ".join(new) if new else "new combination of seen values"
         self.report.graphs.append((kind, key, why))
 
 

@@ -121,6 +121,18 @@ class FrozenGraph:
         # weights="release" never frees a storage the optimized graph reads (`constants`)
         register_live(self, (storage_id(t) for t in constants))
 
+    def retire(self, why: str) -> None:
+        """Never run optimized again: from now on `unfrozen` runs on the live weights. The optimized graph holds
+        the weights it froze (fused copies, quantized forms, or the old storage itself after a dtype round trip
+        gave the parameters new storage), so it and the report's copy are let go, or the process keeps a second
+        copy of the weights (issue 21; LLaVA at 8 layers on an H200 held 8.45 GiB instead of 4.58 after
+        model.float().to(bf16) and torch._dynamo.reset())."""
+        self.stale = True
+        self.run = None
+        if self.record is not None:
+            self.record.final_graph = self.record.context = None
+            self.record.status, self.record.reason = "stale", why
+
     def _weights_unchanged(self, args: list[Any]) -> bool:
         for i, t, version, ptr in self.checks:
             a = args[i]
@@ -132,16 +144,7 @@ class FrozenGraph:
         if _COLLECTORS:
             _COLLECTORS[-1].add(self)
         if not self.stale and not self._weights_unchanged(args):
-            self.stale = True
-            # The optimized graph holds the weights it froze (fused copies, quantized forms, or the old storage
-            # itself after a dtype round trip gave the parameters new storage): it never runs again, so let go
-            # of it and of the report's copy, or the process keeps a second copy of the weights (issue 21;
-            # LLaVA at 8 layers on an H200: 4.36 -> 8.47 GiB steady after model.float().to(bf16))
-            self.run = None
-            if self.record is not None:  # the report's copy of the optimized graph holds the same weights
-                self.record.final_graph = self.record.context = None
-                self.record.status = "stale"
-                self.record.reason = "frozen weights changed since compile time: runs unoptimized on the live weights"
+            self.retire("frozen weights changed since compile time: runs unoptimized on the live weights")
             warn_once("mmaccel: weights frozen at compile time have changed since (in-place update, "
                       "load_state_dict or a replaced parameter); running the graph without frozen-weight "
                       "optimizations. Call torch._dynamo.reset() and compile again to re-optimize.")

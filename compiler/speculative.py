@@ -143,6 +143,9 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session ->
 
 def _compiled(session: Any, step: Any) -> Any:
     per_session = _COMPILED.setdefault(session, {})
+    if per_session.get("backend") is not session.backend:  # compiled again after a weight change
+        per_session.clear()
+        per_session["backend"] = session.backend
     if step.__name__ not in per_session:
         per_session[step.__name__] = torch.compile(step, backend=session.backend, dynamic=False)
     return per_session[step.__name__]
@@ -154,8 +157,6 @@ class _Speculation:
 
     def __init__(self, target: Any, draft: Any, policy: _KPolicy, draft_name: str) -> None:
         self.target, self.draft, self.policy, self.draft_name = target, draft, policy, draft_name
-        self.verify = _compiled(target, _verify_step)
-        self.draft_step = _compiled(draft, _draft_step)
         self.checked: set[int] = set()  # the k whose graphs ran once with all guards checked
         self.graphs: dict[int, StepGraph | None] = {}  # this call's round recording per k (None: uncaptured)
         self.draw: torch.Tensor | None = None  # the noise draw counter, on the device
@@ -280,6 +281,14 @@ class _Speculation:
         token = emitted.gather(1, counts[:1, None].expand(emitted.shape[0], 1))  # emitted[:, accepted]
         return (emitted, counts, token, state.position_ids + advance, state.cache_position + advance, done,
                 draw)
+
+    @property
+    def verify(self) -> Any:  # looked up per use: generate() may compile the sessions' steps again first
+        return _compiled(self.target, _verify_step)
+
+    @property
+    def draft_step(self) -> Any:
+        return _compiled(self.draft, _draft_step)
 
     def _recorded_round(self, state: Any, draft_state: Any, k: int) -> StepGraph | None:
         """The round for k as one recording (compiler/step_graphs.py), made once that k ran uncaptured (compiled,

@@ -55,6 +55,25 @@ def test_self_speculation_greedy_equals_plain_greedy_on_llama() -> None:
     assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2  # the target is untouched
 
 
+def test_self_speculation_after_a_weight_change_compiles_again() -> None:
+    """A weight changed between speculative calls: the target's and the draft's steps are compiled again (no
+    step runs unfrozen: that warning would fail this module), the verify and draft steps are looked up on the
+    new backends, and greedy tokens equal the changed model's plain greedy."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([6])
+    mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, eos_token_id=[], draft="layers:1",
+                     speculative_k=3, options=EAGER)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)  # a layer the draft shares with the target
+    expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*have changed since.*")
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, eos_token_id=[],
+                                  draft="layers:1", speculative_k=3, options=EAGER)
+    assert torch.equal(actual, expected)
+    assert "compiled again after 1 weight change" in str(mmaccel.generation_report(model, **EAGER))
+
+
 # in the opt-in long set (-m coverage, 14 s; CI time): tests/test_prune.py checks the pruned graph itself
 @pytest.mark.coverage
 def test_pruned_draft_greedy_equals_plain_greedy() -> None:

@@ -34,21 +34,54 @@ def test_decode_blocks_cover_every_length_and_match_hf() -> None:
     assert torch.equal(*sampled)  # blocks against one call per step (cuda_graphs=False records nothing)
 
 
-def test_changed_weights_drop_the_recordings() -> None:
+def test_changed_weights_drop_the_recordings_and_compile_again() -> None:
     """Recordings skip the compiled steps' frozen-weight check: a weight changed in place drops them, and the
-    next call's tokens are the new weights' (the steps warn and read the live weights)."""
-    errors._warned.clear()  # warn_once dedups per process: this test needs its warning
+    steps are compiled again on the new weights (a new backend: optimized, not warning and running unfrozen);
+    the next call's tokens are the new weights', the old graphs are retired, blocks are recorded again."""
+    errors._warned.clear()
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([5])
     mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[], options=EAGER)
     assert block_sizes(model) == [8]
+    session = generation._session(model, EAGER)
+    first = session.backend.report
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
     expected = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False, eos_token_id=[])
-    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="frozen at compile time have changed"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         actual = mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[],
                                   options=EAGER)
     assert torch.equal(actual, expected)
+    assert not [w for w in caught if "have changed since" in str(w.message)]  # nothing ran unfrozen
+    assert session.recompiles == 1 and session.backend.report is not first
+    assert {g.status for g in first.graphs} == {"stale"}  # retired: they let go of what they froze
+    assert {g.status for g in session.backend.report.graphs} == {"optimized"}
+    assert block_sizes(model) == [8]
+    report = mmaccel.generation_report(model, **EAGER)
+    assert "compiled again after 1 weight change" in str(report)
+    assert [why for _, _, why in report.graphs] == ["first call"] * 2 + ["compiled again: the weights changed"] * 2
+
+
+def test_weights_that_keep_changing_stop_recompiling_and_run_unfrozen() -> None:
+    """After MAX_WEIGHT_RECOMPILES recompiles the next change warns once and the steps run unfrozen on the
+    live weights (a training loop would recompile every call): tokens still the new weights'."""
+    errors._warned.clear()
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([5])
+    session = generation._session(model, EAGER)
+    for change in range(generation.MAX_WEIGHT_RECOMPILES + 2):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1)
+        expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=[])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            actual = mmaccel.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[],
+                                      options=EAGER)
+        assert torch.equal(actual, expected), change
+        if change == generation.MAX_WEIGHT_RECOMPILES + 1:
+            assert any("changed again after" in str(w.message) for w in caught)
+    assert session.recompiles == generation.MAX_WEIGHT_RECOMPILES
 
 
 def test_every_kind_of_weight_change_drops_the_recordings() -> None:
@@ -163,3 +196,25 @@ def test_recordings_keep_the_compiled_graphs_they_ran_alive_through_a_reset() ->
     del kept, compiled
     gc.collect()
     assert all(r() is None for r in refs)  # and freed with it
+
+
+def test_quantized_steps_quantize_the_new_weights_after_a_change() -> None:
+    """Without the recompile a changed weight made the quantized steps run unfrozen: the full-precision graph,
+    no longer the quantization asked for. Now the new weights are quantized again: the tokens equal those of a
+    fresh session on a copy of the changed model, and the new graphs report the quantize pass."""
+    import copy
+
+    options = dict(EAGER, quantize="int8_weight_only", accuracy_budget=0.05, weights="keep")
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([5])
+    mmaccel.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[], options=options)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(0.5)
+    fresh = copy.deepcopy(model)
+    actual = mmaccel.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[], options=options)
+    expected = mmaccel.generate(fresh, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[], options=options)
+    assert torch.equal(actual, expected)
+    session = generation._session(model, options)
+    assert session.recompiles == 1
+    assert all(g.status == "optimized" and g.matched("quantize") for g in session.backend.report.graphs)
