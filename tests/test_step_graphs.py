@@ -34,6 +34,19 @@ def test_decode_blocks_cover_every_length_and_match_hf() -> None:
     assert torch.equal(*sampled)  # blocks against one call per step (cuda_graphs=False records nothing)
 
 
+def flip_head_and_generate(model, ids, mask, new_tokens: int) -> list:
+    """Negate the LM head in place, generate, check the tokens are HF's on the new weights; the warnings."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    expected = hf_generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=[],
+                                  options=EAGER)
+    assert torch.equal(actual, expected)
+    return caught
+
+
 def test_changed_weights_drop_the_recordings_and_compile_again() -> None:
     """Recordings skip the compiled steps' frozen-weight check: a weight changed in place drops them, and the
     steps are compiled again on the new weights (a new backend: optimized, not warning and running unfrozen);
@@ -45,14 +58,7 @@ def test_changed_weights_drop_the_recordings_and_compile_again() -> None:
     assert block_sizes(model) == [8]
     session = generation._session(model, EAGER)
     first = session.backend.report
-    with torch.no_grad():
-        model.lm_head.weight.mul_(-1)
-    expected = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False, eos_token_id=[])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        actual = mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, eos_token_id=[],
-                                  options=EAGER)
-    assert torch.equal(actual, expected)
+    caught = flip_head_and_generate(model, ids, mask, 10)
     assert not [w for w in caught if "have changed since" in str(w.message)]  # nothing ran unfrozen
     assert session.recompiles == 1 and session.backend.report is not first
     assert {g.status for g in first.graphs} == {"stale"}  # retired: they let go of what they froze
@@ -71,14 +77,7 @@ def test_weights_that_keep_changing_stop_recompiling_and_run_unfrozen() -> None:
     ids, mask = left_padded_batch([5])
     session = generation._session(model, EAGER)
     for change in range(generation.MAX_WEIGHT_RECOMPILES + 2):
-        with torch.no_grad():
-            model.lm_head.weight.mul_(-1)
-        expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=[])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            actual = mmaccel.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[],
-                                      options=EAGER)
-        assert torch.equal(actual, expected), change
+        caught = flip_head_and_generate(model, ids, mask, 6)
         if change == generation.MAX_WEIGHT_RECOMPILES + 1:
             assert any("changed again after" in str(w.message) for w in caught)
     assert session.recompiles == generation.MAX_WEIGHT_RECOMPILES
