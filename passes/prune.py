@@ -93,6 +93,13 @@ REFIT_TOKENS_PER_CHANNEL = 16
 # 1536-channel MLP orders in 58 s at 1 (each step rewrites the 19 MB inverse), 1.2 s at 8, 0.5-9 s at 32 on 2
 # shared cores (load 2-4), the least squares error of keeping 75% or 50% the same to 4 digits at 1, 8, 16, 32.
 OBS_STEP = 32
+# Host bytes of float64 Gram matrices held at once while channels are chosen. Each is (I + 1)^2 x 8 bytes: 0.97 GB
+# for a 7B MLP (I = 11008), so holding every MLP's at once took 31 GB of host memory at 32 layers (issue 21). The
+# grams are collected for groups of MLPs under this budget (one pass over the calibration samples per group);
+# each MLP's channel order and its options' refit down projections are computed from its gram, which is then
+# dropped: what stays per MLP is those refits in the weight's dtype on the host (1.5x the down weight for the
+# quarters, 0.14 GB at 7B).
+GRAM_BYTES_AT_ONCE = 2 << 30
 _ACTIVATIONS = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default,
                 aten.erf.default)
 # Ops that act on each channel alone when their tensor operands all have the output's shape.
@@ -363,9 +370,24 @@ def refit_columns(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return new_weight, new_bias
 
 
-def warn_few_tokens(found: list[torch.Tensor], what: str, consumer: str) -> None:
+def gram_groups(widths: list[int], budget: int | None = None) -> list[list[int]]:
+    """Indices of `widths` in consecutive groups whose float64 grams ((width + 1)^2 x 8 bytes each) fit `budget`
+    (GRAM_BYTES_AT_ONCE), at least one per group."""
+    budget = GRAM_BYTES_AT_ONCE if budget is None else budget
+    groups: list[list[int]] = []
+    used = budget
+    for i, width in enumerate(widths):
+        size = (width + 1) ** 2 * 8
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
+
+
+def warn_few_tokens(tokens: int, widest: int, what: str, consumer: str) -> None:
     """One warning when the calibration tokens are too few for refit_columns to refit the widest consumer."""
-    tokens, widest = int(found[0][-1, -1]), max(gram.shape[0] - 1 for gram in found)
     if tokens < REFIT_TOKENS_PER_CHANNEL * widest:
         warn_once(f"mmaccel: prune: {tokens} calibration tokens for {what} of up to {widest} channels; {consumer} "
                   f"is refit from {REFIT_TOKENS_PER_CHANNEL} tokens per channel ({REFIT_TOKENS_PER_CHANNEL * widest} "
@@ -387,8 +409,8 @@ class MlpChannelLever:
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None
         self.mlps: dict[str, _Mlp] = {}  # by the name of the down projection's node (the site's node)
-        self.grams: dict[str, torch.Tensor] = {}
-        self.orders: dict[str, torch.Tensor] = {}  # per site, its channels least important first (channel_order)
+        # per site and option: (channels kept, refit down weight, bias), on the host (GRAM_BYTES_AT_ONCE)
+        self.refits: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
         # bytes per site and option, counted on the graph as found (the final rewrite changes its nodes)
         self.costs: dict[str, dict[str, int]] = {}
         self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
@@ -401,9 +423,13 @@ class MlpChannelLever:
         self.gm = gm
         self.fine = self.keep == KEEP and len(mlps) < FINE_BELOW_SITES
         self.mlps = {mlp.down.name: mlp for mlp in mlps}
-        found = grams(gm, ctx, [matmul_input(mlp.down) for mlp in mlps])
-        self.grams = {mlp.down.name: gram for mlp, gram in zip(mlps, found)}
-        warn_few_tokens(list(self.grams.values()), "MLPs", "a down projection")
+        for group in gram_groups([mlp.width for mlp in mlps]):
+            found = grams(gm, ctx, [matmul_input(mlps[i].down) for i in group])
+            for i, gram in zip(group, found):
+                self._choose(mlps[i], gram)
+            tokens = int(found[0][-1, -1])
+            del found
+        warn_few_tokens(tokens, max(mlp.width for mlp in mlps), "MLPs", "a down projection")
         sites = []
         for mlp in mlps:
             options = self._options(mlp.width)
@@ -446,6 +472,17 @@ class MlpChannelLever:
     def cost(self, site: Site, option: str) -> int:
         return self.costs[site.node][option]
 
+    def _choose(self, mlp: _Mlp, gram: torch.Tensor) -> None:
+        """From the MLP's gram: its channel order, and for every option the channels kept and the down projection
+        refit on them, kept on the host (the gram is dropped after this)."""
+        down_w, down_b = self._const(mlp.down.args[1]), self._const(mlp.down.args[2])
+        order = channel_order(gram, down_w, down_b)
+        self.refits[mlp.down.name] = {}
+        for option, keep in self._options(mlp.width).items():
+            kept = order[mlp.width - keep:].sort().values
+            weight, bias = refit_columns(gram, down_w, down_b, kept)
+            self.refits[mlp.down.name][option] = (kept, weight.cpu(), None if bias is None else bias.cpu())
+
     def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
         """The MLP's new constants at `option`, by the node that reads them; slices and solutions, never writes
         into the frozen constants. Kept made: each MLP's cheapest option (the first mix measured) and the last
@@ -457,12 +494,9 @@ class MlpChannelLever:
             return self.last[1]
         mlp = self.mlps[site_node]
         options = self._options(mlp.width)
-        gram, down_w, down_b = self.grams[site_node], self._const(mlp.down.args[1]), self._const(mlp.down.args[2])
-        if site_node not in self.orders:
-            self.orders[site_node] = channel_order(gram, down_w, down_b)
-        kept = self.orders[site_node][mlp.width - options[option]:].sort().values
-        weight, bias = refit_columns(gram, down_w, down_b, kept)
-        made = {"down.weight": weight, "down.bias": bias}
+        device = self._const(mlp.down.args[1]).device
+        kept, weight, bias = self.refits[site_node][option]
+        made = {"down.weight": weight.to(device), "down.bias": None if bias is None else bias.to(device)}
         for up in mlp.ups:
             rows = self._kept_rows(mlp, up, kept)
             w, b = self._const(up.args[1]), self._const(up.args[2])

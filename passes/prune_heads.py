@@ -329,7 +329,9 @@ class HeadLever(UnrecordedOnRelease):
         self.gm = gm
         self.attentions = {att.sdpa.name: att for att in found}
         self.grams = dict(zip(self.attentions, grams(gm, ctx, [att.out.args[0] for att in found])))
-        warn_few_tokens(list(self.grams.values()), "attention outputs", "an output projection")
+        held = list(self.grams.values())
+        warn_few_tokens(int(held[0][-1, -1]), max(g.shape[0] - 1 for g in held), "attention outputs",
+                        "an output projection")
         sites = []
         for att in found:
             options = self._options(att.kv_heads)
