@@ -398,6 +398,28 @@ def weight_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+class MadeCache:
+    """A lever's candidates by (site, option): each site's cheapest option (the first mix measured) and the last
+    one made, so that the sensitivity measurement holds one extra site's candidates at a time (issue 21)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
+        self.last: tuple[tuple[str, str], dict[str, torch.Tensor | None]] | None = None
+
+    def get(self, key: tuple[str, str]) -> dict[str, torch.Tensor | None] | None:
+        if key in self.kept:
+            return self.kept[key]
+        return self.last[1] if self.last is not None and self.last[0] == key else None
+
+    def put(self, key: tuple[str, str], made: dict[str, torch.Tensor | None], cheapest: bool
+            ) -> dict[str, torch.Tensor | None]:
+        if cheapest:
+            self.kept[key] = made
+        else:
+            self.last = key, made
+        return made
+
+
 class MlpChannelLever:
     """The lossy mechanism's lever for MLP channels: each MLP found on the graph is a site, its options the
     fractions of its channels to keep (cheapest first), then ORIGINAL."""
@@ -413,8 +435,7 @@ class MlpChannelLever:
         self.refits: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
         # bytes per site and option, counted on the graph as found (the final rewrite changes its nodes)
         self.costs: dict[str, dict[str, int]] = {}
-        self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
-        self.last: tuple[tuple[str, str], dict[str, torch.Tensor | None]] | None = None
+        self.made = MadeCache()
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         mlps, self.near_misses = find_mlps(gm)
@@ -488,10 +509,8 @@ class MlpChannelLever:
         into the frozen constants. Kept made: each MLP's cheapest option (the first mix measured) and the last
         one made, so that the sensitivity measurement holds one extra MLP's candidates at a time (issue 21)."""
         key = (site_node, option)
-        if key in self.made:
-            return self.made[key]
-        if self.last is not None and self.last[0] == key:
-            return self.last[1]
+        if (found := self.made.get(key)) is not None:
+            return found
         mlp = self.mlps[site_node]
         options = self._options(mlp.width)
         device = self._const(mlp.down.args[1]).device
@@ -502,11 +521,7 @@ class MlpChannelLever:
             w, b = self._const(up.args[1]), self._const(up.args[2])
             made[f"{up.name}.weight"] = w.index_select(0, rows.to(w.device))
             made[f"{up.name}.bias"] = None if b is None else b.index_select(0, rows.to(b.device))
-        if option == next(iter(options)):
-            self.made[key] = made
-        else:
-            self.last = key, made
-        return made
+        return self.made.put(key, made, option == next(iter(options)))
 
     @staticmethod
     def _kept_rows(mlp: _Mlp, up: fx.Node, kept: torch.Tensor) -> torch.Tensor:
@@ -543,7 +558,7 @@ class MlpChannelLever:
                 continue
             option, ups, weight, bias = record
             self.mlps[mlp.down.name] = mlp
-            self.made[(mlp.down.name, option)] = {
+            self.made.kept[(mlp.down.name, option)] = {
                 "down.weight": weight, "down.bias": bias,
                 **{f"{up.name}.{part}": t for up, pair in zip(mlp.ups, ups)
                    for part, t in zip(("weight", "bias"), pair)}}

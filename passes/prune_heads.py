@@ -31,8 +31,8 @@ from .contract import PassContext
 from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
-from .prune import (FUSED_LINEAR, PRUNED, grams, group_removal_order, keep_options, keeps_channels, refit_columns,
-                    refits, split_piece, split_sizes, warn_few_tokens, weight_bytes)
+from .prune import (FUSED_LINEAR, PRUNED, MadeCache, gram_groups, grams, group_removal_order, keep_options,
+                    keeps_channels, refit_columns, refits, split_piece, split_sizes, warn_few_tokens, weight_bytes)
 
 SDPA = aten.scaled_dot_product_attention.default
 KEEP_HEADS = {"keep_50": 0.5, "keep_75": 0.75}  # cheapest first
@@ -304,9 +304,12 @@ class HeadLever(UnrecordedOnRelease):
         self.near_misses: list[str] = []
         self.gm: fx.GraphModule | None = None
         self.attentions: dict[str, _Attention] = {}  # by the SDPA node's name (the site's node)
-        self.grams: dict[str, torch.Tensor] = {}
+        self.options_of: dict[str, dict[str, int]] = {}  # per site, its options (K/V groups kept), cheapest first
+        # per site and option: (groups kept, refit o_proj weight, bias), on the host: made from the site's gram,
+        # which is then dropped (prune.GRAM_BYTES_AT_ONCE)
+        self.refits: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
         self.costs: dict[str, dict[str, int]] = {}
-        self.made: dict[tuple[str, str], dict[str, torch.Tensor | None]] = {}
+        self.made = MadeCache()
 
     def _options(self, groups: int) -> dict[str, int]:
         options: dict[str, int] = {}
@@ -328,16 +331,17 @@ class HeadLever(UnrecordedOnRelease):
             return []
         self.gm = gm
         self.attentions = {att.sdpa.name: att for att in found}
-        self.grams = dict(zip(self.attentions, grams(gm, ctx, [att.out.args[0] for att in found])))
-        held = list(self.grams.values())
-        warn_few_tokens(int(held[0][-1, -1]), max(g.shape[0] - 1 for g in held), "attention outputs",
-                        "an output projection")
+        widths = [self._per_group(att)["o"] * att.kv_heads for att in found]
+        for group in gram_groups(widths):
+            held = grams(gm, ctx, [found[i].out.args[0] for i in group])
+            for i, gram in zip(group, held):
+                self._choose(found[i], gram)
+            tokens = int(held[0][-1, -1])
+            del held
+        warn_few_tokens(tokens, max(widths), "attention outputs", "an output projection")
         sites = []
         for att in found:
-            options = self._options(att.kv_heads)
-            if refits(self.grams[att.sdpa.name], self._per_group(att)["o"] * att.kv_heads):
-                options = {name: keep for option, keep in options.items()
-                           for name in (option, option + BY_REFIT)}
+            options = self.options_of[att.sdpa.name]
             self.costs[att.sdpa.name] = {option: self._bytes_at(att, keep) for option, keep in options.items()}
             sites.append(Site(att.sdpa.name, _module_name(att), (att.heads, att.kv_heads),
                               self._bytes_at(att, att.kv_heads), (*options, ORIGINAL),
@@ -368,11 +372,25 @@ class HeadLever(UnrecordedOnRelease):
     def _keep(self, att: _Attention, option: str) -> int:
         return self._options(att.kv_heads)[option.removesuffix(BY_REFIT)]
 
-    def _kept_groups(self, att: _Attention, option: str) -> torch.Tensor:
+    def _choose(self, att: _Attention, gram: torch.Tensor) -> None:
+        """From the site's gram: its options (the BY_REFIT twins where the calibration tokens allow a refit), and
+        for each the groups kept and o_proj refit on them, kept on the host (the gram is dropped after this)."""
+        options = self._options(att.kv_heads)
+        if refits(gram, self._per_group(att)["o"] * att.kv_heads):
+            options = {name: keep for option, keep in options.items() for name in (option, option + BY_REFIT)}
+        self.options_of[att.sdpa.name] = options
+        refit = self.refits[att.sdpa.name] = {}
+        for option in options:
+            kept = self._kept_groups(att, option, gram)
+            weight, bias = refit_columns(gram, self._const(att.out.args[1]), self._const(att.out.args[2]),
+                                         _channels(kept, self._per_group(att)["o"]))
+            refit[option] = (kept, weight.cpu(), None if bias is None else bias.cpu())
+
+    def _kept_groups(self, att: _Attention, option: str, gram: torch.Tensor) -> torch.Tensor:
         """The groups `option` keeps: those adding most to o_proj's output, ||h_g W_o[:, g]^T|| from the Gram
         matrix; for a BY_REFIT option, the last of group_removal_order."""
         keep = self._keep(att, option)
-        gram, w = self.grams[att.sdpa.name], self._const(att.out.args[1]).detach().double().cpu()
+        w = self._const(att.out.args[1]).detach().double().cpu()
         if option.endswith(BY_REFIT):
             order = group_removal_order(gram, w, self._const(att.out.args[2]), att.kv_heads)
             return torch.tensor(sorted(order[len(order) - keep:]))
@@ -384,26 +402,29 @@ class HeadLever(UnrecordedOnRelease):
         return torch.tensor(scores).topk(keep).indices.sort().values
 
     def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
-        """New constants at `option` by the node reading them: made once, shared by every graph the solver
-        measures; slices and solutions, never writes into the frozen constants."""
-        if (site_node, option) not in self.made:
-            att = self.attentions[site_node]
-            kept, rows = self._kept_groups(att, option), self._per_group(att)
-            weight, bias = refit_columns(self.grams[site_node], self._const(att.out.args[1]),
-                                         self._const(att.out.args[2]), _channels(kept, rows["o"]))
-            made = {"o.weight": weight, "o.bias": bias}
-            by_up: dict[fx.Node, list[tuple[int, torch.Tensor]]] = {}
-            for key in "qkv":
-                up, split, index = att.paths[key].piece
-                offset = sum(split_sizes(split)[:index]) if split is not None else 0
-                by_up.setdefault(up, []).append((index, offset + _channels(kept, rows[key])))
-            for up, parts in by_up.items():
-                index = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])])
-                w, b = self._const(up.args[1]), self._const(up.args[2])
-                made[f"{up.name}.weight"] = w.index_select(0, index.to(w.device))
-                made[f"{up.name}.bias"] = None if b is None else b.index_select(0, index.to(b.device))
-            self.made[(site_node, option)] = made
-        return self.made[(site_node, option)]
+        """New constants at `option` by the node reading them; slices and solutions, never writes into the frozen
+        constants. Kept made: each site's cheapest option (the first mix measured) and the last one made, so that
+        measuring holds one extra attention's candidates at a time, as the MLP lever (issue 21; all of them were
+        kept: 2.5x the attention weights on the device at the default options)."""
+        key = (site_node, option)
+        if (found := self.made.get(key)) is not None:
+            return found
+        att = self.attentions[site_node]
+        kept, weight, bias = self.refits[site_node][option]
+        rows = self._per_group(att)
+        device = self._const(att.out.args[1]).device
+        made = {"o.weight": weight.to(device), "o.bias": None if bias is None else bias.to(device)}
+        by_up: dict[fx.Node, list[tuple[int, torch.Tensor]]] = {}
+        for name in "qkv":
+            up, split, index = att.paths[name].piece
+            offset = sum(split_sizes(split)[:index]) if split is not None else 0
+            by_up.setdefault(up, []).append((index, offset + _channels(kept, rows[name])))
+        for up, parts in by_up.items():
+            index = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])])
+            w, b = self._const(up.args[1]), self._const(up.args[2])
+            made[f"{up.name}.weight"] = w.index_select(0, index.to(w.device))
+            made[f"{up.name}.bias"] = None if b is None else b.index_select(0, index.to(b.device))
+        return self.made.put(key, made, option == next(iter(self.options_of[site_node])))
 
     def rewrite(self, graph: fx.Graph, node: fx.Node, option: str, add: Callable[[str, torch.Tensor], str]) -> str:
         att = _trace(node)
