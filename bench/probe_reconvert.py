@@ -1,7 +1,9 @@
 """Issue 21 probe: GPU memory of mmaccel.generate on LLaVA-1.5-7B dims (8 decoder layers, random weights) across
 a dtype round trip, model.float().to(bfloat16), which gives every parameter new storage (what hf_generate.py's
-divergence check does between variants): steady GiB after compiling, after the round trip and another call
-(the graphs turn stale and run unfrozen), and after the torch._dynamo.reset() their warning asks for.
+divergence check did between variants): steady GiB after compiling, after the round trip and another call (the
+session compiles its steps again and retires the old graphs; until 2026-12-01 they turned stale and ran
+unfrozen), after torch._dynamo.reset(), and after one more call (an illegal memory access on the H200 before
+recordings held the graphs they captured).
 
     python bench/probe_reconvert.py [--layers 8]          # CUDA, ~1 min
 """
@@ -43,7 +45,7 @@ def main() -> None:
         model.float().to(torch.bfloat16)
         steady("after model.float().to(bf16)")
         generate()
-        steady("and another call (stale: runs unfrozen)")
+        steady("and another call (steps compiled again)")
         torch._dynamo.reset()
         steady("after torch._dynamo.reset()")
         generate()
