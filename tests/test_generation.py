@@ -212,6 +212,30 @@ def test_hf_static_cache_recipe_through_the_backend() -> None:
         del model.forward
 
 
+def test_hf_recipe_on_llava_is_two_graphs_with_scalar_capture() -> None:
+    """LLaVA through HF's recipe: its forward reads Tensor.item() (image-token counts), a graph break per read
+    unless torch._dynamo.config.capture_scalar_outputs is on. With it the prefill and the decode step are one
+    graph each, both optimized on the Triton target (interpreted here), tokens equal HF eager (README: the recipe
+    for vision-language models)."""
+    model = hf_tiny.llava()
+    ids, pixels = hf_tiny.llava_prompt(3, 4)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, pixel_values=pixels, max_new_tokens=5, do_sample=False, eos_token_id=[],
+                  pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=mmaccel.Backend(target="triton"))
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad(), \
+                mmaccel.collect_reports() as report:
+            got = model.generate(ids, **kwargs, cache_implementation="static")
+    finally:
+        del model.forward
+    assert torch.equal(got, expected)
+    assert [(g.status, g.target) for g in report.graphs] == [("optimized", "triton")] * 2
+
+
 def test_triton_target_runs_the_steps(monkeypatch) -> None:
     """The step graphs on the Triton target (interpreted on CPU; CUDA graphs on a GPU): greedy equals HF
     eager, and the hash-seeded sampling draws the same tokens as on the eager target; the decode GEMV fusions
