@@ -114,8 +114,14 @@ def variant_runner(variant: str, model: torch.nn.Module, inputs: dict[str, Any])
         return lambda new: mmaccel.generate(model, **inputs, max_new_tokens=new, eos_token_id=[], pad_token_id=0,
                                             options=options)
     compile_kwargs = {"inductor": {}, "inductor-reduce-overhead": {"mode": "reduce-overhead"},
-                      "mmaccel (HF recipe)": {"backend": "mmaccel"}}[variant]
+                      "mmaccel (HF recipe)": {"backend": "mmaccel"},
+                      "mmaccel (HF recipe, scalars)": {"backend": "mmaccel"}}[variant]
     model.forward = torch.compile(model.forward, **compile_kwargs)
+    if variant.endswith("scalars)"):  # Tensor.item() captured, not a graph break (README: the recipe for VLMs)
+        def run(new: int) -> torch.Tensor:
+            with torch._dynamo.config.patch(capture_scalar_outputs=True):
+                return hf_generate(model, inputs, new, static=True)
+        return run
     return lambda new: hf_generate(model, inputs, new, static=True)
 
 
