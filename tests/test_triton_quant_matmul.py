@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
@@ -79,6 +81,26 @@ def test_int4_tensor_core_kernel_matches_reference(M, N, K, group, block_n, spli
         if split > 1:
             partial, count = qm._SPLIT_BUFFERS[(x.device, N)]
             assert not partial.any() and not count.any()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(M=st.integers(1, 16), N=st.integers(1, 80), groups=st.integers(1, 6), group=st.sampled_from([32, 64, 128]),
+       block_n=st.sampled_from([16, 32]), split=st.integers(1, 8), bias=st.booleans())
+def test_int4_tensor_core_kernel_property(M, N, groups, group, block_n, split, bias):
+    """Any row count up to 16, any width, any number of groups and splits (more splits than groups too): the
+    tensor-core int4 kernel matches the op's reference (interpreter, fp16), and a second launch agrees with the
+    first (the split buffers were left zero)."""
+    torch.manual_seed(N * 131 + M)
+    K = groups * group
+    w = torch.randn(N, K, device=DEVICE, dtype=torch.float16) / K ** 0.5
+    p, s, z = quantize_int4_groupwise(w, group)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(N, device=DEVICE, dtype=torch.float16) if bias else None
+    expected = int4_linear_reference(x.float(), p, s.float(), z, group, None if b is None else b.float(), "none", None)
+    config = qm.TcConfig(block_n, split, 1 if DEVICE == "cpu" else 4, 1 if DEVICE == "cpu" else 3)
+    first = qm.int4_tc_linear(x, p, s, z, b, group, config)
+    _close(first, expected, torch.float16)
+    torch.testing.assert_close(qm.int4_tc_linear(x, p, s, z, b, group, config), first, rtol=0, atol=0)
 
 
 def test_int4_quantization_round_trip():
