@@ -103,6 +103,41 @@ def test_int4_tensor_core_kernel_property(M, N, groups, group, block_n, split, b
     torch.testing.assert_close(qm.int4_tc_linear(x, p, s, z, b, group, config), first, rtol=0, atol=0)
 
 
+def test_one_row_int4_kernel_is_chosen_by_measurement(tmp_path, monkeypatch):
+    """One int4 activation row on CUDA runs whichever of the row kernel and the tensor-core kernel measured
+    faster for the shape (the row kernel unless another beats it by 3%), kept on disk; MMACCEL_GEMV_TUNE=0 keeps
+    the row kernel. Here the measurements are scripted and each candidate runs once (interpreter)."""
+    from mmaccel.backends.triton.tuning import Choices
+
+    monkeypatch.setenv("MMACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(qm, "_one_row_choices", Choices("int4_one_row.json"))
+    monkeypatch.setattr(qm, "device_name", lambda device: "test")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build has no CUDA
+    monkeypatch.setattr(qm, "GEMV_CONFIGS", {**qm.GEMV_CONFIGS, 4: qm.INTERPRETER_CONFIG})
+    monkeypatch.setattr(qm, "ONE_ROW_INT4_CANDIDATES", [("row", *qm.INTERPRETER_CONFIG), ("tc", 16, 2, 1, 1)])
+    w = torch.randn(40, 128, device=DEVICE, dtype=torch.float16)
+    p, s, z = quantize_int4_groupwise(w, 32)
+    x = torch.randn(1, 128, device=DEVICE, dtype=torch.float16)
+    expected = int4_linear_reference(x.float(), p, s.float(), z, 32, None, "none", None)
+    for times, chosen in (([10.0, 9.0], "tc"), ([10.0, 9.8], "row")):
+        script = iter(times * 2)  # two interleaved rounds
+        outputs = []
+
+        def fake_time(fn, script=script, outputs=outputs):
+            outputs.append(fn())
+            return next(script)
+
+        monkeypatch.setattr(qm, "time_us", fake_time)
+        choice = qm._one_row_int4(x, p, s, z, None, 32)
+        assert choice[0] == chosen and len(outputs) == 4
+        for out in outputs:  # what was timed computes the right thing
+            _close(out, expected, torch.float16)
+        assert tuple(qm._one_row_choices.get(f"v1|test|{x.dtype}|1x40x128|g32|bias=False")) == choice
+        qm._one_row_choices.set(f"v1|test|{x.dtype}|1x40x128|g32|bias=False", None)  # measure again next round
+    monkeypatch.setenv("MMACCEL_GEMV_TUNE", "0")
+    assert qm._one_row_int4(x, p, s, z, None, 32)[0] == "row"
+
+
 def test_int4_quantization_round_trip():
     """Packing is lossless (dequantize(quantize(w)) is w on the grid) and the error is what 4 bits allow."""
     torch.manual_seed(0)

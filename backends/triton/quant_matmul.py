@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import device_name
+from .tuning import Choices, time_us, tuned
+
 
 # int8 -> float32 without a conversion instruction: b + 128 (0..255) added to the bits of 2**23 (0x4B000000) is
 # the float 2**23 + b + 128, and subtracting 2**23 + 128 is exact. Conversion instructions (I2F) issue at 16 per
@@ -352,8 +355,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: Opt
     if M > MAX_KERNEL_ROWS and x.is_cuda and config is None:
         w = dequantize(weight, scale, zero, bits, group, x.dtype)
         return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
-    if bits == 4 and M > 1 and x.is_cuda and config is None and x.dtype != torch.float32 and zero is not None:
-        return int4_tc_linear(x, weight, scale, zero, bias, group, TC_CONFIG)
+    if bits == 4 and x.is_cuda and config is None and x.dtype != torch.float32 and zero is not None:
+        if M > 1:
+            return int4_tc_linear(x, weight, scale, zero, bias, group, TC_CONFIG)
+        choice = _one_row_int4(x, weight, scale, zero, bias, group)  # one row: as measured for this shape
+        if choice[0] == "tc":
+            return int4_tc_linear(x, weight, scale, zero, bias, group, TcConfig(*choice[1:]))
+        config = QuantConfig(*choice[1:])
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     interpreter = not x.is_cuda
     n_groups = K // group if bits == 4 else 1
@@ -395,6 +403,34 @@ class TcConfig(NamedTuple):
 # One row stays on the row kernel: there the two are level (12288x4096 19.7 against 21.5 us, 4096x11008 23.0
 # against 21.4, 4096x4096 10.2 against 9.5).
 TC_CONFIG = TcConfig(64, 4, 4, 3)
+
+
+# int4 with one activation row on CUDA: the row kernel (static config first) or the tensor-core kernel, measured
+# per shape on first use (tuning.time_us: in a CUDA graph, L2 flushed; a candidate must beat the row kernel by 3%)
+# and kept on disk. On the H200 neither won everywhere (bench/results/int4_gemv_variants_run9_h200.json, us):
+# 12288x4096 tc 19.7 / row 21.5, 32000x4096 43.9 / 46.7, 22016x4096 32.5 / 33.7, but 4096x11008 23.0 / 21.4 and
+# 4096x4096 10.2 / 9.5. Expected: about 3% off a LLaVA-7B int4 decode step; not yet timed end to end.
+# MMACCEL_GEMV_TUNE=0 keeps the row kernel.
+ONE_ROW_INT4_CANDIDATES = [("row", *GEMV_CONFIGS[4]), ("tc", 64, 4, 4, 3), ("tc", 128, 2, 8, 3)]
+_one_row_choices = Choices("int4_one_row.json")
+
+
+def _one_row_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bias: Optional[torch.Tensor], group: int) -> tuple:
+    """The kernel and configuration for x [1, K] against this int4 weight: ("row", *QuantConfig) or
+    ("tc", *TcConfig); the static row kernel while a CUDA graph is being captured before any measurement, or
+    with MMACCEL_GEMV_TUNE=0."""
+    if os.environ.get("MMACCEL_GEMV_TUNE", "1") == "0":
+        return ONE_ROW_INT4_CANDIDATES[0]
+    N, K = weight.shape[0], x.shape[1]
+    key = f"v1|{device_name(x.device)}|{x.dtype}|1x{N}x{K}|g{group}|bias={bias is not None}"
+
+    def measure(choice: tuple) -> float:
+        if choice[0] == "tc":
+            return time_us(lambda: int4_tc_linear(x, weight, scale, zero, bias, group, TcConfig(*choice[1:])))
+        return time_us(lambda: linear(x, weight, scale, zero, bias, 4, group, QuantConfig(*choice[1:])))
+
+    return tuned(_one_row_choices, key, lambda: ONE_ROW_INT4_CANDIDATES, measure, tuple)
 
 
 _SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
