@@ -400,8 +400,7 @@ class TcConfig(NamedTuple):
 # per program, K split in 4, 4 warps, 3 stages, the best of 27 configurations on an H200 (bench/
 # int4_gemv_variants.py, run 9): 22016x4096 31-34 us and 4096x4096 11 us at every row count from 1 to 16, where
 # the dequantizing tl.dot GEMM above took 54 and 26 us from 2 rows on (cuBLAS on the bf16 weight: 53 and 15.5).
-# One row stays on the row kernel: there the two are level (12288x4096 19.7 against 21.5 us, 4096x11008 23.0
-# against 21.4, 4096x4096 10.2 against 9.5).
+# With one row the two are level, each ahead on some shapes (_one_row_int4 measures which).
 TC_CONFIG = TcConfig(64, 4, 4, 3)
 
 
