@@ -185,14 +185,21 @@ def recording_cuda_allocations(max_entries: int = 2_000_000) -> Iterator["CudaAl
     """Record where each CUDA allocation came from (torch.cuda.memory's allocation history, private); yields a
     CudaAllocations whose methods list blocks [{"size", "frames": [{"filename", "line", "name"}, ...]}]."""
     torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
+    # A recording started after an earlier one in the process continues its trace: count from here only (an
+    # 8-layer LLaVA run listed the previous variant's allocations at the second variant's peak)
+    start = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     try:
-        yield CudaAllocations()
+        yield CudaAllocations(start)
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
 class CudaAllocations:
-    """The recorded allocations of the current device, read from torch.cuda.memory._snapshot()."""
+    """The recorded allocations of the current device, read from torch.cuda.memory._snapshot(), from trace
+    entry `start` on."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
 
     def live(self) -> list[dict[str, Any]]:
         """The blocks allocated now."""
@@ -203,7 +210,7 @@ class CudaAllocations:
         """The blocks allocated at the moment the recorded allocations summed highest (allocated before the
         recording began: not counted, not listed), as the trace's alloc / free_completed events replay them
         (torch/cuda/_memory_viz.py reads the trace the same way)."""
-        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()][self.start:]
         total, peak, peak_at = 0, 0, -1
         for i, event in enumerate(trace):
             total += event["size"] if event["action"] == "alloc" else \
