@@ -195,8 +195,8 @@ class _Session:
         # here would keep the model (and its caches) alive forever.
         self._model = weakref.ref(model)
         self.token_lever, options = _token_lever(options)
-        self.recompiles = 0  # compiled again after the weights changed (forget_stale_recordings)
         self._compile_steps(model, options)
+        self.report = GenerationReport(self.backend.report)
         self.caches: dict[tuple, Any] = {}
         self.scores: dict[tuple, torch.Tensor] = {}  # scored calls' running sums, per (batch, device)
         self.constants: dict[tuple, tuple] = {}  # per-call constant tensors by value (see _constants)
@@ -223,11 +223,6 @@ class _Session:
             if isinstance(lever, PruneLever):  # its scoring pass runs on every call: compiled as a step
                 lever.scorer = torch.compile(image_attention, backend=self.backend, dynamic=False)
         self.backend.guard_model(model)
-        old = getattr(self, "report", None)
-        self.report = GenerationReport(self.backend.report, recompiles=self.recompiles)
-        if old is not None:  # the history stays; graphs from here on are this backend's (_note)
-            self.report.graphs, self.report.tokens, self.report.speculative = old.graphs, old.tokens, old.speculative
-            self.report.since = len(old.graphs)
         self.prefill = torch.compile(_prefill_step, backend=self.backend, dynamic=False)
         self.decode = torch.compile(_decode_step, backend=self.backend, dynamic=False)
 
@@ -243,15 +238,17 @@ class _Session:
         options = self.backend.options
         if options.weights == "release":
             return
-        if self.recompiles >= MAX_WEIGHT_RECOMPILES:
+        if self.report.recompiles >= MAX_WEIGHT_RECOMPILES:
             warn_once(f"mmaccel.generate: the weights changed again after {MAX_WEIGHT_RECOMPILES} recompiles; "
                       "the steps now run unfrozen on the live weights (slower). Weights that change between "
                       "every call are better served by calling the model with generate() uncompiled, or by "
                       "torch._dynamo.reset() and a new mmaccel.generate once they settle.")
             return
-        self.recompiles += 1
         self.backend.retire("the weights changed since compile time: mmaccel.generate compiled the steps again")
         self._compile_steps(self.model, options)
+        # the report keeps its history; graphs from here on are the new backend's (_note)
+        self.report.compile, self.report.since = self.backend.report, len(self.report.graphs)
+        self.report.recompiles += 1
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: _Config, scored: bool = False) -> Any:

@@ -138,17 +138,15 @@ def _expected_tokens(rate: float, k: int) -> float:
     return float(k + 1) if rate >= 1 else (1 - rate ** (k + 1)) / (1 - rate)
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {step name: compiled step}
+# session's backend -> {step name: compiled step}: a session compiled again after a weight change has a new backend
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled(session: Any, step: Any) -> Any:
-    per_session = _COMPILED.setdefault(session, {})
-    if per_session.get("backend") is not session.backend:  # compiled again after a weight change
-        per_session.clear()
-        per_session["backend"] = session.backend
-    if step.__name__ not in per_session:
-        per_session[step.__name__] = torch.compile(step, backend=session.backend, dynamic=False)
-    return per_session[step.__name__]
+    per_backend = _COMPILED.setdefault(session.backend, {})
+    if step.__name__ not in per_backend:
+        per_backend[step.__name__] = torch.compile(step, backend=session.backend, dynamic=False)
+    return per_backend[step.__name__]
 
 
 class _Speculation:

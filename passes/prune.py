@@ -386,6 +386,28 @@ def gram_groups(widths: list[int], budget: int | None = None) -> list[list[int]]
     return groups
 
 
+def streamed_grams(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], what: str,
+                   consumer: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index into `nodes`, its gram) for every node: grams collected for groups under GRAM_BYTES_AT_ONCE (one
+    pass over the calibration samples per group), each handed over and let go before the next group is collected;
+    after the last, one warning if the tokens are too few to refit the widest consumer (warn_few_tokens)."""
+    widths = [int(shape(n)[-1]) for n in nodes]
+    tokens = 0
+    for group in gram_groups(widths):
+        found = grams(gm, ctx, [nodes[i] for i in group])
+        tokens = int(found[0][-1, -1])
+        for i in group:
+            yield i, found.pop(0)
+    warn_few_tokens(tokens, max(widths), what, consumer)
+
+
+def refit_on_host(gram: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kept, weight, bias) of refit_columns on the host: what a lever keeps per option once the gram is gone."""
+    weight, bias = refit_columns(gram, weight, bias, kept)
+    return kept, weight.cpu(), None if bias is None else bias.cpu()
+
+
 def warn_few_tokens(tokens: int, widest: int, what: str, consumer: str) -> None:
     """One warning when the calibration tokens are too few for refit_columns to refit the widest consumer."""
     if tokens < REFIT_TOKENS_PER_CHANNEL * widest:
@@ -444,13 +466,9 @@ class MlpChannelLever:
         self.gm = gm
         self.fine = self.keep == KEEP and len(mlps) < FINE_BELOW_SITES
         self.mlps = {mlp.down.name: mlp for mlp in mlps}
-        for group in gram_groups([mlp.width for mlp in mlps]):
-            found = grams(gm, ctx, [matmul_input(mlps[i].down) for i in group])
-            for i, gram in zip(group, found):
-                self._choose(mlps[i], gram)
-            tokens = int(found[0][-1, -1])
-            del found
-        warn_few_tokens(tokens, max(mlp.width for mlp in mlps), "MLPs", "a down projection")
+        for i, gram in streamed_grams(gm, ctx, [matmul_input(mlp.down) for mlp in mlps], "MLPs",
+                                      "a down projection"):
+            self._choose(mlps[i], gram)
         sites = []
         for mlp in mlps:
             options = self._options(mlp.width)
@@ -500,9 +518,8 @@ class MlpChannelLever:
         order = channel_order(gram, down_w, down_b)
         self.refits[mlp.down.name] = {}
         for option, keep in self._options(mlp.width).items():
-            kept = order[mlp.width - keep:].sort().values
-            weight, bias = refit_columns(gram, down_w, down_b, kept)
-            self.refits[mlp.down.name][option] = (kept, weight.cpu(), None if bias is None else bias.cpu())
+            self.refits[mlp.down.name][option] = refit_on_host(gram, down_w, down_b,
+                                                               order[mlp.width - keep:].sort().values)
 
     def _made(self, site_node: str, option: str) -> dict[str, torch.Tensor | None]:
         """The MLP's new constants at `option`, by the node that reads them; slices and solutions, never writes

@@ -31,8 +31,8 @@ from .contract import PassContext
 from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
-from .prune import (FUSED_LINEAR, PRUNED, MadeCache, gram_groups, grams, group_removal_order, keep_options,
-                    keeps_channels, refit_columns, refits, split_piece, split_sizes, warn_few_tokens, weight_bytes)
+from .prune import (FUSED_LINEAR, PRUNED, MadeCache, group_removal_order, keep_options, keeps_channels, refit_on_host,
+                    refits, split_piece, split_sizes, streamed_grams, weight_bytes)
 
 SDPA = aten.scaled_dot_product_attention.default
 KEEP_HEADS = {"keep_50": 0.5, "keep_75": 0.75}  # cheapest first
@@ -331,14 +331,9 @@ class HeadLever(UnrecordedOnRelease):
             return []
         self.gm = gm
         self.attentions = {att.sdpa.name: att for att in found}
-        widths = [self._per_group(att)["o"] * att.kv_heads for att in found]
-        for group in gram_groups(widths):
-            held = grams(gm, ctx, [found[i].out.args[0] for i in group])
-            for i, gram in zip(group, held):
-                self._choose(found[i], gram)
-            tokens = int(held[0][-1, -1])
-            del held
-        warn_few_tokens(tokens, max(widths), "attention outputs", "an output projection")
+        for i, gram in streamed_grams(gm, ctx, [att.out.args[0] for att in found], "attention outputs",
+                                      "an output projection"):
+            self._choose(found[i], gram)
         sites = []
         for att in found:
             options = self.options_of[att.sdpa.name]
@@ -382,9 +377,9 @@ class HeadLever(UnrecordedOnRelease):
         refit = self.refits[att.sdpa.name] = {}
         for option in options:
             kept = self._kept_groups(att, option, gram)
-            weight, bias = refit_columns(gram, self._const(att.out.args[1]), self._const(att.out.args[2]),
-                                         _channels(kept, self._per_group(att)["o"]))
-            refit[option] = (kept, weight.cpu(), None if bias is None else bias.cpu())
+            _, weight, bias = refit_on_host(gram, self._const(att.out.args[1]), self._const(att.out.args[2]),
+                                            _channels(kept, self._per_group(att)["o"]))
+            refit[option] = (kept, weight, bias)
 
     def _kept_groups(self, att: _Attention, option: str, gram: torch.Tensor) -> torch.Tensor:
         """The groups `option` keeps: those adding most to o_proj's output, ||h_g W_o[:, g]^T|| from the Gram

@@ -60,7 +60,7 @@ def test_changed_weights_drop_the_recordings_and_compile_again() -> None:
     first = session.backend.report
     caught = flip_head_and_generate(model, ids, mask, 10)
     assert not [w for w in caught if "have changed since" in str(w.message)]  # nothing ran unfrozen
-    assert session.recompiles == 1 and session.backend.report is not first
+    assert session.report.recompiles == 1 and session.backend.report is not first
     assert {g.status for g in first.graphs} == {"stale"}  # retired: they let go of what they froze
     assert {g.status for g in session.backend.report.graphs} == {"optimized"}
     assert block_sizes(model) == [8]
@@ -80,7 +80,7 @@ def test_weights_that_keep_changing_stop_recompiling_and_run_unfrozen() -> None:
         caught = flip_head_and_generate(model, ids, mask, 6)
         if change == generation.MAX_WEIGHT_RECOMPILES + 1:
             assert any("changed again after" in str(w.message) for w in caught)
-    assert session.recompiles == generation.MAX_WEIGHT_RECOMPILES
+    assert session.report.recompiles == generation.MAX_WEIGHT_RECOMPILES
 
 
 def test_every_kind_of_weight_change_drops_the_recordings() -> None:
@@ -215,5 +215,5 @@ def test_quantized_steps_quantize_the_new_weights_after_a_change() -> None:
     expected = mmaccel.generate(fresh, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[], options=options)
     assert torch.equal(actual, expected)
     session = generation._session(model, options)
-    assert session.recompiles == 1
+    assert session.report.recompiles == 1
     assert all(g.status == "optimized" and g.matched("quantize") for g in session.backend.report.graphs)

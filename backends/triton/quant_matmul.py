@@ -109,7 +109,7 @@ def _wq_gemv_kernel(X, W, Scale, Zero, Bias, Out, N, K, KW, n_groups,
 # exactly. One PRMT, three shifts and four LOP3s turn 4 packed bytes (8 weights) into 4 registers of 16-bit
 # pairs, 2 instructions per weight byte, where the shifts, masks and I2F conversions of the row kernel cost
 # about 7. The offset stays in the tile: the group's sum then carries (128 + z) * sum(x), subtracted after the
-# tensor cores (int4_tile_sums).
+# tensor cores (_int4_tc_kernel).
 _UNPACK_ASM = """{
 .reg .b32 t, s;
 prmt.b32 t, $4, 0, 0x3120;
@@ -410,7 +410,7 @@ TC_CONFIG = TcConfig(64, 4, 4, 3)
 # 12288x4096 tc 19.7 / row 21.5, 32000x4096 43.9 / 46.7, 22016x4096 32.5 / 33.7, but 4096x11008 23.0 / 21.4 and
 # 4096x4096 10.2 / 9.5. Expected: about 3% off a LLaVA-7B int4 decode step; not yet timed end to end.
 # MMACCEL_GEMV_TUNE=0 keeps the row kernel.
-ONE_ROW_INT4_CANDIDATES = [("row", *GEMV_CONFIGS[4]), ("tc", 64, 4, 4, 3), ("tc", 128, 2, 8, 3)]
+ONE_ROW_INT4_CANDIDATES = [("row", *GEMV_CONFIGS[4]), ("tc", *TC_CONFIG), ("tc", 128, 2, 8, 3)]
 _one_row_choices = Choices("int4_one_row.json")
 
 
