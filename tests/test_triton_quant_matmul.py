@@ -100,7 +100,12 @@ def test_int4_tensor_core_kernel_property(M, N, groups, group, block_n, split, b
     config = qm.TcConfig(block_n, split, 1 if DEVICE == "cpu" else 4, 1 if DEVICE == "cpu" else 3)
     first = qm.int4_tc_linear(x, p, s, z, b, group, config)
     _close(first, expected, torch.float16)
-    torch.testing.assert_close(qm.int4_tc_linear(x, p, s, z, b, group, config), first, rtol=0, atol=0)
+    # Bitwise on the interpreter; on a GPU the split partials arrive by float atomics in any order, so the last bit
+    # may differ (seen on the H200: 6e-8 on one element of 413). A split buffer left non-zero would add a whole
+    # partial sum (order 0.1), far outside this tolerance.
+    exact = DEVICE == "cpu"
+    torch.testing.assert_close(qm.int4_tc_linear(x, p, s, z, b, group, config), first,
+                               rtol=0 if exact else 1e-3, atol=0 if exact else 1e-4)
 
 
 def test_one_row_int4_kernel_is_chosen_by_measurement(tmp_path, monkeypatch):
