@@ -44,6 +44,7 @@ import os
 import platform
 import time
 from typing import Any, Callable
+from unittest.mock import patch
 
 import torch
 import transformers
@@ -118,11 +119,22 @@ def variant_runner(variant: str, model: torch.nn.Module, inputs: dict[str, Any])
                       "mmaccel (HF recipe, scalars)": {"backend": "mmaccel"}}[variant]
     model.forward = torch.compile(model.forward, **compile_kwargs)
     if variant.endswith("scalars)"):  # Tensor.item() captured, not a graph break (README: the recipe for VLMs)
+        # torch 2.11 (and 2.12) Dynamo inlines transformers' torch._check_tensor_all(image tokens * hidden ==
+        # features.numel()) and fails at LLaVA's masked_scatter ("PendingUnbackedSymbolNotFound", the eager
+        # backend too; seen on the H200 and reproduced on CPU with torch 2.11 + transformers 5.17); 2.13 handles
+        # that check itself. transformers' own switch drops the check (a compile-time hint only): what the README
+        # tells users of those versions to set.
+        checks = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"} if torch_older_than(2, 13) else {}
+
         def run(new: int) -> torch.Tensor:
-            with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            with torch._dynamo.config.patch(capture_scalar_outputs=True), patch.dict(os.environ, checks):
                 return hf_generate(model, inputs, new, static=True)
         return run
     return lambda new: hf_generate(model, inputs, new, static=True)
+
+
+def torch_older_than(major: int, minor: int) -> bool:
+    return tuple(int(p) for p in torch.__version__.split(".")[:2]) < (major, minor)
 
 
 class RecordedError:

@@ -178,7 +178,7 @@ def test_every_tuning_candidate_matches_the_reference(parts):
                                    msg=lambda m, cfg=cfg: f"{cfg}: {m}")
 
 
-def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_path, monkeypatch):
+def test_tuner_keeps_the_static_config_unless_another_is_clearly_faster(tmp_path, monkeypatch):
     """tuning.pick (the GEMV's and decode attention's): best of two rounds per option; the static config
     (first) stays on a near tie; the choice is written to the cache folder and read back by a fresh process's
     table; no measuring off CUDA."""
@@ -196,8 +196,8 @@ def test_tuner_keeps_the_static_config_unless_another_is_3_percent_faster(tmp_pa
             return times[cfg]
         return fn
 
-    assert pick(gemv_module._tuned, "near", [a, b, c], measure({a: 10.0, b: 9.8, c: 11.0})) == a  # 2% faster: kept
-    assert pick(gemv_module._tuned, "far", [a, b, c], measure({a: 10.0, b: 9.0, c: 11.0})) == b
+    assert pick(gemv_module._tuned, "near", [a, b, c], measure({a: 10.0, b: 9.5, c: 11.0})) == a  # 5% faster: kept
+    assert pick(gemv_module._tuned, "far", [a, b, c], measure({a: 10.0, b: 8.5, c: 11.0})) == b
     assert calls == [a, b, c] * 4  # two interleaved rounds per pick
     assert Choices("gemv_configs.json").get("far") == list(b)
 

@@ -110,7 +110,7 @@ def test_int4_tensor_core_kernel_property(M, N, groups, group, block_n, split, b
 
 def test_one_row_int4_kernel_is_chosen_by_measurement(tmp_path, monkeypatch):
     """One int4 activation row on CUDA runs whichever of the row kernel and the tensor-core kernel measured
-    faster for the shape (the row kernel unless another beats it by 3%), kept on disk; MMACCEL_GEMV_TUNE=0 keeps
+    faster for the shape (the row kernel unless another beats it by tuning.MARGIN), kept on disk; MMACCEL_GEMV_TUNE=0 keeps
     the row kernel. Here the measurements are scripted and each candidate runs once (interpreter)."""
     from mmaccel.backends.triton.tuning import Choices
 
@@ -124,7 +124,7 @@ def test_one_row_int4_kernel_is_chosen_by_measurement(tmp_path, monkeypatch):
     p, s, z = quantize_int4_groupwise(w, 32)
     x = torch.randn(1, 128, device=DEVICE, dtype=torch.float16)
     expected = int4_linear_reference(x.float(), p, s.float(), z, 32, None, "none", None)
-    for times, chosen in (([10.0, 9.0], "tc"), ([10.0, 9.8], "row")):
+    for times, chosen in (([10.0, 8.5], "tc"), ([10.0, 9.5], "row")):
         script = iter(times * 2)  # two interleaved rounds
         outputs = []
 

@@ -354,7 +354,7 @@ def _split(cfg: GemvConfig, N: int, K: int, sms: int) -> GemvConfig:
 # bf16 cover as 1024 + a quarter-used 256) ran 1.2-1.8x faster with 512 or 256 elements per step: qkv+LayerNorm
 # 9.64 -> 5.93 us, fc1+LayerNorm+GELU 10.09 -> 7.86, fc2+residual 8.22 -> 5.53, LM head+LayerNorm 71.6 -> 40.2
 # (bench/results/decode_kernels_sweep_whisper_h200.json); the 7B decoder's shapes were within 2% of the static
-# choice (decode_kernels_sweep_gemv_h200.json). A candidate must beat the static config by 3% to replace it.
+# choice (decode_kernels_sweep_gemv_h200.json). A candidate must beat the static config by tuning.MARGIN.
 # MMACCEL_GEMV_TUNE=0 keeps the static config (measurements).
 TUNE_SWITCH = "MMACCEL_GEMV_TUNE"
 CANDIDATES = [(16, 1024, 8, True), (4, 1024, 2, True), (8, 1024, 2, True), (4, 4096, 8, True), (2, 4096, 8, True),

@@ -405,7 +405,7 @@ TC_CONFIG = TcConfig(64, 4, 4, 3)
 
 
 # int4 with one activation row on CUDA: the row kernel (static config first) or the tensor-core kernel, measured
-# per shape on first use (tuning.time_us: in a CUDA graph, L2 flushed; a candidate must beat the row kernel by 3%)
+# per shape on first use (tuning.time_us: in a CUDA graph, L2 flushed; a candidate must beat the row kernel by tuning.MARGIN)
 # and kept on disk. On the H200 neither won everywhere (bench/results/int4_gemv_variants_run9_h200.json, us):
 # 12288x4096 tc 19.7 / row 21.5, 32000x4096 43.9 / 46.7, 22016x4096 32.5 / 33.7, but 4096x11008 23.0 / 21.4 and
 # 4096x4096 10.2 / 9.5. Expected: about 3% off a LLaVA-7B int4 decode step; not yet timed end to end.
