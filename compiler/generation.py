@@ -103,7 +103,17 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_ARGS}
     config = _resolve_config(model, user)
     session = _session(model, user.get("options") or {})
-    return session.generate(input_ids, attention_mask, kwargs, config, scored)
+    try:
+        return session.generate(input_ids, attention_mask, kwargs, config, scored)
+    except UnsupportedCache as e:
+        if scored:
+            raise ValueError(f"mmaccel.generate: {type(model).__name__}'s cache layers ({e}) keep state the "
+                             "compiled steps cannot carry") from None
+        # Raised when the cache is made, before any step ran: nothing to undo.
+        warn_once(f"mmaccel.generate: {type(model).__name__}'s cache layers ({e}) keep state the compiled steps "
+                  "cannot carry; running the model's own generate() instead (uncompiled)")
+        hf = {k: v for k, v in user.items() if k not in ("options", "seed")}
+        return model.generate(input_ids, attention_mask=attention_mask, **hf, **kwargs)
 
 
 def generation_report(model: torch.nn.Module, **options: Any) -> GenerationReport:
@@ -690,7 +700,8 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
         except TypeError:
             return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=positions, device=device,
                                dtype=dtype)
-        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        _full_length_layers(cache, positions, text)
+        heads = _kv_heads(model, text)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         cache.early_initialization(batch, heads, head_dim, dtype, device)
         return cache
@@ -699,6 +710,57 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
         return allocate(length)
     # Cross-attention keys/values: one per encoder output position (Whisper: max_source_positions).
     return EncoderDecoderCache(allocate(length), allocate(model.config.max_source_positions))
+
+
+def _kv_heads(model: torch.nn.Module, text: Any) -> int:
+    """Key/value heads per layer, for allocating the cache before the first step: the text config's
+    num_key_value_heads where it has one, else the decoder's attention modules' own count, else its attention
+    heads. Falcon's config has no num_key_value_heads (its num_kv_heads reads num_attention_heads) while
+    multi_query gives its attention one K/V head: a cache allocated with 4 made the tiny model's prefill fail in
+    Dynamo (index_copy_ slice shapes)."""
+    heads = getattr(text, "num_key_value_heads", None)
+    if heads:
+        return heads
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for module in decoder.modules():
+        for name in ("num_kv_heads", "num_key_value_heads"):
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return text.num_attention_heads
+
+
+class UnsupportedCache(Exception):
+    """The model's static cache keeps state the compiled steps cannot carry (mmaccel.generate falls back)."""
+
+
+def _full_length_layers(cache: Any, positions: int, text: Any) -> None:
+    """Every layer of `cache` a transformers StaticLayer of `positions` slots, whose whole state is tensors.
+
+    The steps run with Dynamo's guards checked only on a call's first step and are replayed from CUDA graphs,
+    both of which assume a step is a function of tensors alone. transformers' StaticSlidingWindowLayer (Mistral,
+    Gemma 2/3, Qwen2 with a window, ...) is a ring buffer of `sliding_window` slots steered by a Python int
+    (cumulative_length_int: which branch runs, the mask's size and offset), so steps past the window ran the branch
+    traced before it: a tiny Mistral with an 8-token window gave other tokens than HF from its 17th position,
+    Gemma 2 from its 9th, silently. A full-length StaticLayer holds the same keys with the window applied by
+    the model's sliding-window mask (masking_utils: kv_idx > q_idx - sliding_window, from the config), which
+    the left padding of the prompt bucket does not change: it shifts queries and keys alike. Chunked attention
+    (its mask depends on where positions fall in absolute chunks, which that padding moves) and layers with
+    other state (linear attention, shared or indexed keys) raise UnsupportedCache."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    chunked = getattr(text, "attention_chunk_size", None) is not None or \
+        "chunked_attention" in (getattr(text, "layer_types", None) or ())
+    for i, layer in enumerate(layers):
+        if type(layer) is StaticLayer:
+            continue
+        if type(layer).__name__ == "StaticSlidingWindowLayer" and not chunked:
+            layers[i] = StaticLayer(max_cache_len=positions)
+            continue
+        raise UnsupportedCache(f"{type(layer).__name__}{' (chunked attention)' if chunked else ''}")
 
 
 def _reset_cache(cache: Any) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -294,3 +295,70 @@ def test_cache_reset_equals_transformers_in_one_zeroing_call(family, monkeypatch
     layers[1][0].__class__ = OwnReset
     generation._reset_cache(caches[1])
     assert calls[-1] == "own"
+
+
+def _decoder(config_name: str, model_name: str, **extra) -> torch.nn.Module:
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=hf_tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=hf_tiny.LAYERS,
+        num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+# A window longer than the prompt's bucket (16 positions) and shorter than prompt + new tokens: the decode steps
+# cross it, where the ring buffer's branch changes (a window under the bucket is full from the prefill on and
+# never showed the fault).
+SLIDING = {"mistral": lambda: _decoder("MistralConfig", "MistralForCausalLM", num_key_value_heads=2, sliding_window=20),
+           "gemma2": lambda: _decoder("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=8,
+                                      sliding_window=20)}
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_models_match_hf_past_the_window(family) -> None:
+    """transformers' sliding-window cache layer is a ring buffer steered by a Python int, which the compiled
+    steps (guards checked once a call, CUDA-graph blocks) cannot follow: mmaccel.generate gave other tokens than
+    HF from the first position past the window, silently. Its cache holds those layers at full length instead,
+    the window applied by the model's mask: greedy tokens equal HF eager across and past a 20-token window, with
+    left padding, and no warning (the compiled path ran)."""
+    model = SLIDING[family]()
+    ids, mask = left_padded_batch([9, 5])
+    expected = hf_generate(model, ids, mask, max_new_tokens=24, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                                  options=EAGER)
+    assert torch.equal(actual, expected)
+    assert mmaccel.generation_report(model, **EAGER).compile.graphs
+
+
+def test_multi_query_falcon_gets_a_cache_of_its_kv_heads() -> None:
+    """Falcon's config has no num_key_value_heads (num_kv_heads reads the attention heads) while multi_query
+    gives its attention one K/V head: the cache is sized from the attention module (it was sized with 4 heads and
+    the prefill failed in Dynamo); tokens equal HF eager."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=hf_tiny.VOCAB, hidden_size=32, num_hidden_layers=hf_tiny.LAYERS, num_attention_heads=4,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    ids, mask = left_padded_batch([7, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                        options=EAGER), expected)
+
+
+def test_cache_with_state_the_steps_cannot_carry_falls_back_to_hf_generate() -> None:
+    """A model whose cache layers keep state beside static key/value tensors (here LFM2's convolution state)
+    runs the model's own generate() with one warning naming the layer type, tokens as HF's."""
+    model = _decoder("Lfm2Config", "Lfm2ForCausalLM", num_key_value_heads=2, layer_types=["conv", "full_attention"])
+    ids, mask = left_padded_batch([6])
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
+    from mmaccel.compiler import errors
+
+    errors._warned.clear()
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="LinearAttentionLayer.*own generate"):
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)
