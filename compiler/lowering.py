@@ -133,21 +133,38 @@ class FrozenGraph:
             self.record.final_graph = self.record.context = None
             self.record.status, self.record.reason = "stale", why
 
-    def _weights_unchanged(self, args: list[Any]) -> bool:
+    def _weights_unchanged(self, args: list[Any]) -> bool | None:
+        """True: the frozen tensors themselves were passed, unchanged. False: one of them changed (in place, or
+        new storage after a dtype round trip or load). None: other tensors came in their place while the frozen
+        ones are as they were: Dynamo reuses one graph for every layer whose forward it compiled as a frame of
+        its own (a graph break inside a loop over layers; Qwen2-VL's vision blocks), with each layer's
+        parameters as inputs; or a parameter was replaced by a new one."""
+        other = False
         for i, t, version, ptr in self.checks:
             a = args[i]
-            if a is not t or a._version != version or a.data_ptr() != ptr:
+            if t._version != version or t.data_ptr() != ptr:
                 return False
-        return True
+            other = other or a is not t
+        return None if other else True
 
     def __call__(self, args: list[Any]) -> Any:
         if _COLLECTORS:
             _COLLECTORS[-1].add(self)
-        if not self.stale and not self._weights_unchanged(args):
-            self.retire("frozen weights changed since compile time: runs unoptimized on the live weights")
-            warn_once("mmaccel: weights frozen at compile time have changed since (in-place update, "
-                      "load_state_dict or a replaced parameter); running the graph without frozen-weight "
-                      "optimizations. Call torch._dynamo.reset() and compile again to re-optimize.")
+        if not self.stale:
+            unchanged = self._weights_unchanged(args)
+            if unchanged is None:
+                # Not stale: the weights it froze come back on the next call of their own layer (tiny Qwen2-VL:
+                # every call warned "have changed since" and retired its vision block's graph after block 0).
+                warn_once("mmaccel: a compiled graph was called with other weights than those it froze (one graph "
+                          "Dynamo reuses for several layers after a graph break inside their loop, or a replaced "
+                          "parameter); those calls run without frozen-weight optimizations.")
+                refuse_released(args, "the unoptimized graph run for other weights than those frozen")
+                return self.unfrozen(args)
+            if not unchanged:
+                self.retire("frozen weights changed since compile time: runs unoptimized on the live weights")
+                warn_once("mmaccel: weights frozen at compile time have changed since (in-place update, "
+                          "load_state_dict or a new dtype); running the graph without frozen-weight "
+                          "optimizations. Call torch._dynamo.reset() and compile again to re-optimize.")
         if self.stale:
             refuse_released(args, "the unoptimized graph run when frozen weights change")
             return self.unfrozen(args)

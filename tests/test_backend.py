@@ -137,6 +137,57 @@ def test_changed_weights_are_never_served_stale():
         assert_matches_eager(compiled(x), model(x))
 
 
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(16, 16), nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(torch.relu(self.fc(x)) + x)
+
+
+class _BrokenLoop(nn.Module):
+    """A graph break inside the loop over blocks: Dynamo compiles the block's forward as a frame of its own and
+    serves every block from that one graph, each block's parameters as its inputs (Qwen2-VL's vision blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            torch._dynamo.graph_break()
+        return x
+
+
+def test_one_graph_serving_several_layers_is_not_taken_for_changed_weights():
+    """The graph froze the first block's weights; the other blocks' calls bring their own: they run unfrozen on
+    their weights with one warning saying so, and the graph is not retired as stale (before: "weights frozen at
+    compile time have changed", a reset advised that changes nothing, and every later call unoptimized). An
+    in-place update of the frozen weights still retires it."""
+    errors._warned.clear()
+    torch.manual_seed(0)
+    model = _BrokenLoop().eval()
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=mmaccel.Backend(target="eager"))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, mmaccel.collect_reports() as report:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert_matches_eager(compiled(x), model(x))
+    messages = [str(w.message) for w in caught]
+    assert sum("other weights than those it froze" in m for m in messages) == 1
+    assert not any("have changed since" in m for m in messages)
+    assert "stale" not in {g.status for g in report.graphs}
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, mmaccel.collect_reports() as report:
+        warnings.simplefilter("always")
+        model.blocks[0].fc.weight.mul_(2.0)
+        assert_matches_eager(compiled(x), model(x))
+    assert any("have changed since" in str(w.message) for w in caught)
+
+
 # ---- dynamic shapes -----------------------------------------------------------------------------
 
 class Attention(nn.Module):
