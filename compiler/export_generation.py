@@ -46,6 +46,7 @@ from .export_accuracy_level import int8_activation_matmuls
 from .onnx_fusions import NAME as FUSION, fuse_for_onnxruntime
 from .onnx_rewrites import compact_external_data, divide_by_square_roots, drop_zero_biases, share_tied_embedding
 from .export_embeddings import quantize_embeddings
+from . import hf_geometry
 from .onnx_generate import FORMAT, MANIFEST, VERSION
 from .options import as_sample
 from .report import CompileReport, GraphReport
@@ -486,8 +487,7 @@ def _cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     if _is_whisper(model):  # its num_hidden_layers / num_attention_heads name the encoder's
         return config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
     text = config.get_text_config(decoder=True)
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return text.num_hidden_layers, kv_heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, hf_geometry.kv_heads(model, text), getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
 def _check_plain_cache(model: torch.nn.Module) -> None:

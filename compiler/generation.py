@@ -30,6 +30,7 @@ from ._torch_internals import guards_checked_once, recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
 from .errors import warn_once
+from .hf_geometry import kv_heads
 from .options import CompileOptions
 from .report import CompileReport
 from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image, pareto_table
@@ -701,7 +702,7 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
             return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=positions, device=device,
                                dtype=dtype)
         _full_length_layers(cache, positions, text)
-        heads = _kv_heads(model, text)
+        heads = kv_heads(model, text)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         cache.early_initialization(batch, heads, head_dim, dtype, device)
         return cache
@@ -710,24 +711,6 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
         return allocate(length)
     # Cross-attention keys/values: one per encoder output position (Whisper: max_source_positions).
     return EncoderDecoderCache(allocate(length), allocate(model.config.max_source_positions))
-
-
-def _kv_heads(model: torch.nn.Module, text: Any) -> int:
-    """Key/value heads per layer, for allocating the cache before the first step: the text config's
-    num_key_value_heads where it has one, else the decoder's attention modules' own count, else its attention
-    heads. Falcon's config has no num_key_value_heads (its num_kv_heads reads num_attention_heads) while
-    multi_query gives its attention one K/V head: a cache allocated with 4 made the tiny model's prefill fail in
-    Dynamo (index_copy_ slice shapes)."""
-    heads = getattr(text, "num_key_value_heads", None)
-    if heads:
-        return heads
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for module in decoder.modules():
-        for name in ("num_kv_heads", "num_key_value_heads"):
-            value = getattr(module, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return text.num_attention_heads
 
 
 class UnsupportedCache(Exception):

@@ -724,3 +724,23 @@ def test_dynamic_shapes_do_not_apply(tmp_path) -> None:
     with pytest.raises(ValueError, match="dynamic_shapes does not apply"):
         mmaccel.export_onnx(hf_tiny.llama("sdpa"), {"input_ids": ids}, tmp_path / "out", generation=True,
                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+@pytest.mark.coverage
+def test_multi_query_falcon_exports_its_one_kv_head(tmp_path) -> None:
+    """Falcon's config counts no K/V heads of its own (num_kv_heads reads the attention heads) while multi_query
+    gives its attention one: the past is declared from the attention module (from the config, torch.export
+    failed: cat sizes 4 against 1); greedy tokens equal HF eager."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=hf_tiny.VOCAB, hidden_size=32, num_hidden_layers=hf_tiny.LAYERS, num_attention_heads=4,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    ids, mask = left_padded_batch([7, 4])
+    folder = str(tmp_path / "onnx")
+    mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True)
+    assert json.load(open(os.path.join(folder, "manifest.json")))["config"]["num_kv_heads"] == 1
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False)
+    actual = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(torch.from_numpy(actual), expected)

@@ -1,0 +1,26 @@
+"""What the KV cache of a Hugging Face model looks like, read from the model where its config is not enough: shared
+by mmaccel.generate (compiler/generation.py, which allocates the cache before the first step) and the ONNX
+generation export (compiler/export_generation.py, which declares the past's shape)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def kv_heads(model: torch.nn.Module, text: Any) -> int:
+    """Key/value heads per layer: the text config's num_key_value_heads where it has one, else the decoder's
+    attention modules' own count, else its attention heads. Falcon's config has no num_key_value_heads (its
+    num_kv_heads reads num_attention_heads) while multi_query gives its attention one K/V head: sized from the
+    config, mmaccel.generate's prefill failed in Dynamo (index_copy_ slice shapes) and the ONNX export in
+    torch.export (cat sizes)."""
+    heads = getattr(text, "num_key_value_heads", None)
+    if heads:
+        return heads
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for module in decoder.modules():
+        for name in ("num_kv_heads", "num_key_value_heads"):
+            value = getattr(module, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return text.num_attention_heads
