@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ class GraphSpec:
     inputs: list[str]
     outputs: list[str]
     dims: list[dict[int, str]]
+    sliding: bool = False  # the decoder of a model with sliding-window layers (onnx_fusions: padding_masks)
 
 
 class DecoderWithPast(torch.nn.Module):
@@ -82,7 +83,8 @@ class DecoderWithPast(torch.nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(list(zip(past[0::2], past[1::2])), config=self.model.config)
+        # No config: every layer a DynamicLayer keeping all its past, sliding-window ones too (_check_plain_cache)
+        cache = DynamicCache(list(zip(past[0::2], past[1::2])))
         out = self.model(**{self.token_input: tokens, self.cache_arg: cache}, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True)
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
@@ -245,7 +247,7 @@ def _onnxruntime_rewrites(spec: GraphSpec, path: str, inputs: Any, reference: li
     fused = False
     if spec.name == "decoder" and fuse_positions:
         feeds = decoder_feeds(spec)
-        record.passes.append(fuse_for_onnxruntime(path, feeds, fuse_positions))
+        record.passes.append(fuse_for_onnxruntime(path, feeds, fuse_positions, padding_masks=not spec.sliding))
         fused = record.passes[-1].matched > 0
     if reference is None:
         return
@@ -333,7 +335,7 @@ def generation_graphs(model: torch.nn.Module, example: Any, text: Any) -> list[G
     if getattr(model.config, "is_encoder_decoder", False):
         raise ExportError(f"export_onnx(generation=True) does not export encoder-decoder models other than "
                           f"Whisper yet ({type(model).__name__})")
-    _check_plain_cache(model)
+    sliding = _check_plain_cache(model)
     param = next(model.parameters())
     layers, kv_heads, head_dim = _cache_geometry(model)
     past = [(f"past_key_values.{i}.{kind}", _kv_example(param, kv_heads, TRACE_PAST, head_dim), True)
@@ -341,9 +343,11 @@ def generation_graphs(model: torch.nn.Module, example: Any, text: Any) -> list[G
     if _is_llava(model):
         embeds = torch.randn(TRACE_BATCH, TRACE_SEQUENCE, text.hidden_size, dtype=param.dtype, device=param.device)
         decoder = _decoder_graph(DecoderWithPast(model, "inputs_embeds"), "inputs_embeds", embeds, past)
-        return [decoder, _embed_graph(model, param.device), _vision_graph(model, example)]
+        return [replace(decoder, sliding=sliding), _embed_graph(model, param.device),
+                _vision_graph(model, example)]
     ids = torch.randint(0, text.vocab_size, (TRACE_BATCH, TRACE_SEQUENCE), device=param.device)
-    return [_decoder_graph(DecoderWithPast(model, "input_ids"), "input_ids", ids, past)]
+    return [replace(_decoder_graph(DecoderWithPast(model, "input_ids"), "input_ids", ids, past),
+                                sliding=sliding)]
 
 
 def _decoder_graph(module: torch.nn.Module, token_name: str, tokens: torch.Tensor,
@@ -490,16 +494,27 @@ def _cache_geometry(model: torch.nn.Module) -> tuple[int, int, int]:
     return text.num_hidden_layers, hf_geometry.kv_heads(model, text), getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
 
-def _check_plain_cache(model: torch.nn.Module) -> None:
-    """Every layer must keep all its past positions: a sliding-window layer drops old ones, so the past the
-    runtime feeds back would no longer line up with the attention mask (wrong tokens, not an error)."""
+def _check_plain_cache(model: torch.nn.Module) -> bool:
+    """Every layer must be one whose past is keys and values alone. A sliding-window layer is exported as a
+    full-attention one, keeping every past position (the decoder builds its cache without the config): the
+    window is applied by the model's own sliding-window mask (masking_utils: kv_idx > q_idx - sliding_window,
+    from the config), so the past the runtime feeds back stays lined up with the attention mask; transformers'
+    own sliding layer drops old positions, which that mask would then misplace (wrong tokens, not an error). The
+    past grows past the window: a decoder of window W reads the whole sequence where HF reads W positions.
+    Chunked attention (its mask places positions in absolute chunks) and layers with other state are refused.
+    Whether the model has sliding-window layers."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    text = model.config.get_text_config(decoder=True)
+    chunked = getattr(text, "attention_chunk_size", None) is not None or \
+        "chunked_attention" in (getattr(text, "layer_types", None) or ())
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    if kinds != {DynamicLayer.__name__}:
-        raise ExportError(f"{type(model).__name__}: its cache has {sorted(kinds)} layers; export_onnx(generation=True) "
-                          "supports full-attention layers (DynamicLayer) only, not sliding windows yet")
+    if chunked or not kinds <= {DynamicLayer.__name__, "DynamicSlidingWindowLayer"}:
+        raise ExportError(f"{type(model).__name__}: its cache has {sorted(kinds)} layers"
+                          f"{' (chunked attention)' if chunked else ''}; export_onnx(generation=True) supports "
+                          "full-attention and sliding-window layers only")
+    return "DynamicSlidingWindowLayer" in kinds
 
 
 def _is_whisper(model: torch.nn.Module) -> bool:

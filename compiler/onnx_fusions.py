@@ -383,8 +383,9 @@ class Shared:
     """Values the fused layers share, made once: seqlens_k and T from attention_mask, each mask's bias, the
     rotary tables."""
 
-    def __init__(self, g: Graph, max_positions: int) -> None:
+    def __init__(self, g: Graph, max_positions: int, padding_masks: bool = True) -> None:
         self.g, self.max_positions, self.nodes, self.made, self.near = g, max_positions, [], {}, []
+        self.padding_masks = padding_masks
 
     def constant(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -422,11 +423,12 @@ class Shared:
         from onnx import helper
 
         reads = value_inputs(self.g, mask)
-        if reads == {"attention_mask"}:
+        if reads == {"attention_mask"} and self.padding_masks:
             return self.padding_bias()
         name = f"{mask}_bias"
         if name not in self.made:  # once per mask, which every layer reads
-            self.near.append(f"mask {mask} reads {sorted(reads)}, not attention_mask alone: kept whole as the bias")
+            why = "not attention_mask alone" if reads != {"attention_mask"} else "the model has sliding windows"
+            self.near.append(f"mask {mask} reads {sorted(reads)}, {why}: kept whole as the bias")
             self.nodes += [] if additive else [helper.make_node("Where", [mask, *self.float_limits()], [name])]
             self.made[name] = name
         return mask if additive else name
@@ -727,11 +729,16 @@ def drop_value_info(graph: Any, names: set[str]) -> None:
     graph.value_info.extend(kept)
 
 
-def fuse_contrib_ops(graph: Any, max_positions: int, base_dir: str = "") -> tuple[dict[str, int], list[str]]:
+def fuse_contrib_ops(graph: Any, max_positions: int, base_dir: str = "", padding_masks: bool = True
+                     ) -> tuple[dict[str, int], list[str]]:
     """Rewrite every matching attention and RMSNorm of an onnx GraphProto in place: (fused op -> count,
-    near-misses with their reasons). base_dir: where its external data is (the file's folder)."""
+    near-misses with their reasons). base_dir: where its external data is (the file's folder). padding_masks:
+    whether a mask computed from attention_mask alone is HF's causal + padding mask, which Shared.padding_bias
+    stands for; not so for a model with sliding windows, whose window mask is also a function of attention_mask
+    (its length) alone: a tiny Mistral with an 8-token window, fused so, gave other tokens than HF from its
+    second new token (the check on a prompt and one decode step, inside the window, passed)."""
     g, removed, new, near = Graph(graph, base_dir), [], [], []
-    shared = Shared(g, max_positions)
+    shared = Shared(g, max_positions, padding_masks)
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         try:
             att = attention_at(g, softmax)
@@ -812,7 +819,8 @@ def sort_nodes(graph: Any) -> None:
     graph.node.extend(ordered)
 
 
-def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_positions: int) -> PassResult:
+def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_positions: int,
+                         padding_masks: bool = True) -> PassResult:
     """Fuse the ONNX file at `path` (fuse_contrib_ops), keeping the result only when ONNX Runtime's outputs on
     each of `feeds` equal the unfused file's within TOLERANCE; rewrites `path` only then."""
     import onnx
@@ -822,7 +830,7 @@ def fuse_for_onnxruntime(path: str, feeds: Sequence[dict[str, np.ndarray]], max_
     result = PassResult(name=NAME, nodes_before=len(proto.graph.node))
     base_dir = os.path.dirname(os.path.abspath(path))
     data_bytes = external_bytes(proto, base_dir)
-    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions, base_dir)
+    counts, result.near_misses = fuse_contrib_ops(proto.graph, max_positions, base_dir, padding_masks)
     result.nodes_after = len(proto.graph.node)
     if counts:
         if MS not in {o.domain for o in proto.opset_import}:
