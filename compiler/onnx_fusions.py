@@ -735,8 +735,9 @@ def fuse_contrib_ops(graph: Any, max_positions: int, base_dir: str = "", padding
     near-misses with their reasons). base_dir: where its external data is (the file's folder). padding_masks:
     whether a mask computed from attention_mask alone is HF's causal + padding mask, which Shared.padding_bias
     stands for; not so for a model with sliding windows, whose window mask is also a function of attention_mask
-    (its length) alone: a tiny Mistral with an 8-token window, fused so, gave other tokens than HF from its
-    second new token (the check on a prompt and one decode step, inside the window, passed)."""
+    (its length) alone: a tiny Mistral with an 8-token window, fused so (when its export was first allowed),
+    gave other tokens than HF from its second new token (the check on a prompt and one decode step, inside the
+    window, passed)."""
     g, removed, new, near = Graph(graph, base_dir), [], [], []
     shared = Shared(g, max_positions, padding_masks)
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:

@@ -699,9 +699,10 @@ def test_failed_export_leaves_no_folder_and_an_existing_one_untouched(existing, 
 
 def test_sliding_window_decoder_matches_hf_past_the_window(tmp_path) -> None:
     """A sliding-window model exports with full-length pasts, the window applied by the model's own mask, and
-    the contrib fusion keeps that mask whole as GroupQueryAttention's bias: as a padding bias (a mask of
-    attention_mask alone, as the window mask is) it dropped the window, a tiny Mistral giving other tokens than HF
-    from its second new token (its check on the trace's prompt and decode step, inside the window, passed).
+    the contrib fusion keeps that mask whole as GroupQueryAttention's bias (they were refused before): as a
+    padding bias (a mask of attention_mask alone, as the window mask is) it would drop the window, as it did for a
+    tiny Mistral once the refusal was lifted: other tokens than HF from its second new token, while the fusion's
+    check on the trace's prompt and decode step, inside the window, passed.
     Greedy tokens equal HF eager well past an 8-token window, with left padding."""
     model = _sliding_window_qwen2(window=8)
     ids, mask = left_padded_batch([7, 4])
