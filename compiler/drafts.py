@@ -151,15 +151,16 @@ def _step_bytes(model: torch.nn.Module, mlp_only: bool = False) -> int:
 
 def _decoder_layers(model: torch.nn.Module) -> tuple[str, int]:
     """The qualified name of the text decoder's layer list (`model.layers`, `model.language_model.layers`: a
-    vision tower's encoder layers are not it) and its length."""
+    vision tower's encoder layers are not it; `transformer.h` in GPT-2 and Falcon) and its length."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
+    layers = layers if isinstance(layers, torch.nn.ModuleList) else getattr(decoder, "h", None)
     if isinstance(layers, torch.nn.ModuleList):
         for name, module in model.named_modules():
             if module is layers:
                 return name, len(layers)
     raise ValueError(f"mmaccel.generate: cannot find the decoder layers of {type(model).__name__} (get_decoder() "
-                     "with a ModuleList 'layers') to derive a draft from")
+                     "with a ModuleList 'layers' or 'h') to derive a draft from")
 
 
 def _truncated(module: torch.nn.Module, path: list[str], layers: int, configs: dict[int, Any]) -> torch.nn.Module:

@@ -272,3 +272,30 @@ def test_auto_k_follows_the_acceptance_rate() -> None:
     assert settled(True, 0.05) == max(K_CHOICES) and settled(False, 0.05) == min(K_CHOICES)
     policy = _KPolicy(K_CHOICES, 0.05, accepted=8, rejected=2)
     assert policy.next_k() > _KPolicy(K_CHOICES, 0.5, accepted=8, rejected=2).next_k()
+
+
+def test_self_speculation_on_h_layer_lists_and_sliding_windows() -> None:
+    """draft='layers:1' finds Falcon's (and GPT-2's) decoder layers under transformer.h (refused before: 'cannot find
+    the decoder layers'), and runs on a sliding-window Mistral whose rounds cross its window: greedy tokens equal
+    HF eager, the draft a truncated view of the target."""
+    import transformers
+
+    def build(config_name: str, model_name: str, **extra) -> torch.nn.Module:
+        torch.manual_seed(0)
+        config = getattr(transformers, config_name)(
+            vocab_size=hf_tiny.VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+        return getattr(transformers, model_name)(config).eval()
+
+    models = {"falcon": build("FalconConfig", "FalconForCausalLM"),
+              "mistral": build("MistralConfig", "MistralForCausalLM", intermediate_size=64, num_key_value_heads=2,
+                               sliding_window=20)}
+    ids, mask = left_padded_batch([9, 5])
+    for name, model in models.items():
+        expected = hf_generate(model, ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=[])
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=24, pad_token_id=0, eos_token_id=[],
+                                  draft="layers:1", speculative_k=3, options=EAGER)
+        assert torch.equal(actual, expected), name
+        assert mmaccel.generation_report(model, **EAGER).speculative["rounds"] > 0, name
+        draft, _ = resolve_draft(model, "layers:1")
+        assert {id(p) for p in draft.parameters()} < {id(p) for p in model.parameters()}, name
