@@ -285,6 +285,13 @@ ARCHITECTURES = [
          gqa=True),
     Arch("gemma_gqa", "decoder (grouped-query)", _tiny(T.GemmaConfig, T.GemmaModel, **_GQA, head_dim=8), _ids,
          LAYERS, gqa=True),
+    # sliding windows shorter than the 9-token inputs, so the window mask matters
+    Arch("mistral_window", "decoder (grouped-query, sliding window)",
+         _tiny(T.MistralConfig, T.MistralModel, **_GQA, sliding_window=4), _ids, LAYERS, gqa=True),
+    Arch("gemma2", "decoder (grouped-query, sliding window, soft-capped scores)",
+         _tiny(T.Gemma2Config, T.Gemma2Model, **_GQA, head_dim=8, sliding_window=4), _ids, LAYERS, gqa=True),
+    Arch("gemma3", "decoder (grouped-query, sliding window)",
+         _tiny(T.Gemma3TextConfig, T.Gemma3TextModel, **_GQA, head_dim=8, sliding_window=4), _ids, LAYERS, gqa=True),
     # text encoders
     Arch("bert", "encoder", _tiny(T.BertConfig, T.BertModel, **_BERT), _ids_and_mask, LAYERS),
     Arch("roberta", "encoder", _tiny(T.RobertaConfig, T.RobertaModel, **dict(_BERT, pad_token_id=1)), _ids_and_mask,
