@@ -103,16 +103,19 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     scored = kwargs.pop("_scored", False)  # mmaccel.cascade: (tokens, mean log-probability per row)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_ARGS}
     config = _resolve_config(model, user)
-    session = _session(model, user.get("options") or {})
     try:
+        if getattr(model.config, "is_encoder_decoder", False) and type(model.config).__name__ != "WhisperConfig":
+            # Its prompt would be taken as the decoder's and the encoder's input looked for as input_features:
+            # BART asked for input_features, T5 failed on a missing max_position_embeddings
+            raise Unsupported("encoder-decoder models other than Whisper are not compiled by mmaccel.generate")
+        session = _session(model, user.get("options") or {})
         return session.generate(input_ids, attention_mask, kwargs, config, scored)
-    except UnsupportedCache as e:
+    except Unsupported as e:
         if scored:
-            raise ValueError(f"mmaccel.generate: {type(model).__name__}'s cache layers ({e}) keep state the "
-                             "compiled steps cannot carry") from None
-        # Raised when the cache is made, before any step ran: nothing to undo.
-        warn_once(f"mmaccel.generate: {type(model).__name__}'s cache layers ({e}) keep state the compiled steps "
-                  "cannot carry; running the model's own generate() instead (uncompiled)")
+            raise ValueError(f"mmaccel.generate: {type(model).__name__}: {e}") from None
+        # Raised before any step ran (checks at the start of a call, or when the cache is made): nothing to undo.
+        warn_once(f"mmaccel.generate: {type(model).__name__}: {e}; running the model's own generate() instead "
+                  "(uncompiled)")
         hf = {k: v for k, v in user.items() if k not in ("options", "seed")}
         return model.generate(input_ids, attention_mask=attention_mask, **hf, **kwargs)
 
@@ -713,8 +716,8 @@ def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.
     return EncoderDecoderCache(allocate(length), allocate(model.config.max_source_positions))
 
 
-class UnsupportedCache(Exception):
-    """The model's static cache keeps state the compiled steps cannot carry (mmaccel.generate falls back)."""
+class Unsupported(Exception):
+    """What mmaccel.generate cannot compile for this model, in words (it falls back to the model's generate())."""
 
 
 def _full_length_layers(cache: Any, positions: int, text: Any) -> None:
@@ -729,7 +732,7 @@ def _full_length_layers(cache: Any, positions: int, text: Any) -> None:
     the model's sliding-window mask (masking_utils: kv_idx > q_idx - sliding_window, from the config), which
     the left padding of the prompt bucket does not change: it shifts queries and keys alike. Chunked attention
     (its mask depends on where positions fall in absolute chunks, which that padding moves) and layers with
-    other state (linear attention, shared or indexed keys) raise UnsupportedCache."""
+    other state (linear attention, shared or indexed keys) raise Unsupported."""
     from transformers.cache_utils import StaticLayer
 
     layers = getattr(cache, "layers", None)
@@ -743,7 +746,8 @@ def _full_length_layers(cache: Any, positions: int, text: Any) -> None:
         if type(layer).__name__ == "StaticSlidingWindowLayer" and not chunked:
             layers[i] = StaticLayer(max_cache_len=positions)
             continue
-        raise UnsupportedCache(f"{type(layer).__name__}{' (chunked attention)' if chunked else ''}")
+        raise Unsupported(f"its cache layers ({type(layer).__name__}{' (chunked attention)' if chunked else ''}) "
+                          "keep state the compiled steps cannot carry")
 
 
 def _reset_cache(cache: Any) -> None:

@@ -362,3 +362,24 @@ def test_cache_with_state_the_steps_cannot_carry_falls_back_to_hf_generate() -> 
     with pytest.warns(mmaccel.MmaccelFallbackWarning, match="LinearAttentionLayer.*own generate"):
         actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
     assert torch.equal(actual, expected)
+
+
+def test_encoder_decoders_other_than_whisper_fall_back_to_hf_generate() -> None:
+    """BART and T5: the prompt is the encoder's, which mmaccel.generate (built for Whisper's input_features)
+    would have taken as the decoder's; it asked BART for input_features and failed on T5's missing
+    max_position_embeddings. Now: the model's own generate() with one warning, tokens as HF's."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=hf_tiny.VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)).eval()
+    ids, mask = left_padded_batch([6, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
+    from mmaccel.compiler import errors
+
+    errors._warned.clear()
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="encoder-decoder models other than Whisper"):
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)
