@@ -140,6 +140,24 @@ def test_regression_linears_of_a_symbolic_length_reshape_through_sym_size():
     assert len(compiled.mmaccel_report.graphs) == 1
 
 
+def test_a_symbolic_size_as_a_pointwise_operand_is_left_to_aten_not_the_whole_graph():
+    """An operand computed as a number in the graph (x.shape[1], a SymInt at a symbolic length; Hugging Face's
+    dynamic cache under its default generate() makes such graphs) was taken for a tensor by the kernel writer:
+    the whole graph fell back unoptimized ("'SymInt' object has no attribute 'shape'"). Now that op stays an
+    ATen op and the rest is generated: optimized on the Triton target, output as eager's."""
+    def fn(x, y):
+        positions = torch.arange(4, device=x.device) + x.shape[1]
+        return (x * 2).relu() + y.sum(-1, keepdim=True) + positions
+
+    compiled = mmaccel.compile(fn, target="triton", dynamic=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        for n in (3, 7):
+            x, y = torch.randn(2, n, 4, device=DEVICE), torch.randn(2, n, 5, device=DEVICE)
+            assert_matches_eager(compiled(x, y), fn(x, y))
+    assert {(g.status, g.target) for g in compiled.mmaccel_report.graphs} == {("optimized", "triton")}
+
+
 def test_kernel_source_is_dumped_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("MMACCEL_CACHE_DIR", str(tmp_path / "cache"))
 

@@ -221,6 +221,11 @@ def fusible_kinds(gm: fx.GraphModule, device: torch.device,
         if kind is None or not _supported_sizes(v.shape):
             continue
         tensor_args = [a for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor)]
+        if len(tensor_args) != len(node.all_input_nodes):
+            # an operand computed as a number in the graph (a SymInt from a symbolic size: Hugging Face's dynamic
+            # cache under the default recipe) has no tensor to load; the kernel writer took it for one and the
+            # whole graph fell back unoptimized ("'SymInt' object has no attribute 'shape'"): left to ATen
+            continue
         if any(_val(a).device != device or _val(a).dtype not in ops.TL_DTYPES or not _supported_sizes(_val(a).shape)
                for a in tensor_args):
             continue
