@@ -335,6 +335,14 @@ def generation_graphs(model: torch.nn.Module, example: Any, text: Any) -> list[G
     if getattr(model.config, "is_encoder_decoder", False):
         raise ExportError(f"export_onnx(generation=True) does not export encoder-decoder models other than "
                           f"Whisper yet ({type(model).__name__})")
+    images = [name for name in ("pixel_values", "pixel_values_videos", "image_grid_thw")
+              if dict(example.kwargs).get(name) is not None]
+    if images and not _is_llava(model):
+        # exported as its text decoder alone, the folder would drop the images the example gave, and only
+        # onnx_generate would say so ("pixel_values given, but this folder has no vision graph")
+        raise ExportError(f"export_onnx(generation=True) exports the vision graph of LLaVA only; "
+                          f"{type(model).__name__}'s example holds {images}: drop them to export its text decoder "
+                          "alone, or run it with mmaccel.generate")
     sliding = _check_plain_cache(model)
     param = next(model.parameters())
     layers, kv_heads, head_dim = _cache_geometry(model)

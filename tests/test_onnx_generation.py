@@ -740,6 +740,16 @@ def test_unsupported_models_are_refused_before_any_work(build, options, match, t
     assert not os.listdir(tmp_path)
 
 
+def test_images_of_a_vision_language_model_other_than_llava_are_refused(tmp_path) -> None:
+    """PaliGemma with pixel_values in the example: the folder would hold its text decoder alone and drop the
+    images (only onnx_generate said so, later); refused before any work, naming the way out."""
+    ids, pixels = hf_tiny.vlm_inputs()
+    with pytest.raises(ExportError, match="vision graph of LLaVA only.*pixel_values"):
+        mmaccel.export_onnx(hf_tiny.paligemma(), {"input_ids": ids, "pixel_values": pixels}, tmp_path / "out",
+                            generation=True)
+    assert not os.listdir(tmp_path)
+
+
 def test_dynamic_shapes_do_not_apply(tmp_path) -> None:
     ids, _ = hf_tiny.token_batch(2, 4)
     with pytest.raises(ValueError, match="dynamic_shapes does not apply"):
