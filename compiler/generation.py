@@ -102,8 +102,14 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     backend (target, ...)."""
     scored = kwargs.pop("_scored", False)  # mmaccel.cascade: (tokens, mean log-probability per row)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_ARGS}
+    given = dict(kwargs)  # for the fallback: HF's generate() takes the options this call gave as they were
     config = _resolve_config(model, user)
     try:
+        asked = _uncompiled_options(kwargs)
+        if asked:
+            raise Unsupported(f"{', '.join(asked)} asked for, which mmaccel.generate does not compile (it takes "
+                              "greedy and sampling with temperature, top_k, top_p, stop and pad ids)")
+        _note_ignored_defaults(model, user.get("generation_config"))
         if getattr(model.config, "is_encoder_decoder", False) and type(model.config).__name__ != "WhisperConfig":
             # Its prompt would be taken as the decoder's and the encoder's input looked for as input_features:
             # BART asked for input_features, T5 failed on a missing max_position_embeddings
@@ -117,7 +123,67 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
         warn_once(f"mmaccel.generate: {type(model).__name__}: {e}; running the model's own generate() instead "
                   "(uncompiled)")
         hf = {k: v for k, v in user.items() if k not in ("options", "seed")}
-        return model.generate(input_ids, attention_mask=attention_mask, **hf, **kwargs)
+        return model.generate(input_ids, attention_mask=attention_mask, **hf, **given)
+
+
+# Hugging Face generation options that leave the tokens as they are (bookkeeping, caches, what a dict output would
+# hold); mmaccel.generate's own are _GENERATE_ARGS. Any other GenerationConfig field or generate() argument given
+# in a call with a value other than its default (num_beams=2, repetition_penalty, min_new_tokens, a streamer,
+# return_dict_in_generate, ...) was passed on to the model's forward, which ignored it: greedy tokens came back
+# where beam search was asked for, with no word said.
+_NO_EFFECT = {"_from_model_config", "transformers_version", "bos_token_id", "cache_implementation", "cache_config",
+              "compile_config", "disable_compile", "use_cache", "low_memory", "max_cache_len", "prefill_chunk_size",
+              "output_attentions", "output_hidden_states", "output_scores", "output_logits", "is_assistant",
+              "continuous_batching_config", "synced_gpus", "use_model_defaults"}
+
+
+def _hf_generation_defaults() -> dict[str, Any]:
+    """GenerationConfig's fields and generate()'s own arguments (None), at the defaults generate() applies:
+    transformers 5 leaves unset fields None and fills them from GenerationConfig._get_default_generation_params()
+    (num_beams 1, repetition_penalty 1.0, ...; absent elsewhere, where the fields hold their defaults)."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    arguments = set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "inputs", "kwargs"}
+    fields = GenerationConfig().to_dict()
+    applied = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+    return {**{name: None for name in arguments}, **fields, **{k: v for k, v in applied.items() if k in fields}}
+
+
+def _uncompiled_options(kwargs: dict[str, Any]) -> list[str]:
+    """Takes HF's generation options out of `kwargs` (what is left are model inputs); those that change what
+    comes out, as "name=value" (empty: the call can be compiled)."""
+    defaults = _hf_generation_defaults()
+    asked = []
+    for name in [n for n in kwargs if n in defaults]:
+        value = kwargs.pop(name)
+        if name not in _NO_EFFECT and value is not None and not _same(value, defaults[name]):
+            asked.append(f"{name}={value!r}"[:80])
+    return asked
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - tensors and other objects that do not compare to a bool: a given value
+        return a is b
+
+
+def _note_ignored_defaults(model: torch.nn.Module, config: Any = None) -> None:
+    """One warning naming what the generation config (the call's, else the model's) sets that mmaccel.generate
+    does not apply (repetition_penalty in many chat models' configs, Whisper's suppress_tokens): HF's generate()
+    applies them by default, so the tokens can differ from it."""
+    config = config if config is not None else getattr(model, "generation_config", None)
+    if config is None or not hasattr(config, "to_diff_dict"):
+        return
+    defaults = _hf_generation_defaults()
+    ignored = sorted(name for name, value in config.to_diff_dict().items()
+                     if name in defaults and name not in _NO_EFFECT and name not in _GENERATE_ARGS
+                     and name not in ("max_length", "decoder_start_token_id") and value is not None
+                     and not _same(value, defaults[name]))
+    if ignored:
+        warn_once(f"mmaccel.generate: {type(model).__name__}'s generation config sets {', '.join(ignored)}, which "
+                  "mmaccel.generate does not apply (its tokens can differ from model.generate()'s); pass such "
+                  "an option in the call to run the model's own generate() instead")
 
 
 def generation_report(model: torch.nn.Module, **options: Any) -> GenerationReport:

@@ -383,3 +383,35 @@ def test_encoder_decoders_other_than_whisper_fall_back_to_hf_generate() -> None:
     with pytest.warns(mmaccel.MmaccelFallbackWarning, match="encoder-decoder models other than Whisper"):
         actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
     assert torch.equal(actual, expected)
+
+
+def test_hf_generation_options_it_does_not_compile_run_hf_generate_and_defaults_are_named() -> None:
+    """HF generate() options mmaccel.generate does not compile (num_beams, repetition_penalty, ...) were passed on
+    to the model's forward, which ignored them: greedy tokens where beam search was asked for, no word said.
+    Given in a call, they now run the model's own generate() with one warning naming them (tokens as HF's); at
+    their defaults (num_beams=1, use_cache=True) they change nothing and the steps stay compiled; set in the
+    model's generation config (HF applies it by default), one warning says mmaccel.generate does not apply it."""
+    from mmaccel.compiler import errors
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    errors._warned.clear()
+    for extra in (dict(num_beams=2), dict(repetition_penalty=1.3)):
+        expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False, **extra)
+        name = next(iter(extra))
+        with pytest.warns(mmaccel.MmaccelFallbackWarning, match=f"{name}=.*does not compile"):
+            actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                      options=EAGER, **extra)
+        assert torch.equal(actual, expected), name
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER,
+                                  num_beams=1, use_cache=True, output_scores=False)
+    assert torch.equal(actual, expected)
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.warns(mmaccel.MmaccelFallbackWarning, match="generation config sets repetition_penalty"):
+            mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
