@@ -119,7 +119,7 @@ def variant_runner(variant: str, model: torch.nn.Module, inputs: dict[str, Any])
                       "mmaccel (HF recipe, scalars)": {"backend": "mmaccel"}}[variant]
     model.forward = torch.compile(model.forward, **compile_kwargs)
     if variant.endswith("scalars)"):  # Tensor.item() captured, not a graph break (README: the recipe for VLMs)
-        # torch 2.11 (and 2.12) Dynamo inlines transformers' torch._check_tensor_all(image tokens * hidden ==
+        # torch 2.11's Dynamo (2.12 not tried) inlines transformers' torch._check_tensor_all(image tokens * hidden ==
         # features.numel()) and fails at LLaVA's masked_scatter ("PendingUnbackedSymbolNotFound", the eager
         # backend too; seen on the H200 and reproduced on CPU with torch 2.11 + transformers 5.17); 2.13 handles
         # that check itself. transformers' own switch drops the check (a compile-time hint only): what the README
