@@ -103,6 +103,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     scored = kwargs.pop("_scored", False)  # mmaccel.cascade: (tokens, mean log-probability per row)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in _GENERATE_ARGS}
     given = dict(kwargs)  # for the fallback: HF's generate() takes the options this call gave as they were
+    _max_length_as_new_tokens(model, input_ids, user, kwargs)
     config = _resolve_config(model, user)
     try:
         asked = _uncompiled_options(kwargs)
@@ -124,6 +125,23 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
                   "(uncompiled)")
         hf = {k: v for k, v in user.items() if k not in ("options", "seed")}
         return model.generate(input_ids, attention_mask=attention_mask, **hf, **given)
+
+
+def _max_length_as_new_tokens(model: torch.nn.Module, input_ids: Any, user: dict[str, Any],
+                              kwargs: dict[str, Any]) -> None:
+    """HF's max_length (prompt + new tokens) as max_new_tokens, which wins when both are given, as in HF's generate.
+    Decoder-only models: an encoder-decoder's max_length counts its decoder's tokens, and stays an option that
+    runs HF's generate()."""
+    if "max_length" not in kwargs or getattr(model.config, "is_encoder_decoder", False):
+        return
+    max_length = kwargs.pop("max_length")
+    if user.get("max_new_tokens") is not None or max_length is None or not isinstance(input_ids, torch.Tensor):
+        return
+    new = int(max_length) - input_ids.shape[-1]
+    if new < 1:
+        raise ValueError(f"mmaccel.generate: max_length={max_length} leaves no new token after the prompt's "
+                         f"{input_ids.shape[-1]} tokens; pass max_new_tokens (new tokens alone) instead")
+    user["max_new_tokens"] = new
 
 
 # Hugging Face generation options that leave the tokens as they are (bookkeeping, caches, what a dict output would

@@ -415,3 +415,19 @@ def test_hf_generation_options_it_does_not_compile_run_hf_generate_and_defaults_
             mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
     finally:
         model.generation_config.repetition_penalty = 1.0
+
+
+def test_max_length_counts_the_prompt_as_in_hf() -> None:
+    """max_length (prompt + new tokens) is taken as HF takes it: alone, the new tokens are what the prompt leaves
+    (steps compiled, no fallback); beside max_new_tokens, max_new_tokens wins; one that leaves no new token is a
+    ValueError naming max_new_tokens."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        for kwargs in (dict(max_length=12), dict(max_length=30, max_new_tokens=3)):
+            expected = hf_generate(model, ids, mask, do_sample=False, **kwargs)
+            actual = mmaccel.generate(model, ids, mask, do_sample=False, pad_token_id=0, options=EAGER, **kwargs)
+            assert torch.equal(actual, expected), kwargs
+    with pytest.raises(ValueError, match="max_length=7 leaves no new token.*max_new_tokens"):
+        mmaccel.generate(model, ids, mask, max_length=7, options=EAGER)
