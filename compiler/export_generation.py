@@ -515,8 +515,7 @@ def _check_plain_cache(model: torch.nn.Module) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     text = model.config.get_text_config(decoder=True)
-    chunked = getattr(text, "attention_chunk_size", None) is not None or \
-        "chunked_attention" in (getattr(text, "layer_types", None) or ())
+    chunked = hf_geometry.chunked_attention(text)
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
     if chunked or not kinds <= {DynamicLayer.__name__, "DynamicSlidingWindowLayer"}:
         raise ExportError(f"{type(model).__name__}: its cache has {sorted(kinds)} layers"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
 import weakref
@@ -30,7 +31,7 @@ from ._torch_internals import guards_checked_once, recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
 from .errors import warn_once
-from .hf_geometry import kv_heads
+from .hf_geometry import chunked_attention, kv_heads
 from .options import CompileOptions
 from .report import CompileReport
 from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image, pareto_table
@@ -155,10 +156,13 @@ _NO_EFFECT = {"_from_model_config", "transformers_version", "bos_token_id", "cac
               "continuous_batching_config", "synced_gpus", "use_model_defaults"}
 
 
+@functools.lru_cache(maxsize=1)
 def _hf_generation_defaults() -> dict[str, Any]:
     """GenerationConfig's fields and generate()'s own arguments (None), at the defaults generate() applies:
     transformers 5 leaves unset fields None and fills them from GenerationConfig._get_default_generation_params()
-    (num_beams 1, repetition_penalty 1.0, ...; absent elsewhere, where the fields hold their defaults)."""
+    (num_beams 1, repetition_penalty 1.0, ...; absent elsewhere, where the fields hold their defaults). Built once
+    per process: 2.8 ms on this project's CPU, twice per call before (a Whisper 8+8 call takes 49 ms on the
+    H200). Read only."""
     from transformers import GenerationConfig, GenerationMixin
 
     arguments = set(inspect.signature(GenerationMixin.generate).parameters) - {"self", "inputs", "kwargs"}
@@ -174,9 +178,14 @@ def _uncompiled_options(kwargs: dict[str, Any]) -> list[str]:
     asked = []
     for name in [n for n in kwargs if n in defaults]:
         value = kwargs.pop(name)
-        if name not in _NO_EFFECT and value is not None and not _same(value, defaults[name]):
+        if _changes_tokens(name, value):
             asked.append(f"{name}={value!r}"[:80])
     return asked
+
+
+def _changes_tokens(name: str, value: Any) -> bool:
+    """Whether HF generation option `name` at `value` makes HF's generate() give other tokens than its default."""
+    return name not in _NO_EFFECT and value is not None and not _same(value, _hf_generation_defaults()[name])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -193,11 +202,9 @@ def _note_ignored_defaults(model: torch.nn.Module, config: Any = None) -> None:
     config = config if config is not None else getattr(model, "generation_config", None)
     if config is None or not hasattr(config, "to_diff_dict"):
         return
-    defaults = _hf_generation_defaults()
     ignored = sorted(name for name, value in config.to_diff_dict().items()
-                     if name in defaults and name not in _NO_EFFECT and name not in _GENERATE_ARGS
-                     and name not in ("max_length", "decoder_start_token_id") and value is not None
-                     and not _same(value, defaults[name]))
+                     if name in _hf_generation_defaults() and name not in _GENERATE_ARGS
+                     and name not in ("max_length", "decoder_start_token_id") and _changes_tokens(name, value))
     if ignored:
         warn_once(f"mmaccel.generate: {type(model).__name__}'s generation config sets {', '.join(ignored)}, which "
                   "mmaccel.generate does not apply (its tokens can differ from model.generate()'s); pass such "
@@ -822,8 +829,7 @@ def _full_length_layers(cache: Any, positions: int, text: Any) -> None:
     layers = getattr(cache, "layers", None)
     if layers is None:
         return
-    chunked = getattr(text, "attention_chunk_size", None) is not None or \
-        "chunked_attention" in (getattr(text, "layer_types", None) or ())
+    chunked = chunked_attention(text)
     for i, layer in enumerate(layers):
         if type(layer) is StaticLayer:
             continue

@@ -24,3 +24,11 @@ def kv_heads(model: torch.nn.Module, text: Any) -> int:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return text.num_attention_heads
+
+
+def chunked_attention(text: Any) -> bool:
+    """Whether some layer attends in chunks (Llama 4): transformers gives such layers the sliding-window cache
+    class, but their mask places positions in absolute chunks, which neither a full-length cache layer nor the
+    prompt bucket's left padding keeps as HF has it."""
+    return getattr(text, "attention_chunk_size", None) is not None or \
+        "chunked_attention" in (getattr(text, "layer_types", None) or ())

@@ -354,12 +354,18 @@ def test_cache_with_state_the_steps_cannot_carry_falls_back_to_hf_generate() -> 
     """A model whose cache layers keep state beside static key/value tensors (here LFM2's convolution state)
     runs the model's own generate() with one warning naming the layer type, tokens as HF's."""
     model = _decoder("Lfm2Config", "Lfm2ForCausalLM", num_key_value_heads=2, layer_types=["conv", "full_attention"])
-    ids, mask = left_padded_batch([6])
-    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
+    _assert_falls_back_to_hf_generate(model, left_padded_batch([6]), "LinearAttentionLayer.*own generate")
+
+
+def _assert_falls_back_to_hf_generate(model: torch.nn.Module, prompt: tuple[torch.Tensor, torch.Tensor],
+                                      match: str) -> None:
+    """mmaccel.generate on `model` warns once (`match`) and gives HF generate()'s greedy tokens."""
     from mmaccel.compiler import errors
 
+    ids, mask = prompt
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
     errors._warned.clear()
-    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="LinearAttentionLayer.*own generate"):
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match=match):
         actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
     assert torch.equal(actual, expected)
 
@@ -375,14 +381,7 @@ def test_encoder_decoders_other_than_whisper_fall_back_to_hf_generate() -> None:
         vocab_size=hf_tiny.VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)).eval()
-    ids, mask = left_padded_batch([6, 4])
-    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False)
-    from mmaccel.compiler import errors
-
-    errors._warned.clear()
-    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="encoder-decoder models other than Whisper"):
-        actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
-    assert torch.equal(actual, expected)
+    _assert_falls_back_to_hf_generate(model, left_padded_batch([6, 4]), "encoder-decoder models other than Whisper")
 
 
 def test_hf_generation_options_it_does_not_compile_run_hf_generate_and_defaults_are_named() -> None:
