@@ -44,6 +44,8 @@ def main() -> None:
                    "mmaccel.generate: model.forward = torch.compile(model.forward, backend='mmaccel'), then "
                    "generate(cache_implementation='static') (bench/hf_generate.py's 'mmaccel (HF recipe)'); --host "
                    "then profiles whole calls, since that recipe's host work is per token")
+    p.add_argument("--variants", default="", help="comma list of bench/hf_generate.py variants to profile one after "
+                   "another on the same model (for example mmaccel.generate,mmaccel.generate@keep50); overrides --recipe")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -51,10 +53,20 @@ def main() -> None:
     model, inputs, what = build(args.model, args.tiny, device, dtype, args.layers)
     new = min(args.new_tokens, 8) if args.tiny else args.new_tokens
 
-    if args.recipe:
-        generate = variant_runner("mmaccel (HF recipe)", model, inputs)
-    else:
-        generate = lambda n: mmaccel.generate(model, **inputs, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
+    variants = args.variants.split(",") if args.variants else ["mmaccel (HF recipe)" if args.recipe else "mmaccel.generate"]
+    rows = []
+    for variant in variants:
+        rows.append(profile_variant(variant, model, inputs, what, new, device, args))
+    if args.out:
+        write_json(args.out, {"environment": environment(device, layers=args.layers), "rows": rows})
+        print(f"wrote {args.out}")
+
+
+def profile_variant(variant: str, model: torch.nn.Module, inputs: dict, what: str, new: int, device: str,
+                    args: argparse.Namespace) -> dict:
+    """One variant: two warm-up calls, then one profiled call of `new` tokens (see the module docstring)."""
+    generate = variant_runner(variant, model, inputs)
+    recipe = "recipe" in variant
 
     def call() -> torch.Tensor:
         return generate(new)
@@ -72,7 +84,7 @@ def main() -> None:
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     count = {e.key: e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU}
     row = {
-        "model": args.model, "loop": "HF recipe" if args.recipe else "mmaccel.generate", "prompt": what,
+        "model": args.model, "loop": variant, "prompt": what,
         "new_tokens": new, "wall_ms": round(wall_ms, 2),
         "kernel_ms": round(sum(e.self_device_time_total for e in gpu) / 1000, 2),
         "kernels": sum(e.count for e in gpu),
@@ -81,9 +93,9 @@ def main() -> None:
         "top_kernels": [(e.key[:90], e.count, round(e.self_device_time_total / 1000, 3))
                         for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:args.rows]],
     }
-    print(f"{args.model} ({what}), {new} new tokens: wall {row['wall_ms']} ms ({wall_ms / new:.3f} ms/token), "
-          f"GPU kernel time {row['kernel_ms']} ms, {row['kernels']} kernels; {row['graph_launches']} CUDA-graph "
-          f"launches, {row['kernel_launches']} kernel launches from the host")
+    print(f"{args.model} ({what}), {variant}, {new} new tokens: wall {row['wall_ms']} ms ({wall_ms / new:.3f} "
+          f"ms/token), GPU kernel time {row['kernel_ms']} ms, {row['kernels']} kernels; {row['graph_launches']} "
+          f"CUDA-graph launches, {row['kernel_launches']} kernel launches from the host")
     for key, n, ms in row["top_kernels"]:
         print(f"  {ms:9.3f} ms {n:6d}x  {key}")
     if args.step:
@@ -93,10 +105,8 @@ def main() -> None:
             print(f"  {us:8.2f} us  {key}")
     if args.host:
         # mmaccel.generate: the first token alone, whose host work comes before the GPU's; the recipe: whole calls
-        row["host"] = host_profile(generate, new if args.recipe else 1, device, args.rows * 3)
-    if args.out:
-        write_json(args.out, {"environment": environment(device, layers=args.layers), "rows": [row]})
-        print(f"wrote {args.out}")
+        row["host"] = host_profile(generate, new if recipe else 1, device, args.rows * 3)
+    return row
 
 
 def host_profile(generate, new: int, device: str, rows: int) -> dict:

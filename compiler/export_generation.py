@@ -509,18 +509,20 @@ def _check_plain_cache(model: torch.nn.Module) -> bool:
     from the config), so the past the runtime feeds back stays lined up with the attention mask; transformers'
     own sliding layer drops old positions, which that mask would then misplace (wrong tokens, not an error). The
     past grows past the window: a decoder of window W reads the whole sequence where HF reads W positions.
-    Chunked attention (its mask places positions in absolute chunks) and layers with other state are refused.
+    Chunked attention (its mask places positions in absolute chunks), multi-head latent attention (keys and values
+    of other widths than the past's declared shape) and layers with other state are refused.
     Whether the model has sliding-window layers."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     text = model.config.get_text_config(decoder=True)
-    chunked = hf_geometry.chunked_attention(text)
+    chunked, latent = hf_geometry.chunked_attention(text), hf_geometry.latent_attention(text)
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    if chunked or not kinds <= {DynamicLayer.__name__, "DynamicSlidingWindowLayer"}:
+    if chunked or latent or not kinds <= {DynamicLayer.__name__, "DynamicSlidingWindowLayer"}:
         raise ExportError(f"{type(model).__name__}: its cache has {sorted(kinds)} layers"
-                          f"{' (chunked attention)' if chunked else ''}; export_onnx(generation=True) supports "
-                          "full-attention and sliding-window layers only")
+                          f"{' (chunked attention)' if chunked else ''}"
+                          f"{' (multi-head latent attention: keys and values of other widths)' if latent else ''}; "
+                          "export_onnx(generation=True) supports full-attention and sliding-window layers only")
     return "DynamicSlidingWindowLayer" in kinds
 
 

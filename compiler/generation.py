@@ -27,16 +27,16 @@ from typing import Any, Sequence
 import torch
 
 from ..passes.pipeline import asks_for_lossy
-from ._torch_internals import guards_checked_once, recompile_limit_at_least
+from ._torch_internals import recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
 from .errors import warn_once
-from .hf_geometry import chunked_attention, kv_heads
+from .hf_geometry import chunked_attention, kv_heads, latent_attention
 from .options import CompileOptions
 from .report import CompileReport
 from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image, pareto_table
 from .sampling import Sampler, choose_tokens
-from .step_graphs import StepGraph, record
+from .step_graphs import StepGraph, StepGuards, record
 from .token_auto import AutoLever
 from .token_pruning import PruneLever, image_attention
 
@@ -228,15 +228,21 @@ class _Config:
 
 
 def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
-    """User arguments over model.generation_config, as HF's generate merges them."""
-    defaults = getattr(model, "generation_config", None)
-    if user.get("generation_config") is not None:
-        defaults = user["generation_config"]
+    """User arguments over the generation config, as HF's generate() merges them (transformers 5,
+    GenerationMixin._prepare_generation_config): an argument given in the call wins, None included (eos_token_id=None:
+    no stop id, top_k=None: no top-k); a field it leaves out comes from the call's generation_config, then the
+    model's, then the defaults generate() applies (top_k 50 when sampling). Before, a None in the call fell back
+    to the config (HF's eos id stopped a row that HF's generate(eos_token_id=None) continues) and top_k stayed
+    unset where HF samples from the 50 likeliest."""
+    configs = [c for c in (user.get("generation_config"), getattr(model, "generation_config", None)) if c is not None]
+    applied = _hf_generation_defaults()
 
     def get(name: str, fallback: Any = None) -> Any:
-        value = user.get(name)
-        return value if value is not None else getattr(defaults, name, None) if defaults is not None and \
-            getattr(defaults, name, None) is not None else fallback
+        if name in user:
+            value = user[name]
+        else:
+            value = next((v for v in (getattr(c, name, None) for c in configs) if v is not None), applied.get(name))
+        return fallback if value is None else value
 
     max_new = get("max_new_tokens")
     if max_new is None or int(max_new) < 1:
@@ -252,7 +258,7 @@ def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
     if do_sample and temperature <= 0:
         raise ValueError(f"mmaccel.generate: temperature must be > 0 when sampling, got {temperature}")
     sampler = Sampler(do_sample, int(top_k) if do_sample and top_k else None, do_sample and top_p < 1.0)
-    return _Config(int(max_new), sampler, temperature, top_p, int(get("seed", 0)), stop_ids, int(pad))
+    return _Config(int(max_new), sampler, temperature, top_p, int(user.get("seed") or 0), stop_ids, int(pad))
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -306,6 +312,7 @@ class _Session:
         self.scores: dict[tuple, torch.Tensor] = {}  # scored calls' running sums, per (batch, device)
         self.constants: dict[tuple, tuple] = {}  # per-call constant tensors by value (see _constants)
         self.blocks: dict[tuple, StepGraph | None] = {}  # recorded decode blocks; None: could not be recorded
+        self.step_guards = StepGuards()  # whether decode steps past the first may skip guards (no graph break)
         # Recorded speculative rounds (compiler/speculative.py), per draft session: they hold its addresses.
         self.rounds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.weights_seen: tuple = ()
@@ -481,7 +488,7 @@ class _Session:
                 if config.stop_ids and step % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
                     break
                 # The first step checks every guard; later steps repeat it with the same objects and shapes.
-                with guards_checked_once() if step > 1 else contextlib.nullcontext():
+                with self.step_guards.repeat() if step > 1 else self.step_guards.first():
                     state.token, state.done, state.position_ids, state.cache_position, _ = self.decode(
                         state, state.token, state.done, state.position_ids, state.cache_position)
                 tokens.append(state.token)
@@ -516,7 +523,7 @@ class _Session:
                     buffer.copy_(new)
                 return torch.cat(out, dim=1)
 
-            self.blocks[key] = record("decode steps", run, state_tensors(state))
+            self.blocks[key] = record("decode steps", run, state_tensors(state), self.step_guards.repeat)
             # What breaks a capture is the model's code, the same for every block size: stop trying.
             self.cuda_graphs = self.blocks[key] is not None
         return self.blocks[key]
@@ -773,13 +780,19 @@ def _dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
     return param.dtype, param.device
 
 
+# No limit in the config (ALiBi models, Bloom and MPT, extrapolate to any length): caches are sized by the
+# buckets alone, up to this many positions
+UNBOUNDED_POSITIONS = 1 << 20
+
+
 def _position_limit(model: torch.nn.Module) -> int:
+    """The longest sequence the model supports, from its (text) config; UNBOUNDED_POSITIONS where the config
+    names none (before: a ValueError, so Bloom and MPT could not be used at all)."""
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "max_target_positions", "n_positions"):
+    for name in ("max_position_embeddings", "max_target_positions", "n_positions", "max_seq_len", "seq_length"):
         if getattr(text, name, None):
             return int(getattr(text, name))
-    raise ValueError(f"mmaccel.generate: cannot find the longest sequence {type(model).__name__} supports "
-                     "(no max_position_embeddings in its config)")
+    return UNBOUNDED_POSITIONS
 
 
 def _static_cache(model: torch.nn.Module, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Any:
@@ -823,12 +836,16 @@ def _full_length_layers(cache: Any, positions: int, text: Any) -> None:
     the model's sliding-window mask (masking_utils: kv_idx > q_idx - sliding_window, from the config), which
     the left padding of the prompt bucket does not change: it shifts queries and keys alike. Chunked attention
     (its mask depends on where positions fall in absolute chunks, which that padding moves) and layers with
-    other state (linear attention, shared or indexed keys) raise Unsupported."""
+    other state (linear attention, shared or indexed keys) raise Unsupported, as does multi-head latent attention
+    (hf_geometry.latent_attention)."""
     from transformers.cache_utils import StaticLayer
 
     layers = getattr(cache, "layers", None)
     if layers is None:
         return
+    if latent_attention(text):
+        raise Unsupported("its attention caches keys and values of other widths than its heads' (multi-head latent "
+                          "attention), which the static cache mmaccel.generate allocates does not hold")
     chunked = chunked_attention(text)
     for i, layer in enumerate(layers):
         if type(layer) is StaticLayer:

@@ -32,3 +32,14 @@ def chunked_attention(text: Any) -> bool:
     prompt bucket's left padding keeps as HF has it."""
     return getattr(text, "attention_chunk_size", None) is not None or \
         "chunked_attention" in (getattr(text, "layer_types", None) or ())
+
+
+def latent_attention(text: Any) -> bool:
+    """Whether keys and values are cached at other widths than one head's (multi-head latent attention, DeepSeek
+    V2/V3: the compressed kv_nope beside the rotary key): a cache allocated from the config's heads and head_dim
+    has the wrong shape (mmaccel.generate's prefill failed in Dynamo at the cache's index_copy_); transformers
+    itself allocates such caches lazily."""
+    head_dim = getattr(text, "head_dim", None)
+    v_head_dim = getattr(text, "v_head_dim", None)
+    return any(getattr(text, name, None) for name in ("kv_lora_rank", "qk_head_dim")) or \
+        (v_head_dim is not None and head_dim is not None and v_head_dim != head_dim)

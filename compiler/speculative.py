@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from . import generation
-from ._torch_internals import guards_checked_once, recompile_limit_at_least
+from ._torch_internals import recompile_limit_at_least
 from .drafts import draft_name, layers_shared_with_target, resolve_draft, step_cost_ratio
 from .errors import warn_once
 from .sampling import gumbel_noise, uniform_noise, warp_scores
-from .step_graphs import StepGraph, record
+from .step_graphs import StepGraph, StepGuards, record
 
 # speculative_k="auto" picks, each round, the k of this set with the most expected tokens per unit of step
 # cost: 2..8 spans the best k for acceptance rates 0.5..0.9 at draft costs of 5-30% of the target's.
@@ -156,6 +156,7 @@ class _Speculation:
     def __init__(self, target: Any, draft: Any, policy: _KPolicy, draft_name: str) -> None:
         self.target, self.draft, self.policy, self.draft_name = target, draft, policy, draft_name
         self.checked: set[int] = set()  # the k whose graphs ran once with all guards checked
+        self.guards = StepGuards()  # whether rounds past a k's first may skip guards (no graph break)
         self.graphs: dict[int, StepGraph | None] = {}  # this call's round recording per k (None: uncaptured)
         self.draw: torch.Tensor | None = None  # the noise draw counter, on the device
         self.shared_layers = layers_shared_with_target(draft.model)
@@ -237,7 +238,7 @@ class _Speculation:
             self.graphs[k] = self._recorded_round(state, draft_state, k)
         graph = self.graphs[k]
         if graph is None:
-            with guards_checked_once() if k in self.checked else contextlib.nullcontext():
+            with self.guards.repeat() if k in self.checked else self.guards.first():
                 emitted, counts, *advanced = self._round(state, draft_state, k, self.draw)
             self.checked.add(k)
             state.token, state.position_ids, state.cache_position, state.done, self.draw = advanced
@@ -303,7 +304,8 @@ class _Speculation:
         draft_cache = None if self.shared_layers else id(draft_state.cache)
         key = (k, id(state.cache), draft_cache, *((tuple(t.shape), t.dtype) for t in inputs), state.sampler)
         if key not in rounds.graphs:
-            rounds.graphs[key] = record("a speculative round", self._round_run(state, draft_state, k), inputs)
+            rounds.graphs[key] = record("a speculative round", self._round_run(state, draft_state, k), inputs,
+                                        self.guards.repeat)
         return rounds.graphs[key]
 
     def _round_run(self, state: Any, draft_state: Any, k: int) -> Any:

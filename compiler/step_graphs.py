@@ -19,19 +19,46 @@ function on the same buffers, so the tests run the same flow except the capture.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 
-from ._torch_internals import guards_checked_once
+from ._torch_internals import graph_break_count, guards_checked_once
 from .errors import warn_once
 from .lowering import keeping_what_runs
 
 
-class StepGraph:
-    """`run(*buffers)` recorded over its own copies (`buffers`) of `inputs`."""
+class StepGuards:
+    """Whether repeats of a compiled step may run only the guards that tell its graphs apart
+    (guards_checked_once): only while no first call of it traced a graph break. A step broken into several graphs
+    runs Python between them whose values can change every step (MPT's attention reads the cache's length with
+    .item()): Dynamo then needs a new graph or the full guards each step, and with the skipped guards it raised
+    "Recompilation triggered with skip_guard_eval_unsafe stance" at MPT's second decode step (or, with one graph
+    cached for a frame, could run it with a stale value). Such steps keep every guard."""
 
-    def __init__(self, run: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self) -> None:
+        self.breaks = False
+
+    @contextlib.contextmanager
+    def first(self) -> Iterator[None]:
+        """Around a step's first call (the one that traces it): notes whether it broke the graph."""
+        before = graph_break_count()
+        yield
+        self.breaks = self.breaks or graph_break_count() != before
+
+    def repeat(self) -> ContextManager:
+        """Around a repeat of a step already called once with every guard checked."""
+        return contextlib.nullcontext() if self.breaks else guards_checked_once()
+
+
+class StepGraph:
+    """`run(*buffers)` recorded over its own copies (`buffers`) of `inputs`; on the CPU (nothing recorded) each
+    replay runs it under `repeat_guards`."""
+
+    def __init__(self, run: Callable[..., Any], inputs: Sequence[torch.Tensor],
+                 repeat_guards: Callable[[], ContextManager] = guards_checked_once) -> None:
+        self.repeat_guards = repeat_guards
         self.buffers = [t.clone() for t in inputs]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.run: Callable[..., Any] | None = run
@@ -52,16 +79,17 @@ class StepGraph:
         if self.graph is None:
             # Captured on a GPU with every guard checked; here each replay repeats that call with the same
             # objects and shapes, so only the guards telling graphs apart run (as generate's own steps do).
-            with guards_checked_once():
+            with self.repeat_guards():
                 return self.run(*self.buffers)
         self.graph.replay()
         return self.outputs
 
 
-def record(what: str, run: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> StepGraph | None:
+def record(what: str, run: Callable[..., Any], inputs: Sequence[torch.Tensor],
+           repeat_guards: Callable[[], ContextManager] = guards_checked_once) -> StepGraph | None:
     """A StepGraph, or None (one warning) when the steps cannot be captured."""
     try:
-        return StepGraph(run, inputs)
+        return StepGraph(run, inputs, repeat_guards)
     except Exception as error:  # the model's code is the user's: whatever breaks the capture, run uncaptured
         if inputs[0].is_cuda:
             torch.cuda.synchronize()

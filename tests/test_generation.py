@@ -430,3 +430,80 @@ def test_max_length_counts_the_prompt_as_in_hf() -> None:
             assert torch.equal(actual, expected), kwargs
     with pytest.raises(ValueError, match="max_length=7 leaves no new token.*max_new_tokens"):
         mmaccel.generate(model, ids, mask, max_length=7, options=EAGER)
+
+
+def test_arguments_merge_with_the_generation_config_as_in_hf() -> None:
+    """HF's generate() takes an argument given in the call over the generation config, None included:
+    eos_token_id=None means no stop id, where mmaccel.generate took the config's eos id and cut the row short (seen
+    on a tiny Mixtral whose row met the config's eos 2); a field the call leaves out comes from the config, then
+    from the defaults generate() applies (top_k 50 when sampling, where mmaccel.generate sampled from every token)."""
+    from mmaccel.compiler.generation import _resolve_config
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    free = hf_generate(model, ids, mask, max_new_tokens=8, do_sample=False, eos_token_id=[])
+    eos = int(free[0, 7 + 1])  # the second new token of the first row, as the model's eos id
+    model.generation_config.eos_token_id = eos
+    try:
+        for kwargs in (dict(eos_token_id=None), dict()):
+            expected = hf_generate(model, ids, mask, max_new_tokens=8, do_sample=False, **kwargs)
+            actual = mmaccel.generate(model, ids, mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                      options=EAGER, **kwargs)
+            assert torch.equal(actual, expected), kwargs
+            assert torch.equal(expected, free) == ("eos_token_id" in kwargs), kwargs  # the config's eos stops a row
+    finally:
+        model.generation_config.eos_token_id = None
+    sampling = _resolve_config(model, dict(max_new_tokens=2, do_sample=True))
+    assert sampling.sampler.top_k == 50 and sampling.temperature == 1.0 and not sampling.sampler.use_top_p
+    assert _resolve_config(model, dict(max_new_tokens=2, do_sample=True, top_k=None)).sampler.top_k is None
+    model.generation_config.top_k = 7
+    try:
+        assert _resolve_config(model, dict(max_new_tokens=2, do_sample=True)).sampler.top_k == 7
+    finally:
+        model.generation_config.top_k = None
+
+
+def _tiny(config_name: str, model_name: str, **config) -> torch.nn.Module:
+    """A tiny model from exactly these config fields (architectures whose configs take other names than Llama's)."""
+    import transformers
+
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+
+
+def test_models_without_a_position_limit_generate_as_hf() -> None:
+    """Bloom (ALiBi) names no position limit in its config: mmaccel.generate raised a ValueError for it (and for
+    MPT and Mamba) before compiling anything; now its caches are sized by the buckets alone, tokens as HF's."""
+    model = _tiny("BloomConfig", "BloomForCausalLM", vocab_size=hf_tiny.VOCAB, hidden_size=32, n_layer=2, n_head=4,
+                  pad_token_id=0)
+    ids, mask = left_padded_batch([7, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    actual = mmaccel.generate(model, ids, mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)
+
+
+def test_decode_steps_with_graph_breaks_keep_every_guard() -> None:
+    """MPT's attention reads the cache's length with .item() (a graph break) and slices its ALiBi bias with it:
+    every decode step runs Python whose values change. Its second decode step raised "Recompilation triggered with
+    skip_guard_eval_unsafe stance" (repeated steps skipped the guards); steps whose first call broke the graph
+    now keep every guard, tokens as HF's."""
+    model = _tiny("MptConfig", "MptForCausalLM", d_model=32, n_heads=4, n_layers=1, vocab_size=hf_tiny.VOCAB,
+                  max_seq_len=64, pad_token_id=0)
+    ids, mask = left_padded_batch([5])
+    expected = hf_generate(model, ids, mask, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    actual = mmaccel.generate(model, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)
+
+
+def test_latent_attention_and_state_space_models_fall_back_to_hf_generate() -> None:
+    """DeepSeek V3's multi-head latent attention caches keys and values at other widths than a head's: the static
+    cache allocated from its config failed in Dynamo at the prefill's cache write; Mamba (no position limit, a
+    state-space cache) raised a ValueError. Both now run the model's own generate() with one warning."""
+    deepseek = _decoder("DeepseekV3Config", "DeepseekV3ForCausalLM", num_key_value_heads=4, head_dim=4,
+                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, kv_lora_rank=16,
+                        q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1,
+                        n_group=1, topk_group=1)
+    _assert_falls_back_to_hf_generate(deepseek, left_padded_batch([6, 4]), "multi-head latent attention")
+    mamba = _tiny("MambaConfig", "MambaForCausalLM", vocab_size=hf_tiny.VOCAB, hidden_size=32, num_hidden_layers=2,
+                  state_size=4, pad_token_id=0)
+    _assert_falls_back_to_hf_generate(mamba, left_padded_batch([6]), "own generate")

@@ -1,0 +1,146 @@
+"""mmaccel.generate across the causal LMs transformers ships (CPU, fp32, tiny configs, random weights): for each,
+greedy tokens against Hugging Face's own eager generate() on a left-padded batch of two prompts (10 new tokens)
+and on a second call of another prompt length (5), plus the mmaccel warnings the calls raised (a fallback to the
+model's own generate() names its reason). A row is "match", "MISMATCH" (with both token lists) or "CRASH" (the
+error). What this found when first run (2026-12-01): MPT crashed (graph-broken decode steps under skipped
+guards), Bloom, MPT and Mamba raised a ValueError (no position limit in their configs), DeepSeek V3 crashed
+(multi-head latent attention), and a row continued by HF's generate(eos_token_id=None) was cut at the config's eos
+id; each has a test in tests/test_generation.py.
+
+    python bench/hf_generate_coverage.py [--archs llama,mpt,...] [--out bench/results/hf_generate_coverage.json]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import traceback
+import warnings
+from typing import Any
+
+import torch
+import transformers as T
+
+import mmaccel
+from common import default_out, environment, write_json
+from mmaccel.compiler import errors
+
+# Config fields shared by the Llama-like configs; a spec marked "_only" takes its own fields alone (configs whose
+# fields have other names, or that would keep an unused field: GPT-NeoX stored num_key_value_heads unused).
+COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=128, head_dim=8)
+SPECS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=128, _only=True)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32, vocab_size=128, _only=True)),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=4)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=4)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128, _only=True)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True, _only=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, _only=True)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, _only=True)),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, n_ctx=128, _only=True)),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128, _only=True)),
+    "glm": ("GlmConfig", "GlmForCausalLM", {}),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", {}),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(num_key_value_heads=4, head_dim=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=32, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=128, _only=True)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=128, _only=True)),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", dict(vocab_size=128, d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=128, _only=True)),
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128, _only=True)),
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False)),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4, _only=True)),
+    "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, lru_width=32, attention_window_size=16, _only=True)),
+}
+
+
+
+def build(name: str) -> torch.nn.Module:
+    cfg_name, model_name, extra = SPECS[name]
+    extra = dict(extra)
+    only = extra.pop("_only", False)
+    fields = extra if only else {**COMMON, "pad_token_id": 0, **extra}
+    config = getattr(T, cfg_name)(**fields)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0
+    torch.manual_seed(0)
+    return getattr(T, model_name)(config).eval()
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding, as HF tokenizers pad for generation
+    return ids, mask
+
+
+def run(name: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"arch": name, "model": SPECS[name][1]}
+    try:
+        model = build(name)
+    except Exception as e:  # noqa: BLE001 - a config this transformers does not take: recorded, not fatal
+        return {**row, "status": f"build failed: {type(e).__name__}: {str(e)[:150]}"}
+    ids, mask = prompts()
+    calls = [(ids, mask, 10), (ids[:1, 2:], mask[:1, 2:], 5)]
+    try:
+        with torch.no_grad():
+            expected = [model.generate(input_ids=i, attention_mask=m, max_new_tokens=n, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0) for i, m, n in calls]
+    except Exception as e:  # noqa: BLE001
+        return {**row, "status": f"HF eager failed: {type(e).__name__}: {str(e)[:150]}"}
+    errors._warned.clear()
+    torch._dynamo.reset()
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            got = [mmaccel.generate(model, input_ids=i, attention_mask=m, max_new_tokens=n, eos_token_id=None,
+                                    pad_token_id=0) for i, m, n in calls]
+            same = all(g.shape == e.shape and torch.equal(g, e) for g, e in zip(got, expected))
+            row["status"] = "match" if same else "MISMATCH"
+            if not same:
+                row["tokens"] = {"mmaccel": [g.tolist() for g in got], "hf": [e.tolist() for e in expected]}
+        except Exception as e:  # noqa: BLE001 - the row records it
+            row["status"] = f"CRASH {type(e).__name__}: {str(e)[:200]}"
+            row["traceback"] = traceback.format_exc()[-800:]
+    row["warnings"] = sorted({str(w.message)[:200] for w in caught if "mmaccel" in str(w.message)})
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default=",".join(SPECS))
+    p.add_argument("--out", default=default_out("hf_generate_coverage.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.archs.split(","):
+        rows.append(run(name))
+        r = rows[-1]
+        print(f"{name:16} {r['status'][:100]:100} {r.get('seconds', '')}", flush=True)
+    write_json(args.out, {"environment": environment("cpu"), "rows": rows})
+    counts = {s: sum(r["status"].startswith(s) for r in rows) for s in ("match", "MISMATCH", "CRASH")}
+    print(f"{counts} of {len(rows)}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
