@@ -2,7 +2,10 @@
 greedy tokens against Hugging Face's own eager generate() on a left-padded batch of two prompts (10 new tokens)
 and on a second call of another prompt length (5), plus the mmaccel warnings the calls raised (a fallback to the
 model's own generate() names its reason). A row is "match", "MISMATCH" (with both token lists) or "CRASH" (the
-error). What this found when first run (2026-12-01): MPT crashed (graph-broken decode steps under skipped
+error). Then `torch.compile(model, backend="mmaccel")` on the same left-padded batch, one forward per target
+(`--targets`; Triton under its CPU interpreter): "ok" when the logits are within 1e-4 of eager's largest (relative),
+with the target's fallback warning if it fell back. The forward run also found the onnxruntime target giving NaN
+logits for Helium's padded row (onnxscript's optimizer dropped its RMSNorm epsilon; tests/test_onnxruntime_target.py). What this found when first run (2026-12-01): MPT crashed (graph-broken decode steps under skipped
 guards), Bloom, MPT and Mamba raised a ValueError (no position limit in their configs), DeepSeek V3 crashed
 (multi-head latent attention), and a row continued by HF's generate(eos_token_id=None) was cut at the config's eos
 id; each has a test in tests/test_generation.py.
@@ -12,17 +15,20 @@ id; each has a test in tests/test_generation.py.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import traceback
 import warnings
 from typing import Any
 
-import torch
-import transformers as T
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton target's kernels on CPU tensors (before triton loads)
 
-import mmaccel
-from common import default_out, environment, write_json
-from mmaccel.compiler import errors
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+
+import mmaccel  # noqa: E402
+from common import default_out, environment, write_json  # noqa: E402
+from mmaccel.compiler import errors  # noqa: E402
 
 # Config fields shared by the Llama-like configs; a spec marked "_only" takes its own fields alone (configs whose
 # fields have other names, or that would keep an unused field: GPT-NeoX stored num_key_value_heads unused).
@@ -126,9 +132,31 @@ def run(name: str) -> dict[str, Any]:
     return row
 
 
+def forward(name: str, target: str) -> str:
+    """One forward of the compiled model on `target` against eager: "ok", "MISMATCH <error>" or "CRASH ..."; a
+    fallback warning is appended."""
+    model = build(name)
+    ids, mask = prompts()
+    errors._warned.clear()
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            compiled = torch.compile(model, backend="mmaccel", options={"target": target})
+            out = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            error = float((out - expected).abs().max() / expected.abs().max())
+            status = "ok" if error < 1e-4 else f"MISMATCH {error:.1e}"
+        except Exception as e:  # noqa: BLE001 - the row records it
+            status = f"CRASH {type(e).__name__}: {str(e)[:150]}"
+    fallbacks = sorted({str(w.message)[:120] for w in caught if "cannot run this graph" in str(w.message)})
+    return status + "".join(f" ({w})" for w in fallbacks)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default=",".join(SPECS))
+    p.add_argument("--targets", default="eager,onnxruntime,triton", help="forward targets (empty: none)")
     p.add_argument("--out", default=default_out("hf_generate_coverage.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -136,10 +164,15 @@ def main() -> None:
     for name in args.archs.split(","):
         rows.append(run(name))
         r = rows[-1]
-        print(f"{name:16} {r['status'][:100]:100} {r.get('seconds', '')}", flush=True)
+        if not r["status"].startswith(("build failed", "HF eager failed")):
+            r["forward"] = {target: forward(name, target) for target in filter(None, args.targets.split(","))}
+        forwards = " ".join(f"{t}: {v[:40]}" for t, v in r.get("forward", {}).items())
+        print(f"{name:16} {r['status'][:60]:60} {r.get('seconds', '')} | {forwards}", flush=True)
     write_json(args.out, {"environment": environment("cpu"), "rows": rows})
     counts = {s: sum(r["status"].startswith(s) for r in rows) for s in ("match", "MISMATCH", "CRASH")}
-    print(f"{counts} of {len(rows)}; wrote {args.out}")
+    forwards = [v for r in rows for v in r.get("forward", {}).values()]
+    wrong = sum(not v.startswith("ok") for v in forwards)
+    print(f"generate: {counts} of {len(rows)}; forward: {len(forwards) - wrong} of {len(forwards)} ok; wrote {args.out}")
 
 
 if __name__ == "__main__":

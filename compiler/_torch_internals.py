@@ -27,7 +27,7 @@ __all__ = [
     "FakeTensorMode", "unset_fake_temporarily", "outside_dynamo_compile", "detect_fake_mode", "statically_known_true", "lower_with_aot",
     "frozen_candidate_mask", "graph_break_count", "DynamoVisibleOptionError", "is_static_tensor", "concrete_inputs",
     "module_owned_inputs", "recompile_limit_at_least", "is_fake", "StorageWeakRef", "DynamoVisibleReleasedWeightsError",
-    "storage_id", "recording_cuda_allocations",
+    "storage_id", "recording_cuda_allocations", "onnx_arithmetic_kept",
 ]
 
 
@@ -224,3 +224,28 @@ class CudaAllocations:
             elif event["action"] == "free_completed":
                 live.pop(event["addr"], None)
         return list(live.values())
+
+
+@contextlib.contextmanager
+def onnx_arithmetic_kept() -> Iterator[None]:
+    """Inside, torch.onnx.export(optimize=True) keeps every Add, Sub, Mul and Div of a constant. onnxscript's
+    optimizer (0.7) removes x + c and x - c as no-ops when math.isclose(c, 0, rel_tol=1e-5, abs_tol=1e-8) holds,
+    and x * c, x / c when c is within 1e-5 of 1: Helium's RMSNorm epsilon (1e-8) was dropped, so a pad token's
+    all-zero embedding became 0 * rsqrt(0) = NaN, which attention's 0 * NaN carried into every position of its
+    row (the onnxruntime target gave NaN logits for a left-padded prompt, silently). Its no-op rules are taken out
+    of the default rule set (onnxscript.rewriter._DEFAULT_REWRITE_RULES, private) for the duration, the dropout
+    ones kept; elsewhere (another onnxscript) nothing changes."""
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _no_op
+        defaults = rewriter._DEFAULT_REWRITE_RULES
+        arithmetic = {id(r) for r in _no_op.rules.rules} - {id(_no_op.dropout_zero_rule),
+                                                             id(_no_op.dropout_inference_rule)}
+    except (ImportError, AttributeError):
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in defaults if id(r) not in arithmetic)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = defaults

@@ -166,3 +166,27 @@ def test_an_output_that_is_a_view_of_a_strided_input_keeps_its_values(dynamic):
     for got, expected in zip(compiled(x), flatten(x)):
         torch.testing.assert_close(got, expected)
         assert got.stride() == expected.stride()
+
+
+class TinyConstants(nn.Module):
+    """An RMSNorm with Helium's epsilon (1e-8), then a scale within 1e-5 of 1 and a shift of 1e-9."""
+
+    def forward(self, x):
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
+        return (y * 1.000004 + 1e-9) / 0.999997
+
+
+def test_tiny_constants_survive_the_onnx_optimizer():
+    """onnxscript's optimizer took x + c for c within 1e-8 of 0 (and x * c, x / c for c within 1e-5 of 1) as no-ops
+    and removed them: the RMSNorm of an all-zero row (a pad token's zero embedding in Helium) became 0 * rsqrt(0) =
+    NaN on the onnxruntime target, and in the HF model attention spread it over the row. The arithmetic is kept."""
+    x = torch.randn(3, 16)
+    x[1] = 0.0
+    fn = mmaccel.compile(TinyConstants(), target="onnxruntime")
+    with torch.no_grad():
+        out, expected = fn(x), TinyConstants()(x)
+    assert fn.mmaccel_report.graphs[-1].target == "onnxruntime"
+    assert not out.isnan().any()
+    assert torch.equal(out[1], expected[1])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+    assert not torch.allclose(out[0], x[0] * torch.rsqrt(x[0].pow(2).mean()), rtol=1e-6, atol=0)  # scale kept

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from ...compiler._torch_internals import outside_dynamo_compile
+from ...compiler._torch_internals import onnx_arithmetic_kept, outside_dynamo_compile
 from ...ops import OPS
 from ...passes.graph import clone_module
 from ..common import views_of_inputs
@@ -143,9 +143,10 @@ def to_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     # opset 18 unless an op's translation needs a later one (fp8: float8 QuantizeLinear with block_size, 21)
     opset = max([OPSET] + [OPS[n.target].onnx_opset for n in gm.graph.nodes
                            if n.op == "call_function" and n.target in OPS])
-    return torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=opset,
-                             dynamic_shapes=dynamic_dims(gm), custom_translation_table=translations,
-                             optimize=True, verbose=False)
+    with onnx_arithmetic_kept():  # the optimizer would drop x + 1e-8 (an RMSNorm's epsilon) as x + 0
+        return torch.onnx.export(gm, tuple(example_inputs), dynamo=True, opset_version=opset,
+                                 dynamic_shapes=dynamic_dims(gm), custom_translation_table=translations,
+                                 optimize=True, verbose=False)
 
 
 def dynamic_dims(gm: fx.GraphModule) -> tuple[dict[int, Any], ...]:
