@@ -63,6 +63,7 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     for op in SDPA_KEPT_WHOLE:
         table.pop(op, None)
     table.update(DECOMPOSITIONS)
+    table[torch.ops.aten.empty_permuted.default] = _empty_permuted
     ep = ep.run_decompositions(table)
     sig = ep.graph_signature
     mutated = list(sig.buffers_to_mutate.values()) + list(sig.user_inputs_to_mutate.values())
@@ -98,6 +99,14 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     record.final_graph, record.context, record.final_nodes = gm, ctx, len(gm.graph.nodes)
     record.inputs = [str(tuple(n.meta["val"].shape)) for n in user_inputs]
     return gm, flat_inputs
+
+
+def _empty_permuted(size: Sequence[Any], physical_layout: Sequence[int], *, dtype: Any = None, layout: Any = None,
+                    device: Any = None, pin_memory: Any = None) -> torch.Tensor:
+    """aten.empty_permuted (torch.empty_like of a strided tensor; transformers' mixture-of-experts layers) as
+    aten.empty: an ONNX tensor has no strides, and torch.onnx translates empty, not empty_permuted (Mixtral's and
+    Qwen2-MoE's export stopped there)."""
+    return torch.empty(size, dtype=dtype, device=device)
 
 
 def _flat(sample: Sample) -> list[Any]:

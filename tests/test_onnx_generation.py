@@ -775,3 +775,23 @@ def test_multi_query_falcon_exports_its_one_kv_head(tmp_path) -> None:
     expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False)
     actual = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6, pad_token_id=0)
     assert torch.equal(torch.from_numpy(actual), expected)
+
+
+def test_mixture_of_experts_decoder_exports_and_generates_as_hf(tmp_path) -> None:
+    """Mixtral: torch.export gives transformers' expert layers an aten.empty_permuted, which torch.onnx does not
+    translate (the export stopped there, naming it); now exported as an empty tensor, and the experts' matmul
+    (grouped_mm_fallback) has its own translation. Greedy tokens as HF's on a left-padded batch."""
+    import transformers
+
+    config = transformers.MixtralConfig(vocab_size=hf_tiny.VOCAB, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                        pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    ids, mask = left_padded_batch([7, 4])
+    folder = str(tmp_path / "onnx")
+    mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True)
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    actual = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[])
+    assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)

@@ -190,3 +190,32 @@ def test_tiny_constants_survive_the_onnx_optimizer():
     assert torch.equal(out[1], expected[1])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
     assert not torch.allclose(out[0], x[0] * torch.rsqrt(x[0].pow(2).mean()), rtol=1e-6, atol=0)  # scale kept
+
+
+def test_mixture_of_experts_runs_on_onnxruntime():
+    """transformers' grouped_mm_fallback (the expert matmul of Mixtral, Qwen-MoE, OLMoE, DeepSeek V3 and Jamba on
+    CPU) had no ONNX translation: such graphs ran on the eager target. Rows of experts with no tokens included;
+    the offsets are an input, so other routings run on the same session."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations import moe  # noqa: F401  registers torch.ops.transformers.grouped_mm_fallback
+
+    def experts(x, w, offs):
+        return torch.ops.transformers.grouped_mm_fallback(x, w, offs) * 2.0
+
+    x, w = torch.randn(7, 8), torch.randn(4, 8, 5)
+    fn = mmaccel.compile(experts, target="onnxruntime")
+    for offs in ([2, 2, 6, 7], [0, 3, 7, 7]):  # expert 1 (then 0 and 3) gets no row
+        offs = torch.tensor(offs)
+        torch.testing.assert_close(fn(x, w, offs), experts(x, w, offs))
+    assert [g.target for g in fn.mmaccel_report.graphs] == ["onnxruntime"]
+
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    compiled = mmaccel.compile(model, target="onnxruntime")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert {g.target for g in compiled.mmaccel_report.graphs} == {"onnxruntime"}

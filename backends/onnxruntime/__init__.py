@@ -131,14 +131,48 @@ def _swap_last_two(rank: int) -> list[int]:
     return [*range(rank - 2), rank - 1, rank - 2]
 
 
+def grouped_mm_onnx(mat_a, mat_b, offs):
+    """transformers' grouped_mm_fallback, its mixture-of-experts matmul (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek V3,
+    Jamba on CPU): rows of mat_a [M, K] sorted by expert, mat_b [E, K, N], offs [E] each expert's cumulative row
+    end; out[r] = mat_a[r] @ mat_b[expert of r]. With no translation the whole graph ran on the eager target. The
+    experts are static: one Gather and MatMul per expert, then one Concat, never the [M, K, N] gather of a weight
+    per row."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    experts = mat_b.shape[0]
+    if not isinstance(experts, int):
+        raise ValueError("grouped_mm_onnx: the number of experts (weight.shape[0]) must be static")
+    axis0, one = op.Constant(value_ints=[0]), op.Constant(value_int=1)
+    ends = op.Cast(offs, to=ir.DataType.INT64)
+    ends, weights = (op.Split(ends, axis=0, num_outputs=experts), op.Split(mat_b, axis=0, num_outputs=experts)) \
+        if experts > 1 else ([ends], [mat_b])
+    outputs, start = [], axis0
+    for end, weight in zip(ends, weights):
+        rows = op.Range(op.Squeeze(start, axis0), op.Squeeze(end, axis0), one)
+        outputs.append(op.MatMul(op.Gather(mat_a, rows, axis=0), op.Squeeze(weight, axis0)))
+        start = end
+    return op.Concat(*outputs, axis=0)
+
+
 ATEN_TRANSLATIONS = {aten.scaled_dot_product_attention.default: sdpa_onnx,
                      aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention_for_cpu_onnx}
+
+
+def _library_translations() -> dict[Any, Callable]:
+    """Translations of other libraries' custom ops, for those registered in this process."""
+    found = {}
+    grouped_mm = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if grouped_mm is not None:
+        found[grouped_mm.default] = grouped_mm_onnx
+    return found
 
 
 def to_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]):
     """torch.onnx.export of a functional, tensor-only graph; symbolic dims stay dynamic in the file."""
     translations = {op: spec.onnx for op, spec in OPS.items() if spec.onnx is not None}
     translations.update(ATEN_TRANSLATIONS)
+    translations.update(_library_translations())
     gm.eval()
     # opset 18 unless an op's translation needs a later one (fp8: float8 QuantizeLinear with block_size, 21)
     opset = max([OPSET] + [OPS[n.target].onnx_opset for n in gm.graph.nodes
