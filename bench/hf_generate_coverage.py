@@ -8,7 +8,9 @@ with the target's fallback warning if it fell back. The forward run also found t
 logits for Helium's padded row (onnxscript's optimizer dropped its RMSNorm epsilon; tests/test_onnxruntime_target.py). What this found when first run (2026-12-01): MPT crashed (graph-broken decode steps under skipped
 guards), Bloom, MPT and Mamba raised a ValueError (no position limit in their configs), DeepSeek V3 crashed
 (multi-head latent attention), and a row continued by HF's generate(eos_token_id=None) was cut at the config's eos
-id; each has a test in tests/test_generation.py.
+id; each has a test in tests/test_generation.py. Then the vision-language families of tests/hf_tiny.py VLMS (LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Gemma 3, Mistral 3, Idefics3, InternVL, Aya Vision): one image prompt with the
+processor's extra inputs, greedy tokens against HF's generate() twice, and the graphs compiled.
 
     python bench/hf_generate_coverage.py [--archs llama,mpt,...] [--out bench/results/hf_generate_coverage.json]
 """
@@ -29,6 +31,11 @@ import transformers as T  # noqa: E402
 import mmaccel  # noqa: E402
 from common import default_out, environment, write_json  # noqa: E402
 from mmaccel.compiler import errors  # noqa: E402
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tests import hf_tiny  # noqa: E402
 
 # Config fields shared by the Llama-like configs; a spec marked "_only" takes its own fields alone (configs whose
 # fields have other names, or that would keep an unused field: GPT-NeoX stored num_key_value_heads unused).
@@ -105,11 +112,30 @@ def run(name: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - a config this transformers does not take: recorded, not fatal
         return {**row, "status": f"build failed: {type(e).__name__}: {str(e)[:150]}"}
     ids, mask = prompts()
-    calls = [(ids, mask, 10), (ids[:1, 2:], mask[:1, 2:], 5)]
+    calls = [dict(input_ids=ids, attention_mask=mask, max_new_tokens=10),
+             dict(input_ids=ids[:1, 2:], attention_mask=mask[:1, 2:], max_new_tokens=5)]
+    return against_hf(row, model, calls)
+
+
+def run_vlm(name: str) -> dict[str, Any]:
+    """A vision-language family: mmaccel.generate twice against HF's generate() on one image prompt."""
+    model, images = hf_tiny.VLMS[name]()
+    ids = hf_tiny.vlm_prompt(name, model, images)
+    row = {"arch": name, "family": "vision-language", "image_tokens": int((ids == hf_tiny.VLM_IMAGE_TOKEN).sum())}
+    row = against_hf(row, model, [dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                       **images)] * 2)
+    if row["status"] == "match":
+        row["graphs"] = [kind for kind, _, _ in mmaccel.generation_report(model).graphs]
+    return row
+
+
+def against_hf(row: dict[str, Any], model: torch.nn.Module, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """`row` with the status of mmaccel.generate against HF's greedy generate() on each of `calls` (keyword
+    arguments; no stop id, pad id 0), the mmaccel warnings raised and the seconds taken."""
+    fixed = dict(eos_token_id=None, pad_token_id=0)
     try:
         with torch.no_grad():
-            expected = [model.generate(input_ids=i, attention_mask=m, max_new_tokens=n, do_sample=False,
-                                       eos_token_id=None, pad_token_id=0) for i, m, n in calls]
+            expected = [model.generate(**call, **fixed, do_sample=False) for call in calls]
     except Exception as e:  # noqa: BLE001
         return {**row, "status": f"HF eager failed: {type(e).__name__}: {str(e)[:150]}"}
     errors._warned.clear()
@@ -118,8 +144,7 @@ def run(name: str) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            got = [mmaccel.generate(model, input_ids=i, attention_mask=m, max_new_tokens=n, eos_token_id=None,
-                                    pad_token_id=0) for i, m, n in calls]
+            got = [mmaccel.generate(model, **call, **fixed) for call in calls]
             same = all(g.shape == e.shape and torch.equal(g, e) for g, e in zip(got, expected))
             row["status"] = "match" if same else "MISMATCH"
             if not same:
@@ -157,6 +182,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default=",".join(SPECS))
     p.add_argument("--targets", default="eager,onnxruntime,triton", help="forward targets (empty: none)")
+    p.add_argument("--vlms", default=",".join(hf_tiny.VLMS), help="vision-language families (empty: none)")
     p.add_argument("--out", default=default_out("hf_generate_coverage.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -168,6 +194,11 @@ def main() -> None:
             r["forward"] = {target: forward(name, target) for target in filter(None, args.targets.split(","))}
         forwards = " ".join(f"{t}: {v[:40]}" for t, v in r.get("forward", {}).items())
         print(f"{name:16} {r['status'][:60]:60} {r.get('seconds', '')} | {forwards}", flush=True)
+    for name in filter(None, args.vlms.split(",")):
+        rows.append(run_vlm(name))
+        r = rows[-1]
+        print(f"{name:16} {r['status'][:60]:60} {r['seconds']} | {r.get('graphs')} {r['image_tokens']} image tokens",
+              flush=True)
     write_json(args.out, {"environment": environment("cpu"), "rows": rows})
     counts = {s: sum(r["status"].startswith(s) for r in rows) for s in ("match", "MISMATCH", "CRASH")}
     forwards = [v for r in rows for v in r.get("forward", {}).values()]

@@ -323,3 +323,132 @@ ARCHITECTURES = [
          dynamo_reference="transformers 5.24's PaliGemma differs from eager under plain torch.compile(backend="
                           "'eager') too (max logit error 0.079 of 0.73, 4 graphs): not mmaccel's, not yet traced"),
 ]
+
+
+# Vision-language models for mmaccel.generate (tests/test_generation.py, bench/hf_generate_coverage.py): each a
+# tiny config with weights N(0, 0.15) (at init, tiny VLMs echo their input token, which a wrong loop could pass),
+# and the extra inputs its processor would give (image_sizes, image_grid_thw, ...). VLM_IMAGE_TOKEN marks images.
+VLM_IMAGE_TOKEN = 90
+_GEN_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_GEN_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4)
+
+
+def _varied(model: torch.nn.Module) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.15)
+    return inference(model)
+
+
+def _llava_next() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """LLaVA-NeXT's any-resolution tiling: a 32x64 image as two 32x32 crops plus the resized whole."""
+    config = T.LlavaNextConfig(vision_config=T.CLIPVisionConfig(**_GEN_VIT, image_size=32, patch_size=8),
+                               text_config=T.LlamaConfig(**_GEN_TEXT), image_token_index=VLM_IMAGE_TOKEN,
+                               image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return _varied(T.LlavaNextForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+        image_sizes=torch.tensor([[32, 64]]))
+
+
+def _qwen2_vl() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """Qwen2-VL: patches flattened by its processor, a (t, h, w) grid, multimodal rotary positions (mrope)."""
+    vision = dict(depth=LAYERS, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    text = dict(_GEN_TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    config = T.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VLM_IMAGE_TOKEN,
+                             vision_start_token_id=91, vision_end_token_id=92, video_token_id=93)
+    torch.manual_seed(0)
+    return _varied(T.Qwen2VLForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(2)),
+        image_grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+def _gemma3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = T.Gemma3Config(text_config=dict(_GEN_TEXT, head_dim=8, sliding_window=8),
+                            vision_config=dict(_GEN_VIT, image_size=32, patch_size=8), mm_tokens_per_image=4,
+                            image_token_index=VLM_IMAGE_TOKEN, boi_token_index=91, eoi_token_index=92)
+    torch.manual_seed(0)
+    return _varied(T.Gemma3ForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+
+def _mistral3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    vision = T.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                   image_size=32, patch_size=8, head_dim=8)
+    config = T.Mistral3Config(vision_config=vision, text_config=T.MistralConfig(**_GEN_TEXT),
+                              image_token_index=VLM_IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return _varied(T.Mistral3ForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+        image_sizes=torch.tensor([[32, 32]]))
+
+
+def _idefics3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = T.Idefics3Config(vision_config=dict(_GEN_VIT, image_size=32, patch_size=8),
+                              text_config=dict(_GEN_TEXT, model_type="llama"), image_token_id=VLM_IMAGE_TOKEN,
+                              scale_factor=2)
+    torch.manual_seed(0)
+    return _varied(T.Idefics3ForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+
+def _internvl() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    vision = dict(_GEN_VIT, image_size=[32, 32], patch_size=[8, 8])
+    config = T.InternVLConfig(vision_config=vision, text_config=dict(_GEN_TEXT, model_type="qwen2"),
+                              image_token_id=VLM_IMAGE_TOKEN, image_seq_length=4, downsample_ratio=0.5,
+                              vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return _varied(T.InternVLForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+
+def _aya_vision() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = T.AyaVisionConfig(vision_config=dict(_GEN_VIT, model_type="siglip_vision_model", image_size=32,
+                                                  patch_size=8),
+                               text_config=dict(_GEN_TEXT, model_type="cohere2", head_dim=8, sliding_window=8),
+                               image_token_index=VLM_IMAGE_TOKEN, downsample_factor=2, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    return _varied(T.AyaVisionForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+
+
+def _llava_onevision() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    config = T.LlavaOnevisionConfig(vision_config=dict(_GEN_VIT, model_type="siglip_vision_model", image_size=32,
+                                                       patch_size=8),
+                                    text_config=dict(_GEN_TEXT, model_type="qwen2"), image_token_index=VLM_IMAGE_TOKEN,
+                                    vision_feature_layer=-1, image_grid_pinpoints=[[32, 32], [32, 64]])
+    torch.manual_seed(0)
+    return _varied(T.LlavaOnevisionForConditionalGeneration(config)), dict(
+        pixel_values=torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+        image_sizes=torch.tensor([[32, 64]]))
+
+
+VLMS: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, torch.Tensor]]]] = {
+    "llava_next": _llava_next, "llava_onevision": _llava_onevision, "qwen2_vl": _qwen2_vl, "gemma3": _gemma3,
+    "mistral3": _mistral3, "idefics3": _idefics3, "internvl": _internvl, "aya_vision": _aya_vision,
+}
+
+
+def vlm_prompt(name: str, model: torch.nn.Module, images: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[1, L] ids: 3 text tokens, as many VLM_IMAGE_TOKEN as the model makes features of `images` (Qwen2-VL's
+    between its vision start and end ids), 5 text tokens."""
+    inner = model.model if hasattr(getattr(model, "model", None), "get_image_features") else model
+    with torch.no_grad():
+        features = inner.get_image_features(images["pixel_values"],
+                                            **{k: v for k, v in images.items() if k != "pixel_values"})
+    if getattr(features, "pooler_output", None) is not None:
+        features = features.pooler_output
+    elif hasattr(features, "last_hidden_state"):
+        features = features.last_hidden_state
+    parts = features if isinstance(features, (list, tuple)) else [features]
+    count = sum(p.reshape(-1, p.shape[-1]).shape[0] for p in parts)
+    generator = torch.Generator().manual_seed(5)
+    image = torch.full((1, count), VLM_IMAGE_TOKEN)
+    if name == "qwen2_vl":
+        image = torch.cat([torch.tensor([[91]]), image, torch.tensor([[92]])], dim=1)
+    return torch.cat([torch.randint(3, 80, (1, 3), generator=generator), image,
+                      torch.randint(3, 80, (1, 5), generator=generator)], dim=1)

@@ -507,3 +507,21 @@ def test_latent_attention_and_state_space_models_fall_back_to_hf_generate() -> N
     mamba = _tiny("MambaConfig", "MambaForCausalLM", vocab_size=hf_tiny.VOCAB, hidden_size=32, num_hidden_layers=2,
                   state_size=4, pad_token_id=0)
     _assert_falls_back_to_hf_generate(mamba, left_padded_batch([6]), "own generate")
+
+
+# Any-resolution tiling (LLaVA-NeXT) and multimodal rotary positions (Qwen2-VL) by default; the other families
+# transformers ships in the full coverage set (-m coverage, ~1 min)
+@pytest.mark.parametrize("name", [n if n in ("llava_next", "qwen2_vl") else pytest.param(n, marks=pytest.mark.coverage)
+                                  for n in hf_tiny.VLMS])
+def test_vision_language_families_match_hf_eager_in_two_graphs(name) -> None:
+    """Each family's prompt (its image placeholders, its processor's extra inputs) generates HF eager's greedy
+    tokens through mmaccel.generate, twice, in one prefill and one decode graph."""
+    model, images = hf_tiny.VLMS[name]()
+    ids = hf_tiny.vlm_prompt(name, model, images)
+    mask = torch.ones_like(ids)
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None, **images)
+    for _ in range(2):
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0,
+                                  options=EAGER, **images)
+        assert torch.equal(actual, expected)
+    assert [kind for kind, _, _ in mmaccel.generation_report(model, **EAGER).graphs] == ["prefill", "decode"]

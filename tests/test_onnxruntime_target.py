@@ -4,6 +4,7 @@ warning that names the op and the user's source line it came from."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -219,3 +220,20 @@ def test_mixture_of_experts_runs_on_onnxruntime():
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
     assert {g.target for g in compiled.mmaccel_report.graphs} == {"onnxruntime"}
+
+
+def test_a_graph_returning_an_input_unchanged_runs_on_onnxruntime():
+    """A graph that hands an input back unchanged (x.contiguous() / x.float() of what already is; Gemma 3's and
+    Idefics3's inputs_embeds between graph breaks) ran on the eager target with a warning; the output is now the
+    input itself, as eager returns it, beside ONNX Runtime's outputs."""
+    def f(x, y):
+        return x.contiguous(), y * 2.0, y.float()
+
+    x, y = torch.randn(3, 4), torch.randn(5)
+    fn = mmaccel.compile(f, target="onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        a, b, c = fn(x, y)
+    assert a.data_ptr() == x.data_ptr() and torch.equal(a, x)
+    assert torch.equal(b, y * 2.0) and c.data_ptr() == y.data_ptr()
+    assert fn.mmaccel_report.graphs[-1].target == "onnxruntime"

@@ -226,8 +226,14 @@ def _functionalize(gm: fx.GraphModule) -> tuple[list[int], list[int]]:
         size.meta["val"] = val
         p.replace_all_uses_with(size)
         graph.erase_node(p)
-    if any(isinstance(o, fx.Node) and o.op == "placeholder" for o in outputs):
-        raise Unsupported("the graph returns one of its inputs unchanged")
+    # An output that is an input unchanged (Gemma 3, Idefics3, InternVL and Aya Vision return their
+    # inputs_embeds from a graph between breaks) is an Identity in the file; the caller gets the input itself
+    # (_input_views), as eager returns it. Before, such graphs ran on the eager target, with a warning.
+    for i, o in enumerate(outputs):
+        if isinstance(o, fx.Node) and o.op == "placeholder" and isinstance(o.meta.get("val"), torch.Tensor):
+            with graph.inserting_before(output):
+                outputs[i] = graph.call_function(aten.clone.default, (o,))
+            outputs[i].meta["val"] = o.meta["val"]
     output.args = (tuple(outputs),)
     gm.recompile()
     kept = [i for i, p in enumerate(placeholders) if p in tensors]
@@ -297,8 +303,12 @@ def _input_views(gm: fx.GraphModule) -> tuple[list[int], fx.GraphModule] | None:
     """(positions, a graph computing just those outputs) for the outputs that are views of graph inputs.
     ONNX Runtime returns a fresh tensor for them, which AOTAutograd would read as if it had the view's
     strides (as_strided on the caller's input): a strided input [2, 2, 1] came back as the first four
-    elements of its storage. The views are cheap, so they are taken in PyTorch from the inputs."""
-    positions = views_of_inputs(gm)
+    elements of its storage. The views are cheap, so they are taken in PyTorch from the inputs; an output that is
+    an input unchanged is that input."""
+    outputs = gm.graph.output_node().args[0]
+    unchanged = [i for i, o in enumerate(outputs) if isinstance(o, fx.Node) and o.op == "placeholder"
+                 and isinstance(o.meta.get("val"), torch.Tensor)]
+    positions = sorted(views_of_inputs(gm) + unchanged)
     if not positions:
         return None
     view_gm = clone_module(gm)
