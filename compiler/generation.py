@@ -107,7 +107,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     _max_length_as_new_tokens(model, input_ids, user, kwargs)
     config = _resolve_config(model, user)
     try:
-        asked = _uncompiled_options(kwargs)
+        asked = _uncompiled_options(kwargs) + _own_generate_options(model, kwargs)
         if asked:
             raise Unsupported(f"{', '.join(asked)} asked for, which mmaccel.generate does not compile (it takes "
                               "greedy and sampling with temperature, top_k, top_p, stop and pad ids)")
@@ -179,6 +179,25 @@ def _uncompiled_options(kwargs: dict[str, Any]) -> list[str]:
     for name in [n for n in kwargs if n in defaults]:
         value = kwargs.pop(name)
         if _changes_tokens(name, value):
+            asked.append(f"{name}={value!r}"[:80])
+    return asked
+
+
+def _own_generate_options(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
+    """Takes the options of the model's own generate() (Whisper's language, task, return_timestamps, prompt_ids,
+    ...: in its signature, not GenerationMixin.generate's nor forward's) out of `kwargs`; those given a value
+    other than their default, as "name=value". Before, they stayed in the model inputs, which the forward
+    ignored: generate(features, language="fr", task="translate") came back as untranslated tokens, silently."""
+    from transformers import GenerationMixin
+
+    own = inspect.signature(type(model).generate).parameters if hasattr(type(model), "generate") else {}
+    skip = set(_hf_generation_defaults()) | set(inspect.signature(type(model).forward).parameters) | _GENERATE_ARGS
+    if type(model).generate is GenerationMixin.generate:
+        return []
+    asked = []
+    for name in [n for n in kwargs if n in own and n not in skip]:
+        value, default = kwargs.pop(name), own[name].default
+        if value is not None and not _same(value, None if default is inspect.Parameter.empty else default):
             asked.append(f"{name}={value!r}"[:80])
     return asked
 
@@ -700,7 +719,14 @@ def _decoder_prompt(model: torch.nn.Module, model_inputs: dict[str, Any], input_
         raise ValueError(f"mmaccel.generate: {type(model).__name__} needs input_features")
     decoder_ids = model_inputs.pop("decoder_input_ids", None)
     if decoder_ids is None:
-        start = model.generation_config.decoder_start_token_id
+        config = model.generation_config
+        if getattr(config, "lang_to_id", None) or getattr(config, "forced_decoder_ids", None):
+            warn_once(f"mmaccel.generate: {type(model).__name__}'s own generate() starts the decoder with language "
+                      "and task tokens (detecting the language when none is given) and a no-timestamps token; "
+                      "mmaccel.generate starts it from decoder_start_token_id alone, so its tokens can differ: pass "
+                      "decoder_input_ids=[[start, language, task, no-timestamps ids]] for compiled steps that "
+                      "match, or language=/task= to run the model's own generate()")
+        start = config.decoder_start_token_id
         decoder_ids = torch.full((model_inputs["input_features"].shape[0], 1), start,
                                  device=model_inputs["input_features"].device)
     return decoder_ids, model_inputs.pop("decoder_attention_mask", None)

@@ -525,3 +525,28 @@ def test_vision_language_families_match_hf_eager_in_two_graphs(name) -> None:
                                   options=EAGER, **images)
         assert torch.equal(actual, expected)
     assert [kind for kind, _, _ in mmaccel.generation_report(model, **EAGER).graphs] == ["prefill", "decode"]
+
+
+def test_whisper_options_of_its_own_generate_run_it_and_multilingual_prompts_are_named() -> None:
+    """Whisper's generate() takes language, task, return_timestamps, ... (not GenerationMixin's options): they
+    stayed in the model inputs, which the forward ignored, so generate(features, task="translate") gave other
+    tokens than HF's, silently. Given, they now run the model's own generate() with one warning (HF's tokens).
+    A multilingual generation config (lang_to_id) without decoder_input_ids: one warning that Whisper's own
+    language and task tokens are not added, naming decoder_input_ids."""
+    from mmaccel.compiler import errors
+
+    model = hf_tiny.whisper()
+    config = model.generation_config
+    config.lang_to_id, config.task_to_id = {"<|en|>": 50, "<|fr|>": 51}, {"transcribe": 52, "translate": 53}
+    config.is_multilingual, config.no_timestamps_token_id = True, 54
+    features = torch.randn(1, 16, 40, generator=torch.Generator().manual_seed(1))
+    for kwargs in (dict(language="fr", task="translate"), dict(return_timestamps=True)):
+        with torch.no_grad():
+            expected = model.generate(features, max_new_tokens=5, do_sample=False, **kwargs)
+        errors._warned.clear()
+        with pytest.warns(mmaccel.MmaccelFallbackWarning, match=f"{next(iter(kwargs))}=.*does not compile"):
+            actual = mmaccel.generate(model, features, max_new_tokens=5, options=EAGER, **kwargs)
+        assert torch.equal(actual, expected), kwargs
+    errors._warned.clear()
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="language and task tokens.*decoder_input_ids"):
+        mmaccel.generate(model, features, max_new_tokens=2, options=EAGER)
