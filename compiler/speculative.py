@@ -68,6 +68,12 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
             raise ValueError("mmaccel.generate: speculative_k needs a draft (draft=small_model or 'layers:N')")
         return generation.generate(model, input_ids, attention_mask, **kwargs)
     choices = _k_choices(4 if speculative_k is None else speculative_k)
+    # HF generate() options the steps do not compile (num_beams, repetition_penalty, Whisper's language, ...):
+    # with a draft they reached the forward, which ignored them (greedy tokens where beams were asked for).
+    # mmaccel.generate runs the model's own generate() for them, with one warning naming them.
+    probe = {k: v for k, v in kwargs.items() if k not in generation._GENERATE_ARGS and k != "max_length"}
+    if generation._uncompiled_options(dict(probe)) or generation._own_generate_options(model, dict(probe)):
+        return generation.generate(model, input_ids, attention_mask, **kwargs)
     draft_model, draft_options = resolve_draft(model, draft)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in generation._GENERATE_ARGS}
     config = generation._resolve_config(model, user)

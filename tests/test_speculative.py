@@ -299,3 +299,19 @@ def test_self_speculation_on_h_layer_lists_and_sliding_windows() -> None:
         assert mmaccel.generation_report(model, **EAGER).speculative["rounds"] > 0, name
         draft, _ = resolve_draft(model, "layers:1")
         assert {id(p) for p in draft.parameters()} < {id(p) for p in model.parameters()}, name
+
+
+def test_options_the_steps_do_not_compile_run_hf_generate_with_a_draft_too() -> None:
+    """With a draft, HF generate() options the steps do not compile (num_beams, repetition_penalty) skipped the
+    check plain mmaccel.generate makes and reached the forward, which ignored them: greedy tokens where beam
+    search was asked for, silently. They now run the model's own generate() with one warning, as without a draft."""
+    from mmaccel.compiler import errors
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False, num_beams=2)
+    errors._warned.clear()
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="num_beams=2.*does not compile"):
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, pad_token_id=0, draft="layers:1",
+                                  num_beams=2, options=EAGER)
+    assert torch.equal(actual, expected)
