@@ -244,6 +244,9 @@ class _Config:
     seed: int
     stop_ids: tuple[int, ...]
     pad_id: int
+    # The pad id a missing attention_mask is inferred from (HF's _prepare_attention_mask_for_generation: a pad
+    # id given or configured, other than every stop id); None: every position attends
+    mask_pad: int | None = None
 
 
 def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
@@ -269,6 +272,7 @@ def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
     eos = get("eos_token_id", ())
     stop_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
     pad = get("pad_token_id")
+    mask_pad = None if pad is None or int(pad) in stop_ids else int(pad)
     if pad is None:
         pad = stop_ids[0] if stop_ids else 0
     do_sample = bool(get("do_sample", False))
@@ -277,7 +281,8 @@ def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
     if do_sample and temperature <= 0:
         raise ValueError(f"mmaccel.generate: temperature must be > 0 when sampling, got {temperature}")
     sampler = Sampler(do_sample, int(top_k) if do_sample and top_k else None, do_sample and top_p < 1.0)
-    return _Config(int(max_new), sampler, temperature, top_p, int(user.get("seed") or 0), stop_ids, int(pad))
+    return _Config(int(max_new), sampler, temperature, top_p, int(user.get("seed") or 0), stop_ids, int(pad),
+                   mask_pad)
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -381,18 +386,27 @@ class _Session:
         self.report.compile, self.report.since = self.backend.report, len(self.report.graphs)
         self.report.recompiles += 1
 
+    def prompt_mask(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                    config: _Config) -> torch.Tensor:
+        """The prompt's attention mask: the given one, else as HF's generate infers it (a decoder-only prompt's
+        pad positions masked when a pad id other than the stop ids is set). No input_ids: Unsupported."""
+        if input_ids is None:  # HF starts from inputs_embeds, or from the bos token alone
+            raise Unsupported("a prompt given as inputs_embeds, or none, has no input_ids for the compiled steps")
+        if attention_mask is not None:
+            return attention_mask
+        if config.mask_pad is None or self.encoder_decoder:
+            return torch.ones_like(input_ids)
+        return input_ids.ne(config.mask_pad).long()
+
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: _Config, scored: bool = False) -> Any:
         """The tokens; with `scored`, also each row's mean log-probability of its new tokens up to its stop
         token [B] (accumulated by the steps themselves: no second forward)."""
         if self.encoder_decoder:
             input_ids, attention_mask = _decoder_prompt(self.model, model_inputs, input_ids, attention_mask)
-        if input_ids is None:
-            raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
+        attention_mask = self.prompt_mask(input_ids, attention_mask, config)
         if self.model.training:
             warn_once("mmaccel.generate: the model is in training mode (dropout active); call model.eval()")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         self.forget_stale_recordings()
         ids, mask, model_inputs = self.fewer_image_tokens(input_ids, attention_mask, model_inputs, config)
         prompt, cache_len = generation_buckets(ids.shape[1], config.max_new_tokens, self.limit)

@@ -72,7 +72,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     # with a draft they reached the forward, which ignored them (greedy tokens where beams were asked for).
     # mmaccel.generate runs the model's own generate() for them, with one warning naming them.
     probe = {k: v for k, v in kwargs.items() if k not in generation._GENERATE_ARGS and k != "max_length"}
-    if generation._uncompiled_options(dict(probe)) or generation._own_generate_options(model, dict(probe)):
+    if generation._uncompiled_options(dict(probe)) or generation._own_generate_options(model, dict(probe)) or \
+            (input_ids is None and not getattr(model.config, "is_encoder_decoder", False)):  # inputs_embeds alone
         return generation.generate(model, input_ids, attention_mask, **kwargs)
     draft_model, draft_options = resolve_draft(model, draft)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in generation._GENERATE_ARGS}
@@ -169,10 +170,7 @@ class _Speculation:
 
     def generate(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                  model_inputs: dict[str, Any], config: Any) -> torch.Tensor:
-        if input_ids is None:
-            raise ValueError("mmaccel.generate needs input_ids (the tokenized prompt)")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = self.target.prompt_mask(input_ids, attention_mask, config)
         self.target.forget_stale_recordings()
         if self.draft.forget_stale_recordings():
             self.target.rounds.pop(self.draft, None)

@@ -550,3 +550,28 @@ def test_whisper_options_of_its_own_generate_run_it_and_multilingual_prompts_are
     errors._warned.clear()
     with pytest.warns(mmaccel.MmaccelFallbackWarning, match="language and task tokens.*decoder_input_ids"):
         mmaccel.generate(model, features, max_new_tokens=2, options=EAGER)
+
+
+def test_missing_attention_mask_is_inferred_and_embeddings_alone_run_hf_generate() -> None:
+    """HF's generate() infers a missing attention_mask from the pad id (pad positions masked, unless the pad id is
+    a stop id): mmaccel.generate attended to a left-padded row's pads, and its tokens differed, silently. A prompt
+    given as inputs_embeds alone (or none) raised a ValueError; it now runs the model's own generate() with one
+    warning."""
+    from mmaccel.compiler import errors
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(expected, hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False))
+    actual = mmaccel.generate(model, ids, max_new_tokens=5, pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)
+    embeddings = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        expected = model.generate(inputs_embeds=embeddings, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                  pad_token_id=0)
+    errors._warned.clear()
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="inputs_embeds.*own generate"):
+        actual = mmaccel.generate(model, inputs_embeds=embeddings, attention_mask=mask, max_new_tokens=5,
+                                  pad_token_id=0, options=EAGER)
+    assert torch.equal(actual, expected)

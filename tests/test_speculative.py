@@ -315,3 +315,9 @@ def test_options_the_steps_do_not_compile_run_hf_generate_with_a_draft_too() -> 
         actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, pad_token_id=0, draft="layers:1",
                                   num_beams=2, options=EAGER)
     assert torch.equal(actual, expected)
+    embeddings = model.get_input_embeddings()(ids).detach()  # a prompt as embeddings alone: the same fallback
+    expected = hf_generate(model, None, mask, inputs_embeds=embeddings, max_new_tokens=4, do_sample=False)
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="inputs_embeds"):
+        actual = mmaccel.generate(model, inputs_embeds=embeddings, attention_mask=mask, max_new_tokens=4,
+                                  pad_token_id=0, draft="layers:1", options=EAGER)
+    assert torch.equal(actual, expected)
