@@ -404,7 +404,8 @@ def test_input_writes_match_eager(fn, target: str) -> None:
     """In-place writes to inputs (a KV cache): output and the written tensor both as in eager.
     Regressions (target='onnxruntime'): a returned `copy_` result was dropped from the ONNX graph, and a
     graph that the ORT target gave up on reached the eager fallback half rewritten (the write was lost).
-    Both now run on the eager target, with the write."""
+    Both now run on the eager target, with the write. And once outputs that are inputs unchanged ran on ONNX
+    Runtime, the write beside one ran twice (the graph that hands those inputs back kept the in-place add)."""
     x, cache = torch.randn(2, 3, 4), torch.zeros(2, 5, 4)
     expected_cache, actual_cache = cache.clone(), cache.clone()
     with torch.no_grad(), warnings.catch_warnings():

@@ -314,7 +314,18 @@ def _input_views(gm: fx.GraphModule) -> tuple[list[int], fx.GraphModule] | None:
     view_gm = clone_module(gm)
     output = view_gm.graph.output_node()
     output.args = ([output.args[0][i] for i in positions],)
-    view_gm.graph.eliminate_dead_code()
+    # Only what the views read: eliminate_dead_code keeps in-place ops, and a cache.add_(1) beside an output
+    # that is an input unchanged ran twice (once in ONNX Runtime, once here)
+    needed: set[fx.Node] = set()
+    stack = [n for n in output.args[0] if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in reversed(list(view_gm.graph.nodes)):
+        if node.op == "call_function" and node not in needed:
+            view_gm.graph.erase_node(node)
     view_gm.recompile()
     return positions, view_gm
 
