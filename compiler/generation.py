@@ -188,18 +188,27 @@ def _own_generate_options(model: torch.nn.Module, kwargs: dict[str, Any]) -> lis
     ...: in its signature, not GenerationMixin.generate's nor forward's) out of `kwargs`; those given a value
     other than their default, as "name=value". Before, they stayed in the model inputs, which the forward
     ignored: generate(features, language="fr", task="translate") came back as untranslated tokens, silently."""
-    from transformers import GenerationMixin
-
-    own = inspect.signature(type(model).generate).parameters if hasattr(type(model), "generate") else {}
-    skip = set(_hf_generation_defaults()) | set(inspect.signature(type(model).forward).parameters) | _GENERATE_ARGS
-    if type(model).generate is GenerationMixin.generate:
-        return []
+    own = _own_generate_parameters(type(model))
     asked = []
-    for name in [n for n in kwargs if n in own and n not in skip]:
-        value, default = kwargs.pop(name), own[name].default
-        if value is not None and not _same(value, None if default is inspect.Parameter.empty else default):
+    for name in [n for n in kwargs if n in own]:
+        value = kwargs.pop(name)
+        if value is not None and not _same(value, own[name]):
             asked.append(f"{name}={value!r}"[:80])
     return asked
+
+
+@functools.lru_cache(maxsize=None)
+def _own_generate_parameters(cls: type) -> dict[str, Any]:
+    """Name -> default of the parameters only `cls`'s own generate() takes (once per class: off the per-call
+    host path)."""
+    from transformers import GenerationMixin
+
+    if getattr(cls, "generate", GenerationMixin.generate) is GenerationMixin.generate:
+        return {}
+    skip = set(_hf_generation_defaults()) | set(inspect.signature(cls.forward).parameters) | _GENERATE_ARGS | {"self"}
+    return {name: None if p.default is inspect.Parameter.empty else p.default
+            for name, p in inspect.signature(cls.generate).parameters.items()
+            if name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 def _changes_tokens(name: str, value: Any) -> bool:
