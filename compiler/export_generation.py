@@ -47,7 +47,7 @@ from .onnx_fusions import NAME as FUSION, fuse_for_onnxruntime
 from .onnx_rewrites import compact_external_data, divide_by_square_roots, drop_zero_biases, share_tied_embedding
 from .export_embeddings import quantize_embeddings
 from . import hf_geometry
-from .onnx_generate import FORMAT, MANIFEST, VERSION
+from .onnx_generate import FORMAT, HF_SAMPLING_DEFAULTS, MANIFEST, VERSION
 from .options import as_sample
 from .report import CompileReport, GraphReport
 # Trace-time sizes: distinct (so torch.export does not unify batch, sequence and past), and none 0 or 1
@@ -465,6 +465,13 @@ def all_nodes(graph: Any):
                 yield from all_nodes(sub)
 
 
+def sampling_defaults(gen: Any) -> dict[str, Any]:
+    """do_sample, temperature, top_k, top_p as HF's generate() would sample this model without arguments: its
+    generation config's values, HF's defaults where unset (top_k 50). onnx_generate takes them as its defaults."""
+    return {name: default if getattr(gen, name, None) is None else getattr(gen, name)
+            for name, default in HF_SAMPLING_DEFAULTS.items()}
+
+
 def generation_config(model: torch.nn.Module, text: Any) -> dict[str, Any]:
     """What onnx_generate needs besides the graphs: cache geometry, stop and pad ids, dtype, image token,
     Whisper's decoder start token."""
@@ -477,6 +484,7 @@ def generation_config(model: torch.nn.Module, text: Any) -> dict[str, Any]:
               "vocab_size": text.vocab_size, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "eos_token_id": [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)],
               "pad_token_id": getattr(text, "pad_token_id", None) if pad is None else pad}
+    config["sampling"] = sampling_defaults(gen)
     if _is_llava(model):
         config["image_token_id"] = model.config.image_token_id
     if _is_whisper(model):

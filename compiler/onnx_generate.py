@@ -36,6 +36,12 @@ class ManifestError(ValueError):
     """The folder is not one export's: a missing or unknown manifest, or a graph from another export."""
 
 
+# The sampling defaults HF's generate() applies where a generation config leaves a field unset (transformers 5:
+# GenerationConfig._get_default_generation_params; earlier versions hold them as the fields' own defaults); the
+# export writes the model's own into the manifest (export_generation.sampling_defaults)
+HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
 @dataclass(frozen=True)
 class Sampling:
     do_sample: bool = False
@@ -84,9 +90,13 @@ class OnnxGenerator:
         and generation ends once every row has stopped, as HF's generate. Whisper: the prompt is the decoder's
         (by default decoder_start_token_id per row), the audio `input_features`."""
         ids = self._prompt_ids(input_ids, input_features)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         stop = _ids(self.config["eos_token_id"] if eos_token_id is None else eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self.config.get("pad_token_id")
+        # No mask: as HF's generate infers it, a decoder-only prompt's pad positions masked (a left-padded row
+        # attended to its pads before)
+        inferred = pad is not None and int(pad) not in stop and input_features is None
+        mask = np.asarray(attention_mask, dtype=np.int64) if attention_mask is not None else \
+            (ids != int(pad)).astype(np.int64) if inferred else np.ones_like(ids)
         pad = (stop[0] if stop else 0) if pad is None else int(pad)
         if max_new_tokens < 1:
             raise ValueError(f"onnx_generate: max_new_tokens must be a positive int, got {max_new_tokens}")
@@ -288,16 +298,25 @@ class SharedCache:
 
 
 def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any = None, attention_mask: Any = None,
-                  pixel_values: Any = None, input_features: Any = None, max_new_tokens: int = 20, do_sample: bool = False,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
-                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> np.ndarray:
+                  pixel_values: Any = None, input_features: Any = None, max_new_tokens: int = 20,
+                  do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, eos_token_id: int | list[int] | None = None,
+                  pad_token_id: int | None = None) -> np.ndarray:
     """Generate from an exported folder (or an OnnxGenerator, to load the sessions once): greedy, or sampling
     with HF's temperature -> top-k -> top-p order (numpy's generator seeded with `seed`: reproducible, not
-    HF's random stream). Inputs are numpy arrays or anything np.asarray takes (CPU torch tensors)."""
+    HF's random stream). Inputs are numpy arrays or anything np.asarray takes (CPU torch tensors).
+    do_sample, temperature, top_k and top_p left at None are the exported model's, as HF's generate() samples it
+    (its generation config, else HF's defaults: top_k 50; before, sampling used every token); top_k=0: no top-k.
+    No attention_mask: the pad id's positions are masked as HF infers it (a pad id other than the stop ids)."""
+    generator = folder if isinstance(folder, OnnxGenerator) else OnnxGenerator(folder)
+    folder_defaults = {**HF_SAMPLING_DEFAULTS, **generator.config.get("sampling", {})}
+    do_sample = folder_defaults["do_sample"] if do_sample is None else do_sample
+    temperature = float(folder_defaults["temperature"] if temperature is None else temperature)
+    top_k = folder_defaults["top_k"] if top_k is None else top_k
+    top_p = float(folder_defaults["top_p"] if top_p is None else top_p)
     if do_sample and temperature <= 0:
         raise ValueError(f"onnx_generate: temperature must be > 0 when sampling, got {temperature}")
-    generator = folder if isinstance(folder, OnnxGenerator) else OnnxGenerator(folder)
-    sampling = Sampling(bool(do_sample), float(temperature), int(top_k) if top_k else None, float(top_p))
+    sampling = Sampling(bool(do_sample), temperature, int(top_k) if top_k else None, top_p)
     return generator.generate(input_ids, attention_mask, pixel_values, input_features, max_new_tokens, sampling,
                               seed, eos_token_id, pad_token_id)
 

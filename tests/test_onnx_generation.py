@@ -795,3 +795,21 @@ def test_mixture_of_experts_decoder_exports_and_generates_as_hf(tmp_path) -> Non
     expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     actual = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=[])
     assert torch.equal(torch.from_numpy(actual), expected), (actual, expected)
+
+
+def test_sampling_defaults_and_a_missing_mask_follow_hf(exported) -> None:
+    """onnx_generate sampled from every token where HF's generate() samples from the 50 likeliest (its default when
+    the generation config sets none): do_sample, temperature, top_k and top_p now default to the exported model's
+    (the manifest's "sampling"), top_k=0 turns top-k off. Without an attention_mask it attended to a left-padded
+    row's pads, where HF infers the mask from the pad id: the tokens differed."""
+    model, folder, _ = exported
+    generator = mmaccel.OnnxGenerator(folder)
+    assert generator.config["sampling"] == {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    ids, mask = left_padded_batch([7, 4])
+    sample = dict(max_new_tokens=6, do_sample=True, seed=5, eos_token_id=[], pad_token_id=0)
+    assert np.array_equal(mmaccel.onnx_generate(generator, ids, mask, **sample),
+                          mmaccel.onnx_generate(generator, ids, mask, top_k=50, **sample))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    actual = mmaccel.onnx_generate(generator, ids, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(torch.from_numpy(actual), expected)
