@@ -237,3 +237,21 @@ def test_a_graph_returning_an_input_unchanged_runs_on_onnxruntime():
     assert a.data_ptr() == x.data_ptr() and torch.equal(a, x)
     assert torch.equal(b, y * 2.0) and c.data_ptr() == y.data_ptr()
     assert fn.mmaccel_report.graphs[-1].target == "onnxruntime"
+
+
+def test_squeeze_of_a_dim_that_is_not_one_runs_on_onnxruntime():
+    """torch's squeeze(dim) leaves a dim of another size than 1 alone; ONNX's Squeeze fails on it, and torch.onnx
+    emitted one anyway: ONNX Runtime refused Mistral 3's image_features.squeeze(0) of a [4, 32] tensor, and the
+    graph ran on the eager target. Squeezes of such dims are now no-ops in the file; dims of size 1 still go."""
+    def f(x, y):
+        return torch.split(x.squeeze(0), [4])[0] * 2, y.squeeze(0) + 1, y.squeeze(-1).squeeze(1) * 3, \
+            torch.squeeze(x, (0, 1)) - 1
+
+    x, y = torch.randn(4, 32), torch.randn(1, 5, 1)
+    fn = mmaccel.compile(f, target="onnxruntime")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        out = fn(x, y)
+    for actual, expected in zip(out, f(x, y)):
+        assert actual.shape == expected.shape and torch.equal(actual, expected)
+    assert fn.mmaccel_report.graphs[-1].target == "onnxruntime"

@@ -155,8 +155,25 @@ def grouped_mm_onnx(mat_a, mat_b, offs):
     return op.Concat(*outputs, axis=0)
 
 
+def squeeze_dims_onnx(self, dims):
+    """aten.squeeze.dim / .dims: torch drops only the listed dims of size 1, a dim of another size stays (a no-op),
+    where ONNX's Squeeze fails on it. torch.onnx emitted Squeeze for every listed dim, so ORT refused the graph at
+    session creation (Mistral 3's image_features.squeeze(0) of a [4, 32] tensor: that graph ran on eager). A
+    dynamic dim is taken as not 1, as torch.export takes it."""
+    from onnxscript import opset18 as op
+
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if self.shape is None:  # no shape known here: the listed dims, as torch.onnx did
+        return op.Squeeze(self, op.Constant(value_ints=dims))
+    rank = len(self.shape)
+    ones = sorted({d % rank for d in dims if isinstance(self.shape[d % rank], int) and self.shape[d % rank] == 1}) \
+        if rank else []
+    return op.Squeeze(self, op.Constant(value_ints=ones)) if ones else op.Identity(self)
+
+
 ATEN_TRANSLATIONS = {aten.scaled_dot_product_attention.default: sdpa_onnx,
-                     aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention_for_cpu_onnx}
+                     aten._scaled_dot_product_flash_attention_for_cpu.default: flash_attention_for_cpu_onnx,
+                     aten.squeeze.dim: squeeze_dims_onnx, aten.squeeze.dims: squeeze_dims_onnx}
 
 
 def _library_translations() -> dict[Any, Callable]:
