@@ -49,15 +49,16 @@ def is_view(node: fx.Node) -> bool:
 
 
 def views_of_inputs(gm: fx.GraphModule) -> list[int]:
-    """Positions of the graph's outputs that are views of a graph input (a chain of view ops from a
+    """Positions of the graph's outputs that are a tensor input or a view of one (a chain of view ops from a
     placeholder). AOTAutograd rebuilds such an output from the caller's input with the size, stride and
-    offset of what the compiled graph returned, so a target must return it as that view, not as a copy."""
+    offset of what the compiled graph returned, so a target must return it as that view (or that input itself),
+    not as a copy."""
     found = []
     for i, out in enumerate(gm.graph.output_node().args[0]):
         node = out
         while isinstance(node, fx.Node) and is_view(node):
             node = node.args[0]
-        if isinstance(node, fx.Node) and node.op == "placeholder" and node is not out:
+        if isinstance(node, fx.Node) and node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
             found.append(i)
     return found
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -32,9 +33,7 @@ import mmaccel  # noqa: E402
 from common import default_out, environment, write_json  # noqa: E402
 from mmaccel.compiler import errors  # noqa: E402
 
-import sys  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository: tests/
 from tests import hf_tiny  # noqa: E402
 
 # Config fields shared by the Llama-like configs; a spec marked "_only" takes its own fields alone (configs whose

@@ -107,7 +107,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None, atte
     _max_length_as_new_tokens(model, input_ids, user, kwargs)
     config = _resolve_config(model, user)
     try:
-        asked = _uncompiled_options(kwargs) + _own_generate_options(model, kwargs)
+        asked = _uncompiled_options(model, kwargs)
         if asked:
             raise Unsupported(f"{', '.join(asked)} asked for, which mmaccel.generate does not compile (it takes "
                               "greedy and sampling with temperature, top_k, top_p, stop and pad ids)")
@@ -171,28 +171,17 @@ def _hf_generation_defaults() -> dict[str, Any]:
     return {**{name: None for name in arguments}, **fields, **{k: v for k, v in applied.items() if k in fields}}
 
 
-def _uncompiled_options(kwargs: dict[str, Any]) -> list[str]:
-    """Takes HF's generation options out of `kwargs` (what is left are model inputs); those that change what
-    comes out, as "name=value" (empty: the call can be compiled)."""
-    defaults = _hf_generation_defaults()
+def _uncompiled_options(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
+    """Takes HF's generation options, and those of the model's own generate() (Whisper's language, task,
+    return_timestamps, prompt_ids, ...: _own_generate_parameters), out of `kwargs` (what is left are model
+    inputs); those that change what comes out, as "name=value" (empty: the call can be compiled). The model's own
+    stayed in the model inputs before, which the forward ignored: generate(features, language="fr",
+    task="translate") came back as untranslated tokens, silently."""
+    defaults, own = _hf_generation_defaults(), _own_generate_parameters(type(model))
     asked = []
-    for name in [n for n in kwargs if n in defaults]:
+    for name in [n for n in kwargs if n in defaults or n in own]:
         value = kwargs.pop(name)
-        if _changes_tokens(name, value):
-            asked.append(f"{name}={value!r}"[:80])
-    return asked
-
-
-def _own_generate_options(model: torch.nn.Module, kwargs: dict[str, Any]) -> list[str]:
-    """Takes the options of the model's own generate() (Whisper's language, task, return_timestamps, prompt_ids,
-    ...: in its signature, not GenerationMixin.generate's nor forward's) out of `kwargs`; those given a value
-    other than their default, as "name=value". Before, they stayed in the model inputs, which the forward
-    ignored: generate(features, language="fr", task="translate") came back as untranslated tokens, silently."""
-    own = _own_generate_parameters(type(model))
-    asked = []
-    for name in [n for n in kwargs if n in own]:
-        value = kwargs.pop(name)
-        if value is not None and not _same(value, own[name]):
+        if _changes_tokens(name, value) if name in defaults else value is not None and not _same(value, own[name]):
             asked.append(f"{name}={value!r}"[:80])
     return asked
 

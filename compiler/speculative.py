@@ -72,7 +72,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     # with a draft they reached the forward, which ignored them (greedy tokens where beams were asked for).
     # mmaccel.generate runs the model's own generate() for them, with one warning naming them.
     probe = {k: v for k, v in kwargs.items() if k not in generation._GENERATE_ARGS and k != "max_length"}
-    if generation._uncompiled_options(dict(probe)) or generation._own_generate_options(model, dict(probe)) or \
+    if generation._uncompiled_options(model, probe) or \
             (input_ids is None and not getattr(model.config, "is_encoder_decoder", False)):  # inputs_embeds alone
         return generation.generate(model, input_ids, attention_mask, **kwargs)
     draft_model, draft_options = resolve_draft(model, draft)

@@ -343,15 +343,19 @@ def _varied(model: torch.nn.Module) -> torch.nn.Module:
     return inference(model)
 
 
+def _images(*shape: int, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs a VLM's processor would give: pixel_values of `shape` (seeded), and `extra` (image_sizes, ...)."""
+    return dict(pixel_values=torch.randn(*shape, generator=torch.Generator().manual_seed(2)), **extra)
+
+
 def _llava_next() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """LLaVA-NeXT's any-resolution tiling: a 32x64 image as two 32x32 crops plus the resized whole."""
     config = T.LlavaNextConfig(vision_config=T.CLIPVisionConfig(**_GEN_VIT, image_size=32, patch_size=8),
                                text_config=T.LlamaConfig(**_GEN_TEXT), image_token_index=VLM_IMAGE_TOKEN,
                                image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]], vision_feature_layer=-1)
     torch.manual_seed(0)
-    return _varied(T.LlavaNextForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
-        image_sizes=torch.tensor([[32, 64]]))
+    images = _images(1, 3, 3, 32, 32, image_sizes=torch.tensor([[32, 64]]))
+    return _varied(T.LlavaNextForConditionalGeneration(config)), images
 
 
 def _qwen2_vl() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -362,9 +366,8 @@ def _qwen2_vl() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     config = T.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=VLM_IMAGE_TOKEN,
                              vision_start_token_id=91, vision_end_token_id=92, video_token_id=93)
     torch.manual_seed(0)
-    return _varied(T.Qwen2VLForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(16, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(2)),
-        image_grid_thw=torch.tensor([[1, 4, 4]]))
+    images = _images(16, 3 * 2 * 4 * 4, image_grid_thw=torch.tensor([[1, 4, 4]]))
+    return _varied(T.Qwen2VLForConditionalGeneration(config)), images
 
 
 def _gemma3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -372,8 +375,7 @@ def _gemma3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
                             vision_config=dict(_GEN_VIT, image_size=32, patch_size=8), mm_tokens_per_image=4,
                             image_token_index=VLM_IMAGE_TOKEN, boi_token_index=91, eoi_token_index=92)
     torch.manual_seed(0)
-    return _varied(T.Gemma3ForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    return _varied(T.Gemma3ForConditionalGeneration(config)), _images(1, 3, 32, 32)
 
 
 def _mistral3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -382,9 +384,8 @@ def _mistral3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     config = T.Mistral3Config(vision_config=vision, text_config=T.MistralConfig(**_GEN_TEXT),
                               image_token_index=VLM_IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
     torch.manual_seed(0)
-    return _varied(T.Mistral3ForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
-        image_sizes=torch.tensor([[32, 32]]))
+    images = _images(1, 3, 32, 32, image_sizes=torch.tensor([[32, 32]]))
+    return _varied(T.Mistral3ForConditionalGeneration(config)), images
 
 
 def _idefics3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -392,8 +393,7 @@ def _idefics3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
                               text_config=dict(_GEN_TEXT, model_type="llama"), image_token_id=VLM_IMAGE_TOKEN,
                               scale_factor=2)
     torch.manual_seed(0)
-    return _varied(T.Idefics3ForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    return _varied(T.Idefics3ForConditionalGeneration(config)), _images(1, 1, 3, 32, 32)
 
 
 def _internvl() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -402,8 +402,7 @@ def _internvl() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
                               image_token_id=VLM_IMAGE_TOKEN, image_seq_length=4, downsample_ratio=0.5,
                               vision_feature_layer=-1)
     torch.manual_seed(0)
-    return _varied(T.InternVLForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    return _varied(T.InternVLForConditionalGeneration(config)), _images(1, 3, 32, 32)
 
 
 def _aya_vision() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -412,8 +411,7 @@ def _aya_vision() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
                                text_config=dict(_GEN_TEXT, model_type="cohere2", head_dim=8, sliding_window=8),
                                image_token_index=VLM_IMAGE_TOKEN, downsample_factor=2, vision_feature_layer=-1)
     torch.manual_seed(0)
-    return _varied(T.AyaVisionForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)))
+    return _varied(T.AyaVisionForConditionalGeneration(config)), _images(1, 3, 32, 32)
 
 
 def _llava_onevision() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -422,9 +420,8 @@ def _llava_onevision() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
                                     text_config=dict(_GEN_TEXT, model_type="qwen2"), image_token_index=VLM_IMAGE_TOKEN,
                                     vision_feature_layer=-1, image_grid_pinpoints=[[32, 32], [32, 64]])
     torch.manual_seed(0)
-    return _varied(T.LlavaOnevisionForConditionalGeneration(config)), dict(
-        pixel_values=torch.randn(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
-        image_sizes=torch.tensor([[32, 64]]))
+    images = _images(1, 3, 3, 32, 32, image_sizes=torch.tensor([[32, 64]]))
+    return _varied(T.LlavaOnevisionForConditionalGeneration(config)), images
 
 
 VLMS: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, torch.Tensor]]]] = {

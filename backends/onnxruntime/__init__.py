@@ -322,10 +322,7 @@ def _input_views(gm: fx.GraphModule) -> tuple[list[int], fx.GraphModule] | None:
     strides (as_strided on the caller's input): a strided input [2, 2, 1] came back as the first four
     elements of its storage. The views are cheap, so they are taken in PyTorch from the inputs; an output that is
     an input unchanged is that input."""
-    outputs = gm.graph.output_node().args[0]
-    unchanged = [i for i, o in enumerate(outputs) if isinstance(o, fx.Node) and o.op == "placeholder"
-                 and isinstance(o.meta.get("val"), torch.Tensor)]
-    positions = sorted(views_of_inputs(gm) + unchanged)
+    positions = views_of_inputs(gm)
     if not positions:
         return None
     view_gm = clone_module(gm)
