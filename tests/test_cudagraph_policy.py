@@ -244,3 +244,38 @@ def test_a_small_input_is_copied_even_at_one_address():
     for _ in range(2 * STABLE_CALLS):
         torch.testing.assert_close(runner([small, x])[0], (small * x).sum(-1))
     assert runner.stable == set() and len(runner.recorded) == 1
+
+
+def test_a_graph_whose_capture_fails_returns_the_real_result_and_is_never_recorded_again(recwarn):
+    """transformers' fp32 mixture-of-experts fallback (offs.tolist()) and Idefics3's boolean-mask indexing read
+    values back from the GPU, which a capture refuses: the error reached the caller (tiny Mixtral, Qwen2-MoE,
+    OLMoE and Idefics3 on an H200). Now the call returns what its real run computed, one warning names the
+    reason, and later calls run plainly without trying to record again."""
+
+    class FailingCapture(CudaGraphRunner):
+        DEVICE_TYPE = "cpu"
+
+        def __init__(self) -> None:
+            super().__init__(lambda args: args[0] * 2, _graph(symbolic=False))
+            self.runs = self.captures = 0
+            self.run = self.counted
+
+        def counted(self, args):
+            self.runs += 1
+            return args[0] * 2
+
+        def warm_up(self, args):
+            return self.run(list(args)), None
+
+        def capture(self, static, stream):
+            self.captures += 1
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU "
+                               "tensor is pinned.\nmore lines")
+
+    runner = FailingCapture()
+    x = torch.randn(2, 3)
+    for _ in range(3):
+        assert torch.equal(runner([x]), x * 2)
+    assert runner.captures == 1 and runner.runs == 3 and not runner.recordings
+    messages = [str(w.message) for w in recwarn if "cannot be recorded as a CUDA graph" in str(w.message)]
+    assert len(messages) == 1 and "Cannot copy between CPU and CUDA" in messages[0], messages

@@ -161,8 +161,8 @@ class CudaGraphRunner:
             # Inside an outer recording (several steps as one graph: compiler/step_graphs.py): launch plainly,
             # so these kernels land in that graph; a replay of this one cannot be captured into it.
             return self.run(args)
-        key = self.key(args)
-        if key is None:
+        key = self.key(args) if self.record_after is not None else None
+        if key is None:  # not all CUDA tensors, or a graph that cannot be recorded (record)
             return self.run(args)
         if self.watch(args):
             key = self.key(args)
@@ -278,19 +278,42 @@ class CudaGraphRunner:
         return False
 
     def record(self, key: tuple, args: list[Any]) -> Any:
+        """Runs the call for real (on the recording stream: it warms up kernels and libraries), then records it.
+        A graph whose capture fails (one that reads a value back from the GPU: transformers' fp32
+        mixture-of-experts fallback calls offs.tolist(), Idefics3 indexes with a boolean mask) is never recorded
+        again, with one warning, and keeps running with a launch per kernel; the real call's result stands, since
+        capturing executes nothing. Found on an H200 by bench/hf_generate_coverage.py --device cuda, where the
+        capture error reached the caller."""
+        result, stream = self.warm_up(args)
+        try:
+            self.recordings[key] = self.capture(self.static_inputs(args), stream)
+        except Exception as error:  # noqa: BLE001 - the model's code is the user's: whatever breaks the capture
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.record_after = None
+            self.recordings.clear()
+            warn_once(f"mmaccel: a compiled graph cannot be recorded as a CUDA graph ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:160]}); it runs with a launch per kernel: correct, slower on "
+                      "small models")
+        return result
+
+    def warm_up(self, args: list[Any]) -> tuple[Any, torch.cuda.Stream]:
+        """The real call, on the recording stream, and that stream."""
         stream = _recording_stream(torch.device("cuda", torch.cuda.current_device()))
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            result = self.run(list(args))  # the real call: warms up kernels and libraries
+            result = self.run(list(args))
         torch.cuda.current_stream().wait_stream(stream)
-        static = self.static_inputs(args)
+        return result, stream
+
+    def capture(self, static: list[Any], stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, list[Any], Any]:
+        """(graph, static inputs, outputs) of one capture of the call over `static`."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             outputs = self.run(list(static))
-        self.recordings[key] = (graph, static, outputs)
-        return result
+        return graph, static, outputs
 
 
 def _without_addresses(key: tuple) -> tuple:

@@ -76,6 +76,8 @@ def fuse_decode_linears(gm: fx.GraphModule, device: torch.device) -> dict[str, A
             continue
         norm, why_not_norm = _match_norm(node, max_rows)
         glu, why_not_glu = _match_glu(node)
+        if norm and norm[3] is not None and glu:  # StableLM's MLP: the kernel's LayerNorm prologue feeds one plain output
+            norm, why_not_norm = None, "LayerNorm in front of SiLU(gate) * up (the kernel's LayerNorm takes a plain GEMV)"
         epilogue = None if glu else _match_bias_activation(node)
         residual, why_not_residual = (None, None) if glu else _match_residual(epilogue[0] if epilogue else node)
         near_misses += [f"{node.name}: {why}" for why in (why_not_norm, why_not_glu, why_not_residual) if why]
