@@ -9,6 +9,12 @@ Near-misses left alone, each reported with its reason (mmaccel.explain): softmax
 probabilities used elsewhere (output_attentions), a mask that broadcasts the scores to a larger shape, a
 non-constant scale, masked_fill with a finite value, operands of different dtypes.
 
+One row differs by design: a query whose every key is masked (a left-padded position of a causal LM). Explicit
+softmax over scores all at finfo.min averages V there; the SDPA kernel a target picks may give 0 instead (CUDA's
+memory-efficient kernel did for HF GPT-J's eager attention on an H200, a 0.13 logit change at those positions
+only). Such a position is padding, which no real token attends to: every other row is unchanged, and
+transformers' own eager-against-SDPA tests leave those positions out the same way.
+
 Grouped-query / multi-query attention (Llama, Mistral, Qwen2: fewer K/V heads than query heads): an SDPA whose
 K and V are each head repeated n times (repeat_kv, repeat_interleave; explicit or fused here) reads the shared
 heads instead, `scaled_dot_product_attention(q [..., Hq, L, E], k [..., Hkv, S, E], v [..., Hkv, S, Ev],
