@@ -27,6 +27,7 @@ import time
 import traceback
 import warnings
 from typing import Any
+from unittest.mock import patch
 
 if "cuda" not in sys.argv[1:] and "--device=cuda" not in sys.argv[1:]:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton target's kernels on CPU tensors (before triton loads)
@@ -36,6 +37,7 @@ import transformers as T  # noqa: E402
 
 import mmaccel  # noqa: E402
 from common import default_out, environment, write_json  # noqa: E402
+from hf_generate import torch_older_than  # noqa: E402
 from mmaccel.compiler import errors  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository: tests/
@@ -163,7 +165,40 @@ def against_hf(row: dict[str, Any], model: torch.nn.Module, calls: list[dict[str
             row["traceback"] = traceback.format_exc()[-800:]
     row["warnings"] = sorted({str(w.message)[:200] for w in caught if "mmaccel" in str(w.message)})
     row["seconds"] = round(time.perf_counter() - start, 1)
+    if RECIPE_CACHES:
+        row["recipe"] = {cache: recipe(model, calls, cache) for cache in RECIPE_CACHES}
     return row
+
+
+RECIPE_CACHES: list[str] = []  # --recipe: the caches HF's compiled recipe runs with
+
+
+def recipe(model: torch.nn.Module, calls: list[dict[str, Any]], cache: str) -> str:
+    """The Hugging Face docs' compiled-generation recipe, `model.forward = torch.compile(model.forward,
+    backend="mmaccel")` then generate() (`cache`: "static" passes cache_implementation="static", "dynamic" HF's
+    default cache), against HF's eager generate() with the same cache on each of `calls`: "match", "MISMATCH",
+    "CRASH ..." or "HF eager failed ..." (a cache this architecture does not take). With scalars captured and,
+    before torch 2.13, transformers' torch checks off, as the README tells vision-language users."""
+    fixed = dict(eos_token_id=None, pad_token_id=0, do_sample=False,
+                 **({"cache_implementation": "static"} if cache == "static" else {}))
+    try:
+        with torch.no_grad():
+            expected = [model.generate(**call, **fixed) for call in calls]
+    except Exception as e:  # noqa: BLE001
+        return f"HF eager failed: {type(e).__name__}: {str(e)[:150]}"
+    errors._warned.clear()
+    torch._dynamo.reset()
+    original = model.forward
+    model.forward = torch.compile(original, backend="mmaccel")
+    try:
+        checks = {"TRANSFORMERS_DISABLE_TORCH_CHECK": "1"} if torch_older_than(2, 13) else {}
+        with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True), patch.dict(os.environ, checks):
+            got = [model.generate(**call, **fixed) for call in calls]
+        return "match" if all(g.shape == e.shape and torch.equal(g, e) for g, e in zip(got, expected)) else "MISMATCH"
+    except Exception as e:  # noqa: BLE001 - the row records it
+        return f"CRASH {type(e).__name__}: {str(e)[:200]}"
+    finally:
+        model.forward = original
 
 
 def forward(name: str, target: str, dtype: torch.dtype = torch.float32) -> str:
@@ -209,10 +244,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cuda: the GPU path (real Triton kernels, CUDA graphs)")
     p.add_argument("--dtypes", default="float32",
                    help="forward rows per dtype (generate rows are fp32: greedy tokens must equal HF's)")
+    p.add_argument("--recipe", default="static,dynamic",
+                   help="caches of HF's compiled recipe to check against HF (empty: none)")
     p.add_argument("--shard", default="0/1", help="i/n: every n-th model from the i-th (parallel processes)")
     p.add_argument("--out", default=default_out("hf_generate_coverage.json"))
     args = p.parse_args()
     shard, shards = map(int, args.shard.split("/"))
+    RECIPE_CACHES[:] = filter(None, args.recipe.split(","))
     global DEVICE
     DEVICE = torch.device(args.device)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -224,19 +262,22 @@ def main() -> None:
         if not r["status"].startswith(("build failed", "HF eager failed")):
             r["forward"] = {target + ("" if dtype == torch.float32 else f" {str(dtype)[6:]}"): forward(name, target, dtype)
                             for dtype in dtypes for target in filter(None, args.targets.split(","))}
-        forwards = " ".join(f"{t}: {v[:40]}" for t, v in r.get("forward", {}).items())
+        forwards = " ".join(f"{t}: {v[:40]}" for t, v in {**r.get("forward", {}), **{
+            f"recipe {c}": v for c, v in r.get("recipe", {}).items()}}.items())
         print(f"{name:16} {r['status'][:60]:60} {r.get('seconds', '')} | {forwards}", flush=True)
         write_json(args.out, {"environment": environment(DEVICE), "rows": rows})  # partial results survive a timeout
     for name in list(filter(None, args.vlms.split(",")))[shard::shards]:
         rows.append(run_vlm(name))
         r = rows[-1]
-        print(f"{name:16} {r['status'][:60]:60} {r['seconds']} | {r.get('graphs')} {r['image_tokens']} image tokens",
-              flush=True)
+        print(f"{name:16} {r['status'][:60]:60} {r['seconds']} | {r.get('graphs')} {r['image_tokens']} image tokens"
+              + "".join(f" recipe {c}: {v[:40]}" for c, v in r.get("recipe", {}).items()), flush=True)
     write_json(args.out, {"environment": environment(DEVICE), "rows": rows})
     counts = {s: sum(r["status"].startswith(s) for r in rows) for s in ("match", "MISMATCH", "CRASH")}
     forwards = [v for r in rows for v in r.get("forward", {}).values()]
     wrong = sum(not v.startswith("ok") for v in forwards)
-    print(f"generate: {counts} of {len(rows)}; forward: {len(forwards) - wrong} of {len(forwards)} ok; wrote {args.out}")
+    recipes = [v for r in rows for v in r.get("recipe", {}).values()]
+    print(f"generate: {counts} of {len(rows)}; forward: {len(forwards) - wrong} of {len(forwards)} ok; recipe: "
+          f"{sum(v == 'match' for v in recipes)} of {len(recipes)} match; wrote {args.out}")
 
 
 if __name__ == "__main__":
