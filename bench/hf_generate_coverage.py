@@ -271,6 +271,7 @@ def main() -> None:
         r = rows[-1]
         print(f"{name:16} {r['status'][:60]:60} {r['seconds']} | {r.get('graphs')} {r['image_tokens']} image tokens"
               + "".join(f" recipe {c}: {v[:40]}" for c, v in r.get("recipe", {}).items()), flush=True)
+        write_json(args.out, {"environment": environment(DEVICE), "rows": rows})
     write_json(args.out, {"environment": environment(DEVICE), "rows": rows})
     counts = {s: sum(r["status"].startswith(s) for r in rows) for s in ("match", "MISMATCH", "CRASH")}
     forwards = [v for r in rows for v in r.get("forward", {}).values()]
