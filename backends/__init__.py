@@ -20,6 +20,13 @@ def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any
     if target != "auto":
         return target, "requested"
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    if not devices:
+        # No tensor inputs: a graph that builds tensors from sizes alone (arange, full: Qwen2-VL's and Mistral 3's
+        # position ids, MPT's ALiBi under HF's recipe). Where it builds them decides; on a GPU the onnxruntime
+        # target was tried, refused the CUDA tensors and fell back with a warning that named the wrong target.
+        made = {v.device.type for n in gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)}
+        if made - {"cpu"}:
+            return "eager", f"auto on {'/'.join(sorted(made))}: a graph with no tensor inputs builds its tensors there"
     if devices == {"cuda"}:
         if triton.available():
             return "triton", "auto on cuda"

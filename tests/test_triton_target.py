@@ -231,6 +231,22 @@ def test_host_scalars_copied_to_the_gpu_keep_a_graph_on_triton():
     assert triton.host_scalar_inputs(gm) == [] and resolve_target("auto", gm, args)[0] == "eager"
 
 
+def test_a_graph_without_tensor_inputs_goes_where_it_builds_its_tensors():
+    """Qwen2-VL's and Mistral 3's position ids under HF's recipe: a graph of sizes alone that builds CUDA tensors
+    went to the onnxruntime target ("auto" looked at tensor inputs only, and there were none), which refused the
+    CUDA tensors and fell back with a warning naming the wrong target (H200). A CPU one still goes to
+    onnxruntime when it is installed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from mmaccel.backends import onnxruntime, resolve_target
+
+    for device in ("cuda", "cpu"):
+        with FakeTensorMode():
+            gm = make_fx(lambda n: torch.arange(n, device=device) * 2, tracing_mode="fake")(4)
+        want = "eager" if device == "cuda" or not onnxruntime.available() else "onnxruntime"
+        assert resolve_target("auto", gm, [4])[0] == want, device
+
+
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 
 
