@@ -241,7 +241,7 @@ def _fake_output(sdpa: fx.Node) -> torch.Tensor | None:
 def _with_layout(graph: fx.Graph, sdpa: fx.Node, want: Any) -> fx.Node | None:
     """The node giving `sdpa`'s output laid out as `want` (`sdpa` itself, or a copy after it)."""
     canonical = _fake_output(sdpa)
-    if canonical is None or not isinstance(want, torch.Tensor) or want.dim() != 4 or canonical.stride() == want.stride():
+    if canonical is None or not isinstance(want, torch.Tensor) or want.dim() != 4 or _same_layout(canonical, want):
         return sdpa
     if not (canonical.is_contiguous() and want.transpose(1, 2).is_contiguous()):
         return None
@@ -252,6 +252,14 @@ def _with_layout(graph: fx.Graph, sdpa: fx.Node, want: Any) -> fx.Node | None:
         copy = graph.call_function(aten.clone.default, (heads_inner,), {"memory_format": torch.contiguous_format})
     with graph.inserting_after(copy):
         return graph.call_function(aten.transpose.int, (copy, 1, 2))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b lay out their elements alike: equal strides wherever a dim has more than one element. A
+    decode step's one query row ([B, H, 1, D]) is laid out the same as contiguous whichever stride the size-1 dim
+    has, so the kernel's [B, S, H, D] storage needs no copy there; comparing every stride added one copy kernel per
+    layer and decode step (the registry's grouped-query decode step on an H200: 8 generated kernels for 6)."""
+    return a.shape == b.shape and all(size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
 def _share_kv(graph: fx.Graph, sdpa: fx.Node, key: fx.Node, value: fx.Node) -> bool:

@@ -149,3 +149,26 @@ def test_grouped_query_idempotent() -> None:
     g = report.graphs[0]
     again = run_pass(g.final_graph, g.context, "attention_fusion")
     assert again.error is None and again.matched == 0 and not again.near_misses
+
+
+@pytest.mark.parametrize("rows,copied", [(1, False), (4, True)])
+def test_kernel_layout_is_copied_only_where_it_differs(rows, copied):
+    """A CUDA SDPA kernel's output [B, H, L, D] sits in [B, L, H, D] storage, which HF's view after it relies on;
+    the canonical op's is contiguous. At one query row (decode) both lay the elements out alike, whatever stride
+    the size-1 dim has: no copy kernel there (the registry's grouped-query decode step had one per layer on an
+    H200); at several rows the copy that makes the kernel's layout stays."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from mmaccel.passes.attention import _with_layout
+
+    graph = torch.fx.Graph()
+    q, k, v = (graph.placeholder(n) for n in "qkv")
+    sdpa = graph.call_function(SDPA, (q, k, v))
+    graph.output(sdpa)
+    with FakeTensorMode():
+        q.meta["val"] = torch.empty(1, 8, rows, 16)
+        k.meta["val"] = v.meta["val"] = torch.empty(1, 8, 32, 16)
+        want = torch.empty(1, rows, 8, 16).transpose(1, 2)  # the kernel's layout
+    out = _with_layout(graph, sdpa, want)
+    assert (out is not sdpa) == copied
+    if copied:
+        assert out.target is aten.transpose.int and out.args[0].target is aten.clone.default
