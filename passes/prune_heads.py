@@ -13,9 +13,14 @@ groups kept; o_proj (and its bias) is then refit by least squares over the kept 
 the MLP's refit). The scale stays 1/sqrt(head_dim): the head dim does not change, only the head count in the
 reshapes. Options per attention: keep 50% / 75% of its groups, or all of them.
 
+A parallel block (Phi, GPT-J: Q, K, V and the MLP's input in one matmul after parallel_linear_fusion) keeps the
+MLP's rows of that matmul whole; with prune="mlp_channels" asked too, its attention is left to the MLP lever (both
+would write the shared weight, each from the original). Views that reshape only the dims inside a head and stacks
+beside the head dim (GPT-J's rotary over interleaved pairs) are followed.
+
 Left whole with the reason (a near-miss): any node between projections and o_proj also used elsewhere (K/V returned
-as a cache), a view that mixes heads with other dims, a per-head mask or constant, projections shared with other
-layers, and K/V that go to a graph input written in place: a static KV cache (mmaccel.generate, HF StaticCache) is
+as a cache), a view that mixes heads with other dims, a per-head mask or constant, a projection read elsewhere
+than through its split, and K/V that go to a graph input written in place: a static KV cache (mmaccel.generate, HF StaticCache) is
 allocated outside the graph with every head, and the prefill and decode graphs are pruned separately.
 """
 from __future__ import annotations
@@ -116,6 +121,15 @@ def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node
         return [(node.args[0], {d0: d1, d1: d0}.get(axis, axis))], None
     if is_op(node, aten.permute.default):
         return [(node.args[0], _axis(node, node.args[1][axis]))], None
+    if is_op(node, aten.stack.default):  # a new dim (GPT-J's rotary stacks -x2 and x1 inside each head)
+        dim = _axis(node, node.args[1] if len(node.args) > 1 else 0)
+        if dim == axis:
+            return f"'{node.name}' ({node.target}) stacks along the heads"
+        inner = axis if dim > axis else axis - 1
+        for a in node.args[0]:
+            if not same_shape(shape(a)[inner:inner + 1], (heads,)) or is_constant(a):
+                return f"'{node.name}' ({node.target}) stacks the heads with operand '{a.name}' {list(shape(a))}"
+        return [(a, inner) for a in node.args[0]], None
     if _along_heads(node, axis):
         return f"'{node.name}' ({node.target}) reduces, cuts or joins along the heads"
     if is_op(node, *_HEADWISE):
@@ -125,7 +139,9 @@ def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node
         before, after = shape(node.args[0]), shape(node)
         if axis == len(after) - 2 and len(before) == len(after) - 1 and same_shape(before[:-1], after[:-2]):
             return [(node.args[0], -1)], _FLAT
-        if same_shape(before, after):
+        if same_shape(before, after) or (axis < len(after) - 1 and same_shape(before[:axis + 1], after[:axis + 1])):
+            # the same shape, or one that reshapes only the dims inside a head (GPT-J's rotary interleaves pairs:
+            # [..., H, D/2, 2] -> [..., H, D])
             return [(node.args[0], axis)], None
         return f"view '{node.name}' {list(before)} -> {list(after)} mixes the heads with other dims"
     return f"'{node.name}' ({node.target}) is not followed"
@@ -253,9 +269,8 @@ def _why_not(att: _Attention) -> _Attention | str:
                 return f"'{node.name}' ({key}) is also used by {outside}"
     pieces = [att.paths[key].piece for key in "qkv"]
     for up, split, _ in pieces:
-        ours = {index for u, s, index in pieces if u is up}
-        if split is not None and (len(up.users) > 1 or len(ours) != len(split_sizes(split))):
-            return f"projection '{up.name}' also computes other layers' outputs (a parallel block)"
+        if split is not None and len(up.users) > 1:
+            return f"projection '{up.name}' is also read elsewhere than through its split"
         if not is_constant(up.args[1]) or not (up.args[2] is None or is_constant(up.args[2])) or up.args[4] is not None:
             return f"projection '{up.name}': weight or bias is not a constant, or it adds a residual"
     if len(set(pieces)) != 3:
@@ -266,6 +281,14 @@ def _why_not(att: _Attention) -> _Attention | str:
     if att.heads % att.kv_heads or (att.heads != att.kv_heads and not att.sdpa.kwargs.get("enable_gqa")):
         return f"{att.heads} query heads over {att.kv_heads} K/V heads without enable_gqa"
     return att
+
+
+def _shares_projection(att: _Attention) -> bool:
+    """Whether Q/K/V's matmul also computes other pieces (a parallel block: Phi's and GPT-J's Q, K, V and MLP
+    input in one matmul after parallel_linear_fusion)."""
+    pieces = [att.paths[key].piece for key in "qkv"]
+    return any(split is not None and len({i for u, _, i in pieces if u is up}) != len(split_sizes(split))
+               for up, split, _ in pieces)
 
 
 def find_attentions(gm: fx.GraphModule) -> tuple[list[_Attention], list[str]]:
@@ -327,6 +350,14 @@ class HeadLever(UnrecordedOnRelease):
                              f"fraction offered ({', '.join(f'{f:g}' for f in self.keep.values())}) keeps fewer"
                              for att in found if not self._options(att.kv_heads)]
         found = [att for att in found if self._options(att.kv_heads)]
+        if "mlp_channels" in (ctx.options.prune or ()):
+            # Both levers would write the shared matmul's weight, each from the original: the later one would put
+            # back the rows the earlier one removed. Left to the MLP lever there.
+            shared = [att for att in found if _shares_projection(att)]
+            self.near_misses += [f"attention '{att.sdpa.name}' ({layer_name(att.sdpa)}) left whole: its Q/K/V "
+                                 "share one matmul with the MLP (a parallel block), whose channels mlp_channels "
+                                 "prunes; with prune='heads' alone its heads are pruned" for att in shared]
+            found = [att for att in found if att not in shared]
         if not found:
             return []
         self.gm = gm
@@ -414,6 +445,12 @@ class HeadLever(UnrecordedOnRelease):
             up, split, index = att.paths[name].piece
             offset = sum(split_sizes(split)[:index]) if split is not None else 0
             by_up.setdefault(up, []).append((index, offset + _channels(kept, rows[name])))
+        for up, parts in by_up.items():  # a parallel block's other pieces (the MLP's input) keep every row
+            split = next(split for u, split, _ in (att.paths[k].piece for k in "qkv") if u is up)
+            if split is not None:
+                sizes, ours = split_sizes(split), {index for index, _ in parts}
+                parts += [(i, torch.arange(sum(sizes[:i]), sum(sizes[:i + 1]))) for i in range(len(sizes))
+                          if i not in ours]
         for up, parts in by_up.items():
             index = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])])
             w, b = self._const(up.args[1]), self._const(up.args[2])

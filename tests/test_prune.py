@@ -726,3 +726,43 @@ def test_a_user_metric_replaces_the_output_error():
     # the same fraction, a budget the metric does not fit: left whole
     compiled, result = _compile(model, prune={"mlp_channels": 0.5}, budget=expected / 2, metric=_disagreement)
     assert result.matched == 0 and "measured metric" in result.changes[0]
+
+
+@pytest.mark.parametrize("arch", ["phi", "gptj"])
+def test_heads_fire_on_parallel_blocks_and_the_report_is_the_error(arch):
+    """Phi and GPT-J compute Q, K, V and the MLP's input in one matmul (parallel_linear_fusion joins them: a
+    parallel block), GPT-J's rotary interleaves pairs inside each head (a stack and a [..., H, D/2, 2] -> [..., H, D]
+    view); both were left whole ("a parallel block", "mixes the heads with other dims"). The MLP's rows of the
+    shared matmul stay whole; the measured error is the error the compiled model gives."""
+    import transformers as T
+
+    config = {"phi": (T.PhiConfig, T.PhiModel, dict(hf_tiny._MHA)),
+              "gptj": (T.GPTJConfig, T.GPTJModel, dict(vocab_size=hf_tiny.VOCAB, n_embd=32, n_layer=hf_tiny.LAYERS,
+                                                       n_head=4, rotary_dim=4, n_positions=64))}[arch]
+    model = hf_tiny._tiny(config[0], config[1], **config[2])()
+    samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="heads", accuracy_budget=0.99, calibration=[((x,), {"use_cache": False}) for x in samples])
+        actual = [compiled(x, use_cache=False).last_hidden_state for x in samples]
+        expected = [model(x, use_cache=False).last_hidden_state for x in samples]
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert result.matched == hf_tiny.LAYERS and not result.near_misses, (result.changes, result.near_misses)
+    assert 0 < relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+def test_parallel_block_heads_are_left_to_the_mlp_lever_when_both_are_asked():
+    """Both levers would write the shared matmul's weight from the original; with mlp_channels asked too, the
+    attention is left whole with its reason, and the MLP lever prunes its channels in that matmul."""
+    import transformers as T
+
+    model = hf_tiny._tiny(T.PhiConfig, T.PhiModel, **hf_tiny._MHA)()
+    samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune=["mlp_channels", "heads"], accuracy_budget=0.99,
+                                   calibration=[((x,), {"use_cache": False}) for x in samples])
+        actual = [compiled(x, use_cache=False).last_hidden_state for x in samples]
+        expected = [model(x, use_cache=False).last_hidden_state for x in samples]
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert sum("parallel block" in why for why in result.near_misses) == hf_tiny.LAYERS, result.near_misses
+    assert result.matched == hf_tiny.LAYERS  # the MLPs
+    assert relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
