@@ -16,7 +16,11 @@ reshapes. Options per attention: keep 50% / 75% of its groups, or all of them.
 A parallel block (Phi, GPT-J: Q, K, V and the MLP's input in one matmul after parallel_linear_fusion) keeps the
 MLP's rows of that matmul whole; with prune="mlp_channels" asked too, its attention is left to the MLP lever (both
 would write the shared weight, each from the original). Views that reshape only the dims inside a head and stacks
-beside the head dim (GPT-J's rotary over interleaved pairs) are followed.
+beside the head dim (GPT-J's rotary over interleaved pairs) are followed. So are q, k and v cut out of each head
+after the heads were split off (GPT-NeoX/Pythia: a split of [..., H, 3 * D]; Persimmon/Fuyu: selects of [..., H, 3,
+D], then a LayerNorm per head): head h is then rows [h * 3D, (h + 1) * 3D) of the one projection (multi-head only).
+CodeGen's [..., 4, 3 * D] model-parallel groups are followed only where there are 4 heads (a group per head); with
+more, the view to the heads mixes them with other dims and the attention is left whole.
 
 Left whole with the reason (a near-miss): any node between projections and o_proj also used elsewhere (K/V returned
 as a cache), a view that mixes heads with other dims, a per-head mask or constant, a projection read elsewhere
@@ -36,7 +40,7 @@ from .contract import PassContext
 from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
-from .prune import (FUSED_LINEAR, PRUNED, MadeCache, group_removal_order, keep_options, keeps_channels, refit_on_host,
+from .prune import (_SPLITS, FUSED_LINEAR, PRUNED, MadeCache, group_removal_order, keep_options, keeps_channels, refit_on_host,
                     refits, split_piece, split_sizes, streamed_grams, weight_bytes)
 
 SDPA = aten.scaled_dot_product_attention.default
@@ -62,6 +66,10 @@ class _Path:
     views: list[tuple[fx.Node, int, int]] = field(default_factory=list)
     nodes: list[fx.Node] = field(default_factory=list)
     piece: tuple[fx.Node, fx.Node | None, int] | None = None
+    # q, k or v cut out of each head after the heads were split off (GPT-NeoX, Pythia: the projection's output is
+    # [..., H, 3 * D], each head's q, k and v side by side; Persimmon [..., H, 3, D]): (what was cut, which piece,
+    # of how many)
+    within: tuple[fx.Node, int, int] | None = None
 
 
 @dataclass
@@ -137,7 +145,8 @@ def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node
         return carried if isinstance(carried, str) else ([(a, axis) for a in carried], None)
     if is_op(node, *VIEW_OPS):
         before, after = shape(node.args[0]), shape(node)
-        if axis == len(after) - 2 and len(before) == len(after) - 1 and same_shape(before[:-1], after[:-2]):
+        if axis == len(before) - 1 < len(after) - 1 and same_shape(before[:-1], after[:axis]):
+            # the channels split into heads: [..., H * W] -> [..., H, W] (or [..., H, 3, D]: Persimmon's q, k, v)
             return [(node.args[0], -1)], _FLAT
         if same_shape(before, after) or (axis < len(after) - 1 and same_shape(before[:axis + 1], after[:axis + 1])):
             # the same shape, or one that reshapes only the dims inside a head (GPT-J's rotary interleaves pairs:
@@ -145,6 +154,24 @@ def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node
             return [(node.args[0], axis)], None
         return f"view '{node.name}' {list(before)} -> {list(after)} mixes the heads with other dims"
     return f"'{node.name}' ({node.target}) is not followed"
+
+
+def _cut_inside_heads(node: fx.Node, axis: int) -> tuple[fx.Node, int, int, list[fx.Node]] | str | None:
+    """(source, piece, pieces, nodes on the way) when `node` is q, k or v cut out of each head of `source` along a
+    dim after the heads: a piece of a split (GPT-NeoX: [..., H, 3 * D] -> three [..., H, D]) or a select
+    (Persimmon: [..., H, 3, D][..., i, :]); a reason when it cuts along or before the heads; else None."""
+    if node.target is operator.getitem and is_op(node.args[0], *_SPLITS):
+        split = node.args[0]
+        if _axis(split.args[0], split.args[2] if len(split.args) > 2 else 0) <= axis:
+            return f"'{split.name}' ({split.target}) splits along or before the heads"
+        return split.args[0], node.args[1], len(split_sizes(split)), [split]
+    if is_op(node, aten.select.int):
+        dim = _axis(node.args[0], node.args[1])
+        if dim <= axis:
+            return f"'{node.name}' ({node.target}) selects along or before the heads"
+        count = shape(node.args[0])[dim]
+        return (node.args[0], node.args[2] % count, count, []) if isinstance(count, int) else None
+    return None
 
 
 def _trace_back(start: fx.Node, heads: int) -> _Path | str:
@@ -169,12 +196,29 @@ def _trace_back(start: fx.Node, heads: int) -> _Path | str:
             path.views.append((node, -1, per_head))
             stack.append((node.args[0], -1, _FLAT))
             continue
+        cut = _cut_inside_heads(node, axis)
+        if isinstance(cut, str):
+            return cut
+        if cut is not None:
+            if path.within is not None:
+                return "cut out of the heads twice"
+            source, index, count, through = cut
+            path.within = (source, index, count)
+            path.nodes += through
+            stack.append((source, axis, _HEADS))
+            continue
+        if node.target is operator.getitem and is_op(node.args[0], aten.native_layer_norm.default) \
+                and node.args[1] == 0 and len(node.args[0].args[1]) < len(shape(node)) - axis:
+            # a LayerNorm over each head's own dims, its weight shared by the heads (Persimmon's q/k norms)
+            path.nodes.append(node.args[0])
+            stack.append((node.args[0].args[0], axis, _HEADS))
+            continue
         step = _step_back(node, axis, heads)
         if isinstance(step, str):
             return step
         operands, switch = step
         if switch == _FLAT:
-            path.views.append((node, -2, 1))
+            path.views.append((node, axis - len(shape(node)), 1))
         elif is_op(node, *VIEW_OPS):  # a view that keeps the shape: its sizes name H where the axis is
             path.views.append((node, axis - len(shape(node)), 1))
         stack.extend((a, ax, switch or _HEADS) for a, ax in operands)
@@ -273,7 +317,7 @@ def _why_not(att: _Attention) -> _Attention | str:
             return f"projection '{up.name}' is also read elsewhere than through its split"
         if not is_constant(up.args[1]) or not (up.args[2] is None or is_constant(up.args[2])) or up.args[4] is not None:
             return f"projection '{up.name}': weight or bias is not a constant, or it adds a residual"
-    if len(set(pieces)) != 3:
+    if len(set(pieces)) != 3 and not _interleaved(att):
         return "q, k and v are not three different projections"
     out = att.out
     if not is_constant(out.args[1]) or not (out.args[2] is None or is_constant(out.args[2])):
@@ -281,6 +325,15 @@ def _why_not(att: _Attention) -> _Attention | str:
     if att.heads % att.kv_heads or (att.heads != att.kv_heads and not att.sdpa.kwargs.get("enable_gqa")):
         return f"{att.heads} query heads over {att.kv_heads} K/V heads without enable_gqa"
     return att
+
+
+def _interleaved(att: _Attention) -> bool:
+    """Whether q, k and v are the three pieces of one split inside each head of one projection's output (GPT-NeoX:
+    [..., H, 3 * D] -> q, k, v), so head h is rows [h * 3D, (h + 1) * 3D) of that projection; multi-head only."""
+    cuts = [att.paths[key].within for key in "qkv"]
+    if None in cuts or att.heads != att.kv_heads or len({att.paths[key].piece for key in "qkv"}) != 1:
+        return False
+    return len({source for source, _, _ in cuts}) == 1 and sorted(i for _, i, _ in cuts) == list(range(cuts[0][2]))
 
 
 def _shares_projection(att: _Attention) -> bool:
@@ -441,7 +494,12 @@ class HeadLever(UnrecordedOnRelease):
         device = self._const(att.out.args[1]).device
         made = {"o.weight": weight.to(device), "o.bias": None if bias is None else bias.to(device)}
         by_up: dict[fx.Node, list[tuple[int, torch.Tensor]]] = {}
-        for name in "qkv":
+        if _interleaved(att):  # each kept head's q, k and v rows, side by side, in its piece of the projection
+            up, split, index = att.paths["q"].piece
+            offset = sum(split_sizes(split)[:index]) if split is not None else 0
+            width = split_sizes(split)[index] if split is not None else shape(up)[-1]
+            by_up[up] = [(index, offset + _channels(kept, width // att.heads))]
+        for name in ("" if by_up else "qkv"):
             up, split, index = att.paths[name].piece
             offset = sum(split_sizes(split)[:index]) if split is not None else 0
             by_up.setdefault(up, []).append((index, offset + _channels(kept, rows[name])))
@@ -476,7 +534,7 @@ class HeadLever(UnrecordedOnRelease):
             up.args = (x, constant(up, f"{up.name}.weight"), constant(up, f"{up.name}.bias"), activation, residual)
         for key in "qkv":
             _, split, index = att.paths[key].piece
-            if split is not None:
+            if split is not None and att.paths[key].piece not in (att.paths[k].piece for k in "qkv"[:"qkv".index(key)]):
                 sizes = split_sizes(split)
                 sizes[index] = heads[key] * sizes[index] // (att.heads if key == "q" else att.kv_heads)
                 split.target, split.args, split.kwargs = aten.split_with_sizes.default, (split.args[0], sizes, -1), {}

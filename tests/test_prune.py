@@ -728,17 +728,21 @@ def test_a_user_metric_replaces_the_output_error():
     assert result.matched == 0 and "measured metric" in result.changes[0]
 
 
-@pytest.mark.parametrize("arch", ["phi", "gptj"])
+@pytest.mark.parametrize("arch", ["phi", "gptj", "gpt_neox", "persimmon"])
 def test_heads_fire_on_parallel_blocks_and_the_report_is_the_error(arch):
     """Phi and GPT-J compute Q, K, V and the MLP's input in one matmul (parallel_linear_fusion joins them: a
     parallel block), GPT-J's rotary interleaves pairs inside each head (a stack and a [..., H, D/2, 2] -> [..., H, D]
-    view); both were left whole ("a parallel block", "mixes the heads with other dims"). The MLP's rows of the
-    shared matmul stay whole; the measured error is the error the compiled model gives."""
+    view); GPT-NeoX cuts each head's q, k, v out of [..., H, 3 * D] with a split, Persimmon out of [..., H, 3, D]
+    with selects and normalizes q and k per head. All were left whole ("a parallel block", "mixes the heads with
+    other dims", "is not followed"). The MLP's rows of a shared matmul stay whole; the measured error is the error
+    the compiled model gives."""
     import transformers as T
 
     config = {"phi": (T.PhiConfig, T.PhiModel, dict(hf_tiny._MHA)),
               "gptj": (T.GPTJConfig, T.GPTJModel, dict(vocab_size=hf_tiny.VOCAB, n_embd=32, n_layer=hf_tiny.LAYERS,
-                                                       n_head=4, rotary_dim=4, n_positions=64))}[arch]
+                                                       n_head=4, rotary_dim=4, n_positions=64)),
+              "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXModel, dict(hf_tiny._DECODER)),
+              "persimmon": (T.PersimmonConfig, T.PersimmonModel, dict(hf_tiny._DECODER))}[arch]
     model = hf_tiny._tiny(config[0], config[1], **config[2])()
     samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
     with torch.no_grad():
@@ -766,3 +770,28 @@ def test_parallel_block_heads_are_left_to_the_mlp_lever_when_both_are_asked():
     assert sum("parallel block" in why for why in result.near_misses) == hf_tiny.LAYERS, result.near_misses
     assert result.matched == hf_tiny.LAYERS  # the MLPs
     assert relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+def test_heads_cut_inside_each_head_keep_whole_heads_of_the_projection():
+    """GPT-NeoX's projection output is [..., H, 3 * D]: head h is rows [h * 3D, (h + 1) * 3D) (its q, k and v side
+    by side), so the pruned projection is whole blocks of those rows, in order."""
+    import transformers as T
+
+    model = hf_tiny._tiny(T.GPTNeoXConfig, T.GPTNeoXModel, **hf_tiny._DECODER)()
+    samples = [{"input_ids": hf_tiny.token_batch(2, 32, seed=s)[0], "use_cache": False} for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune={"heads": 0.5}, accuracy_budget=0.99,
+                                   calibration=samples)
+        compiled(**samples[0])
+    graph = compiled.mmaccel_report.graphs[-1]
+    original = model.layers[0].attention.query_key_value.weight
+    per_head = original.shape[0] // model.config.num_attention_heads
+    pruned = [v for k, v in graph.final_graph.named_buffers() if v.shape == (original.shape[0] // 2, original.shape[1])]
+    pruned += [getattr(graph.final_graph, n.target) for n in graph.final_graph.graph.find_nodes(op="get_attr")
+               if getattr(getattr(graph.final_graph, n.target), "shape", None) == (original.shape[0] // 2,
+                                                                                   original.shape[1])]
+    blocks = original.split(per_head)
+    found = [w for w in pruned if all(any(torch.equal(b, o) for o in blocks) for b in w.split(per_head))]
+    assert found, "no pruned projection made of whole per-head blocks of layer 0's"
+    kept = [next(i for i, o in enumerate(blocks) if torch.equal(b, o)) for b in found[0].split(per_head)]
+    assert kept == sorted(kept) and len(set(kept)) == len(kept)
