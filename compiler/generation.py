@@ -55,7 +55,8 @@ MAX_GRAPHS_PER_STEP = 64
 MAX_WEIGHT_RECOMPILES = 4
 
 _GENERATE_ARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "eos_token_id",
-                  "pad_token_id", "generation_config", "options"}
+                  "pad_token_id", "generation_config", "options", "repetition_penalty", "suppress_tokens",
+                  "begin_suppress_tokens"}
 
 
 @dataclass
@@ -245,6 +246,10 @@ class _Config:
     # The pad id a missing attention_mask is inferred from (HF's _prepare_attention_mask_for_generation: a pad
     # id given or configured, other than every stop id); None: every position attends
     mask_pad: int | None = None
+    # HF's logits processors that the steps apply (sampler.repetition / suppress / begin_suppress say which)
+    repetition_penalty: float = 1.0
+    suppress_ids: tuple[int, ...] = ()
+    begin_suppress_ids: tuple[int, ...] = ()
 
 
 def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
@@ -278,9 +283,14 @@ def _resolve_config(model: torch.nn.Module, user: dict[str, Any]) -> _Config:
     temperature = float(get("temperature", 1.0))
     if do_sample and temperature <= 0:
         raise ValueError(f"mmaccel.generate: temperature must be > 0 when sampling, got {temperature}")
-    sampler = Sampler(do_sample, int(top_k) if do_sample and top_k else None, do_sample and top_p < 1.0)
+    penalty = float(get("repetition_penalty", 1.0))
+    if penalty <= 0:
+        raise ValueError(f"mmaccel.generate: repetition_penalty must be > 0, got {penalty}")
+    suppress, begin = (tuple(int(t) for t in get(name, ())) for name in ("suppress_tokens", "begin_suppress_tokens"))
+    sampler = Sampler(do_sample, int(top_k) if do_sample and top_k else None, do_sample and top_p < 1.0,
+                      penalty != 1.0, bool(suppress), bool(begin))
     return _Config(int(max_new), sampler, temperature, top_p, int(user.get("seed") or 0), stop_ids, int(pad),
-                   mask_pad)
+                   mask_pad, penalty, suppress, begin)
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -489,15 +499,18 @@ class _Session:
         model_inputs = {name: _left_padded(name, value, pad) for name, value in model_inputs.items()}
         cache = self._cache(batch, cache_len, dtype, device)
         sampling, stop_ids, pad_id = self._constants(config, device)
+        penalty, suppress_ids, begin_suppress_ids = self._processors(config, device)
         state = _StepState(self.model, cache, mask, sampling, stop_ids, pad_id, config.sampler,
                            "cache_position" in self.forward_args, "logits_to_keep" in self.forward_args,
                            self.encoder_decoder, self.lossy,
-                           score=self._score(batch, device) if scored else None)
+                           score=self._score(batch, device) if scored else None, penalty=penalty,
+                           suppress_ids=suppress_ids, begin_suppress_ids=begin_suppress_ids)
         self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
                                    sampler=config.sampler, inputs=sorted(model_inputs)))
         with _image_tokens_checked(self.model, input_ids, model_inputs):
-            state.token, state.done, state.encoder_outputs, _ = self.prefill(
+            state.token, state.done, state.encoder_outputs, state.seen, _ = self.prefill(
                 state, ids, position_ids, torch.arange(prompt, device=device), model_inputs)
+        state.begin_suppress_ids = None  # the first new token's alone: the decode steps do not read it
         state.position_ids = position_ids[:, -1:] + 1
         # A fill kernel: torch.tensor([prompt], device=cuda) is a blocking copy from the host
         state.cache_position = torch.full((1,), prompt, dtype=torch.long, device=device)
@@ -583,6 +596,17 @@ class _Session:
                                    torch.tensor(config.pad_id, device=device))
         return self.constants[key]
 
+    def _processors(self, config: _Config, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        """(repetition penalty [], suppressed ids [n], ids suppressed at the first new token [m]) on the device,
+        each None when the call does not ask for it; made once per distinct values, as _constants."""
+        key = ("processors", config.repetition_penalty, config.suppress_ids, config.begin_suppress_ids, device)
+        if key not in self.constants:
+            self.constants[key] = (
+                torch.tensor(config.repetition_penalty, device=device) if config.sampler.repetition else None,
+                torch.tensor(config.suppress_ids, device=device) if config.suppress_ids else None,
+                torch.tensor(config.begin_suppress_ids, device=device) if config.begin_suppress_ids else None)
+        return self.constants[key]
+
     def _score(self, batch: int, device: torch.device) -> torch.Tensor:
         """A scored call's running sums [B, 1], zeroed: one buffer per (batch, device) and session. The steps
         add to it in place, so a compiled step's CUDA graph (Triton target) holds its address: a new tensor
@@ -628,11 +652,19 @@ class _StepState:
     # Scored calls (the cascade's confidence): each row's summed log-probability of its chosen tokens [B, 1]
     # (float32), added to in place by every step until the row stops.
     score: torch.Tensor | None = None
+    # HF's logits processors (Sampler.repetition / suppress / begin_suppress): the penalty [], the ids each row
+    # has seen [B, V] bool (the prompt from its first attended position, as HF's prompt_ignore_length of the left
+    # padding, then every chosen token: made by the prefill, updated in place by every step), the suppressed ids
+    # [n], and those suppressed at the first new token [m] (the prefill's alone)
+    penalty: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+    suppress_ids: torch.Tensor | None = None
+    begin_suppress_ids: torch.Tensor | None = None
 
 
 # The _StepState fields that change per call (or per step): what a recorded block copies into its own buffers.
-_PER_CALL = ("mask", "sampling", "stop_ids", "pad_id", "encoder_outputs", "score", "token", "done", "position_ids",
-             "cache_position")
+_PER_CALL = ("mask", "sampling", "stop_ids", "pad_id", "encoder_outputs", "score", "penalty", "seen", "suppress_ids",
+             "token", "done", "position_ids", "cache_position")
 
 
 def state_tensors(state: _StepState) -> list[torch.Tensor]:
@@ -681,14 +713,41 @@ def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: to
     return out.logits[:, -logits_to_keep:, :].to(torch.float32), encoder_outputs
 
 
-def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None):
-    """Next token [B, 1] (pad once a row is done) and the updated done flags [B, 1]."""
+def _processed(state: _StepState, logits: torch.Tensor, seen: torch.Tensor | None, first: bool) -> torch.Tensor:
+    """[B, V] logits through HF's processors in HF's order: repetition penalty (a seen token's logit divided by the
+    penalty, multiplied where negative), suppressed tokens, and at the first new token its own suppressed ones
+    (-inf). Pointwise ops and index fills: they fuse into the step."""
+    if seen is not None:
+        logits = torch.where(seen, torch.where(logits < 0, logits * state.penalty, logits / state.penalty), logits)
+    if state.suppress_ids is not None:
+        logits = logits.index_fill(-1, state.suppress_ids, -float("inf"))
+    if first and state.begin_suppress_ids is not None:
+        logits = logits.index_fill(-1, state.begin_suppress_ids, -float("inf"))
+    return logits
+
+
+def _seen_in_prompt(input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] bool: the ids of each row's prompt from its first attended position on (HF's repetition penalty
+    leaves the left padding out)."""
+    ids = input_ids.masked_fill(mask.cumsum(-1) == 0, vocab)  # padding -> a column past the vocabulary
+    # contiguous: the decode steps' later calls read a recorded block's copy, which must have the same strides
+    return torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device).scatter(
+        1, ids, True)[:, :vocab].contiguous()
+
+
+def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None,
+            seen: torch.Tensor | None = None, first: bool = False):
+    """Next token [B, 1] (pad once a row is done) and the updated done flags [B, 1]; `seen` (repetition penalty)
+    gets the chosen tokens, in place."""
+    logits = _processed(state, logits, seen, first)
     token = choose_tokens(logits, state.sampler, *state.sampling, step)[:, None]
     if state.score is not None:
         chosen = logits.log_softmax(-1).gather(-1, token)
         state.score.add_(chosen if done is None else torch.where(done, 0.0, chosen))
     if done is not None:
         token = torch.where(done, state.pad_id, token)
+    if seen is not None:  # HF's input_ids grow by this token (a finished row's pad too)
+        seen.scatter_(1, token, True)
     stopped = is_stop(token, state.stop_ids)
     return token, stopped if done is None else done | stopped
 
@@ -707,12 +766,15 @@ def is_stop(token: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
 
 def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
     logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
-    return *_choose(state, logits[:, -1], cache_position[-1:], None), encoder_outputs, _measured(state, logits[:, -1])
+    seen = _seen_in_prompt(input_ids, state.mask[:, :input_ids.shape[1]], logits.shape[-1]) \
+        if state.sampler.repetition else None
+    token, done = _choose(state, logits[:, -1], cache_position[-1:], None, seen, first=True)
+    return token, done, encoder_outputs, seen, _measured(state, logits[:, -1])
 
 
 def _decode_step(state: _StepState, token, done, position_ids, cache_position):
     logits, _ = _forward_logits(state, token, position_ids, cache_position, {})
-    token, done = _choose(state, logits[:, -1], cache_position, done)
+    token, done = _choose(state, logits[:, -1], cache_position, done, state.seen)
     return token, done, position_ids + 1, cache_position + 1, _measured(state, logits[:, -1])
 
 

@@ -21,10 +21,15 @@ _MIX = 0x45D9F3B
 
 @dataclass(frozen=True)
 class Sampler:
-    """The parts of a sampling configuration that change the graph; temperature and top-p are tensors."""
+    """The parts of a sampling configuration that change the graph; temperature and top-p are tensors. The logits
+    processors before the choice (compiler/generation.py): HF's repetition penalty, suppressed tokens, and tokens
+    suppressed at the first new token only (Whisper's generation config sets both)."""
     do_sample: bool
     top_k: int | None
     use_top_p: bool
+    repetition: bool = False
+    suppress: bool = False
+    begin_suppress: bool = False
 
 
 def choose_tokens(logits: torch.Tensor, sampler: Sampler, temperature: torch.Tensor, top_p: torch.Tensor,

@@ -78,6 +78,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | None = None,
     draft_model, draft_options = resolve_draft(model, draft)
     user = {k: kwargs.pop(k) for k in list(kwargs) if k in generation._GENERATE_ARGS}
     config = generation._resolve_config(model, user)
+    if config.sampler.repetition or config.sampler.suppress or config.sampler.begin_suppress:
+        # The rounds verify the draft's proposals against the target's unprocessed distribution
+        warn_once("mmaccel.generate: speculative decoding does not apply repetition_penalty, suppress_tokens or "
+                  "begin_suppress_tokens yet (set in the call or the generation config); decoding without the draft")
+        return generation.generate(model, input_ids, attention_mask, **user, **kwargs)
     options = user.get("options") or {}
     target = generation._session(model, options)
     policy = _KPolicy(choices, step_cost_ratio(draft_model, model, draft_options))

@@ -168,7 +168,7 @@ def test_paligemma_prefix_lm_matches_hf_eager_with_left_padding() -> None:
 def test_whisper_matches_hf_generic_generate() -> None:
     """The encoder runs in the prefill graph; decode steps read the cross-attention cache it filled. Compared
     with transformers' GenerationMixin.generate (decoder prompt + new tokens): Whisper's own generate adds
-    language detection, timestamps and token suppression, which mmaccel.generate does not implement."""
+    language detection and timestamps, which mmaccel.generate does not implement."""
     from transformers import GenerationMixin
     model = hf_tiny.whisper()
     for batch, new in ((2, 6), (1, 9)):
@@ -385,7 +385,7 @@ def test_encoder_decoders_other_than_whisper_fall_back_to_hf_generate() -> None:
 
 
 def test_hf_generation_options_it_does_not_compile_run_hf_generate_and_defaults_are_named() -> None:
-    """HF generate() options mmaccel.generate does not compile (num_beams, repetition_penalty, ...) were passed on
+    """HF generate() options mmaccel.generate does not compile (num_beams, no_repeat_ngram_size, ...) were passed on
     to the model's forward, which ignored them: greedy tokens where beam search was asked for, no word said.
     Given in a call, they now run the model's own generate() with one warning naming them (tokens as HF's); at
     their defaults (num_beams=1, use_cache=True) they change nothing and the steps stay compiled; set in the
@@ -395,7 +395,7 @@ def test_hf_generation_options_it_does_not_compile_run_hf_generate_and_defaults_
     model = hf_tiny.llama("sdpa", use_cache=True)
     ids, mask = left_padded_batch([7, 4])
     errors._warned.clear()
-    for extra in (dict(num_beams=2), dict(repetition_penalty=1.3)):
+    for extra in (dict(num_beams=2), dict(no_repeat_ngram_size=2)):
         expected = hf_generate(model, ids, mask, max_new_tokens=5, do_sample=False, **extra)
         name = next(iter(extra))
         with pytest.warns(mmaccel.MmaccelFallbackWarning, match=f"{name}=.*does not compile"):
@@ -408,12 +408,60 @@ def test_hf_generation_options_it_does_not_compile_run_hf_generate_and_defaults_
         actual = mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER,
                                   num_beams=1, use_cache=True, output_scores=False)
     assert torch.equal(actual, expected)
-    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 2
     try:
-        with pytest.warns(mmaccel.MmaccelFallbackWarning, match="generation config sets repetition_penalty"):
+        with pytest.warns(mmaccel.MmaccelFallbackWarning, match="generation config sets no_repeat_ngram_size"):
             mmaccel.generate(model, ids, mask, max_new_tokens=5, do_sample=False, pad_token_id=0, options=EAGER)
     finally:
-        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.no_repeat_ngram_size = None
+
+
+@pytest.mark.parametrize("processor", [dict(repetition_penalty=1.3), dict(repetition_penalty=0.6),
+                                       dict(suppress_tokens=[9, 15, 73]),  # ids plain greedy picks
+                                       dict(begin_suppress_tokens=[91, 93])])  # its first new tokens
+def test_hf_logits_processors_are_compiled_and_match_hf(processor) -> None:
+    """repetition_penalty (chat models' generation configs set it: Qwen2.5-Instruct 1.05), suppress_tokens and
+    begin_suppress_tokens (Whisper's configs) ran the model's own generate(), uncompiled, when given in a call,
+    and were ignored with a warning when set in the generation config. The steps now apply them as HF's processors
+    do (the penalty leaves a row's left padding out), in the call or in the config: greedy tokens equal HF's on a
+    left-padded batch, and differ from plain greedy (so the processor mattered)."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, **processor)
+    assert not torch.equal(expected, hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mmaccel.MmaccelFallbackWarning)
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, options=EAGER, **processor)
+        assert torch.equal(actual, expected)
+        (name, value), = processor.items()
+        setattr(model.generation_config, name, value)
+        try:  # from the generation config, as HF's generate() applies it
+            actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, options=EAGER)
+        finally:
+            setattr(model.generation_config, name, 1.0 if name == "repetition_penalty" else None)
+    assert torch.equal(actual, expected)
+
+
+def test_sampling_keeps_suppressed_tokens_out_and_a_draft_steps_aside() -> None:
+    """Sampling draws after the processors: no suppressed id is ever drawn, and no id suppressed at the first new
+    token comes first. Speculative decoding does not apply them yet: with a draft, one warning and the plain
+    compiled steps (greedy tokens as HF's)."""
+    from mmaccel.compiler import errors
+
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 4])
+    suppress, begin = list(range(0, 100, 3)), list(range(1, 100, 3))  # hf_tiny's vocabulary: 100 ids
+    for seed in range(3):
+        out = mmaccel.generate(model, ids, mask, max_new_tokens=10, pad_token_id=0, do_sample=True, top_k=20,
+                               repetition_penalty=1.4, suppress_tokens=suppress, begin_suppress_tokens=begin,
+                               seed=seed, options=EAGER)[:, ids.shape[1]:]
+        assert not torch.isin(out, torch.tensor(suppress)).any() and not torch.isin(out[:, 0], torch.tensor(begin)).any()
+    errors._warned.clear()
+    expected = hf_generate(model, ids, mask, max_new_tokens=6, do_sample=False, repetition_penalty=1.3)
+    with pytest.warns(mmaccel.MmaccelFallbackWarning, match="speculative decoding does not apply repetition_penalty"):
+        actual = mmaccel.generate(model, ids, mask, max_new_tokens=6, pad_token_id=0, repetition_penalty=1.3,
+                                  draft="layers:1", options=EAGER)
+    assert torch.equal(actual, expected)
 
 
 def test_max_length_counts_the_prompt_as_in_hf() -> None:
