@@ -177,13 +177,19 @@ def layer_name(node: fx.Node) -> str:
 
 
 def merged_layer_name(names: list[str]) -> str:
-    """["a.q_proj", "a.k_proj", "a.v_proj"] -> "a.{q_proj,k_proj,v_proj}"."""
+    """["a.q_proj", "a.k_proj", "a.v_proj"] -> "a.{q_proj,k_proj,v_proj}"; the common module path stays in
+    front ("model.layers.0.{self_attn.q_proj,mlp.fc1}": Phi's parallel block), so that the merged node is still
+    in its numbered block (prune="blocks" read "{model.layers.0.self_attn.q_proj,...}" as a block of its own
+    and left Phi's, GPT-J's and CodeGen's blocks whole)."""
     if len(set(names)) == 1:
         return names[0]
-    heads = {n.rsplit(".", 1)[0] for n in names}
-    if len(heads) == 1 and all("." in n for n in names):
-        return f"{heads.pop()}.{{{','.join(n.rsplit('.', 1)[1] for n in names)}}}"
-    return "{" + ",".join(names) + "}"
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    if common == 0:
+        return "{" + ",".join(names) + "}"
+    return ".".join(parts[0][:common]) + ".{" + ",".join(".".join(p[common:]) for p in parts) + "}"
 
 
 @dataclass(frozen=True)

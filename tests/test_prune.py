@@ -795,3 +795,25 @@ def test_heads_cut_inside_each_head_keep_whole_heads_of_the_projection():
     assert found, "no pruned projection made of whole per-head blocks of layer 0's"
     kept = [next(i for i, o in enumerate(blocks) if torch.equal(b, o)) for b in found[0].split(per_head)]
     assert kept == sorted(kept) and len(set(kept)) == len(kept)
+
+
+def test_blocks_of_parallel_layers_are_found_through_their_fused_matmul():
+    """Phi's Q, K, V and MLP input are one matmul after parallel_linear_fusion, named after the four modules. The
+    name lost their common path ("{model.layers.0.self_attn.q_proj,...,model.layers.0.mlp.fc1}"), so the matmul
+    sat in no numbered block and every block was left whole ("values other than its output leave it", also
+    GPT-J, CodeGen, Cohere, Falcon). Now the blocks are dropped and the report's error is the compiled model's."""
+    import transformers as T
+    from mmaccel.passes.patterns import merged_layer_name
+
+    assert merged_layer_name(["m.layers.0.self_attn.q_proj", "m.layers.0.mlp.fc1"]) == \
+        "m.layers.0.{self_attn.q_proj,mlp.fc1}"
+    assert merged_layer_name(["a.q_proj", "a.k_proj"]) == "a.{q_proj,k_proj}"
+    model = hf_tiny._tiny(T.PhiConfig, T.PhiModel, **hf_tiny._MHA)()
+    samples = [{"input_ids": hf_tiny.token_batch(2, 32, seed=s)[0], "use_cache": False} for s in range(2)]
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", prune="blocks", accuracy_budget=0.99, calibration=samples)
+        actual = [compiled(**x).last_hidden_state for x in samples]
+        expected = [model(**x).last_hidden_state for x in samples]
+    result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
+    assert result.matched >= 1 and not result.near_misses, (result.changes, result.near_misses)
+    assert relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
