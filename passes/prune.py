@@ -53,7 +53,7 @@ import torch.fx as fx
 from ..compiler.errors import warn_once
 from .contract import PassContext
 from .lossy import ORIGINAL, REPLAYED, Site, calibration_samples, run_graph
-from .patterns import VIEW_OPS, add_constant, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape
+from .patterns import VIEW_OPS, add_constant, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val
 
 FUSED_LINEAR = torch.ops.mmaccel.fused_linear.default
 KEEP = {"keep_25": 0.25, "keep_50": 0.5, "keep_75": 0.75}  # cheapest first, as the mechanism needs
@@ -106,7 +106,7 @@ _ACTIVATIONS = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.si
 _CHANNELWISE = (*_ACTIVATIONS, aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor,
                 aten.neg.default, aten.pow.Tensor_Scalar, aten._to_copy.default, aten.clone.default)
 PRUNED = "mmaccel_pruned"  # a down projection's meta once its MLP is pruned: a second run leaves it alone
-_SPLITS = (aten.split_with_sizes.default, aten.split.Tensor)
+SPLITS = (aten.split_with_sizes.default, aten.split.Tensor)
 _MATMULS = {FUSED_LINEAR: 0, aten.mm.default: 0, aten.addmm.default: 1}  # op -> index of its input argument
 
 
@@ -133,9 +133,42 @@ def split_sizes(split: fx.Node) -> list[int]:
     return [min(size, total - start) for start in range(0, total, size)]
 
 
+def slices_as_splits(gm: fx.GraphModule) -> int:
+    """Rewrites a fused_linear output read only by last-dim slices that tile it ([0, a), [a, b), [b, N): Phi-3's
+    qkv_proj output cut into Q, K and V) as one split_with_sizes and its pieces, the form the levers follow (the
+    same values, views either way); how many. Phi-3's heads were left whole: "slice is not followed back to a
+    projection"."""
+    done = 0
+    for up in gm.graph.find_nodes(op="call_function", target=FUSED_LINEAR):
+        width, users = shape(up)[-1], list(up.users)
+        if not isinstance(width, int) or not users or not all(
+                is_op(u, aten.slice.Tensor) and _is_last_dim(up, u.args[1] if len(u.args) > 1 else 0)
+                and (len(u.args) < 5 or u.args[4] == 1) and all(isinstance(a, int) for a in u.args[2:4])
+                for u in users):
+            continue
+        cuts = sorted((u.args[2], min(u.args[3], width), u) for u in users)
+        if cuts[0][0] != 0 or cuts[-1][1] != width or any(a[1] != b[0] for a, b in zip(cuts, cuts[1:])) \
+                or any(start >= end for start, end, _ in cuts):
+            continue
+        with gm.graph.inserting_after(up):
+            split = gm.graph.call_function(aten.split_with_sizes.default, (up, [e - s for s, e, _ in cuts], -1))
+        split.meta.update(up.meta)
+        split.meta["val"] = tuple(val(u) for _, _, u in cuts)
+        for i, (_, _, user) in enumerate(cuts):
+            with gm.graph.inserting_before(user):
+                piece = gm.graph.call_function(operator.getitem, (split, i))
+            piece.meta.update(user.meta)
+            user.replace_all_uses_with(piece)
+            gm.graph.erase_node(user)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
+
+
 def split_piece(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | None:
     """(up, split, index) when `node` is one piece of a last-dim split of a fused_linear's output."""
-    if not (is_op(node, operator.getitem) and is_op(node.args[0], *_SPLITS)):
+    if not (is_op(node, operator.getitem) and is_op(node.args[0], *SPLITS)):
         return None
     split = node.args[0]
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)

@@ -40,8 +40,8 @@ from .contract import PassContext
 from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
-from .prune import (_SPLITS, FUSED_LINEAR, PRUNED, MadeCache, group_removal_order, keep_options, keeps_channels, refit_on_host,
-                    refits, split_piece, split_sizes, streamed_grams, weight_bytes)
+from .prune import (SPLITS, FUSED_LINEAR, PRUNED, MadeCache, group_removal_order, keep_options, keeps_channels,
+                    refit_on_host, refits, slices_as_splits, split_piece, split_sizes, streamed_grams, weight_bytes)
 
 SDPA = aten.scaled_dot_product_attention.default
 KEEP_HEADS = {"keep_50": 0.5, "keep_75": 0.75}  # cheapest first
@@ -129,6 +129,8 @@ def _step_back(node: fx.Node, axis: int, heads: int) -> tuple[list[tuple[fx.Node
         return [(node.args[0], {d0: d1, d1: d0}.get(axis, axis))], None
     if is_op(node, aten.permute.default):
         return [(node.args[0], _axis(node, node.args[1][axis]))], None
+    if is_op(node, aten.alias.default):  # Phi-3's partial rotary: q[..., :rotary_dim] of all of q
+        return [(node.args[0], axis)], None
     if is_op(node, aten.stack.default):  # a new dim (GPT-J's rotary stacks -x2 and x1 inside each head)
         dim = _axis(node, node.args[1] if len(node.args) > 1 else 0)
         if dim == axis:
@@ -160,7 +162,7 @@ def _cut_inside_heads(node: fx.Node, axis: int) -> tuple[fx.Node, int, int, list
     """(source, piece, pieces, nodes on the way) when `node` is q, k or v cut out of each head of `source` along a
     dim after the heads: a piece of a split (GPT-NeoX: [..., H, 3 * D] -> three [..., H, D]) or a select
     (Persimmon: [..., H, 3, D][..., i, :]); a reason when it cuts along or before the heads; else None."""
-    if node.target is operator.getitem and is_op(node.args[0], *_SPLITS):
+    if node.target is operator.getitem and is_op(node.args[0], *SPLITS):
         split = node.args[0]
         if _axis(split.args[0], split.args[2] if len(split.args) > 2 else 0) <= axis:
             return f"'{split.name}' ({split.target}) splits along or before the heads"
@@ -396,6 +398,7 @@ class HeadLever(UnrecordedOnRelease):
         return options
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
+        slices_as_splits(gm)
         found, self.near_misses = find_attentions(gm)
         # heads go by K/V group: a fraction that rounds to every group leaves no option below all of them
         self.near_misses += [f"attention '{att.sdpa.name}' ({layer_name(att.sdpa)}) left whole: {att.kv_heads} K/V "

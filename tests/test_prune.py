@@ -728,21 +728,22 @@ def test_a_user_metric_replaces_the_output_error():
     assert result.matched == 0 and "measured metric" in result.changes[0]
 
 
-@pytest.mark.parametrize("arch", ["phi", "gptj", "gpt_neox", "persimmon"])
+@pytest.mark.parametrize("arch", ["phi", "gptj", "gpt_neox", "persimmon", "phi3"])
 def test_heads_fire_on_parallel_blocks_and_the_report_is_the_error(arch):
     """Phi and GPT-J compute Q, K, V and the MLP's input in one matmul (parallel_linear_fusion joins them: a
     parallel block), GPT-J's rotary interleaves pairs inside each head (a stack and a [..., H, D/2, 2] -> [..., H, D]
     view); GPT-NeoX cuts each head's q, k, v out of [..., H, 3 * D] with a split, Persimmon out of [..., H, 3, D]
-    with selects and normalizes q and k per head. All were left whole ("a parallel block", "mixes the heads with
-    other dims", "is not followed"). The MLP's rows of a shared matmul stay whole; the measured error is the error
-    the compiled model gives."""
+    with selects and normalizes q and k per head, Phi-3 slices Q, K and V (grouped-query) out of one matmul. All
+    were left whole ("a parallel block", "mixes the heads with other dims", "is not followed"). The MLP's rows of
+    a shared matmul stay whole; the measured error is the error the compiled model gives."""
     import transformers as T
 
     config = {"phi": (T.PhiConfig, T.PhiModel, dict(hf_tiny._MHA)),
               "gptj": (T.GPTJConfig, T.GPTJModel, dict(vocab_size=hf_tiny.VOCAB, n_embd=32, n_layer=hf_tiny.LAYERS,
                                                        n_head=4, rotary_dim=4, n_positions=64)),
               "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXModel, dict(hf_tiny._DECODER)),
-              "persimmon": (T.PersimmonConfig, T.PersimmonModel, dict(hf_tiny._DECODER))}[arch]
+              "persimmon": (T.PersimmonConfig, T.PersimmonModel, dict(hf_tiny._DECODER)),
+              "phi3": (T.Phi3Config, T.Phi3Model, dict(hf_tiny._GQA))}[arch]
     model = hf_tiny._tiny(config[0], config[1], **config[2])()
     samples = [hf_tiny.token_batch(2, 32, seed=s)[0] for s in range(2)]
     with torch.no_grad():
@@ -817,3 +818,30 @@ def test_blocks_of_parallel_layers_are_found_through_their_fused_matmul():
     result = compiled.mmaccel_report.graphs[-1].pass_result("prune")
     assert result.matched >= 1 and not result.near_misses, (result.changes, result.near_misses)
     assert relative_error(torch.cat(actual), torch.cat(expected)) == pytest.approx(result.measured_error, rel=1e-3)
+
+
+def test_slices_that_tile_a_projection_become_one_split_and_others_stay():
+    """passes/prune.slices_as_splits: slices that cut a fused_linear's output into consecutive pieces from 0 to its
+    width are one split_with_sizes (the form the levers follow); a gap or an overlap is left as it is."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from mmaccel.passes.prune import slices_as_splits
+
+    weight = torch.randn(12, 4)
+    linear = torch.ops.mmaccel.fused_linear.default
+
+    def tiled(x):
+        y = linear(x, weight, None, "none", None)
+        return y[..., :6] * 2, y[..., 6:9] + 1, y[..., 9:]
+
+    def gap(x):
+        y = linear(x, weight, None, "none", None)
+        return y[..., :6], y[..., 7:]
+
+    x = torch.randn(2, 4)
+    for fn, expected in ((tiled, 1), (gap, 0)):
+        gm = make_fx(fn)(x)
+        before = fn(x)
+        assert slices_as_splits(gm) == expected
+        assert all(torch.equal(a, b) for a, b in zip(gm(x), before))
+        splits = gm.graph.find_nodes(op="call_function", target=torch.ops.aten.split_with_sizes.default)
+        assert len(splits) == expected and (not splits or list(splits[0].args[1]) == [6, 3, 3])
