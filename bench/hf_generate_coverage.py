@@ -14,7 +14,9 @@ processor's extra inputs, greedy tokens against HF's generate() twice, and the g
 
     python bench/hf_generate_coverage.py [--archs llama,mpt,...] [--out bench/results/hf_generate_coverage.json]
     python bench/hf_generate_coverage.py --device cuda --targets eager,triton --dtypes float32,bfloat16  # the GPU path
+    python bench/hf_generate_coverage.py --vlms "" --targets "" --recipe "" --prune mlp_channels,heads,blocks
 
+`--prune` adds one pruned forward per structure on each LM (reported error against the compiled model's).
 On a GPU the generate rows run the default CUDA path (Triton kernels, decode under CUDA graphs) and stay fp32, so
 greedy tokens must equal HF's exactly; the forward rows also run in bf16 against eager's own bf16 rounding.
 """
