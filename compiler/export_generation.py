@@ -466,8 +466,9 @@ def all_nodes(graph: Any):
 
 
 def sampling_defaults(gen: Any) -> dict[str, Any]:
-    """do_sample, temperature, top_k, top_p as HF's generate() would sample this model without arguments: its
-    generation config's values, HF's defaults where unset (top_k 50). onnx_generate takes them as its defaults."""
+    """do_sample, temperature, top_k, top_p, and the logits processors repetition_penalty, suppress_tokens and
+    begin_suppress_tokens, as HF's generate() would run this model without arguments: its generation config's
+    values, HF's defaults where unset (top_k 50). onnx_generate takes them as its defaults."""
     return {name: default if getattr(gen, name, None) is None else getattr(gen, name)
             for name, default in HF_SAMPLING_DEFAULTS.items()}
 

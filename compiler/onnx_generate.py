@@ -39,7 +39,8 @@ class ManifestError(ValueError):
 # The sampling defaults HF's generate() applies where a generation config leaves a field unset (transformers 5:
 # GenerationConfig._get_default_generation_params; earlier versions hold them as the fields' own defaults); the
 # export writes the model's own into the manifest (export_generation.sampling_defaults)
-HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+HF_SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                        "repetition_penalty": 1.0, "suppress_tokens": None, "begin_suppress_tokens": None}
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float = 1.0
+    # HF's logits processors, before the choice (as mmaccel.generate's steps apply them: compiler/generation.py)
+    repetition_penalty: float = 1.0
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
 
 
 class OnnxGenerator:
@@ -117,15 +122,25 @@ class OnnxGenerator:
         cache = self._cache(masks, input_features)
         done, stopped, stops = np.zeros(batch, dtype=bool), False, set(stop)
         new_tokens = []
+        seen = None  # repetition penalty: the ids each row has seen [B, V], its prompt from its first attended id
+        processed = sampling.repetition_penalty != 1.0 or sampling.suppress_tokens or sampling.begin_suppress_tokens
         # Each numpy call between two runs costs 10-60 us, not 1-3: the run (~400 MB of fp32 weights streamed)
         # leaves the interpreter's and numpy's code and data out of cache (125M Qwen2, 2 threads: np.where 40 us,
         # the argmax 55, the mask's binding 45). So no call a step does not need: rows that stopped are padded
         # only once one has, and stop ids are checked on the tokens as Python ints (np.isin ~70 us)
-        for _ in range(max_new_tokens):
-            logits = cache.run(step_input, length, positions)
-            token = choose_tokens(logits[:, -1, :], sampling, rng)
+        for step in range(max_new_tokens):
+            logits = cache.run(step_input, length, positions)[:, -1, :]
+            if processed:
+                if seen is None and sampling.repetition_penalty != 1.0:
+                    seen = np.zeros((batch, logits.shape[-1] + 1), dtype=bool)
+                    np.put_along_axis(seen, np.where(np.cumsum(mask, -1) == 0, logits.shape[-1], ids), True, -1)
+                    seen = seen[:, :-1]
+                logits = _processed(np.asarray(logits, dtype=np.float32), sampling, seen, step == 0)
+            token = choose_tokens(logits, sampling, rng)
             if stopped:
                 token = np.where(done, pad, token)
+            if seen is not None:
+                seen[np.arange(batch), token] = True
             new_tokens.append(token)
             if stops:
                 hits = [t in stops for t in token.tolist()]
@@ -301,12 +316,16 @@ def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any = No
                   pixel_values: Any = None, input_features: Any = None, max_new_tokens: int = 20,
                   do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, eos_token_id: int | list[int] | None = None,
-                  pad_token_id: int | None = None) -> np.ndarray:
+                  pad_token_id: int | None = None, repetition_penalty: float | None = None,
+                  suppress_tokens: list[int] | None = None, begin_suppress_tokens: list[int] | None = None
+                  ) -> np.ndarray:
     """Generate from an exported folder (or an OnnxGenerator, to load the sessions once): greedy, or sampling
     with HF's temperature -> top-k -> top-p order (numpy's generator seeded with `seed`: reproducible, not
     HF's random stream). Inputs are numpy arrays or anything np.asarray takes (CPU torch tensors).
     do_sample, temperature, top_k and top_p left at None are the exported model's, as HF's generate() samples it
     (its generation config, else HF's defaults: top_k 50; before, sampling used every token); top_k=0: no top-k.
+    repetition_penalty, suppress_tokens and begin_suppress_tokens likewise (a chat model's configured penalty,
+    Whisper's suppressed ids), applied as HF's processors; before, the configured ones were ignored, silently.
     No attention_mask: the pad id's positions are masked as HF infers it (a pad id other than the stop ids)."""
     generator = folder if isinstance(folder, OnnxGenerator) else OnnxGenerator(folder)
     folder_defaults = {**HF_SAMPLING_DEFAULTS, **generator.config.get("sampling", {})}
@@ -316,9 +335,28 @@ def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any = No
     top_p = float(folder_defaults["top_p"] if top_p is None else top_p)
     if do_sample and temperature <= 0:
         raise ValueError(f"onnx_generate: temperature must be > 0 when sampling, got {temperature}")
-    sampling = Sampling(bool(do_sample), temperature, int(top_k) if top_k else None, top_p)
+    penalty = float(folder_defaults["repetition_penalty"] if repetition_penalty is None else repetition_penalty)
+    if penalty <= 0:
+        raise ValueError(f"onnx_generate: repetition_penalty must be > 0, got {penalty}")
+    suppress, begin = (tuple(int(t) for t in (folder_defaults[name] if given is None else given) or ())
+                       for name, given in (("suppress_tokens", suppress_tokens),
+                                           ("begin_suppress_tokens", begin_suppress_tokens)))
+    sampling = Sampling(bool(do_sample), temperature, int(top_k) if top_k else None, top_p, penalty, suppress, begin)
     return generator.generate(input_ids, attention_mask, pixel_values, input_features, max_new_tokens, sampling,
                               seed, eos_token_id, pad_token_id)
+
+
+def _processed(logits: np.ndarray, sampling: Sampling, seen: np.ndarray | None, first: bool) -> np.ndarray:
+    """[B, V] logits through HF's processors in HF's order: repetition penalty (a seen id's logit divided by the
+    penalty, multiplied where negative), suppressed ids, and at the first new token its own suppressed ids."""
+    if seen is not None:
+        p = sampling.repetition_penalty
+        logits = np.where(seen, np.where(logits < 0, logits * p, logits / p), logits)
+    dropped = list(sampling.suppress_tokens) + (list(sampling.begin_suppress_tokens) if first else [])
+    if dropped:
+        logits = logits.copy()
+        logits[:, dropped] = -np.inf
+    return logits
 
 
 def choose_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:

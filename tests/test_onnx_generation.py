@@ -804,7 +804,9 @@ def test_sampling_defaults_and_a_missing_mask_follow_hf(exported) -> None:
     row's pads, where HF infers the mask from the pad id: the tokens differed."""
     model, folder, _ = exported
     generator = mmaccel.OnnxGenerator(folder)
-    assert generator.config["sampling"] == {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    assert generator.config["sampling"] == {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                            "repetition_penalty": 1.0, "suppress_tokens": None,
+                                            "begin_suppress_tokens": None}
     ids, mask = left_padded_batch([7, 4])
     sample = dict(max_new_tokens=6, do_sample=True, seed=5, eos_token_id=[], pad_token_id=0)
     assert np.array_equal(mmaccel.onnx_generate(generator, ids, mask, **sample),
@@ -812,4 +814,30 @@ def test_sampling_defaults_and_a_missing_mask_follow_hf(exported) -> None:
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     actual = mmaccel.onnx_generate(generator, ids, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(torch.from_numpy(actual), expected)
+
+
+def test_logits_processors_follow_hf(exported, tmp_path) -> None:
+    """repetition_penalty (from the call, or from the generation config the export writes into the manifest: a
+    chat model's configured penalty was ignored, silently), suppress_tokens and begin_suppress_tokens: greedy
+    tokens equal HF's on a left-padded batch, and differ from plain greedy."""
+    model, folder, _ = exported
+    generator = mmaccel.OnnxGenerator(folder)
+    ids, mask = left_padded_batch([7, 4])
+    plain = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False)
+    first = plain[:, ids.shape[1]].tolist()
+    for processor in (dict(repetition_penalty=1.3), dict(suppress_tokens=sorted(set(plain[0, 7:].tolist()))[:3]),
+                      dict(begin_suppress_tokens=first)):
+        expected = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False, **processor)
+        assert not torch.equal(expected, plain), processor
+        actual = mmaccel.onnx_generate(generator, ids, mask, max_new_tokens=10, pad_token_id=0, **processor)
+        assert torch.equal(torch.from_numpy(actual), expected), processor
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        configured = str(tmp_path / "configured")
+        mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, configured, generation=True)
+        expected = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+    actual = mmaccel.onnx_generate(configured, ids, mask, max_new_tokens=10, pad_token_id=0)
     assert torch.equal(torch.from_numpy(actual), expected)
