@@ -713,15 +713,15 @@ def _forward_logits(state: _StepState, input_ids: torch.Tensor, position_ids: to
     return out.logits[:, -logits_to_keep:, :].to(torch.float32), encoder_outputs
 
 
-def _processed(state: _StepState, logits: torch.Tensor, seen: torch.Tensor | None, first: bool) -> torch.Tensor:
+def _processed(state: _StepState, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
     """[B, V] logits through HF's processors in HF's order: repetition penalty (a seen token's logit divided by the
     penalty, multiplied where negative), suppressed tokens, and at the first new token its own suppressed ones
-    (-inf). Pointwise ops and index fills: they fuse into the step."""
+    (-inf; the prefill's state alone holds them). Pointwise ops and index fills: they fuse into the step."""
     if seen is not None:
         logits = torch.where(seen, torch.where(logits < 0, logits * state.penalty, logits / state.penalty), logits)
     if state.suppress_ids is not None:
         logits = logits.index_fill(-1, state.suppress_ids, -float("inf"))
-    if first and state.begin_suppress_ids is not None:
+    if state.begin_suppress_ids is not None:
         logits = logits.index_fill(-1, state.begin_suppress_ids, -float("inf"))
     return logits
 
@@ -736,10 +736,10 @@ def _seen_in_prompt(input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> 
 
 
 def _choose(state: _StepState, logits: torch.Tensor, step: torch.Tensor, done: torch.Tensor | None,
-            seen: torch.Tensor | None = None, first: bool = False):
+            seen: torch.Tensor | None = None):
     """Next token [B, 1] (pad once a row is done) and the updated done flags [B, 1]; `seen` (repetition penalty)
     gets the chosen tokens, in place."""
-    logits = _processed(state, logits, seen, first)
+    logits = _processed(state, logits, seen)
     token = choose_tokens(logits, state.sampler, *state.sampling, step)[:, None]
     if state.score is not None:
         chosen = logits.log_softmax(-1).gather(-1, token)
@@ -768,7 +768,7 @@ def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, ex
     logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
     seen = _seen_in_prompt(input_ids, state.mask[:, :input_ids.shape[1]], logits.shape[-1]) \
         if state.sampler.repetition else None
-    token, done = _choose(state, logits[:, -1], cache_position[-1:], None, seen, first=True)
+    token, done = _choose(state, logits[:, -1], cache_position[-1:], None, seen)
     return token, done, encoder_outputs, seen, _measured(state, logits[:, -1])
 
 

@@ -133,6 +133,19 @@ def split_sizes(split: fx.Node) -> list[int]:
     return [min(size, total - start) for start in range(0, total, size)]
 
 
+def piece_rows(split: fx.Node | None, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Rows of a fused_linear's weight that stay: for each piece of its last-dim `split` (None: one piece, 0) the
+    rows `kept` gives for it (indices within the piece), every row of a piece it leaves out (a parallel block's
+    other pieces: Q/K/V beside an MLP's input). Both levers' pruned projections are these rows."""
+    if split is None:
+        return kept[0]
+    rows, start = [], 0
+    for index, size in enumerate(split_sizes(split)):
+        rows.append(start + kept[index] if index in kept else torch.arange(start, start + size))
+        start += size
+    return torch.cat(rows)
+
+
 def slices_as_splits(gm: fx.GraphModule) -> int:
     """Rewrites a fused_linear output read only by last-dim slices that tile it ([0, a), [a, b), [b, N): Phi-3's
     qkv_proj output cut into Q, K and V) as one split_with_sizes and its pieces, the form the levers follow (the
@@ -142,11 +155,12 @@ def slices_as_splits(gm: fx.GraphModule) -> int:
     for up in gm.graph.find_nodes(op="call_function", target=FUSED_LINEAR):
         width, users = shape(up)[-1], list(up.users)
         if not isinstance(width, int) or not users or not all(
-                is_op(u, aten.slice.Tensor) and _is_last_dim(up, u.args[1] if len(u.args) > 1 else 0)
+                is_op(u, aten.slice.Tensor) and len(u.args) >= 4 and _is_last_dim(up, u.args[1])
                 and (len(u.args) < 5 or u.args[4] == 1) and all(isinstance(a, int) for a in u.args[2:4])
                 for u in users):
             continue
-        cuts = sorted((u.args[2], min(u.args[3], width), u) for u in users)
+        # sorted by bounds alone: two slices that start alike (an overlap, refused below) must not compare nodes
+        cuts = sorted(((u.args[2], min(u.args[3], width), u) for u in users), key=lambda cut: cut[:2])
         if cuts[0][0] != 0 or cuts[-1][1] != width or any(a[1] != b[0] for a, b in zip(cuts, cuts[1:])) \
                 or any(start >= end for start, end, _ in cuts):
             continue
@@ -577,15 +591,8 @@ class MlpChannelLever:
     def _kept_rows(mlp: _Mlp, up: fx.Node, kept: torch.Tensor) -> torch.Tensor:
         """Rows of `up`'s weight that stay: the kept channels of the MLP's pieces, every row of other pieces
         (Q/K/V sharing the matmul)."""
-        splits = [split for u, split, _ in mlp.pieces if u is up]
-        if splits[0] is None:
-            return kept
-        ours = {index for u, _, index in mlp.pieces if u is up}
-        rows, start = [], 0
-        for index, size in enumerate(split_sizes(splits[0])):
-            rows.append(start + kept if index in ours else torch.arange(start, start + size))
-            start += size
-        return torch.cat(rows)
+        split = next(split for u, split, _ in mlp.pieces if u is up)
+        return piece_rows(split, {index: kept for u, _, index in mlp.pieces if u is up})
 
     def replaced(self, gm: fx.GraphModule, node: fx.Node, option: str) -> list[tuple[torch.Tensor, Any]]:
         """The MLP's weights and biases; the first, the down projection's weight, carries what rebuilds the pruned

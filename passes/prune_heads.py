@@ -41,7 +41,8 @@ from .lossy import ORIGINAL, Site, UnrecordedOnRelease
 from .patterns import (VIEW_OPS, aten, constant_value, is_constant, is_op, layer_name, same_shape, shape, val,
                        writes_in_place)
 from .prune import (SPLITS, FUSED_LINEAR, PRUNED, MadeCache, group_removal_order, keep_options, keeps_channels,
-                    refit_on_host, refits, slices_as_splits, split_piece, split_sizes, streamed_grams, weight_bytes)
+                    piece_rows, refit_on_host, refits, slices_as_splits, split_piece, split_sizes, streamed_grams,
+                    weight_bytes)
 
 SDPA = aten.scaled_dot_product_attention.default
 KEEP_HEADS = {"keep_50": 0.5, "keep_75": 0.75}  # cheapest first
@@ -496,24 +497,18 @@ class HeadLever(UnrecordedOnRelease):
         rows = self._per_group(att)
         device = self._const(att.out.args[1]).device
         made = {"o.weight": weight.to(device), "o.bias": None if bias is None else bias.to(device)}
-        by_up: dict[fx.Node, list[tuple[int, torch.Tensor]]] = {}
+        # per projection: its split and, per piece of it that q, k or v is, the rows kept within that piece
+        by_up: dict[fx.Node, tuple[fx.Node | None, dict[int, torch.Tensor]]] = {}
         if _interleaved(att):  # each kept head's q, k and v rows, side by side, in its piece of the projection
             up, split, index = att.paths["q"].piece
-            offset = sum(split_sizes(split)[:index]) if split is not None else 0
             width = split_sizes(split)[index] if split is not None else shape(up)[-1]
-            by_up[up] = [(index, offset + _channels(kept, width // att.heads))]
-        for name in ("" if by_up else "qkv"):
-            up, split, index = att.paths[name].piece
-            offset = sum(split_sizes(split)[:index]) if split is not None else 0
-            by_up.setdefault(up, []).append((index, offset + _channels(kept, rows[name])))
-        for up, parts in by_up.items():  # a parallel block's other pieces (the MLP's input) keep every row
-            split = next(split for u, split, _ in (att.paths[k].piece for k in "qkv") if u is up)
-            if split is not None:
-                sizes, ours = split_sizes(split), {index for index, _ in parts}
-                parts += [(i, torch.arange(sum(sizes[:i]), sum(sizes[:i + 1]))) for i in range(len(sizes))
-                          if i not in ours]
-        for up, parts in by_up.items():
-            index = torch.cat([part for _, part in sorted(parts, key=lambda p: p[0])])
+            by_up[up] = (split, {index: _channels(kept, width // att.heads)})
+        else:
+            for name in "qkv":
+                up, split, index = att.paths[name].piece
+                by_up.setdefault(up, (split, {}))[1][index] = _channels(kept, rows[name])
+        for up, (split, ours) in by_up.items():
+            index = piece_rows(split, ours)
             w, b = self._const(up.args[1]), self._const(up.args[2])
             made[f"{up.name}.weight"] = w.index_select(0, index.to(w.device))
             made[f"{up.name}.bias"] = None if b is None else b.index_select(0, index.to(b.device))
@@ -535,9 +530,12 @@ class HeadLever(UnrecordedOnRelease):
         for up in dict.fromkeys(att.paths[key].piece[0] for key in "qkv"):
             x, _, _, activation, residual = up.args
             up.args = (x, constant(up, f"{up.name}.weight"), constant(up, f"{up.name}.bias"), activation, residual)
+        resized = set()  # q, k and v of one interleaved projection are one piece: resized once
         for key in "qkv":
-            _, split, index = att.paths[key].piece
-            if split is not None and att.paths[key].piece not in (att.paths[k].piece for k in "qkv"[:"qkv".index(key)]):
+            piece = att.paths[key].piece
+            _, split, index = piece
+            if split is not None and piece not in resized:
+                resized.add(piece)
                 sizes = split_sizes(split)
                 sizes[index] = heads[key] * sizes[index] // (att.heads if key == "q" else att.kv_heads)
                 split.target, split.args, split.kwargs = aten.split_with_sizes.default, (split.args[0], sizes, -1), {}
