@@ -5,7 +5,8 @@ A. every tiny HF architecture of tests/hf_tiny.py, fp32 and bf16, `torch.compile
    on their inputs twice (the second call replays a CUDA graph); with the mmaccel warnings each raised (a
    rolled-back pass, a graph run without CUDA graphs);
 B. HF Llama at 7B dims (2 layers, bf16) compiled with the defaults at three lengths;
-C. mmaccel.generate on a tiny HF Llama (fp32) across prompt/cache buckets: tokens vs HF eager, memory after each.
+C. mmaccel.generate on a tiny HF Llama (fp32) across prompt/cache buckets: tokens vs HF eager, memory after each;
+   then with HF's logits processors (repetition_penalty, suppress_tokens, begin_suppress_tokens) on a padded batch.
 
     python bench/hf_cuda_check.py                         # CUDA, ~5 min; JSON under $OUT (or /tmp)
     ARCHS=mistral,qwen2 PARTS=A python bench/hf_cuda_check.py     # these architectures only, in this order
@@ -120,6 +121,24 @@ def part_c(res: dict) -> None:
                    "reserved_mib": torch.cuda.memory_reserved() / 2**20}
         except Exception as e:  # noqa: BLE001
             row = {"prompt": prompt, "new": new, **failure(e)}
+        res["generate"].append(row)
+        print("generate", row, flush=True)
+    # HF's logits processors inside the recorded steps (the [B, V] seen-token mask is updated in place, so a
+    # replayed CUDA graph must see each step's tokens): greedy tokens against HF eager on a left-padded batch.
+    ids = torch.randint(1, hf_tiny.VOCAB - 1, (2, 30), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    for processor in (dict(repetition_penalty=1.3), dict(repetition_penalty=0.6), dict(suppress_tokens=[9, 15, 73]),
+                      dict(begin_suppress_tokens=[91, 93]), dict(repetition_penalty=1.2, suppress_tokens=[5])):
+        try:
+            got = mmaccel.generate(small, input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                   pad_token_id=0, **processor)
+            with torch.no_grad():
+                ref = small.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                                     **processor)
+            row = {"processor": processor, "same": bool(torch.equal(got.cpu(), ref.cpu()))}
+        except Exception as e:  # noqa: BLE001
+            row = {"processor": processor, **failure(e)}
         res["generate"].append(row)
         print("generate", row, flush=True)
 

@@ -486,6 +486,7 @@ def generation_config(model: torch.nn.Module, text: Any) -> dict[str, Any]:
               "eos_token_id": [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [int(eos)],
               "pad_token_id": getattr(text, "pad_token_id", None) if pad is None else pad}
     config["sampling"] = sampling_defaults(gen)
+    config["penalty_covers_left_padding"] = hf_geometry.penalty_covers_left_padding()  # as the exporting HF does
     if _is_llava(model):
         config["image_token_id"] = model.config.image_token_id
     if _is_whisper(model):

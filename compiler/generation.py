@@ -31,7 +31,7 @@ from ._torch_internals import recompile_limit_at_least
 from .backend import Backend
 from .buckets import generation_buckets
 from .errors import warn_once
-from .hf_geometry import chunked_attention, kv_heads, latent_attention
+from .hf_geometry import chunked_attention, kv_heads, latent_attention, penalty_covers_left_padding
 from .options import CompileOptions
 from .report import CompileReport
 from .resolution import ImageTokenLever, ResolutionLever, image_tokens_per_image, pareto_table
@@ -505,10 +505,13 @@ class _Session:
                            self.encoder_decoder, self.lossy,
                            score=self._score(batch, device) if scored else None, penalty=penalty,
                            suppress_ids=suppress_ids, begin_suppress_ids=begin_suppress_ids)
+        if config.sampler.repetition:  # from the prompt as passed: the bucket's own left padding never counts
+            state.seen = _seen_in_prompt(input_ids, None if penalty_covers_left_padding() else attention_mask,
+                                         _logits_width(self.model))
         self._note("prefill", dict(batch=batch, prompt=prompt, cache=cache_len, dtype=dtype, device=device,
                                    sampler=config.sampler, inputs=sorted(model_inputs)))
         with _image_tokens_checked(self.model, input_ids, model_inputs):
-            state.token, state.done, state.encoder_outputs, state.seen, _ = self.prefill(
+            state.token, state.done, state.encoder_outputs, _ = self.prefill(
                 state, ids, position_ids, torch.arange(prompt, device=device), model_inputs)
         state.begin_suppress_ids = None  # the first new token's alone: the decode steps do not read it
         state.position_ids = position_ids[:, -1:] + 1
@@ -654,7 +657,7 @@ class _StepState:
     score: torch.Tensor | None = None
     # HF's logits processors (Sampler.repetition / suppress / begin_suppress): the penalty [], the ids each row
     # has seen [B, V] bool (the prompt from its first attended position, as HF's prompt_ignore_length of the left
-    # padding, then every chosen token: made by the prefill, updated in place by every step), the suppressed ids
+    # padding, then every chosen token: made before the prefill, updated in place by every step), the suppressed ids
     # [n], and those suppressed at the first new token [m] (the prefill's alone)
     penalty: torch.Tensor | None = None
     seen: torch.Tensor | None = None
@@ -726,10 +729,21 @@ def _processed(state: _StepState, logits: torch.Tensor, seen: torch.Tensor | Non
     return logits
 
 
-def _seen_in_prompt(input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, V] bool: the ids of each row's prompt from its first attended position on (HF's repetition penalty
-    leaves the left padding out)."""
-    ids = input_ids.masked_fill(mask.cumsum(-1) == 0, vocab)  # padding -> a column past the vocabulary
+def _logits_width(model: torch.nn.Module) -> int:
+    """The size of the model's logits' last dim: its output embedding's rows, else its text config's vocabulary."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.vocab_size
+
+
+def _seen_in_prompt(input_ids: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """[B, V] bool: the ids of each row's prompt (as passed, not the bucket's) from its first attended position on
+    (HF's repetition penalty leaves the left padding out since transformers 5.23), or all of them when `mask` is
+    None (earlier versions)."""
+    ids = input_ids if mask is None else input_ids.masked_fill(mask.cumsum(-1) == 0, vocab)  # padding -> past V
     # contiguous: the decode steps' later calls read a recorded block's copy, which must have the same strides
     return torch.zeros(input_ids.shape[0], vocab + 1, dtype=torch.bool, device=input_ids.device).scatter(
         1, ids, True)[:, :vocab].contiguous()
@@ -766,10 +780,8 @@ def is_stop(token: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
 
 def _prefill_step(state: _StepState, input_ids, position_ids, cache_position, extra):
     logits, encoder_outputs = _forward_logits(state, input_ids, position_ids, cache_position, extra)
-    seen = _seen_in_prompt(input_ids, state.mask[:, :input_ids.shape[1]], logits.shape[-1]) \
-        if state.sampler.repetition else None
-    token, done = _choose(state, logits[:, -1], cache_position[-1:], None, seen)
-    return token, done, encoder_outputs, seen, _measured(state, logits[:, -1])
+    token, done = _choose(state, logits[:, -1], cache_position[-1:], None, state.seen)
+    return token, done, encoder_outputs, _measured(state, logits[:, -1])
 
 
 def _decode_step(state: _StepState, token, done, position_ids, cache_position):

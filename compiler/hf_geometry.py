@@ -1,6 +1,7 @@
 """What the KV cache of a Hugging Face model looks like, read from the model where its config is not enough: shared
 by mmaccel.generate (compiler/generation.py, which allocates the cache before the first step) and the ONNX
-generation export (compiler/export_generation.py, which declares the past's shape)."""
+generation export (compiler/export_generation.py, which declares the past's shape); and what the installed
+transformers' generate() does where its versions differ and the two must do as it does."""
 from __future__ import annotations
 
 from typing import Any
@@ -43,3 +44,14 @@ def latent_attention(text: Any) -> bool:
     v_head_dim = getattr(text, "v_head_dim", None)
     return any(getattr(text, name, None) for name in ("kv_lora_rank", "qk_head_dim")) or \
         (v_head_dim is not None and head_dim is not None and v_head_dim != head_dim)
+
+
+def penalty_covers_left_padding() -> bool:
+    """Whether the installed transformers' generate() counts a prompt's left padding among the ids that
+    repetition_penalty penalizes: before 5.23 its processor saw all of input_ids; 5.23 passes
+    prompt_ignore_length=padding_lengths (each row's ids from its first attended position). Found on the H200
+    (transformers 5.17): greedy tokens with a penalty differed from HF's on a left-padded batch, matching on the
+    CPU's 5.24."""
+    import transformers
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    return release < (5, 23)

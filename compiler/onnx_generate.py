@@ -53,6 +53,9 @@ class Sampling:
     repetition_penalty: float = 1.0
     suppress_tokens: tuple[int, ...] = ()
     begin_suppress_tokens: tuple[int, ...] = ()
+    # The exporting transformers' rule (manifest "penalty_covers_left_padding"): before 5.23 HF penalizes the
+    # ids of a prompt's left padding too
+    penalty_covers_padding: bool = False
 
 
 class OnnxGenerator:
@@ -133,7 +136,8 @@ class OnnxGenerator:
             if processed:
                 if seen is None and sampling.repetition_penalty != 1.0:
                     seen = np.zeros((batch, logits.shape[-1] + 1), dtype=bool)
-                    np.put_along_axis(seen, np.where(np.cumsum(mask, -1) == 0, logits.shape[-1], ids), True, -1)
+                    np.put_along_axis(seen, ids if sampling.penalty_covers_padding else
+                                      np.where(np.cumsum(mask, -1) == 0, logits.shape[-1], ids), True, -1)
                     seen = seen[:, :-1]
                 logits = _processed(np.asarray(logits, dtype=np.float32), sampling, seen, step == 0)
             token = choose_tokens(logits, sampling, rng)
@@ -341,7 +345,8 @@ def onnx_generate(folder: str | os.PathLike | OnnxGenerator, input_ids: Any = No
     suppress, begin = (tuple(int(t) for t in (folder_defaults[name] if given is None else given) or ())
                        for name, given in (("suppress_tokens", suppress_tokens),
                                            ("begin_suppress_tokens", begin_suppress_tokens)))
-    sampling = Sampling(bool(do_sample), temperature, int(top_k) if top_k else None, top_p, penalty, suppress, begin)
+    sampling = Sampling(bool(do_sample), temperature, int(top_k) if top_k else None, top_p, penalty, suppress, begin,
+                        bool(generator.config.get("penalty_covers_left_padding", False)))
     return generator.generate(input_ids, attention_mask, pixel_values, input_features, max_new_tokens, sampling,
                               seed, eos_token_id, pad_token_id)
 

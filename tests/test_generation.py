@@ -442,6 +442,36 @@ def test_hf_logits_processors_are_compiled_and_match_hf(processor) -> None:
     assert torch.equal(actual, expected)
 
 
+def emulate_hf_before_5_23(monkeypatch) -> None:
+    """HF's generate() and mmaccel's rule as with transformers before 5.23 (the H200's 5.17): the repetition
+    penalty counts the ids of a prompt's left padding too (5.23 passes prompt_ignore_length=padding_lengths)."""
+    from transformers.generation import utils
+
+    from mmaccel.compiler import generation, hf_geometry
+    original = utils.RepetitionPenaltyLogitsProcessor
+    monkeypatch.setattr(utils, "RepetitionPenaltyLogitsProcessor",
+                        lambda penalty, prompt_ignore_length=None: original(penalty))
+    for module in (generation, hf_geometry):
+        monkeypatch.setattr(module, "penalty_covers_left_padding", lambda: True)
+
+
+def test_repetition_penalty_counts_the_left_padding_where_the_installed_hf_does(monkeypatch) -> None:
+    """The steps penalize a prompt's left padding as the installed transformers does: before 5.23 its ids count,
+    since then they do not. Found on the H200 (transformers 5.17): with repetition_penalty, greedy tokens differed
+    from HF's on a padded batch whose padding held ids other than the pad id (the CPU's 5.24 matched)."""
+    model = hf_tiny.llama("sdpa", use_cache=True)
+    ids, mask = left_padded_batch([7, 3])
+    plain = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False)
+    ids[1, :4] = plain[1, 7:11]  # the padding holds ids greedy picks: whether they count changes the tokens
+    since_5_23 = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
+    emulate_hf_before_5_23(monkeypatch)
+    expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
+    assert not torch.equal(expected, since_5_23)
+    actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, options=EAGER,
+                              repetition_penalty=1.3)
+    assert torch.equal(actual, expected)
+
+
 def test_sampling_keeps_suppressed_tokens_out_and_a_draft_steps_aside() -> None:
     """Sampling draws after the processors: no suppressed id is ever drawn, and no id suppressed at the first new
     token comes first. Speculative decoding does not apply them yet: with a draft, one warning and the plain
