@@ -28,7 +28,9 @@ def compile(model: Callable, *, dynamic: bool | None = None, fullgraph: bool = F
     backend = Backend(opts)
     backend.guard_model(model)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
-    compiled.mmaccel_report = backend.report
+    # On the wrapper itself: torch's OptimizedModule forwards a plain setattr to the user's module, so a second
+    # compile of the same model replaced the first one's report (it then named the second's target and error)
+    object.__setattr__(compiled, "mmaccel_report", backend.report)
     if opts.calibration is not None:
         backend.calibrate(compiled, opts.calibration, dims)
     return compiled

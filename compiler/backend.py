@@ -154,7 +154,9 @@ class Backend:
             # Lossy passes run the graph on these to measure it: concrete sizes, or the run would specialize them
             ctx = PassContext(options=self.options, fake_mode=fake_mode, dump=dump,
                               example_inputs=concrete_inputs(kept_inputs), calibration=calibration or None,
-                              weight_owners=[t for t in owners if not is_released(t)], released=weights)
+                              weight_owners=[t for t in owners if not is_released(t)], released=weights,
+                              onnx_integer_matmul=resolve_target(self.options.target, aten_gm, real_inputs)[0]
+                              == "onnxruntime")
             record.passes = run_pipeline(aten_gm, ctx)
             if weights is not None:
                 check_no_stand_ins(aten_gm)

@@ -14,15 +14,16 @@ from .fused_linear import linear_epilogue
 from .registry import OpSpec, by_output_rows, by_rows, register
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [N, K], scale [N] in the weight's dtype), symmetric per output channel."""
-    return by_rows(_per_channel, weight)
+def quantize_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K] with |q| <= qmax, scale [N] in the weight's dtype), symmetric per output channel. qmax=63
+    (7 bits) for W8A8 weights that ONNX Runtime multiplies (ops/w8a8_linear.py says why)."""
+    return by_rows(lambda w: _per_channel(w, qmax), weight)
 
 
-def _per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_channel(weight: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = weight.detach().float().abs().amax(dim=1)
-    scale = (absmax / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = (absmax / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(weight.detach().float() / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
     return q, scale.to(weight.dtype)
 
 

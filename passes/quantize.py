@@ -61,15 +61,19 @@ LADDERS = {
 }
 
 
-def _weight_format(precision: str) -> str:
-    """The quantized weight a precision uses: W8A8 multiplies int8's weight (per tensor and per token alike)."""
-    return "int8" if precision.startswith("w8a8_") else precision
+def _weight_format(precision: str, onnx: bool = False) -> str:
+    """The quantized weight a precision uses: W8A8 multiplies int8's weight (per tensor and per token alike), or
+    with onnx (PassContext.onnx_integer_matmul) a 7-bit one that ONNX Runtime's x86 kernels cannot saturate."""
+    if precision.startswith("w8a8_"):
+        return "int7" if onnx else "int8"
+    return precision
 
 
 def _quantized_args(precision: str, weight: torch.Tensor) -> tuple[Any, list[torch.Tensor]] | None:
     """(op, constant tensors in argument order) for `precision`, or None when the weight does not fit it."""
-    if precision == "int8":
-        return torch.ops.mmaccel.int8_linear.default, list(quantize_per_channel(weight))
+    if precision in ("int8", "int7"):
+        qmax = 127 if precision == "int8" else 63
+        return torch.ops.mmaccel.int8_linear.default, list(quantize_per_channel(weight, qmax))
     if precision == "int8_rows":
         return torch.ops.mmaccel.int8_embedding.default, list(quantize_embedding_rows(weight))
     if precision.startswith("fp8_"):
@@ -92,8 +96,8 @@ class _Candidates:
     sensitivity measurement holds one extra layer's candidates at a time (issue 21: keeping every layer's every
     precision made the compile-time peak 1.3x the weights above the model)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, onnx: bool = False) -> None:
+        self.gm, self.onnx = gm, onnx
         self.cheapest: dict[str, str] = {}  # node -> weight format of its cheapest precision that fits
         self.made: dict[tuple, tuple[Any, list[torch.Tensor]] | None] = {}
         self.last: tuple[tuple, tuple[Any, list[torch.Tensor]] | None] | None = None
@@ -101,7 +105,7 @@ class _Candidates:
     def get(self, node: fx.Node, precision: str, module: fx.GraphModule | None = None
             ) -> tuple[Any, list[torch.Tensor]] | None:
         weight = constant_value(module or self.gm, _weight_node(node).target)
-        key = (node.name, _weight_format(precision), weight.data_ptr(), tuple(weight.shape))
+        key = (node.name, _weight_format(precision, self.onnx), weight.data_ptr(), tuple(weight.shape))
         if key in self.made:
             made = self.made[key]
         elif self.last is not None and self.last[0] == key:
@@ -119,7 +123,7 @@ class _Candidates:
 
 def _cost(precision: str, weight: torch.Tensor) -> int | None:
     """Bytes of the weight at `precision` (None: it does not fit), from shapes alone: made on the meta device."""
-    made = _quantized_args(_weight_format(precision), torch.empty_like(weight, device="meta"))
+    made = _quantized_args(_weight_format(precision), torch.empty_like(weight, device="meta"))  # int7: int8's bytes
     return None if made is None else _bytes(made[1])
 
 
@@ -201,13 +205,13 @@ class QuantizeLever:
         self.costs: dict[tuple[str, str], int] = {}  # (node, precision) -> bytes of its unpruned weight
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
-        self.candidates = _Candidates(gm)
+        self.candidates = _Candidates(gm, ctx.onnx_integer_matmul)
         sites = []
         for node in _linears(gm):
             w = constant_value(gm, node.args[1].target)
             costs = {p: _cost(p, w) for p in LADDERS[self.label] if p != ORIGINAL}
             precisions = (*(p for p, c in costs.items() if c is not None), ORIGINAL)
-            self.candidates.cheapest[node.name] = _weight_format(precisions[0])
+            self.candidates.cheapest[node.name] = _weight_format(precisions[0], ctx.onnx_integer_matmul)
             self.costs.update({(node.name, p): costs[p] for p in precisions if p != ORIGINAL})
             sites.append(Site(node.name, layer_name(node), tuple(w.shape), _bytes([w]), precisions, {ORIGINAL: 0.0}))
         if sites:

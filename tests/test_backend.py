@@ -243,6 +243,24 @@ def test_automatic_dynamic_after_one_recompile():
 
 # ---- reports and debugging ----------------------------------------------------------------------
 
+def test_two_compiles_of_one_model_keep_their_own_reports():
+    """mmaccel.compile twice on one module (two targets, say): each result reports its own graphs. torch's
+    OptimizedModule forwards a plain setattr to the user's module, so the second compile used to replace the first
+    one's report, which then named the second's target."""
+    model = Attention().eval()
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        first = mmaccel.compile(model, target="eager")
+        first(x)
+        second = mmaccel.compile(model, target="eager", passes={"attention_fusion": False})
+        second(x)
+    assert first.mmaccel_report is not second.mmaccel_report
+    assert [g.target for g in first.mmaccel_report.graphs] == ["eager"]
+    assert first.mmaccel_report.graphs[0].pass_result("attention_fusion").matched == 1
+    assert "attention_fusion" not in [p.name for p in second.mmaccel_report.graphs[0].passes]
+    assert not hasattr(model, "mmaccel_report")
+
+
 def test_explain_reports_graphs_breaks_passes_and_target():
     model = Attention().eval()
 

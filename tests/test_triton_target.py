@@ -488,8 +488,9 @@ def test_a_kernel_takes_roots_whose_inputs_come_later_than_its_first_node():
     assert torch.equal(mmaccel.generate(model, ids, mask, max_new_tokens=3, options={"target": "triton"}), expected)
     report = mmaccel.generation_report(model, target="triton")
     # On CUDA the prefill's linears are library matmuls rather than the interpreter's row kernels, and the
-    # pointwise work between them takes more kernels: 16 (H200, torch 2.11); the decode step is the same 10.
-    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == ([10, 16] if CUDA else [10, 11]), report
+    # pointwise work between them takes more kernels: 16 (H200, torch 2.11). The decode step takes 8 there: its
+    # attention reads the cache in the layout SDPA's CUDA kernel takes, so no copy kernel per layer (10 before).
+    assert sorted(g.kernels["kernels"] for g in report.compile.graphs) == ([8, 16] if CUDA else [10, 11]), report
 
 
 def _aten_copies(debug_dir) -> int:
