@@ -42,6 +42,12 @@ def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any
     return "onnxruntime", "auto on cpu"
 
 
+def w8a8_weight_bits(target: str) -> int:
+    """Bits of the W8A8 weights for a graph that runs on `target` (passes/contract.py PassContext): 7 where the
+    target's integer matmul saturates 16-bit pair sums of 8-bit weights (ONNX Runtime without VNNI), else 8."""
+    return 7 if target == "onnxruntime" and onnxruntime.integer_matmul_saturates() else 8
+
+
 def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs: Any = "auto",
                        dump: Callable | None = None) -> tuple[Callable, str]:
     """A boxed callable (it takes the list of graph inputs) and the target that actually runs it."""

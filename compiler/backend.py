@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..backends import compile_for_target, resolve_target
+from ..backends import compile_for_target, resolve_target, w8a8_weight_bits
 from ..passes.contract import PassContext
 from ..passes.graph import clone_module
 from ..passes.pipeline import run_pipeline
@@ -155,8 +155,8 @@ class Backend:
             ctx = PassContext(options=self.options, fake_mode=fake_mode, dump=dump,
                               example_inputs=concrete_inputs(kept_inputs), calibration=calibration or None,
                               weight_owners=[t for t in owners if not is_released(t)], released=weights,
-                              onnx_integer_matmul=resolve_target(self.options.target, aten_gm, real_inputs)[0]
-                              == "onnxruntime")
+                              w8a8_weight_bits=w8a8_weight_bits(resolve_target(self.options.target, aten_gm,
+                                                                               real_inputs)[0]))
             record.passes = run_pipeline(aten_gm, ctx)
             if weights is not None:
                 check_no_stand_ins(aten_gm)

@@ -94,7 +94,7 @@ def lower_for_export(model: torch.nn.Module, example_inputs: Sequence[Any], dyna
     flat_inputs = _flat(example)
     calibration = None if samples is None else [_flat(sample) for sample in samples]
     ctx = PassContext(options=options, fake_mode=fake_mode, dump=DebugDump(options.debug_dir).for_graph(0),
-                      example_inputs=flat_inputs, calibration=calibration, onnx_integer_matmul=True)
+                      example_inputs=flat_inputs, calibration=calibration, w8a8_weight_bits=7)
     record.passes = run_pipeline(gm, ctx)
     record.final_graph, record.context, record.final_nodes = gm, ctx, len(gm.graph.nodes)
     record.inputs = [str(tuple(n.meta["val"].shape)) for n in user_inputs]

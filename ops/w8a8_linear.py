@@ -24,11 +24,13 @@ MatMulInteger, and int8 x int8 MatMulInteger has no fast x86 kernel (8-15x slowe
 On x86 without VNNI (AVX2, AVX-512 without VNNI), ONNX Runtime's u8 x s8 kernel adds the products of two
 neighbouring k in 16 bits with saturation (vpmaddubsw): 255 * 127 * 2 = 64770 overflows. Found by CI on such a
 CPU, where a W8A8 graph gave 0.032 relative error against the 0.0020 the quantize pass measured. So weights that
-ONNX Runtime multiplies (its target, export_onnx; PassContext.onnx_integer_matmul) are quantized to 7 bits,
-|q| <= 63 (scale = absmax / 63; ONNX Runtime's own reduce_range): 255 * 63 * 2 = 32130 fits, the result is the
-reference's bits on every CPU, and the pass measures the error of the weights that run. uint8 weights with zero
-point 128 (the u8 x u8 kernel, which does not saturate) would keep 8 bits but ran 3-6x slower here at 16-197
-rows (VNNI CPU, K 768-4096). The eager and Triton targets multiply exactly (torch._int_mm) and keep 8 bits.
+such a kernel may multiply are quantized to 7 bits, |q| <= 63 (scale = absmax / 63; ONNX Runtime's own
+reduce_range): 255 * 63 * 2 = 32130 fits, the result is the reference's bits, and the pass measures the error
+of the weights that run (PassContext.w8a8_weight_bits). export_onnx always writes 7 bits (the file may run on any
+CPU); the onnxruntime target keeps 8 where this host's ONNX Runtime does not saturate (a probe, once per process:
+backends/onnxruntime integer_matmul_saturates). uint8 weights with zero point 128 (the u8 x u8 kernel, which does
+not saturate) would keep 8 bits everywhere but ran 3-6x slower here at 16-197 rows (VNNI CPU, K 768-4096). The
+eager and Triton targets multiply exactly (torch._int_mm) and keep 8 bits.
 """
 from __future__ import annotations
 

@@ -68,12 +68,13 @@ class PassContext:
     # weights="release" (compiler/release.py GraphWeights): lossy levers record the weights they replace (and
     # how to rebuild the replacement); a recompile after release finds stand-ins here and rebuilds from records.
     released: Any = None
-    # The graph's integer matmuls may run in ONNX Runtime (its onnxruntime target, export_onnx): W8A8 weights then
-    # keep 7 bits (|q| <= 63). On x86 CPUs without VNNI, ONNX Runtime's uint8 x int8 kernel sums pairs of
-    # products in 16 bits with saturation; 255 * 127 * 2 overflows, 255 * 63 * 2 = 32130 does not. Found by CI on
-    # such a CPU: W8A8 on the onnxruntime target gave 0.032 relative error where the pass measured 0.0020
-    # (an emulation of the saturation reproduces 0.0317 exactly; tests/test_quantize.py).
-    onnx_integer_matmul: bool = False
+    # Bits of W8A8 weights (|q| <= 127, or 63 for 7). 7 where ONNX Runtime multiplies them and may saturate: on
+    # x86 CPUs without VNNI its uint8 x int8 kernel sums pairs of products in 16 bits with saturation; 255 * 127 * 2
+    # overflows, 255 * 63 * 2 = 32130 does not. Found by CI on such a CPU: W8A8 on the onnxruntime target gave
+    # 0.032 relative error where the pass measured 0.0020 (an emulation of the saturation reproduces 0.0317
+    # exactly; tests/test_quantize.py). export_onnx: always 7 (the file may run anywhere); the onnxruntime
+    # target: 7 where this host's ONNX Runtime saturates (backends.w8a8_weight_bits probes it); else 8.
+    w8a8_weight_bits: int = 8
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,11 @@ LADDERS = {
 }
 
 
-def _weight_format(precision: str, onnx: bool = False) -> str:
+def _weight_format(precision: str, w8a8_bits: int = 8) -> str:
     """The quantized weight a precision uses: W8A8 multiplies int8's weight (per tensor and per token alike), or
-    with onnx (PassContext.onnx_integer_matmul) a 7-bit one that ONNX Runtime's x86 kernels cannot saturate."""
+    with w8a8_bits=7 (PassContext.w8a8_weight_bits) a 7-bit one that ONNX Runtime's x86 kernels cannot saturate."""
     if precision.startswith("w8a8_"):
-        return "int7" if onnx else "int8"
+        return "int7" if w8a8_bits == 7 else "int8"
     return precision
 
 
@@ -96,8 +96,8 @@ class _Candidates:
     sensitivity measurement holds one extra layer's candidates at a time (issue 21: keeping every layer's every
     precision made the compile-time peak 1.3x the weights above the model)."""
 
-    def __init__(self, gm: fx.GraphModule, onnx: bool = False) -> None:
-        self.gm, self.onnx = gm, onnx
+    def __init__(self, gm: fx.GraphModule, w8a8_bits: int = 8) -> None:
+        self.gm, self.w8a8_bits = gm, w8a8_bits
         self.cheapest: dict[str, str] = {}  # node -> weight format of its cheapest precision that fits
         self.made: dict[tuple, tuple[Any, list[torch.Tensor]] | None] = {}
         self.last: tuple[tuple, tuple[Any, list[torch.Tensor]] | None] | None = None
@@ -105,7 +105,7 @@ class _Candidates:
     def get(self, node: fx.Node, precision: str, module: fx.GraphModule | None = None
             ) -> tuple[Any, list[torch.Tensor]] | None:
         weight = constant_value(module or self.gm, _weight_node(node).target)
-        key = (node.name, _weight_format(precision, self.onnx), weight.data_ptr(), tuple(weight.shape))
+        key = (node.name, _weight_format(precision, self.w8a8_bits), weight.data_ptr(), tuple(weight.shape))
         if key in self.made:
             made = self.made[key]
         elif self.last is not None and self.last[0] == key:
@@ -205,13 +205,13 @@ class QuantizeLever:
         self.costs: dict[tuple[str, str], int] = {}  # (node, precision) -> bytes of its unpruned weight
 
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
-        self.candidates = _Candidates(gm, ctx.onnx_integer_matmul)
+        self.candidates = _Candidates(gm, ctx.w8a8_weight_bits)
         sites = []
         for node in _linears(gm):
             w = constant_value(gm, node.args[1].target)
             costs = {p: _cost(p, w) for p in LADDERS[self.label] if p != ORIGINAL}
             precisions = (*(p for p, c in costs.items() if c is not None), ORIGINAL)
-            self.candidates.cheapest[node.name] = _weight_format(precisions[0], ctx.onnx_integer_matmul)
+            self.candidates.cheapest[node.name] = _weight_format(precisions[0], ctx.w8a8_weight_bits)
             self.costs.update({(node.name, p): costs[p] for p in precisions if p != ORIGINAL})
             sites.append(Site(node.name, layer_name(node), tuple(w.shape), _bytes([w]), precisions, {ORIGINAL: 0.0}))
         if sites:

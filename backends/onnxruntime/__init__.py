@@ -41,6 +41,51 @@ def available() -> bool:
     return True
 
 
+_SATURATES: list[bool] = []  # the probe's answer, once per process
+
+
+def integer_matmul_saturates() -> bool:
+    """Whether this host's ONNX Runtime adds uint8 x int8 products in 16 bits with saturation: MLAS's kernel for
+    x86 CPUs without VNNI sums the products of two neighbouring k with vpmaddubsw, so 255 * 127 * 2 = 64770
+    becomes 32767 (CI met such a CPU: W8A8 gave 0.032 relative error where 0.0020 was measured). Probed once per
+    process on the two forms ops/w8a8_linear.py's translation becomes, a plain MatMulInteger and the fused
+    DynamicQuantizeMatMul, with every product at its largest (a few ms); not the CPU's flags, since whether the
+    kernel saturates is ONNX Runtime's choice. The onnxruntime target runs on this host, so the answer holds for
+    it; an exported file may run anywhere, so export_onnx never asks (its W8A8 weights always keep 7 bits)."""
+    if not _SATURATES:
+        _SATURATES.append(_probe_saturation() if available() else False)
+    return _SATURATES[0]
+
+
+def _probe_saturation() -> bool:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 16
+    weight = numpy_helper.from_array(np.full((k, n), 127, np.int8), "w")
+    nodes = [helper.make_node("MatMulInteger", ["a", "w"], ["exact"]),
+             helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "scale", "zero"]),
+             helper.make_node("MatMulInteger", ["q", "w", "zero"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["accf", "scale"], ["fused"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k]),
+                                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("exact", TensorProto.INT32, None),
+                               helper.make_tensor_value_info("fused", TensorProto.FLOAT, None)], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    want = 255 * 127 * k
+    for rows in (1, 16):  # a GEMV-like and a GEMM-like call
+        exact, fused = session.run(None, {"a": np.full((rows, k), 255, np.uint8), "x": np.ones((rows, k), np.float32)})
+        # x = 1 quantizes to q = 255, scale 1/255: the fused form's exact answer is 127 * k
+        if (exact != want).any() or not np.allclose(fused, 127 * k, rtol=1e-6):
+            return True
+    return False
+
+
 def sdpa_onnx(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False):
     """aten SDPA with PyTorch's semantics, in standard ONNX. Unlike torch.onnx's own translation, a query
