@@ -68,12 +68,9 @@ class PassContext:
     # weights="release" (compiler/release.py GraphWeights): lossy levers record the weights they replace (and
     # how to rebuild the replacement); a recompile after release finds stand-ins here and rebuilds from records.
     released: Any = None
-    # Bits of W8A8 weights (|q| <= 127, or 63 for 7). 7 where ONNX Runtime multiplies them and may saturate: on
-    # x86 CPUs without VNNI its uint8 x int8 kernel sums pairs of products in 16 bits with saturation; 255 * 127 * 2
-    # overflows, 255 * 63 * 2 = 32130 does not. Found by CI on such a CPU: W8A8 on the onnxruntime target gave
-    # 0.032 relative error where the pass measured 0.0020 (an emulation of the saturation reproduces 0.0317
-    # exactly; tests/test_quantize.py). export_onnx: always 7 (the file may run anywhere); the onnxruntime
-    # target: 7 where this host's ONNX Runtime saturates (backends.w8a8_weight_bits probes it); else 8.
+    # Bits of W8A8 weights: 7 (|q| <= 63) where ONNX Runtime may multiply them with its saturating x86 kernel
+    # (export_onnx always; the onnxruntime target where backends.w8a8_weight_bits' probe finds it), else 8
+    # (|q| <= 127). ops/w8a8_linear.py says why.
     w8a8_weight_bits: int = 8
 
 

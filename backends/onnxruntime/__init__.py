@@ -45,13 +45,11 @@ _SATURATES: list[bool] = []  # the probe's answer, once per process
 
 
 def integer_matmul_saturates() -> bool:
-    """Whether this host's ONNX Runtime adds uint8 x int8 products in 16 bits with saturation: MLAS's kernel for
-    x86 CPUs without VNNI sums the products of two neighbouring k with vpmaddubsw, so 255 * 127 * 2 = 64770
-    becomes 32767 (CI met such a CPU: W8A8 gave 0.032 relative error where 0.0020 was measured). Probed once per
-    process on the two forms ops/w8a8_linear.py's translation becomes, a plain MatMulInteger and the fused
-    DynamicQuantizeMatMul, with every product at its largest (a few ms); not the CPU's flags, since whether the
-    kernel saturates is ONNX Runtime's choice. The onnxruntime target runs on this host, so the answer holds for
-    it; an exported file may run anywhere, so export_onnx never asks (its W8A8 weights always keep 7 bits)."""
+    """Whether this host's ONNX Runtime adds uint8 x int8 products in 16 bits with saturation (x86 without VNNI:
+    ops/w8a8_linear.py). Probed once per process (5 ms) on the two forms that op's translation becomes, a plain
+    MatMulInteger and the fused DynamicQuantizeMatMul, with every product at its largest; not from the CPU's
+    flags, since which kernel runs is ONNX Runtime's choice. The onnxruntime target runs on this host, so the
+    answer holds for it; an exported file may run anywhere, so export_onnx never asks."""
     if not _SATURATES:
         _SATURATES.append(_probe_saturation() if available() else False)
     return _SATURATES[0]
