@@ -240,6 +240,9 @@ def test_w8a8_weights_keep_7_bits_where_onnxruntime_would_saturate_them(monkeypa
     ort_weights, eager_weights = _w8a8_weights(compiled["onnxruntime"]), _w8a8_weights(compiled["eager"])
     assert ort_weights and eager_weights
     assert max(int(w.abs().max()) for w in ort_weights) == (63 if saturates else 127)
+    changes = {t: c.mmaccel_report.graphs[-1].pass_result("quantize").changes[0] for t, c in compiled.items()}
+    assert ("W8A8 weights in 7 bits" in changes["onnxruntime"]) == saturates, changes
+    assert "7 bits" not in changes["eager"]
     assert max(int(w.abs().max()) for w in eager_weights) == 127
     if saturates or not host_saturates:
         measured = compiled["onnxruntime"].mmaccel_report.graphs[-1].pass_result("quantize").measured_error
@@ -291,8 +294,9 @@ def test_w8a8_onnx_export_runs_integer_matmuls_in_plain_onnxruntime(tmp_path):
     ops = [n.op_type for n in graph.node]
     weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert result.matched >= 8 and len(weights) == result.matched
-    # 7 bits: ONNX Runtime's x86 kernels without VNNI cannot saturate them, wherever the file runs
+    # 7 bits: ONNX Runtime's x86 kernels without VNNI cannot saturate them, wherever the file runs; the report says so
     assert max(int(np.abs(onnx.numpy_helper.to_array(w).astype(np.int32)).max()) for w in weights) == 63
+    assert "W8A8 weights in 7 bits" in result.changes[0]
     assert ops.count("MatMulInteger") == result.matched and "DynamicQuantizeLinear" in ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})
