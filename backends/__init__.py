@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from ..compiler.errors import warn_once
+from ..ops.w8a8_linear import cpu_int_mm_saturates
 from . import eager, onnxruntime, triton
 
 aten = torch.ops.aten
@@ -42,10 +43,14 @@ def resolve_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any
     return "onnxruntime", "auto on cpu"
 
 
-def w8a8_weight_bits(target: str) -> int:
-    """Bits of the W8A8 weights for a graph that runs on `target` (passes/contract.py PassContext): 7 where the
-    target's integer matmul saturates 16-bit pair sums of 8-bit weights (ONNX Runtime without VNNI), else 8."""
-    return 7 if target == "onnxruntime" and onnxruntime.integer_matmul_saturates() else 8
+def w8a8_weight_bits(target: str, example_inputs: Sequence[Any]) -> int:
+    """Bits of the W8A8 weights for a graph that runs on `target` (passes/contract.py PassContext): 7 where an
+    integer matmul that runs or measures it saturates 16-bit pair sums of 8-bit weights (ONNX Runtime, or
+    torch._int_mm on a CPU, without VNNI: ops/w8a8_linear.py), else 8."""
+    if target == "onnxruntime" and onnxruntime.integer_matmul_saturates():
+        return 7
+    on_cpu = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs)
+    return 7 if on_cpu and cpu_int_mm_saturates() else 8
 
 
 def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs: Any = "auto",

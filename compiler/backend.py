@@ -156,7 +156,7 @@ class Backend:
                               example_inputs=concrete_inputs(kept_inputs), calibration=calibration or None,
                               weight_owners=[t for t in owners if not is_released(t)], released=weights,
                               w8a8_weight_bits=w8a8_weight_bits(resolve_target(self.options.target, aten_gm,
-                                                                               real_inputs)[0]))
+                                                                               real_inputs)[0], real_inputs))
             record.passes = run_pipeline(aten_gm, ctx)
             if weights is not None:
                 check_no_stand_ins(aten_gm)

@@ -29,8 +29,10 @@ reduce_range): 255 * 63 * 2 = 32130 fits, the result is the reference's bits, an
 of the weights that run (PassContext.w8a8_weight_bits). export_onnx always writes 7 bits (the file may run on any
 CPU); the onnxruntime target keeps 8 where this host's ONNX Runtime does not saturate (a probe, once per process:
 backends/onnxruntime integer_matmul_saturates). uint8 weights with zero point 128 (the u8 x u8 kernel, which does
-not saturate) would keep 8 bits everywhere but ran 3-6x slower here at 16-197 rows (VNNI CPU, K 768-4096). The
-eager and Triton targets multiply exactly (torch._int_mm) and keep 8 bits.
+not saturate) would keep 8 bits everywhere but ran 3-6x slower here at 16-197 rows (VNNI CPU, K 768-4096).
+torch._int_mm, which the reference below (and so the pass's measurement) uses, is exact on CUDA; on a CPU
+without VNNI oneDNN's kernel may saturate the same way, so CPU graphs keep 7 bits where cpu_int_mm_saturates()
+finds it does.
 """
 from __future__ import annotations
 
@@ -76,6 +78,28 @@ def integer_matmul(q: torch.Tensor, zero: torch.Tensor, qweight: torch.Tensor) -
         acc = (a.double() @ qweight.double().t()).to(torch.int32)
     shift = (128 - zero).to(torch.int32)
     return acc + shift * qweight.sum(dim=1, dtype=torch.int32)
+
+
+_CPU_INT_MM_SATURATES: list[bool] = []  # the probe's answer, once per process
+
+
+def cpu_int_mm_saturates() -> bool:
+    """Whether torch._int_mm on this CPU loses products to 16-bit saturation. oneDNN's int8 kernels for x86
+    without VNNI run int8 x int8 as uint8 x int8 (the first operand shifted by 128) through vpmaddubsw and leave
+    keeping the weights to 7 bits to the caller (its "Nuances of int8 computations"); integer_matmul's first
+    operand is q - 128, so q = 255 against weights of 127 is the worst case. Probed once per process with every
+    sign of the largest products, at one row and at 16 (a GEMV and a GEMM kernel). The quantize pass measures
+    W8A8 with this op's reference, so where it saturates W8A8 weights keep 7 bits on CPU graphs."""
+    if not _CPU_INT_MM_SATURATES:
+        saturates = False
+        for rows in (1, 16):
+            for x in (127, -128):
+                for w in (127, -127):
+                    got = torch._int_mm(torch.full((rows, 64), x, dtype=torch.int8),
+                                        torch.full((64, 16), w, dtype=torch.int8))
+                    saturates |= bool((got != x * w * 64).any())
+        _CPU_INT_MM_SATURATES.append(saturates)
+    return _CPU_INT_MM_SATURATES[0]
 
 
 def _int_mm_supported(a: torch.Tensor, qweight: torch.Tensor) -> bool:

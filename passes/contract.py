@@ -68,9 +68,9 @@ class PassContext:
     # weights="release" (compiler/release.py GraphWeights): lossy levers record the weights they replace (and
     # how to rebuild the replacement); a recompile after release finds stand-ins here and rebuilds from records.
     released: Any = None
-    # Bits of W8A8 weights: 7 (|q| <= 63) where ONNX Runtime may multiply them with its saturating x86 kernel
-    # (export_onnx always; the onnxruntime target where backends.w8a8_weight_bits' probe finds it), else 8
-    # (|q| <= 127). ops/w8a8_linear.py says why.
+    # Bits of W8A8 weights: 7 (|q| <= 63) where a saturating x86 int8 kernel may multiply them (export_onnx always;
+    # the onnxruntime target, and CPU graphs measured with torch._int_mm, where backends.w8a8_weight_bits' probes
+    # find one), else 8 (|q| <= 127). ops/w8a8_linear.py says why.
     w8a8_weight_bits: int = 8
 
 

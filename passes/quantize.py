@@ -207,8 +207,8 @@ class QuantizeLever:
     def sites(self, gm: fx.GraphModule, ctx: PassContext) -> list[Site]:
         self.candidates = _Candidates(gm, ctx.w8a8_weight_bits)
         if ctx.w8a8_weight_bits == 7 and any(p.startswith("w8a8_") for p in LADDERS[self.label]):
-            self.unit = (f"{QuantizeLever.unit}, W8A8 weights in 7 bits (ONNX Runtime on x86 CPUs without VNNI "
-                         "saturates 8-bit ones)")
+            self.unit = (f"{QuantizeLever.unit}, W8A8 weights in 7 bits (int8 matmuls on x86 CPUs without VNNI "
+                         "saturate 8-bit ones)")
         sites = []
         for node in _linears(gm):
             w = constant_value(gm, node.args[1].target)

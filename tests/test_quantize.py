@@ -225,11 +225,13 @@ def test_w8a8_weights_keep_7_bits_where_onnxruntime_would_saturate_them(monkeypa
     not saturate they keep 8 bits, as on the eager target. The error the pass reports is the user's either way
     (on a saturating host only with 7 bits: the check is skipped for 8 bits forced there). Near-miss: 8-bit
     weights under the emulated kernel change the output, so the emulation bites."""
+    import mmaccel.backends
     from mmaccel.backends import onnxruntime as ort_target
     from mmaccel.ops import w8a8_linear as w8a8
 
-    host_saturates = ort_target.integer_matmul_saturates()
+    host_ort, host_int_mm = ort_target.integer_matmul_saturates(), w8a8.cpu_int_mm_saturates()
     monkeypatch.setattr(ort_target, "integer_matmul_saturates", lambda: saturates)
+    monkeypatch.setattr(mmaccel.backends, "cpu_int_mm_saturates", lambda: False)  # its own test below
     torch.manual_seed(0)
     model, inputs = build("vlm_decode", size="tiny", batch=1, seq=8)
     with torch.no_grad():
@@ -244,7 +246,7 @@ def test_w8a8_weights_keep_7_bits_where_onnxruntime_would_saturate_them(monkeypa
     assert ("W8A8 weights in 7 bits" in changes["onnxruntime"]) == saturates, changes
     assert "7 bits" not in changes["eager"]
     assert max(int(w.abs().max()) for w in eager_weights) == 127
-    if saturates or not host_saturates:
+    if saturates or not (host_ort or host_int_mm):
         measured = compiled["onnxruntime"].mmaccel_report.graphs[-1].pass_result("quantize").measured_error
         assert relative_error(actual["onnxruntime"], expected) == pytest.approx(measured, rel=0.05)
     for w in ort_weights:  # the largest activations (all positive: q up to 255) against these weights
@@ -254,7 +256,32 @@ def test_w8a8_weights_keep_7_bits_where_onnxruntime_would_saturate_them(monkeypa
     monkeypatch.setattr(w8a8, "integer_matmul", _saturating_integer_matmul)
     with torch.no_grad():
         saturated = compiled["eager"](*inputs)
-    assert relative_error(saturated, expected) > 5 * relative_error(actual["eager"], expected)
+    if not host_int_mm:  # (where torch._int_mm saturates, the eager run above already did)
+        assert relative_error(saturated, expected) > 5 * relative_error(actual["eager"], expected)
+
+
+def test_cpu_graphs_keep_7_bit_w8a8_weights_where_torch_int_mm_saturates(monkeypatch):
+    """torch._int_mm measures (and on the eager target runs) W8A8 on CPU; where oneDNN's kernel saturates (x86
+    without VNNI: forced here) CPU graphs take 7-bit weights and the report says so; the probe recognizes such a
+    kernel (int8 x int8 run as uint8 x int8 with the shift taken back, pairs clipped to int16)."""
+    import mmaccel.backends
+    from mmaccel.ops import w8a8_linear as w8a8
+
+    monkeypatch.setattr(mmaccel.backends, "cpu_int_mm_saturates", lambda: True)
+    torch.manual_seed(0)
+    model, inputs = build("vlm_decode", size="tiny", batch=1, seq=8)
+    with torch.no_grad():
+        compiled = mmaccel.compile(model, target="eager", quantize="w8a8_dynamic", accuracy_budget=0.004)
+        compiled(*inputs)
+    assert max(int(w.abs().max()) for w in _w8a8_weights(compiled)) == 63
+    assert "W8A8 weights in 7 bits" in compiled.mmaccel_report.graphs[-1].pass_result("quantize").changes[0]
+
+    monkeypatch.setattr(w8a8, "_CPU_INT_MM_SATURATES", [])
+    assert w8a8.cpu_int_mm_saturates() in (True, False)  # this host's answer
+    monkeypatch.setattr(w8a8, "_CPU_INT_MM_SATURATES", [])
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: _saturating_integer_matmul(
+        a.int() + 128, torch.tensor(128.0), b.t().contiguous()))
+    assert w8a8.cpu_int_mm_saturates() is True
 
 
 def test_the_saturation_probe_tells_a_saturating_onnxruntime_from_an_exact_one(monkeypatch):
