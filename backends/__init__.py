@@ -49,8 +49,8 @@ def w8a8_weight_bits(target: str, example_inputs: Sequence[Any]) -> int:
     torch._int_mm on a CPU, without VNNI: ops/w8a8_linear.py), else 8."""
     if target == "onnxruntime" and onnxruntime.integer_matmul_saturates():
         return 7
-    on_cpu = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in example_inputs)
-    return 7 if on_cpu and cpu_int_mm_saturates() else 8
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    return 7 if devices == {"cpu"} and cpu_int_mm_saturates() else 8  # (a CUDA graph's 0-dim CPU inputs: CUDA)
 
 
 def compile_for_target(target: str, gm: fx.GraphModule, example_inputs: Sequence[Any], cuda_graphs: Any = "auto",
