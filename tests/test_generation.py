@@ -455,18 +455,26 @@ def emulate_hf_before_5_23(monkeypatch) -> None:
         monkeypatch.setattr(module, "penalty_covers_left_padding", lambda: True)
 
 
+def penalized_padding_before_5_23(model, monkeypatch, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    """(ids, mask, HF's greedy tokens with repetition_penalty=1.3 as before 5.23) for a left-padded batch whose
+    padding holds ids greedy picks, so that whether the padding counts changes the tokens (checked)."""
+    ids, mask = left_padded_batch([7, 3])
+    plain = hf_generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=False)
+    ids[1, :4] = plain[1, 7:11]
+    since_5_23 = hf_generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.3)
+    emulate_hf_before_5_23(monkeypatch)
+    expected = hf_generate(model, ids, mask, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.3)
+    assert not torch.equal(expected, since_5_23)
+    return ids, mask, expected
+
+
 def test_repetition_penalty_counts_the_left_padding_where_the_installed_hf_does(monkeypatch) -> None:
     """The steps penalize a prompt's left padding as the installed transformers does: before 5.23 its ids count,
     since then they do not. Found on the H200 (transformers 5.17): with repetition_penalty, greedy tokens differed
     from HF's on a padded batch whose padding held ids other than the pad id (the CPU's 5.24 matched)."""
     model = hf_tiny.llama("sdpa", use_cache=True)
-    ids, mask = left_padded_batch([7, 3])
-    plain = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False)
-    ids[1, :4] = plain[1, 7:11]  # the padding holds ids greedy picks: whether they count changes the tokens
-    since_5_23 = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
-    emulate_hf_before_5_23(monkeypatch)
-    expected = hf_generate(model, ids, mask, max_new_tokens=12, do_sample=False, repetition_penalty=1.3)
-    assert not torch.equal(expected, since_5_23)
+    ids, mask, expected = penalized_padding_before_5_23(model, monkeypatch, 12)
     actual = mmaccel.generate(model, ids, mask, max_new_tokens=12, pad_token_id=0, options=EAGER,
                               repetition_penalty=1.3)
     assert torch.equal(actual, expected)

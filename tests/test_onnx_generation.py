@@ -847,15 +847,9 @@ def test_repetition_penalty_counts_the_left_padding_as_the_exporting_hf_does(exp
                                                                            monkeypatch) -> None:
     """transformers before 5.23 penalizes the ids of a prompt's left padding too (the export writes the rule
     into the manifest, so onnx_generate follows the HF it was exported with, installed or not)."""
-    from test_generation import emulate_hf_before_5_23
+    from test_generation import penalized_padding_before_5_23
     model, _, _ = exported
-    ids, mask = left_padded_batch([7, 3])
-    plain = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False)
-    ids[1, :4] = plain[1, 7:11]  # the padding holds ids greedy picks: whether they count changes the tokens
-    since_5_23 = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False, repetition_penalty=1.3)
-    emulate_hf_before_5_23(monkeypatch)
-    expected = hf_generate(model, ids, mask, max_new_tokens=10, do_sample=False, repetition_penalty=1.3)
-    assert not torch.equal(expected, since_5_23)
+    ids, mask, expected = penalized_padding_before_5_23(model, monkeypatch, 10)
     folder = str(tmp_path / "before_5_23")
     mmaccel.export_onnx(model, {"input_ids": ids, "attention_mask": mask}, folder, generation=True)
     actual = mmaccel.onnx_generate(folder, ids, mask, max_new_tokens=10, pad_token_id=0, repetition_penalty=1.3)
