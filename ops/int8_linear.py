@@ -16,7 +16,7 @@ from .registry import OpSpec, by_output_rows, by_rows, register
 
 def quantize_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [N, K] with |q| <= qmax, scale [N] in the weight's dtype), symmetric per output channel. qmax=63
-    (7 bits) for W8A8 weights that ONNX Runtime multiplies (ops/w8a8_linear.py says why)."""
+    (7 bits) for W8A8 weights that a saturating x86 int8 kernel may multiply (ops/w8a8_linear.py says why)."""
     return by_rows(lambda w: _per_channel(w, qmax), weight)
 
 

@@ -36,6 +36,7 @@ finds it does.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -80,9 +81,7 @@ def integer_matmul(q: torch.Tensor, zero: torch.Tensor, qweight: torch.Tensor) -
     return acc + shift * qweight.sum(dim=1, dtype=torch.int32)
 
 
-_CPU_INT_MM_SATURATES: list[bool] = []  # the probe's answer, once per process
-
-
+@lru_cache(maxsize=None)  # once per process
 def cpu_int_mm_saturates() -> bool:
     """Whether torch._int_mm on this CPU loses products to 16-bit saturation. oneDNN's int8 kernels for x86
     without VNNI run int8 x int8 as uint8 x int8 (the first operand shifted by 128) through vpmaddubsw and leave
@@ -90,16 +89,9 @@ def cpu_int_mm_saturates() -> bool:
     operand is q - 128, so q = 255 against weights of 127 is the worst case. Probed once per process with every
     sign of the largest products, at one row and at 16 (a GEMV and a GEMM kernel). The quantize pass measures
     W8A8 with this op's reference, so where it saturates W8A8 weights keep 7 bits on CPU graphs."""
-    if not _CPU_INT_MM_SATURATES:
-        saturates = False
-        for rows in (1, 16):
-            for x in (127, -128):
-                for w in (127, -127):
-                    got = torch._int_mm(torch.full((rows, 64), x, dtype=torch.int8),
-                                        torch.full((64, 16), w, dtype=torch.int8))
-                    saturates |= bool((got != x * w * 64).any())
-        _CPU_INT_MM_SATURATES.append(saturates)
-    return _CPU_INT_MM_SATURATES[0]
+    return any(bool((torch._int_mm(torch.full((rows, 64), x, dtype=torch.int8),
+                                   torch.full((64, 16), w, dtype=torch.int8)) != x * w * 64).any())
+               for rows in (1, 16) for x in (127, -128) for w in (127, -127))
 
 
 def _int_mm_supported(a: torch.Tensor, qweight: torch.Tensor) -> bool:

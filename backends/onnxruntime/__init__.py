@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -41,18 +42,14 @@ def available() -> bool:
     return True
 
 
-_SATURATES: list[bool] = []  # the probe's answer, once per process
-
-
+@lru_cache(maxsize=None)  # once per process
 def integer_matmul_saturates() -> bool:
     """Whether this host's ONNX Runtime adds uint8 x int8 products in 16 bits with saturation (x86 without VNNI:
     ops/w8a8_linear.py). Probed once per process (5 ms) on the two forms that op's translation becomes, a plain
     MatMulInteger and the fused DynamicQuantizeMatMul, with every product at its largest; not from the CPU's
     flags, since which kernel runs is ONNX Runtime's choice. The onnxruntime target runs on this host, so the
     answer holds for it; an exported file may run anywhere, so export_onnx never asks."""
-    if not _SATURATES:
-        _SATURATES.append(_probe_saturation() if available() else False)
-    return _SATURATES[0]
+    return _probe_saturation() if available() else False
 
 
 def _probe_saturation() -> bool:
